@@ -1,0 +1,13 @@
+"""calcml: exact symbolic derivatives of machine-learning costs, compiled with Numba."""
+
+from ._version import __version__ as __version__
+from .cost import Cost as Cost, data as data, params as params
+from .errors import (
+    CacheError as CacheError,
+    CalcmlError as CalcmlError,
+    CodegenError as CodegenError,
+    CostError as CostError,
+    DataError as DataError,
+    ParamError as ParamError,
+)
+from .functions import dot as dot, relu as relu, sigmoid as sigmoid, softplus as softplus

@@ -1,0 +1,285 @@
+"""Stating a cost: parameter and data symbols, and the validated :class:`Cost`.
+
+A ``Cost`` is the per-row expression, the ordered parameters and data columns, and the
+reduction over rows. Its exact gradient and Hessian are derived once, on first use, and
+kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+
+import sympy as sp
+
+from .errors import CostError
+
+__all__ = ["params", "data", "Cost"]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _symbols(kind: str, names, n):
+    if not isinstance(names, str):
+        raise TypeError(f"cm.{kind}: names must be a string such as 'w b', got {type(names).__name__}")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"cm.{kind}: the count must be a positive integer, got {n!r}")
+        base = names.strip()
+        if not base or len(base.split()) != 1:
+            raise ValueError(f"cm.{kind}: with a count, give one base name, got {names!r}")
+        return tuple(sp.Symbol(f"{base}{i}", real=True) for i in range(n))
+    split = names.replace(",", " ").split()
+    if not split:
+        raise ValueError(f"cm.{kind}: no names given in {names!r}")
+    syms = tuple(sp.Symbol(s, real=True) for s in split)
+    return syms[0] if len(syms) == 1 else syms
+
+
+def params(names: str, n: int | None = None):
+    """Real symbols for trainable parameters.
+
+    ``params("w b")`` gives ``(w, b)``; ``params("b")`` gives the single symbol ``b``;
+    ``params("w", 3)`` gives ``(w0, w1, w2)``.
+    """
+    return _symbols("params", names, n)
+
+
+def data(names: str, n: int | None = None):
+    """Real symbols for per-row data columns; same forms as :func:`params`."""
+    return _symbols("data", names, n)
+
+
+def _flatten(items, role: str) -> list:
+    """Accept symbols, and tuples/lists of them (``params=[w, b]`` with ``w`` a tuple)."""
+    if items is None:
+        return []
+    if isinstance(items, sp.Symbol):
+        return [items]
+    if isinstance(items, (str, bytes)):
+        raise CostError(
+            f"{role} must be SymPy symbols (from cm.{role} or sympy.symbols), got the string "
+            f"{items!r}; calcml never parses strings here"
+        )
+    out = []
+    try:
+        iterator = iter(items)
+    except TypeError:
+        raise CostError(f"{role} must be a sequence of SymPy symbols, got {type(items).__name__}") from None
+    for item in iterator:
+        if isinstance(item, (list, tuple)):
+            out.extend(_flatten(item, role))
+        elif isinstance(item, sp.Symbol):
+            out.append(item)
+        else:
+            raise CostError(
+                f"{role} must hold SymPy symbols only, got {item!r} of type {type(item).__name__}"
+            )
+    return out
+
+
+def _realify(sym: sp.Symbol, role: str) -> sp.Symbol:
+    """Parameters and data are real. A symbol without assumptions becomes its real twin."""
+    if sym.is_real:
+        return sym
+    if sym.is_real is False or sym.is_extended_real is False:
+        raise CostError(f"{role} symbol {sym.name!r} is declared non-real; calcml costs are real-valued")
+    return sp.Symbol(sym.name, real=True)
+
+
+def _sympify_expr(expr) -> sp.Expr:
+    if isinstance(expr, str):
+        raise CostError(
+            "the cost expression is a string; build it from SymPy objects (cm.params, cm.data, "
+            "sympy functions). calcml never evaluates strings here"
+        )
+    if isinstance(expr, sp.MatrixBase):
+        raise CostError(f"the cost expression must be a scalar, got a matrix of shape {expr.shape}")
+    try:
+        e = sp.sympify(expr, strict=True)
+    except (sp.SympifyError, TypeError):
+        raise CostError(f"the cost expression must be a SymPy expression, got {type(expr).__name__}") from None
+    if isinstance(e, (sp.logic.boolalg.BooleanFunction, sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational)):
+        raise CostError(f"the cost expression must be a real scalar, got the condition {e}")
+    if not isinstance(e, sp.Expr):
+        raise CostError(f"the cost expression must be a scalar SymPy expression, got {type(e).__name__}")
+    return e
+
+
+class Cost:
+    """A cost function: a per-row expression reduced over the rows of the data.
+
+    Parameters
+    ----------
+    expr : sympy.Expr
+        The per-row loss, in the parameter and data symbols.
+    params : sequence of sympy.Symbol
+        The trainable parameters, in the order of every ``theta`` vector.
+    data : sequence of sympy.Symbol, optional
+        The per-row data columns. Omit for a plain function of the parameters.
+    reduce : {"mean", "sum"}
+        How the per-row values are combined.
+
+    Examples
+    --------
+    >>> import calcml as cm
+    >>> w, b = cm.params("w b"); x, y = cm.data("x y")
+    >>> cost = cm.Cost((w*x + b - y)**2, params=[w, b], data=[x, y])
+    >>> cost.gradient
+    (2*x*(b + w*x - y), 2*b + 2*w*x - 2*y)
+    """
+
+    def __init__(self, expr, params, data=None, reduce: str = "mean"):
+        if reduce not in _REDUCTIONS:
+            raise CostError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+        raw_params = _flatten(params, "params")
+        raw_data = _flatten(data, "data")
+        if not raw_params:
+            raise CostError("a cost needs at least one parameter; params is empty")
+        e = _sympify_expr(expr)
+
+        self._check_duplicates(raw_params, raw_data)
+        # Replace assumption-free symbols by their real twins everywhere.
+        mapping = {}
+        plist, dlist = [], []
+        for sym, role, out in [(s, "params", plist) for s in raw_params] + [(s, "data", dlist) for s in raw_data]:
+            real = _realify(sym, role)
+            if real is not sym:
+                mapping[sym] = real
+            out.append(real)
+        if mapping:
+            e = e.xreplace(mapping)
+        self._check_free_symbols(e, plist, dlist)
+        self._check_real(e)
+
+        self._expr = e
+        self._params = tuple(plist)
+        self._data = tuple(dlist)
+        self._reduce = reduce
+
+    # -- validation ---------------------------------------------------------------------
+    @staticmethod
+    def _check_duplicates(plist, dlist):
+        seen: dict[str, str] = {}
+        for role, syms in (("params", plist), ("data", dlist)):
+            for s in syms:
+                if s.name in seen:
+                    where = seen[s.name]
+                    if where == role:
+                        raise CostError(f"{role} lists {s.name!r} twice")
+                    raise CostError(f"{s.name!r} is listed both as a parameter and as a data column")
+                seen[s.name] = role
+
+    @staticmethod
+    def _check_free_symbols(e, plist, dlist):
+        known = set(plist) | set(dlist)
+        names = {s.name for s in known}
+        unknown = sorted(e.free_symbols - known, key=lambda s: s.name)
+        if not unknown:
+            return
+        clash = [s for s in unknown if s.name in names]
+        if clash:
+            s = clash[0]
+            raise CostError(
+                f"symbol {s.name!r} in the expression has assumptions {s.assumptions0} that differ "
+                f"from the declared {s.name!r}; use the symbol returned by cm.params/cm.data"
+            )
+        listed = ", ".join(repr(s.name) for s in unknown)
+        hint = "" if dlist else " (a per-row data column goes in data=[...])"
+        raise CostError(
+            f"symbol{'s' if len(unknown) > 1 else ''} {listed} in the expression "
+            f"{'are' if len(unknown) > 1 else 'is'} neither a parameter nor data{hint}"
+        )
+
+    @staticmethod
+    def _check_real(e):
+        if e.has(sp.I) or e.has(sp.zoo) or e.is_extended_real is False:
+            raise CostError(f"the cost expression is not real-valued: {e}")
+        bad = {sp.re, sp.im, sp.arg, sp.conjugate}
+        found = [f for f in e.atoms(sp.Function) if type(f) in bad]
+        if found:
+            raise CostError(f"the cost expression uses the complex-valued function {type(found[0]).__name__}: {found[0]}")
+        if e.has(sp.nan):
+            raise CostError("the cost expression contains nan")
+        if e.atoms(sp.Derivative, sp.Integral):
+            raise CostError("the cost expression holds an unevaluated Derivative or Integral; call .doit() first")
+
+    # -- the statement ------------------------------------------------------------------
+    @property
+    def expr(self) -> sp.Expr:
+        """The per-row SymPy expression."""
+        return self._expr
+
+    @property
+    def params(self) -> tuple:
+        """Parameter symbols, in ``theta`` order."""
+        return self._params
+
+    @property
+    def data(self) -> tuple:
+        """Data column symbols, in column order."""
+        return self._data
+
+    @property
+    def reduce(self) -> str:
+        """``"mean"`` or ``"sum"``."""
+        return self._reduce
+
+    @property
+    def param_names(self) -> tuple:
+        return tuple(s.name for s in self._params)
+
+    @property
+    def data_names(self) -> tuple:
+        return tuple(s.name for s in self._data)
+
+    # -- exact derivatives ---------------------------------------------------------------
+    @cached_property
+    def gradient(self) -> tuple:
+        """Exact partial derivatives of the per-row expression, one per parameter."""
+        return tuple(sp.diff(self._expr, p) for p in self._params)
+
+    @cached_property
+    def hessian(self) -> sp.Matrix:
+        """Exact Hessian of the per-row expression (same construction as ``sympy.hessian``)."""
+        n = len(self._params)
+        H = sp.zeros(n, n)
+        for i, gi in enumerate(self.gradient):
+            for j in range(i, n):
+                H[i, j] = sp.diff(gi, self._params[j])
+                H[j, i] = H[i, j]
+        return H
+
+    # -- identity -----------------------------------------------------------------------
+    @cached_property
+    def key(self) -> str:
+        """A hash of the statement (expression, symbol order, reduction): the cache key's core."""
+        h = hashlib.sha256()
+        for part in (sp.srepr(self._expr), *map(sp.srepr, self._params), "|", *map(sp.srepr, self._data), self._reduce):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+    def __eq__(self, other):
+        return isinstance(other, Cost) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    # -- display ------------------------------------------------------------------------
+    def __repr__(self):
+        p = ", ".join(self.param_names)
+        d = ", ".join(self.data_names)
+        tail = f", data=[{d}], reduce={self._reduce!r}" if self._data else ""
+        return f"Cost({self._expr}, params=[{p}]{tail})"
+
+    def _repr_latex_(self):
+        body = sp.latex(self._expr)
+        if not self._data:
+            return f"$\\displaystyle J({', '.join(sp.latex(p) for p in self._params)}) = {body}$"
+        lhs = "J(" + ", ".join(sp.latex(p) for p in self._params) + ")"
+        if self._reduce == "mean":
+            red = "\\frac{1}{N}\\sum_{i=1}^{N}"
+        else:
+            red = "\\sum_{i=1}^{N}"
+        return f"$\\displaystyle {lhs} = {red} \\left({body}\\right)_i$"

@@ -1,0 +1,32 @@
+"""The exception family.
+
+Every message names what is wrong: the symbol, the column, the shape or the value. All
+inherit from :class:`CalcmlError`; the ones about bad input are also ``ValueError`` (or
+``TypeError``) so that callers who catch the builtin families keep working.
+"""
+
+from __future__ import annotations
+
+
+class CalcmlError(Exception):
+    """Base class of every error calcml raises on purpose."""
+
+
+class CostError(CalcmlError, ValueError):
+    """A cost statement is malformed: unknown symbol, duplicate parameter, non-real expression."""
+
+
+class DataError(CalcmlError, ValueError):
+    """Data handed to a kernel or an optimizer is malformed: missing column, wrong length, NaN."""
+
+
+class ParamError(CalcmlError, ValueError):
+    """A parameter vector has the wrong shape or holds non-finite values."""
+
+
+class CodegenError(CalcmlError, TypeError):
+    """An expression holds a construct the Numba printer cannot translate."""
+
+
+class CacheError(CalcmlError, OSError):
+    """The kernel cache folder cannot be created or written."""

@@ -1,0 +1,180 @@
+"""Machine-learning activations as SymPy functions with exact derivatives.
+
+Each function stands beside its derivative rule (``fdiff``) and its definition in
+elementary functions (``_eval_rewrite_as_*``), which also serves exact and
+high-precision evaluation. The compiled forms, which must not overflow, live in the
+printer (:mod:`calcml.printing`).
+
+``dot(u, v)`` is not a function object: it expands to ``u0*v0 + u1*v1 + ...`` so that
+the derivative rules of ``Add`` and ``Mul`` apply unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import sympy as sp
+
+from .errors import CostError
+
+__all__ = ["sigmoid", "softplus", "relu", "dot"]
+
+
+def _numeric_evalf(func, prec):
+    """Evaluate an activation at a number via its elementary rewrite (mpmath underneath)."""
+    arg = func.args[0]._eval_evalf(prec)
+    if arg is None or not arg.is_Number:
+        return None
+    return type(func)._elementary(arg)._eval_evalf(prec)
+
+
+class _Activation(sp.Function):
+    """Shared behaviour: one real argument, real value on the real line."""
+
+    nargs = 1
+
+    def _eval_is_extended_real(self):
+        return self.args[0].is_extended_real
+
+    def _eval_is_finite(self):
+        if self.args[0].is_finite:
+            return True
+        return None
+
+    def _eval_evalf(self, prec):
+        return _numeric_evalf(self, prec)
+
+    def _eval_rewrite_as_exp(self, z, **kwargs):
+        return type(self)._elementary(z)
+
+
+class sigmoid(_Activation):
+    r"""The logistic function :math:`\sigma(z) = 1 / (1 + e^{-z})`.
+
+    Derivative: :math:`\sigma'(z) = \sigma(z)\,(1 - \sigma(z))`.
+    Compiled in the overflow-free form that evaluates ``exp`` of a non-positive number only.
+    """
+
+    @staticmethod
+    def _elementary(z):
+        return 1 / (1 + sp.exp(-z))
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+    @classmethod
+    def eval(cls, z):
+        if z.is_zero:
+            return sp.S.Half
+        if z is sp.S.Infinity:
+            return sp.S.One
+        if z is sp.S.NegativeInfinity:
+            return sp.S.Zero
+        return None
+
+    def _eval_is_positive(self):
+        if self.args[0].is_extended_real:
+            return True
+        return None
+
+    def _eval_rewrite_as_tanh(self, z, **kwargs):
+        return (1 + sp.tanh(z / 2)) / 2
+
+
+class softplus(_Activation):
+    r"""The smooth ReLU :math:`\operatorname{softplus}(z) = \log(1 + e^{z})`.
+
+    Derivative: :math:`\sigma(z)`. Compiled as ``max(z, 0) + log1p(exp(-|z|))``, which
+    neither overflows for large ``z`` nor loses digits for very negative ``z``.
+    """
+
+    @staticmethod
+    def _elementary(z):
+        return sp.log(1 + sp.exp(z))
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+    @classmethod
+    def eval(cls, z):
+        if z.is_zero:
+            return sp.log(2)
+        if z is sp.S.Infinity:
+            return sp.S.Infinity
+        if z is sp.S.NegativeInfinity:
+            return sp.S.Zero
+        return None
+
+    def _eval_is_positive(self):
+        if self.args[0].is_extended_real:
+            return True
+        return None
+
+    def _eval_rewrite_as_log(self, z, **kwargs):
+        return self._elementary(z)
+
+
+class relu(_Activation):
+    r"""The rectifier :math:`\operatorname{relu}(z) = \max(0, z)`.
+
+    Derivative: ``Heaviside(z, 0)``, i.e. 1 for ``z > 0`` and 0 for ``z <= 0`` (the
+    subgradient convention of PyTorch and JAX; relu is not differentiable at 0, which
+    :func:`calcml.verify_derivative` reports).
+    """
+
+    @staticmethod
+    def _elementary(z):
+        return sp.Max(0, z)
+
+    def fdiff(self, argindex=1):
+        return sp.Heaviside(self.args[0], 0)
+
+    @classmethod
+    def eval(cls, z):
+        if z.is_nonnegative:
+            return z
+        if z.is_nonpositive:
+            return sp.S.Zero
+        return None
+
+    def _eval_is_nonnegative(self):
+        if self.args[0].is_extended_real:
+            return True
+        return None
+
+    def _eval_rewrite_as_Max(self, z, **kwargs):
+        return sp.Max(0, z)
+
+    def _eval_rewrite_as_Piecewise(self, z, **kwargs):
+        return sp.Piecewise((z, z > 0), (0, True))
+
+    def _eval_rewrite_as_exp(self, z, **kwargs):
+        return sp.Max(0, z)
+
+
+def _as_vector(v, name: str) -> list:
+    if isinstance(v, sp.MatrixBase):
+        if 1 not in v.shape:
+            raise CostError(f"dot: {name} must be a vector, got a matrix of shape {v.shape}")
+        return list(v)
+    if isinstance(v, (sp.Basic, str)) or not isinstance(v, Iterable):
+        raise CostError(
+            f"dot: {name} must be a sequence of SymPy expressions (a tuple from cm.params or "
+            f"cm.data, a list, a sympy Matrix), got {type(v).__name__}"
+        )
+    return [sp.sympify(e, strict=True) for e in v]
+
+
+def dot(u, v) -> sp.Expr:
+    """The inner product ``u0*v0 + u1*v1 + ...`` of two equally long sequences of expressions.
+
+    >>> import calcml as cm
+    >>> w = cm.params("w", 2); x = cm.data("x", 2)
+    >>> cm.dot(w, x)
+    w0*x0 + w1*x1
+    """
+    a, b = _as_vector(u, "u"), _as_vector(v, "v")
+    if len(a) != len(b):
+        raise CostError(f"dot: lengths differ, len(u) = {len(a)} but len(v) = {len(b)}")
+    return sp.Add(*[ai * bi for ai, bi in zip(a, b)])
