@@ -1,6 +1,7 @@
 """calcml: exact symbolic derivatives of machine-learning costs, compiled with Numba."""
 
 from ._version import __version__ as __version__
+from .compile import Kernels as Kernels, compile as compile
 from .cost import Cost as Cost, data as data, params as params
 from .errors import (
     CacheError as CacheError,
@@ -11,3 +12,4 @@ from .errors import (
     ParamError as ParamError,
 )
 from .functions import dot as dot, relu as relu, sigmoid as sigmoid, softplus as softplus
+from .dataset import Dataset as Dataset

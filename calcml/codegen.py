@@ -1,0 +1,335 @@
+"""Cost -> Python module source for the Numba kernels. Pure text generation: no exec here.
+
+The pipeline, run once per cost (the result is cached on disk by :mod:`calcml.compile`):
+
+1. rewrite the per-row expression into numerically stable form (:mod:`calcml.rewrite`);
+2. differentiate it exactly (reusing ``Cost.gradient``/``Cost.hessian`` when no rewrite
+   applied, so no derivative is taken twice);
+3. one common-subexpression elimination over value, gradient and Hessian together;
+4. split the temporaries into row-independent ones (hoisted out of the row loop) and
+   per-row ones, and for each kernel keep only the temporaries its outputs need;
+5. print each kernel as a fused loop over fixed-size row chunks with per-chunk partial
+   sums combined in a fixed order, so the serial and threaded twins give the same bits.
+
+Symbols never reach the code by name: parameters are ``theta`` slots ``p0, p1, ...``,
+data columns ``c0, c1, ...`` with row values ``x0, x1, ...``, temporaries ``t0, ...``;
+user-supplied names appear only inside comments, escaped with ``ascii()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .cost import Cost
+from .printing import NumbaPrinter, helper_source
+from .rewrite import stabilize
+
+# Rows per chunk: the unit of parallel work and of the two-level (chunk, total) summation.
+CHUNK = 4096
+# Above this many outputs, a chunk accumulates into a small local array instead of scalars.
+SCALAR_ACCUMULATORS_MAX = 64
+# Costs with at most this many parameters get the Hessian in the same module (joint CSE).
+HESSIAN_INLINE_MAX = 64
+
+# The one Numba-flags policy, rendered into every generated module (which must not import
+# calcml: exported modules run with only numpy and numba installed).
+NUMBA_FLAGS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
+
+
+def _comment(text: str, limit: int = 160) -> str:
+    """User text made safe for a comment: ASCII escapes, no line breaks, bounded length."""
+    s = ascii(str(text))[1:-1]
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+@dataclass
+class _Symbolic:
+    """The derived quantities of a cost, in the form the kernels compute them."""
+
+    value: sp.Expr
+    gradient: list
+    hessian_upper: list  # entries (i, j) with j >= i, row-major; empty when not inlined
+    pairs: list = field(default_factory=list)  # (i, j) for each hessian_upper entry
+
+
+def derive(cost: Cost, with_hessian: bool) -> _Symbolic:
+    """Stable value, gradient and (optionally) Hessian upper triangle, exactly differentiated."""
+    stable = stabilize(cost.expr)
+    n = len(cost.params)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)] if with_hessian else []
+    if stable == cost.expr:
+        grad = list(cost.gradient)
+        hess = [cost.hessian[i, j] for i, j in pairs]
+    else:
+        grad = [sp.diff(stable, p) for p in cost.params]
+        hess = [sp.diff(grad[i], cost.params[j]) for i, j in pairs]
+    grad = [stabilize(g) for g in grad]
+    hess = [stabilize(h) for h in hess]
+    return _Symbolic(stable, grad, hess, pairs)
+
+
+@dataclass
+class _Plan:
+    """CSE result with the classification the printer needs."""
+
+    temps: list  # [(symbol, expr)] in dependency order
+    outputs: list  # reduced value, gradient..., hessian... (in that order)
+    row_temps: set  # temporaries that depend on a data column
+    deps: dict  # temp symbol -> set of temp symbols it uses
+
+
+def plan(sym: _Symbolic, data_symbols) -> _Plan:
+    exprs = [sym.value, *sym.gradient, *sym.hessian_upper]
+    gen = sp.numbered_symbols("_cse", cls=sp.Dummy)
+    temps, outputs = sp.cse(exprs, symbols=gen, order="none", ignore=())
+    temp_set = {s for s, _ in temps}
+    data_set = set(data_symbols)
+    row_temps, deps = set(), {}
+    for s, e in temps:
+        free = e.free_symbols
+        deps[s] = free & temp_set
+        if free & data_set or deps[s] & row_temps:
+            row_temps.add(s)
+    return _Plan(temps, list(outputs), row_temps, deps)
+
+
+def _closure(plan_: _Plan, exprs) -> list:
+    """The temporaries ``exprs`` need, in dependency order."""
+    need, stack = set(), []
+    temp_set = set(plan_.deps)
+    for e in exprs:
+        stack.extend(e.free_symbols & temp_set)
+    while stack:
+        s = stack.pop()
+        if s not in need:
+            need.add(s)
+            stack.extend(plan_.deps[s])
+    return [(s, e) for s, e in plan_.temps if s in need]
+
+
+class _Writer:
+    """Accumulates indented lines."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, indent: int = 0, text: str = ""):
+        self.lines.append(("    " * indent + text) if text else "")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class ModuleBuilder:
+    """Prints the kernels of one cost into one module."""
+
+    def __init__(self, cost: Cost, with_hessian: bool, sym: _Symbolic | None = None):
+        self.cost = cost
+        self.sym = sym or derive(cost, with_hessian)
+        self.with_hessian = with_hessian
+        self.plan = plan(self.sym, cost.data)
+        names = {p: f"p{j}" for j, p in enumerate(cost.params)}
+        names.update({d: f"x{k}" for k, d in enumerate(cost.data)})
+        row_i = hoist_i = 0
+        for s, _ in self.plan.temps:
+            if s in self.plan.row_temps:
+                names[s] = f"t{row_i}"
+                row_i += 1
+            else:
+                names[s] = f"h{hoist_i}"
+                hoist_i += 1
+        self.names = names
+        self.printer = NumbaPrinter(names)
+        self.n = len(cost.params)
+        self.has_data = bool(cost.data)
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _p(self, e) -> str:
+        return self.printer.doprint_expr(e)
+
+    def _outputs(self, kind: str) -> list:
+        """(label, expr) of what kernel ``kind`` returns, in output-slot order."""
+        out = self.plan.outputs
+        value = [("value", out[0])]
+        grad = [(f"d/d {_comment(p.name)}", out[1 + j]) for j, p in enumerate(self.cost.params)]
+        hess = [
+            (f"d2/d {_comment(self.cost.params[i].name)} d {_comment(self.cost.params[j].name)}", out[1 + self.n + k])
+            for k, (i, j) in enumerate(self.sym.pairs)
+        ]
+        return {"value": value, "grad": grad, "value_and_grad": value + grad, "hessian": hess}[kind]
+
+    def _load_params(self, w: _Writer, used):
+        for j, p in enumerate(self.cost.params):
+            if p in used:
+                w(1, f"p{j} = theta[{j}]  # {_comment(p.name)}")
+
+    def _hoisted(self, w: _Writer, temps):
+        hoisted = [(s, e) for s, e in temps if s not in self.plan.row_temps]
+        if hoisted:
+            w(1, "# row-independent subexpressions, computed once")
+            for s, e in hoisted:
+                w(1, f"{self.names[s]} = {self._p(e)}")
+
+    def _free_symbols(self, temps, outs):
+        used = set()
+        for _, e in temps:
+            used |= e.free_symbols
+        for _, e in outs:
+            used |= e.free_symbols
+        return used
+
+    # -- kernels ---------------------------------------------------------------------------
+    def _kernel_nodata(self, w: _Writer, kind: str):
+        outs = self._outputs(kind)
+        temps = _closure(self.plan, [e for _, e in outs])
+        used = self._free_symbols(temps, outs)
+        w(0, "@_jit")
+        w(0, f"def {kind}(theta):")
+        self._load_params(w, used)
+        for s, e in temps:
+            w(1, f"{self.names[s]} = {self._p(e)}")
+        if kind == "value":
+            w(1, f"return {self._p(outs[0][1])}")
+            return
+        size = len(outs) if kind != "hessian" else self.n * self.n
+        w(1, f"out = np.empty({size})")
+        self._store_outputs(w, 1, kind, outs, lambda k: f"out[{k}]", assign="=")
+        w(1, "return out")
+
+    def _store_outputs(self, w, indent, kind, outs, target, assign):
+        if kind == "hessian":
+            for (label, e), (i, j) in zip(outs, self.sym.pairs):
+                w(indent, f"{target(i * self.n + j)} {assign} {self._p(e)}  # {label}")
+                if i != j:
+                    w(indent, f"{target(j * self.n + i)} {assign} {target(i * self.n + j)}")
+        else:
+            for k, (label, e) in enumerate(outs):
+                w(indent, f"{target(k)} {assign} {self._p(e)}  # {label}")
+
+    def _kernel_rows(self, w: _Writer, kind: str, parallel: bool):
+        """A fused pass over the rows: per-chunk partial sums, combined in chunk order."""
+        outs = self._outputs(kind)
+        temps = _closure(self.plan, [e for _, e in outs])
+        used = self._free_symbols(temps, outs)
+        cols = [(k, d) for k, d in enumerate(self.cost.data) if d in used]
+        m = len(outs)  # accumulated slots (+1 for the finiteness check)
+        slots = m + 1
+        scalar = slots <= SCALAR_ACCUMULATORS_MAX
+        suffix = "_parallel" if parallel else "_serial"
+        loop = "prange" if parallel else "range"
+        reduce_note = "mean" if self.cost.reduce == "mean" else "sum"
+        w(0, "@_jit_parallel" if parallel else "@_jit")
+        w(0, f"def {kind}{suffix}(theta, cols):")
+        w(1, f'"""{kind} of the {reduce_note} over rows; slot {m} holds the data finiteness check"""')
+        w(1, "n = cols[0].shape[0]")
+        self._load_params(w, used)
+        for k, d in cols:
+            w(1, f"c{k} = cols[{k}]  # column {_comment(d.name)}")
+        self._hoisted(w, temps)
+        w(1, "nchunks = (n + CHUNK - 1) // CHUNK")
+        w(1, f"partial = np.empty((nchunks, {slots}))")
+        w(1, f"for chunk in {loop}(nchunks):")
+        w(2, "start = chunk * CHUNK")
+        w(2, "stop = min(start + CHUNK, n)")
+        if scalar:
+            for k in range(slots):
+                w(2, f"a{k} = 0.0")
+            acc = lambda k: f"a{k}"  # noqa: E731
+        else:
+            w(2, f"acc = np.zeros({slots})")
+            acc = lambda k: f"acc[{k}]"  # noqa: E731
+        w(2, "for i in range(start, stop):")
+        for k, d in cols:
+            w(3, f"x{k} = c{k}[i]")
+        for s, e in temps:
+            if s in self.plan.row_temps:
+                w(3, f"{self.names[s]} = {self._p(e)}")
+        for k, (label, e) in enumerate(outs):
+            w(3, f"{acc(k)} += {self._p(e)}  # {label}")
+        # x - x is 0.0 for finite x and NaN for inf/NaN: a free check that the data are finite.
+        check = " + ".join(f"(x{k} - x{k})" for k, _ in cols) or "0.0"
+        w(3, f"{acc(m)} += {check}")
+        for k in range(slots):
+            w(2, f"partial[chunk, {k}] = {acc(k)}")
+        w(1, f"total = np.zeros({slots})")
+        w(1, "for chunk in range(nchunks):")
+        w(2, f"for k in range({slots}):")
+        w(3, "total[k] += partial[chunk, k]")
+        if self.cost.reduce == "mean":
+            w(1, f"for k in range({m}):")
+            w(2, "total[k] /= n")
+        if kind == "hessian":
+            w(1, f"out = np.empty({self.n * self.n + 1})")
+            for k, (i, j) in enumerate(self.sym.pairs):
+                w(1, f"out[{i * self.n + j}] = total[{k}]")
+                if i != j:
+                    w(1, f"out[{j * self.n + i}] = total[{k}]")
+            w(1, f"out[{self.n * self.n}] = total[{m}]")
+            w(1, "return out")
+        else:
+            w(1, "return total")
+
+    # -- the module ------------------------------------------------------------------------
+    def kinds(self) -> list:
+        kinds = ["value", "grad", "value_and_grad"]
+        if self.with_hessian:
+            kinds.append("hessian")
+        return kinds
+
+    def source(self, header_lines=()) -> str:
+        body = _Writer()
+        for kind in self.kinds():
+            if self.has_data:
+                self._kernel_rows(body, kind, parallel=False)
+                body()
+                body()
+                self._kernel_rows(body, kind, parallel=True)
+            else:
+                self._kernel_nodata(body, kind)
+            body()
+            body()
+        head = _Writer()
+        for line in header_lines:
+            head(0, f"# {line}")
+        head(0, "# Generated by calcml: the compiled kernels of one cost. Regenerated, never edited.")
+        head(0, f"# cost ({self.cost.reduce} over rows): {_comment(self.cost.expr, 2000)}")
+        head(0, "# parameters (theta slots):")
+        for j, p in enumerate(self.cost.params):
+            head(0, f"#   p{j} = theta[{j}]: {_comment(p.name)}")
+        if self.has_data:
+            head(0, "# data columns:")
+            for k, d in enumerate(self.cost.data):
+                head(0, f"#   c{k} = cols[{k}]: {_comment(d.name)}")
+        head(0, "import math")
+        head()
+        head(0, "import numba")
+        head(0, "import numpy as np")
+        if self.has_data:
+            head(0, "from numba import prange")
+        head()
+        flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
+        head(0, f"_jit = numba.njit({flags})")
+        if self.has_data:
+            head(0, f"_jit_parallel = numba.njit(parallel=True, {flags})")
+            head(0, f"CHUNK = {CHUNK}")
+        head(0, f"N_PARAMS = {self.n}")
+        head(0, f"N_COLUMNS = {len(self.cost.data)}")
+        head(0, f"HAS_HESSIAN = {self.with_hessian}")
+        head()
+        for name in sorted(self.printer.helpers_used):
+            head()
+            head(0, "@_jit")
+            for line in helper_source([name]).rstrip("\n").split("\n"):
+                head(0, line)
+        head()
+        head()
+        return head.text() + body.text()
+
+
+def kernel_module_source(cost: Cost, with_hessian: bool | None = None, header_lines=()) -> str:
+    """The full module text for ``cost``'s kernels."""
+    if with_hessian is None:
+        with_hessian = len(cost.params) <= HESSIAN_INLINE_MAX
+    return ModuleBuilder(cost, with_hessian).source(header_lines)

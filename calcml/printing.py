@@ -1,0 +1,302 @@
+"""The Numba printer: SymPy expressions to scalar Python that Numba compiles in nopython mode.
+
+Built on SymPy's ``PythonCodePrinter`` (the ``math`` module functions, which Numba
+supports for scalars), with the changes Numba and numerical safety need:
+
+* strict: an unsupported node is a :class:`~calcml.errors.CodegenError` naming its type,
+  never silently wrong code, and undefined functions are refused;
+* symbols print through a name table (``theta`` slots, data columns, temporaries), so a
+  symbol's own name never reaches the code;
+* ``Piecewise`` prints as nested conditional expressions (not ``numpy.select``, which
+  Numba rejects and which evaluates every branch), with ``nan`` when no branch holds;
+* numbers print as float literals, small integer powers as products;
+* activations and non-smooth functions call helpers from :data:`HELPERS`, written to
+  propagate NaN and never to overflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import sympy as sp
+from sympy.core.function import AppliedUndef
+from sympy.printing.codeprinter import PrintMethodNotImplementedError
+
+from .errors import CodegenError
+
+_pycode = importlib.import_module("sympy.printing.pycode")
+
+# Helper functions the printed code may call. Each is emitted into the generated module
+# only when used, compiled with the module's Numba flags.
+HELPERS = {
+    "_sigmoid": '''\
+def _sigmoid(z):
+    """logistic 1/(1+exp(-z)); exp only of non-positive numbers, so it never overflows"""
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+''',
+    "_softplus": '''\
+def _softplus(z):
+    """log(1+exp(z)) as max(z,0) + log1p(exp(-|z|)): no overflow, full precision for z << 0"""
+    if z > 0.0:
+        return z + math.log1p(math.exp(-z))
+    return math.log1p(math.exp(z))
+''',
+    "_relu": '''\
+def _relu(z):
+    """max(z, 0), NaN in gives NaN out"""
+    return 0.0 if z <= 0.0 else z
+''',
+    "_heaviside": '''\
+def _heaviside(z, h0):
+    """step function with value h0 at 0; NaN in gives NaN out"""
+    if z > 0.0:
+        return 1.0
+    if z < 0.0:
+        return 0.0
+    if z == 0.0:
+        return h0
+    return z
+''',
+    "_sign": '''\
+def _sign(z):
+    """sign of z: -1, 0 or 1; NaN in gives NaN out"""
+    if z > 0.0:
+        return 1.0
+    if z < 0.0:
+        return -1.0
+    return z
+''',
+    "_max2": '''\
+def _max2(a, b):
+    """max of two floats; NaN if either is NaN (like numpy.maximum)"""
+    if a >= b:
+        return a
+    if b > a:
+        return b
+    return a + b
+''',
+    "_min2": '''\
+def _min2(a, b):
+    """min of two floats; NaN if either is NaN (like numpy.minimum)"""
+    if a <= b:
+        return a
+    if b < a:
+        return b
+    return a + b
+''',
+}
+
+# One-to-one function names: SymPy class name -> function in the generated module's scope.
+_MATH_FUNCTIONS = {
+    name: f"math.{target}"
+    for name, target in _pycode._known_functions_math.items()
+    if name not in {"factorial", "isinf", "isnan", "floor", "ceiling"}
+}
+_MATH_FUNCTIONS.update({"floor": "np.floor", "ceiling": "np.ceil"})
+
+# Functions printed through their definition in other functions.
+_RECIPROCAL = {"sec": "math.cos", "csc": "math.sin", "cot": "math.tan"}
+
+
+class NumbaPrinter(_pycode.PythonCodePrinter):
+    """Prints one scalar expression at a time; ``names`` maps every symbol to its code name."""
+
+    printmethod = "_numbacode"
+    language = "Python (Numba nopython)"
+
+    def __init__(self, names: dict, settings=None):
+        base = {"strict": True, "fully_qualified_modules": True, "allow_unknown_functions": False}
+        base.update(settings or {})
+        super().__init__(base)
+        self.known_functions = dict(_MATH_FUNCTIONS)
+        self.names = names
+        self.helpers_used: set[str] = set()
+
+    # -- entry point ---------------------------------------------------------------------
+    def doprint_expr(self, expr) -> str:
+        try:
+            return self._print(expr)
+        except PrintMethodNotImplementedError as exc:
+            raise CodegenError(f"cannot compile {expr}: {exc.args[0].splitlines()[0]}") from None
+
+    def _print_not_supported(self, expr):
+        raise CodegenError(
+            f"cannot compile a {type(expr).__name__} node ({expr}); calcml's Numba printer "
+            f"supports real elementary functions, Piecewise, Abs, Max/Min, sign, Heaviside "
+            f"and cm.sigmoid/softplus/relu"
+        )
+
+    emptyPrinter = _print_not_supported
+
+    def _helper(self, name: str, *args) -> str:
+        self.helpers_used.add(name)
+        return f"{name}({', '.join(self._print(a) for a in args)})"
+
+    # -- atoms ---------------------------------------------------------------------------
+    def _print_Symbol(self, expr):
+        try:
+            return self.names[expr]
+        except KeyError:
+            raise CodegenError(f"symbol {expr.name!r} has no slot in the generated code") from None
+
+    _print_Dummy = _print_Symbol
+
+    def _float(self, value: float) -> str:
+        if math.isnan(value):
+            return "math.nan"
+        if math.isinf(value):
+            return "math.inf" if value > 0 else "(-math.inf)"
+        text = repr(float(value))
+        return f"({text})" if value < 0 else text
+
+    def _print_Integer(self, expr):
+        try:
+            return self._float(float(int(expr)))
+        except OverflowError:
+            raise CodegenError(f"the integer {expr} does not fit in a float64") from None
+
+    def _print_Rational(self, expr):
+        return self._float(float(expr))
+
+    def _print_Float(self, expr):
+        return self._float(float(expr))
+
+    def _print_NumberSymbol(self, expr):
+        return self._float(float(expr))
+
+    _print_Exp1 = _print_Pi = _print_EulerGamma = _print_GoldenRatio = _print_Catalan = _print_NumberSymbol
+
+    def _print_Infinity(self, expr):
+        return "math.inf"
+
+    def _print_NegativeInfinity(self, expr):
+        return "(-math.inf)"
+
+    def _print_NaN(self, expr):
+        return "math.nan"
+
+    def _print_ComplexInfinity(self, expr):
+        raise CodegenError("cannot compile complex infinity (zoo): the expression divides by zero")
+
+    def _print_ImaginaryUnit(self, expr):
+        raise CodegenError("cannot compile the imaginary unit I: calcml kernels are real-valued")
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+    # -- arithmetic ----------------------------------------------------------------------
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.base, expr.exp
+        if base is sp.E:
+            return f"math.exp({self._print(exp)})"
+        b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
+        if exp.is_Integer and abs(int(exp)) <= 8:
+            n = int(exp)
+            if n == 0:
+                return "1.0"
+            prod = "*".join([b] * abs(n))
+            return f"({prod})" if n > 0 else f"(1.0/({prod}))"
+        if exp == sp.S.Half:
+            return f"math.sqrt({self._print(base)})"
+        if exp == -sp.S.Half:
+            return f"(1.0/math.sqrt({self._print(base)}))"
+        e = self.parenthesize(exp, sp.printing.precedence.PRECEDENCE["Pow"] + 1)
+        return f"({b}**{e})"
+
+    # -- functions -----------------------------------------------------------------------
+    def _print_Function(self, expr):
+        if isinstance(expr, AppliedUndef):
+            raise CodegenError(f"cannot compile the undefined function {expr.func.__name__}: define it with SymPy functions")
+        name = type(expr).__name__
+        if name in _RECIPROCAL:
+            return f"(1.0/{_RECIPROCAL[name]}({self._print(expr.args[0])}))"
+        return super()._print_Function(expr)
+
+    def _print_sigmoid(self, expr):
+        return self._helper("_sigmoid", expr.args[0])
+
+    def _print_softplus(self, expr):
+        return self._helper("_softplus", expr.args[0])
+
+    def _print_relu(self, expr):
+        return self._helper("_relu", expr.args[0])
+
+    def _print_Heaviside(self, expr):
+        h0 = expr.args[1] if len(expr.args) > 1 else sp.S.Half
+        return self._helper("_heaviside", expr.args[0], h0)
+
+    def _print_sign(self, expr):
+        return self._helper("_sign", expr.args[0])
+
+    def _print_Abs(self, expr):
+        return f"abs({self._print(expr.args[0])})"
+
+    def _nary(self, helper, args):
+        args = list(args)
+        out = self._print(args[-1])
+        for a in reversed(args[:-1]):
+            self.helpers_used.add(helper)
+            out = f"{helper}({self._print(a)}, {out})"
+        return out
+
+    def _print_Max(self, expr):
+        return self._nary("_max2", expr.args)
+
+    def _print_Min(self, expr):
+        return self._nary("_min2", expr.args)
+
+    def _print_atan2(self, expr):
+        return f"math.atan2({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+    def _print_log(self, expr):
+        if len(expr.args) == 2:  # log(x, b) only when unevaluated
+            return f"(math.log({self._print(expr.args[0])})/math.log({self._print(expr.args[1])}))"
+        return f"math.log({self._print(expr.args[0])})"
+
+    # -- conditionals --------------------------------------------------------------------
+    def _print_Piecewise(self, expr):
+        out = "math.nan"
+        for pe in reversed(expr.args):
+            value = self._print(pe.expr)
+            if pe.cond is sp.true:
+                out = value
+            else:
+                out = f"({value} if {self._print(pe.cond)} else {out})"
+        return out
+
+    def _print_ITE(self, expr):
+        return self._print(expr.rewrite(sp.Piecewise))
+
+    def _print_Relational(self, expr):
+        ops = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+        if expr.rel_op not in ops:
+            return self._print_not_supported(expr)
+        return f"({self._print(expr.lhs)} {ops[expr.rel_op]} {self._print(expr.rhs)})"
+
+    def _print_And(self, expr):
+        return "(" + " and ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " or ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Not(self, expr):
+        return f"(not {self._print(expr.args[0])})"
+
+    # -- refused outright ----------------------------------------------------------------
+    def _print_Derivative(self, expr):
+        return self._print_not_supported(expr)
+
+    _print_Integral = _print_Subs = _print_Sum = _print_Product = _print_Derivative
+    _print_MatrixBase = _print_Derivative
+
+
+def helper_source(names) -> str:
+    """Source of the helpers in ``names``, in a fixed order (deterministic modules)."""
+    return "\n".join(HELPERS[n] for n in sorted(names))
