@@ -1,0 +1,164 @@
+"""Timing helpers shared by the benchmark scripts.
+
+Every figure is a median of repeated runs (the machines are 2-core, shared and noisy), and
+every ratio is taken against a reference measured in the same process and run.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Timing:
+    name: str
+    times: list = field(default_factory=list)
+    nbytes: int | None = None  # bytes of data read per call, for GB/s
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    @property
+    def gbps(self) -> float | None:
+        if not self.nbytes:
+            return None
+        return self.nbytes / self.median / 1e9
+
+
+def measure(fn, name: str, *, repeat: int = 15, budget: float = 2.0, warmup: int = 1,
+            min_repeat: int = 3, nbytes: int | None = None, note: str = "") -> Timing:
+    """Time ``fn()`` ``repeat`` times, stopping early once ``budget`` seconds are spent
+    (but never before ``min_repeat`` runs). Warm-up calls (compilation, page faults) are
+    not timed. The garbage collector is off while timing."""
+    for _ in range(warmup):
+        fn()
+    t = Timing(name, nbytes=nbytes, note=note)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            t.times.append(time.perf_counter() - t0)
+            if i + 1 >= min_repeat and time.perf_counter() - start > budget:
+                break
+    finally:
+        if gc_was:
+            gc.enable()
+    return t
+
+
+def fmt_time(s: float) -> str:
+    if s >= 1.0:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def table(title: str, rows: list, ref: Timing | None = None, *, ratio_label: str = "ratio to ref") -> str:
+    """A Markdown table: implementation, median, min–max, runs, ratio to ``ref`` (time of the
+    row divided by time of the reference: above 1 is slower), GB/s where it applies."""
+    lines = [f"### {title}", ""]
+    lines.append(f"| implementation | median | min–max | runs | {ratio_label} | GB/s |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r.median / ref.median:.2f}×" if ref is not None else ""
+        g = r.gbps
+        gb = f"{g:.1f}" if g is not None else ""
+        name = r.name + (f" ({r.note})" if r.note else "")
+        if ref is not None and r is ref:
+            name = f"**{name}** (ref)"
+        lines.append(
+            f"| {name} | {fmt_time(r.median)} | {fmt_time(r.min)}–{fmt_time(r.max)} | "
+            f"{len(r.times)} | {ratio} | {gb} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import numba
+    import numpy
+    import sympy
+
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M')} | {cpu}, {os.cpu_count()} CPUs | "
+        f"Python {platform.python_version()}, numba {numba.__version__}, "
+        f"numpy {numpy.__version__}, sympy {sympy.__version__} | "
+        f"numba threading layer: {_threading_layer()}"
+    )
+
+
+def _threading_layer() -> str:
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # not initialised until a parallel function has run
+        return "(not yet initialised)"
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def measure_interleaved(fns: dict, *, rounds: int = 15, budget: float = 10.0, min_rounds: int = 3,
+                        nbytes=None, setup=None) -> dict:
+    """Time several callables round-robin: each round calls every one once, so a burst of
+    load from a colleague's process hits all of them alike. ``fns`` maps name -> callable;
+    ``nbytes`` is an int or a dict name -> int; ``setup(name)``, if given, runs untimed
+    before each call (e.g. numba.set_num_threads). Each callable is called once untimed
+    first (compilation). Returns name -> Timing, in the order of ``fns``."""
+    out = {}
+    for name, fn in fns.items():
+        if setup is not None:
+            setup(name)
+        fn()
+        nb = nbytes.get(name) if isinstance(nbytes, dict) else nbytes
+        out[name] = Timing(name, nbytes=nb)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for r in range(rounds):
+            for name, fn in fns.items():
+                if setup is not None:
+                    setup(name)
+                t0 = time.perf_counter()
+                fn()
+                out[name].times.append(time.perf_counter() - t0)
+            if r + 1 >= min_rounds and time.perf_counter() - start > budget:
+                break
+    finally:
+        if gc_was:
+            gc.enable()
+    return out
