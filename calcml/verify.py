@@ -528,34 +528,43 @@ def _run_specs(specs, timeout: float, jobs: int | None = None) -> list:
     with _POOL_LOCK:
         queue = deque(range(len(specs)))
         active: dict = {}  # conn -> [worker, tid, deadline]
-        while queue or active:
-            while queue and len(active) < jobs:
-                tid = queue.popleft()
-                w = _dispatch(tid, specs[tid])
-                active[w.conn] = [w, tid, time.monotonic() + timeout]
-            next_deadline = min(entry[2] for entry in active.values())
-            ready = _wait_for(list(active), timeout=max(0.0, next_deadline - time.monotonic()))
-            for conn in ready:
-                w, tid, _ = active[conn]
-                done, retry = _drain(w, tid, specs[tid], results, evidence)
-                if retry:  # the worker could not read the check: run it in a fresh fork
-                    del active[conn]
-                    w.stop()
-                    w2 = _Worker((tid, specs[tid]))
-                    active[w2.conn] = [w2, tid, time.monotonic() + timeout]
-                elif done:
-                    del active[conn]
-                    if w.alive() and len(_IDLE) < jobs:
-                        _IDLE.append(w)
-                    else:
-                        w.stop()
-            now = time.monotonic()
-            for conn, (w, tid, deadline) in list(active.items()):
-                if now >= deadline:
-                    del active[conn]
-                    w.stop()
-                    results[tid] = _timeout_verdict(specs[tid], timeout, evidence[tid])
+        try:
+            _schedule(specs, timeout, jobs, queue, active, results, evidence)
+        finally:  # Ctrl-C or an error here: no worker is left computing
+            for w, _, _ in active.values():
+                w.stop()
     return results
+
+
+def _schedule(specs, timeout, jobs, queue, active, results, evidence):
+    """Hand checks to workers, collect their messages, stop the ones past their deadline."""
+    while queue or active:
+        while queue and len(active) < jobs:
+            tid = queue.popleft()
+            w = _dispatch(tid, specs[tid])
+            active[w.conn] = [w, tid, time.monotonic() + timeout]
+        next_deadline = min(entry[2] for entry in active.values())
+        ready = _wait_for(list(active), timeout=max(0.0, next_deadline - time.monotonic()))
+        for conn in ready:
+            w, tid, _ = active[conn]
+            done, retry = _drain(w, tid, specs[tid], results, evidence)
+            if retry:  # the worker could not read the check: run it in a fresh fork
+                del active[conn]
+                w.stop()
+                w2 = _Worker((tid, specs[tid]))
+                active[w2.conn] = [w2, tid, time.monotonic() + timeout]
+            elif done:
+                del active[conn]
+                if w.alive() and len(_IDLE) < jobs:
+                    _IDLE.append(w)
+                else:
+                    w.stop()
+        now = time.monotonic()
+        for conn, (w, tid, deadline) in list(active.items()):
+            if now >= deadline:
+                del active[conn]
+                w.stop()
+                results[tid] = _timeout_verdict(specs[tid], timeout, evidence[tid])
 
 
 def _dispatch(tid, spec) -> _Worker:
@@ -917,14 +926,14 @@ def _refutation(name, method, env, v, dv, extra="") -> Verdict:
                    float(dv) if isinstance(dv, mpmath.mpf) else dv)
 
 
-def _numeric_general(spec, f, x, d, exact) -> _Numeric:
+def _numeric_general(spec, f, x, d, exact, want: int = 3) -> _Numeric:
     """Difference quotients at sample points; refute when they clearly disagree with ``d``."""
     out = _Numeric()
     symbols = f.free_symbols | d.free_symbols | {x}
     digits = []
     with mp.workdps(60):
         for env in _sample_points(symbols):
-            if out.agree >= 3 or out.tried >= 16:
+            if out.agree >= want or out.tried >= len(_SAMPLES):
                 break
             out.tried += 1
             menv = {s: _mp_eval(v, {}) for s, v in env.items()}
@@ -986,7 +995,18 @@ _GIVE_UP = (sp.Limit, sp.Order, AccumBounds, sp.Derivative, sp.Integral, sp.Subs
 
 
 def _canon(g):
-    """``g`` up to sign: returns (canonical, +-1) with ``g == flip * canonical``."""
+    """``g`` up to a nonzero numeric factor: (canonical, +-1) with ``sign(g) == flip * sign(canonical)``.
+
+    ``99*x/100`` and ``x`` are one key, so are ``1 - x`` and ``x - 1`` (with opposite flips).
+    """
+    if g.is_Add or g.is_Mul:
+        content, prim = g.as_content_primitive()
+        if content.is_positive and prim != g:
+            g = prim
+    if g.is_Mul:
+        coeff, rest = g.as_coeff_Mul()
+        if coeff.is_Rational and coeff != 0 and rest != 1:
+            g = rest if coeff > 0 else -rest
     if g.could_extract_minus_sign():
         return -g, -1
     return g, 1
@@ -1020,6 +1040,7 @@ def _clean(L, source) -> bool:
 
 
 def _sign_keys(*exprs) -> list:
+    """Arguments whose sign selects a branch, innermost first (no non-smooth atom inside)."""
     keys = []
     for e in exprs:
         for node in sp.preorder_traversal(e):
@@ -1035,12 +1056,9 @@ def _sign_keys(*exprs) -> list:
                 continue
             for g in gs:
                 c, _ = _canon(g)
-                if c.is_number:
-                    continue
-                if c.has(*_NONSMOOTH):
-                    raise _Undecided(f"nested non-smooth functions in {node}")
-                if c not in keys:
-                    keys.append(c)
+                if c.is_number or c.has(*_NONSMOOTH) or c in keys:
+                    continue  # a nested argument becomes a key once its inner atoms are resolved
+                keys.append(c)
     return keys
 
 
@@ -1048,7 +1066,8 @@ class _Inconsistent(Exception):
     """A sign combination that no point realises (Max with no largest argument)."""
 
 
-def _sign_of(g, signs: dict) -> int:
+def _sign_of(g, signs: dict):
+    """+-1 or 0 from the case's signs (or from g itself when constant); None if not decided."""
     c, flip = _canon(g)
     if c in signs:
         return signs[c] * flip
@@ -1058,81 +1077,178 @@ def _sign_of(g, signs: dict) -> int:
         return -flip
     if c.is_zero:
         return 0
-    raise _Undecided(f"the sign of {c} is not decided")
+    return None
 
 
-def _truth(cond, sign_of) -> bool:
+def _truth(cond, sign_of):
+    """True, False, or None where a sign is not decided yet."""
     if cond is sp.true or cond is True:
         return True
     if cond is sp.false or cond is False:
         return False
-    if isinstance(cond, sp.And):
-        return all(_truth(c, sign_of) for c in cond.args)
-    if isinstance(cond, sp.Or):
-        return any(_truth(c, sign_of) for c in cond.args)
+    if isinstance(cond, (sp.And, sp.Or)):
+        vals = [_truth(c, sign_of) for c in cond.args]
+        if isinstance(cond, sp.And):
+            return False if False in vals else (None if None in vals else True)
+        return True if True in vals else (None if None in vals else False)
     if isinstance(cond, sp.Not):
-        return not _truth(cond.args[0], sign_of)
+        v = _truth(cond.args[0], sign_of)
+        return None if v is None else not v
     if isinstance(cond, sp.core.relational.Relational):
         s = sign_of(cond.lhs - cond.rhs)
+        if s is None:
+            return None
         return {"<": s < 0, "<=": s <= 0, ">": s > 0, ">=": s >= 0, "==": s == 0, "!=": s != 0}[cond.rel_op]
     raise _Undecided(f"cannot decide the condition {cond}")
 
 
+def _resolve_cond(cond, sign_of):
+    if isinstance(cond, sp.core.relational.Relational):
+        return cond.func(_resolve(cond.lhs, sign_of), _resolve(cond.rhs, sign_of))
+    if isinstance(cond, (sp.And, sp.Or, sp.Not)):
+        return cond.func(*[_resolve_cond(c, sign_of) for c in cond.args])
+    return cond
+
+
 def _resolve(e, sign_of):
-    """Replace each non-smooth atom by the branch that ``sign_of`` selects, bottom up."""
+    """Replace each non-smooth atom whose sign ``sign_of`` decides by its branch, bottom up.
+
+    Atoms whose sign is not decided (``None``) are kept, with their arguments resolved.
+    """
     if e.is_Atom or not e.has(*_NONSMOOTH):
         return e
     if isinstance(e, sp.Piecewise):
-        for expr_i, cond in e.args:
-            if _truth(cond, sign_of):
+        for i, (expr_i, cond) in enumerate(e.args):
+            t = _truth(cond, sign_of)
+            if t is True:
                 return _resolve(expr_i, sign_of)
+            if t is None:
+                rest = [(_resolve(ex, sign_of), _resolve_cond(c, sign_of)) for ex, c in e.args[i:]]
+                return sp.Piecewise(*rest)
         raise _Undecided(f"no branch of {e} applies")
     args = [_resolve(a, sign_of) for a in e.args]
-    if isinstance(e, sp.Abs):
-        return sign_of(e.args[0]) * args[0]
-    if isinstance(e, sp.sign):
-        return sp.Integer(sign_of(e.args[0]))
-    if isinstance(e, sp.Heaviside):
+    if isinstance(e, _SIGNED) or isinstance(e, sp.DiracDelta):
         s = sign_of(e.args[0])
-        if s == 0:
-            return args[1] if len(args) > 1 else sp.S.Half
-        return sp.S.One if s > 0 else sp.S.Zero
-    if isinstance(e, relu):
-        return args[0] if sign_of(e.args[0]) > 0 else sp.S.Zero
-    if isinstance(e, sp.DiracDelta):
-        if sign_of(e.args[0]) == 0:
+        if s is None:
+            return e.func(*args)
+        if isinstance(e, sp.Abs):
+            return s * args[0]
+        if isinstance(e, sp.sign):
+            return sp.Integer(s)
+        if isinstance(e, sp.Heaviside):
+            if s == 0:
+                return args[1] if len(args) > 1 else sp.S.Half
+            return sp.S.One if s > 0 else sp.S.Zero
+        if isinstance(e, relu):
+            return args[0] if s > 0 else sp.S.Zero
+        if s == 0:  # DiracDelta at its singular point
             raise _Undecided(f"{e} at its singular point")
         return sp.S.Zero
     if isinstance(e, (sp.Max, sp.Min)):
         want = 1 if isinstance(e, sp.Max) else -1
         n = len(e.args)
+        signs = [[None if i == j else sign_of(e.args[i] - e.args[j]) for j in range(n)] for i in range(n)]
+        if any(s is None for i in range(n) for j, s in enumerate(signs[i]) if i != j):
+            return e.func(*args)
         for i in range(n):
-            if all(sign_of(e.args[i] - e.args[j]) * want >= 0 for j in range(n) if j != i):
+            if all(signs[i][j] * want >= 0 for j in range(n) if j != i):
                 return args[i]
         raise _Inconsistent()
     return e.func(*args)
 
 
+_MAX_CASES = 32
+
+
 def _smooth_cases(f, d):
-    """(f_c, d_c, region) for every sign case of the non-smooth atoms of f and d."""
-    keys = _sign_keys(f, d)
-    if len(keys) > 5:
-        raise _Undecided(f"{len(keys)} sign conditions ({_short(keys, 60)}), too many cases")
+    """(f_c, d_c, region, signs) for every sign case of the non-smooth atoms of f and d.
+
+    Cases are split one key at a time, innermost arguments first, so that a condition such
+    as ``Abs(x) <= 1`` becomes a key once ``Abs(x)`` is resolved.
+    """
     cases, seen = [], set()
-    for combo in itertools.product((1, -1), repeat=len(keys)):
-        signs = dict(zip(keys, combo))
-        try:
-            fc = _resolve(f, lambda g: _sign_of(g, signs))
-            dc = _resolve(d, lambda g: _sign_of(g, signs))
-        except _Inconsistent:
+
+    def split(fc, dc, signs):
+        keys = _sign_keys(fc, dc)
+        if not keys:
+            if fc.has(*_NONSMOOTH) or dc.has(*_NONSMOOTH):
+                raise _Undecided(f"could not resolve the non-smooth parts of {_short(fc, 50)}")
+            region = {k: s * sp.Dummy(k.name, positive=True) for k, s in signs.items() if k.is_Symbol}
+            if (fc, dc) not in seen:
+                seen.add((fc, dc))
+                cases.append((fc, dc, region, signs))
+            return
+        key = keys[0]
+        for s in (1, -1):
+            if len(cases) > _MAX_CASES:
+                raise _Undecided(f"more than {_MAX_CASES} sign cases")
+            new = {**signs, key: s}
+            if not _realizable(new):
+                continue
+            try:
+                fn = _resolve(fc, lambda g: _sign_of(g, new))
+                dn = _resolve(dc, lambda g: _sign_of(g, new))
+            except _Inconsistent:
+                continue
+            split(fn, dn, new)
+
+    split(f, d, {})
+    return [k for k in _all_keys(cases)], cases
+
+
+def _realizable(signs: dict) -> bool:
+    """False only when no real x gives these signs to the keys that are polynomials in one
+    symbol x (decided exactly: between consecutive real roots every sign is constant)."""
+    by_symbol: dict = {}
+    for k, s in signs.items():
+        syms = k.free_symbols
+        if len(syms) == 1:
+            (v,) = syms
+            if k.is_polynomial(v):
+                by_symbol.setdefault(v, []).append((k, s))
+    for v, items in by_symbol.items():
+        if len(items) < 2:
             continue
-        # A bare symbol with a known sign becomes sign * (a positive symbol): this helps
-        # the zero test with sqrt(x**2) and friends, and is exact within the case.
-        region = {k: s * sp.Dummy(k.name, positive=True) for k, s in signs.items() if k.is_Symbol}
-        if (fc, dc) not in seen:
-            seen.add((fc, dc))
-            cases.append((fc, dc, region, signs))
-    return keys, cases
+        try:
+            if not _realizable_1d(v, items):
+                return False
+        except Exception:
+            continue  # undecided: keep the case
+    return True
+
+
+def _realizable_1d(v, items) -> bool:
+    roots = set()
+    for k, _ in items:
+        roots.update(sp.Poly(k, v).real_roots())
+    ordered = sorted(roots, key=lambda r: sp.N(r, 50))
+    for a, b in zip(ordered, ordered[1:]):
+        if not bool(a < b):  # numeric order confirmed exactly, else give up
+            raise _Undecided("root order")
+    points = []
+    if not ordered:
+        points = [sp.Integer(0)]
+    else:
+        points.append(sp.floor(ordered[0]) - 1)
+        points.append(sp.ceiling(ordered[-1]) + 1)
+        for a, b in zip(ordered, ordered[1:]):
+            p = sp.Rational(sp.N((a + b) / 2, 60))
+            if not (bool(a < p) and bool(p < b)):
+                raise _Undecided("test point")
+            points.append(p)
+    for p in points:
+        if all(sp.sign(k.subs(v, p)) == s for k, s in items):
+            return True
+    return False
+
+
+def _all_keys(cases):
+    keys = []
+    for *_, signs in cases:
+        for k in signs:
+            if k not in keys:
+                keys.append(k)
+    return keys
 
 
 # -- limits at general x -----------------------------------------------------------------
@@ -1381,25 +1497,32 @@ def _check_general(spec, f, x, d, exact, emit) -> Verdict:
         return num.refutation
     emit("evidence", {"summary": num.summary()})
     name = spec.name
+
+    def undecided(reason):
+        # No proof: before saying so, look for a refutation at every sample point.
+        wide = _numeric_general(spec, f, x, d, exact, want=len(_SAMPLES))
+        if wide.refutation is not None:
+            return wide.refutation
+        return Verdict(name, "inconclusive", "symbolic limit", f"{reason}; {(wide if wide.agree else num).summary()}")
+
     try:
         keys, cases = _smooth_cases(f, d)
     except _Undecided as exc:
-        return Verdict(name, "inconclusive", "symbolic limit", f"{exc}; {num.summary()}")
+        return undecided(str(exc))
     methods = set()
     for fc, dc, region, signs in cases:
         try:
             L, m = _limit_general(fc, x)
         except _NoLimit as exc:
-            return Verdict(name, "inconclusive", "symbolic limit", f"{exc}; {num.summary()}")
+            return undecided(str(exc))
         methods |= m
         if not _proven_zero(L - dc, region):
-            where = "" if not keys else " in the case " + ", ".join(f"{_short(k, 30)} {'>' if s > 0 else '<'} 0" for k, s in signs.items())
-            return Verdict(name, "inconclusive", "symbolic limit",
-                           f"the limit{where} is {_short(L)}, which could not be proven equal to "
-                           f"{_short(dc)}; {num.summary()}")
+            where = "" if not keys else " in the case " + ", ".join(
+                f"{_short(k, 30)} {'>' if s > 0 else '<'} 0" for k, s in signs.items())
+            return undecided(f"the limit{where} is {_short(L)}, which could not be proven equal to {_short(dc)}")
     if num.conflict:
         return Verdict(name, "inconclusive", "symbolic limit", f"exact proof found but {num.conflict}")
-    how = " and ".join(sorted(methods))
+    how = "symbolic limit (" + ", ".join(sorted(methods)) + ")"
     cases_text = f" in each of {len(cases)} sign cases" if keys else ""
     method = f"{how} at general {x.name}"
     detail = (f"lim_(h->0) (f({x.name}+h) - f({x.name}))/h equals {_short(d)} exactly{cases_text}; "
@@ -1432,6 +1555,10 @@ def _value_status(v) -> str:
 
 def _sign_near(g, t=_T) -> int:
     """The sign of g(t) for all small t > 0."""
+    if g.has(*_NONSMOOTH):
+        g = _resolve(g, _sign_near)
+        if g.has(*_NONSMOOTH):
+            raise _Undecided(f"the sign of {g.subs(t, sp.Symbol('t'))} near the point is not decided")
     if not g.has(t):
         if g.is_positive:
             return 1
@@ -1588,6 +1715,8 @@ def _point_symbolic(name, point, f, x, a, fa, d, sides, env) -> Verdict:
     for s in (1, -1):
         try:
             g = _resolve(f.subs(x, a + s * _T), lambda e: _sign_near(e))
+            if g.has(*_NONSMOOTH):
+                raise _Undecided(f"could not resolve the branches of f near {where}")
         except (_Undecided, _Inconsistent) as exc:
             return Verdict(name, "inconclusive", method, f"{exc}; {_sides_summary(sides)}", pt)
         if g.is_extended_real is False:
