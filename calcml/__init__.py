@@ -13,3 +13,4 @@ from .errors import (
 )
 from .functions import dot as dot, relu as relu, sigmoid as sigmoid, softplus as softplus
 from .dataset import Dataset as Dataset
+from .verify import check_gradient as check_gradient, verify as verify, verify_derivative as verify_derivative
