@@ -213,7 +213,9 @@ class ModuleBuilder:
         outs = self._outputs(kind)
         temps = _closure(self.plan, [e for _, e in outs])
         used = self._free_symbols(temps, outs)
-        cols = [(k, d) for k, d in enumerate(self.cost.data) if d in used]
+        # Every column is read, even one this kernel's outputs do not need: the finiteness
+        # check below validates all the data, whichever kernel sees it.
+        cols = list(enumerate(self.cost.data))
         m = len(outs)  # accumulated slots (+1 for the finiteness check)
         slots = m + 1
         scalar = slots <= SCALAR_ACCUMULATORS_MAX

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import mpmath
 import sympy as sp
 
 from .errors import CostError
@@ -21,11 +22,13 @@ __all__ = ["sigmoid", "softplus", "relu", "dot"]
 
 
 def _numeric_evalf(func, prec):
-    """Evaluate an activation at a number via its elementary rewrite (mpmath underneath)."""
-    arg = func.args[0]._eval_evalf(prec)
-    if arg is None or not arg.is_Number:
+    """Evaluate an activation at a real number with mpmath, with guard bits."""
+    arg = func.args[0]._eval_evalf(prec + 20)
+    if arg is None or not arg.is_Number or not arg.is_extended_real:
         return None
-    return type(func)._elementary(arg)._eval_evalf(prec)
+    with mpmath.workprec(prec + 20):
+        value = type(func)._mpmath(arg._to_mpmath(prec + 20))
+    return sp.Float._new(mpmath.mpf(value)._mpf_, prec)
 
 
 class _Activation(sp.Function):
@@ -58,6 +61,10 @@ class sigmoid(_Activation):
     @staticmethod
     def _elementary(z):
         return 1 / (1 + sp.exp(-z))
+
+    @staticmethod
+    def _mpmath(z):
+        return 1 / (1 + mpmath.exp(-z))
 
     def fdiff(self, argindex=1):
         s = sigmoid(self.args[0])
@@ -93,6 +100,10 @@ class softplus(_Activation):
     def _elementary(z):
         return sp.log(1 + sp.exp(z))
 
+    @staticmethod
+    def _mpmath(z):
+        return mpmath.log1p(mpmath.exp(z))
+
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
@@ -126,6 +137,10 @@ class relu(_Activation):
     @staticmethod
     def _elementary(z):
         return sp.Max(0, z)
+
+    @staticmethod
+    def _mpmath(z):
+        return mpmath.mpf(0) if z <= 0 else z
 
     def fdiff(self, argindex=1):
         return sp.Heaviside(self.args[0], 0)

@@ -70,6 +70,13 @@ def _sign(z):
         return -1.0
     return z
 ''',
+    "_dirac": '''\
+def _dirac(z):
+    """DiracDelta as a function: 0 away from 0; NaN at 0, where it has no value"""
+    if z != 0.0:
+        return 0.0 if z == z else z
+    return math.nan
+''',
     "_max2": '''\
 def _max2(a, b):
     """max of two floats; NaN if either is NaN (like numpy.maximum)"""
@@ -231,6 +238,11 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
     def _print_Heaviside(self, expr):
         h0 = expr.args[1] if len(expr.args) > 1 else sp.S.Half
         return self._helper("_heaviside", expr.args[0], h0)
+
+    def _print_DiracDelta(self, expr):
+        # The derivative of a step (sign, Heaviside, Abs'), and its derivatives
+        # DiracDelta(z, k): zero away from 0.
+        return self._helper("_dirac", expr.args[0])
 
     def _print_sign(self, expr):
         return self._helper("_sign", expr.args[0])

@@ -1,0 +1,309 @@
+"""Compiled kernels against SymPy's own evaluation at 50 digits, and their input handling."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mpmath
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
+
+import calcml as cm
+from problems import BY_NAME, PROBLEMS, Problem, as_columns
+
+DPS = 50
+
+
+def _mp_heaviside(z, h0=mpmath.mpf(1) / 2):
+    return mpmath.mpf(1) if z > 0 else mpmath.mpf(0) if z < 0 else h0
+
+
+# SymPy's own mpmath translation, plus the functions it has no mpmath name for.
+_MP_FUNCS = {
+    "sigmoid": lambda z: 1 / (1 + mpmath.exp(-z)),
+    "softplus": lambda z: mpmath.log1p(mpmath.exp(z)),
+    "relu": lambda z: max(z, mpmath.mpf(0)),
+    "Heaviside": _mp_heaviside,
+    "DiracDelta": lambda z, k=0: mpmath.mpf(0) if z != 0 else mpmath.nan,
+}
+_REFERENCE_FUNCS: dict = {}
+
+
+def _reference_functions(problem: Problem):
+    """value, gradient and Hessian upper triangle of the user's cost, lambdified to mpmath."""
+    if problem.name not in _REFERENCE_FUNCS:
+        cost = problem.cost
+        n = len(cost.params)
+        exprs = [cost.expr, *cost.gradient, *[cost.hessian[i, j] for i in range(n) for j in range(i, n)]]
+        args = [*cost.params, *cost.data]
+        _REFERENCE_FUNCS[problem.name] = sp.lambdify(args, exprs, modules=[_MP_FUNCS, "mpmath"])
+    return _REFERENCE_FUNCS[problem.name]
+
+
+def reference(problem: Problem, theta, cols: dict | None):
+    """(value, gradient, hessian) reduced over rows, evaluated by SymPy with mpmath at 50 digits.
+
+    Each comes with the reduced magnitude sum|term|, which bounds the rounding error any
+    float64 summation of the rows can have.
+    """
+    cost = problem.cost
+    n = len(cost.params)
+    f = _reference_functions(problem)
+    n_rows = 1 if cols is None else len(next(iter(cols.values())))
+    with mpmath.workdps(DPS):
+        base = [mpmath.mpf(float(t)) for t in theta]  # the binary values, exactly
+        totals, mags = None, None
+        for r in range(n_rows):
+            row = [] if cols is None else [mpmath.mpf(float(cols[d][r])) for d in cost.data_names]
+            vals = f(*base, *row)
+            for v in vals:
+                assert mpmath.im(v) == 0 if isinstance(v, mpmath.mpc) else True, f"reference not real: {v}"
+            vals = [mpmath.mpf(v) for v in vals]
+            totals = vals if totals is None else [t + v for t, v in zip(totals, vals)]
+            mags = [abs(v) for v in vals] if mags is None else [m + abs(v) for m, v in zip(mags, vals)]
+        if cols is not None and cost.reduce == "mean":
+            totals = [t / n_rows for t in totals]
+            mags = [m / n_rows for m in mags]
+    H, HM = np.empty((n, n), dtype=object), np.empty((n, n), dtype=object)
+    k = 1 + n
+    for i in range(n):
+        for j in range(i, n):
+            H[i, j] = H[j, i] = totals[k]
+            HM[i, j] = HM[j, i] = mags[k]
+            k += 1
+    return (totals[0], mags[0]), (totals[1 : n + 1], mags[1 : n + 1]), (H, HM)
+
+
+def assert_close(actual, ref, mag, what, rel=1e-12):
+    """|actual - ref| <= rel * max(|ref|, sum|terms|): 1e-12 relative to the summed magnitudes."""
+    actual = np.atleast_1d(np.asarray(actual, dtype=np.float64)).ravel()
+    ref = np.atleast_1d(np.asarray(ref, dtype=object)).ravel()
+    mag = np.atleast_1d(np.asarray(mag, dtype=object)).ravel()
+    for k, (a, r, m) in enumerate(zip(actual, ref, mag)):
+        scale = max(abs(float(r)), float(m), 1e-300)
+        with mpmath.workdps(DPS):
+            err = abs(mpmath.mpf(float(a)) - r)
+        assert float(err) <= rel * scale, f"{what}[{k}]: compiled {a!r}, exact {r}, error {float(err):.3e} > {rel:.0e} * {scale:.3e}"
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+def test_kernels_match_sympy_at_50_digits(problem: Problem):
+    k = cm.compile(problem.cost)
+    has_data = bool(problem.cost.data)
+
+    # No shrinking: a failure is reported as drawn (shrinking re-runs 50-digit references).
+    @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              phases=(Phase.explicit, Phase.reuse, Phase.generate))
+    @given(theta=problem.theta_strategy(), cols=problem.data_strategy() if has_data else st.none())
+    def check(theta, cols):
+        assume(problem.away_from_kinks(theta, cols))
+        th = np.array(theta)
+        data = as_columns(problem, cols) if has_data else None
+        (v, vm), (g, gm), (h, hm) = reference(problem, th, data)
+        args = (th, data) if has_data else (th,)
+        assert_close(k.value(*args), v, vm, "value")
+        assert_close(k.grad(*args), g, gm, "grad")
+        f2, g2 = k.value_and_grad(*args)
+        assert_close(f2, v, vm, "value_and_grad.value")
+        assert_close(g2, g, gm, "value_and_grad.grad")
+        assert_close(k.hessian(*args), h, hm, "hessian")
+
+    check()
+
+
+def test_value_and_grad_is_one_fused_pass():
+    """value_and_grad's kernel holds one row loop that accumulates value and gradient."""
+    k = cm.compile(BY_NAME["linreg"].cost)
+    src = k.source
+    body = src[src.index("def value_and_grad_serial"):src.index("def value_and_grad_parallel")]
+    assert body.count("for i in range(start, stop):") == 1
+    assert body.count("+= ") >= 1 + len(BY_NAME["linreg"].cost.params)
+    assert "np.empty(n" not in body and "np.zeros(n" not in body  # no per-row temporaries
+
+
+# -- numerically stable forms at extreme inputs -------------------------------------------
+
+def test_logistic_loss_stable_at_800():
+    for name in ("logistic", "logistic_textbook"):
+        cost = BY_NAME[name].cost
+        k = cm.compile(cost)
+        n = len(cost.params)
+        theta = np.zeros(n)
+        theta[0] = 800.0
+        cols = {c: np.array([1.0, -1.0]) for c in cost.data_names}
+        cols["y"] = np.array([0.0, 1.0])
+        # rows: z = 800 (+bias 0) with y=0 -> loss 800; z = -800 with y=1 -> loss 800
+        f, g = k.value_and_grad(theta, cols)
+        assert f == pytest.approx(800.0, rel=1e-15), name
+        assert np.all(np.isfinite(g)), name
+        assert g[0] == pytest.approx(1.0, rel=1e-15), name  # mean of (sigma(z) - y) * x = (1*1 + (0-1)*(-1))/2
+        assert np.all(np.isfinite(k.hessian(theta, cols))), name
+
+
+def test_softplus_tiny_and_huge():
+    w = cm.params("w")
+    x = cm.data("x")
+    k = cm.compile(cm.Cost(sp.log(1 + sp.exp(w * x)), params=[w], data=[x], reduce="sum"))
+    assert k.value(np.array([1.0]), {"x": np.array([800.0])}) == 800.0
+    assert k.value(np.array([1.0]), {"x": np.array([-800.0])}) == 0.0  # exp(-800) underflows; exact 3.7e-348
+    v = k.value(np.array([1.0]), {"x": np.array([-40.0])})
+    assert v == pytest.approx(float(sp.log(1 + sp.exp(-40)).evalf(30)), rel=1e-15)
+
+
+def test_log1p_and_expm1_keep_precision():
+    w = cm.params("w")
+    x = cm.data("x")
+    k = cm.compile(cm.Cost(sp.log(1 + w * x) + (sp.exp(w * x) - 1), params=[w], data=[x], reduce="sum"))
+    tiny = 1e-20
+    v, g = k.value_and_grad(np.array([1.0]), {"x": np.array([tiny])})
+    assert v == pytest.approx(2e-20, rel=1e-15)  # naive log(1+1e-20) = 0 and exp(1e-20)-1 = 0
+    assert g[0] == pytest.approx(2e-20, rel=1e-15)
+
+
+# -- serial and threaded kernels ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["linreg", "logistic"])
+def test_parallel_equals_serial_bitwise(name):
+    cost = BY_NAME[name].cost
+    rng = np.random.default_rng(7)
+    n_rows = 100_003  # not a multiple of the chunk size
+    data = {c: rng.normal(size=n_rows) for c in cost.data_names}
+    if name == "logistic":
+        data["y"] = (rng.random(n_rows) < 0.5).astype(float)
+    theta = rng.normal(size=len(cost.params))
+    ks, kp = cm.compile(cost, parallel=False), cm.compile(cost, parallel=True)
+    fs, gs = ks.value_and_grad(theta, data)
+    fp, gp = kp.value_and_grad(theta, data)
+    assert fs == fp and np.array_equal(gs, gp)
+    assert np.array_equal(ks.hessian(theta, data), kp.hessian(theta, data))
+    # and both agree with a NumPy evaluation to rounding
+    X = np.column_stack([data[c] for c in cost.data_names[:-1]] + [np.ones(n_rows)])
+    z = X @ theta
+    if name == "linreg":
+        r = z - data["y"]
+        ref_f, ref_g = np.mean(r**2), 2 * X.T @ r / n_rows
+    else:
+        ref_f = np.mean(np.logaddexp(0, z) - data["y"] * z)
+        ref_g = X.T @ (1 / (1 + np.exp(-z)) - data["y"]) / n_rows
+    assert fs == pytest.approx(ref_f, rel=1e-12)
+    np.testing.assert_allclose(gs, ref_g, rtol=1e-10, atol=1e-12)
+
+
+# -- data in the three forms, and bad input -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def lin():
+    cost = BY_NAME["linreg"].cost
+    rng = np.random.default_rng(3)
+    cols = {c: rng.normal(size=50) for c in cost.data_names}
+    return cost, cm.compile(cost), cols, rng.normal(size=len(cost.params))
+
+
+def test_data_forms_agree(lin):
+    cost, k, cols, theta = lin
+    want = k.value_and_grad(theta, cols)
+    arr = np.column_stack([cols[c] for c in cost.data_names])
+    for form in (arr, np.asfortranarray(arr), arr.copy(order="C"), k.prepare(cols),
+                 {**cols, "unused": np.zeros(3)}, {c: list(v) for c, v in cols.items()}):
+        got = k.value_and_grad(theta, form)
+        assert got[0] == want[0] and np.array_equal(got[1], want[1])
+    ints = {c: np.arange(50) % 7 for c in cost.data_names}
+    np.testing.assert_allclose(k.grad(theta, ints), k.grad(theta, {c: v.astype(float) for c, v in ints.items()}))
+
+
+def test_dataframe(lin):
+    pd = pytest.importorskip("pandas")
+    cost, k, cols, theta = lin
+    df = pd.DataFrame(cols)
+    assert k.value(theta, df) == k.value(theta, cols)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c.pop("x1"), r"missing column 'x1'"),
+        (lambda c: c.__setitem__("y", c["y"][:-1]), r"column 'y' has 49 rows, but 'x0' has 50"),
+        (lambda c: c.__setitem__("x2", np.array(["a"] * 50)), r"column 'x2' must be numeric"),
+        (lambda c: c.__setitem__("x0", np.ones((50, 2))), r"column 'x0' must be 1-D, got shape \(50, 2\)"),
+        (lambda c: c["x2"].__setitem__(17, np.nan), r"column 'x2' holds a non-finite value \(nan\) at row 17"),
+        (lambda c: c["y"].__setitem__(3, -np.inf), r"column 'y' holds a non-finite value \(-inf\) at row 3"),
+        (lambda c: [c.__setitem__(n, v[:0]) for n, v in list(c.items())], r"no rows"),
+    ],
+)
+def test_bad_data_is_named(lin, mutate, message):
+    cost, k, cols, theta = lin
+    bad = {c: v.copy() for c, v in cols.items()}
+    mutate(bad)
+    for kernel in (k.value, k.grad, k.value_and_grad, k.hessian):
+        with pytest.raises(cm.DataError, match=message):
+            kernel(theta, bad)
+
+
+def test_bad_array_shape_and_theta(lin):
+    cost, k, cols, theta = lin
+    with pytest.raises(cm.DataError, match=r"shape \(N, 4\).*got shape \(50, 3\)"):
+        k.value(theta, np.zeros((50, 3)))
+    with pytest.raises(cm.DataError, match="data=None"):
+        k.value(theta)
+    with pytest.raises(cm.ParamError, match=r"shape \(4,\)"):
+        k.value(theta[:2], cols)
+    bad = theta.copy()
+    bad[3] = np.inf
+    with pytest.raises(cm.ParamError, match=r"theta\[3\] \(parameter 'b'\)"):
+        k.grad(bad, cols)
+
+
+def test_cost_without_data_takes_theta_only():
+    k = cm.compile(BY_NAME["rosenbrock"].cost)
+    assert k.value(np.array([1.0, 1.0])) == 0.0
+    np.testing.assert_array_equal(k.grad(np.array([1.0, 1.0])), [0.0, 0.0])
+    np.testing.assert_array_equal(k.hessian(np.array([1.0, 1.0])), [[802.0, -400.0], [-400.0, 200.0]])
+    with pytest.raises(cm.ParamError, match="no data columns"):
+        k.value(np.array([1.0, 1.0]), {"x": np.ones(3)})
+
+
+# -- the printer: every supported construct compiles; the rest is a clear error -----------
+
+def test_unsupported_node_is_named():
+    w = cm.params("w")
+    f = sp.Function("f")
+    with pytest.raises(cm.CodegenError, match="undefined function f"):
+        cm.compile(cm.Cost(f(w) ** 2, params=[w]))
+    from calcml.printing import NumbaPrinter
+
+    with pytest.raises(cm.CodegenError, match="Integral"):
+        NumbaPrinter({w: "p0"}).doprint_expr(sp.Integral(w, (w, 0, 1)))
+    with pytest.raises(cm.CodegenError, match="symbol 'q' has no slot"):
+        NumbaPrinter({w: "p0"}).doprint_expr(w + sp.Symbol("q"))
+
+
+def test_symbol_names_never_reach_code_as_code(tmp_path):
+    evil = "__import__('os').system('touch " + str(tmp_path / "pwned") + "')"
+    w = sp.Symbol(evil, real=True)
+    x = sp.Symbol("x\nimport os; os.system('touch " + str(tmp_path / "pwned2") + "')", real=True)
+    k = cm.compile(cm.Cost((w * x - 1) ** 2, params=[w], data=[x]))
+    assert k.value(np.array([2.0]), {x.name: np.array([1.0, 0.0])}) == pytest.approx(1.0)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+    for line in k.source.splitlines():
+        code = line.split("#", 1)[0]
+        assert "__import__" not in code and "system" not in code, line
+
+
+def test_piecewise_without_otherwise_is_nan_outside():
+    w = cm.params("w")
+    x = cm.data("x")
+    k = cm.compile(cm.Cost(sp.Piecewise((w * x, x > 0)), params=[w], data=[x], reduce="sum"))
+    assert k.value(np.array([2.0]), {"x": np.array([3.0])}) == 6.0
+    assert math.isnan(k.value(np.array([2.0]), {"x": np.array([-3.0])}))
+
+
+def test_generated_source_is_kept_and_readable():
+    k = cm.compile(BY_NAME["huber"].cost)
+    assert k.path.exists() and k.source == k.path.read_text()
+    assert "# cost (mean over rows):" in k.source
+    assert " if " in k.source and "np.select" not in k.source  # Piecewise as conditionals
+    assert os.path.dirname(k.path) == os.environ["CALCML_CACHE_DIR"]
