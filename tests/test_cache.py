@@ -1,0 +1,151 @@
+"""The on-disk kernel cache: hits across processes, atomic writes, corruption, privacy."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import calcml as cm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A child process: states W1-like linear regression, compiles it, evaluates the gradient and
+# reports whether SymPy differentiated, whether codegen ran, and Numba's cache statistics.
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import calcml as cm
+    import calcml.codegen as codegen
+
+    calls = []
+    original = codegen.kernel_module_source
+    def spy(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+    codegen.kernel_module_source = spy
+
+    w = cm.params("w", 3); b = cm.params("b"); x = cm.data("x", 3); y = cm.data("y")
+    cost = cm.Cost((cm.dot(w, x) + b - y)**2, params=[*w, b], data=[*x, y])
+    k = cm.compile(cost)
+    rng = np.random.default_rng(0)
+    data = {n: rng.normal(size=100) for n in cost.data_names}
+    f, g = k.value_and_grad(np.arange(4.0), data)
+    stats = k.module.value_and_grad_serial.stats
+    print(json.dumps({
+        "value": f, "grad": list(g), "codegen_calls": len(calls),
+        "differentiated": "gradient" in cost.__dict__,
+        "numba_hits": sum(stats.cache_hits.values()), "numba_misses": sum(stats.cache_misses.values()),
+        "path": str(k.path),
+    }))
+    """
+)
+
+
+def run_child(cache: Path, script: str = CHILD) -> dict:
+    env = {**os.environ, "CALCML_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_skips_sympy_and_numba(fresh_cache):
+    cold = run_child(fresh_cache)
+    assert cold["codegen_calls"] == 1 and cold["differentiated"] and cold["numba_misses"] == 1
+    warm = run_child(fresh_cache)
+    assert warm["codegen_calls"] == 0, "the second process regenerated the source"
+    assert not warm["differentiated"], "the second process differentiated the cost"
+    assert warm["numba_hits"] == 1 and warm["numba_misses"] == 0, "Numba recompiled"
+    assert warm["value"] == cold["value"] and warm["grad"] == cold["grad"]
+
+
+def test_cache_folder_is_private(fresh_cache):
+    w = cm.params("w")
+    cm.compile(cm.Cost((w - 3) ** 2, params=[w]))
+    mode = stat.S_IMODE(fresh_cache.stat().st_mode)
+    assert mode == 0o700, oct(mode)
+
+
+def test_source_is_the_module_file_with_checksum(fresh_cache):
+    w = cm.params("w")
+    k = cm.compile(cm.Cost((w - 3) ** 2, params=[w]))
+    assert k.path.parent == fresh_cache
+    assert k.source == k.path.read_text()
+    assert k.source.rstrip().splitlines()[-1].startswith("# calcml-sha256: ")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "edit"])
+def test_corrupt_module_is_rebuilt(fresh_cache, damage):
+    first = run_child(fresh_cache)
+    path = Path(first["path"])
+    text = path.read_text()
+    if damage == "truncate":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\xff not python \x80")
+    else:  # a plausible, syntactically valid edit that changes the numbers
+        path.write_text(text.replace("/= n", "/= 2*n", 1))
+    again = run_child(fresh_cache)
+    assert again["codegen_calls"] == 1
+    assert again["value"] == first["value"] and again["grad"] == first["grad"]
+    assert path.read_text() == text
+
+
+def test_corrupt_numba_cache_is_recompiled(fresh_cache):
+    first = run_child(fresh_cache)
+    pycache = Path(first["path"]).parent / "__pycache__"
+    damaged = 0
+    for f in pycache.glob("*.nb[ic]"):
+        f.write_bytes(f.read_bytes()[:20] + b"corrupt")
+        damaged += 1
+    assert damaged >= 2
+    again = run_child(fresh_cache)
+    assert again["value"] == first["value"] and again["grad"] == first["grad"]
+    assert again["numba_misses"] == 1
+
+
+def test_two_processes_compiling_at_once_both_succeed(fresh_cache):
+    env = {**os.environ, "CALCML_CACHE_DIR": str(fresh_cache), "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0]["value"] == results[1]["value"] and results[0]["grad"] == results[1]["grad"]
+    leftovers = [f.name for f in fresh_cache.iterdir() if f.name.startswith(".tmp-")]
+    assert not leftovers
+    assert run_child(fresh_cache)["codegen_calls"] == 0
+
+
+def test_same_cost_same_kernels_in_process(fresh_cache):
+    w = cm.params("w")
+    a = cm.compile(cm.Cost((w - 3) ** 2, params=[w]))
+    b = cm.compile(cm.Cost((w - 3) ** 2, params=[w]))
+    assert a is b
+    assert a.value(np.array([3.0])) == 0.0
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        monkeypatch.setenv("CALCML_CACHE_DIR", str(blocker / "sub"))
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        monkeypatch.setenv("CALCML_CACHE_DIR", str(locked / "sub"))
+    w = cm.params("w")
+    with pytest.raises(cm.CacheError, match="cannot create the kernel cache folder"):
+        cm.compile(cm.Cost((w - 4) ** 2, params=[w]))
