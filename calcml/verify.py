@@ -364,7 +364,6 @@ def _cost_gradient(cost: Cost, gradient) -> list:
         return list(cost.gradient)
     known = {s.name: s for s in (*cost.params, *cost.data)}
     if isinstance(gradient, dict):
-        out = []
         by_name = {}
         for k, v in gradient.items():
             key = k if isinstance(k, str) else getattr(k, "name", None)
@@ -379,6 +378,7 @@ def _cost_gradient(cost: Cost, gradient) -> list:
         items = list(gradient)
         if len(items) != len(cost.params):
             raise CostError(f"gradient: {len(items)} components given, the cost has {len(cost.params)} parameters")
+    out = []
     for i, g in enumerate(items):
         g = _as_expr(g, f"gradient[{cost.param_names[i]!r}]")
         # A symbol spelled like a cost symbol but built without cm.params/cm.data means it.
