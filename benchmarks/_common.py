@@ -111,7 +111,8 @@ def machine_line() -> str:
         f"{time.strftime('%Y-%m-%d %H:%M')} | {cpu}, {os.cpu_count()} CPUs | "
         f"Python {platform.python_version()}, numba {numba.__version__}, "
         f"numpy {numpy.__version__}, sympy {sympy.__version__} | "
-        f"numba threading layer: {_threading_layer()}"
+        f"numba threading layer: {_threading_layer()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"
     )
 
 

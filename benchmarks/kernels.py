@@ -39,6 +39,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # the repository root, for an uninstalled calcml
+# libgomp's default (active) wait policy spins idle OpenMP threads; when another process
+# holds a core of this 2-core machine, that makes 2-thread kernels (and everything else in
+# the process, NumPy included) several times slower. Passive unless the caller says so.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # calcml's compiled-kernel cache for this benchmark (ignored by git); the caller may override.
 os.environ.setdefault("CALCML_CACHE_DIR", os.path.join(os.path.dirname(HERE), ".bench-cache"))
 
@@ -53,7 +57,7 @@ D = 8  # features
 NCOLS = D + 1  # x0..x7, y: one column per cost.data symbol
 NOUT = D + 2  # value, d/dw0..d/dw7, d/db
 CHUNK = 16384  # rows per prange task: fixed, so the sum order does not depend on threads
-LANES = 8  # lane accumulators per chunk (see _w1_cols)
+LANES = 16  # lane accumulators per chunk (see the note above _w1_cols)
 SEED = 12345
 
 # ======================================================================================
@@ -83,9 +87,11 @@ def read_sum(x):
 #   * indices cast to np.uintp: Numba then emits no negative-index wraparound, which
 #     otherwise turns vector loads into scalar loads + inserts;
 #   * "lane" accumulators: a (NOUT, LANES) array per chunk, row base+l adding into
-#     column l. The loop over l carries no dependence, so LLVM vectorises it with no
-#     fastmath flag; the summation order is fixed by the source (not by the vector
-#     width LLVM picks). About 2x the scalar-accumulator loop on this machine.
+#     column l. The loop over l carries no dependence, so LLVM's loop vectoriser
+#     vectorises it with no fastmath flag; the summation order is fixed by the source
+#     (not by the vector width LLVM picks). About 2x the scalar-accumulator loop on this
+#     machine. LANES = 16, not 8: outside a prange body LLVM fully unrolls an 8-trip loop
+#     first and, with Numba's SLP vectoriser off, leaves it scalar.
 # They return the raw sums; the wrappers scale by 1/N (and 2/N for W1's gradient).
 # ======================================================================================
 
@@ -221,28 +227,55 @@ def _w1_cols_scalar(theta, X, chunk):
     return out
 
 
-def _w2_cols(theta, X, chunk):
-    """W2 sums: loss softplus(z) - y*z, dloss/dz = sigmoid(z) - y; X as in _w1_cols.
+@njit(inline="always", error_model="numpy")
+def _log1p_via_log(e):
+    """log1p(e) for 0 <= e <= 1 from log: log(u) * e / (u - 1) with u = 1 + e (Goldberg's
+    correction; at most 2 ulp on this machine against mpmath, libm's log1p 1 ulp). log
+    is about 2.5x cheaper than libm's log1p here."""
+    u = 1.0 + e
+    d = u - 1.0
+    return e if d == 0.0 else np.log(u) * (e / d)
 
-    Stable: e = exp(-|z|) <= 1, softplus = max(z, 0) + log1p(e), sigmoid = 1/(1+e) for
-    z >= 0 and e/(1+e) otherwise. exp and log1p are scalar libm calls (no SVML here), so
-    the lane loop does not vectorise; it still helps the out-of-order core overlap rows.
-    """
-    n = X.shape[1]
-    w0 = theta[0]; w1 = theta[1]; w2 = theta[2]; w3 = theta[3]  # noqa: E702
-    w4 = theta[4]; w5 = theta[5]; w6 = theta[6]; w7 = theta[7]  # noqa: E702
-    b = theta[8]
-    nch = (n + chunk - 1) // chunk
-    part = np.empty((nch, NOUT))
-    for c in prange(nch):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        acc = np.zeros((NOUT, LANES))
-        nblk = (hi - lo) // LANES
-        for blk in range(nblk):
-            base = lo + blk * LANES
-            for l in range(LANES):  # noqa: E741
-                i = np.uintp(base + l)
+
+def _make_w2_cols(log1p):
+    """_w2_cols with a given log1p (libm's, or _log1p_via_log)."""
+
+    def _w2_cols(theta, X, chunk):
+        """W2 sums: loss softplus(z) - y*z, dloss/dz = sigmoid(z) - y; X as in _w1_cols.
+
+        Stable: e = exp(-|z|) <= 1, softplus = max(z, 0) + log1p(e), sigmoid = 1/(1+e) for
+        z >= 0 and e/(1+e) otherwise. exp and log1p are scalar libm calls (no SVML here), so
+        the lane loop does not vectorise; it still helps the out-of-order core overlap rows.
+        """
+        n = X.shape[1]
+        w0 = theta[0]; w1 = theta[1]; w2 = theta[2]; w3 = theta[3]  # noqa: E702
+        w4 = theta[4]; w5 = theta[5]; w6 = theta[6]; w7 = theta[7]  # noqa: E702
+        b = theta[8]
+        nch = (n + chunk - 1) // chunk
+        part = np.empty((nch, NOUT))
+        for c in prange(nch):
+            lo = c * chunk
+            hi = min(lo + chunk, n)
+            acc = np.zeros((NOUT, LANES))
+            nblk = (hi - lo) // LANES
+            for blk in range(nblk):
+                base = lo + blk * LANES
+                for l in range(LANES):  # noqa: E741
+                    i = np.uintp(base + l)
+                    x0 = X[0, i]; x1 = X[1, i]; x2 = X[2, i]; x3 = X[3, i]  # noqa: E702
+                    x4 = X[4, i]; x5 = X[5, i]; x6 = X[6, i]; x7 = X[7, i]  # noqa: E702
+                    y = X[8, i]
+                    z = w0*x0 + w1*x1 + w2*x2 + w3*x3 + w4*x4 + w5*x5 + w6*x6 + w7*x7 + b
+                    e = np.exp(-abs(z))
+                    q = 1.0 / (1.0 + e)
+                    r = (q if z >= 0.0 else e * q) - y
+                    acc[0, l] += max(z, 0.0) + log1p(e) - y * z
+                    acc[1, l] += r * x0; acc[2, l] += r * x1; acc[3, l] += r * x2  # noqa: E702
+                    acc[4, l] += r * x3; acc[5, l] += r * x4; acc[6, l] += r * x5  # noqa: E702
+                    acc[7, l] += r * x6; acc[8, l] += r * x7  # noqa: E702
+                    acc[9, l] += r
+            for k in range(lo + nblk * LANES, hi):
+                i = np.uintp(k)
                 x0 = X[0, i]; x1 = X[1, i]; x2 = X[2, i]; x3 = X[3, i]  # noqa: E702
                 x4 = X[4, i]; x5 = X[5, i]; x6 = X[6, i]; x7 = X[7, i]  # noqa: E702
                 y = X[8, i]
@@ -250,35 +283,27 @@ def _w2_cols(theta, X, chunk):
                 e = np.exp(-abs(z))
                 q = 1.0 / (1.0 + e)
                 r = (q if z >= 0.0 else e * q) - y
-                acc[0, l] += max(z, 0.0) + np.log1p(e) - y * z
-                acc[1, l] += r * x0; acc[2, l] += r * x1; acc[3, l] += r * x2  # noqa: E702
-                acc[4, l] += r * x3; acc[5, l] += r * x4; acc[6, l] += r * x5  # noqa: E702
-                acc[7, l] += r * x6; acc[8, l] += r * x7  # noqa: E702
-                acc[9, l] += r
-        for k in range(lo + nblk * LANES, hi):
-            i = np.uintp(k)
-            x0 = X[0, i]; x1 = X[1, i]; x2 = X[2, i]; x3 = X[3, i]  # noqa: E702
-            x4 = X[4, i]; x5 = X[5, i]; x6 = X[6, i]; x7 = X[7, i]  # noqa: E702
-            y = X[8, i]
-            z = w0*x0 + w1*x1 + w2*x2 + w3*x3 + w4*x4 + w5*x5 + w6*x6 + w7*x7 + b
-            e = np.exp(-abs(z))
-            q = 1.0 / (1.0 + e)
-            r = (q if z >= 0.0 else e * q) - y
-            acc[0, 0] += max(z, 0.0) + np.log1p(e) - y * z
-            acc[1, 0] += r * x0; acc[2, 0] += r * x1; acc[3, 0] += r * x2  # noqa: E702
-            acc[4, 0] += r * x3; acc[5, 0] += r * x4; acc[6, 0] += r * x5  # noqa: E702
-            acc[7, 0] += r * x6; acc[8, 0] += r * x7  # noqa: E702
-            acc[9, 0] += r
-        for k in range(NOUT):
-            t = 0.0
-            for l in range(LANES):  # noqa: E741
-                t += acc[k, l]
-            part[c, k] = t
-    out = np.zeros(NOUT)
-    for c in range(nch):
-        for k in range(NOUT):
-            out[k] += part[c, k]
-    return out
+                acc[0, 0] += max(z, 0.0) + log1p(e) - y * z
+                acc[1, 0] += r * x0; acc[2, 0] += r * x1; acc[3, 0] += r * x2  # noqa: E702
+                acc[4, 0] += r * x3; acc[5, 0] += r * x4; acc[6, 0] += r * x5  # noqa: E702
+                acc[7, 0] += r * x6; acc[8, 0] += r * x7  # noqa: E702
+                acc[9, 0] += r
+            for k in range(NOUT):
+                t = 0.0
+                for l in range(LANES):  # noqa: E741
+                    t += acc[k, l]
+                part[c, k] = t
+        out = np.zeros(NOUT)
+        for c in range(nch):
+            for k in range(NOUT):
+                out[k] += part[c, k]
+        return out
+
+    return _w2_cols
+
+
+_w2_cols = _make_w2_cols(np.log1p)
+_w2_cols_logfix = _make_w2_cols(_log1p_via_log)
 
 
 def _w2_rows(theta, R, chunk):
@@ -396,6 +421,7 @@ KERNELS = {
         "cols scalar-acc": (_w2_cols_scalar, True, False),
         "cols fastmath={reassoc,contract}": (_w2_cols, True, RC),
         "cols fastmath=True": (_w2_cols, True, True),
+        "cols, log1p(e) as log(1+e)*e/((1+e)-1)": (_w2_cols_logfix, True, False),
     },
 }
 
