@@ -31,7 +31,7 @@ CHUNK = 4096
 # Above this many outputs, a chunk accumulates into a small local array instead of scalars.
 SCALAR_ACCUMULATORS_MAX = 64
 # Costs with at most this many parameters get the Hessian in the same module (joint CSE).
-HESSIAN_INLINE_MAX = 64
+HESSIAN_INLINE_MAX = 16
 
 # The one Numba-flags policy, rendered into every generated module (which must not import
 # calcml: exported modules run with only numpy and numba installed).
@@ -109,6 +109,28 @@ def _closure(plan_: _Plan, exprs) -> list:
     return [(s, e) for s, e in plan_.temps if s in need]
 
 
+@dataclass
+class RowProgram:
+    """Straight-line code for one kernel kind, as lines of Python (see ModuleBuilder.program).
+
+    Names: ``theta`` and ``cols`` are the inputs; ``p{j}`` parameters, ``c{k}`` column
+    arrays, ``x{k}`` the current row's values, ``h{i}`` row-independent temporaries,
+    ``t{i}`` per-row temporaries. ``row_loads`` hold a ``{row}`` placeholder for the row
+    index expression. ``outputs`` are (label, code) per accumulated quantity, and
+    ``check`` is 0.0 when the row's data are finite (NaN otherwise).
+    """
+
+    kind: str
+    param_loads: list
+    column_loads: list
+    hoisted: list
+    row_loads: list
+    row: list
+    outputs: list
+    check: str
+    pairs: list
+
+
 class _Writer:
     """Accumulates indented lines."""
 
@@ -160,19 +182,34 @@ class ModuleBuilder:
         ]
         return {"value": value, "grad": grad, "value_and_grad": value + grad, "hessian": hess}[kind]
 
-    def _load_params(self, w: _Writer, used):
-        for j, p in enumerate(self.cost.params):
-            if p in used:
-                w(1, f"p{j} = theta[{j}]  # {_comment(p.name)}")
+    def program(self, kind: str) -> "RowProgram":
+        """The straight-line code that computes ``kind``'s outputs for one row.
 
-    def _hoisted(self, w: _Writer, temps):
-        hoisted = [(s, e) for s, e in temps if s not in self.plan.row_temps]
-        if hoisted:
-            w(1, "# row-independent subexpressions, computed once")
-            for s, e in hoisted:
-                w(1, f"{self.names[s]} = {self._p(e)}")
+        The building block of every generated loop: the kernels below and the optimizer
+        loops of :mod:`calcml.loop` place these lines inside their own loops.
+        """
+        outs = self._outputs(kind)
+        temps = _closure(self.plan, [e for _, e in outs])
+        used = self._free_symbols(temps, outs)
+        return RowProgram(
+            kind=kind,
+            param_loads=[
+                f"p{j} = theta[{j}]  # {_comment(p.name)}" for j, p in enumerate(self.cost.params) if p in used
+            ],
+            column_loads=[f"c{k} = cols[{k}]  # column {_comment(d.name)}" for k, d in enumerate(self.cost.data)],
+            hoisted=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s not in self.plan.row_temps],
+            # Every column is read, even one this kernel's outputs do not need: the
+            # finiteness check validates all the data, whichever kernel sees it.
+            row_loads=[f"x{k} = c{k}[{{row}}]" for k in range(len(self.cost.data))],
+            row=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s in self.plan.row_temps],
+            outputs=[(label, self._p(e)) for label, e in outs],
+            # x - x is 0.0 for finite x and NaN for inf/NaN: a free check that the data are finite.
+            check=" + ".join(f"(x{k} - x{k})" for k in range(len(self.cost.data))) or "0.0",
+            pairs=list(self.sym.pairs) if kind == "hessian" else [],
+        )
 
-    def _free_symbols(self, temps, outs):
+    @staticmethod
+    def _free_symbols(temps, outs):
         used = set()
         for _, e in temps:
             used |= e.free_symbols
@@ -182,54 +219,44 @@ class ModuleBuilder:
 
     # -- kernels ---------------------------------------------------------------------------
     def _kernel_nodata(self, w: _Writer, kind: str):
-        outs = self._outputs(kind)
-        temps = _closure(self.plan, [e for _, e in outs])
-        used = self._free_symbols(temps, outs)
+        prog = self.program(kind)
         w(0, "@_jit")
         w(0, f"def {kind}(theta):")
-        self._load_params(w, used)
-        for s, e in temps:
-            w(1, f"{self.names[s]} = {self._p(e)}")
+        for line in prog.param_loads + prog.hoisted:
+            w(1, line)
         if kind == "value":
-            w(1, f"return {self._p(outs[0][1])}")
+            w(1, f"return {prog.outputs[0][1]}")
             return
-        size = len(outs) if kind != "hessian" else self.n * self.n
+        size = len(prog.outputs) if kind != "hessian" else self.n * self.n
         w(1, f"out = np.empty({size})")
-        self._store_outputs(w, 1, kind, outs, lambda k: f"out[{k}]", assign="=")
-        w(1, "return out")
-
-    def _store_outputs(self, w, indent, kind, outs, target, assign):
         if kind == "hessian":
-            for (label, e), (i, j) in zip(outs, self.sym.pairs):
-                w(indent, f"{target(i * self.n + j)} {assign} {self._p(e)}  # {label}")
+            for (label, code), (i, j) in zip(prog.outputs, prog.pairs):
+                w(1, f"out[{i * self.n + j}] = {code}  # {label}")
                 if i != j:
-                    w(indent, f"{target(j * self.n + i)} {assign} {target(i * self.n + j)}")
+                    w(1, f"out[{j * self.n + i}] = out[{i * self.n + j}]")
         else:
-            for k, (label, e) in enumerate(outs):
-                w(indent, f"{target(k)} {assign} {self._p(e)}  # {label}")
+            for k, (label, code) in enumerate(prog.outputs):
+                w(1, f"out[{k}] = {code}  # {label}")
+        w(1, "return out")
 
     def _kernel_rows(self, w: _Writer, kind: str, parallel: bool):
         """A fused pass over the rows: per-chunk partial sums, combined in chunk order."""
-        outs = self._outputs(kind)
-        temps = _closure(self.plan, [e for _, e in outs])
-        used = self._free_symbols(temps, outs)
-        # Every column is read, even one this kernel's outputs do not need: the finiteness
-        # check below validates all the data, whichever kernel sees it.
-        cols = list(enumerate(self.cost.data))
-        m = len(outs)  # accumulated slots (+1 for the finiteness check)
+        prog = self.program(kind)
+        m = len(prog.outputs)  # accumulated slots (+1 for the finiteness check)
         slots = m + 1
         scalar = slots <= SCALAR_ACCUMULATORS_MAX
         suffix = "_parallel" if parallel else "_serial"
         loop = "prange" if parallel else "range"
-        reduce_note = "mean" if self.cost.reduce == "mean" else "sum"
         w(0, "@_jit_parallel" if parallel else "@_jit")
         w(0, f"def {kind}{suffix}(theta, cols):")
-        w(1, f'"""{kind} of the {reduce_note} over rows; slot {m} holds the data finiteness check"""')
+        w(1, f'"""{kind} of the {self.cost.reduce} over rows; slot {m} holds the data finiteness check"""')
         w(1, "n = cols[0].shape[0]")
-        self._load_params(w, used)
-        for k, d in cols:
-            w(1, f"c{k} = cols[{k}]  # column {_comment(d.name)}")
-        self._hoisted(w, temps)
+        for line in prog.param_loads + prog.column_loads:
+            w(1, line)
+        if prog.hoisted:
+            w(1, "# row-independent subexpressions, computed once")
+            for line in prog.hoisted:
+                w(1, line)
         w(1, "nchunks = (n + CHUNK - 1) // CHUNK")
         w(1, f"partial = np.empty((nchunks, {slots}))")
         w(1, f"for chunk in {loop}(nchunks):")
@@ -243,16 +270,13 @@ class ModuleBuilder:
             w(2, f"acc = np.zeros({slots})")
             acc = lambda k: f"acc[{k}]"  # noqa: E731
         w(2, "for i in range(start, stop):")
-        for k, d in cols:
-            w(3, f"x{k} = c{k}[i]")
-        for s, e in temps:
-            if s in self.plan.row_temps:
-                w(3, f"{self.names[s]} = {self._p(e)}")
-        for k, (label, e) in enumerate(outs):
-            w(3, f"{acc(k)} += {self._p(e)}  # {label}")
-        # x - x is 0.0 for finite x and NaN for inf/NaN: a free check that the data are finite.
-        check = " + ".join(f"(x{k} - x{k})" for k, _ in cols) or "0.0"
-        w(3, f"{acc(m)} += {check}")
+        for line in prog.row_loads:
+            w(3, line.format(row="i"))
+        for line in prog.row:
+            w(3, line)
+        for k, (label, code) in enumerate(prog.outputs):
+            w(3, f"{acc(k)} += {code}  # {label}")
+        w(3, f"{acc(m)} += {prog.check}")
         for k in range(slots):
             w(2, f"partial[chunk, {k}] = {acc(k)}")
         w(1, f"total = np.zeros({slots})")
@@ -264,7 +288,7 @@ class ModuleBuilder:
             w(2, "total[k] /= n")
         if kind == "hessian":
             w(1, f"out = np.empty({self.n * self.n + 1})")
-            for k, (i, j) in enumerate(self.sym.pairs):
+            for k, (i, j) in enumerate(prog.pairs):
                 w(1, f"out[{i * self.n + j}] = total[{k}]")
                 if i != j:
                     w(1, f"out[{j * self.n + i}] = total[{k}]")
@@ -292,10 +316,14 @@ class ModuleBuilder:
                 self._kernel_nodata(body, kind)
             body()
             body()
+        return self.header(header_lines) + body.text()
+
+    def header(self, header_lines=(), title="the compiled kernels of one cost") -> str:
+        """Comments, imports, the Numba flags and the helpers the printed code used so far."""
         head = _Writer()
         for line in header_lines:
             head(0, f"# {line}")
-        head(0, "# Generated by calcml: the compiled kernels of one cost. Regenerated, never edited.")
+        head(0, f"# Generated by calcml: {title}. Regenerated, never edited.")
         head(0, f"# cost ({self.cost.reduce} over rows): {_comment(self.cost.expr, 2000)}")
         head(0, "# parameters (theta slots):")
         for j, p in enumerate(self.cost.params):
@@ -327,7 +355,7 @@ class ModuleBuilder:
                 head(0, line)
         head()
         head()
-        return head.text() + body.text()
+        return head.text()
 
 
 def kernel_module_source(cost: Cost, with_hessian: bool | None = None, header_lines=()) -> str:
