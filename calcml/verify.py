@@ -263,8 +263,10 @@ def _exact_number(v, where: str):
     if e.free_symbols:
         raise ValueError(f"{where}: a point must be a number, got {e} with free symbols")
     if isinstance(e, sp.Float):
-        fr = Fraction(repr(float(e)))
-        return sp.Rational(fr.numerator, fr.denominator)
+        if e._prec <= 53:
+            fr = Fraction(repr(float(e)))
+            return sp.Rational(fr.numerator, fr.denominator)
+        return sp.Rational(e)  # a high-precision Float: its exact binary value
     if e.has(sp.nan, sp.zoo, sp.oo, -sp.oo) or e.is_extended_real is False:
         raise ValueError(f"{where}: a point must be a finite real number, got {e}")
     return e
@@ -334,11 +336,20 @@ def verify_derivative(f, x, at=None, *, derivative=None, timeout: float = DEFAUL
     return Report([verdict], title=f"verify_derivative: d/d{spec.x.name} {_short(spec.f)}")
 
 
+def _exact_floats(e):
+    """Floats in an expression as exact rationals (``0.1`` as ``1/10``, the decimal it prints
+    as), so that a zero test is exact; a float is never trusted to cancel."""
+    floats = e.atoms(sp.Float)
+    if not floats:
+        return e
+    return e.xreplace({v: _exact_number(v, "a float in the expression") for v in floats})
+
+
 def _make_spec(f, x, at=None, derivative=None, name=None) -> _Spec:
-    f = _as_expr(f, "f")
+    f = _exact_floats(_as_expr(f, "f"))
     if not isinstance(x, sp.Symbol):
         raise TypeError(f"x must be a SymPy Symbol, got {type(x).__name__}")
-    d = None if derivative is None else _as_expr(derivative, "derivative")
+    d = None if derivative is None else _exact_floats(_as_expr(derivative, "derivative"))
     mapping = _real_twins(f, x, *([d] if d is not None else []))
     if mapping:
         f = f.xreplace(mapping)
@@ -387,7 +398,7 @@ def _cost_gradient(cost: Cost, gradient) -> list:
         extra = sorted(s.name for s in g.free_symbols if s.name not in known)
         if extra:
             raise CostError(f"gradient[{cost.param_names[i]!r}] uses {', '.join(extra)}, which the cost does not have")
-        out.append(g)
+        out.append(_exact_floats(g))
     return out
 
 
@@ -421,7 +432,8 @@ def verify(cost: Cost, *, gradient=None, timeout: float = DEFAULT_TIMEOUT) -> Re
     if not isinstance(cost, Cost):
         raise TypeError(f"verify expects a cm.Cost, got {type(cost).__name__}; use verify_derivative for an expression")
     grads = _cost_gradient(cost, gradient)
-    specs = [_Spec(name=f"d/d{p.name}", f=cost.expr, x=p, point=None, claimed=g) for p, g in zip(cost.params, grads)]
+    expr = _exact_floats(cost.expr)
+    specs = [_Spec(name=f"d/d{p.name}", f=expr, x=p, point=None, claimed=g) for p, g in zip(cost.params, grads)]
     return Report(_run_specs(specs, timeout), title=f"verify: {_short(cost.expr, 60)}")
 
 
@@ -851,7 +863,28 @@ class _Side:
 
 
 def _side_quotients(f, x, a, env, sign, ks) -> _Side:
-    """q(h) = (f(a + s h) - f(a)) / (s h) at the current precision."""
+    """q(h) = (f(a + s h) - f(a)) / (s h) for h = 10**-k, at an exact point.
+
+    Each ladder is computed at two working precisions (with room for the cancellation of
+    squares of h); where the two disagree the digits are not trustworthy and the side is
+    marked ``"unreliable"``, which neither refutes nor supports anything.
+    """
+    base = 30 + 2 * max(ks)
+    runs = []
+    for dps in (base, base + 40):
+        with mp.workdps(dps):
+            menv = {s: _mp_eval(v, {}) for s, v in env.items()}
+            runs.append(_ladder(f, x, _mp_eval(a, {}), menv, sign, ks))
+    lo, hi = runs
+    if lo.kind != hi.kind or len(lo.qs) != len(hi.qs):
+        return _Side(hi.qs, "unreliable")
+    for ql, qh in zip(lo.qs, hi.qs):
+        if abs(ql - qh) > 1e-15 * max(mpmath.mpf(1), abs(qh)):
+            return _Side(hi.qs, "unreliable")
+    return hi
+
+
+def _ladder(f, x, a, env, sign, ks) -> _Side:
     fa = _mp_real(f, {**env, x: a})
     qs = []
     for k in ks:
@@ -931,18 +964,19 @@ def _numeric_general(spec, f, x, d, exact, want: int = 3) -> _Numeric:
     out = _Numeric()
     symbols = f.free_symbols | d.free_symbols | {x}
     digits = []
-    with mp.workdps(60):
-        for env in _sample_points(symbols):
-            if out.agree >= want or out.tried >= len(_SAMPLES):
-                break
-            out.tried += 1
-            menv = {s: _mp_eval(v, {}) for s, v in env.items()}
-            a = menv.pop(x)
-            try:
-                right = _side_quotients(f, x, a, menv, +1, _GENERAL_KS)
-                left = _side_quotients(f, x, a, menv, -1, _GENERAL_KS)
-            except _Undefined:
-                continue
+    for env in _sample_points(symbols):
+        if out.agree >= want or out.tried >= len(_SAMPLES):
+            break
+        out.tried += 1
+        others = {s: v for s, v in env.items() if s != x}
+        try:
+            right = _side_quotients(f, x, env[x], others, +1, _GENERAL_KS)
+            left = _side_quotients(f, x, env[x], others, -1, _GENERAL_KS)
+        except _Undefined:
+            continue
+        with mp.workdps(60):
+            menv = {s: _mp_eval(v, {}) for s, v in others.items()}
+            a = _mp_eval(env[x], {})
             if not (right.stable() and left.stable()) or not _close(right.value(), left.value(), 1e-9):
                 continue
             v = right.value()
@@ -994,8 +1028,15 @@ _UNSUPPORTED = (sp.floor, sp.ceiling, sp.frac, sp.Mod)
 _GIVE_UP = (sp.Limit, sp.Order, AccumBounds, sp.Derivative, sp.Integral, sp.Subs)
 
 
+def _up_to_sign(g):
+    """(canonical, +-1) with ``g == flip * canonical``: ``x - 1`` and ``1 - x`` share one form."""
+    if g.could_extract_minus_sign():
+        return -g, -1
+    return g, 1
+
+
 def _canon(g):
-    """``g`` up to a nonzero numeric factor: (canonical, +-1) with ``sign(g) == flip * sign(canonical)``.
+    """A sign key: ``g`` up to a positive numeric factor: (canonical, +-1) with ``sign(g) == flip * sign(canonical)``.
 
     ``99*x/100`` and ``x`` are one key, so are ``1 - x`` and ``x - 1`` (with opposite flips).
     """
@@ -1284,7 +1325,7 @@ def _linear_inner(g, x):
             visit(arg)
 
     visit(g)
-    canon = {_canon(u)[0] for u in found}
+    canon = {_up_to_sign(u)[0] for u in found}
     if len(canon) != 1:
         return x, sp.S.One
     u = canon.pop()
@@ -1394,7 +1435,7 @@ def _abstract_arguments(e):
         if isinstance(node, sp.Function):
             for arg in node.args:
                 if arg.is_Add and arg.free_symbols:
-                    c, _ = _canon(arg)
+                    c, _ = _up_to_sign(arg)
                     if c not in table:
                         table[c] = sp.Dummy("z", real=True) if c.is_extended_real else sp.Dummy("z")
     if not table:
@@ -1413,8 +1454,10 @@ def _exp_symbols(e):
         return e
     table, mapping = {}, {}
     for node in exps:
-        c, flip = _canon(sp.expand(node.args[0]))
-        z = table.setdefault(c, sp.Dummy("E", positive=True))
+        c, flip = _up_to_sign(sp.expand(node.args[0]))
+        if c not in table:  # exp of a real number is positive; otherwise no assumption
+            table[c] = sp.Dummy("E", positive=True) if c.is_extended_real else sp.Dummy("E")
+        z = table[c]
         mapping[node] = z if flip > 0 else 1 / z
     return e.xreplace(mapping)
 
@@ -1517,6 +1560,10 @@ def _check_general(spec, f, x, d, exact, emit) -> Verdict:
             return undecided(str(exc))
         methods |= m
         if not _proven_zero(L - dc, region):
+            if not keys and m == {"exact cancellation"}:
+                exact = _exact_refutation(name, x, L, dc)
+                if exact is not None:
+                    return exact
             where = "" if not keys else " in the case " + ", ".join(
                 f"{_short(k, 30)} {'>' if s > 0 else '<'} 0" for k, s in signs.items())
             return undecided(f"the limit{where} is {_short(L)}, which could not be proven equal to {_short(dc)}")
@@ -1528,6 +1575,24 @@ def _check_general(spec, f, x, d, exact, emit) -> Verdict:
     detail = (f"lim_(h->0) (f({x.name}+h) - f({x.name}))/h equals {_short(d)} exactly{cases_text}; "
               f"{num.summary()}")
     return Verdict(name, "verified", method, detail)
+
+
+def _exact_refutation(name, x, L, d):
+    """L is exact algebra (a cancelled rational quotient): an exactly nonzero ``L - d`` at a
+    rational point refutes ``d`` however small the difference."""
+    symbols = sorted((L - d).free_symbols | {x}, key=lambda s: s.name)
+    for env in _sample_points(symbols, trials=8):
+        lv, dv = L.subs(env), d.subs(env)
+        if not (lv.is_Rational and dv.is_number) or _value_status(dv) != "real":
+            continue
+        diff = lv - dv
+        if diff.is_zero is False and diff.is_real:
+            rel = sp.Abs(diff) / sp.Max(sp.Abs(lv), sp.Abs(dv))
+            return Verdict(name, "refuted", "symbolic limit (exact cancellation)",
+                           f"at {_point_text(env)}: the limit of the difference quotient is exactly {_short(lv)}, "
+                           f"the derivative under test gives {_short(dv)} (relative error {sp.N(rel, 3)})",
+                           _point_repr(env), lv, dv)
+    return None
 
 
 # -- at a point ---------------------------------------------------------------------------
@@ -1587,6 +1652,29 @@ def _sign_near(g, t=_T) -> int:
         if c.is_negative:
             return -1
     raise _Undecided(f"the sign of {g.subs(t, sp.Symbol('t'))} near the point is not decided")
+
+
+def _side_taylor(g, fa):
+    """The t-coefficient of g(t) = f(a + s t) when g has a Taylor expansion a0 + a1 t + O(t**2)
+    with a0 = f(a) proven: then the one-sided quotient tends to a1 / s. None otherwise."""
+    gp = _prepare(g, _T)
+    try:
+        ser = gp.series(_T, 0, 2)
+    except Exception:
+        return None
+    order = ser.getO()
+    if order is None or order.expr != _T**2:
+        return None
+    try:
+        poly = sp.Poly(ser.removeO(), _T)
+    except sp.PolynomialError:
+        return None
+    if poly.degree() > 1 or any(c.has(_T) for c in poly.coeffs()):
+        return None
+    a0, a1 = poly.coeff_monomial(1), poly.coeff_monomial(_T)
+    if not _clean(a1, gp) or not _proven_zero(a0 - fa):
+        return None
+    return a1
 
 
 def _one_sided_limit(q):
@@ -1649,14 +1737,11 @@ def _check_point(spec, f, x, d, exact, emit) -> Verdict:
 def _numeric_point(f, x, a, free):
     """Both one-sided quotient ladders at the point (other symbols at sample values)."""
     for env in _sample_points(free, trials=8):
-        with mp.workdps(30 + max(_POINT_KS)):
-            try:
-                menv = {s: _mp_eval(v, {}) for s, v in env.items()}
-                am = _mp_eval(a, {})
-                right = _side_quotients(f, x, am, menv, +1, _POINT_KS)
-                left = _side_quotients(f, x, am, menv, -1, _POINT_KS)
-            except _Undefined:
-                continue
+        try:
+            right = _side_quotients(f, x, a, env, +1, _POINT_KS)
+            left = _side_quotients(f, x, a, env, -1, _POINT_KS)
+        except _Undefined:
+            continue
         return {1: right, -1: left}, env
     return None, {}
 
@@ -1691,6 +1776,13 @@ def _numeric_point_refutation(name, point, env, sides, d, exact, x, a):
             dv = _mp_eval(d, menv)
         except _Undefined:
             dv = None
+        if dv is None:  # numerically undefined (0*DiracDelta(0)...): SymPy's exact value decides
+            da = d.subs({x: a, **env})
+            if _value_status(da) == "real":
+                try:
+                    dv = _mp_eval(da, {})
+                except _Undefined:
+                    return None
         try:
             ev = _mp_real(exact, menv) if exact is not d else None
         except _Undefined:
@@ -1722,7 +1814,8 @@ def _point_symbolic(name, point, f, x, a, fa, d, sides, env) -> Verdict:
         if g.is_extended_real is False:
             limits[s] = ("complex", None)
             continue
-        res = _one_sided_limit((g - fa) / (s * _T))
+        a1 = _side_taylor(g, fa)
+        res = ("finite", a1 / s) if a1 is not None else _one_sided_limit((g - fa) / (s * _T))
         if res is None:
             return Verdict(name, "inconclusive", method,
                            f"SymPy gave no usable {'right' if s > 0 else 'left'} limit at {where}; {_sides_summary(sides)}", pt)
