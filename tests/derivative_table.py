@@ -194,6 +194,9 @@ CORRECT = [
     ("max(x, x^2)", Max(x, x**2), Piecewise((1, x > x**2), (2 * x, True))),
     ("piecewise poly", Piecewise((x**2, x < 0), (x**3, True)), Piecewise((2 * x, x < 0), (3 * x**2, True))),
     ("heaviside x^2", Heaviside(x) * x**2, 2 * x * Heaviside(x)),
+    ("log(x^2)", log(x**2), 2 / x),
+    ("|x|^x", Abs(x) ** x, Abs(x) ** x * (log(Abs(x)) + 1)),
+    ("acos(cos x)", acos(cos(x)), sign(sin(x))),
 ]
 # partial derivatives with other free real symbols
 PARTIALS = [
@@ -233,6 +236,13 @@ CORRECT_AT = [
     ("huber at 1", _huber, Piecewise((x, Abs(x) <= 1), (sign(x), True)), 1),
     ("elu at 0", Piecewise((x, x > 0), (exp(x) - 1, True)), Piecewise((1, x > 0), (exp(x), True)), 0),
     ("x y at (2, 3)", x * y, y, {x: 2, y: 3}),
+    ("sin(x)/x filled in, at 0", Piecewise((sin(x) / x, sp.Ne(x, 0)), (1, True)),
+     Piecewise(((x * cos(x) - sin(x)) / x**2, sp.Ne(x, 0)), (0, True)), 0),
+    ("x^2 sign(x) at 0", x**2 * sign(x), 2 * Abs(x), 0),
+    ("max(x, 0)^2 at 0", Max(x, 0) ** 2, 2 * Max(x, 0), 0),
+    ("sin^2+cos^2 at 3/7", sin(x) ** 2 + cos(x) ** 2, sp.Integer(0), Rational(3, 7)),
+    ("log(x^2) at -1", log(x**2), 2 / x, -1),
+    ("x y at x = 0, y free", x * y, y, 0),
 ]
 
 # ----------------------------------------------------------------------------------------
@@ -311,12 +321,22 @@ NOT_DIFFERENTIABLE = [
     ("x^x at 0", x**x, 0, "right quotient tends to -oo"),
     ("1/x at 0", 1 / x, 0, "undefined"),
     ("x^2 sin(1/x) unpieced at 0", x**2 * sin(1 / x), 0, "undefined at 0 (nan)"),
+    ("sqrt((x-1)^2) at 1", sqrt(x**2 - 2 * x + 1), 1, "corner, hidden in a square root"),
+    ("heaviside sin at 0", Heaviside(x) * sin(x), 0, "one-sided derivatives 0 and 1"),
+    ("tan at pi/2", tan(x), pi / 2, "undefined"),
+    ("x log|x| filled in, at 0", Piecewise((x * log(Abs(x)), sp.Ne(x, 0)), (0, True)), 0, "quotient tends to -oo"),
+    ("punctured value at 0", Piecewise((x**2, x < 0), (x**2, x > 0), (5, True)), 0, "discontinuous"),
+    ("exp(-1/x) at 0", exp(-1 / x), 0, "undefined at 0"),
 ]
 
 # ----------------------------------------------------------------------------------------
 # Expected inconclusive verdicts, each with the reason
 # ----------------------------------------------------------------------------------------
 INCONCLUSIVE = {
+    "acos(cos x)": (
+        "the limit sin(x)/sqrt(1 - cos(x)**2) equals sign(sin(x)) only after simplifying "
+        "sqrt(1 - cos(x)**2) to |sin(x)|, which SymPy's simplify does not do in the case sin(x) > 0"
+    ),
     "acosh (Wikipedia)": (
         "1/sqrt(x**2 - 1) equals the derivative only on the real domain x > 1; for x < -1, where "
         "acosh is complex, it differs in sign from 1/(sqrt(x - 1)*sqrt(x + 1)), so no identity "

@@ -118,7 +118,7 @@ def test_every_inconclusive_case_is_listed_with_its_reason(table):
         + " | listed but not inconclusive: " + ", ".join(set(T.INCONCLUSIVE) - set(inconclusive)))
     for label, reason in T.INCONCLUSIVE.items():
         assert len(reason) > 40
-        assert "could not be proven equal" in inconclusive[label].detail
+        assert "could not be proven equal" in inconclusive[label].detail, inconclusive[label].detail
 
 
 # -- independent oracles for the verdicts ----------------------------------------------------
