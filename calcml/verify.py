@@ -30,19 +30,25 @@ At general ``x``:
    ``Piecewise``) are split into sign cases, each a smooth expression;
 3. in each case the limit is computed term by term (the limit of a sum is the sum of the
    limits when these exist), with a term's constant factor taken out and a linear inner
-   argument ``u = a*x + c`` substituted (``lim (G(u + a h) - G(u))/h = a * G'(u)``), so that
-   one univariate limit serves every parameter of a linear model; rational quotients are
-   decided by exact cancellation, the rest by SymPy's ``limit`` (with ``b**e`` rewritten as
-   ``exp(e*log(b))``, which removes the ``x**x`` disguise) or by the Taylor expansion of
-   ``f(x + h)``;
-4. the difference between the limit and the derivative under test must simplify to zero.
+   argument ``u = a*x + c`` substituted (``lim (G(u + a h) - G(u))/h = a * G'(u)``, with
+   ``k = a h``), so that one univariate limit serves every parameter of a linear model.
+   Logarithms are first split exactly (``log(sigmoid(z)) = z - log(1 + exp(z))``). A
+   rational quotient is decided by exact cancellation; otherwise the limit is the
+   h-coefficient of the Taylor expansion of ``f(x + h)`` (when SymPy gives a clean
+   ``a0 + a1 h + O(h**2)`` with ``a0 = f(x)`` proven), else SymPy's ``limit``, with
+   ``b**e`` rewritten as ``exp(e*log(b))`` (which removes the ``x**x`` disguise);
+4. the difference between the limit and the derivative under test must simplify to zero
+   (after the same exact rewrites on both sides; an identity proven with a compound
+   argument replaced by a free symbol holds for the argument too).
 
 At a point ``a``:
 
 1. ``f(a)`` is evaluated exactly; undefined or non-real means not differentiable there;
 2. for each side, ``f(a + s t)`` with ``t > 0`` is resolved branch by branch (every
    ``Piecewise`` condition, ``Abs``, ``sign`` ... is decided for small ``t`` from the exact
-   value, or the leading term, of its argument), and the one-sided limit is computed;
+   value, or the leading term, of its argument), and the one-sided limit is computed
+   (Taylor coefficient when ``f(a + s t)`` has one, else SymPy's ``limit``) and compared
+   with one-sided difference quotients;
 3. infinite, oscillating (``AccumBounds``, confirmed by non-converging quotients), non-real,
    or unequal one-sided limits mean ``"not differentiable"``; equal finite limits are
    compared exactly with the derivative's value at ``a``.
@@ -71,7 +77,7 @@ import sympy as sp
 from sympy.calculus.accumulationbounds import AccumBounds
 
 from .cost import Cost
-from .errors import CalcmlError, CostError, DataError, ParamError
+from .errors import CostError, DataError, ParamError
 from .functions import relu, sigmoid, softplus
 
 __all__ = ["Verdict", "Report", "verify_derivative", "verify", "check_gradient", "DEFAULT_TIMEOUT"]
@@ -127,7 +133,8 @@ class Verdict:
 class Report:
     """A list of verdicts; ``ok`` only if every one is ``"verified"``.
 
-    Iterate over it, index it by position or by verdict name, print it for a table.
+    Iterate over it, index it by position or by verdict name, print it for a table. Its
+    truth value is ``ok`` (a report with a refutation is false, however long).
     """
 
     def __init__(self, verdicts, title: str = ""):
@@ -168,8 +175,8 @@ class Report:
 
     def __str__(self):
         head = ("check", "status", "method", "detail")
-        rows = [(v.name, v.status, v.method, v.detail) for v in self._verdicts]
-        widths = [min(40, max([len(head[i])] + [len(r[i]) for r in rows])) for i in range(3)]
+        rows = [(_cut(v.name, 48), v.status, _cut(v.method, 48), v.detail) for v in self._verdicts]
+        widths = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(3)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
         lines = [self.title] if self.title else []
         lines.append(fmt.format(*head).rstrip())
@@ -183,6 +190,10 @@ class Report:
     def __repr__(self):
         counts = ", ".join(f"{s}={n}" for s, n in self.counts().items() if n)
         return f"<Report ok={self.ok} {counts}>"
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _short(e, n: int = 70) -> str:
@@ -500,9 +511,12 @@ def _worker_main(conn, job):
 
         def emit(kind, payload, _tid=tid):
             try:
-                conn.send((kind, _tid, payload))
-            except (pickle.PicklingError, TypeError, AttributeError):
-                conn.send((kind, _tid, _plain(payload)))
+                try:
+                    conn.send((kind, _tid, payload))
+                except (pickle.PicklingError, TypeError, AttributeError):
+                    conn.send((kind, _tid, _plain(payload)))
+            except OSError:  # the parent is gone
+                os._exit(0)
 
         try:
             emit("final", _check(spec, emit))
@@ -913,11 +927,6 @@ def _sample_points(symbols, trials: int = 16):
     n = len(_SAMPLES)
     for i in range(trials):
         yield {s: _SAMPLES[(i + 5 * j) % n] for j, s in enumerate(syms)}
-
-
-def _mp_value(e, env, dps):
-    with mp.workdps(dps):
-        return _mp_eval(e, env)
 
 
 def _close(a, b, rel) -> bool:
