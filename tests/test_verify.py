@@ -433,7 +433,8 @@ def test_a_check_that_never_returns_is_stopped(monkeypatch):
         t0 = time.perf_counter()
         report = cm.verify_derivative(sp.sin(x), x, timeout=1.0)
         elapsed = time.perf_counter() - t0
-        left_running = [p for p in multiprocessing.active_children() if p.is_alive()]
+        left_running = [p for p in multiprocessing.active_children()
+                        if getattr(p, "_target", None) is V._worker_main and p.is_alive()]
     finally:
         monkeypatch.undo()
         V._shutdown_pool()
