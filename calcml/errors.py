@@ -30,3 +30,7 @@ class CodegenError(CalcmlError, TypeError):
 
 class CacheError(CalcmlError, OSError):
     """The kernel cache folder cannot be created or written."""
+
+
+class OptimizeError(CalcmlError, ValueError):
+    """An optimizer, schedule or ``minimize`` call is set up wrongly: bad hyperparameter, batch, x0."""

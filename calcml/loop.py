@@ -1,0 +1,672 @@
+"""The one generated descent driver: (cost, optimizer, schedule, batching) -> one module.
+
+The module holds, in plain Python that Numba compiles:
+
+* ``run_chunk``: the descent loop, the whole of it one Numba function. For first-order
+  methods the cost's exact gradient (the straight-line code of
+  :meth:`calcml.codegen.ModuleBuilder.program`) is inlined in the loop, parameters and
+  optimizer state live in local scalars, and nothing is allocated per step. It runs until
+  a stopping test fires or a given step count is reached, keeping every counter in small
+  arrays, so a run is a sequence of chunks that resume exactly where the last one stopped;
+* ``_fg`` / ``_f`` / ``_hess``: the full-batch value and gradient (and for Newton and
+  L-BFGS the value alone and the Hessian) that line searches and the final report use;
+* a SplitMix64 generator for the per-epoch Fisher-Yates shuffle (minibatch runs), so a seed
+  gives the same permutation, hence the same bits, on every machine and in every chunking;
+* ``run(x0, data, ...)``: the plain-Python driver that validates nothing (calcml did), sets up
+  the state, calls ``run_chunk`` in chunks of about a quarter of a second (between which
+  Python may raise ``KeyboardInterrupt`` and a callback may draw progress) and reports.
+
+The module imports only ``math``, ``time``, ``numpy`` and ``numba``: ``Program.export`` writes
+it out as a standalone file. Hyperparameters and schedule numbers are arguments of
+``run_chunk``, not constants, so one compiled loop serves a whole learning-rate sweep.
+
+Stopping (one place, the loop): ``tol`` on the full gradient's norm (full-batch runs), the step
+budget (``maxiter``, or ``epochs`` of minibatches), and divergence: a non-finite cost or
+gradient, or a cost beyond ``1e10 * max(1, |J(x0)|)``, stops the run at once; the best point
+seen is kept (full batch: the evaluated iterate of lowest cost; minibatch: the end-of-epoch
+parameters of the epoch of lowest mean minibatch cost, or ``x0``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from pathlib import Path
+
+from . import result as _result
+from .codegen import ModuleBuilder, RowProgram, _comment, _Writer
+from .cost import Cost
+from .optim import Optimizer
+from .schedules import Schedule
+
+__all__ = ["generate_source", "Program", "program_for"]
+
+# Threshold of a blown-up cost, relative to max(1, |J(x0)|).
+BLOWUP = 1e10
+# Full-batch history keeps at most this many entries (every k-th iteration beyond).
+HISTORY_MAX = 1_000_000
+DEFAULT_EPOCHS = 10
+# Chunks of about this long (seconds): how often Python sees Ctrl-C and redraws progress.
+CHUNK_SECONDS = 0.25
+# Parameters kept in local scalars (unrolled updates) up to this many; arrays beyond.
+UNROLL_MAX = 64
+
+_STATUS_LINES = [
+    "RUNNING = -1",
+    f"CONVERGED = {_result.CONVERGED}",
+    f"MAXITER = {_result.MAXITER}",
+    f"EPOCHS_DONE = {_result.EPOCHS_DONE}",
+    f"DIVERGED = {_result.DIVERGED}",
+    f"INTERRUPTED = {_result.INTERRUPTED}",
+    f"LINE_SEARCH_FAILED = {_result.LINE_SEARCH_FAILED}",
+    "STATUS_NAMES = {-1: 'running', 0: 'converged', 1: 'maxiter', 2: 'epochs done', 3: 'diverged', "
+    "4: 'interrupted', 5: 'line search failed'}",
+]
+
+# Slots of the two small arrays that carry the run's counters between chunks.
+_INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_EVERY", "BEST_STEP", "FRESH", "NFEV"]
+_FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM"]
+
+_RNG_SOURCE = '''
+# SplitMix64 (Steele, Lea & Flood 2014): a tiny generator whose whole state is one uint64,
+# carried between chunks in ``rng``; the same seed gives the same shuffles everywhere.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@_jit
+def _randbelow(rng, n):
+    """uniform integer in [0, n) (modulo bias below n / 2**64)"""
+    z = rng[0] + _GOLDEN
+    rng[0] = z
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return np.int64(z % np.uint64(n))
+'''
+
+_DRIVER_SOURCE = '''
+
+def columns_of(data):
+    """The data as a tuple of contiguous float64 columns in COLUMN_NAMES order: a dict of
+    columns, a 2-D array with one column per name, or a sequence of columns."""
+    if not COLUMN_NAMES:
+        return (np.zeros(1),)
+    if isinstance(data, dict):
+        cols = [data[name] for name in COLUMN_NAMES]
+    elif isinstance(data, (tuple, list)):
+        cols = list(data)
+    else:
+        arr = np.asarray(data, dtype=np.float64)
+        cols = [arr[:, k] for k in range(arr.shape[1])]
+    return tuple(np.ascontiguousarray(c, dtype=np.float64).reshape(-1) for c in cols)
+
+
+def plan(n_rows, batch_size=None, epochs=None, maxiter=None):
+    """(max_steps, max_epochs, steps per epoch) from the budget keywords."""
+    if MINIBATCH:
+        per_epoch = -(-n_rows // batch_size)
+        if epochs is None and maxiter is None:
+            epochs = DEFAULT_EPOCHS
+        by_epochs = epochs * per_epoch if epochs is not None else None
+        max_steps = min(s for s in (maxiter, by_epochs) if s is not None)
+        max_epochs = epochs if epochs is not None else -(-max_steps // per_epoch)
+        return max_steps, max_epochs, per_epoch
+    if maxiter is None:
+        maxiter = epochs if epochs is not None else DEFAULT_MAXITER
+    return maxiter, 0, 1
+
+
+def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed):
+    """The arrays run_chunk works on, and the cost at x0."""
+    n = N_PARAMS
+    theta = np.array(x0, dtype=np.float64).reshape(-1).copy()
+    g = np.zeros(n)
+    f0 = _fg(theta, cols, g)
+    n_rows = cols[0].shape[0] if COLUMN_NAMES else 0
+    if MINIBATCH:
+        history = np.full(max(1, max_epochs), np.nan)
+        hist_every = 1
+    else:
+        hist_every = max(1, -(-(max_steps + 1) // HISTORY_MAX))
+        history = np.full(max_steps // hist_every + 1, np.nan)
+    ints = np.zeros(N_INTS, dtype=np.int64)
+    ints[I_BATCH] = batch_size if MINIBATCH else 0
+    ints[I_HIST_EVERY] = hist_every
+    ints[I_FRESH] = 1 if FIRST_ORDER else 0
+    floats = np.zeros(N_FLOATS)
+    floats[F_BEST] = f0 if f0 == f0 else np.inf
+    floats[F_BLOWUP] = BLOWUP * max(1.0, abs(f0)) if np.isfinite(f0) else np.inf
+    floats[F_TOL] = tol
+    floats[F_VALUE] = f0
+    floats[F_GNORM] = float(np.sqrt(g @ g))
+    perm = np.arange(n_rows, dtype=np.int64) if MINIBATCH else np.zeros(1, dtype=np.int64)
+    rng = np.array([seed], dtype=np.uint64)
+    hp = np.array([float(hyper[k]) for k in HYPER_NAMES], dtype=np.float64)
+    sa = np.array(schedule_args, dtype=np.float64)
+    state = new_optimizer_state(n)
+    return [theta, g, theta.copy(), history, state, cols, perm, hp, sa, ints, floats, rng], f0
+
+
+def finish(arrays, status, max_steps, max_epochs):
+    """The report: a dict with x, fun, grad, nit, nfev, status, history and the bookkeeping."""
+    theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng = arrays
+    step = int(ints[I_STEP])
+    if status == RUNNING:
+        status = EPOCHS_DONE if (MINIBATCH and ints[I_EPOCH] >= max_epochs) else MAXITER
+    diverged_at = step if status == DIVERGED else -1
+    x = best.copy() if status in (DIVERGED, INTERRUPTED) else theta.copy()
+    grad = np.zeros(N_PARAMS)
+    fun = _fg(x, cols, grad)
+    if status != DIVERGED and not (abs(fun) <= floats[F_BLOWUP] and np.all(np.isfinite(grad))):
+        # the last update went off: report it as a divergence, at the best point
+        status, diverged_at = DIVERGED, step
+        x = best.copy()
+        fun = _fg(x, cols, grad)
+    n_hist = int(ints[I_EPOCH]) if MINIBATCH else int(ints[I_HIST_I])
+    return {
+        "x": x, "fun": float(fun), "grad": grad, "grad_norm": float(np.sqrt(grad @ grad)),
+        "nit": step, "nfev": int(ints[I_NFEV]), "status": int(status), "status_name": STATUS_NAMES[int(status)],
+        "history": history[:n_hist].copy(), "history_every": int(ints[I_HIST_EVERY]),
+        "epochs": int(ints[I_EPOCH]), "best_step": int(ints[I_BEST_STEP]), "best_value": float(floats[F_BEST]),
+        "diverged_at": diverged_at, "blowup": float(floats[F_BLOWUP]),
+    }
+
+
+def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=BATCH_SIZE, epochs=None, maxiter=None,
+        tol=1e-8, seed=0, callback=None, chunk_seconds=CHUNK_SECONDS, first_chunk=None):
+    """Minimize from x0 (a 1-D array in PARAM_NAMES order); returns the report dict of finish().
+
+    hyper: dict of HYPER_NAMES values (default HYPER_DEFAULTS); schedule_args: the schedule's
+    numbers (default SCHEDULE_DEFAULTS). The loop runs in chunks of about chunk_seconds;
+    callback(step, max_steps, value), if given, is called between chunks. Ctrl-C stops the
+    run and returns the best point seen.
+    """
+    hyper = dict(HYPER_DEFAULTS) if hyper is None else hyper
+    schedule_args = SCHEDULE_DEFAULTS if schedule_args is None else schedule_args
+    cols = columns_of(data)
+    n_rows = cols[0].shape[0] if COLUMN_NAMES else 0
+    max_steps, max_epochs, per_epoch = plan(n_rows, batch_size, epochs, maxiter)
+    arrays, f0 = new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed)
+    ints, floats = arrays[9], arrays[10]
+    rows_per_step = (batch_size if MINIBATCH else n_rows) or 1
+    chunk = first_chunk or max(1, 1_000_000 // rows_per_step)
+    status = RUNNING
+    if not np.isfinite(f0):
+        status = DIVERGED
+    try:
+        while status == RUNNING and ints[I_STEP] < max_steps:
+            before = int(ints[I_STEP])
+            ints[I_STOP] = min(before + chunk, max_steps)
+            t0 = time.perf_counter()
+            status = run_chunk(*arrays)
+            dt = time.perf_counter() - t0
+            done = int(ints[I_STEP]) - before
+            if first_chunk is None and done > 0 and dt > 0:
+                chunk = max(1, min(int(done * chunk_seconds / dt), 100 * chunk))
+            if callback is not None:
+                callback(int(ints[I_STEP]), max_steps, float(floats[F_VALUE]))
+    except KeyboardInterrupt:
+        status = INTERRUPTED
+    return finish(arrays, status, max_steps, max_epochs)
+'''
+
+
+def _rename(line: str, hyper, state) -> str:
+    """Optimizer names -> generated names: hyperparameters ``hp_<name>``, state ``st_<name>``."""
+    for name in hyper:
+        line = re.sub(rf"\b{name}\b", f"hp_{name}", line)
+    for name in state:
+        line = re.sub(rf"\b{name}\b", f"st_{name}", line)
+    return line
+
+
+def _unroll(line: str, j: int, state) -> str:
+    """A per-parameter rule for parameter ``j``, with parameters, gradient and state in scalars."""
+    line = line.replace("theta[j]", f"p{j}").replace("g[j]", f"g{j}")
+    for name in state:
+        line = line.replace(f"st_{name}[j]", f"st_{name}_{j}")
+    return line
+
+
+class _Generator:
+    """Prints one optimizer module."""
+
+    def __init__(self, cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool):
+        self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
+        self.first_order = opt.kind == "first_order"
+        self.mb = ModuleBuilder(cost, with_hessian=opt.kind == "newton")
+        self.n = len(cost.params)
+        self.has_data = bool(cost.data)
+        self.unrolled = self.first_order and self.n <= UNROLL_MAX
+        self.hyper = list(opt.hyper)
+        self.state = [s[0] for s in opt.state]
+
+    # -- shared pieces -----------------------------------------------------------------------
+    def _scale(self) -> str:
+        return "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
+
+    def _accumulate(self, w, prog: RowProgram, indent: int, rows: str, row_index: str, acc=None):
+        """The fused pass over rows ``rows`` (a range expression), summing prog's outputs."""
+        acc = acc or [f"a{k}" for k in range(len(prog.outputs))]
+        for k in range(len(prog.outputs)):
+            w(indent, f"{acc[k]} = 0.0")
+        w(indent, f"for i in {rows}:")
+        if row_index != "i":
+            w(indent + 1, f"r = {row_index}")
+        for line in prog.row_loads:
+            w(indent + 1, line.format(row="r" if row_index != "i" else "i"))
+        for line in prog.row:
+            w(indent + 1, line)
+        for k, (label, code) in enumerate(prog.outputs):
+            w(indent + 1, f"{acc[k]} += {code}  # {label}")
+
+    def _full_batch_functions(self, w, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None):
+        """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
+        n = self.n
+        w(0, "@_jit")
+        w(0, "def _fg(theta, cols, g):")
+        w(1, '"""the full-batch cost at theta; its gradient is written into g"""')
+        for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
+            w(1, line)
+        if self.has_data:
+            w(1, "n_rows = c0.shape[0]")
+            self._accumulate(w, vg, 1, "range(n_rows)", "i")
+            w(1, f"scale = {self._scale()}")
+            for j in range(n):
+                w(1, f"g[{j}] = a{j + 1} * scale")
+            w(1, "return a0 * scale")
+        else:
+            for j in range(n):
+                w(1, f"g[{j}] = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
+            w(1, f"return {vg.outputs[0][1]}")
+        w()
+        w()
+        if val is not None:
+            w(0, "@_jit")
+            w(0, "def _f(theta, cols):")
+            w(1, '"""the full-batch cost at theta"""')
+            for line in val.param_loads + (val.column_loads if self.has_data else []) + val.hoisted:
+                w(1, line)
+            if self.has_data:
+                w(1, "n_rows = c0.shape[0]")
+                self._accumulate(w, val, 1, "range(n_rows)", "i")
+                w(1, f"return a0 * ({self._scale()})")
+            else:
+                w(1, f"return {val.outputs[0][1]}")
+            w()
+            w()
+        if hess is not None:
+            w(0, "@_jit")
+            w(0, "def _hess(theta, cols, H):")
+            w(1, '"""the full-batch Hessian at theta, written into H"""')
+            for line in hess.param_loads + (hess.column_loads if self.has_data else []) + hess.hoisted:
+                w(1, line)
+            if self.has_data:
+                w(1, "n_rows = c0.shape[0]")
+                self._accumulate(w, hess, 1, "range(n_rows)", "i")
+                w(1, f"scale = {self._scale()}")
+                codes = [f"a{k} * scale" for k in range(len(hess.outputs))]
+            else:
+                codes = [code for _, code in hess.outputs]
+            for (i, j), code in zip(hess.pairs, codes):
+                w(1, f"H[{i}, {j}] = {code}")
+                if i != j:
+                    w(1, f"H[{j}, {i}] = H[{i}, {j}]")
+            w()
+            w()
+
+    def _stopping(self, w, indent: int, param):
+        """History, divergence, best point and (full batch) the tolerance test."""
+        if not self.minibatch:
+            w(indent, "if step == hist_next:")
+            w(indent + 1, "history[hist_i] = value")
+            w(indent + 1, "hist_i += 1")
+            w(indent + 1, "hist_next += hist_every")
+        w(indent, "if not (abs(value) <= blowup and gn2 < math.inf):  # non-finite or blown up: stop at once")
+        w(indent + 1, "status = DIVERGED")
+        w(indent + 1, "break")
+        if not self.minibatch:
+            w(indent, "if value < best_value:")
+            w(indent + 1, "best_value = value")
+            w(indent + 1, "best_step = step")
+            self._copy_best(w, indent + 1, param)
+            w(indent, "gnorm = math.sqrt(gn2)")
+            w(indent, "if gnorm <= tol:")
+            w(indent + 1, "status = CONVERGED")
+            w(indent + 1, "break")
+
+    def _copy_best(self, w, indent, param):
+        if self.unrolled:
+            for j in range(self.n):
+                w(indent, f"best[{j}] = {param(j)}")
+        else:
+            w(indent, "for j in range(N_PARAMS):")
+            w(indent + 1, f"best[j] = {param('j')}")
+
+    # -- run_chunk ---------------------------------------------------------------------------
+    def _run_chunk(self, w, vg: RowProgram):
+        opt = self.opt
+        w(0, "@_jit")
+        w(0, "def run_chunk(theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng):")
+        w(1, '"""Run the descent from the state in the arrays until step ints[I_STOP] or a stopping')
+        w(1, 'test; every counter is written back, so the next call resumes exactly. Returns the status."""')
+        if self.state:
+            w(1, f"{', '.join('st_' + s for s in self.state)}, = state")
+        for k, name in enumerate(self.hyper):
+            w(1, f"hp_{name} = hp[{k}]  # {name}")
+        if self.has_data:
+            for line in vg.column_loads:
+                w(1, line)
+            w(1, "n_rows = c0.shape[0]")
+        w(1, "step = ints[I_STEP]")
+        w(1, "stop_step = ints[I_STOP]")
+        w(1, "hist_i = ints[I_HIST_I]")
+        w(1, "hist_next = ints[I_HIST_NEXT]")
+        w(1, "hist_every = ints[I_HIST_EVERY]")
+        w(1, "best_step = ints[I_BEST_STEP]")
+        w(1, "fresh = ints[I_FRESH]")
+        w(1, "nfev = ints[I_NFEV]")
+        w(1, "best_value = floats[F_BEST]")
+        w(1, "blowup = floats[F_BLOWUP]")
+        w(1, "tol = floats[F_TOL]")
+        w(1, "value = floats[F_VALUE]")
+        w(1, "gnorm = floats[F_GNORM]")
+        w(1, "gn2 = gnorm * gnorm")
+        if self.minibatch:
+            w(1, "epoch = ints[I_EPOCH]")
+            w(1, "pos = ints[I_POS]")
+            w(1, "batch = ints[I_BATCH]")
+            w(1, "epoch_sum = floats[F_EPOCH_SUM]")
+        if self.unrolled:
+            w(1, "# parameters, gradient and optimizer state live in local scalars during the chunk")
+            for j, p in enumerate(self.cost.params):
+                w(1, f"p{j} = theta[{j}]  # {_comment(p.name)}")
+            for j in range(self.n):
+                w(1, f"g{j} = g[{j}]")
+            for s in self.state:
+                for j in range(self.n):
+                    w(1, f"st_{s}_{j} = st_{s}[{j}]")
+        w(1, "status = RUNNING")
+        w(1, "while step < stop_step:")
+        if self.first_order:
+            self._first_order_body(w, vg)
+        else:
+            self._line_search_body(w)
+        w(2, "step += 1")
+        # write everything back
+        if self.unrolled:
+            for j in range(self.n):
+                w(1, f"theta[{j}] = p{j}")
+                w(1, f"g[{j}] = g{j}")
+            for s in self.state:
+                for j in range(self.n):
+                    w(1, f"st_{s}[{j}] = st_{s}_{j}")
+        w(1, "ints[I_STEP] = step")
+        w(1, "ints[I_HIST_I] = hist_i")
+        w(1, "ints[I_HIST_NEXT] = hist_next")
+        w(1, "ints[I_BEST_STEP] = best_step")
+        w(1, "ints[I_FRESH] = fresh")
+        w(1, "ints[I_NFEV] = nfev")
+        w(1, "floats[F_BEST] = best_value")
+        w(1, "floats[F_VALUE] = value")
+        w(1, "floats[F_GNORM] = math.sqrt(gn2)")
+        if self.minibatch:
+            w(1, "ints[I_EPOCH] = epoch")
+            w(1, "ints[I_POS] = pos")
+            w(1, "floats[F_EPOCH_SUM] = epoch_sum")
+        w(1, "return status")
+
+    def _first_order_body(self, w, vg: RowProgram):
+        opt, n = self.opt, self.n
+        if not self.unrolled:
+            for line in vg.param_loads:
+                w(2, line)
+        if self.minibatch:
+            w(2, "if pos == 0:  # a new epoch: Fisher-Yates shuffle of the row order")
+            w(3, "for i in range(n_rows - 1, 0, -1):")
+            w(4, "k = _randbelow(rng, i + 1)")
+            w(4, "r = perm[i]")
+            w(4, "perm[i] = perm[k]")
+            w(4, "perm[k] = r")
+            w(2, "stop = min(pos + batch, n_rows)")
+        if vg.hoisted:
+            w(2, "# parameter-only subexpressions")
+            for line in vg.hoisted:
+                w(2, line)
+        gname = (lambda j: f"g{j}") if self.unrolled else (lambda j: f"g[{j}]")
+        if self.has_data:
+            w(2, "# the exact gradient, summed over the " + ("minibatch" if self.minibatch else "rows"))
+            if self.minibatch:
+                self._accumulate(w, vg, 2, "range(pos, stop)", "perm[i]")
+                mean = self.cost.reduce == "mean"
+                w(2, "scale = 1.0 / (stop - pos)" if mean else "scale = n_rows / (stop - pos)")
+            else:
+                self._accumulate(w, vg, 2, "range(n_rows)", "i")
+                w(2, f"scale = {self._scale()}")
+            w(2, "value = a0 * scale")
+            for j in range(n):
+                w(2, f"{gname(j)} = a{j + 1} * scale  # {vg.outputs[j + 1][0]}")
+        else:
+            w(2, f"value = {vg.outputs[0][1]}")
+            for j in range(n):
+                w(2, f"{gname(j)} = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
+        if self.unrolled:
+            w(2, "gn2 = " + " + ".join(f"g{j} * g{j}" for j in range(n)))
+        else:
+            w(2, "gn2 = 0.0")
+            w(2, "for j in range(N_PARAMS):")
+            w(3, "gn2 += g[j] * g[j]")
+        param = (lambda j: f"p{j}") if self.unrolled else (lambda j: f"theta[{j}]")
+        self._stopping(w, 2, param)
+        if self.minibatch:
+            w(2, "epoch_sum += a0")
+        w(2, f"lr = {self.schedule.code('step')}  # schedule {self.schedule.structure()}")
+        for line in opt.per_step:
+            w(2, _rename(line, self.hyper, self.state))
+        w(2, f"# {opt.name} update ({_comment(opt.reference)})")
+        rules = [_rename(line, self.hyper, self.state) for line in opt.update]
+        if self.unrolled:
+            for j in range(n):
+                for line in rules:
+                    w(2, _unroll(line, j, self.state))
+        else:
+            w(2, "for j in range(N_PARAMS):")
+            for line in rules:
+                w(3, line)
+        if self.minibatch:
+            w(2, "pos = stop")
+            w(2, "if pos >= n_rows:  # end of an epoch")
+            mean_scale = "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
+            w(3, f"epoch_value = epoch_sum * {mean_scale}")
+            w(3, "history[epoch] = epoch_value")
+            w(3, "if epoch_value < best_value:")
+            w(4, "best_value = epoch_value")
+            w(4, "best_step = step + 1")
+            self._copy_best(w, 4, param)
+            w(3, "epoch += 1")
+            w(3, "pos = 0")
+            w(3, "epoch_sum = 0.0")
+
+    def _line_search_body(self, w):
+        w(2, "if fresh == 0:")
+        w(3, "value = _fg(theta, cols, g)")
+        w(3, "nfev += 1")
+        w(2, "fresh = 0")
+        w(2, "gn2 = 0.0")
+        w(2, "for j in range(N_PARAMS):")
+        w(3, "gn2 += g[j] * g[j]")
+        self._stopping(w, 2, lambda j: f"theta[{j}]")
+        w(2, f"# {self.opt.name} step ({_comment(self.opt.reference)})")
+        for line in self.opt.step:
+            w(2, _rename(line, self.hyper, self.state))
+
+    # -- the module ----------------------------------------------------------------------------
+    def source(self, header_lines=()) -> str:
+        vg = self.mb.program("value_and_grad")
+        val = self.mb.program("value") if not self.first_order else None
+        hess = self.mb.program("hessian") if self.opt.kind == "newton" else None
+        body = _Writer()
+        self._full_batch_functions(body, vg, val, hess)
+        if self.opt.helpers:
+            for line in self.opt.helpers.strip("\n").split("\n"):
+                body(0, line)
+            body()
+            body()
+        self._run_chunk(body, vg)
+        body()
+        title = f"the {self.opt.name} descent loop of one cost"
+        head = self.mb.header(header_lines, title=title)
+        return head + self._constants() + body.text() + self._python_driver()
+
+    def _constants(self) -> str:
+        w = _Writer()
+        w(0, "import time")
+        w()
+        for line in _STATUS_LINES:
+            w(0, line)
+        for k, name in enumerate(_INTS):
+            w(0, f"I_{name} = {k}")
+        w(0, f"N_INTS = {len(_INTS)}")
+        for k, name in enumerate(_FLOATS):
+            w(0, f"F_{name} = {k}")
+        w(0, f"N_FLOATS = {len(_FLOATS)}")
+        w(0, f"METHOD = {self.opt.name!r}")
+        w(0, f"FIRST_ORDER = {self.first_order}")
+        w(0, f"MINIBATCH = {self.minibatch}")
+        w(0, f"PARAM_NAMES = ({''.join(ascii(p.name) + ', ' for p in self.cost.params)})")
+        w(0, f"COLUMN_NAMES = ({''.join(ascii(d.name) + ', ' for d in self.cost.data)})")
+        w(0, f"HYPER_NAMES = ({''.join(repr(h) + ', ' for h in self.hyper)})")
+        # The numbers are run-time arguments (one compiled loop serves them all); an exported
+        # module gets its program's numbers written here as the defaults of run().
+        w(0, "HYPER_DEFAULTS = None")
+        sched = self.schedule
+        w(0, f"SCHEDULE = {sched.structure()!r}" if sched is not None else "SCHEDULE = None")
+        w(0, "SCHEDULE_DEFAULTS = None")
+        w(0, "BATCH_SIZE = None")
+        w(0, f"DEFAULT_EPOCHS = {DEFAULT_EPOCHS}")
+        w(0, f"DEFAULT_MAXITER = {self.opt.default_maxiter}")
+        w(0, f"BLOWUP = {BLOWUP!r}")
+        w(0, f"HISTORY_MAX = {HISTORY_MAX}")
+        w(0, f"CHUNK_SECONDS = {CHUNK_SECONDS}")
+        w()
+        w()
+        w(0, "def new_optimizer_state(n):")
+        w(1, f'"""the {self.opt.name} state arrays, initialized"""')
+        shapes = []
+        for name, shape, init in self.opt.state:
+            dims = [("n" if d == "n" else str(self.opt.extra[d]) if d == "memory" else str(d)) for d in shape]
+            shapes.append(f"np.full(({', '.join(dims)},), {float(init)!r}),  # {name}")
+        if shapes:
+            w(1, "return (")
+            for line in shapes:
+                w(2, line)
+            w(1, ")")
+        else:
+            w(1, "return ()")
+        w()
+        if self.minibatch:
+            for line in _RNG_SOURCE.strip("\n").split("\n"):
+                w(0, line)
+        w()
+        w()
+        return w.text()
+
+    def _python_driver(self) -> str:
+        return _DRIVER_SOURCE
+
+
+def generate_source(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool, header_lines=()) -> str:
+    """The full text of the optimizer module."""
+    return _Generator(cost, opt, schedule, minibatch).source(header_lines)
+
+
+_OWN_FILES = ("loop.py", "optim.py", "schedules.py", "result.py")
+_own_fingerprint = None
+
+
+def _fingerprint() -> str:
+    global _own_fingerprint
+    if _own_fingerprint is None:
+        h = hashlib.sha256()
+        here = Path(__file__).parent
+        for name in _OWN_FILES:
+            h.update((here / name).read_bytes())
+        _own_fingerprint = h.hexdigest()
+    return _own_fingerprint
+
+
+def _variant(opt: Optimizer, schedule: Schedule | None, minibatch: bool) -> str:
+    s = schedule.structure() if schedule is not None else "none"
+    return f"optimizer|{opt.structure()}|schedule={s}|{'minibatch' if minibatch else 'fullbatch'}|{_fingerprint()}"
+
+
+_lock = threading.RLock()
+_modules: dict = {}
+
+
+def load_module(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool):
+    """(module, source, path) for the optimizer module, from the kernel cache when possible."""
+    from .compile import _kernel_key, cache_dir, load_or_build
+
+    key = _kernel_key(cost, _variant(opt, schedule, minibatch))
+    memo = (key, str(cache_dir()))
+    with _lock:
+        found = _modules.get(memo)
+        if found is None:
+            found = load_or_build(key, lambda: generate_source(cost, opt, schedule, minibatch))
+            _modules[memo] = found
+        return found
+
+
+class Program:
+    """A compiled optimizer for one cost: ``run``, ``source``, ``export``.
+
+    Made by :func:`calcml.generate`. The module is generated once per (cost, optimizer rule,
+    schedule structure, full batch or minibatch) and cached on disk with the kernels;
+    hyperparameters, schedule numbers and the batch size are run-time arguments.
+    """
+
+    def __init__(self, cost: Cost, opt: Optimizer, schedule: Schedule | None, batch_size, module, source, path):
+        self.cost = cost
+        self.optimizer = opt
+        self.schedule = schedule
+        self.batch_size = batch_size
+        self.module = module
+        self.source = source
+        self.path = path
+        self.notes: list = []
+
+    def __repr__(self):
+        return (f"<calcml.Program {self.optimizer!r} schedule={self.schedule!r} batch_size={self.batch_size} "
+                f"for {self.cost!r}>")
+
+    def run(self, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
+        """Run the compiled descent from ``x0`` (array or dict); same keywords as :func:`calcml.minimize`."""
+        from .minimize import _run_program
+
+        return _run_program(self, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+
+    def export(self, path) -> Path:
+        """Write the module as a standalone file (imports only numpy and numba; no sympy, no
+        calcml) whose ``run(x0, data, ...)`` does the whole fit. Its defaults are this
+        program's hyperparameters, schedule numbers and batch size."""
+        text = self.source
+        lines = [ln for ln in text.split("\n") if not ln.startswith("# calcml-sha256: ")]
+        text = "\n".join(lines)
+        text = text.replace("\nBATCH_SIZE = None\n", f"\nBATCH_SIZE = {self.batch_size!r}\n", 1)
+        hyper = {k: float(v) for k, v in self.optimizer.hyper.items()}
+        text = text.replace("\nHYPER_DEFAULTS = None\n", f"\nHYPER_DEFAULTS = {hyper!r}\n", 1)
+        values = self.schedule.values() if self.schedule is not None else []
+        text = text.replace("\nSCHEDULE_DEFAULTS = None\n", f"\nSCHEDULE_DEFAULTS = {values!r}\n", 1)
+        # numba's cache=True needs a writable __pycache__ beside the file; keep it, it is harmless
+        p = Path(path)
+        p.write_text(text, encoding="utf-8")
+        return p
+
+
+def program_for(cost: Cost, opt: Optimizer, schedule: Schedule | None, batch_size) -> Program:
+    module, source, path = load_module(cost, opt, schedule, batch_size is not None)
+    return Program(cost, opt, schedule, batch_size, module, source, path)

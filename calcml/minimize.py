@@ -1,0 +1,257 @@
+"""``cm.minimize`` and ``cm.generate``: validate the inputs, pick the compiled loop, report.
+
+The Python side only checks what the user gave, lays the data out once, calls the generated
+module's ``run`` (which drives the compiled loop in chunks) and turns its status code into an
+:class:`~calcml.result.OptimizeResult`. Every descent step runs in compiled code.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import time
+
+import numpy as np
+
+from . import optim as _optim
+from . import result as _result
+from .cost import Cost
+from .dataset import as_dataset
+from .errors import DataError, OptimizeError, ParamError
+from .loop import Program, program_for
+from .schedules import Schedule, as_schedule, constant
+
+__all__ = ["minimize", "generate"]
+
+# sgd without a batch size takes minibatches of this many rows (Keras' default).
+SGD_DEFAULT_BATCH = 32
+
+
+def _check_cost(cost):
+    if not isinstance(cost, Cost):
+        raise TypeError(f"expected a cm.Cost, got {type(cost).__name__}")
+
+
+def _resolve(cost: Cost, method, lr, schedule, batch_size):
+    """(optimizer, schedule or None, batch size or None), all validated."""
+    opt = _optim.get(method, lr)
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise OptimizeError(f"batch_size must be a positive integer or None, got batch_size={batch_size!r}")
+        batch_size = int(batch_size)
+    if opt.stochastic and not cost.data:
+        raise OptimizeError(
+            f"{opt.name} is a stochastic method: it draws minibatches of data rows, but this cost has no data "
+            f"columns. Use method='gd' (or another full-batch method) for a plain function of the parameters"
+        )
+    if batch_size is not None and not cost.data:
+        raise OptimizeError(
+            f"batch_size={batch_size} needs data rows to draw minibatches from, but this cost has no data "
+            "columns; leave batch_size=None"
+        )
+    if opt.kind != "first_order":
+        if batch_size is not None:
+            raise OptimizeError(f"{opt.name} works on the full batch; leave batch_size=None (got batch_size={batch_size})")
+        if schedule is not None:
+            raise OptimizeError(f"{opt.name} chooses its step by a line search; it takes no schedule (got {schedule!r})")
+        return opt, None, None
+    if opt.stochastic and batch_size is None:
+        batch_size = SGD_DEFAULT_BATCH
+    if opt.lr == "auto" and schedule is not None:
+        raise OptimizeError("lr='auto' picks a constant rate; with a schedule, the schedule sets the rate (give one or the other)")
+    if schedule is not None and not isinstance(schedule, Schedule):
+        as_schedule(schedule, None)  # raises the error naming the accepted kinds
+    sched = schedule if schedule is not None else constant(1.0 if opt.lr == "auto" else opt.lr)
+    return opt, sched, batch_size
+
+
+def generate(cost: Cost, method="gd", schedule=None, batch_size=None, lr=None) -> Program:
+    """A compiled optimizer for ``cost``: ``prog.run(x0, data, epochs=..., seed=...)``,
+    ``prog.source`` (the generated module), ``prog.export(path)`` (a standalone module).
+
+    ``method`` is a name or an object from :mod:`calcml.optim`; ``schedule`` an object from
+    :mod:`calcml.schedules` (default: the optimizer's constant rate); ``batch_size=None`` for
+    full-batch steps, an integer for minibatches of a per-epoch shuffle.
+
+    >>> import calcml as cm, numpy as np
+    >>> w, b = cm.params("w b"); x, y = cm.data("x y")
+    >>> cost = cm.Cost((w*x + b - y)**2, params=[w, b], data=[x, y])
+    >>> prog = cm.generate(cost, method="adam", lr=0.05, batch_size=16)
+    >>> D = {"x": np.linspace(0, 1, 64), "y": 2 * np.linspace(0, 1, 64) + 1}
+    >>> res = prog.run([0.0, 0.0], D, epochs=200, seed=0)
+    >>> [round(v, 2) for v in res.x]
+    [2.0, 1.0]
+    """
+    _check_cost(cost)
+    opt, sched, batch = _resolve(cost, method, lr, schedule, batch_size)
+    return program_for(cost, opt, sched, batch)
+
+
+def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, batch_size=None, epochs=None,
+             maxiter=None, tol=1e-8, seed=0, progress=False) -> _result.OptimizeResult:
+    """Minimize ``cost`` from ``x0`` with a compiled descent loop.
+
+    ``method``: ``"gd"``, ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"rmsprop"``,
+    ``"adagrad"``, ``"newton"``, ``"lbfgs"`` or an object from :mod:`calcml.optim`; ``lr`` the
+    rate (default: the method's; ``"auto"`` for gd picks ``1/L``, ``L`` a bound on the exact
+    Hessian's largest eigenvalue at ``x0``). ``schedule`` replaces ``lr``. ``x0``: array in
+    ``cost.params`` order or dict ``{name: value}``. ``batch_size``: None (full batch) or
+    minibatch rows, drawn from a per-epoch shuffle seeded by ``seed``. Budget: ``maxiter``
+    updates, or ``epochs`` (minibatch passes; for full-batch runs the same as ``maxiter``);
+    ``tol`` stops a full-batch run when the gradient norm is at most ``tol``.
+    ``progress=True`` draws a progress bar on stderr. Ctrl-C returns the best point so far.
+
+    >>> import calcml as cm, numpy as np
+    >>> w, b = cm.params("w b"); x, y = cm.data("x y")
+    >>> cost = cm.Cost((w*x + b - y)**2, params=[w, b], data=[x, y])
+    >>> D = {"x": np.array([0.0, 1.0, 2.0]), "y": np.array([1.0, 3.0, 5.0])}
+    >>> res = cm.minimize(cost, {"w": 0.0, "b": 0.0}, data=D, method="lbfgs")
+    >>> res.success, {k: round(v, 6) for k, v in res.params.items()}
+    (True, {'w': 2.0, 'b': 1.0})
+    """
+    prog = generate(cost, method=method, schedule=schedule, batch_size=batch_size, lr=lr)
+    return _run_program(prog, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+
+
+# -- running a program ---------------------------------------------------------------------------
+def _as_x0(cost: Cost, x0) -> np.ndarray:
+    names = cost.param_names
+    if isinstance(x0, dict):
+        unknown = [k for k in x0 if k not in names]
+        if unknown:
+            raise ParamError(f"x0 names {', '.join(repr(str(k)) for k in unknown)}, not parameters of this cost; "
+                             f"its parameters are {list(names)}")
+        missing = [k for k in names if k not in x0]
+        if missing:
+            raise ParamError(f"x0 is missing parameter{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(repr(m) for m in missing)}")
+        x0 = [x0[k] for k in names]
+    try:
+        x = np.array(x0, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ParamError(f"x0 must be a 1-D array of {len(names)} floats or a dict of them, got {type(x0).__name__}") from None
+    if x.ndim != 1 or x.shape[0] != len(names):
+        raise ParamError(f"x0 must have shape ({len(names)},) in the order {list(names)}; got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        j = int(np.flatnonzero(~np.isfinite(x))[0])
+        raise ParamError(f"x0[{j}] (parameter {names[j]!r}) is {x[j]}: the starting point must be finite")
+    return x
+
+
+def _count(name, value, minimum=1):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise OptimizeError(f"{name} must be an integer >= {minimum} or None, got {name}={value!r}")
+    return int(value)
+
+
+def _gershgorin_rate(prog: Program, x, columns, notes) -> float:
+    """1/L with L = max_i sum_j |H_ij| >= the largest eigenvalue of the exact Hessian at x."""
+    from .compile import compile as compile_cost
+
+    k = compile_cost(prog.cost)
+    H = k.hessian(x) if not prog.cost.data else k.hessian(x, columns)
+    if not np.all(np.isfinite(H)):
+        raise OptimizeError("lr='auto': the Hessian at x0 is not finite; give lr explicitly")
+    L = float(np.max(np.sum(np.abs(H), axis=1)))
+    if not L > 0.0:
+        lr = 1.0
+        notes.append("lr='auto' chose lr=1: the Hessian at x0 is zero, so it bounds no step")
+    else:
+        lr = 1.0 / L
+        notes.append(
+            f"lr='auto' chose lr={lr:.6g} = 1/L, L={L:.6g} a Gershgorin bound on the largest eigenvalue of the "
+            "exact Hessian at x0 (a safe step where the curvature is no larger than there)"
+        )
+    return lr
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, redrawn between chunks of the compiled loop."""
+
+    def __init__(self, label: str, stream=None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.drawn = False
+
+    def __call__(self, step, total, value):
+        frac = step / total if total else 1.0
+        width = 30
+        full = int(round(frac * width))
+        bar = "#" * full + "." * (width - full)
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r{self.label} [{bar}] {100 * frac:5.1f}% {step}/{total} cost {value:.6g} {elapsed:.1f}s")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self):
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
+    cost, opt = prog.cost, prog.optimizer
+    x = _as_x0(cost, x0)
+    epochs = _count("epochs", epochs)
+    maxiter = _count("maxiter", maxiter, minimum=0)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0 or math.isnan(tol):
+        raise OptimizeError(f"tol must be a non-negative number, got tol={tol!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise OptimizeError(f"seed must be an integer in [0, 2**64), got seed={seed!r}")
+    if not isinstance(progress, bool):
+        raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
+    columns = None
+    if cost.data:
+        ds = as_dataset(data, cost.data_names)
+        ds.raise_nonfinite()
+        columns = ds.columns
+        if prog.batch_size is not None and prog.batch_size > ds.n_rows:
+            raise OptimizeError(f"batch_size={prog.batch_size} is larger than the data ({ds.n_rows} rows)")
+    elif data is not None:
+        raise DataError("this cost has no data columns; call minimize without data")
+    notes = list(prog.notes)
+    sched_args = prog.schedule.values() if prog.schedule is not None else []
+    lr_used = opt.lr
+    if opt.lr == "auto":
+        lr_used = _gershgorin_rate(prog, x, columns, notes)
+        sched_args = [lr_used]
+    bar = _ProgressBar(f"{opt.name}") if progress else None
+    try:
+        out = prog.module.run(
+            x, columns, hyper=dict(opt.hyper), schedule_args=sched_args, batch_size=prog.batch_size,
+            epochs=epochs, maxiter=maxiter, tol=float(tol), seed=int(seed), callback=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    return _report(prog, out, float(tol), lr_used, notes)
+
+
+def _rate_hint(prog: Program, lr_used) -> str:
+    sched = prog.schedule
+    if sched is None:
+        return ""
+    if isinstance(sched, constant):
+        lr = lr_used if isinstance(lr_used, float) else sched.args[0][1]
+        return f" (lr was {lr:g}; try lr={lr / 10:g})"
+    return f" (the schedule {sched!r} starts at {sched.initial:g})"
+
+
+def _report(prog: Program, out: dict, tol: float, lr_used, notes) -> _result.OptimizeResult:
+    status = out["status"]
+    success, msg = _result.message(
+        status, grad_norm=out["grad_norm"], tol=tol, nit=out["nit"], epochs=out["epochs"],
+        diverged_at=out["diverged_at"], blowup=out["blowup"], best_step=out["best_step"],
+        best_value=out["best_value"], rate_hint=_rate_hint(prog, lr_used),
+    )
+    x = out["x"]
+    return _result.OptimizeResult(
+        x=x, params={name: float(v) for name, v in zip(prog.cost.param_names, x)}, fun=out["fun"],
+        grad_norm=out["grad_norm"], jac=out["grad"], nit=out["nit"], nfev=out["nfev"], success=success,
+        status=status, message=msg, history=out["history"], method=prog.optimizer.name,
+        lr=lr_used if prog.optimizer.lr is not None else None, notes=notes,
+    )

@@ -1,0 +1,580 @@
+"""Optimizers as small, pure descriptions: hyperparameters, state, and the update rule as code.
+
+Each optimizer is what optax calls a gradient transformation, written down as data
+(``optax/_src/base.py``, ``alias.py``): its hyperparameters (numbers passed to the compiled
+loop at run time, so one compiled loop serves a sweep), its state arrays, and its update rule
+as lines of code that :mod:`calcml.loop` places inside the generated descent loop, with the
+exact gradient of the cost inlined before them. Adding an optimizer is one function here.
+
+Names the update lines may use: ``theta[j]`` (parameter ``j``), ``g[j]`` (its gradient),
+``<state>[j]`` for each state array, each hyperparameter by name, ``lr`` (the scheduled rate
+of this update) and ``step`` (the number of updates done so far, from 0). ``per_step`` lines
+run once per update before the per-parameter lines.
+
+Newton and L-BFGS are full-batch methods that choose their own step by a line search; their
+step is a call to helper functions (given here as source) of the value, gradient and Hessian.
+
+>>> import calcml as cm
+>>> opt = cm.optim.adam(lr=1e-3)
+>>> opt.name, opt.hyper
+('adam', {'b1': 0.9, 'b2': 0.999, 'eps': 1e-08})
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from dataclasses import dataclass, field
+
+from .errors import OptimizeError
+from .schedules import _real
+
+__all__ = [
+    "Optimizer",
+    "gd",
+    "sgd",
+    "momentum",
+    "nesterov",
+    "adam",
+    "rmsprop",
+    "adagrad",
+    "newton",
+    "lbfgs",
+    "get",
+    "METHODS",
+]
+
+# Hyperparameter and state names: plain words. The generator renames them in the code
+# (``hp_<name>``, ``st_<name>``), so they never meet the cost's own names (p0, c1, t3...).
+_NAME = re.compile(r"^[a-z][a-z0-9]*$")
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer: what the generator needs, nothing hidden.
+
+    ``kind`` is ``"first_order"`` (``update`` lines, inlined per parameter) or ``"newton"`` /
+    ``"lbfgs"`` (a line-searched full-batch step). ``lr`` is the default constant rate
+    (``None`` for methods that pick their own step; ``"auto"`` for gd's safe step).
+    """
+
+    name: str
+    lr: object
+    hyper: dict
+    state: tuple = ()  # ((name, shape, initial value), ...); shape items: "n", "memory" or ints
+    per_step: tuple = ()
+    update: tuple = ()  # first order: per-parameter lines
+    step: tuple = ()  # newton / lbfgs: the lines of one step, calling ``helpers``
+    helpers: str = ""  # module-level source (jitted functions) the step calls
+    kind: str = "first_order"
+    stochastic: bool = False  # needs minibatches (sgd)
+    reference: str = ""
+    default_maxiter: int = 1000
+    extra: dict = field(default_factory=dict)  # structural settings (e.g. L-BFGS memory)
+
+    def __post_init__(self):
+        for name in list(self.hyper) + [s[0] for s in self.state]:
+            if not _NAME.match(name):
+                raise OptimizeError(f"optimizer {self.name}: name {name!r} must be a plain lower-case word")
+
+    def structure(self) -> str:
+        """What the compiled loop depends on: the rule's code, not the numbers."""
+        return "|".join(
+            [self.kind, self.name, ",".join(self.hyper), ",".join(f"{s[0]}{s[1]}{s[2]}" for s in self.state), *self.per_step, *self.update, *self.step, self.helpers,
+             repr(sorted(self.extra.items()))]
+        )
+
+    def with_lr(self, lr) -> "Optimizer":
+        """The same optimizer with another default rate."""
+        return _FACTORIES[self.name](lr=lr, **self.hyper)
+
+    def __repr__(self):
+        args = ([f"lr={self.lr!r}"] if self.lr is not None else []) + [f"{k}={v!r}" for k, v in self.hyper.items()]
+        return f"cm.optim.{self.name}({', '.join(args)})"
+
+
+def _lr(name: str, lr, allow_auto=False):
+    if allow_auto and isinstance(lr, str) and lr == "auto":
+        return "auto"
+    return _real(name, "lr", lr, positive=True)
+
+
+def _unit(name: str, what: str, value) -> float:
+    v = _real(name, what, value)
+    if not 0.0 <= v < 1.0:
+        raise OptimizeError(f"{name} requires 0 <= {what} < 1, got {what}={value!r}")
+    return v
+
+
+# -- line-searched full-batch steps: helper source placed into the generated module ---------
+# They call the module's full-batch ``_f(theta, cols)``, ``_fg(theta, cols, g)`` (value, and
+# gradient into g) and ``_hess(theta, cols, H)``, which the generator writes from the cost.
+
+_NEWTON_HELPERS = '''
+@_jit
+def _cholesky(A, L, mu):
+    """L L^T = A + mu I (lower triangle of L); False when not positive definite"""
+    n = A.shape[0]
+    for i in range(n):
+        for j in range(i + 1):
+            s = A[i, j] + (mu if i == j else 0.0)
+            for k in range(j):
+                s -= L[i, k] * L[j, k]
+            if i == j:
+                if not (s > 0.0):
+                    return False
+                L[i, i] = math.sqrt(s)
+            else:
+                L[i, j] = s / L[j, j]
+    return True
+
+
+@_jit
+def _newton_step(theta, value, g, cols, H, L, d, xt, c1):
+    """One damped Newton step with Armijo backtracking; returns evaluations used (< 0: failed)"""
+    n = theta.shape[0]
+    _hess(theta, cols, H)
+    scale = 0.0
+    for i in range(n):
+        scale = max(scale, abs(H[i, i]))
+    mu = 0.0
+    tau = 1e-10 * max(1.0, scale)
+    # smallest mu in {0, tau, 10 tau, ...} making H + mu I positive definite (N&W 3.4)
+    while not _cholesky(H, L, mu):
+        mu = tau if mu == 0.0 else 10.0 * mu
+        if not (mu < 1e300):
+            return -1
+    # solve L L^T d = -g
+    for i in range(n):
+        s = -g[i]
+        for k in range(i):
+            s -= L[i, k] * d[k]
+        d[i] = s / L[i, i]
+    for i in range(n - 1, -1, -1):
+        s = d[i]
+        for k in range(i + 1, n):
+            s -= L[k, i] * d[k]
+        d[i] = s / L[i, i]
+    slope = 0.0
+    for i in range(n):
+        slope += g[i] * d[i]
+    alpha = 1.0
+    for ls in range(60):
+        for i in range(n):
+            xt[i] = theta[i] + alpha * d[i]
+        ft = _f(xt, cols)
+        if ft <= value + c1 * alpha * slope:
+            for i in range(n):
+                theta[i] = xt[i]
+            return ls + 1
+        alpha *= 0.5
+    return -60
+'''
+
+_LBFGS_HELPERS = '''
+@_jit
+def _phi(a, theta, d, xt, gt, cols):
+    """value and directional derivative at theta + a d (gradient left in gt)"""
+    for i in range(theta.shape[0]):
+        xt[i] = theta[i] + a * d[i]
+    f = _fg(xt, cols, gt)
+    dphi = 0.0
+    for i in range(theta.shape[0]):
+        dphi += gt[i] * d[i]
+    return f, dphi
+
+
+@_jit
+def _cubicmin(a, fa, da, b, fb, db):
+    """minimizer of the cubic through (a, fa, da) and (b, fb, db) (N&W eq. 3.59); nan if none"""
+    d1 = da + db - 3.0 * (fa - fb) / (a - b)
+    s = d1 * d1 - da * db
+    if not (s >= 0.0):
+        return math.nan
+    d2 = math.copysign(math.sqrt(s), b - a)
+    den = db - da + 2.0 * d2
+    if den == 0.0:
+        return math.nan
+    return b - (b - a) * (db + d2 - d1) / den
+
+
+@_jit
+def _wolfe(theta, f0, g, d, xt, gt, cols, a1, c1, c2):
+    """Strong Wolfe line search (N&W Alg. 3.5 / 3.6); returns (alpha, f, evaluations, ok)
+    with xt, gt the point and gradient at alpha when ok"""
+    dphi0 = 0.0
+    for i in range(theta.shape[0]):
+        dphi0 += g[i] * d[i]
+    nfev = 0
+    a_prev, f_prev, d_prev = 0.0, f0, dphi0
+    a = a1
+    lo, flo, dlo, hi, fhi, dhi = 0.0, f0, dphi0, 0.0, f0, dphi0
+    bracketed = False
+    for it in range(40):
+        fa, da = _phi(a, theta, d, xt, gt, cols)
+        nfev += 1
+        if not (fa <= f0 + c1 * a * dphi0) or (it > 0 and fa >= f_prev):
+            lo, flo, dlo, hi, fhi, dhi = a_prev, f_prev, d_prev, a, fa, da
+            bracketed = True
+            break
+        if abs(da) <= -c2 * dphi0:
+            return a, fa, nfev, True
+        if da >= 0.0:
+            lo, flo, dlo, hi, fhi, dhi = a, fa, da, a_prev, f_prev, d_prev
+            bracketed = True
+            break
+        a_prev, f_prev, d_prev = a, fa, da
+        a = 2.0 * a
+    if bracketed:
+        for k in range(40):
+            delta = hi - lo
+            c = _cubicmin(lo, flo, dlo, hi, fhi, dhi) if math.isfinite(fhi) else math.nan
+            if not (math.isfinite(c) and min(lo, hi) + 0.1 * abs(delta) <= c <= max(lo, hi) - 0.1 * abs(delta)):
+                c = lo + 0.5 * delta
+            fc, dc = _phi(c, theta, d, xt, gt, cols)
+            nfev += 1
+            if not (fc <= f0 + c1 * c * dphi0) or fc >= flo:
+                hi, fhi, dhi = c, fc, dc
+            else:
+                if abs(dc) <= -c2 * dphi0:
+                    return c, fc, nfev, True
+                if dc * (hi - lo) >= 0.0:
+                    hi, fhi, dhi = lo, flo, dlo
+                lo, flo, dlo = c, fc, dc
+            if abs(hi - lo) <= 1e-15 * max(1.0, abs(lo)):
+                break
+    else:
+        lo, flo = a_prev, f_prev
+    # No strong-Wolfe point found: accept the best sufficient-decrease point, if any.
+    if lo > 0.0 and flo < f0:
+        fa, da = _phi(lo, theta, d, xt, gt, cols)
+        return lo, fa, nfev + 1, True
+    return 0.0, f0, nfev, False
+
+
+@_jit
+def _lbfgs_step(theta, value, g, cols, S, Y, rho, al, d, xt, gt, mem, c1, c2):
+    """One L-BFGS step (two-loop recursion, N&W Alg. 7.4); updates theta, g in place.
+    Returns (ok, new value, evaluations)"""
+    n = theta.shape[0]
+    m = S.shape[0]
+    nfev = 0
+    for attempt in range(2):
+        count = int(mem[0])
+        head = int(mem[1])
+        for i in range(n):
+            d[i] = g[i]
+        for k in range(count):
+            s = (head - k) % m
+            a = 0.0
+            for i in range(n):
+                a += S[s, i] * d[i]
+            a *= rho[s]
+            al[s] = a
+            for i in range(n):
+                d[i] -= a * Y[s, i]
+        gamma = 1.0
+        if count > 0:
+            sy = 0.0
+            yy = 0.0
+            for i in range(n):
+                sy += S[head, i] * Y[head, i]
+                yy += Y[head, i] * Y[head, i]
+            gamma = sy / yy
+        for i in range(n):
+            d[i] *= gamma
+        for k in range(count - 1, -1, -1):
+            s = (head - k) % m
+            b = 0.0
+            for i in range(n):
+                b += Y[s, i] * d[i]
+            b *= rho[s]
+            for i in range(n):
+                d[i] += S[s, i] * (al[s] - b)
+        slope = 0.0
+        gnorm = 0.0
+        for i in range(n):
+            d[i] = -d[i]
+            slope += g[i] * d[i]
+            gnorm += g[i] * g[i]
+        if not (slope < 0.0):  # not a descent direction: restart from steepest descent
+            mem[0] = 0.0
+            count = 0
+            for i in range(n):
+                d[i] = -g[i]
+        a1 = 1.0 if count > 0 else min(1.0, 1.0 / math.sqrt(gnorm))
+        alpha, fnew, nf, ok = _wolfe(theta, value, g, d, xt, gt, cols, a1, c1, c2)
+        nfev += nf
+        if ok:
+            sy = 0.0
+            for i in range(n):
+                sy += (xt[i] - theta[i]) * (gt[i] - g[i])
+            if sy > 1e-12:
+                head = (int(mem[1]) + 1) % m
+                for i in range(n):
+                    S[head, i] = xt[i] - theta[i]
+                    Y[head, i] = gt[i] - g[i]
+                rho[head] = 1.0 / sy
+                mem[1] = head
+                mem[0] = min(int(mem[0]) + 1, m)
+            for i in range(n):
+                theta[i] = xt[i]
+                g[i] = gt[i]
+            return True, fnew, nfev
+        if count == 0:
+            break
+        mem[0] = 0.0  # the memory misled the search: forget it and try steepest descent
+    return False, value, nfev
+'''
+
+
+_FACTORIES: dict = {}
+
+
+def _register(fn):
+    _FACTORIES[fn.__name__] = fn
+    return fn
+
+
+@_register
+def gd(lr=0.01):
+    r"""Gradient descent on the full batch: :math:`\theta \leftarrow \theta - \eta\,\nabla J(\theta)`.
+
+    ``lr="auto"`` picks :math:`\eta = 1/L` with :math:`L` a bound on the largest eigenvalue of
+    the exact Hessian at ``x0`` (Gershgorin's circle theorem); the result's message says what
+    it chose. Reference: Cauchy (1847); optax ``sgd`` without momentum.
+
+    >>> import calcml as cm
+    >>> a, b = cm.params("a b")
+    >>> res = cm.minimize(cm.Cost((a - 1)**2 + (b + 2)**2, params=[a, b]), [0.0, 0.0], method=cm.optim.gd(lr=0.1))
+    >>> [round(v, 6) for v in res.x]
+    [1.0, -2.0]
+    """
+    return Optimizer("gd", _lr("gd", lr, allow_auto=True), {}, update=("theta[j] -= lr * g[j]",),
+                     reference="Cauchy 1847; optax.sgd(momentum=None)")
+
+
+@_register
+def sgd(lr=0.01):
+    r"""Stochastic gradient descent on minibatches: :math:`\theta \leftarrow \theta - \eta\,g_B`,
+    :math:`g_B` the gradient of the cost over one minibatch of a per-epoch shuffle. Needs data
+    and ``batch_size`` (default 32). Reference: Robbins & Monro (1951); optax ``sgd``.
+
+    >>> import calcml as cm, numpy as np
+    >>> w = cm.params("w"); x, y = cm.data("x y")
+    >>> D = {"x": np.linspace(-1, 1, 200), "y": 3 * np.linspace(-1, 1, 200)}
+    >>> res = cm.minimize(cm.Cost((w*x - y)**2, params=[w], data=[x, y]), [0.0], data=D, method="sgd", lr=0.1, batch_size=20, epochs=20)
+    >>> round(res.x[0], 4)
+    3.0
+    """
+    return Optimizer("sgd", _lr("sgd", lr), {}, update=("theta[j] -= lr * g[j]",), stochastic=True,
+                     reference="Robbins & Monro 1951; optax.sgd")
+
+
+@_register
+def momentum(lr=0.01, momentum=0.9):
+    r"""Heavy-ball momentum (Polyak 1964), in the form of optax ``sgd(momentum=...)`` and PyTorch:
+
+    .. math:: m \leftarrow \beta m + g, \qquad \theta \leftarrow \theta - \eta\, m
+
+    >>> import calcml as cm
+    >>> cm.optim.momentum(lr=0.01, momentum=0.9).hyper
+    {'momentum': 0.9}
+    """
+    return Optimizer(
+        "momentum", _lr("momentum", lr), {"momentum": _unit("momentum", "momentum", momentum)},
+        state=(("m", ("n",), 0.0),),
+        update=("m[j] = momentum * m[j] + g[j]", "theta[j] -= lr * m[j]"),
+        reference="Polyak 1964; optax.sgd(momentum=b) (trace), torch.optim.SGD",
+    )
+
+
+@_register
+def nesterov(lr=0.01, momentum=0.9):
+    r"""Nesterov accelerated gradient (Nesterov 1983) in the form of Sutskever et al. (2013),
+    as optax ``sgd(momentum=..., nesterov=True)`` and PyTorch write it:
+
+    .. math:: m \leftarrow \beta m + g, \qquad \theta \leftarrow \theta - \eta\,(g + \beta m)
+
+    >>> import calcml as cm
+    >>> cm.optim.nesterov(lr=0.01, momentum=0.9)
+    cm.optim.nesterov(lr=0.01, momentum=0.9)
+    """
+    return Optimizer(
+        "nesterov", _lr("nesterov", lr), {"momentum": _unit("nesterov", "momentum", momentum)},
+        state=(("m", ("n",), 0.0),),
+        update=("m[j] = momentum * m[j] + g[j]", "theta[j] -= lr * (g[j] + momentum * m[j])"),
+        reference="Nesterov 1983; Sutskever et al. 2013; optax.sgd(nesterov=True)",
+    )
+
+
+@_register
+def adam(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    r"""Adam (Kingma & Ba 2015, Algorithm 1; optax ``adam`` with ``eps_root=0``), step
+    :math:`t` counted from 0:
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g, \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2, \\
+        \theta \leftarrow \theta - \eta\, \frac{m / (1-\beta_1^{t+1})}{\sqrt{v / (1-\beta_2^{t+1})} + \epsilon}
+
+    >>> import calcml as cm
+    >>> cm.optim.adam(lr=1e-3, b1=0.9, b2=0.999).hyper["eps"]
+    1e-08
+    """
+    return Optimizer(
+        "adam", _lr("adam", lr),
+        {"b1": _unit("adam", "b1", b1), "b2": _unit("adam", "b2", b2), "eps": _real("adam", "eps", eps, positive=True)},
+        state=(("m", ("n",), 0.0), ("v", ("n",), 0.0)),
+        per_step=("bc_one = 1.0 - b1 ** (step + 1)", "bc_two = 1.0 - b2 ** (step + 1)"),
+        update=(
+            "m[j] = b1 * m[j] + (1.0 - b1) * g[j]",
+            "v[j] = b2 * v[j] + (1.0 - b2) * (g[j] * g[j])",
+            "theta[j] -= lr * (m[j] / bc_one) / (math.sqrt(v[j] / bc_two) + eps)",
+        ),
+        reference="Kingma & Ba 2015, Algorithm 1; optax.adam",
+    )
+
+
+@_register
+def rmsprop(lr=0.01, decay=0.9, eps=1e-8):
+    r"""RMSProp (Tieleman & Hinton 2012, lecture 6.5), in the form of PyTorch ``RMSprop`` and
+    Keras (``eps`` outside the root):
+
+    .. math:: \nu \leftarrow \rho \nu + (1-\rho) g^2, \qquad \theta \leftarrow \theta - \eta\, \frac{g}{\sqrt{\nu} + \epsilon}
+
+    >>> import calcml as cm
+    >>> cm.optim.rmsprop(lr=0.01).hyper
+    {'decay': 0.9, 'eps': 1e-08}
+    """
+    return Optimizer(
+        "rmsprop", _lr("rmsprop", lr),
+        {"decay": _unit("rmsprop", "decay", decay), "eps": _real("rmsprop", "eps", eps, positive=True)},
+        state=(("nu", ("n",), 0.0),),
+        update=(
+            "nu[j] = decay * nu[j] + (1.0 - decay) * (g[j] * g[j])",
+            "theta[j] -= lr * g[j] / (math.sqrt(nu[j]) + eps)",
+        ),
+        reference="Tieleman & Hinton 2012; torch.optim.RMSprop",
+    )
+
+
+@_register
+def adagrad(lr=0.01, eps=1e-10):
+    r"""AdaGrad (Duchi, Hazan & Singer 2011), in the form of PyTorch ``Adagrad`` (accumulator from 0):
+
+    .. math:: a \leftarrow a + g^2, \qquad \theta \leftarrow \theta - \eta\, \frac{g}{\sqrt{a} + \epsilon}
+
+    >>> import calcml as cm
+    >>> cm.optim.adagrad(lr=0.1).hyper
+    {'eps': 1e-10}
+    """
+    return Optimizer(
+        "adagrad", _lr("adagrad", lr), {"eps": _real("adagrad", "eps", eps, positive=True)},
+        state=(("acc", ("n",), 0.0),),
+        update=("acc[j] += g[j] * g[j]", "theta[j] -= lr * g[j] / (math.sqrt(acc[j]) + eps)"),
+        reference="Duchi, Hazan & Singer 2011; torch.optim.Adagrad",
+    )
+
+
+@_register
+def newton(c1=1e-4):
+    r"""Damped Newton's method with the exact Hessian and a backtracking (Armijo) line search
+    (Nocedal & Wright, *Numerical Optimization*, 2nd ed., Algorithm 3.2 with the modified
+    Hessian of section 3.4): solve :math:`(H + \mu I)\,d = -g` by Cholesky with the smallest
+    :math:`\mu \in \{0, \tau, 10\tau, \dots\}` that makes the matrix positive definite, then halve
+    :math:`\alpha` from 1 until :math:`J(\theta + \alpha d) \le J(\theta) + c_1 \alpha\, g^\top d`.
+    Full batch only.
+
+    >>> import calcml as cm
+    >>> a, b = cm.params("a b")
+    >>> res = cm.minimize(cm.Cost((1 - a)**2 + 100*(b - a**2)**2, params=[a, b]), [-1.2, 1.0], method="newton")
+    >>> res.success, [round(v, 8) for v in res.x]
+    (True, [1.0, 1.0])
+    """
+    c1 = _real("newton", "c1", c1, positive=True)
+    if c1 >= 0.5:
+        raise OptimizeError(f"newton requires 0 < c1 < 0.5, got c1={c1!r}")
+    return Optimizer(
+        "newton", None, {"c1": c1}, kind="newton", default_maxiter=200,
+        state=(("hmat", ("n", "n"), 0.0), ("lmat", ("n", "n"), 0.0), ("d", ("n",), 0.0), ("xt", ("n",), 0.0)),
+        step=(
+            "nf = _newton_step(theta, value, g, cols, hmat, lmat, d, xt, c1)",
+            "if nf < 0:",
+            "    nfev -= nf",
+            "    status = LINE_SEARCH_FAILED",
+            "    break",
+            "nfev += nf",
+        ),
+        helpers=_NEWTON_HELPERS,
+                     reference="Nocedal & Wright 2006, Alg. 3.2 and section 3.4")
+
+
+@_register
+def lbfgs(memory=10, c1=1e-4, c2=0.9):
+    r"""Limited-memory BFGS (Liu & Nocedal 1989; Nocedal & Wright Algorithm 7.4, two-loop
+    recursion) with a line search satisfying the strong Wolfe conditions (Algorithms 3.5/3.6,
+    cubic interpolation in the zoom): :math:`J(\theta+\alpha d) \le J + c_1\alpha g^\top d` and
+    :math:`|\nabla J(\theta+\alpha d)^\top d| \le c_2 |g^\top d|`. Full batch only.
+
+    >>> import calcml as cm
+    >>> a, b = cm.params("a b")
+    >>> res = cm.minimize(cm.Cost((1 - a)**2 + 100*(b - a**2)**2, params=[a, b]), [-1.2, 1.0], method="lbfgs")
+    >>> res.success, [round(v, 6) for v in res.x]
+    (True, [1.0, 1.0])
+    """
+    if isinstance(memory, bool) or not isinstance(memory, numbers.Integral) or memory < 1:
+        raise OptimizeError(f"lbfgs requires a positive integer memory, got memory={memory!r}")
+    c1 = _real("lbfgs", "c1", c1, positive=True)
+    c2 = _real("lbfgs", "c2", c2, positive=True)
+    if not c1 < c2 < 1.0:
+        raise OptimizeError(f"lbfgs requires 0 < c1 < c2 < 1, got c1={c1!r}, c2={c2!r}")
+    return Optimizer(
+        "lbfgs", None, {"c1": c1, "c2": c2}, kind="lbfgs", default_maxiter=1000,
+        state=(
+            ("s", ("memory", "n"), 0.0), ("y", ("memory", "n"), 0.0), ("rho", ("memory",), 0.0),
+            ("al", ("memory",), 0.0), ("d", ("n",), 0.0), ("xt", ("n",), 0.0), ("gt", ("n",), 0.0), ("mem", (2,), 0.0),
+        ),
+        step=(
+            "ok, fnew, nf = _lbfgs_step(theta, value, g, cols, s, y, rho, al, d, xt, gt, mem, c1, c2)",
+            "nfev += nf",
+            "if not ok:",
+            "    status = LINE_SEARCH_FAILED",
+            "    break",
+            "value = fnew",
+            "fresh = 1",
+        ),
+        helpers=_LBFGS_HELPERS,
+                     extra={"memory": int(memory)},
+                     reference="Liu & Nocedal 1989; Nocedal & Wright 2006, Alg. 7.4, 3.5, 3.6")
+
+
+# The registry of method names (scipy's idea: a table, not an if/elif chain).
+METHODS = dict(_FACTORIES)
+
+
+def get(method, lr=None) -> Optimizer:
+    """An optimizer from a name (with ``lr``, else its default rate) or an optimizer object.
+
+    A name takes the usual defaults; an object keeps its own settings, and ``lr`` (when not
+    None) replaces its rate.
+    """
+    if isinstance(method, Optimizer):
+        opt = method
+        if lr is not None:
+            if opt.lr is None:
+                raise OptimizeError(f"{opt.name} chooses its own step by a line search; it takes no lr (got lr={lr!r})")
+            opt = opt.with_lr(lr)
+        return opt
+    if not isinstance(method, str):
+        raise OptimizeError(f"method must be a name or an optimizer from cm.optim, got {method!r}")
+    factory = METHODS.get(method)
+    if factory is None:
+        raise OptimizeError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    opt = factory()
+    if lr is not None:
+        if opt.lr is None:
+            raise OptimizeError(f"{method} chooses its own step by a line search; it takes no lr (got lr={lr!r})")
+        opt = opt.with_lr(lr)
+    return opt
+
+

@@ -1,0 +1,105 @@
+"""The result of a run: scipy's field names, and one table from status code to message.
+
+Not converging is a result, not an exception (``scipy/optimize/_optimize.py``): ``success``
+says whether the run reached what it was asked for, ``status`` is a code from
+:data:`STATUS`, and ``message`` says in words what happened and, for a divergence, where and
+what to try.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["OptimizeResult", "STATUS", "CONVERGED", "MAXITER", "EPOCHS_DONE", "DIVERGED", "INTERRUPTED", "LINE_SEARCH_FAILED"]
+
+# The codes the generated loop returns (the same numbers are written into every generated module).
+CONVERGED = 0
+MAXITER = 1
+EPOCHS_DONE = 2
+DIVERGED = 3
+INTERRUPTED = 4
+LINE_SEARCH_FAILED = 5
+
+# status -> (success, message template). Templates may use the fields of ``_message``.
+STATUS = {
+    CONVERGED: (True, "Converged: the gradient norm {grad_norm:.3g} is at most tol={tol:g} after {nit} iterations."),
+    MAXITER: (False, "Maximum number of iterations reached ({nit}) before the gradient norm fell to tol={tol:g}."),
+    EPOCHS_DONE: (True, "Completed {epochs} epochs ({nit} updates)."),
+    DIVERGED: (
+        False,
+        "Diverged at iteration {diverged_at}: the cost or the parameters became non-finite or blew up "
+        "(beyond {blowup:.3g}). Returned the best point seen (iteration {best_step}, cost {best_value:.6g}). "
+        "Try a smaller learning rate{rate_hint}.",
+    ),
+    INTERRUPTED: (False, "Interrupted (Ctrl-C) after {nit} iterations; returned the best point seen (iteration {best_step}, cost {best_value:.6g})."),
+    LINE_SEARCH_FAILED: (
+        False,
+        "The line search found no point that decreases the cost at iteration {nit} (gradient norm {grad_norm:.3g}); "
+        "the point is as close to a minimum as this precision allows, or the cost is not smooth there.",
+    ),
+}
+
+
+def message(status: int, **fields) -> tuple:
+    """(success, message) for a status code, filled from ``fields``."""
+    success, template = STATUS[status]
+    return success, template.format(**fields)
+
+
+@dataclass
+class OptimizeResult:
+    """The outcome of :func:`calcml.minimize` or ``Program.run``.
+
+    ``x`` (array, ``cost.params`` order), ``params`` (name -> float), ``fun`` (the full cost
+    at ``x``), ``grad_norm`` (Euclidean norm of the full gradient at ``x``), ``jac`` (that
+    gradient), ``nit`` (optimizer updates), ``nfev`` (cost evaluations by line searches, 0 for
+    first-order methods), ``success``, ``status``, ``message``, ``history`` (the cost per
+    iteration, or per epoch for minibatch runs: the mean of the epoch's minibatch costs),
+    ``method``, ``lr`` (the rate used, when one), ``notes`` (choices made for the user, e.g.
+    by ``lr="auto"``).
+    """
+
+    x: np.ndarray
+    params: dict
+    fun: float
+    grad_norm: float
+    jac: np.ndarray
+    nit: int
+    nfev: int
+    success: bool
+    status: int
+    message: str
+    history: np.ndarray
+    method: str = ""
+    lr: object = None
+    notes: list = field(default_factory=list)
+
+    def __repr__(self):
+        lines = [
+            f"  message: {self.message}",
+            f"  success: {self.success}",
+            f"   status: {self.status}",
+            f"      fun: {self.fun!r}",
+            f"        x: {np.array2string(self.x, precision=8)}",
+            f"grad_norm: {self.grad_norm!r}",
+            f"      nit: {self.nit}",
+            f"   method: {self.method}",
+        ]
+        for note in self.notes:
+            lines.append(f"     note: {note}")
+        return "OptimizeResult(\n" + "\n".join(lines) + "\n)"
+
+    def plot(self, ax=None):
+        """The cost history (matplotlib; log scale when the costs are positive)."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        ax.plot(np.arange(len(self.history)), self.history)
+        if len(self.history) and np.all(self.history > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch" if "epochs" in self.message else "iteration")
+        ax.set_ylabel("cost")
+        ax.set_title(f"{self.method}: {self.message.split(':')[0]}")
+        return ax
