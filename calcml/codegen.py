@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from .backprop import backprop
 from .cost import Cost
 from .printing import NumbaPrinter, helper_source
 from .rewrite import stabilize
@@ -81,9 +82,21 @@ class _Plan:
 
 
 def plan(sym: _Symbolic, data_symbols) -> _Plan:
+    """One CSE over value, gradient and Hessian together."""
     exprs = [sym.value, *sym.gradient, *sym.hessian_upper]
     gen = sp.numbered_symbols("_cse", cls=sp.Dummy)
     temps, outputs = sp.cse(exprs, symbols=gen, order="none", ignore=())
+    return _classify(temps, list(outputs), data_symbols)
+
+
+def plan_backprop(cost: Cost) -> _Plan:
+    """Value and gradient by reverse-mode sweeps over the stable expression (no CSE needed)."""
+    temps, value, grads = backprop(stabilize(cost.expr), cost.params)
+    return _classify(temps, [value, *grads], cost.data)
+
+
+def _classify(temps, outputs, data_symbols) -> _Plan:
+    """Mark the temporaries that depend on a data column (the rest are hoisted)."""
     temp_set = {s for s, _ in temps}
     data_set = set(data_symbols)
     row_temps, deps = set(), {}
@@ -92,7 +105,7 @@ def plan(sym: _Symbolic, data_symbols) -> _Plan:
         deps[s] = free & temp_set
         if free & data_set or deps[s] & row_temps:
             row_temps.add(s)
-    return _Plan(temps, list(outputs), row_temps, deps)
+    return _Plan(temps, outputs, row_temps, deps)
 
 
 def _closure(plan_: _Plan, exprs) -> list:
@@ -149,9 +162,14 @@ class ModuleBuilder:
 
     def __init__(self, cost: Cost, with_hessian: bool, sym: _Symbolic | None = None):
         self.cost = cost
-        self.sym = sym or derive(cost, with_hessian)
         self.with_hessian = with_hessian
-        self.plan = plan(self.sym, cost.data)
+        if with_hessian:
+            self.sym = sym or derive(cost, with_hessian)
+            self.plan = plan(self.sym, cost.data)
+        else:
+            # Without a Hessian, backpropagation scales to thousands of parameters.
+            self.sym = _Symbolic(None, [], [], [])
+            self.plan = plan_backprop(cost)
         names = {p: f"p{j}" for j, p in enumerate(cost.params)}
         names.update({d: f"x{k}" for k, d in enumerate(cost.data)})
         row_i = hoist_i = 0

@@ -166,6 +166,8 @@ PROBLEMS = [
     Problem("explog", _explog()),
     Problem("huber", _huber(), kinks=(_huber_residual() ** 2 - 1,)),
     Problem("tanh_net", _tanh_net()),
+    # more than 16 parameters: value and gradient by backpropagation, Hessian in its own module
+    Problem("tanh_net_wide", _tanh_net(hidden=6), theta_range=(-1.0, 1.0)),
     Problem("nonsmooth", _nonsmooth(), kinks=_nonsmooth_kinks()),
     Problem("rosenbrock", _rosenbrock()),
     Problem("nodata_mixed", _nodata_mixed(), kinks=(cm.params("u"),)),
