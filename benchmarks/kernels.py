@@ -8,8 +8,8 @@ Numba kernel without fastmath (the policy). GB/s is the bytes of data read per p
 the median time.
 
 - W0: triad ``a = b + s*c`` over 200 MB (three 66.7 MB arrays), Numba prange, 1 and 2
-  threads; also a read-only sum over the same 200 MB (W1 and W2 only read, so this is
-  their ceiling).
+  threads; also read-only sums over the same 200 MB, one stream and nine concurrent
+  streams (W1 and W2 only read, nine columns at once: that is their ceiling).
 - W1: linear regression, mean squared error, d = 8 + bias, N = 1,000,000: one value and
   gradient, mean over rows.
 - W2: logistic regression, the stable log-loss ``softplus(z) - y*z`` with ``z = w.x + b``,
@@ -73,10 +73,29 @@ def triad(a, b, c, s):
 
 @njit(parallel=True, fastmath={"reassoc"})
 def read_sum(x):
+    """One read stream."""
     s = 0.0
     for i in prange(x.shape[0]):
         s += x[i]
     return s
+
+
+@njit(parallel=True, fastmath={"reassoc"})
+def read_sum9(X, chunk):
+    """Read-only over X = (9, m), the nine rows at once: nine concurrent streams, like
+    W1's nine columns."""
+    m = X.shape[1]
+    nch = (m + chunk - 1) // chunk
+    part = np.empty(nch)
+    for c in prange(nch):
+        lo = c * chunk
+        hi = min(lo + chunk, m)
+        s = 0.0
+        for t in range(lo, hi):
+            i = np.uintp(t)
+            s += X[0, i] + X[1, i] + X[2, i] + X[3, i] + X[4, i] + X[5, i] + X[6, i] + X[7, i] + X[8, i]
+        part[c] = s
+    return part.sum()
 
 
 # ======================================================================================
@@ -651,9 +670,12 @@ def run_w0(a) -> str:
     for t in a.threads:
         fns[("triad a = b + s*c", t)] = lambda: triad(A, B, C, 3.0)
         nbytes[("triad a = b + s*c", t)] = 3 * n * 8
+    X9 = buf[: (buf.shape[0] // 9) * 9].reshape(9, -1)
     for t in a.threads:
-        fns[("read-only sum", t)] = lambda: read_sum(buf)
-        nbytes[("read-only sum", t)] = buf.nbytes
+        fns[("read-only sum, 1 stream", t)] = lambda: read_sum(buf)
+        nbytes[("read-only sum, 1 stream", t)] = buf.nbytes
+        fns[("read-only sum, 9 streams (chunks of 16k)", t)] = lambda: read_sum9(X9, CHUNK)
+        nbytes[("read-only sum, 9 streams (chunks of 16k)", t)] = X9.nbytes
     res = measure_interleaved(fns, rounds=a.rounds, budget=a.budget * len(fns), nbytes=nbytes,
                               setup=lambda key: numba.set_num_threads(key[1]))
     rows = []
