@@ -147,12 +147,12 @@ def _count(name, value, minimum=1):
     return int(value)
 
 
-def _gershgorin_rate(prog: Program, x, columns, notes) -> float:
+def _gershgorin_rate(prog: Program, x, ds, notes) -> float:
     """1/L with L = max_i sum_j |H_ij| >= the largest eigenvalue of the exact Hessian at x."""
     from .compile import compile as compile_cost
 
     k = compile_cost(prog.cost)
-    H = k.hessian(x) if not prog.cost.data else k.hessian(x, columns)
+    H = k.hessian(x) if ds is None else k.hessian(x, ds)
     if not np.all(np.isfinite(H)):
         raise OptimizeError("lr='auto': the Hessian at x0 is not finite; give lr explicitly")
     L = float(np.max(np.sum(np.abs(H), axis=1)))
@@ -204,7 +204,7 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
         raise OptimizeError(f"seed must be an integer in [0, 2**64), got seed={seed!r}")
     if not isinstance(progress, bool):
         raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
-    columns = None
+    columns = ds = None
     if cost.data:
         ds = as_dataset(data, cost.data_names)
         ds.raise_nonfinite()
@@ -217,7 +217,7 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
     sched_args = prog.schedule.values() if prog.schedule is not None else []
     lr_used = opt.lr
     if opt.lr == "auto":
-        lr_used = _gershgorin_rate(prog, x, columns, notes)
+        lr_used = _gershgorin_rate(prog, x, ds, notes)
         sched_args = [lr_used]
     bar = _ProgressBar(f"{opt.name}") if progress else None
     try:

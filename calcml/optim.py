@@ -210,9 +210,14 @@ def _wolfe(theta, f0, g, d, xt, gt, cols, a1, c1, c2):
     a = a1
     lo, flo, dlo, hi, fhi, dhi = 0.0, f0, dphi0, 0.0, f0, dphi0
     bracketed = False
+    # Near a minimum, the decrease c1 a g.d falls below the rounding of f: then accept the
+    # approximate Wolfe conditions of Hager & Zhang (2005), which test slopes, not values.
+    fuzz = 1e-10 * abs(f0)
     for it in range(40):
         fa, da = _phi(a, theta, d, xt, gt, cols)
         nfev += 1
+        if fa <= f0 + fuzz and c2 * dphi0 <= da <= (2.0 * c1 - 1.0) * dphi0:
+            return a, fa, nfev, True
         if not (fa <= f0 + c1 * a * dphi0) or (it > 0 and fa >= f_prev):
             lo, flo, dlo, hi, fhi, dhi = a_prev, f_prev, d_prev, a, fa, da
             bracketed = True
@@ -233,6 +238,8 @@ def _wolfe(theta, f0, g, d, xt, gt, cols, a1, c1, c2):
                 c = lo + 0.5 * delta
             fc, dc = _phi(c, theta, d, xt, gt, cols)
             nfev += 1
+            if fc <= f0 + fuzz and c2 * dphi0 <= dc <= (2.0 * c1 - 1.0) * dphi0:
+                return c, fc, nfev, True
             if not (fc <= f0 + c1 * c * dphi0) or fc >= flo:
                 hi, fhi, dhi = c, fc, dc
             else:
@@ -514,7 +521,9 @@ def lbfgs(memory=10, c1=1e-4, c2=0.9):
     r"""Limited-memory BFGS (Liu & Nocedal 1989; Nocedal & Wright Algorithm 7.4, two-loop
     recursion) with a line search satisfying the strong Wolfe conditions (Algorithms 3.5/3.6,
     cubic interpolation in the zoom): :math:`J(\theta+\alpha d) \le J + c_1\alpha g^\top d` and
-    :math:`|\nabla J(\theta+\alpha d)^\top d| \le c_2 |g^\top d|`. Full batch only.
+    :math:`|\nabla J(\theta+\alpha d)^\top d| \le c_2 |g^\top d|`; near the minimum, where the
+    decrease is below the rounding of :math:`J`, the approximate Wolfe conditions of Hager & Zhang
+    (2005) (slopes only). Full batch only.
 
     >>> import calcml as cm
     >>> a, b = cm.params("a b")

@@ -1,0 +1,463 @@
+"""Compiled optimizers against independent oracles.
+
+* known minima (Rosenbrock's (1, 1)), numpy's least squares, a scipy L-BFGS fit of the
+  logistic log-loss written in NumPy;
+* the published update rules transcribed into plain NumPy, step by step (full batch), and a
+  NumPy transcription of a whole minibatch run, shuffle included (SplitMix64 in Python ints);
+* the schedules' closed forms, inside the compiled loop;
+* divergence, determinism, Ctrl-C, progress, bad inputs.
+
+Compiled programs are shared through module-scoped fixtures: each (cost, optimizer rule,
+schedule kind, batching) compiles once per test session.
+"""
+
+from __future__ import annotations
+
+import _thread
+import io
+import math
+import threading
+
+import numpy as np
+import pytest
+import scipy.optimize
+
+import calcml as cm
+from calcml import result as R
+from problems import BY_NAME
+
+ROSEN = BY_NAME["rosenbrock"].cost
+LINREG = BY_NAME["linreg"].cost  # w0 w1 w2 b ; x0 x1 x2 y ; mean of squared residuals
+LOGISTIC = BY_NAME["logistic"].cost  # softplus(z) - y z, z = w.x + b
+
+
+def rosen_f(p):
+    a, b = p
+    return (1 - a) ** 2 + 100 * (b - a * a) ** 2
+
+
+def rosen_grad(p):
+    a, b = p
+    return np.array([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)])
+
+
+@pytest.fixture(scope="module")
+def linreg_data():
+    rng = np.random.default_rng(42)
+    X = rng.normal(size=(120, 3))
+    y = X @ np.array([1.5, -2.0, 0.5]) + 0.7 + 0.1 * rng.normal(size=120)
+    data = {"x0": X[:, 0], "x1": X[:, 1], "x2": X[:, 2], "y": y}
+    A = np.column_stack([X, np.ones(len(y))])
+    exact = np.linalg.lstsq(A, y, rcond=None)[0]
+    return data, A, y, exact
+
+
+def linreg_cost(theta, A, y):
+    r = A @ theta - y
+    return float(np.mean(r * r))
+
+
+@pytest.fixture(scope="module")
+def logistic_data():
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(150, 3))
+    z = X @ np.array([1.0, -1.5, 0.5]) - 0.3
+    y = (rng.random(150) < 1 / (1 + np.exp(-z))).astype(float)
+    return {"x0": X[:, 0], "x1": X[:, 1], "x2": X[:, 2], "y": y}, np.column_stack([X, np.ones(150)]), y
+
+
+# --------------------------------------------------------------------------------------------
+# Rosenbrock: every method that can reaches (1, 1)
+# --------------------------------------------------------------------------------------------
+ROSEN_RUNS = {
+    # method -> (optimizer, schedule, maxiter, how close to (1, 1))
+    "gd": (cm.optim.gd(lr=1e-3), None, 100_000, 1e-6),
+    "momentum": (cm.optim.momentum(lr=1e-3, momentum=0.9), None, 50_000, 1e-6),
+    "nesterov": (cm.optim.nesterov(lr=1e-3, momentum=0.9), None, 50_000, 1e-6),
+    "adam": (cm.optim.adam(lr=1e-3), None, 50_000, 1e-6),
+    "adagrad": (cm.optim.adagrad(lr=0.5), None, 50_000, 1e-6),
+    # RMSProp's steps do not shrink with the gradient: it needs a decaying rate to settle
+    "rmsprop": (cm.optim.rmsprop(lr=1e-3), cm.schedules.exponential(1e-3, decay=0.9999), 50_000, 1e-4),
+    "newton": (cm.optim.newton(), None, 200, 1e-8),
+    "lbfgs": (cm.optim.lbfgs(), None, 1000, 1e-8),
+}
+
+
+@pytest.fixture(scope="module")
+def rosen_programs():
+    return {name: cm.generate(ROSEN, method=opt, schedule=sched) for name, (opt, sched, _, _) in ROSEN_RUNS.items()}
+
+
+@pytest.mark.parametrize("name", list(ROSEN_RUNS))
+def test_rosenbrock_minimum(rosen_programs, name):
+    _, _, maxiter, close = ROSEN_RUNS[name]
+    res = rosen_programs[name].run([-1.2, 1.0], maxiter=maxiter, tol=1e-9)
+    assert np.all(np.isfinite(res.x))
+    assert np.max(np.abs(res.x - 1.0)) < close, (name, res)
+    assert res.fun == pytest.approx(rosen_f(res.x), rel=1e-12, abs=1e-300)
+    assert res.grad_norm == pytest.approx(np.linalg.norm(rosen_grad(res.x)), rel=1e-9, abs=1e-15)
+    if name in ("gd", "momentum", "nesterov", "adam", "newton", "lbfgs", "adagrad"):
+        assert res.success and res.status == R.CONVERGED, res.message
+    assert set(res.params) == {"a", "b"}
+
+
+# --------------------------------------------------------------------------------------------
+# Update rules step by step against NumPy transcriptions of the published rules
+# --------------------------------------------------------------------------------------------
+def numpy_trajectory(name, hyper, lr, x0, steps):
+    """Iterates x_0..x_steps of the published rule, in plain NumPy (lr: function of t)."""
+    x = np.array(x0, dtype=float)
+    m = np.zeros_like(x)
+    v = np.zeros_like(x)
+    out = [x.copy()]
+    for t in range(steps):
+        g = rosen_grad(x)
+        if name == "gd":
+            x = x - lr(t) * g
+        elif name == "momentum":  # Polyak heavy ball, optax trace form
+            m = hyper["momentum"] * m + g
+            x = x - lr(t) * m
+        elif name == "nesterov":  # Sutskever et al. 2013 / optax nesterov=True
+            m = hyper["momentum"] * m + g
+            x = x - lr(t) * (g + hyper["momentum"] * m)
+        elif name == "adam":  # Kingma & Ba 2015, Algorithm 1
+            b1, b2, eps = hyper["b1"], hyper["b2"], hyper["eps"]
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            mhat = m / (1 - b1 ** (t + 1))
+            vhat = v / (1 - b2 ** (t + 1))
+            x = x - lr(t) * mhat / (np.sqrt(vhat) + eps)
+        elif name == "rmsprop":  # Tieleman & Hinton 2012 / torch.optim.RMSprop
+            v = hyper["decay"] * v + (1 - hyper["decay"]) * g * g
+            x = x - lr(t) * g / (np.sqrt(v) + hyper["eps"])
+        elif name == "adagrad":  # Duchi et al. 2011 / torch.optim.Adagrad
+            v = v + g * g
+            x = x - lr(t) * g / (np.sqrt(v) + hyper["eps"])
+        out.append(x.copy())
+    return out
+
+
+@pytest.mark.parametrize("name", ["gd", "momentum", "nesterov", "adam", "rmsprop", "adagrad"])
+def test_update_rule_step_by_step(rosen_programs, name):
+    opt, sched, _, _ = ROSEN_RUNS[name]
+    lr = sched if sched is not None else (lambda t: opt.lr)
+    x0 = [-1.2, 1.0]
+    want = numpy_trajectory(name, opt.hyper, lr, x0, 20)
+    prog = rosen_programs[name]
+    for k in range(1, 21):
+        res = prog.run(x0, maxiter=k, tol=0.0)
+        assert res.nit == k
+        np.testing.assert_allclose(res.x, want[k], rtol=1e-12, atol=1e-14, err_msg=f"{name} step {k}")
+    # the history holds the cost at each iterate before its update
+    np.testing.assert_allclose(res.history, [rosen_f(x) for x in want[:20]], rtol=1e-12)
+
+
+def splitmix_shuffles(seed, n, epochs):
+    """The row orders of the generated loop, in Python integers (SplitMix64 + Fisher-Yates)."""
+    mask = (1 << 64) - 1
+    state = seed
+    perm = list(range(n))
+    orders = []
+    for _ in range(epochs):
+        for i in range(n - 1, 0, -1):
+            state = (state + 0x9E3779B97F4A7C15) & mask
+            z = state
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+            z = z ^ (z >> 31)
+            k = z % (i + 1)
+            perm[i], perm[k] = perm[k], perm[i]
+        orders.append(list(perm))
+    return orders
+
+
+def test_minibatch_nesterov_against_numpy(linreg_data):
+    """A whole minibatch run, shuffles and the short last batch included, in NumPy."""
+    data, A, y, _ = linreg_data
+    n, batch, epochs, lr, mom = len(y), 16, 3, 0.01, 0.9  # 120 rows: 7 batches of 16, one of 8
+    res = cm.minimize(LINREG, np.zeros(4), data=data, method=cm.optim.nesterov(lr=lr, momentum=mom),
+                      batch_size=batch, epochs=epochs, seed=123)
+    x = np.zeros(4)
+    m = np.zeros(4)
+    means = []
+    for order in splitmix_shuffles(123, n, epochs):
+        total = 0.0
+        for start in range(0, n, batch):
+            rows = np.array(order[start:start + batch])
+            r = A[rows] @ x - y[rows]
+            total += np.sum(r * r)
+            g = 2 * A[rows].T @ r / len(rows)
+            m = mom * m + g
+            x = x - lr * (g + mom * m)
+        means.append(total / n)
+    np.testing.assert_allclose(res.x, x, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(res.history, means, rtol=1e-12)
+    assert res.nit == epochs * 8 and res.success and res.status == R.EPOCHS_DONE
+
+
+# --------------------------------------------------------------------------------------------
+# Linear regression against numpy's least squares; logistic regression against scipy
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["gd", "newton", "lbfgs"])
+def test_linreg_full_batch_matches_lstsq(linreg_data, method):
+    data, A, y, exact = linreg_data
+    lr = "auto" if method == "gd" else None
+    res = cm.minimize(LINREG, np.zeros(4), data=data, method=method, lr=lr, maxiter=20_000, tol=1e-10)
+    assert res.success, res.message
+    np.testing.assert_allclose(res.x, exact, rtol=0, atol=1e-8)
+    if method == "gd":
+        assert any("lr='auto' chose lr=" in note for note in res.notes)
+        # the chosen rate is 1/L, L >= the largest eigenvalue of the Hessian 2 A^T A / n
+        lam = np.linalg.eigvalsh(2 * A.T @ A / len(y)).max()
+        assert 0 < res.lr <= 1 / lam
+
+
+STOCHASTIC = {
+    "sgd": cm.optim.sgd(lr=0.05),
+    "momentum": cm.optim.momentum(lr=0.01, momentum=0.9),
+    "nesterov": cm.optim.nesterov(lr=0.01, momentum=0.9),
+    "adam": cm.optim.adam(lr=0.02),
+    "rmsprop": cm.optim.rmsprop(lr=0.01),
+    "adagrad": cm.optim.adagrad(lr=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(STOCHASTIC))
+def test_linreg_minibatch_close_to_lstsq(linreg_data, name):
+    data, A, y, exact = linreg_data
+    opt = STOCHASTIC[name]
+    epochs, batch = 60, 12
+    steps = epochs * math.ceil(len(y) / batch)
+    sched = cm.schedules.cosine(opt.lr, steps=steps)  # decay to 0: the noise floor vanishes
+    res = cm.minimize(LINREG, np.zeros(4), data=data, method=opt, schedule=sched, batch_size=batch,
+                      epochs=epochs, seed=3)
+    best = linreg_cost(exact, A, y)
+    assert res.success and res.status == R.EPOCHS_DONE, res.message
+    assert res.fun == pytest.approx(linreg_cost(res.x, A, y), rel=1e-12)
+    assert (res.fun - best) / best < 1e-3, (name, res.fun, best)
+    assert len(res.history) == epochs
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "newton"])
+def test_logistic_matches_scipy(logistic_data, method):
+    data, A, y = logistic_data
+
+    def f_and_g(theta):
+        z = A @ theta
+        f = np.mean(np.logaddexp(0, z) - y * z)
+        g = A.T @ (1 / (1 + np.exp(-z)) - y) / len(y)
+        return f, g
+
+    ref = scipy.optimize.minimize(f_and_g, np.zeros(4), jac=True, method="L-BFGS-B",
+                                  options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10_000})
+    res = cm.minimize(LOGISTIC, np.zeros(4), data=data, method=method, tol=1e-10)
+    assert res.success, res.message
+    np.testing.assert_allclose(res.x, ref.x, rtol=1e-6, atol=1e-7)
+    assert res.fun == pytest.approx(ref.fun, rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules: closed forms, and the same rates inside the compiled loop
+# --------------------------------------------------------------------------------------------
+SCHEDULES = {
+    "constant": (cm.schedules.constant(0.1), lambda t: 0.1),
+    "step": (cm.schedules.step(0.1, every=3, factor=0.5), lambda t: 0.1 * 0.5 ** (t // 3)),
+    "exponential": (cm.schedules.exponential(0.1, decay=0.9), lambda t: 0.1 * 0.9**t),
+    "inverse_time": (cm.schedules.inverse_time(0.1, decay=0.5), lambda t: 0.1 / (1 + 0.5 * t)),
+    "cosine": (cm.schedules.cosine(0.1, steps=10, final=0.01),
+               lambda t: 0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * min(t, 10) / 10))),
+    "warmup": (cm.schedules.warmup(cm.schedules.exponential(0.1, decay=0.9), steps=4),
+               lambda t: t / 4 * 0.1 if t < 4 else 0.1 * 0.9 ** (t - 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_closed_form(name):
+    sched, want = SCHEDULES[name]
+    for t in range(25):
+        assert sched(t) == pytest.approx(want(t), rel=1e-14, abs=1e-300)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_in_compiled_loop(name):
+    """gd on a bowl, (x - 3)^2 / 2: x_{t+1} = x_t - lr(t) (x_t - 3), transcribed."""
+    sched, want = SCHEDULES[name]
+    u = cm.params("u")
+    bowl = cm.Cost((u - 3) ** 2 / 2, params=[u])
+    res = cm.minimize(bowl, [0.0], method="gd", schedule=sched, maxiter=15, tol=0.0)
+    x = 0.0
+    for t in range(15):
+        x = x - want(t) * (x - 3)
+    assert res.x[0] == pytest.approx(x, rel=1e-13)
+
+
+def test_one_compiled_loop_serves_a_rate_sweep(rosen_programs):
+    """Rates are arguments: another lr reuses the module (no new source, same file)."""
+    prog1 = cm.generate(ROSEN, method="gd", lr=1e-3)
+    prog2 = cm.generate(ROSEN, method="gd", lr=5e-4)
+    assert prog1.path == prog2.path and prog1.module is prog2.module
+    r1 = prog1.run([-1.2, 1.0], maxiter=10, tol=0.0)
+    r2 = prog2.run([-1.2, 1.0], maxiter=10, tol=0.0)
+    np.testing.assert_allclose(r1.x, numpy_trajectory("gd", {}, lambda t: 1e-3, [-1.2, 1.0], 10)[-1], rtol=1e-13)
+    np.testing.assert_allclose(r2.x, numpy_trajectory("gd", {}, lambda t: 5e-4, [-1.2, 1.0], 10)[-1], rtol=1e-13)
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism, divergence, Ctrl-C, progress
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adam_minibatch():
+    return cm.generate(LINREG, method=cm.optim.adam(lr=0.01), batch_size=16)
+
+
+def test_same_seed_bit_identical(adam_minibatch, linreg_data):
+    data = linreg_data[0]
+    a = adam_minibatch.run(np.zeros(4), data, epochs=5, seed=11)
+    b = adam_minibatch.run(np.zeros(4), data, epochs=5, seed=11)
+    c = adam_minibatch.run(np.zeros(4), data, epochs=5, seed=12)
+    assert a.x.tobytes() == b.x.tobytes() and a.history.tobytes() == b.history.tobytes()
+    assert a.x.tobytes() != c.x.tobytes()
+
+
+def test_chunking_does_not_change_the_bits(adam_minibatch, linreg_data):
+    """The run resumes exactly between chunks: 1-step chunks give the one-call bits."""
+    data = linreg_data[0]
+    cols = tuple(data[k] for k in LINREG.data_names)
+    kw = dict(hyper=dict(adam_minibatch.optimizer.hyper), schedule_args=[0.01], batch_size=16, epochs=3, seed=5)
+    whole = adam_minibatch.module.run(np.zeros(4), cols, first_chunk=10**9, **kw)
+    steps = adam_minibatch.module.run(np.zeros(4), cols, first_chunk=1, **kw)
+    assert whole["x"].tobytes() == steps["x"].tobytes()
+    assert whole["history"].tobytes() == steps["history"].tobytes()
+
+
+def test_divergence_returns_best_point(rosen_programs):
+    prog = cm.generate(ROSEN, method="gd", lr=0.01)  # far too large for Rosenbrock
+    res = prog.run([-1.2, 1.0], maxiter=1000)
+    assert not res.success and res.status == R.DIVERGED
+    assert "Diverged at iteration" in res.message and "smaller learning rate" in res.message
+    assert "lr=0.001" in res.message  # the suggestion
+    assert np.all(np.isfinite(res.x)) and np.isfinite(res.fun)
+    assert res.fun <= rosen_f([-1.2, 1.0])
+    assert res.fun == pytest.approx(rosen_f(res.x), rel=1e-12)
+    assert res.nit < 1000
+
+
+def test_divergence_minibatch(linreg_data):
+    data = linreg_data[0]
+    res = cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", lr=50.0, batch_size=16, epochs=5)
+    assert res.status == R.DIVERGED and "Diverged at iteration" in res.message
+    np.testing.assert_array_equal(res.x, np.zeros(4))  # no epoch finished: the best point is x0
+
+
+def test_interrupt_from_callback_returns_best_point(rosen_programs):
+    prog = rosen_programs["gd"]
+    calls = []
+
+    def callback(step, total, value):
+        calls.append(step)
+        raise KeyboardInterrupt
+
+    out = prog.module.run(np.array([-1.2, 1.0]), None, hyper={}, schedule_args=[1e-3], maxiter=10**6, tol=0.0,
+                          callback=callback, first_chunk=100)
+    assert out["status"] == R.INTERRUPTED and calls == [100]
+    assert out["nit"] == 100
+    assert out["fun"] == pytest.approx(rosen_f(out["x"]), rel=1e-12)
+    assert out["fun"] <= rosen_f([-1.2, 1.0])
+
+
+def test_ctrl_c_during_a_long_run(rosen_programs):
+    """A real KeyboardInterrupt in the main thread during minimize: the best point comes back."""
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    try:
+        res = cm.minimize(ROSEN, [-1.2, 1.0], method="gd", lr=1e-5, maxiter=10**10, tol=0.0)
+    finally:
+        timer.cancel()
+    assert res.status == R.INTERRUPTED and not res.success
+    assert "Interrupted" in res.message
+    assert 0 < res.nit < 10**10
+    assert res.fun < rosen_f([-1.2, 1.0])
+
+
+def test_progress_bar(rosen_programs, capsys):
+    res = cm.minimize(ROSEN, [-1.2, 1.0], method="gd", lr=1e-3, maxiter=2000, progress=True)
+    err = capsys.readouterr().err
+    assert "gd [" in err and "cost" in err and err.endswith("\n")
+    assert res.nit == 2000
+
+
+def test_result_fields_and_dict_x0(linreg_data):
+    data = linreg_data[0]
+    x0 = {"w0": 0.0, "w1": 0.0, "w2": 0.0, "b": 0.0}
+    res = cm.minimize(LINREG, x0, data=data, method="lbfgs")
+    for name in ("x", "params", "fun", "grad_norm", "nit", "success", "status", "message", "history"):
+        assert hasattr(res, name)
+    assert list(res.params) == ["w0", "w1", "w2", "b"]
+    assert "message" in repr(res)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: cm.optim.adam(lr=-1.0), r"positive lr, got lr=-1.0"),
+        (lambda: cm.optim.momentum(momentum=1.5), r"momentum=1.5"),
+        (lambda: cm.optim.adam(b1=1.0), r"b1=1.0"),
+        (lambda: cm.optim.adam(lr=float("nan")), r"finite"),
+        (lambda: cm.optim.lbfgs(memory=0), r"memory=0"),
+        (lambda: cm.optim.lbfgs(c1=0.9, c2=0.5), r"c1 < c2"),
+        (lambda: cm.schedules.step(0.1, every=0), r"every=0"),
+        (lambda: cm.schedules.exponential(0.1, decay=1.5), r"decay=1.5"),
+        (lambda: cm.schedules.cosine(0.1, steps=2.5), r"steps=2.5"),
+        (lambda: cm.schedules.warmup(0.1, steps=3), r"warmup wraps a schedule"),
+        (lambda: cm.optim.gd(lr="fast"), r"lr='fast'"),
+    ],
+)
+def test_bad_hyperparameters_refused_at_construction(make, match):
+    with pytest.raises(cm.OptimizeError, match=match):
+        make()
+
+
+def test_bad_minimize_inputs(linreg_data):
+    data = linreg_data[0]
+    with pytest.raises(cm.OptimizeError, match="unknown method 'adamw'"):
+        cm.minimize(ROSEN, [0.0, 0.0], method="adamw")
+    with pytest.raises(cm.OptimizeError, match="stochastic method"):
+        cm.minimize(ROSEN, [0.0, 0.0], method="sgd")
+    with pytest.raises(cm.OptimizeError, match="no data columns"):
+        cm.minimize(ROSEN, [0.0, 0.0], method="adam", batch_size=4)
+    with pytest.raises(cm.OptimizeError, match=r"batch_size=500 is larger than the data \(120 rows\)"):
+        cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", batch_size=500)
+    with pytest.raises(cm.OptimizeError, match="batch_size must be a positive integer"):
+        cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", batch_size=0)
+    with pytest.raises(cm.OptimizeError, match="newton works on the full batch"):
+        cm.minimize(LINREG, np.zeros(4), data=data, method="newton", batch_size=8)
+    with pytest.raises(cm.OptimizeError, match="it takes no lr"):
+        cm.minimize(ROSEN, [0.0, 0.0], method="lbfgs", lr=0.1)
+    with pytest.raises(cm.OptimizeError, match="schedule must be an object"):
+        cm.minimize(ROSEN, [0.0, 0.0], method="gd", schedule=0.1)
+    with pytest.raises(cm.OptimizeError, match="lr='auto'"):
+        cm.minimize(ROSEN, [0.0, 0.0], method="gd", lr="auto", schedule=cm.schedules.constant(0.1))
+    with pytest.raises(cm.ParamError, match=r"shape \(2,\)"):
+        cm.minimize(ROSEN, [0.0, 0.0, 0.0], method="gd")
+    with pytest.raises(cm.ParamError, match="missing parameter 'b'"):
+        cm.minimize(ROSEN, {"a": 0.0}, method="gd")
+    with pytest.raises(cm.ParamError, match="'c', not parameters"):
+        cm.minimize(ROSEN, {"a": 0.0, "b": 0.0, "c": 1.0}, method="gd")
+    with pytest.raises(cm.ParamError, match="must be finite"):
+        cm.minimize(ROSEN, [np.nan, 0.0], method="gd")
+    with pytest.raises(cm.DataError, match="no data columns"):
+        cm.minimize(ROSEN, [0.0, 0.0], data={"x": [1.0]}, method="gd")
+    with pytest.raises(cm.DataError, match="needs data"):
+        cm.minimize(LINREG, np.zeros(4), method="gd")
+    bad = dict(data, y=np.where(np.arange(120) == 7, np.nan, data["y"]))
+    with pytest.raises(cm.DataError, match="'y'.*row 7"):
+        cm.minimize(LINREG, np.zeros(4), data=bad, method="gd")
+    with pytest.raises(cm.OptimizeError, match="epochs must be"):
+        cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", epochs=2.5)
+    with pytest.raises(cm.OptimizeError, match="seed must be"):
+        cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", seed=-1)
+    with pytest.raises(cm.OptimizeError, match="tol must be"):
+        cm.minimize(ROSEN, [0.0, 0.0], method="gd", tol=-1.0)
