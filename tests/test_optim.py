@@ -461,3 +461,50 @@ def test_bad_minimize_inputs(linreg_data):
         cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", seed=-1)
     with pytest.raises(cm.OptimizeError, match="tol must be"):
         cm.minimize(ROSEN, [0.0, 0.0], method="gd", tol=-1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The exported module: a fresh process with only numpy and numba
+# --------------------------------------------------------------------------------------------
+_EXPORT_SCRIPT = r"""
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('sympy', 'calcml', 'scipy'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import fit_linreg
+data = np.load(sys.argv[2])
+cols = {name: data[name] for name in fit_linreg.COLUMN_NAMES}
+out = fit_linreg.run(np.zeros(4), cols, epochs=4, seed=9)
+print(json.dumps({"x": out["x"].tolist(), "fun": out["fun"], "status": out["status_name"],
+                  "history": out["history"].tolist(),
+                  "mods": sorted(m for m in sys.modules if m.split('.')[0] in ('sympy', 'calcml'))}))
+"""
+
+
+def test_export_runs_standalone(tmp_path, linreg_data):
+    import json
+    import subprocess
+    import sys
+
+    data = linreg_data[0]
+    prog = cm.generate(LINREG, method=cm.optim.nesterov(lr=0.02, momentum=0.8),
+                       schedule=cm.schedules.exponential(0.02, decay=0.99), batch_size=10)
+    path = prog.export(tmp_path / "fit_linreg.py")
+    text = path.read_text()
+    imports = [line for line in text.splitlines() if line.lstrip().startswith(("import ", "from "))]
+    assert imports and not any("sympy" in line or "calcml" in line for line in imports), imports
+    np.savez(tmp_path / "data.npz", **data)
+    script = tmp_path / "check.py"
+    script.write_text(_EXPORT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "data.npz")],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["mods"] == [] and got["status"] == "epochs done"
+    mine = prog.run(np.zeros(4), data, epochs=4, seed=9)
+    assert np.array(got["x"]).tobytes() == mine.x.tobytes()  # same bits in the fresh process
+    assert got["history"] == mine.history.tolist()
