@@ -206,8 +206,7 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
         raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
     columns = ds = None
     if cost.data:
-        ds = as_dataset(data, cost.data_names)
-        ds.raise_nonfinite()
+        ds = as_dataset(data, cost.data_names)  # finiteness: checked in the loop's first pass
         columns = ds.columns
         if prog.batch_size is not None and prog.batch_size > ds.n_rows:
             raise OptimizeError(f"batch_size={prog.batch_size} is larger than the data ({ds.n_rows} rows)")
@@ -225,6 +224,9 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
             x, columns, hyper=dict(opt.hyper), schedule_args=sched_args, batch_size=prog.batch_size,
             epochs=epochs, maxiter=maxiter, tol=float(tol), seed=int(seed), callback=bar,
         )
+    except prog.module.NonFiniteData:
+        ds.raise_nonfinite()  # names the column and the row
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -95,7 +95,7 @@ def test_rosenbrock_minimum(rosen_programs, name):
     assert np.all(np.isfinite(res.x))
     assert np.max(np.abs(res.x - 1.0)) < close, (name, res)
     assert res.fun == pytest.approx(rosen_f(res.x), rel=1e-12, abs=1e-300)
-    assert res.grad_norm == pytest.approx(np.linalg.norm(rosen_grad(res.x)), rel=1e-9, abs=1e-15)
+    assert res.grad_norm == pytest.approx(np.linalg.norm(rosen_grad(res.x)), rel=1e-9, abs=1e-13)  # cancellation near 0
     if name in ("gd", "momentum", "nesterov", "adam", "newton", "lbfgs", "adagrad"):
         assert res.success and res.status == R.CONVERGED, res.message
     assert set(res.params) == {"a", "b"}
