@@ -24,13 +24,15 @@ import sympy as sp
 
 from .backprop import backprop
 from .cost import Cost
+from .errors import CodegenError
 from .printing import NumbaPrinter, helper_source
 from .rewrite import stabilize
 
 # Rows per chunk: the unit of parallel work and of the two-level (chunk, total) summation.
 CHUNK = 4096
-# Above this many outputs, a chunk accumulates into a small local array instead of scalars.
-SCALAR_ACCUMULATORS_MAX = 64
+# Rows per block inside a chunk: one accumulator lane per row. 16 (not 8) so that LLVM
+# vectorises the lane loop instead of unrolling it into scalar code.
+LANES = 16
 # Costs with at most this many parameters get the Hessian in the same module (joint CSE).
 HESSIAN_INLINE_MAX = 16
 
@@ -163,27 +165,38 @@ class ModuleBuilder:
     def __init__(self, cost: Cost, with_hessian: bool, sym: _Symbolic | None = None):
         self.cost = cost
         self.with_hessian = with_hessian
+        # Value and gradient: backpropagation (one forward and one backward sweep; scales to
+        # thousands of parameters and shares the adjoint, e.g. 2*(residual), across the
+        # gradient). Hessian: exact diff with one CSE over value, gradient and Hessian.
+        self.plan_vg = plan_backprop(cost)
         if with_hessian:
             self.sym = sym or derive(cost, with_hessian)
-            self.plan = plan(self.sym, cost.data)
+            self.plan_h = plan(self.sym, cost.data)
         else:
-            # Without a Hessian, backpropagation scales to thousands of parameters.
             self.sym = _Symbolic(None, [], [], [])
-            self.plan = plan_backprop(cost)
+            self.plan_h = None
         names = {p: f"p{j}" for j, p in enumerate(cost.params)}
         names.update({d: f"x{k}" for k, d in enumerate(cost.data)})
         row_i = hoist_i = 0
-        for s, _ in self.plan.temps:
-            if s in self.plan.row_temps:
-                names[s] = f"t{row_i}"
-                row_i += 1
-            else:
-                names[s] = f"h{hoist_i}"
-                hoist_i += 1
+        for pl in (self.plan_vg, self.plan_h):
+            for s, _ in pl.temps if pl else ():
+                if s in pl.row_temps:
+                    names[s] = f"t{row_i}"
+                    row_i += 1
+                else:
+                    names[s] = f"h{hoist_i}"
+                    hoist_i += 1
         self.names = names
         self.printer = NumbaPrinter(names)
         self.n = len(cost.params)
         self.has_data = bool(cost.data)
+
+    def _plan(self, kind: str) -> _Plan:
+        if kind == "hessian":
+            if self.plan_h is None:
+                raise CodegenError("this module was built without the Hessian")
+            return self.plan_h
+        return self.plan_vg
 
     # -- pieces ----------------------------------------------------------------------------
     def _p(self, e) -> str:
@@ -191,14 +204,13 @@ class ModuleBuilder:
 
     def _outputs(self, kind: str) -> list:
         """(label, expr) of what kernel ``kind`` returns, in output-slot order."""
-        out = self.plan.outputs
+        out = self._plan(kind).outputs
+        if kind == "hessian":
+            names = [_comment(p.name) for p in self.cost.params]
+            return [(f"d2/d {names[i]} d {names[j]}", out[1 + self.n + k]) for k, (i, j) in enumerate(self.sym.pairs)]
         value = [("value", out[0])]
         grad = [(f"d/d {_comment(p.name)}", out[1 + j]) for j, p in enumerate(self.cost.params)]
-        hess = [
-            (f"d2/d {_comment(self.cost.params[i].name)} d {_comment(self.cost.params[j].name)}", out[1 + self.n + k])
-            for k, (i, j) in enumerate(self.sym.pairs)
-        ]
-        return {"value": value, "grad": grad, "value_and_grad": value + grad, "hessian": hess}[kind]
+        return {"value": value, "grad": grad, "value_and_grad": value + grad}[kind]
 
     def program(self, kind: str) -> "RowProgram":
         """The straight-line code that computes ``kind``'s outputs for one row.
@@ -207,7 +219,8 @@ class ModuleBuilder:
         loops of :mod:`calcml.loop` place these lines inside their own loops.
         """
         outs = self._outputs(kind)
-        temps = _closure(self.plan, [e for _, e in outs])
+        pl = self._plan(kind)
+        temps = _closure(pl, [e for _, e in outs])
         used = self._free_symbols(temps, outs)
         return RowProgram(
             kind=kind,
@@ -215,11 +228,11 @@ class ModuleBuilder:
                 f"p{j} = theta[{j}]  # {_comment(p.name)}" for j, p in enumerate(self.cost.params) if p in used
             ],
             column_loads=[f"c{k} = cols[{k}]  # column {_comment(d.name)}" for k, d in enumerate(self.cost.data)],
-            hoisted=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s not in self.plan.row_temps],
+            hoisted=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s not in pl.row_temps],
             # Every column is read, even one this kernel's outputs do not need: the
             # finiteness check validates all the data, whichever kernel sees it.
             row_loads=[f"x{k} = c{k}[{{row}}]" for k in range(len(self.cost.data))],
-            row=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s in self.plan.row_temps],
+            row=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s in pl.row_temps],
             outputs=[(label, self._p(e)) for label, e in outs],
             # x - x is 0.0 for finite x and NaN for inf/NaN: a free check that the data are finite.
             check=" + ".join(f"(x{k} - x{k})" for k in range(len(self.cost.data))) or "0.0",
@@ -258,11 +271,17 @@ class ModuleBuilder:
         w(1, "return out")
 
     def _kernel_rows(self, w: _Writer, kind: str, parallel: bool):
-        """A fused pass over the rows: per-chunk partial sums, combined in chunk order."""
+        """A fused pass over the rows: per-chunk partial sums, combined in chunk order.
+
+        Inside a chunk, rows go in blocks of LANES: row ``base + l`` adds into lane ``l`` of
+        each accumulator. The lane loop carries no dependence, so LLVM vectorises it
+        without reassociating any sum (fastmath stays off), and the summation order is
+        fixed by this source: serial and threaded twins give the same bits for any thread
+        count. Indices are unsigned so that loads need no negative-index wraparound.
+        """
         prog = self.program(kind)
         m = len(prog.outputs)  # accumulated slots (+1 for the finiteness check)
         slots = m + 1
-        scalar = slots <= SCALAR_ACCUMULATORS_MAX
         suffix = "_parallel" if parallel else "_serial"
         loop = "prange" if parallel else "range"
         w(0, "@_jit_parallel" if parallel else "@_jit")
@@ -280,23 +299,31 @@ class ModuleBuilder:
         w(1, f"for chunk in {loop}(nchunks):")
         w(2, "start = chunk * CHUNK")
         w(2, "stop = min(start + CHUNK, n)")
-        if scalar:
-            for k in range(slots):
-                w(2, f"a{k} = 0.0")
-            acc = lambda k: f"a{k}"  # noqa: E731
-        else:
-            w(2, f"acc = np.zeros({slots})")
-            acc = lambda k: f"acc[{k}]"  # noqa: E731
-        w(2, "for i in range(start, stop):")
-        for line in prog.row_loads:
-            w(3, line.format(row="i"))
-        for line in prog.row:
-            w(3, line)
-        for k, (label, code) in enumerate(prog.outputs):
-            w(3, f"{acc(k)} += {code}  # {label}")
-        w(3, f"{acc(m)} += {prog.check}")
-        for k in range(slots):
-            w(2, f"partial[chunk, {k}] = {acc(k)}")
+        w(2, f"acc = np.zeros(({slots}, LANES))")
+        w(2, "nblocks = (stop - start) // LANES")
+
+        def row_body(indent, lane):
+            for line in prog.row_loads:
+                w(indent, line.format(row="i"))
+            for line in prog.row:
+                w(indent, line)
+            for k, (label, code) in enumerate(prog.outputs):
+                w(indent, f"acc[{k}, {lane}] += {code}  # {label}")
+            w(indent, f"acc[{m}, {lane}] += {prog.check}")
+
+        w(2, "for block in range(nblocks):")
+        w(3, "base = start + block * LANES")
+        w(3, "for lane in range(LANES):")
+        w(4, "i = np.uintp(base + lane)")
+        row_body(4, "lane")
+        w(2, "for r in range(start + nblocks * LANES, stop):  # the rows after the last full block")
+        w(3, "i = np.uintp(r)")
+        row_body(3, "0")
+        w(2, f"for k in range({slots}):")
+        w(3, "s = 0.0")
+        w(3, "for lane in range(LANES):")
+        w(4, "s += acc[k, lane]")
+        w(3, "partial[chunk, k] = s")
         w(1, f"total = np.zeros({slots})")
         w(1, "for chunk in range(nchunks):")
         w(2, f"for k in range({slots}):")
@@ -362,6 +389,7 @@ class ModuleBuilder:
         if self.has_data:
             head(0, f"_jit_parallel = numba.njit(parallel=True, {flags})")
             head(0, f"CHUNK = {CHUNK}")
+            head(0, f"LANES = {LANES}")
         head(0, f"N_PARAMS = {self.n}")
         head(0, f"N_COLUMNS = {len(self.cost.data)}")
         head(0, f"HAS_HESSIAN = {self.with_hessian}")

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _version
 from .cost import Cost
-from .dataset import Dataset, as_dataset
+from .dataset import Dataset, as_dataset, pack
 from .errors import CacheError, CodegenError, ParamError
 
 __all__ = ["compile", "Kernels", "cache_dir"]
@@ -217,8 +217,14 @@ class Kernels:
 
     # -- inputs ------------------------------------------------------------------------
     def prepare(self, data) -> Dataset:
-        """Validate and lay out ``data`` once, for repeated calls."""
-        return as_dataset(data, self.cost.data_names)
+        """Validate ``data`` once and copy it into calcml's preferred layout, for repeated calls.
+
+        The result is a :class:`~calcml.dataset.Dataset` (one contiguous block, one row
+        per column) that every kernel accepts without further checks or copies.
+        """
+        ds = as_dataset(data, self.cost.data_names)
+        ds.raise_nonfinite()
+        return pack(ds)
 
     def _theta(self, theta) -> np.ndarray:
         try:
