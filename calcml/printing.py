@@ -32,10 +32,11 @@ _pycode = importlib.import_module("sympy.printing.pycode")
 HELPERS = {
     "_sigmoid": '''\
 def _sigmoid(z):
-    """logistic 1/(1+exp(-z)); exp only of non-positive numbers, so it never overflows"""
+    """logistic 1/(1+exp(-z)) from e = exp(-|z|) in (0, 1]: never overflows. The same e
+    as _softplus computes, so LLVM merges the two exp calls when both are inlined."""
+    e = math.exp(-abs(z))
     if z >= 0.0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
+        return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 ''',
     "_softplus": '''\
