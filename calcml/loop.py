@@ -38,7 +38,7 @@ from sympy.printing.precedence import precedence
 from pathlib import Path
 
 from . import result as _result
-from .codegen import HESSIAN_INLINE_MAX, ModuleBuilder, RowProgram, _comment, _Writer
+from .codegen import ModuleBuilder, RowProgram, _comment, _Writer
 from .cost import Cost
 from .optim import Optimizer
 from .printing import NumbaPrinter
@@ -132,8 +132,8 @@ def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs,
     n = N_PARAMS
     theta = np.array(x0, dtype=np.float64).reshape(-1).copy()
     g = np.zeros(n)
-    f0, check = _fg_checked(theta, cols, g)
-    if check != 0.0:
+    f0 = _fg(theta, cols, g)
+    if not np.isfinite(f0) and COLUMN_NAMES and not all(np.isfinite(c).all() for c in cols):
         raise NonFiniteData("the data hold a non-finite value (NaN or inf)")
     n_rows = cols[0].shape[0] if COLUMN_NAMES else 0
     if MINIBATCH:
@@ -289,8 +289,10 @@ class _LatencyPrinter(NumbaPrinter):
 def _latency_printer(mb: ModuleBuilder) -> _LatencyPrinter:
     """A latency-ordering printer with the builder's names, and readiness of its temporaries."""
     printer = _LatencyPrinter(mb.names, {})
-    for sym, expr in mb.plan.temps:
-        printer.depth[sym] = printer.ready(expr)
+    for attr in ("plan", "plan_vg", "plan_h"):  # the builder's derivation plans, whichever it has
+        found = getattr(mb, attr, None)
+        for sym, expr in getattr(found, "temps", ()):
+            printer.depth[sym] = printer.ready(expr)
     return printer
 
 
@@ -300,9 +302,7 @@ class _Generator:
     def __init__(self, cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool):
         self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
         self.first_order = opt.kind == "first_order"
-        # Like the kernels: small costs get the joint-CSE derivation (it prints tighter gradient
-        # code), large ones reverse-mode sweeps; Newton always needs the Hessian.
-        self.mb = ModuleBuilder(cost, with_hessian=opt.kind == "newton" or len(cost.params) <= HESSIAN_INLINE_MAX)
+        self.mb = ModuleBuilder(cost, with_hessian=opt.kind == "newton")
         self.mb.printer = _latency_printer(self.mb)
         self.n = len(cost.params)
         self.has_data = bool(cost.data)
@@ -335,32 +335,27 @@ class _Generator:
     def _full_batch_functions(self, w, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None):
         """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
         n = self.n
-        for checked in (False, True):
-            name = "_fg_checked" if checked else "_fg"
-            w(0, "@_jit")
-            w(0, f"def {name}(theta, cols, g):")
-            if checked:
-                w(1, '"""_fg, and the sum of (x - x) over all data: 0.0 when they are finite, NaN if not"""')
-            else:
-                w(1, '"""the full-batch cost at theta; its gradient is written into g"""')
-            for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
-                w(1, line)
-            if self.has_data:
-                w(1, "n_rows = c0.shape[0]")
-                extra = [vg.check] if checked else []
-                prog = RowProgram(vg.kind, vg.param_loads, vg.column_loads, vg.hoisted, vg.row_loads, vg.row,
-                                  vg.outputs + [("data finiteness check", c) for c in extra], vg.check, vg.pairs)
-                self._accumulate(w, prog, 1, "range(n_rows)", "i")
-                w(1, f"scale = {self._scale()}")
-                for j in range(n):
-                    w(1, f"g[{j}] = a{j + 1} * scale")
-                w(1, f"return a0 * scale, a{n + 1}" if checked else "return a0 * scale")
-            else:
-                for j in range(n):
-                    w(1, f"g[{j}] = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
-                w(1, f"return {vg.outputs[0][1]}, 0.0" if checked else f"return {vg.outputs[0][1]}")
-            w()
-            w()
+        w(0, "@_jit")
+        w(0, "def _fg(theta, cols, g):")
+        w(1, '"""the full-batch cost at theta; its gradient is written into g. NaN when a datum is not finite"""')
+        for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
+            w(1, line)
+        if self.has_data:
+            w(1, "n_rows = c0.shape[0]")
+            # x - x is 0.0 for finite x, NaN otherwise: the data are checked in the same pass
+            prog = RowProgram(vg.kind, vg.param_loads, vg.column_loads, vg.hoisted, vg.row_loads, vg.row,
+                              vg.outputs + [("data finiteness check", vg.check)], vg.check, vg.pairs)
+            self._accumulate(w, prog, 1, "range(n_rows)", "i")
+            w(1, f"scale = {self._scale()}")
+            for j in range(n):
+                w(1, f"g[{j}] = a{j + 1} * scale")
+            w(1, f"return a0 * scale + a{n + 1}")
+        else:
+            for j in range(n):
+                w(1, f"g[{j}] = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
+            w(1, f"return {vg.outputs[0][1]}")
+        w()
+        w()
         if val is not None:
             w(0, "@_jit")
             w(0, "def _f(theta, cols):")
@@ -589,7 +584,7 @@ class _Generator:
     # -- the module ----------------------------------------------------------------------------
     def source(self, header_lines=()) -> str:
         vg = self.mb.program("value_and_grad")
-        val = self.mb.program("value") if not self.first_order else None
+        val = self.mb.program("value") if self.opt.kind == "newton" else None
         hess = self.mb.program("hessian") if self.opt.kind == "newton" else None
         body = _Writer()
         self._full_batch_functions(body, vg, val, hess)
@@ -683,7 +678,8 @@ def _fingerprint() -> str:
 
 def _variant(opt: Optimizer, schedule: Schedule | None, minibatch: bool) -> str:
     s = schedule.structure() if schedule is not None else "none"
-    return f"optimizer|{opt.structure()}|schedule={s}|{'minibatch' if minibatch else 'fullbatch'}|{_fingerprint()}"
+    batching = "minibatch" if minibatch else "fullbatch"
+    return f"optimizer|{opt.structure()}|schedule={s}|{batching}|unroll<={UNROLL_MAX}|{_fingerprint()}"
 
 
 _lock = threading.RLock()

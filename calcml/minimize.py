@@ -16,6 +16,7 @@ import numpy as np
 
 from . import optim as _optim
 from . import result as _result
+from .codegen import HESSIAN_INLINE_MAX
 from .cost import Cost
 from .dataset import as_dataset
 from .errors import DataError, OptimizeError, ParamError
@@ -147,25 +148,58 @@ def _count(name, value, minimum=1):
     return int(value)
 
 
-def _gershgorin_rate(prog: Program, x, ds, notes) -> float:
-    """1/L with L = max_i sum_j |H_ij| >= the largest eigenvalue of the exact Hessian at x."""
-    from .compile import compile as compile_cost
+def _auto_rate(prog: Program, x, ds, notes) -> float:
+    """``lr="auto"``: 1/L for gradient descent, L the curvature scale at x0.
 
-    k = compile_cost(prog.cost)
-    H = k.hessian(x) if ds is None else k.hessian(x, ds)
-    if not np.all(np.isfinite(H)):
-        raise OptimizeError("lr='auto': the Hessian at x0 is not finite; give lr explicitly")
-    L = float(np.max(np.sum(np.abs(H), axis=1)))
-    if not L > 0.0:
-        lr = 1.0
-        notes.append("lr='auto' chose lr=1: the Hessian at x0 is zero, so it bounds no step")
+    Up to ``HESSIAN_INLINE_MAX`` parameters, L = max_i sum_j |H_ij| (Gershgorin) of the exact
+    Hessian at x0: a bound on its largest eigenvalue, so the step is safe where the curvature
+    is no larger than at x0 (everywhere, for a quadratic cost). Beyond, where the Hessian is
+    costly to compile, L is the largest eigenvalue estimated by power iteration on
+    Hessian-vector products, each a central difference of two exact gradients.
+    """
+    n = len(prog.cost.params)
+    if n <= HESSIAN_INLINE_MAX:
+        from .compile import compile as compile_cost
+
+        k = compile_cost(prog.cost)
+        H = k.hessian(x) if ds is None else k.hessian(x, ds)
+        if not np.all(np.isfinite(H)):
+            raise OptimizeError("lr='auto': the Hessian at x0 is not finite; give lr explicitly")
+        L = float(np.max(np.sum(np.abs(H), axis=1)))
+        how = "a Gershgorin bound on the largest eigenvalue of the exact Hessian at x0"
     else:
-        lr = 1.0 / L
-        notes.append(
-            f"lr='auto' chose lr={lr:.6g} = 1/L, L={L:.6g} a Gershgorin bound on the largest eigenvalue of the "
-            "exact Hessian at x0 (a safe step where the curvature is no larger than there)"
-        )
+        L = _power_iteration(prog, x, ds)
+        how = ("the largest eigenvalue of the Hessian at x0, estimated by power iteration on "
+               "differences of exact gradients")
+    if not (L > 0.0 and math.isfinite(L)):
+        notes.append("lr='auto' chose lr=1: the Hessian at x0 is zero, so it bounds no step")
+        return 1.0
+    lr = 1.0 / L
+    notes.append(f"lr='auto' chose lr={lr:.6g} = 1/L, L={L:.6g} {how}")
     return lr
+
+
+def _power_iteration(prog: Program, x, ds, iterations: int = 100) -> float:
+    module = prog.module
+    cols = module.columns_of(None if ds is None else ds.columns)
+    n = x.shape[0]
+    v = np.random.default_rng(0).standard_normal(n)
+    v /= np.linalg.norm(v)
+    gp, gm = np.zeros(n), np.zeros(n)
+    h = 1e-5 * max(1.0, float(np.linalg.norm(x)))
+    lam = 0.0
+    for _ in range(iterations):
+        module._fg(x + h * v, cols, gp)
+        module._fg(x - h * v, cols, gm)
+        hv = (gp - gm) / (2 * h)
+        new = float(np.linalg.norm(hv))
+        if not (new > 0.0 and math.isfinite(new)):
+            return new
+        v = hv / new
+        if abs(new - lam) <= 1e-4 * new:
+            return new
+        lam = new
+    return lam
 
 
 class _ProgressBar:
@@ -216,7 +250,7 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
     sched_args = prog.schedule.values() if prog.schedule is not None else []
     lr_used = opt.lr
     if opt.lr == "auto":
-        lr_used = _gershgorin_rate(prog, x, ds, notes)
+        lr_used = _auto_rate(prog, x, ds, notes)
         sched_args = [lr_used]
     bar = _ProgressBar(f"{opt.name}") if progress else None
     try:

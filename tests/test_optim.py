@@ -508,3 +508,18 @@ def test_export_runs_standalone(tmp_path, linreg_data):
     mine = prog.run(np.zeros(4), data, epochs=4, seed=9)
     assert np.array(got["x"]).tobytes() == mine.x.tobytes()  # same bits in the fresh process
     assert got["history"] == mine.history.tolist()
+
+
+def test_array_path_matches_unrolled_path(linreg_data, fresh_cache, monkeypatch):
+    """Costs with more than UNROLL_MAX parameters keep them in arrays: same arithmetic, same bits."""
+    import calcml.loop as loop
+
+    data = linreg_data[0]
+    opt = cm.optim.adam(lr=0.01)
+    unrolled = cm.minimize(LINREG, np.zeros(4), data=data, method=opt, batch_size=16, epochs=2, seed=4)
+    monkeypatch.setattr(loop, "UNROLL_MAX", 0)
+    prog = cm.generate(LINREG, method=opt, batch_size=16)
+    assert "for j in range(N_PARAMS):" in prog.source and "st_m_0" not in prog.source
+    arrays = prog.run(np.zeros(4), data, epochs=2, seed=4)
+    assert arrays.x.tobytes() == unrolled.x.tobytes()
+    assert arrays.history.tobytes() == unrolled.history.tobytes()
