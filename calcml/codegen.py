@@ -270,7 +270,7 @@ class ModuleBuilder:
                 w(1, f"out[{k}] = {code}  # {label}")
         w(1, "return out")
 
-    def _kernel_rows(self, w: _Writer, kind: str, parallel: bool):
+    def _kernel_rows(self, w: _Writer, kind: str, parallel: bool, checked: bool = True):
         """A fused pass over the rows: per-chunk partial sums, combined in chunk order.
 
         Inside a chunk, rows go in blocks of LANES: row ``base + l`` adds into lane ``l`` of
@@ -282,11 +282,14 @@ class ModuleBuilder:
         prog = self.program(kind)
         m = len(prog.outputs)  # accumulated slots (+1 for the finiteness check)
         slots = m + 1
-        suffix = "_parallel" if parallel else "_serial"
+        suffix = ("_parallel" if parallel else "_serial") + ("" if checked else "_prepared")
         loop = "prange" if parallel else "range"
         w(0, "@_jit_parallel" if parallel else "@_jit")
         w(0, f"def {kind}{suffix}(theta, cols):")
-        w(1, f'"""{kind} of the {self.cost.reduce} over rows; slot {m} holds the data finiteness check"""')
+        if checked:
+            w(1, f'"""{kind} of the {self.cost.reduce} over rows; slot {m} holds the data finiteness check"""')
+        else:
+            w(1, f'"""{kind} of the {self.cost.reduce} over rows of prepared (already validated) data; slot {m} is 0"""')
         w(1, "n = cols[0].shape[0]")
         for line in prog.param_loads + prog.column_loads:
             w(1, line)
@@ -309,7 +312,8 @@ class ModuleBuilder:
                 w(indent, line)
             for k, (label, code) in enumerate(prog.outputs):
                 w(indent, f"acc[{k}, {lane}] += {code}  # {label}")
-            w(indent, f"acc[{m}, {lane}] += {prog.check}")
+            if checked:
+                w(indent, f"acc[{m}, {lane}] += {prog.check}")
 
         w(2, "for block in range(nblocks):")
         w(3, "base = start + block * LANES")
@@ -353,10 +357,10 @@ class ModuleBuilder:
         body = _Writer()
         for kind in self.kinds():
             if self.has_data:
-                self._kernel_rows(body, kind, parallel=False)
-                body()
-                body()
-                self._kernel_rows(body, kind, parallel=True)
+                for parallel, checked in ((False, True), (True, True), (False, False), (True, False)):
+                    self._kernel_rows(body, kind, parallel=parallel, checked=checked)
+                    body()
+                    body()
             else:
                 self._kernel_nodata(body, kind)
             body()

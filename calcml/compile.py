@@ -224,6 +224,7 @@ class Kernels:
         """
         ds = as_dataset(data, self.cost.data_names)
         ds.raise_nonfinite()
+        ds.validated = True
         return pack(ds)
 
     def _theta(self, theta) -> np.ndarray:
@@ -240,8 +241,10 @@ class Kernels:
             raise ParamError(f"theta[{j}] (parameter {self.cost.params[j].name!r}) is {t[j]}: parameters must be finite")
         return np.ascontiguousarray(t)
 
-    def _fn(self, kind: str, parallel: bool = False) -> _Kernel:
-        name = kind if not self._has_data else f"{kind}_{'parallel' if parallel else 'serial'}"
+    def _fn(self, kind: str, parallel: bool = False, validated: bool = False) -> _Kernel:
+        name = kind
+        if self._has_data:
+            name = f"{kind}_{'parallel' if parallel else 'serial'}{'_prepared' if validated else ''}"
         fn = self._fns.get(name)
         if fn is None:
             module, path = self.module, self.path
@@ -267,7 +270,7 @@ class Kernels:
             return self._fn(kind)(t), None
         ds = as_dataset(data, self.cost.data_names)
         use_threads = self.parallel is True or (self.parallel == "auto" and ds.n_rows >= PARALLEL_MIN_ROWS)
-        out = self._fn(kind, use_threads)(t, ds.columns)
+        out = self._fn(kind, use_threads, ds.validated)(t, ds.columns)
         if out[-1] != 0.0:  # the in-kernel finiteness check fired
             ds.raise_nonfinite()
         return out, ds

@@ -20,12 +20,15 @@ __all__ = ["Dataset", "as_dataset", "pack"]
 class Dataset:
     """Validated data: ``columns`` is a tuple of contiguous float64 arrays in cost order."""
 
-    __slots__ = ("names", "columns", "n_rows")
+    __slots__ = ("names", "columns", "n_rows", "validated")
 
-    def __init__(self, names: tuple, columns: tuple):
+    def __init__(self, names: tuple, columns: tuple, validated: bool = False):
         self.names = names
         self.columns = columns
         self.n_rows = columns[0].shape[0]
+        # True once every value was checked finite (by Kernels.prepare): kernels then skip
+        # their in-pass check. The columns are read-only views so the check stays true.
+        self.validated = validated
 
     def as_dict(self) -> dict:
         return dict(zip(self.names, self.columns))
@@ -132,9 +135,8 @@ def pack(dataset: Dataset) -> Dataset:
     page = 512  # float64s per 4 KiB
     stride = -(-n // page) * page + 8  # whole pages, plus 64 bytes: row j starts at 64*j mod 4 KiB
     block = np.empty(k * stride)
-    columns = []
     for j, col in enumerate(dataset.columns):
-        view = block[j * stride : j * stride + n]
-        view[:] = col
-        columns.append(view)
-    return Dataset(dataset.names, tuple(columns))
+        block[j * stride : j * stride + n] = col
+    block.flags.writeable = False  # the data were validated: keep them as they were
+    columns = [block[j * stride : j * stride + n] for j in range(k)]
+    return Dataset(dataset.names, tuple(columns), validated=dataset.validated)

@@ -332,3 +332,19 @@ def test_compiled_softplus_within_4_ulp_over_the_line():
                 assert abs(v - float(ref)) <= 5e-324, z
             else:
                 assert abs(mpmath.mpf(v) - ref) <= 4 * 2.0**-53 * ref, (z, v, ref)
+
+
+def test_prepared_data_validated_once_and_frozen(lin):
+    cost, k, cols, theta = lin
+    ds = k.prepare(cols)
+    assert ds.validated
+    raw = k.value_and_grad(theta, cols)
+    prepared = k.value_and_grad(theta, ds)
+    assert raw[0] == prepared[0] and np.array_equal(raw[1], prepared[1])
+    assert np.array_equal(k.hessian(theta, cols), k.hessian(theta, ds))
+    with pytest.raises(ValueError):
+        ds.columns[0][0] = np.nan  # read-only: the validation stays true
+    bad = {c: v.copy() for c, v in cols.items()}
+    bad["x1"][4] = np.inf
+    with pytest.raises(cm.DataError, match=r"column 'x1' holds a non-finite value \(inf\) at row 4"):
+        k.prepare(bad)
