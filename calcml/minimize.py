@@ -81,7 +81,7 @@ def generate(cost: Cost, method="gd", schedule=None, batch_size=None, lr=None) -
     >>> prog = cm.generate(cost, method="adam", lr=0.05, batch_size=16)
     >>> D = {"x": np.linspace(0, 1, 64), "y": 2 * np.linspace(0, 1, 64) + 1}
     >>> res = prog.run([0.0, 0.0], D, epochs=200, seed=0)
-    >>> [round(v, 2) for v in res.x]
+    >>> res.x.round(2).tolist()
     [2.0, 1.0]
     """
     _check_cost(cost)

@@ -354,7 +354,7 @@ def gd(lr=0.01):
     >>> import calcml as cm
     >>> a, b = cm.params("a b")
     >>> res = cm.minimize(cm.Cost((a - 1)**2 + (b + 2)**2, params=[a, b]), [0.0, 0.0], method=cm.optim.gd(lr=0.1))
-    >>> [round(v, 6) for v in res.x]
+    >>> res.x.round(6).tolist()
     [1.0, -2.0]
     """
     return Optimizer("gd", _lr("gd", lr, allow_auto=True), {}, update=("theta[j] -= lr * g[j]",),
@@ -371,7 +371,7 @@ def sgd(lr=0.01):
     >>> w = cm.params("w"); x, y = cm.data("x y")
     >>> D = {"x": np.linspace(-1, 1, 200), "y": 3 * np.linspace(-1, 1, 200)}
     >>> res = cm.minimize(cm.Cost((w*x - y)**2, params=[w], data=[x, y]), [0.0], data=D, method="sgd", lr=0.1, batch_size=20, epochs=20)
-    >>> round(res.x[0], 4)
+    >>> round(res.params["w"], 4)
     3.0
     """
     return Optimizer("sgd", _lr("sgd", lr), {}, update=("theta[j] -= lr * g[j]",), stochastic=True,
@@ -495,7 +495,7 @@ def newton(c1=1e-4):
     >>> import calcml as cm
     >>> a, b = cm.params("a b")
     >>> res = cm.minimize(cm.Cost((1 - a)**2 + 100*(b - a**2)**2, params=[a, b]), [-1.2, 1.0], method="newton")
-    >>> res.success, [round(v, 8) for v in res.x]
+    >>> res.success, res.x.round(8).tolist()
     (True, [1.0, 1.0])
     """
     c1 = _real("newton", "c1", c1, positive=True)
@@ -528,7 +528,7 @@ def lbfgs(memory=10, c1=1e-4, c2=0.9):
     >>> import calcml as cm
     >>> a, b = cm.params("a b")
     >>> res = cm.minimize(cm.Cost((1 - a)**2 + 100*(b - a**2)**2, params=[a, b]), [-1.2, 1.0], method="lbfgs")
-    >>> res.success, [round(v, 6) for v in res.x]
+    >>> res.success, res.x.round(6).tolist()
     (True, [1.0, 1.0])
     """
     if isinstance(memory, bool) or not isinstance(memory, numbers.Integral) or memory < 1:
