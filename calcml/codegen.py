@@ -285,13 +285,21 @@ class ModuleBuilder:
         suffix = ("_parallel" if parallel else "_serial") + ("" if checked else "_prepared")
         loop = "prange" if parallel else "range"
         w(0, "@_jit_parallel" if parallel else "@_jit")
-        w(0, f"def {kind}{suffix}(theta, cols):")
         if checked:
+            w(0, f"def {kind}{suffix}(theta, cols):")
             w(1, f'"""{kind} of the {self.cost.reduce} over rows; slot {m} holds the data finiteness check"""')
+            w(1, "n = cols[0].shape[0]")
+            row_loads = prog.row_loads
+            loads = prog.param_loads + prog.column_loads
         else:
-            w(1, f'"""{kind} of the {self.cost.reduce} over rows of prepared (already validated) data; slot {m} is 0"""')
-        w(1, "n = cols[0].shape[0]")
-        for line in prog.param_loads + prog.column_loads:
+            # Prepared data: one 2-D block, column k in row X[k, :n]. One array, so LLVM's
+            # vectorised lane loop needs one alias check against the accumulators, not one
+            # per column.
+            w(0, f"def {kind}{suffix}(theta, X, n):")
+            w(1, f'"""{kind} of the {self.cost.reduce} over the n rows of a prepared (validated) block; slot {m} is 0"""')
+            row_loads = [f"x{k} = X[{k}, {{row}}]" for k in range(len(self.cost.data))]
+            loads = prog.param_loads
+        for line in loads:
             w(1, line)
         if prog.hoisted:
             w(1, "# row-independent subexpressions, computed once")
@@ -306,7 +314,7 @@ class ModuleBuilder:
         w(2, "nblocks = (stop - start) // LANES")
 
         def row_body(indent, lane):
-            for line in prog.row_loads:
+            for line in row_loads:
                 w(indent, line.format(row="i"))
             for line in prog.row:
                 w(indent, line)

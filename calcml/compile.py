@@ -270,7 +270,10 @@ class Kernels:
             return self._fn(kind)(t), None
         ds = as_dataset(data, self.cost.data_names)
         use_threads = self.parallel is True or (self.parallel == "auto" and ds.n_rows >= PARALLEL_MIN_ROWS)
-        out = self._fn(kind, use_threads, ds.validated)(t, ds.columns)
+        if ds.validated and ds.block is not None:
+            out = self._fn(kind, use_threads, True)(t, ds.block, ds.n_rows)
+        else:
+            out = self._fn(kind, use_threads, False)(t, ds.columns)
         if out[-1] != 0.0:  # the in-kernel finiteness check fired
             ds.raise_nonfinite()
         return out, ds

@@ -20,12 +20,14 @@ __all__ = ["Dataset", "as_dataset", "pack"]
 class Dataset:
     """Validated data: ``columns`` is a tuple of contiguous float64 arrays in cost order."""
 
-    __slots__ = ("names", "columns", "n_rows", "validated")
+    __slots__ = ("names", "columns", "n_rows", "validated", "block")
 
-    def __init__(self, names: tuple, columns: tuple, validated: bool = False):
+    def __init__(self, names: tuple, columns: tuple, validated: bool = False, block=None):
         self.names = names
         self.columns = columns
         self.n_rows = columns[0].shape[0]
+        # The packed 2-D (columns, stride) array holding ``columns`` as X[k, :n_rows], or None.
+        self.block = block
         # True once every value was checked finite (by Kernels.prepare): kernels then skip
         # their in-pass check. The columns are read-only views so the check stays true.
         self.validated = validated
@@ -134,9 +136,10 @@ def pack(dataset: Dataset) -> Dataset:
     n, k = dataset.n_rows, len(dataset.columns)
     page = 512  # float64s per 4 KiB
     stride = -(-n // page) * page + 8  # whole pages, plus 64 bytes: row j starts at 64*j mod 4 KiB
-    block = np.empty(k * stride)
+    block = np.empty((k, stride))
     for j, col in enumerate(dataset.columns):
-        block[j * stride : j * stride + n] = col
+        block[j, :n] = col
+    block[:, n:] = 0.0
     block.flags.writeable = False  # the data were validated: keep them as they were
-    columns = [block[j * stride : j * stride + n] for j in range(k)]
-    return Dataset(dataset.names, tuple(columns), validated=dataset.validated)
+    columns = [block[j, :n] for j in range(k)]
+    return Dataset(dataset.names, tuple(columns), validated=dataset.validated, block=block)
