@@ -136,6 +136,35 @@ def rosen_gd(a, b, lr, steps):
     return a, b
 
 
+class _LoopOnly:
+    """The generated run_chunk alone, on a state set up (untimed) before each call: what the
+    compiled loop costs without calcml's Python around it (validation, the full cost at x0
+    and at the end, the result object)."""
+
+    def __init__(self, prog, x0, columns, kw):
+        self.m = prog.module
+        self.x0, self.kw = x0, kw
+        self.cols = self.m.columns_of(columns)
+        self.arrays = None
+
+    def setup(self, name):
+        if not name.startswith("calcml compiled loop"):
+            return
+        m, kw = self.m, self.kw
+        n_rows = self.cols[0].shape[0] if m.COLUMN_NAMES else 0
+        max_steps, max_epochs, _ = m.plan(n_rows, kw.get("batch_size"), kw.get("epochs"), kw.get("maxiter"))
+        sa = [LR] if m.MINIBATCH else [W4_LR]
+        hyper = {"momentum": MOMENTUM} if m.HYPER_NAMES else {}
+        self.arrays, _ = m.new_state(self.x0, self.cols, hyper, sa, kw.get("batch_size"), max_steps, max_epochs,
+                                     kw.get("tol", 1e-8), kw.get("seed", 0))
+        self.arrays[9][m.I_STOP] = max_steps
+
+    def __call__(self):
+        if self.arrays is None:
+            self.setup("calcml compiled loop")
+        return self.m.run_chunk(*self.arrays)
+
+
 def w3(rounds: int):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(N, D))
@@ -156,8 +185,10 @@ def w3(rounds: int):
         r = X @ theta[:D] + theta[D] - y
         return float(np.mean(r * r))
 
+    loop = _LoopOnly(prog, x0, cols + (y,), dict(epochs=EPOCHS, seed=0, batch_size=BATCH))
     fns = {
         "calcml prog.run": lambda: prog.run(x0, data, epochs=EPOCHS, seed=0),
+        "calcml compiled loop alone (run_chunk)": loop,
         "calcml cm.minimize": lambda: cm.minimize(cost, x0, data=data, method=opt, batch_size=BATCH, epochs=EPOCHS, seed=0),
         "hand-written Numba, rows + np.random.shuffle": lambda: fit_rows(X, y, x0, LR, MOMENTUM, BATCH, EPOCHS, 0),
         "hand-written Numba, columns + SplitMix64": lambda: fit_columns(cols, y, x0, LR, MOMENTUM, BATCH, EPOCHS, 0),
@@ -165,7 +196,7 @@ def w3(rounds: int):
     res = fns["calcml prog.run"]()
     f_cols = mse(fns["hand-written Numba, columns + SplitMix64"]())
     f_rows = mse(fns["hand-written Numba, rows + np.random.shuffle"]())
-    timings = measure_interleaved(fns, rounds=rounds, budget=30.0)
+    timings = measure_interleaved(fns, rounds=rounds, budget=30.0, setup=loop.setup)
     ref = timings["hand-written Numba, rows + np.random.shuffle"]
     print(table(f"W3: minibatch Nesterov, N={N:,}, d={D}+bias, batch {BATCH}, {EPOCHS} epochs", list(timings.values()), ref))
     print(f"final cost: calcml {res.fun:.12g} | hand-written, same shuffle {f_cols:.12g} "
@@ -181,14 +212,16 @@ def w4(rounds: int):
     cost = cm.Cost((1 - a) ** 2 + 100 * (b - a**2) ** 2, params=[a, b])
     prog = cm.generate(cost, method="gd", lr=W4_LR)
     x0 = np.array([-1.2, 1.0])
+    loop = _LoopOnly(prog, x0, None, dict(maxiter=W4_STEPS, tol=0.0))
     fns = {
         "calcml prog.run": lambda: prog.run(x0, maxiter=W4_STEPS, tol=0.0),
         "calcml cm.minimize": lambda: cm.minimize(cost, x0, method="gd", lr=W4_LR, maxiter=W4_STEPS, tol=0.0),
+        "calcml compiled loop alone (run_chunk)": loop,
         "hand-written Numba loop": lambda: rosen_gd(-1.2, 1.0, W4_LR, W4_STEPS),
     }
     res = fns["calcml prog.run"]()
     ra, rb = fns["hand-written Numba loop"]()
-    timings = measure_interleaved(fns, rounds=rounds, budget=20.0)
+    timings = measure_interleaved(fns, rounds=rounds, budget=20.0, setup=loop.setup)
     ref = timings["hand-written Numba loop"]
     print(table(f"W4: gradient descent on Rosenbrock, lr {W4_LR}, {W4_STEPS:,} steps", list(timings.values()), ref))
     print(f"final point: calcml {res.x.tolist()} | hand-written {[ra, rb]} | identical bits: "

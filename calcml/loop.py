@@ -131,10 +131,11 @@ def plan(n_rows, batch_size=None, epochs=None, maxiter=None):
 def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed):
     """The arrays run_chunk works on, and the cost at x0."""
     n = N_PARAMS
-    theta = np.array(x0, dtype=np.float64).reshape(-1).copy()
+    theta = np.array(x0, dtype=np.float64).reshape(-1)  # a copy: the run updates it in place
     g = np.zeros(n)
-    f0 = _fg(theta, cols, g)
-    if not np.isfinite(f0) and COLUMN_NAMES and not all(np.isfinite(c).all() for c in cols):
+    f0 = float(_fg(theta, cols, g))
+    finite = math.isfinite(f0)
+    if not finite and COLUMN_NAMES and not all(np.isfinite(c).all() for c in cols):
         raise NonFiniteData("the data hold a non-finite value (NaN or inf)")
     n_rows = cols[0].shape[0] if COLUMN_NAMES else 0
     if MINIBATCH:
@@ -148,11 +149,11 @@ def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs,
     ints[I_HIST_EVERY] = hist_every
     ints[I_FRESH] = 1 if FIRST_ORDER else 0
     floats = np.zeros(N_FLOATS)
-    floats[F_BEST] = f0 if f0 == f0 else np.inf
-    floats[F_BLOWUP] = BLOWUP * max(1.0, abs(f0)) if np.isfinite(f0) else np.inf
+    floats[F_BEST] = f0 if finite else math.inf
+    floats[F_BLOWUP] = BLOWUP * max(1.0, abs(f0)) if finite else math.inf
     floats[F_TOL] = tol
     floats[F_VALUE] = f0
-    floats[F_GNORM] = float(np.sqrt(g @ g))
+    floats[F_GNORM] = math.sqrt(float(g @ g))
     perm = np.arange(n_rows, dtype=np.int64) if MINIBATCH else np.zeros(1, dtype=np.int64)
     rng = np.array([seed], dtype=np.uint64)
     hp = np.array([float(hyper[k]) for k in HYPER_NAMES], dtype=np.float64)
@@ -170,15 +171,17 @@ def finish(arrays, status, max_steps, max_epochs):
     diverged_at = step if status == DIVERGED else -1
     x = best.copy() if status in (DIVERGED, INTERRUPTED) else theta.copy()
     grad = np.zeros(N_PARAMS)
-    fun = _fg(x, cols, grad)
-    if status != DIVERGED and not (abs(fun) <= floats[F_BLOWUP] and np.all(np.isfinite(grad))):
+    fun = float(_fg(x, cols, grad))
+    gn2 = float(grad @ grad)
+    if status != DIVERGED and not (abs(fun) <= floats[F_BLOWUP] and gn2 < math.inf):
         # the last update went off: report it as a divergence, at the best point
         status, diverged_at = DIVERGED, step
         x = best.copy()
-        fun = _fg(x, cols, grad)
+        fun = float(_fg(x, cols, grad))
+        gn2 = float(grad @ grad)
     n_hist = int(ints[I_EPOCH]) if MINIBATCH else int(ints[I_HIST_I])
     return {
-        "x": x, "fun": float(fun), "grad": grad, "grad_norm": float(np.sqrt(grad @ grad)),
+        "x": x, "fun": fun, "grad": grad, "grad_norm": math.sqrt(gn2),
         "nit": step, "nfev": int(ints[I_NFEV]), "status": int(status), "status_name": STATUS_NAMES[int(status)],
         "history": history[:n_hist].copy(), "history_every": int(ints[I_HIST_EVERY]),
         "epochs": int(ints[I_EPOCH]), "best_step": int(ints[I_BEST_STEP]), "best_value": float(floats[F_BEST]),
@@ -204,9 +207,7 @@ def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=BATCH_SIZE,
     ints, floats = arrays[9], arrays[10]
     rows_per_step = (batch_size if MINIBATCH else n_rows) or 1
     chunk = first_chunk or max(1, 1_000_000 // rows_per_step)
-    status = RUNNING
-    if not np.isfinite(f0):
-        status = DIVERGED
+    status = RUNNING if math.isfinite(f0) else DIVERGED
     try:
         while status == RUNNING and ints[I_STEP] < max_steps:
             before = int(ints[I_STEP])

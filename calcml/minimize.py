@@ -118,6 +118,9 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
 # -- running a program ---------------------------------------------------------------------------
 def _as_x0(cost: Cost, x0) -> np.ndarray:
     names = cost.param_names
+    if type(x0) is np.ndarray and x0.dtype == np.float64 and x0.shape == (len(names),):
+        if math.isfinite(float(x0 @ x0)):  # a finite sum of squares: every entry is finite
+            return x0
     if isinstance(x0, dict):
         unknown = [k for k in x0 if k not in names]
         if unknown:
@@ -143,6 +146,8 @@ def _as_x0(cost: Cost, x0) -> np.ndarray:
 def _count(name, value, minimum=1):
     if value is None:
         return None
+    if type(value) is int and value >= minimum:  # the common case, without the ABC checks
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise OptimizeError(f"{name} must be an integer >= {minimum} or None, got {name}={value!r}")
     return int(value)
@@ -232,10 +237,12 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
     x = _as_x0(cost, x0)
     epochs = _count("epochs", epochs)
     maxiter = _count("maxiter", maxiter, minimum=0)
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0 or math.isnan(tol):
-        raise OptimizeError(f"tol must be a non-negative number, got tol={tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-        raise OptimizeError(f"seed must be an integer in [0, 2**64), got seed={seed!r}")
+    if not (type(tol) is float and tol >= 0.0):
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0 or math.isnan(tol):
+            raise OptimizeError(f"tol must be a non-negative number, got tol={tol!r}")
+    if not (type(seed) is int and 0 <= seed < 2**64):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+            raise OptimizeError(f"seed must be an integer in [0, 2**64), got seed={seed!r}")
     if not isinstance(progress, bool):
         raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
     columns = ds = None
