@@ -26,3 +26,5 @@ from . import optim as optim, schedules as schedules
 from .errors import OptimizeError as OptimizeError
 from .minimize import generate as generate, minimize as minimize
 from .result import OptimizeResult as OptimizeResult
+from .errors import ParseError as ParseError
+from .parse import parse as parse

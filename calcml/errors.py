@@ -34,3 +34,18 @@ class CacheError(CalcmlError, OSError):
 
 class OptimizeError(CalcmlError, ValueError):
     """An optimizer, schedule or ``minimize`` call is set up wrongly: bad hyperparameter, batch, x0."""
+
+
+class ParseError(CalcmlError, ValueError):
+    """An expression string holds something calcml does not accept; the message quotes the part.
+
+    ``text`` is the whole string, ``column`` (1-based) and ``end_column`` delimit the
+    offending part, ``fragment`` is that part (each ``None`` when not about one place).
+    """
+
+    def __init__(self, message: str, *, text=None, column=None, end_column=None, fragment=None):
+        super().__init__(message)
+        self.text = text
+        self.column = column
+        self.end_column = end_column
+        self.fragment = fragment
