@@ -28,3 +28,4 @@ from .minimize import generate as generate, minimize as minimize
 from .result import OptimizeResult as OptimizeResult
 from .errors import ParseError as ParseError
 from .parse import parse as parse
+from .interop import to_scipy as to_scipy

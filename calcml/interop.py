@@ -1,0 +1,73 @@
+"""Interoperation with other libraries: compiled exact derivatives for ``scipy.optimize``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .compile import compile as _compile
+from .cost import Cost
+from .errors import DataError
+
+__all__ = ["to_scipy"]
+
+
+class _ValueAndGrad:
+    """One fused pass gives the value and the gradient; ``jac`` at the point ``fun`` was last
+    asked about reuses that gradient (what scipy's ``MemoizeJac`` does for ``jac=True``)."""
+
+    def __init__(self, kernels, data):
+        self.kernels = kernels
+        self.data = data
+        self.x = None
+        self.g = None
+
+    def _args(self, x):
+        return (x,) if self.data is None else (x, self.data)
+
+    def fun(self, x) -> float:
+        value, g = self.kernels.value_and_grad(*self._args(x))
+        self.x = np.array(x, dtype=np.float64, copy=True)
+        self.g = g
+        return value
+
+    def jac(self, x) -> np.ndarray:
+        if self.x is not None and np.shape(x) == self.x.shape and np.array_equal(x, self.x):
+            return self.g.copy()
+        return self.kernels.grad(*self._args(x))
+
+    def hess(self, x) -> np.ndarray:
+        return self.kernels.hessian(*self._args(x))
+
+
+def to_scipy(cost: Cost, data=None) -> dict:
+    """``{"fun", "jac", "hess"}`` for ``scipy.optimize.minimize``, from compiled exact kernels.
+
+    ``fun(x)`` is the reduced cost, ``jac(x)`` its exact gradient and ``hess(x)`` its exact
+    Hessian, each a Numba kernel from :func:`calcml.compile`. ``data`` (a dict of columns,
+    a 2-D array or a DataFrame) is validated and laid out once, here; omit it for a cost
+    without data columns.
+
+    >>> import calcml as cm, numpy as np
+    >>> from scipy.optimize import minimize
+    >>> a, b = cm.params("a b")
+    >>> cost = cm.Cost((1 - a)**2 + 100*(b - a**2)**2, params=[a, b])
+    >>> res = minimize(x0=np.array([-1.2, 1.0]), method="trust-exact", **cm.to_scipy(cost))
+    >>> np.round(res.x, 6)
+    array([1., 1.])
+    """
+    if not isinstance(cost, Cost):
+        raise TypeError(f"cm.to_scipy takes a cm.Cost, got {type(cost).__name__}")
+    kernels = _compile(cost)
+    if cost.data:
+        if data is None:
+            raise DataError(
+                f"this cost has data columns {list(cost.data_names)}; pass data=... "
+                "(a dict of 1-D arrays, a 2-D array or a DataFrame)"
+            )
+        prepared = kernels.prepare(data)
+    else:
+        if data is not None:
+            raise DataError("this cost has no data columns; call cm.to_scipy(cost) without data")
+        prepared = None
+    f = _ValueAndGrad(kernels, prepared)
+    return {"fun": f.fun, "jac": f.jac, "hess": f.hess}
