@@ -38,7 +38,7 @@ from sympy.printing.precedence import precedence
 from pathlib import Path
 
 from . import result as _result
-from .codegen import ModuleBuilder, RowProgram, _comment, _Writer
+from .codegen import NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer
 from .cost import Cost
 from .optim import Optimizer
 from .printing import NumbaPrinter
@@ -56,6 +56,11 @@ DEFAULT_EPOCHS = 10
 CHUNK_SECONDS = 0.25
 # Parameters kept in local scalars (unrolled updates) up to this many; arrays beyond.
 UNROLL_MAX = 64
+# Full-batch loops over at least this many rows sum each step on all threads (as the kernels
+# do, compile.PARALLEL_MIN_ROWS), in chunks of OPT_CHUNK rows and OPT_LANES lanes.
+PARALLEL_MIN_ROWS = 65536
+OPT_CHUNK = 4096
+OPT_LANES = 16
 
 _STATUS_LINES = [
     "RUNNING = -1",
@@ -325,6 +330,8 @@ class _Generator:
         self.n = len(cost.params)
         self.has_data = bool(cost.data)
         self.unrolled = self.first_order and self.n <= UNROLL_MAX
+        # full-batch first-order loops over data also get a threaded pass for large data
+        self.threaded = self.first_order and not minibatch and self.has_data
         self.hyper = list(opt.hyper)
         self.state = [s[0] for s in opt.state]
 
@@ -349,6 +356,45 @@ class _Generator:
             w(indent + 1, line)
         for k, (label, code) in enumerate(prog.outputs):
             w(indent + 1, f"{acc[k]} += {code}  # {label}")
+
+    def _accumulate_threaded(self, w, prog: RowProgram, indent: int):
+        """The pass over all rows on all threads: per chunk, LANES lanes per output; the lane
+        sums and then the chunk sums are combined in a fixed order (same bits on any number
+        of threads)."""
+        m = len(prog.outputs)
+
+        def body(ind, lane):
+            for line in prog.row_loads:
+                w(ind, line.format(row="i"))
+            for line in prog.row:
+                w(ind, line)
+            for k, (label, code) in enumerate(prog.outputs):
+                w(ind, f"acc[{k}, {lane}] += {code}  # {label}")
+
+        w(indent, "for chunk in prange(nchunks):")
+        w(indent + 1, "start = chunk * OPT_CHUNK")
+        w(indent + 1, "stop = min(start + OPT_CHUNK, n_rows)")
+        w(indent + 1, "acc = lanes[chunk]")
+        w(indent + 1, f"for k in range({m}):")
+        w(indent + 2, "for lane in range(OPT_LANES):")
+        w(indent + 3, "acc[k, lane] = 0.0")
+        w(indent + 1, "nblocks = (stop - start) // OPT_LANES")
+        w(indent + 1, "for block in range(nblocks):")
+        w(indent + 2, "for lane in range(OPT_LANES):")
+        w(indent + 3, "i = start + block * OPT_LANES + lane")
+        body(indent + 3, "lane")
+        w(indent + 1, "for i in range(start + nblocks * OPT_LANES, stop):")
+        body(indent + 2, "0")
+        w(indent + 1, f"for k in range({m}):")
+        w(indent + 2, "s = 0.0")
+        w(indent + 2, "for lane in range(OPT_LANES):")
+        w(indent + 3, "s += acc[k, lane]")
+        w(indent + 2, "partial[chunk, k] = s")
+        for k in range(m):
+            w(indent, f"a{k} = 0.0")
+        w(indent, "for chunk in range(nchunks):")
+        for k in range(m):
+            w(indent + 1, f"a{k} += partial[chunk, {k}]")
 
     def _full_batch_functions(self, w, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None):
         """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
@@ -441,7 +487,7 @@ class _Generator:
     # -- run_chunk ---------------------------------------------------------------------------
     def _run_chunk(self, w, vg: RowProgram):
         opt = self.opt
-        w(0, "@_jit")
+        w(0, "@_jit_threads" if self.threaded else "@_jit")
         w(0, "def run_chunk(theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng):")
         w(1, '"""Run the descent from the state in the arrays until step ints[I_STOP] or a stopping')
         w(1, 'test; every counter is written back, so the next call resumes exactly. Returns the status."""')
@@ -453,6 +499,14 @@ class _Generator:
             for line in vg.column_loads:
                 w(1, line)
             w(1, "n_rows = c0.shape[0]")
+        if self.threaded:
+            m = len(vg.outputs)
+            w(1, "# large data: each step sums fixed chunks of rows on all threads, LANES rows at a")
+            w(1, "# time into lanes (vectorised, no reassociation), chunk sums combined in order")
+            w(1, "threaded = n_rows >= PARALLEL_MIN_ROWS")
+            w(1, "nchunks = (n_rows + OPT_CHUNK - 1) // OPT_CHUNK if threaded else 1")
+            w(1, f"lanes = np.zeros((nchunks, {m}, OPT_LANES))  # once per call, not per step")
+            w(1, f"partial = np.zeros((nchunks, {m}))")
         w(1, "step = ints[I_STEP]")
         w(1, "stop_step = ints[I_STOP]")
         w(1, "hist_i = ints[I_HIST_I]")
@@ -538,6 +592,12 @@ class _Generator:
                 self._accumulate(w, vg, 2, "range(pos, stop)", "perm[i]")
                 mean = self.cost.reduce == "mean"
                 w(2, "scale = 1.0 / (stop - pos)" if mean else "scale = n_rows / (stop - pos)")
+            elif self.threaded:
+                w(2, "if threaded:")
+                self._accumulate_threaded(w, vg, 3)
+                w(2, "else:")
+                self._accumulate(w, vg, 3, "range(n_rows)", "i")
+                w(2, f"scale = {self._scale()}")
             else:
                 self._accumulate(w, vg, 2, "range(n_rows)", "i")
                 w(2, f"scale = {self._scale()}")
@@ -647,6 +707,13 @@ class _Generator:
         w(0, f"BLOWUP = {BLOWUP!r}")
         w(0, f"HISTORY_MAX = {HISTORY_MAX}")
         w(0, f"CHUNK_SECONDS = {CHUNK_SECONDS}")
+        if self.threaded:
+            flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
+            w(0, "from numba import prange  # noqa: E402")
+            w(0, f"_jit_threads = numba.njit(parallel=True, {flags})")
+            w(0, f"PARALLEL_MIN_ROWS = {PARALLEL_MIN_ROWS}  # threads from this many rows on")
+            w(0, f"OPT_CHUNK = {OPT_CHUNK}  # rows per chunk of the threaded pass")
+            w(0, f"OPT_LANES = {OPT_LANES}  # lanes per output inside a chunk")
         w()
         w()
         w(0, "def new_optimizer_state(n):")

@@ -523,3 +523,23 @@ def test_array_path_matches_unrolled_path(linreg_data, fresh_cache, monkeypatch)
     arrays = prog.run(np.zeros(4), data, epochs=2, seed=4)
     assert arrays.x.tobytes() == unrolled.x.tobytes()
     assert arrays.history.tobytes() == unrolled.history.tobytes()
+
+
+def test_full_batch_threaded_pass_matches_numpy():
+    """From PARALLEL_MIN_ROWS rows on, each full-batch step sums on all threads (fixed chunks)."""
+    import calcml.loop as loop
+
+    n = loop.PARALLEL_MIN_ROWS + 1234
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(n, 3))
+    y = X @ np.array([1.0, -1.0, 2.0]) + 0.5 + 0.1 * rng.normal(size=n)
+    data = {"x0": X[:, 0], "x1": X[:, 1], "x2": X[:, 2], "y": y}
+    A = np.column_stack([X, np.ones(n)])
+    res = cm.minimize(LINREG, np.zeros(4), data=data, method=cm.optim.momentum(lr=0.05, momentum=0.5), maxiter=6, tol=0.0)
+    x, m = np.zeros(4), np.zeros(4)
+    for _ in range(6):
+        g = 2 * A.T @ (A @ x - y) / n
+        m = 0.5 * m + g
+        x = x - 0.05 * m
+    np.testing.assert_allclose(res.x, x, rtol=1e-12, atol=1e-14)
+    assert "prange(nchunks)" in cm.generate(LINREG, method="momentum").source
