@@ -802,6 +802,7 @@ class Program:
         self.source = source
         self.path = path
         self.notes: list = []
+        self.notes_batch_default = False  # batch_size chosen for the user (sgd's default)
 
     def __repr__(self):
         return (f"<calcml.Program {self.optimizer!r} schedule={self.schedule!r} batch_size={self.batch_size} "

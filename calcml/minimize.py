@@ -86,7 +86,9 @@ def generate(cost: Cost, method="gd", schedule=None, batch_size=None, lr=None) -
     """
     _check_cost(cost)
     opt, sched, batch = _resolve(cost, method, lr, schedule, batch_size)
-    return program_for(cost, opt, sched, batch)
+    prog = program_for(cost, opt, sched, batch)
+    prog.notes_batch_default = batch_size is None and batch is not None
+    return prog
 
 
 def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, batch_size=None, epochs=None,
@@ -250,7 +252,8 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
         ds = as_dataset(data, cost.data_names)  # finiteness: checked in the loop's first pass
         columns = ds.columns
         if prog.batch_size is not None and prog.batch_size > ds.n_rows:
-            raise OptimizeError(f"batch_size={prog.batch_size} is larger than the data ({ds.n_rows} rows)")
+            default = f" ({opt.name}'s default)" if prog.notes_batch_default else ""
+            raise OptimizeError(f"batch_size={prog.batch_size}{default} is larger than the data ({ds.n_rows} rows)")
     elif data is not None:
         raise DataError("this cost has no data columns; call minimize without data")
     notes = list(prog.notes)
@@ -271,6 +274,8 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
     finally:
         if bar is not None:
             bar.close()
+    if out["status"] == _result.DIVERGED and out["nit"] == 0 and not math.isfinite(out["fun"]):
+        raise ParamError(f"the cost at x0 is {out['fun']}: start from a point where it is finite")
     return _report(prog, out, float(tol), lr_used, notes)
 
 

@@ -21,6 +21,7 @@ import threading
 import numpy as np
 import pytest
 import scipy.optimize
+import sympy as sp
 
 import calcml as cm
 from calcml import result as R
@@ -461,6 +462,12 @@ def test_bad_minimize_inputs(linreg_data):
         cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", seed=-1)
     with pytest.raises(cm.OptimizeError, match="tol must be"):
         cm.minimize(ROSEN, [0.0, 0.0], method="gd", tol=-1.0)
+    small = {k: v[:10] for k, v in data.items()}
+    with pytest.raises(cm.OptimizeError, match=r"batch_size=32 \(sgd's default\) is larger than the data \(10 rows\)"):
+        cm.minimize(LINREG, np.zeros(4), data=small, method="sgd")
+    u = cm.params("u")
+    with pytest.raises(cm.ParamError, match="the cost at x0 is nan"):
+        cm.minimize(cm.Cost(sp.log(u), params=[u]), [-1.0], method="gd")
 
 
 # --------------------------------------------------------------------------------------------
