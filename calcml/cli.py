@@ -1,52 +1,527 @@
-"""The command line: ``calcml demo`` (more subcommands arrive with the ecosystem issue)."""
+"""The command line: ``calcml demo``, ``diff``, ``verify`` and ``fit``.
+
+Every expression string goes through :func:`calcml.parse` (no ``eval``); data comes from a
+CSV file whose header names the columns. An error is one line on stderr and a non-zero exit,
+never a traceback (set ``CALCML_TRACEBACK=1`` to see one while debugging calcml itself).
+
+Exit status: 0 success; 1 an error; 2 a usage error; 3 the command ran but its answer is
+negative (``verify``: not verified; ``fit``: the run ended without success).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import csv
+import math
+import os
 import sys
 
 from ._version import __version__
-from .errors import CalcmlError
+from .errors import CalcmlError, ParseError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NEGATIVE = 0, 1, 2, 3
+
+
+class CommandError(CalcmlError, ValueError):
+    """A command-line input is wrong (a file, an option's value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: what is wrong and where to read more."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _subparser(sub, name, help, description, examples):
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="calcml",
-        description="Exact symbolic gradients of ML costs, verified and compiled with Numba.",
-        epilog="example:\n  calcml demo        the seed tutorial (fit y = w*x + b), done right",
+        description="Exact symbolic gradients of ML costs, verified and compiled with Numba.\n\n"
+        "Expressions are Python-style arithmetic (+ - * / **, unary minus) on numbers and names,\n"
+        "with the functions exp, log, sqrt, sin, cos, tan, asin, acos, atan, atan2, sinh, cosh,\n"
+        "tanh, asinh, acosh, atanh, abs, sign, max, min, erf, Heaviside, sigmoid, softplus, relu,\n"
+        "log1p, expm1 and the constants pi and e. They are parsed, never evaluated as code.",
+        epilog="examples:\n"
+        "  calcml demo\n"
+        '  calcml diff "x*sin(x)" --wrt x\n'
+        '  calcml verify "log(1 + exp(x))" --wrt x\n'
+        '  calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.01\n\n'
+        "exit status: 0 success, 1 error, 2 usage error, 3 not verified / fit without success",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"calcml {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser(
-        "demo",
-        help="run the built-in example",
-        description="State the linear-regression cost, derive its exact gradient, compile it and check it.",
-        epilog="example:\n  calcml demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    _subparser(
+        sub, "demo", "run the built-in example",
+        "State the linear-regression cost, derive its exact gradient, compile it and check it.",
+        ["calcml demo"],
     )
+
+    p = _subparser(
+        sub, "diff", "print the exact derivative of an expression",
+        "Differentiate EXPR exactly (SymPy) with respect to one or more variables.",
+        ['calcml diff "x*sin(x)" --wrt x', 'calcml diff "(w*x + b - y)**2" --wrt w,b',
+         'calcml diff "sigmoid(z)" --latex'],
+    )
+    p.add_argument("expr", metavar="EXPR", help="the expression, e.g. \"x*sin(x)\"")
+    p.add_argument("--wrt", metavar="NAMES", help="variable(s), comma separated (default: the only name in EXPR)")
+    p.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
+
+    p = _subparser(
+        sub, "verify", "check a derivative against the limit definition",
+        "Check d EXPR / d NAME against lim_{h->0} (f(x+h) - f(x))/h, for general x or at a point,\n"
+        "and print the verdict table. Exit status 0 when verified, 3 otherwise.",
+        ['calcml verify "log(1 + exp(x))" --wrt x', 'calcml verify "abs(x)" --wrt x --at 0',
+         'calcml verify "x*y**2" --wrt x --at x=1,y=pi/6'],
+    )
+    p.add_argument("expr", metavar="EXPR", help="the function, e.g. \"log(1 + exp(x))\"")
+    p.add_argument("--wrt", metavar="NAME", help="the variable (default: the only name in EXPR)")
+    p.add_argument("--at", metavar="POINT", help="a point: a number (1/3, pi/6, 0.1) or NAME=VALUE,... ")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="time budget of the check")
+
+    p = _subparser(
+        sub, "fit", "fit the parameters of a cost to a CSV file",
+        "Minimize the mean (or sum) over the rows of DATA of the per-row cost EXPR with a compiled\n"
+        "descent loop. The CSV header names the columns; the names of EXPR that are not parameters\n"
+        "are columns. Exit status 0 when the fit succeeded, 3 when it did not (divergence,\n"
+        "iteration limit, Ctrl-C): the table then says why.",
+        ['calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.01',
+         'calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method sgd --lr 0.01 \\\n'
+         '      --batch-size 16 --epochs 50 --schedule "exponential(0.05, 0.99)" --seed 1',
+         'calcml fit "(1 - a)**2 + 100*(b - a**2)**2" --params a,b --method lbfgs --x0 a=-1.2,b=1',
+         'calcml fit "log(1 + exp(-t*(w*x + b)))" --params w,b --data d.csv --method newton \\\n'
+         '      --history hist.csv --plot loss.png --export fit_model.py'],
+    )
+    p.add_argument("expr", metavar="EXPR", help="the per-row cost, e.g. \"(w*x + b - y)**2\"")
+    p.add_argument("--params", required=True, metavar="NAMES", help="the parameters, comma separated: w,b")
+    p.add_argument("--data", metavar="CSV", help="the data file; its header names the columns")
+    p.add_argument("--method", default="gd", metavar="NAME",
+                   help="gd, sgd, momentum, nesterov, adam, rmsprop, adagrad, newton, lbfgs (default gd)")
+    p.add_argument("--lr", metavar="RATE", help="the learning rate (a number, or 'auto' for gd)")
+    p.add_argument("--schedule", metavar="SCHEDULE",
+                   help="a rate schedule replacing --lr: constant(lr), step(lr, every, factor), exponential(lr, "
+                        "decay), inverse_time(lr, decay), cosine(lr, steps, final), warmup(SCHEDULE, steps)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="minibatch rows (default: the full batch)")
+    p.add_argument("--epochs", type=int, metavar="N", help="passes over the data (minibatch runs)")
+    p.add_argument("--maxiter", type=int, metavar="N", help="optimizer updates at most")
+    p.add_argument("--tol", type=float, default=1e-8, metavar="TOL", help="stop when the gradient norm is at most TOL")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the minibatch shuffle (default 0)")
+    p.add_argument("--x0", metavar="VALUES", help="the start: w=0.5,b=0 or 0.5,0 in --params order (default zeros); write --x0=-1,2 when it starts with a minus")
+    p.add_argument("--reduce", choices=["mean", "sum"], default="mean", help="how rows are combined (default mean)")
+    p.add_argument("--history", metavar="CSV", help="write the cost per iteration (or epoch) to this CSV file")
+    p.add_argument("--plot", metavar="PNG", help="save the cost curve as an image (needs matplotlib)")
+    p.add_argument("--export", metavar="PY", help="write the compiled optimizer as a standalone Python module")
+    p.add_argument("--progress", action="store_true", help="draw a progress bar on stderr")
     return parser
 
 
+# -- shared helpers ------------------------------------------------------------------------------
+def _names(text: str, option: str) -> list:
+    from .parse import check_name
+
+    names = [n for n in text.replace(",", " ").split()]
+    if not names:
+        raise CommandError(f"{option} names nothing")
+    seen = set()
+    for n in names:
+        check_name(n, f"{option} name")
+        if n in seen:
+            raise CommandError(f"{option} lists {n!r} twice")
+        seen.add(n)
+    return names
+
+
+def _symbols_of(expr) -> dict:
+    return {s.name: s for s in expr.free_symbols}
+
+
+def _wrt(expr, option_value, option="--wrt", many=True) -> list:
+    """The variables to differentiate by: the option's names, or the expression's only name."""
+    present = _symbols_of(expr)
+    if option_value is None:
+        if len(present) != 1:
+            listed = ", ".join(sorted(present)) or "none"
+            raise CommandError(f"say which variable with {option} (the expression's names: {listed})")
+        return list(present.values())
+    names = _names(option_value, option)
+    if not many and len(names) > 1:
+        raise CommandError(f"{option} takes one name, got {option_value!r}")
+    missing = [n for n in names if n not in present]
+    if missing:
+        listed = ", ".join(sorted(present)) or "none"
+        raise CommandError(f"{missing[0]!r} does not appear in the expression (its names: {listed})")
+    return [present[n] for n in names]
+
+
+def _number(text: str, what: str):
+    """An exact number from text such as 1/3, pi/6, -0.5 (read by the safe parser)."""
+    from .parse import parse
+
+    value = parse(text)
+    if value.free_symbols:
+        raise CommandError(f"{what}: {text!r} is not a number")
+    return value
+
+
+# -- diff ------------------------------------------------------------------------------------------
+def _cmd_diff(args, out) -> int:
+    import sympy as sp
+
+    from .parse import parse
+
+    expr = parse(args.expr)
+    variables = _wrt(expr, args.wrt)
+    show = sp.latex if args.latex else sp.sstr
+    for v in variables:
+        d = sp.diff(expr, v)
+        out(show(d) if len(variables) == 1 else f"d/d{v.name}: {show(d)}")
+    return EXIT_OK
+
+
+# -- verify ----------------------------------------------------------------------------------------
+def _point(text: str, expr, x):
+    if "=" not in text:
+        return _number(text, "--at")
+    point = {}
+    present = _symbols_of(expr)
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise CommandError(f"--at: expected NAME=VALUE, got {item.strip()!r}")
+        if name not in present:
+            raise CommandError(f"--at: {name!r} does not appear in the expression")
+        point[present[name]] = _number(value.strip(), f"--at {name}")
+    return point
+
+
+def _cmd_verify(args, out) -> int:
+    from .parse import parse
+    from .verify import verify_derivative
+
+    expr = parse(args.expr)
+    (x,) = _wrt(expr, args.wrt, many=False)
+    at = None if args.at is None else _point(args.at, expr, x)
+    kwargs = {} if args.timeout is None else {"timeout": args.timeout}
+    if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise CommandError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    report = verify_derivative(expr, x, at=at, **kwargs)
+    out(str(report))
+    return EXIT_OK if report.ok else EXIT_NEGATIVE
+
+
+# -- fit -------------------------------------------------------------------------------------------
+def read_csv(path: str) -> dict:
+    """``{column name: 1-D float array}`` from a CSV file with a header row of names."""
+    import numpy as np
+
+    from .parse import check_name
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except FileNotFoundError:
+        raise CommandError(f"no such data file: {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CommandError(f"cannot read {path}: {exc}") from None
+    rows = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+    if not rows:
+        raise CommandError(f"{path} is empty; it needs a header row naming the columns")
+    header_line, header = rows[0]
+    names = [h.strip() for h in header]
+    for j, name in enumerate(names):
+        try:
+            check_name(name, f"{path}: column {j + 1} of the header,")
+        except ParseError as exc:
+            raise CommandError(str(exc)) from None
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise CommandError(f"{path}: the header names the column {dup!r} twice")
+    if len(rows) == 1:
+        raise CommandError(f"{path} has a header but no data rows")
+    values = np.empty((len(rows) - 1, len(names)))
+    for i, (line, row) in enumerate(rows[1:]):
+        if len(row) != len(names):
+            raise CommandError(f"{path} line {line}: {len(row)} fields, but the header has {len(names)}")
+        for j, cell in enumerate(row):
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise CommandError(f"{path} line {line}, column {names[j]!r}: {cell.strip()!r} is not a number") from None
+    return {name: values[:, j].copy() for j, name in enumerate(names)}
+
+
+_SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "warmup")
+
+
+def _schedule(text: str):
+    """A schedule from text such as ``warmup(cosine(0.1, 1000), 100)``: a whitelisted tree of
+    schedule calls with number arguments, built directly (no eval)."""
+    from . import schedules
+
+    if len(text) > 500:
+        raise CommandError("--schedule is too long")
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise CommandError(f"--schedule: cannot read {text!r}; write e.g. exponential(0.01, 0.99)") from None
+
+    def value(node, depth=0):
+        if depth > 8:
+            raise CommandError("--schedule is nested too deeply")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SCHEDULES:
+            kwargs = {}
+            for kw in node.keywords:
+                if kw.arg is None:
+                    raise CommandError("--schedule: ** arguments are not allowed")
+                kwargs[kw.arg] = value(kw.value, depth + 1)
+            args = [value(a, depth + 1) for a in node.args]
+            factory = schedules.__dict__[node.func.id]
+            try:
+                return factory(*args, **kwargs)
+            except TypeError as exc:
+                raise CommandError(f"--schedule: {node.func.id}: {exc}") from None
+        number = _literal_number(node)
+        if number is not None:
+            return number
+        raise CommandError(
+            f"--schedule: {ast.get_source_segment(text.strip(), node)!r} is neither a number nor one of "
+            f"{', '.join(_SCHEDULES)}(...)"
+        )
+
+    return value(tree)
+
+
+def _literal_number(node):
+    sign = 1
+    while isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -sign if isinstance(node.op, ast.USub) else sign
+        node = node.operand
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if type(node.value) is int and abs(node.value) > 10**15:
+            raise CommandError(f"--schedule: the number {node.value} is too large")
+        return sign * node.value
+    return None
+
+
+def _x0(text, names):
+    if text is None:
+        return [0.0] * len(names)
+    items = [s.strip() for s in text.split(",") if s.strip()]
+
+    def num(s, what):
+        try:
+            v = float(s)
+        except ValueError:
+            raise CommandError(f"--x0: {what} {s!r} is not a number") from None
+        if not math.isfinite(v):
+            raise CommandError(f"--x0: {what} must be finite, got {s!r}")
+        return v
+
+    if any("=" in s for s in items):
+        x0 = {}
+        for s in items:
+            name, sep, v = s.partition("=")
+            name = name.strip()
+            if not sep:
+                raise CommandError(f"--x0: give every value as NAME=VALUE or none, got {s!r}")
+            if name not in names:
+                raise CommandError(f"--x0: {name!r} is not one of the parameters {', '.join(names)}")
+            x0[name] = num(v.strip(), f"the value of {name}")
+        missing = [n for n in names if n not in x0]
+        if missing:
+            raise CommandError(f"--x0: no value for {', '.join(missing)}")
+        return [x0[n] for n in names]
+    if len(items) != len(names):
+        raise CommandError(f"--x0: {len(items)} values for {len(names)} parameters ({', '.join(names)})")
+    return [num(s, "the value") for s in items]
+
+
+def _lr(text):
+    if text is None:
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        raise CommandError(f"--lr must be a number or 'auto', got {text!r}") from None
+    return v
+
+
+def _build_cost(args):
+    """(cost, data dict or None) from the expression, --params and the CSV file."""
+    from .cost import Cost, data as data_symbols, params as param_symbols
+    from .parse import CONSTANTS, FUNCTIONS, parse
+
+    names = _names(args.params, "--params")
+    for n in names:
+        if n in FUNCTIONS or n in CONSTANTS:
+            raise CommandError(f"--params: {n!r} names a {'function' if n in FUNCTIONS else 'constant'} in expressions")
+    psyms = [param_symbols(n) for n in names]
+    expr = parse(args.expr, symbols=dict(zip(names, psyms)))
+    present = _symbols_of(expr)
+    unused = [n for n in names if n not in present]
+    if unused:
+        raise CommandError(f"--params: {', '.join(repr(n) for n in unused)} not in the expression")
+    others = sorted(n for n in present if n not in names)
+    if args.data is None:
+        if others:
+            raise CommandError(
+                f"{', '.join(repr(n) for n in others)} in the expression {'is' if len(others) == 1 else 'are'} not "
+                "parameters (--params); give --data with a column of that name, or list it in --params"
+            )
+        return Cost(expr, params=psyms, reduce=args.reduce), None, names
+    table = read_csv(args.data)
+    unknown = [n for n in others if n not in table]
+    if unknown:
+        raise CommandError(
+            f"{', '.join(repr(n) for n in unknown)} in the expression {'is' if len(unknown) == 1 else 'are'} neither "
+            f"a parameter (--params) nor a column of {args.data} (columns: {', '.join(table)})"
+        )
+    if not others:
+        raise CommandError(f"the expression uses no column of {args.data} (columns: {', '.join(table)})")
+    columns = [n for n in table if n in others]  # header order
+    dsyms = [data_symbols(n) for n in columns]
+    expr = expr.xreplace({present[n]: s for n, s in zip(columns, dsyms)})
+    cost = Cost(expr, params=psyms, data=dsyms, reduce=args.reduce)
+    return cost, {n: table[n] for n in columns}, names
+
+
+def _table(rows) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _fmt(v) -> str:
+    return f"{v:.10g}"
+
+
+def _write_history(path, res):
+    unit = "epoch" if res.status == 2 else "iteration"
+    try:
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([unit, "cost"])
+            for i, v in enumerate(res.history):
+                w.writerow([i, repr(float(v))])
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _save_plot(path, res):
+    from .plot import require_matplotlib
+
+    require_matplotlib("--plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        res.plot(ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+
+
+def _cmd_fit(args, out) -> int:
+    from .minimize import generate
+
+    if args.plot:  # before the run, not after it
+        from .plot import require_matplotlib
+
+        require_matplotlib("--plot")
+    cost, data, names = _build_cost(args)
+    x0 = _x0(args.x0, names)
+    schedule = None if args.schedule is None else _schedule(args.schedule)
+    prog = generate(cost, method=args.method, schedule=schedule, batch_size=args.batch_size, lr=_lr(args.lr))
+    res = prog.run(x0, data, epochs=args.epochs, maxiter=args.maxiter, tol=args.tol, seed=args.seed,
+                   progress=args.progress)
+    rate = f"schedule {schedule!r}" if schedule is not None else (f"lr {_fmt(res.lr)}" if isinstance(res.lr, float) else "")
+    rows = [("method", f"{res.method}{', ' + rate if rate else ''}"),
+            ("cost", f"{cost.reduce} over {len(next(iter(data.values())))} rows of {args.data}" if data else "no data")]
+    rows += [(f"  {n}", _fmt(v)) for n, v in res.params.items()]
+    rows += [("value", _fmt(res.fun)), ("gradient norm", f"{res.grad_norm:.3g}"), ("iterations", str(res.nit)),
+             ("success", str(res.success)), ("message", res.message)]
+    rows += [("note", n) for n in res.notes]
+    out(_table(rows))
+    if args.history:
+        _write_history(args.history, res)
+        out(f"history written to {args.history}")
+    if args.plot:
+        _save_plot(args.plot, res)
+        out(f"plot written to {args.plot}")
+    if args.export:
+        try:
+            path = prog.export(args.export)
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.export}: {exc.strerror or exc}") from None
+        out(f"optimizer exported to {path}")
+    return EXIT_OK if res.success else EXIT_NEGATIVE
+
+
+def _cmd_demo(args, out) -> int:
+    from .demo import run
+
+    run()
+    return EXIT_OK
+
+
+_COMMANDS = {"demo": _cmd_demo, "diff": _cmd_diff, "verify": _cmd_verify, "fit": _cmd_fit}
+
+
+def _one_line(exc) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
 def main(argv=None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_help()
-        return 2
-    try:
-        if args.command == "demo":
-            from .demo import run
+        return EXIT_USAGE
 
-            run()
-            return 0
-    except CalcmlError as exc:
-        print(f"calcml: error: {exc}", file=sys.stderr)
-        return 1
+    def out(text):
+        print(text, flush=True)
+
+    try:
+        return _COMMANDS[args.command](args, out)
     except KeyboardInterrupt:
         print("calcml: interrupted", file=sys.stderr)
         return 130
-    return 2
+    except (CalcmlError, ValueError, TypeError, OSError) as exc:
+        if os.environ.get("CALCML_TRACEBACK"):
+            raise
+        print(f"calcml {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug in calcml: still one line, with a way to see more
+        if os.environ.get("CALCML_TRACEBACK"):
+            raise
+        print(f"calcml {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(set CALCML_TRACEBACK=1 for details)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -344,7 +344,8 @@ class _Builder:
     def _build_Call(self, node):
         func = node.func
         if not isinstance(func, ast.Name):
-            raise self.src.at(func, "not allowed: calling anything but a named function")
+            what = _REFUSED.get(type(func), "calling anything but a named function")
+            raise self.src.at(func, f"not allowed: {what}")
         name = func.id
         if "__" in name:
             raise self.src.at(func, "not allowed: names with a double underscore")
