@@ -486,8 +486,10 @@ import fit_linreg
 data = np.load(sys.argv[2])
 cols = {name: data[name] for name in fit_linreg.COLUMN_NAMES}
 out = fit_linreg.run(np.zeros(4), cols, epochs=4, seed=9)
+import fit_full
+full = fit_full.run(np.zeros(4), cols, maxiter=50, tol=0.0)
 print(json.dumps({"x": out["x"].tolist(), "fun": out["fun"], "status": out["status_name"],
-                  "history": out["history"].tolist(),
+                  "history": out["history"].tolist(), "full_x": full["x"].tolist(),
                   "mods": sorted(m for m in sys.modules if m.split('.')[0] in ('sympy', 'calcml'))}))
 """
 
@@ -504,6 +506,8 @@ def test_export_runs_standalone(tmp_path, linreg_data):
     text = path.read_text()
     imports = [line for line in text.splitlines() if line.lstrip().startswith(("import ", "from "))]
     assert imports and not any("sympy" in line or "calcml" in line for line in imports), imports
+    full = cm.generate(LINREG, method=cm.optim.momentum(lr=0.05, momentum=0.5))  # full batch, threaded pass
+    full.export(tmp_path / "fit_full.py")
     np.savez(tmp_path / "data.npz", **data)
     script = tmp_path / "check.py"
     script.write_text(_EXPORT_SCRIPT)
@@ -515,6 +519,7 @@ def test_export_runs_standalone(tmp_path, linreg_data):
     mine = prog.run(np.zeros(4), data, epochs=4, seed=9)
     assert np.array(got["x"]).tobytes() == mine.x.tobytes()  # same bits in the fresh process
     assert got["history"] == mine.history.tolist()
+    assert got["full_x"] == full.run(np.zeros(4), data, maxiter=50, tol=0.0).x.tolist()
 
 
 def test_array_path_matches_unrolled_path(linreg_data, fresh_cache, monkeypatch):
