@@ -29,3 +29,4 @@ from .result import OptimizeResult as OptimizeResult
 from .errors import ParseError as ParseError
 from .parse import parse as parse
 from .interop import to_scipy as to_scipy
+from .plot import plot_path as plot_path
