@@ -23,7 +23,6 @@ Run:  .venv/bin/python benchmarks/optimizers.py [--quick]
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 

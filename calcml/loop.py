@@ -8,8 +8,10 @@ The module holds, in plain Python that Numba compiles:
   optimizer state live in local scalars, and nothing is allocated per step. It runs until
   a stopping test fires or a given step count is reached, keeping every counter in small
   arrays, so a run is a sequence of chunks that resume exactly where the last one stopped;
-* ``_fg`` / ``_f`` / ``_hess``: the full-batch value and gradient (and for Newton and
-  L-BFGS the value alone and the Hessian) that line searches and the final report use;
+* ``_fg``: the full-batch value and gradient (with the data's finiteness check in the same
+  pass), for the cost at ``x0``, the final report and L-BFGS's line search; for Newton also
+  ``_f`` (the value) and ``_hess`` (the exact Hessian). Full-batch first-order loops over
+  large data sum each step on all threads, in fixed chunks (same bits for any thread count);
 * a SplitMix64 generator for the per-epoch Fisher-Yates shuffle (minibatch runs), so a seed
   gives the same permutation, hence the same bits, on every machine and in every chunking;
 * ``run(x0, data, ...)``: the plain-Python driver that validates nothing (calcml did), sets up
@@ -32,10 +34,10 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from pathlib import Path
 
 import sympy as sp
 from sympy.printing.precedence import precedence
-from pathlib import Path
 
 from . import result as _result
 from .codegen import NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer

@@ -14,7 +14,6 @@ schedule kind, batching) compiles once per test session.
 from __future__ import annotations
 
 import _thread
-import io
 import math
 import threading
 
