@@ -397,6 +397,10 @@ def _build_cost(args):
     dsyms = [data_symbols(n) for n in columns]
     expr = expr.xreplace({present[n]: s for n, s in zip(columns, dsyms)})
     cost = Cost(expr, params=psyms, data=dsyms, reduce=args.reduce)
+    shadowed = [n for n in names if n in table]
+    if shadowed:
+        args.notes.append(f"column{'s' if len(shadowed) > 1 else ''} {', '.join(repr(n) for n in shadowed)} of "
+                          f"{args.data} not used: {'they are parameters' if len(shadowed) > 1 else 'a parameter'}")
     return cost, {n: table[n] for n in columns}, names
 
 
@@ -411,12 +415,13 @@ def _fmt(v) -> str:
 
 def _write_history(path, res):
     unit = "epoch" if res.status == 2 else "iteration"
+    every = getattr(res, "history_every", 1) or 1  # long full-batch runs keep every k-th cost
     try:
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow([unit, "cost"])
             for i, v in enumerate(res.history):
-                w.writerow([i, repr(float(v))])
+                w.writerow([i * every, repr(float(v))])
     except OSError as exc:
         raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -448,6 +453,7 @@ def _cmd_fit(args, out) -> int:
         from .plot import require_matplotlib
 
         require_matplotlib("--plot")
+    args.notes = []
     cost, data, names = _build_cost(args)
     x0 = _x0(args.x0, names)
     schedule = None if args.schedule is None else _schedule(args.schedule)
@@ -460,7 +466,7 @@ def _cmd_fit(args, out) -> int:
     rows += [(f"  {n}", _fmt(v)) for n, v in res.params.items()]
     rows += [("value", _fmt(res.fun)), ("gradient norm", f"{res.grad_norm:.3g}"), ("iterations", str(res.nit)),
              ("success", str(res.success)), ("message", res.message)]
-    rows += [("note", n) for n in res.notes]
+    rows += [("note", n) for n in list(res.notes) + args.notes]
     out(_table(rows))
     if args.history:
         _write_history(args.history, res)

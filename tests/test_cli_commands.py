@@ -148,6 +148,14 @@ def test_fit_minibatch_with_schedule_is_reproducible(capsys, linear_csv):
     assert "Completed 5 epochs" in out1 and "warmup(exponential" in out1
 
 
+def test_fit_notes_a_column_named_like_a_parameter(capsys, tmp_path):
+    data = _csv(tmp_path, "x,y,b\n0,1,9\n1,3,9\n2,5,9\n")
+    rc, out, _ = run(capsys, "fit", "(w*x + b - y)**2", "--params", "w,b", "--data", data, "--method", "lbfgs")
+    rows = table_values(out)
+    assert rc == 0 and float(rows["w"]) == pytest.approx(2) and float(rows["b"]) == pytest.approx(1)
+    assert "column 'b' of" in out and "not used: a parameter" in out
+
+
 def test_fit_without_data(capsys):
     rc, out, _ = run(capsys, "fit", "(1 - a)**2 + 100*(b - a**2)**2", "--params", "a,b", "--method", "lbfgs",
                      "--x0=-1.2,1")
