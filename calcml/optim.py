@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numbers
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import OptimizeError
 from .schedules import _real
@@ -85,11 +85,12 @@ class Optimizer:
         )
 
     def with_lr(self, lr) -> "Optimizer":
-        """The same optimizer with another default rate."""
-        return _FACTORIES[self.name](lr=lr, **self.hyper)
+        """The same optimizer with another default rate (validated like the original's)."""
+        return replace(self, lr=_lr(self.name, lr, allow_auto=self.lr == "auto" or self.name == "gd"))
 
     def __repr__(self):
         args = ([f"lr={self.lr!r}"] if self.lr is not None else []) + [f"{k}={v!r}" for k, v in self.hyper.items()]
+        args += [f"{k}={v!r}" for k, v in self.extra.items()]
         return f"cm.optim.{self.name}({', '.join(args)})"
 
 

@@ -555,3 +555,16 @@ def test_full_batch_threaded_pass_matches_numpy():
         x = x - 0.05 * m
     np.testing.assert_allclose(res.x, x, rtol=1e-12, atol=1e-14)
     assert "prange(nchunks)" in cm.generate(LINREG, method="momentum").source
+
+
+def test_a_new_optimizer_is_one_description():
+    """An optimizer from outside the registry: state, hyperparameters and update lines only."""
+    signed = cm.optim.Optimizer(
+        "signum", 0.01, {"beta": 0.5}, state=(("m", ("n",), 0.0),),
+        update=("m[j] = beta * m[j] + (1.0 - beta) * g[j]", "theta[j] -= lr * math.copysign(1.0, m[j])"),
+    )
+    u = cm.params("u")
+    bowl = cm.Cost((u - 3) ** 2 / 2, params=[u])
+    res = cm.minimize(bowl, [0.0], method=signed, maxiter=10, tol=0.0)
+    assert res.x[0] == pytest.approx(0.1, abs=1e-12)  # ten steps of 0.01 towards 3
+    assert cm.minimize(bowl, [0.0], method=signed, lr=0.5, maxiter=5, tol=0.0).x[0] == pytest.approx(2.5)
