@@ -198,10 +198,7 @@ def _syntax_tree(src: _Source) -> ast.AST:
     try:
         return ast.parse(code, mode="eval").body
     except SyntaxError as exc:
-        col = (exc.offset or 1) - 1
-        if exc.lineno and exc.lineno > 1:  # cannot happen (no line breaks), kept for safety
-            col = len(code) - 1
-        col = min(max(col, 0), max(len(code) - 1, 0))
+        col = min(max((exc.offset or 1) - 1, 0), max(len(code) - 1, 0))
         end = exc.end_offset - 1 if exc.end_offset and exc.end_lineno == exc.lineno and exc.end_offset - 1 > col else None
         detail = "" if exc.msg == "invalid syntax" else f" ({exc.msg})"
         raise src.error(f"invalid syntax{detail}", col, end) from None
@@ -212,9 +209,9 @@ def _syntax_tree(src: _Source) -> ast.AST:
 def _check_shape(tree: ast.AST, src: _Source):
     """Bound the nesting and the size of the tree before building anything (iteratively)."""
     count = 0
-    stack = [(tree, 1, None)]
+    stack = [(tree, 1)]
     while stack:
-        node, depth, chain = stack.pop()
+        node, depth = stack.pop()
         count += 1
         if count > MAX_NODES:
             raise src.at(tree, f"the expression has more than {MAX_NODES} parts")
@@ -226,7 +223,7 @@ def _check_shape(tree: ast.AST, src: _Source):
                 continue
             # The left operand of a chain of the same level (a + b + c) adds no depth.
             same = here is not None and child is node.left and isinstance(child, ast.BinOp) and _CHAIN.get(type(child.op)) == here
-            stack.append((child, depth if same else depth + 1, here))
+            stack.append((child, depth if same else depth + 1))
 
 
 class _Builder:
@@ -253,7 +250,7 @@ class _Builder:
         if isinstance(v, bool) or v is None or v is Ellipsis:
             raise self.src.at(node, f"not allowed: {v!r} (only numbers and names)")
         if isinstance(v, int):
-            if len(str(abs(v))) > MAX_INT_DIGITS:
+            if abs(v) >= 10**MAX_INT_DIGITS:
                 raise self.src.at(node, f"integer literal too large (more than {MAX_INT_DIGITS} digits)")
             return sp.Integer(v)
         if isinstance(v, float):
