@@ -168,18 +168,23 @@ class ModuleBuilder:
         # Value and gradient: backpropagation (one forward and one backward sweep; scales to
         # thousands of parameters and shares the adjoint, e.g. 2*(residual), across the
         # gradient). Hessian: exact diff with one CSE over value, gradient and Hessian.
-        self.plan_vg = plan_backprop(cost)
-        if with_hessian:
+        # A small cost without data is evaluated once per optimizer step, where the length of
+        # the dependency chain is the speed: SymPy's closed forms after CSE (Rosenbrock's
+        # 400*a*t) are shorter than the adjoint sweep's chain, so such costs keep them.
+        small_nodata = not cost.data and len(cost.params) <= HESSIAN_INLINE_MAX
+        self.sym = _Symbolic(None, [], [], [])
+        cse_plan = None
+        if with_hessian or small_nodata:
             self.sym = sym or derive(cost, with_hessian)
-            self.plan_h = plan(self.sym, cost.data)
-        else:
-            self.sym = _Symbolic(None, [], [], [])
-            self.plan_h = None
+            cse_plan = plan(self.sym, cost.data)
+        self.plan_h = cse_plan if with_hessian else None
+        self.plan_vg = cse_plan if small_nodata else plan_backprop(cost)
         names = {p: f"p{j}" for j, p in enumerate(cost.params)}
         names.update({d: f"x{k}" for k, d in enumerate(cost.data)})
         row_i = hoist_i = 0
-        for pl in (self.plan_vg, self.plan_h):
-            for s, _ in pl.temps if pl else ():
+        plans = [self.plan_vg] + ([self.plan_h] if self.plan_h not in (None, self.plan_vg) else [])
+        for pl in plans:
+            for s, _ in pl.temps:
                 if s in pl.row_temps:
                     names[s] = f"t{row_i}"
                     row_i += 1
