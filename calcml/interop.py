@@ -39,13 +39,14 @@ class _ValueAndGrad:
         return self.kernels.hessian(*self._args(x))
 
 
-def to_scipy(cost: Cost, data=None) -> dict:
+def to_scipy(cost: Cost, data=None, *, hessian: bool = True) -> dict:
     """``{"fun", "jac", "hess"}`` for ``scipy.optimize.minimize``, from compiled exact kernels.
 
     ``fun(x)`` is the reduced cost, ``jac(x)`` its exact gradient and ``hess(x)`` its exact
     Hessian, each a Numba kernel from :func:`calcml.compile`. ``data`` (a dict of columns,
     a 2-D array or a DataFrame) is validated and laid out once, here; omit it for a cost
-    without data columns.
+    without data columns. ``hessian=False`` leaves ``hess`` out, for methods that do not use
+    it (BFGS, L-BFGS-B, CG), which scipy otherwise warns about.
 
     >>> import calcml as cm, numpy as np
     >>> from scipy.optimize import minimize
@@ -70,4 +71,7 @@ def to_scipy(cost: Cost, data=None) -> dict:
             raise DataError("this cost has no data columns; call cm.to_scipy(cost) without data")
         prepared = None
     f = _ValueAndGrad(kernels, prepared)
-    return {"fun": f.fun, "jac": f.jac, "hess": f.hess}
+    out = {"fun": f.fun, "jac": f.jac, "hess": f.hess}
+    if not hessian:
+        del out["hess"]
+    return out

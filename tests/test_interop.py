@@ -85,6 +85,14 @@ def test_linear_regression_derivatives_by_hand(regression):
     np.testing.assert_allclose(f["hess"](theta), 2 * A.T @ A / len(Y), rtol=1e-12)
 
 
+def test_without_hessian_bfgs_runs_without_warnings(rosenbrock, recwarn):
+    f = cm.to_scipy(rosenbrock, hessian=False)
+    assert set(f) == {"fun", "jac"}
+    res = minimize(x0=np.array([-1.2, 1.0, 1.0]), method="BFGS", **f)
+    assert res.success and not [w for w in recwarn if "Hessian" in str(w.message)]
+    np.testing.assert_allclose(res.x, np.ones(3), atol=1e-4)
+
+
 def test_data_mistakes_are_named(rosenbrock, regression):
     cost = regression[0]
     with pytest.raises(DataError, match="data columns"):
