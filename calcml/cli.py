@@ -98,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "are columns. Exit status 0 when the fit succeeded, 3 when it did not (divergence,\n"
         "iteration limit, Ctrl-C): the table then says why.",
         ['calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.01',
-         'calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method sgd --lr 0.01 \\\n'
+         'calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method sgd \\\n'
          '      --batch-size 16 --epochs 50 --schedule "exponential(0.05, 0.99)" --seed 1',
          'calcml fit "(1 - a)**2 + 100*(b - a**2)**2" --params a,b --method lbfgs --x0 a=-1.2,b=1',
          'calcml fit "log(1 + exp(-t*(w*x + b)))" --params w,b --data d.csv --method newton \\\n'
