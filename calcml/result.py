@@ -57,8 +57,9 @@ class OptimizeResult:
     gradient), ``nit`` (optimizer updates), ``nfev`` (cost evaluations by line searches, 0 for
     first-order methods), ``success``, ``status``, ``message``, ``history`` (the cost per
     iteration, or per epoch for minibatch runs: the mean of the epoch's minibatch costs),
-    ``method``, ``lr`` (the rate used, when one), ``notes`` (choices made for the user, e.g.
-    by ``lr="auto"``).
+    ``history_every`` (full batch: the history holds every k-th iteration's cost, k = 1 up to
+    10,000 iterations), ``method``, ``lr`` (the rate used, when one), ``notes`` (choices made
+    for the user, e.g. by ``lr="auto"``).
     """
 
     x: np.ndarray
@@ -72,6 +73,7 @@ class OptimizeResult:
     status: int
     message: str
     history: np.ndarray
+    history_every: int = 1
     method: str = ""
     lr: object = None
     notes: list = field(default_factory=list)

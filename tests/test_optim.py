@@ -342,6 +342,12 @@ def test_divergence_returns_best_point(rosen_programs):
     assert res.nit < 1000
 
 
+def test_long_history_is_subsampled(rosen_programs):
+    res = rosen_programs["gd"].run([-1.2, 1.0], maxiter=25_000, tol=0.0)
+    assert res.history_every == 3 and len(res.history) == 25_000 // 3 + 1
+    assert res.history[1] == pytest.approx(rosen_f(numpy_trajectory("gd", {}, lambda t: 1e-3, [-1.2, 1.0], 3)[3]), rel=1e-12)
+
+
 def test_divergence_minibatch(linreg_data):
     data = linreg_data[0]
     res = cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", lr=50.0, batch_size=16, epochs=5)
