@@ -574,3 +574,24 @@ def test_a_new_optimizer_is_one_description():
     res = cm.minimize(bowl, [0.0], method=signed, maxiter=10, tol=0.0)
     assert res.x[0] == pytest.approx(0.1, abs=1e-12)  # ten steps of 0.01 towards 3
     assert cm.minimize(bowl, [0.0], method=signed, lr=0.5, maxiter=5, tol=0.0).x[0] == pytest.approx(2.5)
+
+
+def test_minibatch_of_a_summed_cost_is_scaled_to_the_full_sum():
+    """reduce="sum": a minibatch gradient is scaled by N/|B|, an unbiased estimate of the full one."""
+    u = cm.params("u")
+    x, y = cm.data("x y")
+    cost = cm.Cost((u * x - y) ** 2, params=[u], data=[x, y], reduce="sum")
+    xs, ys = np.arange(1.0, 6.0), 2 * np.arange(1.0, 6.0) + np.array([0.1, -0.2, 0.0, 0.3, -0.1])
+    res = cm.minimize(cost, [0.0], data={"x": xs, "y": ys}, method="sgd", lr=0.001, batch_size=2, epochs=2, seed=8)
+    w = 0.0
+    sums = []
+    for order in splitmix_shuffles(8, 5, 2):
+        total = 0.0
+        for start in range(0, 5, 2):
+            rows = np.array(order[start:start + 2])
+            r = w * xs[rows] - ys[rows]
+            total += np.sum(r * r)
+            w -= 0.001 * (5 / len(rows)) * np.sum(2 * r * xs[rows])
+        sums.append(total)
+    assert res.x[0] == pytest.approx(w, rel=1e-13)
+    np.testing.assert_allclose(res.history, sums, rtol=1e-13)
