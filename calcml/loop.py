@@ -376,16 +376,17 @@ class _Generator:
         w(indent, "for chunk in prange(nchunks):")
         w(indent + 1, "start = chunk * OPT_CHUNK")
         w(indent + 1, "stop = min(start + OPT_CHUNK, n_rows)")
-        w(indent + 1, "acc = lanes[chunk]")
-        w(indent + 1, f"for k in range({m}):")
-        w(indent + 2, "for lane in range(OPT_LANES):")
-        w(indent + 3, "acc[k, lane] = 0.0")
+        # a fresh buffer per chunk: LLVM then knows it aliases no column, and vectorises the
+        # lane loop (about 3x on W3's data); the one allocation per 4,096 rows costs ~1%
+        w(indent + 1, f"acc = np.zeros(({m}, OPT_LANES))")
         w(indent + 1, "nblocks = (stop - start) // OPT_LANES")
         w(indent + 1, "for block in range(nblocks):")
+        w(indent + 2, "base = start + block * OPT_LANES")
         w(indent + 2, "for lane in range(OPT_LANES):")
-        w(indent + 3, "i = start + block * OPT_LANES + lane")
+        w(indent + 3, "i = np.uintp(base + lane)  # unsigned: no negative-index wraparound test")
         body(indent + 3, "lane")
-        w(indent + 1, "for i in range(start + nblocks * OPT_LANES, stop):")
+        w(indent + 1, "for r in range(start + nblocks * OPT_LANES, stop):")
+        w(indent + 2, "i = np.uintp(r)")
         body(indent + 2, "0")
         w(indent + 1, f"for k in range({m}):")
         w(indent + 2, "s = 0.0")
@@ -401,7 +402,7 @@ class _Generator:
     def _full_batch_functions(self, w, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None):
         """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
         n = self.n
-        w(0, "@_jit")
+        w(0, "@_jit_threads" if self.has_data else "@_jit")
         w(0, "def _fg(theta, cols, g):")
         w(1, '"""the full-batch cost at theta; its gradient is written into g. NaN when a datum is not finite"""')
         for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
@@ -411,7 +412,12 @@ class _Generator:
             # x - x is 0.0 for finite x, NaN otherwise: the data are checked in the same pass
             prog = RowProgram(vg.kind, vg.param_loads, vg.column_loads, vg.hoisted, vg.row_loads, vg.row,
                               vg.outputs + [("data finiteness check", vg.check)], vg.check, vg.pairs)
-            self._accumulate(w, prog, 1, "range(n_rows)", "i")
+            w(1, "if n_rows >= PARALLEL_MIN_ROWS:  # large data: all threads, fixed chunks (see run_chunk)")
+            w(2, "nchunks = (n_rows + OPT_CHUNK - 1) // OPT_CHUNK")
+            w(2, f"partial = np.zeros((nchunks, {len(prog.outputs)}))")
+            self._accumulate_threaded(w, prog, 2)
+            w(1, "else:")
+            self._accumulate(w, prog, 2, "range(n_rows)", "i")
             w(1, f"scale = {self._scale()}")
             for j in range(n):
                 w(1, f"g[{j}] = a{j + 1} * scale")
@@ -507,7 +513,6 @@ class _Generator:
             w(1, "# time into lanes (vectorised, no reassociation), chunk sums combined in order")
             w(1, "threaded = n_rows >= PARALLEL_MIN_ROWS")
             w(1, "nchunks = (n_rows + OPT_CHUNK - 1) // OPT_CHUNK if threaded else 1")
-            w(1, f"lanes = np.zeros((nchunks, {m}, OPT_LANES))  # once per call, not per step")
             w(1, f"partial = np.zeros((nchunks, {m}))")
         w(1, "step = ints[I_STEP]")
         w(1, "stop_step = ints[I_STOP]")
@@ -710,7 +715,7 @@ class _Generator:
         w(0, f"BLOWUP = {BLOWUP!r}")
         w(0, f"HISTORY_MAX = {HISTORY_MAX}")
         w(0, f"CHUNK_SECONDS = {CHUNK_SECONDS}")
-        if self.threaded:
+        if self.has_data:
             flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
             w(0, "from numba import prange  # noqa: E402")
             w(0, f"_jit_threads = numba.njit(parallel=True, {flags})")
