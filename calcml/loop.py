@@ -5,7 +5,8 @@ The module holds, in plain Python that Numba compiles:
 * ``run_chunk``: the descent loop, the whole of it one Numba function. For first-order
   methods the cost's exact gradient (the straight-line code of
   :meth:`calcml.codegen.ModuleBuilder.program`) is inlined in the loop, parameters and
-  optimizer state live in local scalars, and nothing is allocated per step. It runs until
+  optimizer state live in local scalars, and nothing is allocated per step (except one lane
+  buffer per 4,096-row chunk in the threaded full-batch pass over large data). It runs until
   a stopping test fires or a given step count is reached, keeping every counter in small
   arrays, so a run is a sequence of chunks that resume exactly where the last one stopped;
 * ``_fg``: the full-batch value and gradient (with the data's finiteness check in the same
