@@ -819,9 +819,7 @@ class Program:
 
     def run(self, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
         """Run the compiled descent from ``x0`` (array or dict); same keywords as :func:`calcml.minimize`."""
-        from .minimize import _run_program
-
-        return _run_program(self, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+        return _runner()(self, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
 
     def export(self, path) -> Path:
         """Write the module as a standalone file (imports only numpy and numba; no sympy, no
@@ -839,6 +837,20 @@ class Program:
         p = Path(path)
         p.write_text(text, encoding="utf-8")
         return p
+
+
+_run_program = None
+
+
+def _runner():
+    """calcml.minimize._run_program, imported once (minimize imports this module: no cycle at
+    import time; a ``from ... import`` per call would cost ~30 us)."""
+    global _run_program
+    if _run_program is None:
+        from .minimize import _run_program as found
+
+        _run_program = found
+    return _run_program
 
 
 def program_for(cost: Cost, opt: Optimizer, schedule: Schedule | None, batch_size) -> Program:
