@@ -335,6 +335,9 @@ class _Generator:
         self.unrolled = self.first_order and self.n <= UNROLL_MAX
         # full-batch first-order loops over data also get a threaded pass for large data
         self.threaded = self.first_order and not minibatch and self.has_data
+        # _fg is the workhorse of the line searches: threaded there. Elsewhere it runs twice a
+        # run (cost at x0, final report) and a serial pass spares a parallel compile (~3 s).
+        self.threaded_fg = self.has_data and not self.first_order
         self.hyper = list(opt.hyper)
         self.state = [s[0] for s in opt.state]
 
@@ -403,7 +406,7 @@ class _Generator:
     def _full_batch_functions(self, w, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None):
         """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
         n = self.n
-        w(0, "@_jit_threads" if self.has_data else "@_jit")
+        w(0, "@_jit_threads" if self.threaded_fg else "@_jit")
         w(0, "def _fg(theta, cols, g):")
         w(1, '"""the full-batch cost at theta; its gradient is written into g. NaN when a datum is not finite"""')
         for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
@@ -413,12 +416,15 @@ class _Generator:
             # x - x is 0.0 for finite x, NaN otherwise: the data are checked in the same pass
             prog = RowProgram(vg.kind, vg.param_loads, vg.column_loads, vg.hoisted, vg.row_loads, vg.row,
                               vg.outputs + [("data finiteness check", vg.check)], vg.check, vg.pairs)
-            w(1, "if n_rows >= PARALLEL_MIN_ROWS:  # large data: all threads, fixed chunks (see run_chunk)")
-            w(2, "nchunks = (n_rows + OPT_CHUNK - 1) // OPT_CHUNK")
-            w(2, f"partial = np.zeros((nchunks, {len(prog.outputs)}))")
-            self._accumulate_threaded(w, prog, 2)
-            w(1, "else:")
-            self._accumulate(w, prog, 2, "range(n_rows)", "i")
+            if self.threaded_fg:
+                w(1, "if n_rows >= PARALLEL_MIN_ROWS:  # large data: all threads, fixed chunks (see run_chunk)")
+                w(2, "nchunks = (n_rows + OPT_CHUNK - 1) // OPT_CHUNK")
+                w(2, f"partial = np.zeros((nchunks, {len(prog.outputs)}))")
+                self._accumulate_threaded(w, prog, 2)
+                w(1, "else:")
+                self._accumulate(w, prog, 2, "range(n_rows)", "i")
+            else:
+                self._accumulate(w, prog, 1, "range(n_rows)", "i")
             w(1, f"scale = {self._scale()}")
             for j in range(n):
                 w(1, f"g[{j}] = a{j + 1} * scale")
@@ -716,7 +722,7 @@ class _Generator:
         w(0, f"BLOWUP = {BLOWUP!r}")
         w(0, f"HISTORY_MAX = {HISTORY_MAX}")
         w(0, f"CHUNK_SECONDS = {CHUNK_SECONDS}")
-        if self.has_data:
+        if self.threaded or self.threaded_fg:
             flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
             w(0, "from numba import prange  # noqa: E402")
             w(0, f"_jit_threads = numba.njit(parallel=True, {flags})")
