@@ -94,14 +94,8 @@ class OptimizeResult:
         return "OptimizeResult(\n" + "\n".join(lines) + "\n)"
 
     def plot(self, ax=None):
-        """The cost history (matplotlib; log scale when the costs are positive)."""
-        import matplotlib.pyplot as plt
+        """The cost history (matplotlib; log scale when the costs are positive); see
+        :func:`calcml.plot.plot_history`. A clear error says how to install matplotlib."""
+        from .plot import plot_history
 
-        ax = ax or plt.gca()
-        ax.plot(np.arange(len(self.history)), self.history)
-        if len(self.history) and np.all(self.history > 0):
-            ax.set_yscale("log")
-        ax.set_xlabel("epoch" if "epochs" in self.message else "iteration")
-        ax.set_ylabel("cost")
-        ax.set_title(f"{self.method}: {self.message.split(':')[0]}")
-        return ax
+        return plot_history(self, ax)
