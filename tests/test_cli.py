@@ -16,14 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_runs_in_a_fresh_process(fresh_cache):
     env = {**os.environ, "CALCML_CACHE_DIR": str(fresh_cache), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "calcml", "demo"], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "calcml", "demo"], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=fresh_cache.parent)
     assert out.returncode == 0, out.stderr
     assert "2*x*(b + w*x - y)" in out.stdout  # the exact gradient, with the target y
     assert "least-squares" in out.stdout
+    assert "d/dw: verified" in out.stdout and "d/db: refuted" in out.stdout
+    for method in ("gd", "momentum", "nesterov", "adam"):
+        assert f"     {method} " in out.stdout
 
 
-def test_demo_figures_against_numpy():
-    figures = demo.run(out=lambda *_: None)
+def test_demo_figures_against_numpy(tmp_path):
+    figures = demo.run(out=lambda *_: None, plot_path=tmp_path / "demo.png")
     D = load_linear()
     X = np.column_stack([D["x"], np.ones_like(D["x"])])
     sol = np.linalg.lstsq(X, D["y"], rcond=None)[0]
@@ -31,6 +35,14 @@ def test_demo_figures_against_numpy():
     assert np.linalg.norm(figures["grad_at_solution"]) < 1e-9
     r = -D["y"]
     assert abs(figures["value0"] - np.mean(r**2)) <= 1e-12 * np.mean(r**2)
+    # the exact gradient is verified; the tutorial's gradient (no target y) is refuted
+    assert figures["verify"].ok
+    assert [v.status for v in figures["tutorial_check"]] == ["refuted", "refuted"]
+    # every compiled fit reaches the closed-form solution
+    for name, res in figures["fits"].items():
+        np.testing.assert_allclose(res.x, sol, rtol=1e-6, err_msg=name)
+    if figures["plot"] is not None:
+        assert (tmp_path / "demo.png").stat().st_size > 1000
 
 
 def test_dataset_is_shipped():
