@@ -33,7 +33,8 @@ def test_examples_run(page, tmp_path, monkeypatch):
     blocks = python_blocks(page.read_text(encoding="utf-8"))
     # Anything an example writes by accident lands in a temporary folder.
     monkeypatch.chdir(tmp_path)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    if "MPLBACKEND" not in os.environ:
+        monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace = {"__name__": f"docs_{page.stem}"}
     for i, block in enumerate(blocks, 1):
         code = compile(block, f"docs/{page.name} (python block {i})", "exec")
@@ -52,3 +53,9 @@ def test_api_md_up_to_date():
     spec.loader.exec_module(gen_api)
     committed = (DOCS / "api.md").read_text(encoding="utf-8")
     assert gen_api.render() == committed, "docs/api.md is stale: run `python docs/gen_api.py`"
+
+
+def test_nav_lists_every_page():
+    nav = (DOCS.parent / "mkdocs.yml").read_text(encoding="utf-8")
+    for page in PAGES:
+        assert re.search(rf":\s*{re.escape(page.name)}\s*$", nav, re.M), f"{page.name} is not in mkdocs.yml's nav"
