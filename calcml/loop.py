@@ -54,6 +54,8 @@ BLOWUP = 1e10
 # Full-batch history keeps at most this many entries (every k-th iteration beyond): a fresh
 # array per run, and touching a large one costs page faults (W4: 100,000 steps, +50%).
 HISTORY_MAX = 10_000
+# Costs with at most this many parameters record the iterates beside the history entries.
+PATH_MAX_PARAMS = 2
 DEFAULT_EPOCHS = 10
 # Chunks of about this long (seconds): how often Python sees Ctrl-C and redraws progress.
 CHUNK_SECONDS = 0.25
@@ -167,12 +169,14 @@ def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs,
     hp = np.array([float(hyper[k]) for k in HYPER_NAMES], dtype=np.float64)
     sa = np.array(schedule_args, dtype=np.float64)
     state = new_optimizer_state(n)
-    return [theta, g, theta.copy(), history, state, cols, perm, hp, sa, ints, floats, rng], f0
+    # the iterates beside each history entry, for plots of two-parameter costs
+    path = np.full((history.shape[0], N_PARAMS if RECORD_PATH else 1), np.nan)
+    return [theta, g, theta.copy(), history, state, cols, perm, hp, sa, ints, floats, rng, path], f0
 
 
 def finish(arrays, status, max_steps, max_epochs):
     """The report: a dict with x, fun, grad, nit, nfev, status, history and the bookkeeping."""
-    theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng = arrays
+    theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng, path = arrays
     step = int(ints[I_STEP])
     if status == RUNNING:
         status = EPOCHS_DONE if (MINIBATCH and ints[I_EPOCH] >= max_epochs) else MAXITER
@@ -192,6 +196,7 @@ def finish(arrays, status, max_steps, max_epochs):
         "x": x, "fun": fun, "grad": grad, "grad_norm": math.sqrt(gn2),
         "nit": step, "nfev": int(ints[I_NFEV]), "status": int(status), "status_name": STATUS_NAMES[int(status)],
         "history": history[:n_hist].copy(), "history_every": int(ints[I_HIST_EVERY]),
+        "path": path[:n_hist].copy() if RECORD_PATH else None,
         "epochs": int(ints[I_EPOCH]), "best_step": int(ints[I_BEST_STEP]), "best_value": float(floats[F_BEST]),
         "diverged_at": diverged_at, "blowup": float(floats[F_BLOWUP]),
     }
@@ -475,6 +480,7 @@ class _Generator:
         if not self.minibatch:
             w(indent, "if step == hist_next:")
             w(indent + 1, "history[hist_i] = value")
+            self._record_path(w, indent + 1, "hist_i", param)
             w(indent + 1, "hist_i += 1")
             w(indent + 1, "hist_next += hist_every")
         finite = "abs(value) <= blowup and gn2 < math.inf"
@@ -491,6 +497,12 @@ class _Generator:
         w(indent + 1, "best_step = step")
         self._copy_best(w, indent + 1, param)
 
+    def _record_path(self, w, indent, row, param):
+        """Two-parameter costs keep their iterates beside the history (for cm.plot_path)."""
+        if self.n <= PATH_MAX_PARAMS:
+            for j in range(self.n):
+                w(indent, f"path[{row}, {j}] = {param(j)}")
+
     def _copy_best(self, w, indent, param):
         if self.unrolled:
             for j in range(self.n):
@@ -503,7 +515,7 @@ class _Generator:
     def _run_chunk(self, w, vg: RowProgram):
         opt = self.opt
         w(0, "@_jit_threads" if self.threaded else "@_jit")
-        w(0, "def run_chunk(theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng):")
+        w(0, "def run_chunk(theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng, path):")
         w(1, '"""Run the descent from the state in the arrays until step ints[I_STOP] or a stopping')
         w(1, 'test; every counter is written back, so the next call resumes exactly. Returns the status."""')
         if self.state:
@@ -652,6 +664,7 @@ class _Generator:
             mean_scale = "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
             w(3, f"epoch_value = epoch_sum * {mean_scale}")
             w(3, "history[epoch] = epoch_value")
+            self._record_path(w, 3, "epoch", param)
             w(3, "if epoch_value < best_value:")
             w(4, "best_value = epoch_value")
             w(4, "best_step = step + 1")
@@ -721,6 +734,7 @@ class _Generator:
         w(0, f"DEFAULT_MAXITER = {self.opt.default_maxiter}")
         w(0, f"BLOWUP = {BLOWUP!r}")
         w(0, f"HISTORY_MAX = {HISTORY_MAX}")
+        w(0, f"RECORD_PATH = {self.n <= PATH_MAX_PARAMS}")
         w(0, f"CHUNK_SECONDS = {CHUNK_SECONDS}")
         if self.threaded or self.threaded_fg:
             flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())

@@ -301,6 +301,7 @@ def _report(prog: Program, out: dict, tol: float, lr_used, notes) -> _result.Opt
         x=x, params={name: float(v) for name, v in zip(prog.cost.param_names, x)}, fun=out["fun"],
         grad_norm=out["grad_norm"], jac=out["grad"], nit=out["nit"], nfev=out["nfev"], success=success,
         status=status, message=msg, history=out["history"], history_every=out["history_every"],
+        path=out.get("path"),
         method=prog.optimizer.name,
         lr=lr_used if prog.optimizer.lr is not None else None, notes=notes,
     )

@@ -77,6 +77,9 @@ class OptimizeResult:
     method: str = ""
     lr: object = None
     notes: list = field(default_factory=list)
+    # two-parameter costs: the iterates beside ``history`` (full batch: the point whose cost
+    # is history[i]; minibatch: the parameters at the end of each epoch); else None
+    path: np.ndarray | None = None
 
     def __repr__(self):
         lines = [
