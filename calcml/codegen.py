@@ -164,9 +164,13 @@ class _Writer:
 class ModuleBuilder:
     """Prints the kernels of one cost into one module."""
 
-    def __init__(self, cost: Cost, with_hessian: bool, sym: _Symbolic | None = None):
+    def __init__(self, cost: Cost, with_hessian: bool, sym: _Symbolic | None = None, hessian_only: bool = False):
         self.cost = cost
-        self.with_hessian = with_hessian
+        self.with_hessian = with_hessian or hessian_only
+        # hessian_only: the on-demand Hessian module of a large cost, whose value and
+        # gradient kernels already live in the main module (no second backprop or print).
+        self.hessian_only = hessian_only
+        with_hessian = self.with_hessian
         # Value and gradient: backpropagation (one forward and one backward sweep; scales to
         # thousands of parameters and shares the adjoint, e.g. 2*(residual), across the
         # gradient). Hessian: exact diff with one CSE over value, gradient and Hessian.
@@ -180,11 +184,16 @@ class ModuleBuilder:
             self.sym = sym or derive(cost, with_hessian)
             cse_plan = plan(self.sym, cost.data)
         self.plan_h = cse_plan if with_hessian else None
-        self.plan_vg = cse_plan if small_nodata else plan_backprop(cost)
+        if hessian_only:
+            self.plan_vg = None
+        else:
+            self.plan_vg = cse_plan if small_nodata else plan_backprop(cost)
         names = {p: f"p{j}" for j, p in enumerate(cost.params)}
         names.update({d: f"x{k}" for k, d in enumerate(cost.data)})
         row_i = hoist_i = 0
-        plans = [self.plan_vg] + ([self.plan_h] if self.plan_h not in (None, self.plan_vg) else [])
+        plans = [pl for pl in (self.plan_vg, self.plan_h) if pl is not None]
+        if len(plans) == 2 and plans[0] is plans[1]:
+            plans = plans[:1]
         for pl in plans:
             for s, _ in pl.temps:
                 if s in pl.row_temps:
@@ -363,6 +372,8 @@ class ModuleBuilder:
 
     # -- the module ------------------------------------------------------------------------
     def kinds(self) -> list:
+        if self.hessian_only:
+            return ["hessian"]
         kinds = ["value", "grad", "value_and_grad"]
         if self.with_hessian:
             kinds.append("hessian")
@@ -423,8 +434,9 @@ class ModuleBuilder:
         return head.text()
 
 
-def kernel_module_source(cost: Cost, with_hessian: bool | None = None, header_lines=()) -> str:
-    """The full module text for ``cost``'s kernels."""
+def kernel_module_source(cost: Cost, with_hessian: bool | None = None, header_lines=(),
+                         hessian_only: bool = False) -> str:
+    """The module text for ``cost``'s kernels (``hessian_only``: just the Hessian kernels)."""
     if with_hessian is None:
         with_hessian = len(cost.params) <= HESSIAN_INLINE_MAX
-    return ModuleBuilder(cost, with_hessian).source(header_lines)
+    return ModuleBuilder(cost, with_hessian, hessian_only=hessian_only).source(header_lines)

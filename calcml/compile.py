@@ -134,7 +134,7 @@ def _clear_numba_cache(path: Path):
             pass
 
 
-def load_or_build(key: str, build_source, header: str = "") -> tuple:
+def load_or_build(key: str, build_source) -> tuple:
     """(module, source text, path) for ``key``: from the cache if valid, else built and written."""
     folder = cache_dir()
     name = f"calcml_{key[:40]}"
@@ -258,7 +258,7 @@ class Kernels:
             from .codegen import kernel_module_source
 
             key = _kernel_key(self.cost, "hessian-module")
-            module, _text, path = load_or_build(key, lambda: kernel_module_source(self.cost, with_hessian=True))
+            module, _text, path = load_or_build(key, lambda: kernel_module_source(self.cost, hessian_only=True))
             self._hessian_module = (module, path)
         return self._hessian_module
 

@@ -22,10 +22,6 @@ from .minimize import minimize
 from .verify import check_gradient, verify
 
 
-def _line(out, text=""):
-    out(text)
-
-
 def run(out=print, plot_path="calcml-demo.png") -> dict:
     """Run the demo, writing lines with ``out``; returns the figures it printed.
 
@@ -37,19 +33,19 @@ def run(out=print, plot_path="calcml-demo.png") -> dict:
     D = load_linear()
     n = D["x"].shape[0]
 
-    _line(out, "calcml demo: the seed tutorial, done right")
-    _line(out, "=" * 42)
-    _line(out, f"data: {n} rows (x, y) shipped with calcml, y ~ 2.5 x + 4 + noise")
-    _line(out)
-    _line(out, "1. the cost, stated in full (the tutorial forgot the target y):")
-    _line(out, f"     J(w, b) = mean over rows of  {cost.expr}")
-    _line(out)
-    _line(out, "2. its exact gradient, derived by SymPy:")
+    out("calcml demo: the seed tutorial, done right")
+    out("=" * 42)
+    out(f"data: {n} rows (x, y) shipped with calcml, y ~ 2.5 x + 4 + noise")
+    out("")
+    out("1. the cost, stated in full (the tutorial forgot the target y):")
+    out(f"     J(w, b) = mean over rows of  {cost.expr}")
+    out("")
+    out("2. its exact gradient, derived by SymPy:")
     for p, g in zip(cost.params, cost.gradient):
-        _line(out, f"     dJ/d{p} = mean of  {sp.factor(g)}")
-    _line(out, "   the tutorial's hand-written gradient is 2*x*(w*x + b) and 2*(w*x + b):")
-    _line(out, "   exact only for a cost without y; for the full cost it misses the -2*x*y and -2*y terms.")
-    _line(out)
+        out(f"     dJ/d{p} = mean of  {sp.factor(g)}")
+    out("   the tutorial's hand-written gradient is 2*x*(w*x + b) and 2*(w*x + b):")
+    out("   exact only for a cost without y; for the full cost it misses the -2*x*y and -2*y terms.")
+    out("")
 
     t0 = time.perf_counter()
     k = compile_cost(cost)
@@ -59,35 +55,35 @@ def run(out=print, plot_path="calcml-demo.png") -> dict:
     X = np.column_stack([D["x"], np.ones(n)])
     r0 = X @ theta0 - D["y"]
     g_np = 2.0 * X.T @ r0 / n
-    _line(out, "3. compiled with Numba (one fused pass over the rows), evaluated at w = b = 0:")
-    _line(out, f"     J = {f0:.10g}    grad = [{g0[0]:.10g}, {g0[1]:.10g}]")
-    _line(out, f"     NumPy reference: J = {r0 @ r0 / n:.10g}    grad = [{g_np[0]:.10g}, {g_np[1]:.10g}]")
-    _line(out, f"     (generate, compile or load from cache, and first call: {t_first:.2f} s; source in {k.path})")
-    _line(out)
+    out("3. compiled with Numba (one fused pass over the rows), evaluated at w = b = 0:")
+    out(f"     J = {f0:.10g}    grad = [{g0[0]:.10g}, {g0[1]:.10g}]")
+    out(f"     NumPy reference: J = {r0 @ r0 / n:.10g}    grad = [{g_np[0]:.10g}, {g_np[1]:.10g}]")
+    out(f"     (generate, compile or load from cache, and first call: {t_first:.2f} s; source in {k.path})")
+    out("")
 
     sol, *_ = np.linalg.lstsq(X, D["y"], rcond=None)
     f_star, g_star = k.value_and_grad(sol, D)
-    _line(out, "4. at the closed-form least-squares solution the exact gradient vanishes:")
-    _line(out, f"     w = {sol[0]:.6f}, b = {sol[1]:.6f}:  J = {f_star:.6f}, |grad| = {np.linalg.norm(g_star):.2e}")
-    _line(out)
+    out("4. at the closed-form least-squares solution the exact gradient vanishes:")
+    out(f"     w = {sol[0]:.6f}, b = {sol[1]:.6f}:  J = {f_star:.6f}, |grad| = {np.linalg.norm(g_star):.2e}")
+    out("")
 
     report = verify(cost)
-    _line(out, "5. each partial derivative checked against the limit definition lim (J(p+h) - J(p))/h:")
+    out("5. each partial derivative checked against the limit definition lim (J(p+h) - J(p))/h:")
     for v in report:
-        _line(out, f"     {v.name}: {v.status} ({v.method})")
-    _line(out)
+        out(f"     {v.name}: {v.status} ({v.method})")
+    out("")
 
     def tutorial_gradient(theta, d):
         pred = theta[0] * d["x"] + theta[1]  # the tutorial's pred: no target y
         return np.array([2 * np.dot(d["x"], pred), 2 * np.sum(pred)]) / len(pred)
 
     checked = check_gradient(cost, tutorial_gradient, data=D, points=np.array([[0.5, 1.0]]))
-    _line(out, "6. the tutorial's hand-written gradient, checked against the exact one for the full cost:")
+    out("6. the tutorial's hand-written gradient, checked against the exact one for the full cost:")
     for v in checked:
-        _line(out, f"     {v.name}: {v.status}: {v.detail}")
-    _line(out)
+        out(f"     {v.name}: {v.status}: {v.detail}")
+    out("")
 
-    _line(out, "7. fits from w = b = 0 with compiled descent loops (the whole loop is machine code):")
+    out("7. fits from w = b = 0 with compiled descent loops (the whole loop is machine code):")
     runs = {}
     fits = [
         ("gd", dict(method="gd", lr="auto", maxiter=3000)),
@@ -95,20 +91,20 @@ def run(out=print, plot_path="calcml-demo.png") -> dict:
         ("nesterov", dict(method="nesterov", lr=0.002, maxiter=3000)),
         ("adam", dict(method="adam", lr=0.1, maxiter=3000)),
     ]
-    _line(out, f"     {'method':10s} {'w':>10s} {'b':>10s} {'J':>12s} {'|w-w*|+|b-b*|':>15s}  iterations")
+    out(f"     {'method':10s} {'w':>10s} {'b':>10s} {'J':>12s} {'|w-w*|+|b-b*|':>15s}  iterations")
     for name, kw in fits:
         res = minimize(cost, theta0, data=D, **kw)
         runs[name] = res
         err = float(np.abs(res.x - sol).sum())
-        _line(out, f"     {name:10s} {res.x[0]:10.6f} {res.x[1]:10.6f} {res.fun:12.6f} {err:15.2e}  {res.nit}")
-    _line(out, f"     {'lstsq':10s} {sol[0]:10.6f} {sol[1]:10.6f} {f_star:12.6f} {'(closed form)':>15s}")
-    _line(out)
+        out(f"     {name:10s} {res.x[0]:10.6f} {res.x[1]:10.6f} {res.fun:12.6f} {err:15.2e}  {res.nit}")
+    out(f"     {'lstsq':10s} {sol[0]:10.6f} {sol[1]:10.6f} {f_star:12.6f} {'(closed form)':>15s}")
+    out("")
 
     plot_file = _save_plot(runs, plot_path, f_star)
     if plot_file:
-        _line(out, f"8. cost curves (J - J*, log scale) saved to {plot_file}")
+        out(f"8. cost curves (J - J*, log scale) saved to {plot_file}")
     else:
-        _line(out, "8. cost curves: not drawn (matplotlib is not installed: pip install 'calcml[plot]')")
+        out("8. cost curves: not drawn (matplotlib is not installed: pip install 'calcml[plot]')")
     return {"value0": f0, "grad0": g0, "solution": sol, "grad_at_solution": g_star, "verify": report,
             "tutorial_check": checked, "fits": runs, "plot": plot_file}
 
