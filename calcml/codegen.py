@@ -41,6 +41,9 @@ HESSIAN_INLINE_MAX = 16
 # The one Numba-flags policy, rendered into every generated module (which must not import
 # calcml: exported modules run with only numpy and numba installed).
 NUMBA_FLAGS = {"cache": True, "fastmath": False, "error_model": "numpy", "nogil": True}
+# The kernels' flags: compiled with numba.cfunc one by one, their machine code cached by
+# calcml (calcml.native), so Numba's own cache is not used.
+KERNEL_FLAGS = {"fastmath": False, "error_model": "numpy"}
 
 
 def _comment(text: str, limit: int = 160) -> str:
@@ -265,17 +268,23 @@ class ModuleBuilder:
         return used
 
     # -- kernels ---------------------------------------------------------------------------
+    # Kernels are plain functions over raw pointers, compiled one by one with numba.cfunc
+    # when first needed (see calcml.native): the machine code is kept in the cache and a
+    # later process loads it without Numba's start-up.
+    def _load_params(self, w: _Writer, prog: "RowProgram"):
+        w(1, "theta = carray(theta_p, N_PARAMS)")
+        for line in prog.param_loads:
+            w(1, line)
+
     def _kernel_nodata(self, w: _Writer, kind: str):
         prog = self.program(kind)
-        w(0, "@_jit")
-        w(0, f"def {kind}(theta):")
-        for line in prog.param_loads + prog.hoisted:
+        size = kernel_slots(kind, self.n, has_data=False)[1]
+        w(0, f"def {kind}(theta_p, out_p):")
+        w(1, f'"""{kind} of the cost at theta, into out[:{size}]"""')
+        self._load_params(w, prog)
+        for line in prog.hoisted:
             w(1, line)
-        if kind == "value":
-            w(1, f"return {prog.outputs[0][1]}")
-            return
-        size = len(prog.outputs) if kind != "hessian" else self.n * self.n
-        w(1, f"out = np.empty({size})")
+        w(1, f"out = carray(out_p, {size})")
         if kind == "hessian":
             for (label, code), (i, j) in zip(prog.outputs, prog.pairs):
                 w(1, f"out[{i * self.n + j}] = {code}  # {label}")
@@ -284,53 +293,51 @@ class ModuleBuilder:
         else:
             for k, (label, code) in enumerate(prog.outputs):
                 w(1, f"out[{k}] = {code}  # {label}")
-        w(1, "return out")
 
-    def _kernel_rows(self, w: _Writer, kind: str, parallel: bool, checked: bool = True):
+    def _kernel_rows(self, w: _Writer, kind: str, checked: bool = True):
         """A fused pass over the rows: per-chunk partial sums, combined in chunk order.
+
+        Any number of threads may run the function at once on the same arguments: each
+        claims the next chunk of CHUNK rows (an atomic counter) and writes the chunk's sums
+        to the chunk's own row of ``partial``; the call with ``finalize`` set then adds the
+        rows in chunk order, so one thread or many give the same bits.
 
         Inside a chunk, rows go in blocks of LANES: row ``base + l`` adds into lane ``l`` of
         each accumulator. The lane loop carries no dependence, so LLVM vectorises it
         without reassociating any sum (fastmath stays off), and the summation order is
-        fixed by this source: serial and threaded twins give the same bits for any thread
-        count. Indices are unsigned so that loads need no negative-index wraparound.
+        fixed by this source. Indices are unsigned so that loads need no negative-index
+        wraparound.
         """
         prog = self.program(kind)
         m = len(prog.outputs)  # accumulated slots (+1 for the finiteness check)
-        slots = m + 1
-        suffix = ("_parallel" if parallel else "_serial") + ("" if checked else "_prepared")
-        loop = "prange" if parallel else "range"
-        w(0, "@_jit_parallel" if parallel else "@_jit")
-        if checked:
-            w(0, f"def {kind}{suffix}(theta, cols):")
-            w(1, f'"""{kind} of the {self.cost.reduce} over rows; slot {m} holds the data finiteness check"""')
-            w(1, "n = cols[0].shape[0]")
-            row_loads = prog.row_loads
-            loads = prog.param_loads + prog.column_loads
-        else:
-            # Prepared data: one 2-D block, column k in row X[k, :n]. One array, so LLVM's
-            # vectorised lane loop needs one alias check against the accumulators, not one
-            # per column.
-            w(0, f"def {kind}{suffix}(theta, X, n):")
-            w(1, f'"""{kind} of the {self.cost.reduce} over the n rows of a prepared (validated) block; slot {m} is 0"""')
-            row_loads = [f"x{k} = X[{k}, {{row}}]" for k in range(len(self.cost.data))]
-            loads = prog.param_loads
-        for line in loads:
-            w(1, line)
+        slots, size = kernel_slots(kind, self.n, has_data=True)
+        name = f"{kind}_rows" + ("" if checked else "_prepared")
+        w(0, f"def {name}(theta_p, cols_p, n, nchunks, next_chunk, partial_p, finalize, out_p, acc_p):")
+        what = "data checked in the same pass" if checked else "prepared (validated) data, slot left 0"
+        w(1, f'"""{kind} of the {self.cost.reduce} over the n rows of the columns at cols_p[k]; slot {m} is the '
+             f'finiteness check ({what})"""')
+        self._load_params(w, prog)
+        for k, d in enumerate(self.cost.data):
+            w(1, f"c{k} = carray(cols_p[{k}], n)  # column {_comment(d.name)}")
         if prog.hoisted:
             w(1, "# row-independent subexpressions, computed once")
             for line in prog.hoisted:
                 w(1, line)
-        w(1, "nchunks = (n + CHUNK - 1) // CHUNK")
-        w(1, f"partial = np.empty((nchunks, {slots}))")
-        w(1, f"for chunk in {loop}(nchunks):")
+        w(1, f"partial = carray(partial_p, (nchunks, {slots}))")
+        w(1, f"acc = carray(acc_p, ({slots}, LANES))  # this thread's lane accumulators")
+        w(1, "while True:")
+        w(2, "chunk = _claim(next_chunk)")
+        w(2, "if chunk >= nchunks:")
+        w(3, "break")
         w(2, "start = chunk * CHUNK")
         w(2, "stop = min(start + CHUNK, n)")
-        w(2, f"acc = np.zeros(({slots}, LANES))")
+        w(2, f"for k in range({slots}):")
+        w(3, "for lane in range(LANES):")
+        w(4, "acc[k, lane] = 0.0")
         w(2, "nblocks = (stop - start) // LANES")
 
         def row_body(indent, lane):
-            for line in row_loads:
+            for line in prog.row_loads:
                 w(indent, line.format(row="i"))
             for line in prog.row:
                 w(indent, line)
@@ -352,23 +359,23 @@ class ModuleBuilder:
         w(3, "for lane in range(LANES):")
         w(4, "s += acc[k, lane]")
         w(3, "partial[chunk, k] = s")
-        w(1, f"total = np.zeros({slots})")
-        w(1, "for chunk in range(nchunks):")
+        w(1, "if finalize:")
+        w(2, f"total = carray(out_p, {size})" if kind != "hessian" else f"total = carray(acc_p, {slots})")
         w(2, f"for k in range({slots}):")
-        w(3, "total[k] += partial[chunk, k]")
+        w(3, "total[k] = 0.0")
+        w(2, "for chunk in range(nchunks):")
+        w(3, f"for k in range({slots}):")
+        w(4, "total[k] += partial[chunk, k]")
         if self.cost.reduce == "mean":
-            w(1, f"for k in range({m}):")
-            w(2, "total[k] /= n")
+            w(2, f"for k in range({m}):")
+            w(3, "total[k] /= n")
         if kind == "hessian":
-            w(1, f"out = np.empty({self.n * self.n + 1})")
+            w(2, f"out = carray(out_p, {size})")
             for k, (i, j) in enumerate(prog.pairs):
-                w(1, f"out[{i * self.n + j}] = total[{k}]")
+                w(2, f"out[{i * self.n + j}] = total[{k}]")
                 if i != j:
-                    w(1, f"out[{j * self.n + i}] = total[{k}]")
-            w(1, f"out[{self.n * self.n}] = total[{m}]")
-            w(1, "return out")
-        else:
-            w(1, "return total")
+                    w(2, f"out[{j * self.n + i}] = total[{k}]")
+            w(2, f"out[{self.n * self.n}] = total[{m}]")
 
     # -- the module ------------------------------------------------------------------------
     def kinds(self) -> list:
@@ -383,18 +390,22 @@ class ModuleBuilder:
         body = _Writer()
         for kind in self.kinds():
             if self.has_data:
-                for parallel, checked in ((False, True), (True, True), (False, False), (True, False)):
-                    self._kernel_rows(body, kind, parallel=parallel, checked=checked)
+                for checked in (True, False):
+                    self._kernel_rows(body, kind, checked=checked)
                     body()
                     body()
             else:
                 self._kernel_nodata(body, kind)
             body()
             body()
-        return self.header(header_lines) + body.text()
+        return self.header(header_lines, kernels=True) + body.text()
 
-    def header(self, header_lines=(), title="the compiled kernels of one cost") -> str:
-        """Comments, imports, the Numba flags and the helpers the printed code used so far."""
+    def header(self, header_lines=(), title="the compiled kernels of one cost", kernels: bool = False) -> str:
+        """Comments, imports, the Numba flags and the helpers the printed code used so far.
+
+        ``kernels``: the header of the kernel module (C signatures and the chunk counter for
+        ``numba.cfunc``); otherwise that of an optimizer module (``njit``, ``prange``).
+        """
         head = _Writer()
         for line in header_lines:
             head(0, f"# {line}")
@@ -407,23 +418,45 @@ class ModuleBuilder:
             head(0, "# data columns:")
             for k, d in enumerate(self.cost.data):
                 head(0, f"#   c{k} = cols[{k}]: {_comment(d.name)}")
+        if kernels:
+            head(0, "#")
+            head(0, "# Each kernel is compiled on first use with numba.cfunc(SIG_ROWS or SIG_THETA, **CFUNC_FLAGS);")
+            head(0, "# calcml keeps its machine code beside this file (<this file>.<kernel>.<cpu>.o).")
         head(0, "import math")
         head()
         head(0, "import numba")
         head(0, "import numpy as np")
-        if self.has_data:
+        if kernels:
+            head(0, "from llvmlite import ir")
+            head(0, "from numba import carray, types")
+            head(0, "from numba.core.extending import intrinsic")
+        elif self.has_data:
             head(0, "from numba import prange")
         head()
-        flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
+        flags = ", ".join(f"{k}={v!r}" for k, v in (KERNEL_FLAGS if kernels else NUMBA_FLAGS).items())
         head(0, f"_jit = numba.njit({flags})")
-        if self.has_data:
+        if kernels:
+            head(0, f"CFUNC_FLAGS = {KERNEL_FLAGS!r}")
+            head(0, "_F64P = types.CPointer(types.float64)")
+            head(0, "# value, gradient, Hessian of a cost without data: f(theta, out)")
+            head(0, "SIG_THETA = types.void(_F64P, _F64P)")
+            head(0, "# a pass over rows: f(theta, cols, n, nchunks, next_chunk, partial, finalize, out, acc)")
+            head(0, "SIG_ROWS = types.void(_F64P, types.CPointer(_F64P), types.int64, types.int64,")
+            head(0, "                      types.CPointer(types.int64), _F64P, types.int64, _F64P, _F64P)")
+        elif self.has_data:
             head(0, f"_jit_parallel = numba.njit(parallel=True, {flags})")
+        if self.has_data:
             head(0, f"CHUNK = {CHUNK}")
             head(0, f"LANES = {LANES}")
         head(0, f"N_PARAMS = {self.n}")
         head(0, f"N_COLUMNS = {len(self.cost.data)}")
         head(0, f"HAS_HESSIAN = {self.with_hessian}")
         head()
+        if kernels and self.has_data:
+            head()
+            for line in _CLAIM_SOURCE.strip("\n").split("\n"):
+                head(0, line)
+            head()
         for name in sorted(self.printer.helpers_used):
             head()
             head(0, "@_jit")
@@ -432,6 +465,31 @@ class ModuleBuilder:
         head()
         head()
         return head.text()
+
+
+_CLAIM_SOURCE = '''
+@intrinsic
+def _claim(typingctx, counter):
+    """The next chunk to sum: counter[0], atomically incremented (shared by the threads)."""
+    def codegen(context, builder, signature, args):
+        return builder.atomic_rmw("add", args[0], ir.Constant(ir.IntType(64), 1), "monotonic")
+    return types.int64(counter), codegen
+'''
+
+
+def kernel_slots(kind: str, n_params: int, has_data: bool) -> tuple:
+    """(partial sums per chunk, length of ``out``) of kernel ``kind`` for ``n_params`` parameters.
+
+    Row kernels accumulate their outputs plus one finiteness-check slot; the Hessian's
+    partial sums hold the upper triangle and its ``out`` the full (n, n) matrix, then the
+    check.
+    """
+    n = n_params
+    outputs = {"value": 1, "grad": n, "value_and_grad": n + 1, "hessian": n * (n + 1) // 2}[kind]
+    if not has_data:
+        return 0, n * n if kind == "hessian" else outputs
+    slots = outputs + 1
+    return slots, (n * n + 1) if kind == "hessian" else slots
 
 
 def kernel_module_source(cost: Cost, with_hessian: bool | None = None, header_lines=(),

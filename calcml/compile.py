@@ -1,21 +1,24 @@
-"""Generated source -> content-addressed module file -> import -> kernels.
+"""Generated source -> content-addressed module file -> machine code -> kernels.
 
 The cache is a folder of ``.py`` modules named by a hash of the cost statement, of
-calcml's code-generating modules and of the SymPy, NumPy and Numba versions. Numba's own
-``cache=True`` keeps the machine code beside each module (``__pycache__``), so a second
-process that asks for the same cost neither differentiates nor compiles: it reads the
-file, checks its checksum line and imports it.
+calcml's code-generating modules and of the SymPy, NumPy and Numba versions. Each kernel
+of a module is compiled on first use with ``numba.cfunc`` and its machine code is kept
+beside the module (``<module>.<kernel>.<cpu>.o``, see :mod:`calcml.native`), so a second
+process that asks for the same cost neither differentiates, nor imports the module, nor
+starts Numba's compiler: it checks the module's checksum line and maps the machine code.
+Optimizer modules (:mod:`calcml.loop`) use the same files and Numba's own ``cache=True``.
 
 * Writes are atomic (temporary file + ``os.replace``): two processes compiling the same
   cost at once both succeed, and a reader never sees half a file.
-* Every module ends with a SHA-256 of its text; a corrupt or truncated module fails the
-  check and is rebuilt. A corrupt Numba cache entry is detected on first call, removed
-  and recompiled.
+* Every module ends with a SHA-256 of its text and every object file starts with one; a
+  corrupt or truncated file fails the check and is rebuilt. A corrupt Numba cache entry of
+  an optimizer module is removed and recompiled (:mod:`calcml.loop`).
 * The folder is created private to the user (mode 0700).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _version
+from .codegen import CHUNK, HESSIAN_INLINE_MAX, LANES, kernel_slots
 from .cost import Cost
 from .dataset import Dataset, as_dataset, pack
 from .errors import CacheError, CodegenError, ParamError
@@ -134,8 +138,11 @@ def _clear_numba_cache(path: Path):
             pass
 
 
-def load_or_build(key: str, build_source) -> tuple:
-    """(module, source text, path) for ``key``: from the cache if valid, else built and written."""
+def load_or_build(key: str, build_source, import_module: bool = True) -> tuple:
+    """(module, source text, path) for ``key``: from the cache if valid, else built and written.
+
+    ``import_module=False`` leaves the module unimported (None): the kernels import it only
+    when a kernel's machine code is not in the cache yet."""
     folder = cache_dir()
     name = f"calcml_{key[:40]}"
     path = folder / f"{name}.py"
@@ -151,39 +158,28 @@ def load_or_build(key: str, build_source) -> tuple:
         except OSError as exc:
             raise CacheError(f"cannot write the kernel cache file {str(path)!r}: {exc}") from None
         _clear_numba_cache(path)
+        _clear_objects(path)
+    if not import_module:
+        return None, text, path
+    return import_cached(path), text, path
+
+
+def import_cached(path: Path):
+    """The generated module at ``path`` (imported once per process)."""
+    name = path.stem
     module = sys.modules.get(name)
     if module is None or getattr(module, "__file__", None) != str(path):
         module = _import_module(name, path)
-    return module, text, path
+    return module
 
 
-class _Kernel:
-    """One generated function: guards the first call against a corrupt Numba cache entry."""
-
-    __slots__ = ("dispatcher", "path", "checked")
-
-    def __init__(self, dispatcher, path):
-        self.dispatcher = dispatcher
-        self.path = path
-        self.checked = False
-
-    def __call__(self, *args):
-        if self.checked:
-            return self.dispatcher(*args)
+def _clear_objects(path: Path):
+    """Drop the machine code kept for an older text of the module at ``path``."""
+    for f in path.parent.glob(f"{path.stem}.*.o"):
         try:
-            out = self.dispatcher(*args)
-        except Exception as first:
-            # A corrupt cache entry fails while unpickling; drop the entries and compile afresh.
-            _clear_numba_cache(self.path)
-            try:
-                out = self.dispatcher(*args)
-            except Exception:
-                raise CodegenError(
-                    f"Numba could not compile the generated kernel {self.dispatcher.__name__} "
-                    f"in {self.path}: {type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
-                ) from first
-        self.checked = True
-        return out
+            f.unlink()
+        except OSError:
+            pass
 
 
 class Kernels:
@@ -195,25 +191,38 @@ class Kernels:
     Omit ``data`` for a cost without data columns.
 
     ``parallel``: ``"auto"`` (threads for at least ``PARALLEL_MIN_ROWS`` rows), ``True`` or
-    ``False``. The threaded and serial kernels give bit-identical results: both sum the
-    same fixed-size chunks of rows and combine the chunk sums in the same order.
+    ``False``. Threaded and serial calls give bit-identical results: both sum the same
+    fixed-size chunks of rows and combine the chunk sums in the same order. The thread
+    count is Numba's (``NUMBA_NUM_THREADS``, or ``numba.set_num_threads``).
+
+    Each kernel is compiled on first use (``numba.cfunc``) and its machine code kept in the
+    cache, so a later process loads it in milliseconds (see :mod:`calcml.native`).
     """
 
     def __init__(self, cost: Cost, module, source: str, path: Path, parallel="auto"):
         if parallel not in ("auto", True, False):
             raise ValueError(f"parallel must be 'auto', True or False, got {parallel!r}")
         self.cost = cost
-        self.module = module
+        self._module = module
         self.source = source
         self.path = path
         self.parallel = parallel
         self._n = len(cost.params)
         self._has_data = bool(cost.data)
-        self._fns: dict[str, _Kernel] = {}
-        self._hessian_module = None
+        self._inline_hessian = self._n <= HESSIAN_INLINE_MAX
+        self._fns: dict = {}
+        self._hessian_path = None
+        self.compiled: list = []  # names of the kernels this process compiled (not loaded)
 
     def __repr__(self):
         return f"<calcml.Kernels for {self.cost!r} at {str(self.path)!r}>"
+
+    @property
+    def module(self):
+        """The generated module (imported on first access)."""
+        if self._module is None:
+            self._module = import_cached(self.path)
+        return self._module
 
     # -- inputs ------------------------------------------------------------------------
     def prepare(self, data) -> Dataset:
@@ -241,40 +250,86 @@ class Kernels:
             raise ParamError(f"theta[{j}] (parameter {self.cost.params[j].name!r}) is {t[j]}: parameters must be finite")
         return np.ascontiguousarray(t)
 
-    def _fn(self, kind: str, parallel: bool = False, validated: bool = False) -> _Kernel:
-        name = kind
-        if self._has_data:
-            name = f"{kind}_{'parallel' if parallel else 'serial'}{'_prepared' if validated else ''}"
+    # -- machine code ------------------------------------------------------------------
+    def _fn(self, kind: str, validated: bool = False):
+        """The ctypes entry point of kernel ``kind`` (loaded from the cache, else compiled)."""
+        name = kind if not self._has_data else f"{kind}_rows{'_prepared' if validated else ''}"
         fn = self._fns.get(name)
         if fn is None:
-            module, path = self.module, self.path
-            if kind == "hessian" and not module.HAS_HESSIAN:
-                module, path = self._hessian()
-            fn = self._fns[name] = _Kernel(getattr(module, name), path)
+            with _lock:
+                fn = self._fns.get(name)
+                if fn is None:
+                    fn = self._fns[name] = self._native(kind, name)
         return fn
 
-    def _hessian(self):
-        if self._hessian_module is None:
+    def _native(self, kind: str, name: str):
+        from . import native
+
+        path = self.path
+        if kind == "hessian" and not self._inline_hessian:
+            path = self._hessian()
+        obj = native.object_path(path, name)
+        address = native.load(obj)
+        keep = None
+        if address is None:
+            module = self.module if path == self.path else import_cached(path)
+            signature = module.SIG_ROWS if self._has_data else module.SIG_THETA
+            try:
+                address, keep = native.compile_cfunc(getattr(module, name), signature, module.CFUNC_FLAGS, obj)
+            except Exception as exc:
+                raise CodegenError(
+                    f"Numba could not compile the generated kernel {name} in {path}: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from exc
+            self.compiled.append(name)
+        proto = _ROWS_PROTO if self._has_data else _THETA_PROTO
+        fn = proto(address)
+        fn._calcml_keep = keep  # the compiled function owns the code: keep it alive
+        return fn
+
+    def _hessian(self) -> Path:
+        if self._hessian_path is None:
             from .codegen import kernel_module_source
 
             key = _kernel_key(self.cost, "hessian-module")
-            module, _text, path = load_or_build(key, lambda: kernel_module_source(self.cost, hessian_only=True))
-            self._hessian_module = (module, path)
-        return self._hessian_module
+            _module, _text, path = load_or_build(
+                key, lambda: kernel_module_source(self.cost, hessian_only=True), import_module=False
+            )
+            self._hessian_path = path
+        return self._hessian_path
 
+    # -- calls -------------------------------------------------------------------------
     def _run(self, kind: str, theta, data):
         t = self._theta(theta)
+        slots, size = kernel_slots(kind, self._n, self._has_data)
+        out = np.empty(size)
         if not self._has_data:
             if data is not None:
                 raise ParamError("this cost has no data columns; call the kernel with theta alone")
-            return self._fn(kind)(t), None
+            self._fn(kind)(_addr(t), _addr(out))
+            return out, None
         ds = as_dataset(data, self.cost.data_names)
-        use_threads = self.parallel is True or (self.parallel == "auto" and ds.n_rows >= PARALLEL_MIN_ROWS)
-        if ds.validated and ds.block is not None:
-            out = self._fn(kind, use_threads, True)(t, ds.block, ds.n_rows)
+        prepared = ds.validated and ds.block is not None
+        fn = self._fn(kind, prepared)
+        n = ds.n_rows
+        nchunks = -(-n // CHUNK)
+        use_threads = self.parallel is True or (self.parallel == "auto" and n >= PARALLEL_MIN_ROWS)
+        threads = min(_threads(), nchunks) if use_threads else 1
+        ptrs = ds.pointers()
+        partial = np.empty((nchunks, slots))
+        acc = np.empty((threads, slots * LANES))
+        counter = np.zeros(1, dtype=np.int64)
+        args = (_addr(t), _addr(ptrs), n, nchunks, _addr(counter), _addr(partial))
+        if threads == 1:
+            fn(*args, 1, _addr(out), _addr(acc))
         else:
-            out = self._fn(kind, use_threads, False)(t, ds.columns)
-        if out[-1] != 0.0:  # the in-kernel finiteness check fired
+            from . import native
+
+            step = slots * LANES * 8
+            base = _addr(acc)
+            native.pool.run(lambda i: fn(*args, 0, 0, base + i * step), threads)
+            fn(*args, 1, _addr(out), base)
+        if out[-1] != 0.0:  # the in-pass finiteness check fired
             ds.raise_nonfinite()
         return out, ds
 
@@ -282,12 +337,12 @@ class Kernels:
     def value(self, theta, data=None) -> float:
         """The reduced cost."""
         out, ds = self._run("value", theta, data)
-        return float(out if ds is None else out[0])
+        return float(out[0])
 
     def grad(self, theta, data=None) -> np.ndarray:
         """The reduced gradient, in ``cost.params`` order."""
         out, ds = self._run("grad", theta, data)
-        return out.copy() if ds is None else out[: self._n].copy()
+        return out[: self._n].copy()
 
     def value_and_grad(self, theta, data=None) -> tuple:
         """``(value, gradient)`` from one fused pass over the data."""
@@ -298,6 +353,23 @@ class Kernels:
         """The reduced Hessian, ``(n, n)``."""
         out, ds = self._run("hessian", theta, data)
         return out[: self._n * self._n].reshape(self._n, self._n).copy()
+
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+# f(theta, cols, n, nchunks, next_chunk, partial, finalize, out, acc); ctypes releases the GIL.
+_ROWS_PROTO = ctypes.CFUNCTYPE(None, _P, _P, _I, _I, _P, _P, _I, _P, _P)
+_THETA_PROTO = ctypes.CFUNCTYPE(None, _P, _P)
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _threads() -> int:
+    from . import native
+
+    return native.thread_count()
 
 
 def _kernel_key(cost: Cost, variant: str) -> str:
@@ -323,7 +395,7 @@ def compile(cost: Cost, parallel="auto") -> Kernels:  # noqa: A001 - the API nam
             return cached
         from .codegen import kernel_module_source
 
-        module, text, path = load_or_build(key, lambda: kernel_module_source(cost))
+        module, text, path = load_or_build(key, lambda: kernel_module_source(cost), import_module=False)
         kernels = Kernels(cost, module, text, path, parallel=parallel)
         _loaded[memo] = kernels
         return kernels

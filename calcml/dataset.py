@@ -20,7 +20,7 @@ __all__ = ["Dataset", "as_dataset", "pack"]
 class Dataset:
     """Validated data: ``columns`` is a tuple of contiguous float64 arrays in cost order."""
 
-    __slots__ = ("names", "columns", "n_rows", "validated", "block")
+    __slots__ = ("names", "columns", "n_rows", "validated", "block", "_pointers")
 
     def __init__(self, names: tuple, columns: tuple, validated: bool = False, block=None):
         self.names = names
@@ -31,6 +31,13 @@ class Dataset:
         # True once every value was checked finite (by Kernels.prepare): kernels then skip
         # their in-pass check. The columns are read-only views so the check stays true.
         self.validated = validated
+        self._pointers = None
+
+    def pointers(self) -> np.ndarray:
+        """The columns' data addresses (uint64), in order: what the kernels read the rows through."""
+        if self._pointers is None:
+            self._pointers = np.array([c.__array_interface__["data"][0] for c in self.columns], dtype=np.uint64)
+        return self._pointers
 
     def as_dict(self) -> dict:
         return dict(zip(self.names, self.columns))

@@ -119,7 +119,7 @@ def test_value_and_grad_is_one_fused_pass():
     """value_and_grad's kernel holds one row loop that accumulates value and gradient."""
     k = cm.compile(BY_NAME["linreg"].cost)
     src = k.source
-    body = src[src.index("def value_and_grad_serial"):src.index("def value_and_grad_parallel")]
+    body = src[src.index("def value_and_grad_rows("):src.index("def value_and_grad_rows_prepared(")]
     # one row loop (16-row blocks, then the tail rows of the chunk), value and gradient together
     assert body.count("for block in range(nblocks):") == 1
     assert body.count("for r in range(start + nblocks * LANES, stop):") == 1
