@@ -6,11 +6,12 @@ Each measurement is a new Python process (the same interpreter as this script):
 - hand-written Numba: a W1 value+grad kernel ``njit(cache=True)`` compiled and called
   once, cold (empty NUMBA_CACHE_DIR) and warm (second process, same cache): the floor
   for what loading a cached Numba kernel costs;
-- calcml: ``k = cm.compile(cost); k.value_and_grad(theta, data)`` for W1 (and W2), cold
+- calcml: ``import numpy, numba, sympy`` (the same imports, timed), then ``import calcml``,
+  the Cost, ``k = cm.compile(cost); k.value_and_grad(theta, data)`` for W1 (and W2), cold
   (empty CALCML_CACHE_DIR) and warm (a second process on the same cache directory).
-  "Cost to gradient" starts once the Cost exists (calcml imported, cost built) and ends
-  when the first (value, gradient) is back; "import calcml" and the whole process's
-  wall time are reported beside it.
+  "Cost to gradient" starts once the Cost exists and ends when the first (value,
+  gradient) is back; "beyond the imports" starts after the three imports (so it also
+  counts ``import calcml`` and stating the Cost); the whole process's wall time is beside.
 
 Targets (../shared/BENCHMARKS.md): warm under 0.3 s beyond the imports; cold under 2 s
 for W1's cost. JAX's first call is reported when JAX is installed.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import numpy as np
 from . import _version
 from .codegen import CHUNK, HESSIAN_INLINE_MAX, LANES, kernel_slots
 from .cost import Cost
-from .dataset import Dataset, as_dataset, pack
+from .dataset import Dataset, address, as_dataset, pack
 from .errors import CacheError, CodegenError, ParamError
 
 __all__ = ["compile", "Kernels", "cache_dir"]
@@ -237,6 +238,10 @@ class Kernels:
         return pack(ds)
 
     def _theta(self, theta) -> np.ndarray:
+        if type(theta) is np.ndarray and theta.dtype == np.float64 and theta.shape == (self._n,):
+            # the common case: a finite dot product proves every entry finite
+            if math.isfinite(theta.dot(theta)):
+                return theta
         try:
             t = np.asarray(theta, dtype=np.float64)
         except (TypeError, ValueError):
@@ -300,35 +305,43 @@ class Kernels:
 
     # -- calls -------------------------------------------------------------------------
     def _run(self, kind: str, theta, data):
-        t = self._theta(theta)
-        slots, size = kernel_slots(kind, self._n, self._has_data)
-        out = np.empty(size)
+        """Run kernel ``kind``; returns (out, dataset or None). All the call's scratch memory
+        (theta, out, the chunk counter, per-chunk sums, lane accumulators) is one array,
+        so one address lookup serves every pointer argument."""
+        n_par = self._n
+        slots, size = kernel_slots(kind, n_par, self._has_data)
         if not self._has_data:
             if data is not None:
                 raise ParamError("this cost has no data columns; call the kernel with theta alone")
-            self._fn(kind)(_addr(t), _addr(out))
-            return out, None
+            ws = np.empty(n_par + size)
+            ws[:n_par] = self._theta(theta)
+            base = _addr(ws)
+            self._fn(kind)(base, base + 8 * n_par)
+            return ws[n_par:], None
         ds = as_dataset(data, self.cost.data_names)
-        prepared = ds.validated and ds.block is not None
-        fn = self._fn(kind, prepared)
+        fn = self._fn(kind, ds.validated and ds.block is not None)
         n = ds.n_rows
         nchunks = -(-n // CHUNK)
         use_threads = self.parallel is True or (self.parallel == "auto" and n >= PARALLEL_MIN_ROWS)
         threads = min(_threads(), nchunks) if use_threads else 1
-        ptrs = ds.pointers()
-        partial = np.empty((nchunks, slots))
-        acc = np.empty((threads, slots * LANES))
-        counter = np.zeros(1, dtype=np.int64)
-        args = (_addr(t), _addr(ptrs), n, nchunks, _addr(counter), _addr(partial))
+        o_out = n_par
+        o_count = o_out + size
+        o_part = o_count + 1
+        o_acc = o_part + nchunks * slots
+        ws = np.empty(o_acc + threads * slots * LANES)
+        ws[:n_par] = self._theta(theta)
+        ws[o_count] = 0.0  # the chunk counter, an int64 0 (same bits)
+        base = _addr(ws)
+        args = (base, ds.pointer_table(), n, nchunks, base + 8 * o_count, base + 8 * o_part)
         if threads == 1:
-            fn(*args, 1, _addr(out), _addr(acc))
+            fn(*args, 1, base + 8 * o_out, base + 8 * o_acc)
         else:
             from . import native
 
-            step = slots * LANES * 8
-            base = _addr(acc)
-            native.pool.run(lambda i: fn(*args, 0, 0, base + i * step), threads)
-            fn(*args, 1, _addr(out), base)
+            step = 8 * slots * LANES
+            native.pool.run(lambda i: fn(*args, 0, 0, base + 8 * o_acc + i * step), threads)
+            fn(*args, 1, base + 8 * o_out, base + 8 * o_acc)
+        out = ws[o_out:o_count]
         if out[-1] != 0.0:  # the in-pass finiteness check fired
             ds.raise_nonfinite()
         return out, ds
@@ -362,8 +375,7 @@ _ROWS_PROTO = ctypes.CFUNCTYPE(None, _P, _P, _I, _I, _P, _P, _I, _P, _P)
 _THETA_PROTO = ctypes.CFUNCTYPE(None, _P, _P)
 
 
-def _addr(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
+_addr = address
 
 
 def _threads() -> int:

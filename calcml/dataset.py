@@ -10,6 +10,8 @@ that check fires.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from .errors import DataError
@@ -20,7 +22,7 @@ __all__ = ["Dataset", "as_dataset", "pack"]
 class Dataset:
     """Validated data: ``columns`` is a tuple of contiguous float64 arrays in cost order."""
 
-    __slots__ = ("names", "columns", "n_rows", "validated", "block", "_pointers")
+    __slots__ = ("names", "columns", "n_rows", "validated", "block", "_pointers", "_table")
 
     def __init__(self, names: tuple, columns: tuple, validated: bool = False, block=None):
         self.names = names
@@ -32,12 +34,20 @@ class Dataset:
         # their in-pass check. The columns are read-only views so the check stays true.
         self.validated = validated
         self._pointers = None
+        self._table = 0
 
     def pointers(self) -> np.ndarray:
         """The columns' data addresses (uint64), in order: what the kernels read the rows through."""
         if self._pointers is None:
-            self._pointers = np.array([c.__array_interface__["data"][0] for c in self.columns], dtype=np.uint64)
+            self._pointers = np.array([address(c) for c in self.columns], dtype=np.uint64)
+            self._table = address(self._pointers)
         return self._pointers
+
+    def pointer_table(self) -> int:
+        """The address of :meth:`pointers` (valid while this dataset lives)."""
+        if self._pointers is None:
+            self.pointers()
+        return self._table
 
     def as_dict(self) -> dict:
         return dict(zip(self.names, self.columns))
@@ -64,7 +74,17 @@ class Dataset:
             raise DataError(f"data column {name!r} holds a non-finite value ({value}) at row {row}")
 
 
+def address(a: np.ndarray) -> int:
+    """The address of a contiguous array's first element (what the kernels are handed)."""
+    try:  # a writable buffer: 0.4 us, where a.ctypes.data costs 1.4 us
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):
+        return a.ctypes.data
+
+
 def _column(name: str, values) -> np.ndarray:
+    if type(values) is np.ndarray and values.dtype == np.float64 and values.ndim == 1 and values.flags.c_contiguous:
+        return values  # already the kernels' layout
     try:
         arr = np.asarray(values)
     except Exception as exc:  # e.g. ragged nested lists
