@@ -45,6 +45,8 @@ PARALLEL_MIN_ROWS = 65536
 _GENERATOR_FILES = ("codegen.py", "printing.py", "rewrite.py", "functions.py", "compile.py")
 _lock = threading.RLock()
 _loaded: dict[str, "Kernels"] = {}
+# object file path -> ctypes entry point, for every kernel this process loaded or compiled
+_machine_code: dict = {}
 
 
 def _generator_fingerprint() -> str:
@@ -274,6 +276,9 @@ class Kernels:
         if kind == "hessian" and not self._inline_hessian:
             path = self._hessian()
         obj = native.object_path(path, name)
+        known = _machine_code.get(str(obj))
+        if known is not None:  # another Kernels of this process (e.g. parallel=True) has it
+            return known
         address = native.load(obj)
         keep = None
         if address is None:
@@ -290,6 +295,7 @@ class Kernels:
         proto = _ROWS_PROTO if self._has_data else _THETA_PROTO
         fn = proto(address)
         fn._calcml_keep = keep  # the compiled function owns the code: keep it alive
+        _machine_code[str(obj)] = fn
         return fn
 
     def _hessian(self) -> Path:
