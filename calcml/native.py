@@ -252,12 +252,22 @@ class ThreadPool:
             self._job, self._errors = job, []
             for go, _ in self._workers[: k - 1]:
                 go.release()
+            interrupted = None
             try:
                 job(0)
             finally:
-                for _ in range(k - 1):
-                    self._done.acquire()
+                # Every worker must be done before the call's memory may be read or freed,
+                # even when Ctrl-C arrives while waiting: wait on, then re-raise.
+                remaining = k - 1
+                while remaining:
+                    try:
+                        self._done.acquire()
+                        remaining -= 1
+                    except KeyboardInterrupt as exc:
+                        interrupted = exc
                 self._job = None
+            if interrupted is not None:
+                raise interrupted
             if self._errors:
                 raise self._errors[0]
 

@@ -348,3 +348,60 @@ def test_prepared_data_validated_once_and_frozen(lin):
     bad["x1"][4] = np.inf
     with pytest.raises(cm.DataError, match=r"column 'x1' holds a non-finite value \(inf\) at row 4"):
         k.prepare(bad)
+
+
+def test_thread_pool_runs_each_part_once_and_hands_back_errors():
+    """calcml.native's pool: job(i) for every i exactly once, on distinct threads, and an
+    exception raised on a worker reaches the caller (after every worker is done)."""
+    import threading
+    import time
+
+    from calcml.native import ThreadPool
+
+    pool = ThreadPool()
+    for k in (1, 2, 3, 2):
+        seen, threads = [], set()
+        lock = threading.Lock()
+
+        def job(i):
+            time.sleep(0.01 * (k - i))  # the caller's part finishes last
+            with lock:
+                seen.append(i)
+                threads.add(threading.get_ident())
+
+        pool.run(job, k)
+        assert sorted(seen) == list(range(k)) and len(threads) == k
+
+    def failing(i):
+        if i == 1:
+            raise RuntimeError("worker 1 failed")
+
+    with pytest.raises(RuntimeError, match="worker 1 failed"):
+        pool.run(failing, 2)
+    done = []
+    pool.run(lambda i: done.append(i), 2)  # the pool still works, with no stale wake-ups
+    assert sorted(done) == [0, 1]
+
+
+def test_threaded_kernels_equal_serial_for_every_kind(monkeypatch):
+    """value, grad, value_and_grad, hessian: threaded (forced, 3 threads) == serial, bit for bit."""
+    from calcml import native
+
+    cost = BY_NAME["logistic"].cost
+    rng = np.random.default_rng(3)
+    n_rows = 5 * 16384 + 37
+    data = {c: rng.normal(size=n_rows) for c in cost.data_names}
+    theta = rng.normal(size=len(cost.params))
+    ks, kp = cm.compile(cost, parallel=False), cm.compile(cost, parallel=True)
+    runs = []
+    real_run = native.pool.run
+    monkeypatch.setattr(native, "thread_count", lambda: 3)
+    monkeypatch.setattr(native.pool, "run", lambda job, k: (runs.append(k), real_run(job, k)))
+    assert ks.value(theta, data) == kp.value(theta, data)
+    assert np.array_equal(ks.grad(theta, data), kp.grad(theta, data))
+    assert np.array_equal(ks.hessian(theta, data), kp.hessian(theta, data))
+    ds = ks.prepare(data)
+    fs, gs = ks.value_and_grad(theta, ds)
+    fp, gp = kp.value_and_grad(theta, ds)
+    assert fs == fp and np.array_equal(gs, gp)
+    assert runs == [3, 3, 3, 3]  # the parallel=True calls ran on three threads
