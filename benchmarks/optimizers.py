@@ -18,7 +18,7 @@ at x0 and at the end (``res.fun``), which the references do not compute.
 JAX+optax and PyTorch rows are written only when those packages are installed (they are
 optional; the lead's machine has neither at the time of writing).
 
-Run:  .venv/bin/python benchmarks/optimizers.py [--quick]
+Run:  .venv/bin/python benchmarks/optimizers.py [--quick] [--w3 | --w4] [--rounds N]
 """
 
 from __future__ import annotations
@@ -137,14 +137,16 @@ def rosen_gd(a, b, lr, steps):
 
 class _LoopOnly:
     """The generated run_chunk alone, on a state set up (untimed) before each call: what the
-    compiled loop costs without calcml's Python around it (validation, the full cost at x0
-    and at the end, the result object)."""
+    compiled loop costs without calcml's Python around it (validation, the state's arrays,
+    the report's dict and the result object). One call does the whole run here: the cost at
+    x0, every step and the final cost (run_chunk's first call evaluates x0, its last writes
+    the report)."""
 
     def __init__(self, prog, x0, columns, kw):
         self.m = prog.module
         self.x0, self.kw = x0, kw
         self.cols = self.m.columns_of(columns)
-        self.arrays = None
+        self.args = None
 
     def setup(self, name):
         if not name.startswith("calcml compiled loop"):
@@ -154,14 +156,14 @@ class _LoopOnly:
         max_steps, max_epochs, _ = m.plan(n_rows, kw.get("batch_size"), kw.get("epochs"), kw.get("maxiter"))
         sa = [LR] if m.MINIBATCH else [W4_LR]
         hyper = {"momentum": MOMENTUM} if m.HYPER_NAMES else {}
-        self.arrays, _ = m.new_state(self.x0, self.cols, hyper, sa, kw.get("batch_size"), max_steps, max_epochs,
-                                     kw.get("tol", 1e-8), kw.get("seed", 0))
-        self.arrays[9][m.I_STOP] = max_steps
+        self.args = m.new_state(self.x0, self.cols, hyper, sa, kw.get("batch_size"), max_steps, max_epochs,
+                                kw.get("tol", 1e-8), kw.get("seed", 0))
+        self.args[1][m.I_STOP] = max_steps  # args[1]: the counters (m.CHUNK_ARGS)
 
     def __call__(self):
-        if self.arrays is None:
+        if self.args is None:
             self.setup("calcml compiled loop")
-        return self.m.run_chunk(*self.arrays)
+        return self.m.run_chunk(*self.args)
 
 
 def w3(rounds: int):
@@ -242,14 +244,24 @@ def optional_rows():
 
 
 def main():
-    quick = "--quick" in sys.argv
-    rounds = 5 if quick else 21
+    import argparse
+
+    ap = argparse.ArgumentParser(description="W3 and W4: calcml's compiled optimizers against hand-written Numba.")
+    ap.add_argument("--quick", action="store_true", help="5 rounds instead of 21")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 21)")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--w3", action="store_true", help="W3 only (minibatch Nesterov)")
+    only.add_argument("--w4", action="store_true", help="W4 only (gradient descent on Rosenbrock)")
+    args = ap.parse_args()
+    rounds = args.rounds or (5 if args.quick else 21)
     print(machine_line())
     print(f"load average before: {load_avg()}")
     print()
-    w4(rounds)
-    w3(rounds)
-    optional_rows()
+    if not args.w3:
+        w4(rounds)
+    if not args.w4:
+        w3(rounds)
+        optional_rows()
     print(f"load average after: {load_avg()}")
 
 

@@ -8,7 +8,11 @@ The module holds, in plain Python that Numba compiles:
   optimizer state live in local scalars, and nothing is allocated per step (except one lane
   buffer per 4,096-row chunk in the threaded full-batch pass over large data). It runs until
   a stopping test fires or a given step count is reached, keeping every counter in small
-  arrays, so a run is a sequence of chunks that resume exactly where the last one stopped;
+  arrays, so a run is a sequence of chunks that resume exactly where the last one stopped.
+  Its first call evaluates the cost at ``x0`` (``_begin``) and the call that ends the run
+  writes the report (``_end``: the final point, its cost and gradient), so a run of one chunk
+  is one call of compiled code. Cheap steps (costs without data, few parameters) run each
+  step's gradient and update first and its bookkeeping after (``_Generator._delayed_body``);
 * ``_fg``: the full-batch value and gradient (with the data's finiteness check in the same
   pass), for the cost at ``x0``, the final report and L-BFGS's line search; for Newton also
   ``_f`` (the value) and ``_hess`` (the exact Hessian). Full-batch first-order loops over
@@ -16,12 +20,14 @@ The module holds, in plain Python that Numba compiles:
 * a SplitMix64 generator for the per-epoch Fisher-Yates shuffle (minibatch runs), so a seed
   gives the same permutation, hence the same bits, on every machine and in every chunking;
 * ``run(x0, data, ...)``: the plain-Python driver that validates nothing (calcml did), sets up
-  the state, calls ``run_chunk`` in chunks of about a quarter of a second (between which
-  Python may raise ``KeyboardInterrupt`` and a callback may draw progress) and reports.
+  the state (few arrays: a run's Python costs about as much as tens of thousands of cheap
+  steps), calls ``run_chunk`` in chunks of about a quarter of a second (between which Python
+  may raise ``KeyboardInterrupt`` and a callback may draw progress) and reports.
 
 The module imports only ``math``, ``time``, ``numpy`` and ``numba``: ``Program.export`` writes
 it out as a standalone file. Hyperparameters and schedule numbers are arguments of
-``run_chunk``, not constants, so one compiled loop serves a whole learning-rate sweep.
+``run_chunk`` (slots of its ``work`` array), not constants, so one compiled loop serves a
+whole learning-rate sweep.
 
 Stopping (one place, the loop): ``tol`` on the full gradient's norm (full-batch runs), the step
 budget (``maxiter``, or ``epochs`` of minibatches), and divergence: a non-finite cost or
@@ -33,6 +39,7 @@ parameters of the epoch of lowest mean minibatch cost, or ``x0``).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from pathlib import Path
@@ -82,9 +89,73 @@ _STATUS_LINES = [
     "4: 'interrupted', 5: 'line search failed'}",
 ]
 
-# Slots of the two small arrays that carry the run's counters between chunks.
-_INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_EVERY", "BEST_STEP", "FRESH", "NFEV"]
-_FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM"]
+# Slots of the two small arrays that carry the run's counters between chunks (`ints`, and
+# the head of `work`).
+_INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_EVERY", "BEST_STEP", "FRESH", "NFEV",
+         "MAX_STEPS", "MAX_EPOCHS", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT"]
+_FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", "FUN_GNORM"]
+
+# The first and the last act of a run, in compiled code: run_chunk calls them (one call of
+# compiled code does a whole short run), the driver only after a Ctrl-C.
+_BEGIN_END_SOURCE = '''
+@_jit
+def _begin(x0, theta, best, g, cols, ints, floats):
+    """The parameters and the best point so far := x0; the cost at x0 and the divergence
+    threshold. Returns whether the cost at x0 is finite."""
+    for j in range(N_PARAMS):
+        theta[j] = x0[j]
+        best[j] = x0[j]
+    f0 = _fg(theta, cols, g)
+    gn2 = 0.0
+    for j in range(N_PARAMS):
+        gn2 += g[j] * g[j]
+    ints[I_BEGUN] = 1
+    ints[I_FRESH] = 1 if FIRST_ORDER else 0
+    ints[I_STATUS] = RUNNING
+    floats[F_F0] = f0
+    floats[F_VALUE] = f0
+    floats[F_GNORM] = math.sqrt(gn2)
+    if math.isfinite(f0):
+        floats[F_BEST] = f0
+        floats[F_BLOWUP] = BLOWUP * max(1.0, abs(f0))
+        return True
+    floats[F_BEST] = math.inf
+    floats[F_BLOWUP] = math.inf
+    return False
+
+
+@_jit
+def _end(theta, best, cols, ints, floats, xout, gout, status):
+    """The report: the final point (the best one after a divergence or a Ctrl-C) in xout, its
+    gradient in gout, its cost and gradient norm in floats; a last update that went off is
+    reported as a divergence, at the best point. Returns the final status."""
+    step = ints[I_STEP]
+    if status == RUNNING:
+        status = EPOCHS_DONE if (MINIBATCH and ints[I_EPOCH] >= ints[I_MAX_EPOCHS]) else MAXITER
+    diverged_at = step if status == DIVERGED else -1
+    at_best = status == DIVERGED or status == INTERRUPTED
+    for j in range(N_PARAMS):
+        xout[j] = best[j] if at_best else theta[j]
+    fun = _fg(xout, cols, gout)
+    gn2 = 0.0
+    for j in range(N_PARAMS):
+        gn2 += gout[j] * gout[j]
+    if status != DIVERGED and not (abs(fun) <= floats[F_BLOWUP] and gn2 < math.inf):
+        status = DIVERGED
+        diverged_at = step
+        for j in range(N_PARAMS):
+            xout[j] = best[j]
+        fun = _fg(xout, cols, gout)
+        gn2 = 0.0
+        for j in range(N_PARAMS):
+            gn2 += gout[j] * gout[j]
+    floats[F_FUN] = fun
+    floats[F_FUN_GNORM] = math.sqrt(gn2)
+    ints[I_ENDED] = 1
+    ints[I_STATUS] = status
+    ints[I_DIVERGED_AT] = diverged_at
+    return status
+'''
 
 _RNG_SOURCE = '''
 # SplitMix64 (Steele, Lea & Flood 2014): a tiny generator whose whole state is one uint64,
@@ -111,11 +182,17 @@ class NonFiniteData(ValueError):
     """The data hold NaN or inf (found in the first pass over them, at x0)."""
 
 
+# Arrays that runs read and never write, shared: the columns of a cost without data, the
+# iterates of costs that record none.
+_NO_COLUMNS = (np.zeros(1),)
+_NO_PATH = np.zeros((1, 1))
+
+
 def columns_of(data):
     """The data as a tuple of contiguous float64 columns in COLUMN_NAMES order: a dict of
     columns, a 2-D array with one column per name, or a sequence of columns."""
     if not COLUMN_NAMES:
-        return (np.zeros(1),)
+        return _NO_COLUMNS
     if isinstance(data, dict):
         cols = [data[name] for name in COLUMN_NAMES]
     elif isinstance(data, (tuple, list)):
@@ -142,66 +219,62 @@ def plan(n_rows, batch_size=None, epochs=None, maxiter=None):
 
 
 def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed):
-    """The arrays run_chunk works on, and the cost at x0."""
-    n = N_PARAMS
-    theta = np.array(x0, dtype=np.float64).reshape(-1)  # a copy: the run updates it in place
-    g = np.zeros(n)
-    f0 = float(_fg(theta, cols, g))
-    finite = math.isfinite(f0)
-    if not finite and COLUMN_NAMES and not all(np.isfinite(c).all() for c in cols):
-        raise NonFiniteData("the data hold a non-finite value (NaN or inf)")
-    n_rows = cols[0].shape[0] if COLUMN_NAMES else 0
+    """run_chunk's arguments (CHUNK_ARGS: `work` first, `ints` second, `xout` last but one).
+    Its first call evaluates the cost at x0 (_begin: x0 waits in xout), the call that ends
+    the run writes the report (_end)."""
+    xout = np.array(x0, dtype=np.float64)  # a copy: the report's x, in the end
+    if xout.shape != (N_PARAMS,):
+        xout = xout.reshape(N_PARAMS)
+    work = np.zeros(O_END)
+    work[F_TOL] = tol
+    for k, name in enumerate(HYPER_NAMES):
+        work[O_HP + k] = hyper[name]
+    for k, v in enumerate(schedule_args):
+        work[O_SA + k] = v
     if MINIBATCH:
-        history = np.full(max(1, max_epochs), np.nan)
+        n_hist = max(1, max_epochs)
         hist_every = 1
     else:
-        hist_every = max(1, -(-(max_steps + 1) // HISTORY_MAX))
-        history = np.full(max_steps // hist_every + 1, np.nan)
+        hist_every = -(-(max_steps + 1) // HISTORY_MAX)
+        n_hist = max_steps // hist_every + 1
     ints = np.zeros(N_INTS, dtype=np.int64)
-    ints[I_BATCH] = batch_size if MINIBATCH else 0
     ints[I_HIST_EVERY] = hist_every
-    ints[I_FRESH] = 1 if FIRST_ORDER else 0
-    floats = np.zeros(N_FLOATS)
-    floats[F_BEST] = f0 if finite else math.inf
-    floats[F_BLOWUP] = BLOWUP * max(1.0, abs(f0)) if finite else math.inf
-    floats[F_TOL] = tol
-    floats[F_VALUE] = f0
-    floats[F_GNORM] = math.sqrt(float(g @ g))
-    perm = np.arange(n_rows, dtype=np.int64) if MINIBATCH else np.zeros(1, dtype=np.int64)
-    rng = np.array([seed], dtype=np.uint64)
-    hp = np.array([float(hyper[k]) for k in HYPER_NAMES], dtype=np.float64)
-    sa = np.array(schedule_args, dtype=np.float64)
-    state = new_optimizer_state(n)
-    # the iterates beside each history entry, for plots of two-parameter costs
-    path = np.full((history.shape[0], N_PARAMS if RECORD_PATH else 1), np.nan)
-    return [theta, g, theta.copy(), history, state, cols, perm, hp, sa, ints, floats, rng, path], f0
+    ints[I_MAX_STEPS] = max_steps
+    # not filled: the report reads only the entries that the loop wrote
+    args = [work, ints, np.empty(n_hist), np.empty((n_hist, N_PARAMS)) if RECORD_PATH else _NO_PATH]
+    if COLUMN_NAMES:
+        args.append(cols)
+    if MINIBATCH:
+        ints[I_BATCH] = batch_size
+        ints[I_MAX_EPOCHS] = max_epochs
+        args += [np.arange(cols[0].shape[0], dtype=np.int64), np.array([seed], dtype=np.uint64)]
+    if HAS_STATE:
+        args.append(new_optimizer_state(N_PARAMS))
+    args += [xout, np.empty(N_PARAMS)]
+    return args
 
 
-def finish(arrays, status, max_steps, max_epochs):
+def finish(args, cols, status):
     """The report: a dict with x, fun, grad, nit, nfev, status, history and the bookkeeping."""
-    theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng, path = arrays
-    step = int(ints[I_STEP])
-    if status == RUNNING:
-        status = EPOCHS_DONE if (MINIBATCH and ints[I_EPOCH] >= max_epochs) else MAXITER
-    diverged_at = step if status == DIVERGED else -1
-    x = best.copy() if status in (DIVERGED, INTERRUPTED) else theta.copy()
-    grad = np.zeros(N_PARAMS)
-    fun = float(_fg(x, cols, grad))
-    gn2 = float(grad @ grad)
-    if status != DIVERGED and not (abs(fun) <= floats[F_BLOWUP] and gn2 < math.inf):
-        # the last update went off: report it as a divergence, at the best point
-        status, diverged_at = DIVERGED, step
-        x = best.copy()
-        fun = float(_fg(x, cols, grad))
-        gn2 = float(grad @ grad)
-    n_hist = int(ints[I_EPOCH]) if MINIBATCH else int(ints[I_HIST_I])
+    work, ints, history, path = args[:4]
+    xout, gout = args[-2:]
+    if status == INTERRUPTED or not ints[I_ENDED]:  # Ctrl-C: the loop did not write the report
+        theta, g, best = work[O_THETA:O_G], work[O_G:O_BEST], work[O_BEST:O_HP]
+        if not ints[I_BEGUN]:
+            _begin(xout, theta, best, g, cols, ints, work)
+        _end(theta, best, cols, ints, work, xout, gout, status)
+    i = ints.tolist()
+    f = work[:N_FLOATS].tolist()
+    n_hist = i[I_EPOCH] if MINIBATCH else i[I_HIST_I]
+    status = i[I_STATUS]
     return {
-        "x": x, "fun": fun, "grad": grad, "grad_norm": math.sqrt(gn2),
-        "nit": step, "nfev": int(ints[I_NFEV]), "status": int(status), "status_name": STATUS_NAMES[int(status)],
-        "history": history[:n_hist].copy(), "history_every": int(ints[I_HIST_EVERY]),
-        "path": path[:n_hist].copy() if RECORD_PATH else None,
-        "epochs": int(ints[I_EPOCH]), "best_step": int(ints[I_BEST_STEP]), "best_value": float(floats[F_BEST]),
-        "diverged_at": diverged_at, "blowup": float(floats[F_BLOWUP]),
+        "x": xout, "fun": f[F_FUN], "grad": gout, "grad_norm": f[F_FUN_GNORM],
+        "nit": i[I_STEP], "nfev": i[I_NFEV], "status": status, "status_name": STATUS_NAMES[status],
+        "history": history if n_hist == history.shape[0] else history[:n_hist].copy(),
+        "history_every": i[I_HIST_EVERY],
+        "path": (path if n_hist == path.shape[0] else path[:n_hist].copy()) if RECORD_PATH else None,
+        "epochs": i[I_EPOCH], "best_step": i[I_BEST_STEP], "best_value": f[F_BEST],
+        "diverged_at": i[I_DIVERGED_AT], "blowup": f[F_BLOWUP],
     }
 
 
@@ -214,31 +287,44 @@ def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=BATCH_SIZE,
     callback(step, max_steps, value), if given, is called between chunks. Ctrl-C stops the
     run and returns the best point seen.
     """
-    hyper = dict(HYPER_DEFAULTS) if hyper is None else hyper
-    schedule_args = SCHEDULE_DEFAULTS if schedule_args is None else schedule_args
-    cols = columns_of(data)
-    n_rows = cols[0].shape[0] if COLUMN_NAMES else 0
-    max_steps, max_epochs, per_epoch = plan(n_rows, batch_size, epochs, maxiter)
-    arrays, f0 = new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed)
-    ints, floats = arrays[9], arrays[10]
-    rows_per_step = (batch_size if MINIBATCH else n_rows) or 1
-    chunk = first_chunk or max(1, 1_000_000 // rows_per_step)
-    status = RUNNING if math.isfinite(f0) else DIVERGED
+    if COLUMN_NAMES:
+        cols = columns_of(data)
+        n_rows = cols[0].shape[0]
+    else:
+        cols, n_rows = _NO_COLUMNS, 0
+    if MINIBATCH:
+        max_steps, max_epochs, per_epoch = plan(n_rows, batch_size, epochs, maxiter)
+    else:  # plan(), inlined
+        max_steps = maxiter if maxiter is not None else epochs if epochs is not None else DEFAULT_MAXITER
+        max_epochs = 0
+    args = new_state(x0, cols, HYPER_DEFAULTS if hyper is None else hyper,
+                     SCHEDULE_DEFAULTS if schedule_args is None else schedule_args,
+                     batch_size, max_steps, max_epochs, tol, seed)
+    ints = args[1]
+    chunk = first_chunk or max(1, 1_000_000 // ((batch_size if MINIBATCH else n_rows) or 1))
+    step = 0
     try:
-        while status == RUNNING and ints[I_STEP] < max_steps:
-            before = int(ints[I_STEP])
-            ints[I_STOP] = min(before + chunk, max_steps)
+        # Chunks until run_chunk ends the run (its status is then no longer RUNNING); one call
+        # when the first chunk holds every step.
+        while True:
+            ints[I_STOP] = min(step + chunk, max_steps)
             t0 = time.perf_counter()
-            status = run_chunk(*arrays)
+            status = run_chunk(*args)
+            if callback is not None and max_steps > 0 and math.isfinite(args[0][F_F0]):
+                callback(int(ints[I_STEP]), max_steps, float(args[0][F_VALUE]))
+            if status != RUNNING:
+                break
             dt = time.perf_counter() - t0
-            done = int(ints[I_STEP]) - before
+            done = int(ints[I_STEP]) - step
+            step += done
             if first_chunk is None and done > 0 and dt > 0:
                 chunk = max(1, min(int(done * chunk_seconds / dt), 100 * chunk))
-            if callback is not None:
-                callback(int(ints[I_STEP]), max_steps, float(floats[F_VALUE]))
     except KeyboardInterrupt:
         status = INTERRUPTED
-    return finish(arrays, status, max_steps, max_epochs)
+    if status == DIVERGED and COLUMN_NAMES and not ints[I_STEP] and not math.isfinite(args[0][F_F0]):
+        if not all(np.isfinite(c).all() for c in cols):
+            raise NonFiniteData("the data hold a non-finite value (NaN or inf)")
+    return finish(args, cols, status)
 '''
 
 
@@ -520,12 +606,38 @@ class _Generator:
             w(indent + 1, f"best[j] = {param('j')}")
 
     # -- run_chunk ---------------------------------------------------------------------------
+    def _chunk_params(self) -> list:
+        """run_chunk's parameters: as few as the method needs (each costs the call time)."""
+        names = ["work", "ints", "history", "path"]
+        if self.has_data:
+            names.append("cols")
+        if self.minibatch:
+            names += ["perm", "rng"]
+        if self.state:
+            names.append("state")
+        return names + ["xout", "gout"]
+
     def _run_chunk(self, w, vg: RowProgram):
         opt = self.opt
         w(0, "@_jit_threads" if self.threaded else "@_jit")
-        w(0, "def run_chunk(theta, g, best, history, state, cols, perm, hp, sa, ints, floats, rng, path):")
+        w(0, f"def run_chunk({', '.join(self._chunk_params())}):")
         w(1, '"""Run the descent from the state in the arrays until step ints[I_STOP] or a stopping')
-        w(1, 'test; every counter is written back, so the next call resumes exactly. Returns the status."""')
+        w(1, "test; every counter is written back, so the next call resumes exactly. Returns the status:")
+        w(1, "RUNNING, or the final one once the run has ended (then the report is written: _end).")
+        w(1, 'The first call evaluates the cost at x0 (_begin)."""')
+        w(1, "# views of `work` (see O_THETA)")
+        w(1, "floats = work")
+        w(1, "theta = work[O_THETA:O_G]")
+        w(1, "g = work[O_G:O_BEST]")
+        w(1, "best = work[O_BEST:O_HP]")
+        if self.hyper:
+            w(1, "hp = work[O_HP:O_SA]")
+        if self.schedule is not None:
+            w(1, "sa = work[O_SA:O_END]")
+        if not self.has_data:
+            w(1, "cols = (work,)  # no data: _fg reads no column")
+        w(1, "if ints[I_BEGUN] == 0 and not _begin(xout, theta, best, g, cols, ints, floats):")
+        w(2, "return _end(theta, best, cols, ints, floats, xout, gout, DIVERGED)  # not finite at x0")
         if self.state:
             w(1, f"{', '.join('st_' + s for s in self.state)}, = state")
         for k, name in enumerate(self.hyper):
@@ -603,6 +715,8 @@ class _Generator:
             w(1, "ints[I_EPOCH] = epoch")
             w(1, "ints[I_POS] = pos")
             w(1, "floats[F_EPOCH_SUM] = epoch_sum")
+        w(1, "if status != RUNNING or step >= ints[I_MAX_STEPS]:  # the run is over: the report")
+        w(2, "return _end(theta, best, cols, ints, floats, xout, gout, status)")
         w(1, "return status")
 
     def _first_order_body(self, w, vg: RowProgram):
@@ -740,6 +854,10 @@ class _Generator:
         hess = self.mb.program("hessian") if self.opt.kind == "newton" else None
         body = _Writer()
         self._full_batch_functions(body, vg, val, hess)
+        for line in _BEGIN_END_SOURCE.strip("\n").split("\n"):
+            body(0, line)
+        body()
+        body()
         if self.opt.helpers:
             for line in self.opt.helpers.strip("\n").split("\n"):
                 body(0, line)
@@ -764,6 +882,17 @@ class _Generator:
         for k, name in enumerate(_FLOATS):
             w(0, f"F_{name} = {k}")
         w(0, f"N_FLOATS = {len(_FLOATS)}")
+        w(0, "# run_chunk's float64 array `work`: the slots F_* above, then the parameters, their")
+        w(0, "# gradient, the best point seen, the hyperparameters and the schedule's numbers")
+        w(0, "O_THETA = N_FLOATS")
+        w(0, "O_G = O_THETA + N_PARAMS")
+        w(0, "O_BEST = O_G + N_PARAMS")
+        w(0, "O_HP = O_BEST + N_PARAMS")
+        w(0, f"O_SA = O_HP + {len(self.hyper)}")
+        n_sched = len(self.schedule.values()) if self.schedule is not None else 0
+        w(0, f"O_END = O_SA + {n_sched}")
+        w(0, f"HAS_STATE = {bool(self.state)}")
+        w(0, f"CHUNK_ARGS = {tuple(self._chunk_params())!r}  # run_chunk's parameters")
         w(0, f"METHOD = {self.opt.name!r}")
         w(0, f"FIRST_ORDER = {self.first_order}")
         w(0, f"MINIBATCH = {self.minibatch}")
@@ -840,24 +969,37 @@ def _fingerprint() -> str:
 def _variant(opt: Optimizer, schedule: Schedule | None, minibatch: bool) -> str:
     s = schedule.structure() if schedule is not None else "none"
     batching = "minibatch" if minibatch else "fullbatch"
-    return f"optimizer|{opt.structure()}|schedule={s}|{batching}|unroll<={UNROLL_MAX}|{_fingerprint()}"
+    return f"optimizer|{opt.structure()}|schedule={s}|{batching}|unroll<={UNROLL_MAX}|delay<={DELAY_MAX}|{_fingerprint()}"
 
 
 _lock = threading.RLock()
-_modules: dict = {}
+_modules: dict = {}  # (cache key, cache folder) -> (module, source, path)
+_recent: dict = {}  # (cost key, variant, what the cache folder depends on) -> the same
+
+
+def _cache_token():
+    """What calcml.compile.cache_dir() depends on: cheaper to read than to call it (a mkdir)."""
+    env = os.environ
+    return env.get("CALCML_CACHE_DIR") or (env.get("XDG_CACHE_HOME"), env.get("HOME"))
 
 
 def load_module(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool):
     """(module, source, path) for the optimizer module, from the kernel cache when possible."""
+    variant = _variant(opt, schedule, minibatch)
+    recent = (cost.key, variant, _cache_token())
+    found = _recent.get(recent)
+    if found is not None:
+        return found
     from .compile import _kernel_key, cache_dir, load_or_build
 
-    key = _kernel_key(cost, _variant(opt, schedule, minibatch))
+    key = _kernel_key(cost, variant)
     memo = (key, str(cache_dir()))
     with _lock:
         found = _modules.get(memo)
         if found is None:
             found = load_or_build(key, lambda: generate_source(cost, opt, schedule, minibatch))
             _modules[memo] = found
+        _recent[recent] = found
         return found
 
 
@@ -879,6 +1021,12 @@ class Program:
         self.path = path
         self.notes: list = []
         self.notes_batch_default = False  # batch_size chosen for the user (sgd's default)
+        # what every run checks or passes to the module, made once
+        self.param_names = cost.param_names
+        self.x_shape = (len(self.param_names),)
+        self.has_data = bool(cost.data)
+        self.hyper = dict(opt.hyper)
+        self.schedule_args = schedule.values() if schedule is not None else []
 
     def __repr__(self):
         return (f"<calcml.Program {self.optimizer!r} schedule={self.schedule!r} batch_size={self.batch_size} "
@@ -886,7 +1034,7 @@ class Program:
 
     def run(self, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
         """Run the compiled descent from ``x0`` (array or dict); same keywords as :func:`calcml.minimize`."""
-        return _runner()(self, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+        return (_run_program or _runner())(self, x0, data, epochs, maxiter, tol, seed, progress)
 
     def export(self, path) -> Path:
         """Write the module as a standalone file (imports only numpy and numba; no sympy, no

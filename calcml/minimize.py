@@ -114,14 +114,18 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     (True, {'w': 2.0, 'b': 1.0})
     """
     prog = generate(cost, method=method, schedule=schedule, batch_size=batch_size, lr=lr)
-    return _run_program(prog, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+    return _run_program(prog, x0, data, epochs, maxiter, tol, seed, progress)
 
 
 # -- running a program ---------------------------------------------------------------------------
-def _as_x0(cost: Cost, x0) -> np.ndarray:
-    names = cost.param_names
-    if type(x0) is np.ndarray and x0.dtype == np.float64 and x0.shape == (len(names),):
-        if math.isfinite(float(x0 @ x0)):  # a finite sum of squares: every entry is finite
+_F64 = np.dtype(np.float64)
+
+
+def _as_x0(cost: Cost, x0, names=None) -> np.ndarray:
+    names = cost.param_names if names is None else names
+    if type(x0) is np.ndarray and x0.dtype is _F64 and x0.shape == (len(names),):
+        # a finite sum: every entry is finite (a matmul or np.isfinite costs microseconds more)
+        if math.isfinite(sum(x0.tolist()) if len(names) <= 64 else float(np.sum(x0))):
             return x0
     if isinstance(x0, dict):
         unknown = [k for k in x0 if k not in names]
@@ -234,21 +238,31 @@ class _ProgressBar:
             self.stream.flush()
 
 
-def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
+def _run_program(prog: Program, x0, data, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
+    """Validate, run the program's module, report. (Program.run and minimize call it: the
+    common case takes the inlined fast paths, a short run spends little time here.)"""
     cost, opt = prog.cost, prog.optimizer
-    x = _as_x0(cost, x0)
-    epochs = _count("epochs", epochs)
-    maxiter = _count("maxiter", maxiter, minimum=0)
+    # x0: a float64 array of the right shape whose entries have a finite sum (so all are
+    # finite) is used as is; anything else goes through _as_x0's conversions and messages
+    if not (type(x0) is np.ndarray and x0.dtype is _F64 and x0.shape == prog.x_shape
+            and math.isfinite(sum(x0.tolist()) if prog.x_shape[0] <= 64 else float(np.sum(x0)))):
+        x0 = _as_x0(cost, x0, prog.param_names)
+    if not (epochs is None or (type(epochs) is int and epochs >= 1)):
+        epochs = _count("epochs", epochs)
+    if not (maxiter is None or (type(maxiter) is int and maxiter >= 0)):
+        maxiter = _count("maxiter", maxiter, minimum=0)
     if not (type(tol) is float and tol >= 0.0):
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0 or math.isnan(tol):
             raise OptimizeError(f"tol must be a non-negative number, got tol={tol!r}")
+        tol = float(tol)
     if not (type(seed) is int and 0 <= seed < 2**64):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
             raise OptimizeError(f"seed must be an integer in [0, 2**64), got seed={seed!r}")
-    if not isinstance(progress, bool):
+        seed = int(seed)
+    if progress is not False and progress is not True:
         raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
     columns = ds = None
-    if cost.data:
+    if prog.has_data:
         ds = as_dataset(data, cost.data_names)  # finiteness: checked in the loop's first pass
         columns = ds.columns
         if prog.batch_size is not None and prog.batch_size > ds.n_rows:
@@ -256,17 +270,17 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
             raise OptimizeError(f"batch_size={prog.batch_size}{default} is larger than the data ({ds.n_rows} rows)")
     elif data is not None:
         raise DataError("this cost has no data columns; call minimize without data")
-    notes = list(prog.notes)
-    sched_args = prog.schedule.values() if prog.schedule is not None else []
+    notes = list(prog.notes) if prog.notes else []
+    sched_args = prog.schedule_args
     lr_used = opt.lr
-    if opt.lr == "auto":
-        lr_used = _auto_rate(prog, x, ds, notes)
+    if lr_used == "auto":
+        lr_used = _auto_rate(prog, x0, ds, notes)
         sched_args = [lr_used]
     bar = _ProgressBar(f"{opt.name}") if progress else None
     try:
         out = prog.module.run(
-            x, columns, hyper=dict(opt.hyper), schedule_args=sched_args, batch_size=prog.batch_size,
-            epochs=epochs, maxiter=maxiter, tol=float(tol), seed=int(seed), callback=bar,
+            x0, columns, hyper=prog.hyper, schedule_args=sched_args, batch_size=prog.batch_size,
+            epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, callback=bar,
         )
     except prog.module.NonFiniteData:
         ds.raise_nonfinite()  # names the column and the row
@@ -276,7 +290,7 @@ def _run_program(prog: Program, x0, data, *, epochs=None, maxiter=None, tol=1e-8
             bar.close()
     if out["status"] == _result.DIVERGED and out["nit"] == 0 and not math.isfinite(out["fun"]):
         raise ParamError(f"the cost at x0 is {out['fun']}: start from a point where it is finite")
-    return _report(prog, out, float(tol), lr_used, notes)
+    return _report(prog, out, tol, lr_used, notes)
 
 
 def _rate_hint(prog: Program, lr_used) -> str:
@@ -291,17 +305,20 @@ def _rate_hint(prog: Program, lr_used) -> str:
 
 def _report(prog: Program, out: dict, tol: float, lr_used, notes) -> _result.OptimizeResult:
     status = out["status"]
-    success, msg = _result.message(
-        status, grad_norm=out["grad_norm"], tol=tol, nit=out["nit"], epochs=out["epochs"],
-        diverged_at=out["diverged_at"], blowup=out["blowup"], best_step=out["best_step"],
-        best_value=out["best_value"], rate_hint=_rate_hint(prog, lr_used),
-    )
-    x = out["x"]
-    return _result.OptimizeResult(
-        x=x, params={name: float(v) for name, v in zip(prog.cost.param_names, x)}, fun=out["fun"],
-        grad_norm=out["grad_norm"], jac=out["grad"], nit=out["nit"], nfev=out["nfev"], success=success,
-        status=status, message=msg, history=out["history"], history_every=out["history_every"],
-        path=out.get("path"),
-        method=prog.optimizer.name,
-        lr=lr_used if prog.optimizer.lr is not None else None, notes=notes,
+
+    def message():
+        return _result.message(
+            status, grad_norm=out["grad_norm"], tol=tol, nit=out["nit"], epochs=out["epochs"],
+            diverged_at=out["diverged_at"], blowup=out["blowup"], best_step=out["best_step"],
+            best_value=out["best_value"], rate_hint=_rate_hint(prog, lr_used),
+        )[1]
+
+    return _result.OptimizeResult._lazy(
+        dict(
+            x=out["x"], fun=out["fun"], grad_norm=out["grad_norm"], jac=out["grad"], nit=out["nit"],
+            nfev=out["nfev"], success=_result.STATUS[status][0], status=status, history=out["history"],
+            history_every=out["history_every"], method=prog.optimizer.name,
+            lr=lr_used if prog.optimizer.lr is not None else None, notes=notes, path=out.get("path"),
+        ),
+        prog.param_names, message,
     )

@@ -79,10 +79,14 @@ class Optimizer:
 
     def structure(self) -> str:
         """What the compiled loop depends on: the rule's code, not the numbers."""
-        return "|".join(
-            [self.kind, self.name, ",".join(self.hyper), ",".join(f"{s[0]}{s[1]}{s[2]}" for s in self.state), *self.per_step, *self.update, *self.step, self.helpers,
-             repr(sorted(self.extra.items()))]
-        )
+        found = self.__dict__.get("_structure")  # made once: every run looks its loop up by it
+        if found is None:
+            found = "|".join(
+                [self.kind, self.name, ",".join(self.hyper), ",".join(f"{s[0]}{s[1]}{s[2]}" for s in self.state), *self.per_step, *self.update, *self.step, self.helpers,
+                 repr(sorted(self.extra.items()))]
+            )
+            object.__setattr__(self, "_structure", found)
+        return found
 
     def with_lr(self, lr) -> "Optimizer":
         """The same optimizer with another default rate (validated like the original's)."""
@@ -578,6 +582,13 @@ def get(method, lr=None) -> Optimizer:
     if not isinstance(method, str):
         raise OptimizeError(f"method must be a name or an optimizer from cm.optim, got {method!r}")
     factory = METHODS.get(method)
+    memo = (method, factory, type(lr), lr)
+    try:
+        found = _BY_NAME.get(memo)
+    except TypeError:  # an unhashable lr: refused below
+        memo = found = None
+    if found is not None:
+        return found
     if factory is None:
         raise OptimizeError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     opt = factory()
@@ -585,6 +596,13 @@ def get(method, lr=None) -> Optimizer:
         if opt.lr is None:
             raise OptimizeError(f"{method} chooses its own step by a line search; it takes no lr (got lr={lr!r})")
         opt = opt.with_lr(lr)
+    if memo is not None and len(_BY_NAME) < 256:
+        _BY_NAME[memo] = opt
     return opt
+
+
+# (name, factory, type of lr, lr) -> the optimizer get() made: optimizers are immutable, and a call of
+# cm.minimize looks its method up every time
+_BY_NAME: dict = {}
 
 

@@ -81,6 +81,35 @@ class OptimizeResult:
     # is history[i]; minibatch: the parameters at the end of each epoch); else None
     path: np.ndarray | None = None
 
+    # -- calcml's own runs: the message and params written on first use ------------------------
+    @classmethod
+    def _lazy(cls, fields: dict, names: tuple, message):
+        """A result from ``fields`` (every field but ``message`` and ``params``) whose
+        ``message`` (``message()``, a str) and ``params`` (``names`` -> floats of ``x``) are
+        made when first read: formatting them costs more than the rest of a short run."""
+        self = cls.__new__(cls)
+        fields["_pending"] = (names, message)
+        self.__dict__ = fields
+        return self
+
+    def __getattr__(self, name):  # only for attributes not in __dict__: the pending ones
+        pending = self.__dict__.get("_pending")
+        if pending is None or name not in ("message", "params"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._settle()
+        return self.__dict__[name]
+
+    def _settle(self):
+        pending = self.__dict__.pop("_pending", None)
+        if pending is not None:
+            names, message = pending
+            self.__dict__["params"] = dict(zip(names, self.x.tolist()))
+            self.__dict__["message"] = message()
+
+    def __getstate__(self):  # pickle and copy: the fields, all of them made
+        self._settle()
+        return self.__dict__
+
     def __repr__(self):
         lines = [
             f"  message: {self.message}",
