@@ -92,7 +92,7 @@ _STATUS_LINES = [
 # Slots of the two small arrays that carry the run's counters between chunks (`ints`, and
 # the head of `work`).
 _INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_EVERY", "BEST_STEP", "FRESH", "NFEV",
-         "MAX_STEPS", "MAX_EPOCHS", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT"]
+         "MAX_STEPS", "MAX_EPOCHS", "HIST_LEN", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT"]
 _FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", "FUN_GNORM"]
 
 # The first and the last act of a run, in compiled code: run_chunk calls them (one call of
@@ -176,7 +176,7 @@ def _randbelow(rng, n):
     return np.int64(z % np.uint64(n))
 '''
 
-_DRIVER_SOURCE = '''
+_DRIVER_HEAD = '''
 
 class NonFiniteData(ValueError):
     """The data hold NaN or inf (found in the first pass over them, at x0)."""
@@ -186,6 +186,7 @@ class NonFiniteData(ValueError):
 # iterates of costs that record none.
 _NO_COLUMNS = (np.zeros(1),)
 _NO_PATH = np.zeros((1, 1))
+_F64 = np.dtype(np.float64)
 
 
 def columns_of(data):
@@ -216,115 +217,30 @@ def plan(n_rows, batch_size=None, epochs=None, maxiter=None):
     if maxiter is None:
         maxiter = epochs if epochs is not None else DEFAULT_MAXITER
     return maxiter, 0, 1
+'''
 
-
-def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed):
-    """run_chunk's arguments (CHUNK_ARGS: `work` first, `ints` second, `xout` last but one).
-    Its first call evaluates the cost at x0 (_begin: x0 waits in xout), the call that ends
-    the run writes the report (_end)."""
-    xout = np.array(x0, dtype=np.float64)  # a copy: the report's x, in the end
-    if xout.shape != (N_PARAMS,):
-        xout = xout.reshape(N_PARAMS)
-    work = np.zeros(O_END)
-    work[F_TOL] = tol
-    for k, name in enumerate(HYPER_NAMES):
-        work[O_HP + k] = hyper[name]
-    for k, v in enumerate(schedule_args):
-        work[O_SA + k] = v
-    if MINIBATCH:
-        n_hist = max(1, max_epochs)
-        hist_every = 1
-    else:
-        hist_every = -(-(max_steps + 1) // HISTORY_MAX)
-        n_hist = max_steps // hist_every + 1
-    ints = np.zeros(N_INTS, dtype=np.int64)
-    ints[I_HIST_EVERY] = hist_every
-    ints[I_MAX_STEPS] = max_steps
-    # not filled: the report reads only the entries that the loop wrote
-    args = [work, ints, np.empty(n_hist), np.empty((n_hist, N_PARAMS)) if RECORD_PATH else _NO_PATH]
-    if COLUMN_NAMES:
-        args.append(cols)
-    if MINIBATCH:
-        ints[I_BATCH] = batch_size
-        ints[I_MAX_EPOCHS] = max_epochs
-        args += [np.arange(cols[0].shape[0], dtype=np.int64), np.array([seed], dtype=np.uint64)]
-    if HAS_STATE:
-        args.append(new_optimizer_state(N_PARAMS))
-    args += [xout, np.empty(N_PARAMS)]
-    return args
-
-
-def finish(args, cols, status):
-    """The report: a dict with x, fun, grad, nit, nfev, status, history and the bookkeeping."""
-    work, ints, history, path = args[:4]
-    xout, gout = args[-2:]
-    if status == INTERRUPTED or not ints[I_ENDED]:  # Ctrl-C: the loop did not write the report
-        theta, g, best = work[O_THETA:O_G], work[O_G:O_BEST], work[O_BEST:O_HP]
-        if not ints[I_BEGUN]:
-            _begin(xout, theta, best, g, cols, ints, work)
-        _end(theta, best, cols, ints, work, xout, gout, status)
-    i = ints.tolist()
-    f = work[:N_FLOATS].tolist()
-    n_hist = i[I_EPOCH] if MINIBATCH else i[I_HIST_I]
-    status = i[I_STATUS]
-    return {
-        "x": xout, "fun": f[F_FUN], "grad": gout, "grad_norm": f[F_FUN_GNORM],
-        "nit": i[I_STEP], "nfev": i[I_NFEV], "status": status, "status_name": STATUS_NAMES[status],
-        "history": history if n_hist == history.shape[0] else history[:n_hist].copy(),
-        "history_every": i[I_HIST_EVERY],
-        "path": (path if n_hist == path.shape[0] else path[:n_hist].copy()) if RECORD_PATH else None,
-        "epochs": i[I_EPOCH], "best_step": i[I_BEST_STEP], "best_value": f[F_BEST],
-        "diverged_at": i[I_DIVERGED_AT], "blowup": f[F_BLOWUP],
-    }
-
+_DRIVER_TAIL = '''
 
 def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=BATCH_SIZE, epochs=None, maxiter=None,
         tol=1e-8, seed=0, callback=None, chunk_seconds=CHUNK_SECONDS, first_chunk=None):
-    """Minimize from x0 (a 1-D array in PARAM_NAMES order); returns the report dict of finish().
+    """Minimize from x0 (a 1-D array in PARAM_NAMES order); returns the report: a dict with x,
+    fun, grad, nit, nfev, status, history and the bookkeeping.
 
     hyper: dict of HYPER_NAMES values (default HYPER_DEFAULTS); schedule_args: the schedule's
     numbers (default SCHEDULE_DEFAULTS). The loop runs in chunks of about chunk_seconds;
     callback(step, max_steps, value), if given, is called between chunks. Ctrl-C stops the
     run and returns the best point seen.
     """
-    if COLUMN_NAMES:
-        cols = columns_of(data)
-        n_rows = cols[0].shape[0]
-    else:
-        cols, n_rows = _NO_COLUMNS, 0
-    if MINIBATCH:
-        max_steps, max_epochs, per_epoch = plan(n_rows, batch_size, epochs, maxiter)
-    else:  # plan(), inlined
-        max_steps = maxiter if maxiter is not None else epochs if epochs is not None else DEFAULT_MAXITER
-        max_epochs = 0
-    args = new_state(x0, cols, HYPER_DEFAULTS if hyper is None else hyper,
-                     SCHEDULE_DEFAULTS if schedule_args is None else schedule_args,
-                     batch_size, max_steps, max_epochs, tol, seed)
-    ints = args[1]
-    chunk = first_chunk or max(1, 1_000_000 // ((batch_size if MINIBATCH else n_rows) or 1))
-    step = 0
-    try:
-        # Chunks until run_chunk ends the run (its status is then no longer RUNNING); one call
-        # when the first chunk holds every step.
-        while True:
-            ints[I_STOP] = min(step + chunk, max_steps)
-            t0 = time.perf_counter()
-            status = run_chunk(*args)
-            if callback is not None and max_steps > 0 and math.isfinite(args[0][F_F0]):
-                callback(int(ints[I_STEP]), max_steps, float(args[0][F_VALUE]))
-            if status != RUNNING:
-                break
-            dt = time.perf_counter() - t0
-            done = int(ints[I_STEP]) - step
-            step += done
-            if first_chunk is None and done > 0 and dt > 0:
-                chunk = max(1, min(int(done * chunk_seconds / dt), 100 * chunk))
-    except KeyboardInterrupt:
-        status = INTERRUPTED
-    if status == DIVERGED and COLUMN_NAMES and not ints[I_STEP] and not math.isfinite(args[0][F_F0]):
-        if not all(np.isfinite(c).all() for c in cols):
-            raise NonFiniteData("the data hold a non-finite value (NaN or inf)")
-    return finish(args, cols, status)
+    (x, fun, grad, grad_norm, nit, nfev, status, history, history_every, path,
+     epochs, best_step, best_value, diverged_at, blowup) = drive(
+        x0, data, HYPER_DEFAULTS if hyper is None else hyper, SCHEDULE_DEFAULTS if schedule_args is None else schedule_args,
+        batch_size, epochs, maxiter, tol, seed, callback, chunk_seconds, first_chunk)
+    return {
+        "x": x, "fun": fun, "grad": grad, "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
+        "status": status, "status_name": STATUS_NAMES[status], "history": history, "history_every": history_every,
+        "path": path, "epochs": epochs, "best_step": best_step, "best_value": best_value,
+        "diverged_at": diverged_at, "blowup": blowup,
+    }
 '''
 
 
@@ -943,7 +859,128 @@ class _Generator:
         return w.text()
 
     def _python_driver(self) -> str:
-        return _DRIVER_SOURCE
+        """columns_of, plan, new_state, drive, run. new_state and drive are written for this
+        module (only the branches it takes: a short run spends more time in this Python than
+        in its steps, and each line counts)."""
+        w = _Writer()
+        alloc = self._state_lines()
+        call = f"run_chunk({', '.join(self._chunk_params())})"
+        w(0, "def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed):")
+        w(1, '"""run_chunk\'s arguments, in CHUNK_ARGS order. Its first call evaluates the cost at x0')
+        w(1, '(_begin: x0 waits in xout), the call that ends the run writes the report (_end)."""')
+        for line in alloc:
+            w(1, line)
+        w(1, f"return [{', '.join(self._chunk_params())}]")
+        w()
+        w()
+        w(0, "def drive(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
+        w(0, "          chunk_seconds=CHUNK_SECONDS, first_chunk=None):")
+        w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
+        w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
+        w(1, 'its order, without status_name). The arguments are run()\'s, hyper and schedule_args given."""')
+        if self.has_data:
+            w(1, "cols = columns_of(data)")
+            w(1, "n_rows = cols[0].shape[0]")
+        else:
+            w(1, "cols = _NO_COLUMNS")
+        if self.minibatch:
+            w(1, "max_steps, max_epochs, per_epoch = plan(n_rows, batch_size, epochs, maxiter)")
+        else:
+            w(1, "max_steps = maxiter if maxiter is not None else epochs if epochs is not None else DEFAULT_MAXITER")
+            w(1, "max_epochs = 0")
+        for line in alloc:
+            w(1, line)
+        if self.minibatch:
+            w(1, "chunk = first_chunk or max(1, 1_000_000 // batch_size)")
+        elif self.has_data:
+            w(1, "chunk = first_chunk or max(1, 1_000_000 // max(1, n_rows))")
+        else:
+            w(1, "chunk = first_chunk or 1_000_000")
+        w(1, "step = 0")
+        w(1, "try:")
+        w(2, "# chunks until run_chunk ends the run (its status is then no longer RUNNING and the")
+        w(2, "# report is written); one call when the first chunk holds every step")
+        w(2, "while True:")
+        w(3, "ints[I_STOP] = min(step + chunk, max_steps)")
+        w(3, "t0 = time.perf_counter()")
+        w(3, f"status = {call}")
+        w(3, "if callback is not None and max_steps > 0 and math.isfinite(work[F_F0]):")
+        w(4, "callback(int(ints[I_STEP]), max_steps, float(work[F_VALUE]))")
+        w(3, "if status != RUNNING:")
+        w(4, "break")
+        w(3, "dt = time.perf_counter() - t0")
+        w(3, "done = int(ints[I_STEP]) - step")
+        w(3, "step += done")
+        w(3, "if first_chunk is None and done > 0 and dt > 0:")
+        w(4, "chunk = max(1, min(int(done * chunk_seconds / dt), 100 * chunk))")
+        w(1, "except KeyboardInterrupt:")
+        w(2, "status = INTERRUPTED")
+        w(1, "i = ints.tolist()")
+        w(1, "if status == INTERRUPTED:  # the report is written here, at the best point")
+        w(2, "theta, g, best = work[O_THETA:O_G], work[O_G:O_BEST], work[O_BEST:O_HP]")
+        w(2, "if not i[I_BEGUN]:")
+        w(3, "_begin(xout, theta, best, g, cols, ints, work)")
+        w(2, "_end(theta, best, cols, ints, work, xout, gout, status)")
+        w(2, "i = ints.tolist()")
+        if self.has_data:
+            w(1, "elif status == DIVERGED and not i[I_STEP] and not math.isfinite(work[F_F0]):")
+            w(2, "if not all(np.isfinite(c).all() for c in cols):")
+            w(3, 'raise NonFiniteData("the data hold a non-finite value (NaN or inf)")')
+        w(1, f"f = {'work' if self._work_size() <= 64 else 'work[:N_FLOATS]'}.tolist()")
+        w(1, f"n_hist = i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]")
+        w(1, "full = n_hist == i[I_HIST_LEN]  # the arrays are the report's as they are")
+        path = "path if full else path[:n_hist].copy()" if self.n <= PATH_MAX_PARAMS else "None"
+        w(1, "return (xout, f[F_FUN], gout, f[F_FUN_GNORM], i[I_STEP], i[I_NFEV], i[I_STATUS],")
+        w(1, "        history if full else history[:n_hist].copy(), i[I_HIST_EVERY],")
+        w(1, f"        {path},")
+        w(1, "        i[I_EPOCH], i[I_BEST_STEP], f[F_BEST], i[I_DIVERGED_AT], f[F_BLOWUP])")
+        return _DRIVER_HEAD + "\n\n" + w.text() + _DRIVER_TAIL
+
+    def _work_size(self) -> int:
+        n_sched = len(self.schedule.values()) if self.schedule is not None else 0
+        return len(_FLOATS) + 3 * self.n + len(self.hyper) + n_sched
+
+    def _state_lines(self) -> list:
+        """The lines that make run_chunk's arguments (new_state's body, also inlined in drive)."""
+        lines = [
+            "if type(x0) is np.ndarray and x0.dtype is _F64 and x0.shape == (N_PARAMS,):",
+            "    xout = x0.copy()  # the report's x, in the end",
+            "else:",
+            "    xout = np.array(x0, dtype=np.float64).reshape(N_PARAMS)",
+            "work = np.zeros(O_END)",
+            "work[F_TOL] = tol",
+        ]
+        for k, name in enumerate(self.hyper):
+            lines.append(f"work[O_HP + {k}] = hyper[{name!r}]")
+        n_sched = len(self.schedule.values()) if self.schedule is not None else 0
+        for k in range(n_sched):
+            lines.append(f"work[O_SA + {k}] = schedule_args[{k}]")
+        if self.minibatch:
+            lines += ["n_hist = max(1, max_epochs)", "hist_every = 1"]
+        else:
+            lines += ["hist_every = -(-(max_steps + 1) // HISTORY_MAX)", "n_hist = max_steps // hist_every + 1"]
+        lines += [
+            "ints = np.zeros(N_INTS, dtype=np.int64)",
+            "ints[I_HIST_EVERY] = hist_every",
+            "ints[I_HIST_LEN] = n_hist",
+            "ints[I_MAX_STEPS] = max_steps",
+        ]
+        if self.minibatch:
+            lines += [
+                "ints[I_BATCH] = batch_size",
+                "ints[I_MAX_EPOCHS] = max_epochs",
+                "perm = np.arange(cols[0].shape[0], dtype=np.int64)",
+                "rng = np.array([seed], dtype=np.uint64)",
+            ]
+        lines.append("history = np.empty(n_hist)  # not filled: the report reads only the entries the loop wrote")
+        if self.n <= PATH_MAX_PARAMS:
+            lines.append("path = np.empty((n_hist, N_PARAMS))  # the iterates beside the history entries")
+        else:
+            lines.append("path = _NO_PATH")
+        if self.state:
+            lines.append("state = new_optimizer_state(N_PARAMS)")
+        lines.append("gout = np.empty(N_PARAMS)")
+        return lines
 
 
 def generate_source(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool, header_lines=()) -> str:
@@ -1033,8 +1070,9 @@ class Program:
                 f"for {self.cost!r}>")
 
     def run(self, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
-        """Run the compiled descent from ``x0`` (array or dict); same keywords as :func:`calcml.minimize`."""
-        return (_run_program or _runner())(self, x0, data, epochs, maxiter, tol, seed, progress)
+        """Run the compiled descent from ``x0`` (array or dict); same keywords as :func:`calcml.minimize`.
+        (calcml.minimize replaces this method by its ``_run_program``, the same function.)"""
+        return _runner()(self, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
 
     def export(self, path) -> Path:
         """Write the module as a standalone file (imports only numpy and numba; no sympy, no

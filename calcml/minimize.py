@@ -11,6 +11,7 @@ import math
 import numbers
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -114,7 +115,7 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     (True, {'w': 2.0, 'b': 1.0})
     """
     prog = generate(cost, method=method, schedule=schedule, batch_size=batch_size, lr=lr)
-    return _run_program(prog, x0, data, epochs, maxiter, tol, seed, progress)
+    return _run_program(prog, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
 
 
 # -- running a program ---------------------------------------------------------------------------
@@ -238,9 +239,11 @@ class _ProgressBar:
             self.stream.flush()
 
 
-def _run_program(prog: Program, x0, data, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
-    """Validate, run the program's module, report. (Program.run and minimize call it: the
-    common case takes the inlined fast paths, a short run spends little time here.)"""
+def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
+    """Run the compiled descent from ``x0`` (array or dict); same keywords as :func:`calcml.minimize`.
+
+    (This is ``Program.run``, and what ``minimize`` runs: validate, run the program's module,
+    report. The common case takes inlined fast paths: a short run spends little time here.)"""
     cost, opt = prog.cost, prog.optimizer
     # x0: a float64 array of the right shape whose entries have a finite sum (so all are
     # finite) is used as is; anything else goes through _as_x0's conversions and messages
@@ -277,20 +280,42 @@ def _run_program(prog: Program, x0, data, epochs=None, maxiter=None, tol=1e-8, s
         lr_used = _auto_rate(prog, x0, ds, notes)
         sched_args = [lr_used]
     bar = _ProgressBar(f"{opt.name}") if progress else None
+    module = prog.module
     try:
-        out = prog.module.run(
-            x0, columns, hyper=prog.hyper, schedule_args=sched_args, batch_size=prog.batch_size,
-            epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, callback=bar,
-        )
-    except prog.module.NonFiniteData:
+        (x, fun, grad, grad_norm, nit, nfev, status, history, history_every, path,
+         epochs_done, best_step, best_value, diverged_at, blowup) = module.drive(
+            x0, columns, prog.hyper, sched_args, prog.batch_size, epochs, maxiter, tol, seed, bar)
+    except module.NonFiniteData:
         ds.raise_nonfinite()  # names the column and the row
         raise
     finally:
         if bar is not None:
             bar.close()
-    if out["status"] == _result.DIVERGED and out["nit"] == 0 and not math.isfinite(out["fun"]):
-        raise ParamError(f"the cost at x0 is {out['fun']}: start from a point where it is finite")
-    return _report(prog, out, tol, lr_used, notes)
+    if status == _result.DIVERGED and nit == 0 and not math.isfinite(fun):
+        raise ParamError(f"the cost at x0 is {fun}: start from a point where it is finite")
+    # the message is formatted when first read (a partial: no closure cells in this function)
+    message = partial(_message, prog, lr_used, status, grad_norm, tol, nit, epochs_done, diverged_at, blowup,
+                      best_step, best_value)
+    return _result.OptimizeResult._lazy(
+        {
+            "x": x, "fun": fun, "grad_norm": grad_norm, "jac": grad, "nit": nit, "nfev": nfev,
+            "success": _result.STATUS[status][0], "status": status, "history": history,
+            "history_every": history_every, "method": opt.name, "lr": lr_used if opt.lr is not None else None,
+            "notes": notes, "path": path,
+        },
+        prog.param_names, message,
+    )
+
+
+def _message(prog, lr_used, status, grad_norm, tol, nit, epochs, diverged_at, blowup, best_step, best_value) -> str:
+    return _result.message(
+        status, grad_norm=grad_norm, tol=tol, nit=nit, epochs=epochs, diverged_at=diverged_at, blowup=blowup,
+        best_step=best_step, best_value=best_value, rate_hint=_rate_hint(prog, lr_used),
+    )[1]
+
+
+# Program.run is _run_program itself (one Python call less per run than a method calling it)
+Program.run = _run_program
 
 
 def _rate_hint(prog: Program, lr_used) -> str:
@@ -301,24 +326,3 @@ def _rate_hint(prog: Program, lr_used) -> str:
         lr = lr_used if isinstance(lr_used, float) else sched.args[0][1]
         return f" (lr was {lr:g}; try lr={lr / 10:g})"
     return f" (the schedule {sched!r} starts at {sched.initial:g})"
-
-
-def _report(prog: Program, out: dict, tol: float, lr_used, notes) -> _result.OptimizeResult:
-    status = out["status"]
-
-    def message():
-        return _result.message(
-            status, grad_norm=out["grad_norm"], tol=tol, nit=out["nit"], epochs=out["epochs"],
-            diverged_at=out["diverged_at"], blowup=out["blowup"], best_step=out["best_step"],
-            best_value=out["best_value"], rate_hint=_rate_hint(prog, lr_used),
-        )[1]
-
-    return _result.OptimizeResult._lazy(
-        dict(
-            x=out["x"], fun=out["fun"], grad_norm=out["grad_norm"], jac=out["grad"], nit=out["nit"],
-            nfev=out["nfev"], success=_result.STATUS[status][0], status=status, history=out["history"],
-            history_every=out["history_every"], method=prog.optimizer.name,
-            lr=lr_used if prog.optimizer.lr is not None else None, notes=notes, path=out.get("path"),
-        ),
-        prog.param_names, message,
-    )
