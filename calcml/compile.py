@@ -234,7 +234,7 @@ class Kernels:
         The result is a :class:`~calcml.dataset.Dataset` (one contiguous block, one row
         per column) that every kernel accepts without further checks or copies.
         """
-        ds = as_dataset(data, self.cost.data_names)
+        ds = as_dataset(data, self.cost.data_names, packed=True)
         ds.raise_nonfinite()
         ds.validated = True
         return pack(ds)

@@ -103,16 +103,19 @@ def _column(name: str, values) -> np.ndarray:
 _TRANSPOSE_BLOCK = 4096
 
 
-def _transpose(arr: np.ndarray) -> np.ndarray:
-    """``arr.T`` as a C-contiguous float64 array, copied in blocks of rows.
+def _transpose(arr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``arr.T`` as float64 columns ``out[k, :N]`` (a new C-contiguous array by default),
+    copied in blocks of rows.
 
     A row-major (N, 9) float64 array of a million rows: 45 ms with one
     ``np.ascontiguousarray(arr.T)`` (each column read with a stride of 72 bytes across the
     whole array), 21 ms in blocks of 4,096 rows."""
     n = arr.shape[0]
-    out = np.empty((arr.shape[1], n))
+    if out is None:
+        out = np.empty((arr.shape[1], n))
     for start in range(0, n, _TRANSPOSE_BLOCK):
-        out[:, start : start + _TRANSPOSE_BLOCK] = arr[start : start + _TRANSPOSE_BLOCK].T
+        stop = min(start + _TRANSPOSE_BLOCK, n)
+        out[:, start:stop] = arr[start:stop].T
     return out
 
 
@@ -120,8 +123,11 @@ def _is_dataframe(data) -> bool:
     return hasattr(data, "columns") and hasattr(data, "to_numpy") and hasattr(data, "iloc")
 
 
-def as_dataset(data, names: tuple) -> Dataset:
-    """Validate ``data`` against the cost's column ``names`` and lay it out by column."""
+def as_dataset(data, names: tuple, packed: bool = False) -> Dataset:
+    """Validate ``data`` against the cost's column ``names`` and lay it out by column.
+
+    ``packed``: a row-major array is transposed straight into :func:`pack`'s block (one
+    copy instead of two; :meth:`calcml.Kernels.prepare` asks for it)."""
     if not names:
         raise DataError("this cost has no data columns; call the kernel with theta alone")
     if data is None:
@@ -153,11 +159,17 @@ def as_dataset(data, names: tuple) -> Dataset:
         if arr.dtype.kind not in "biuf":
             raise DataError(f"the data array must be numeric, got dtype {arr.dtype}")
         # One transposed copy gives every column contiguous; F-ordered float64 needs none.
-        if arr.dtype == np.float64 and arr.flags.f_contiguous:
+        block = None
+        if packed and arr.shape[0] > 0:
+            block = _transpose(arr, _staggered_block(arr.shape[0], arr.shape[1]))
+            cols2d = block
+        elif arr.dtype == np.float64 and arr.flags.f_contiguous:
             cols2d = arr.T
         else:
             cols2d = _transpose(arr)
-        columns = tuple(cols2d[k] for k in range(len(names)))
+        columns = tuple(cols2d[k, : arr.shape[0]] for k in range(len(names)))
+        if block is not None:
+            return Dataset(tuple(names), columns, block=block)
     lengths = {c.shape[0] for c in columns}
     if len(lengths) > 1:
         n0 = columns[0].shape[0]
@@ -179,12 +191,21 @@ def pack(dataset: Dataset) -> Dataset:
     what :meth:`calcml.Kernels.prepare` is for.
     """
     n, k = dataset.n_rows, len(dataset.columns)
-    page = 512  # float64s per 4 KiB
-    stride = -(-n // page) * page + 8  # whole pages, plus 64 bytes: row j starts at 64*j mod 4 KiB
-    block = np.empty((k, stride))
-    for j, col in enumerate(dataset.columns):
-        block[j, :n] = col
-    block[:, n:] = 0.0
+    block = dataset.block  # already packed by as_dataset(..., packed=True)
+    if block is None:
+        block = _staggered_block(n, k)
+        for j, col in enumerate(dataset.columns):
+            block[j, :n] = col
     block.flags.writeable = False  # the data were validated: keep them as they were
     columns = [block[j, :n] for j in range(k)]
     return Dataset(dataset.names, tuple(columns), validated=dataset.validated, block=block)
+
+
+def _staggered_block(n: int, k: int) -> np.ndarray:
+    """An empty (k, stride) block for n rows: whole pages plus 64 bytes a row, so row j
+    starts at 64*j mod 4 KiB; the padding after each row is zero."""
+    page = 512  # float64s per 4 KiB
+    stride = -(-n // page) * page + 8
+    block = np.empty((k, stride))
+    block[:, n:] = 0.0
+    return block

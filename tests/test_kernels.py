@@ -429,3 +429,20 @@ def test_row_major_arrays_over_many_transpose_blocks(lin):
     got = k.value_and_grad(theta, f32)
     ref = k.value_and_grad(theta, {c: f32[:, j].astype(float) for j, c in enumerate(cost.data_names)})
     assert got[0] == ref[0] and np.array_equal(got[1], ref[1])
+
+
+def test_prepare_row_major_array_packs_once(lin):
+    """k.prepare of an (N, d) array transposes straight into the staggered block: the same
+    bits as the dict, read-only, a non-finite value named by column and row."""
+    cost, k, cols, theta = lin
+    arr = np.column_stack([cols[c] for c in cost.data_names])
+    ds = k.prepare(arr)
+    assert ds.validated and ds.block is not None and not ds.block.flags.writeable
+    assert ds.block.shape[1] % 512 == 8 and np.all(ds.block[:, arr.shape[0]:] == 0.0)
+    want = k.value_and_grad(theta, cols)
+    got = k.value_and_grad(theta, ds)
+    assert got[0] == want[0] and np.array_equal(got[1], want[1])
+    bad = arr.copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(cm.DataError, match=rf"column {cost.data_names[2]!r} holds a non-finite value \(nan\) at row 7"):
+        k.prepare(bad)
