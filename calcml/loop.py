@@ -101,10 +101,12 @@ _BEGIN_END_SOURCE = '''
 @_jit
 def _begin(x0, theta, best, g, cols, ints, floats):
     """The parameters and the best point so far := x0; the cost at x0 and the divergence
-    threshold. Returns whether the cost at x0 is finite."""
+    threshold. Returns whether x0 and the cost at x0 are finite."""
+    finite = True
     for j in range(N_PARAMS):
         theta[j] = x0[j]
         best[j] = x0[j]
+        finite = finite and math.isfinite(x0[j])
     f0 = _fg(theta, cols, g)
     gn2 = 0.0
     for j in range(N_PARAMS):
@@ -115,7 +117,7 @@ def _begin(x0, theta, best, g, cols, ints, floats):
     floats[F_F0] = f0
     floats[F_VALUE] = f0
     floats[F_GNORM] = math.sqrt(gn2)
-    if math.isfinite(f0):
+    if finite and math.isfinite(f0):
         floats[F_BEST] = f0
         floats[F_BLOWUP] = BLOWUP * max(1.0, abs(f0))
         return True

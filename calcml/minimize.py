@@ -21,6 +21,7 @@ from .codegen import HESSIAN_INLINE_MAX
 from .cost import Cost
 from .dataset import as_dataset
 from .errors import DataError, OptimizeError, ParamError
+from . import loop as _loop
 from .loop import Program, program_for
 from .schedules import Schedule, as_schedule, constant
 
@@ -114,12 +115,37 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     >>> res.success, {k: round(v, 6) for k, v in res.params.items()}
     (True, {'w': 2.0, 'b': 1.0})
     """
-    prog = generate(cost, method=method, schedule=schedule, batch_size=batch_size, lr=lr)
+    prog = _program(cost, method, lr, schedule, batch_size)
     return _run_program(prog, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+
+
+# minimize's programs by (cost, method name, lr, batch size, what the module depends on): a call
+# with a method name makes the same program each time, and making it costs more than a short run
+_PROGRAMS: dict = {}
+
+
+def _program(cost, method, lr, schedule, batch_size) -> Program:
+    key = None
+    if type(method) is str and schedule is None and type(cost) is Cost:
+        key = (cost.key, method, type(lr), lr, type(batch_size), batch_size,
+               _loop.UNROLL_MAX, _loop.DELAY_MAX, _loop._cache_token())
+        try:
+            found = _PROGRAMS.get(key)
+        except TypeError:  # unhashable lr or batch_size: generate() refuses them
+            found = key = None
+        if found is not None:
+            return found
+    prog = generate(cost, method=method, schedule=schedule, batch_size=batch_size, lr=lr)
+    if key is not None:
+        if len(_PROGRAMS) >= 64:
+            _PROGRAMS.clear()
+        _PROGRAMS[key] = prog
+    return prog
 
 
 # -- running a program ---------------------------------------------------------------------------
 _F64 = np.dtype(np.float64)
+_NDARRAY = np.ndarray
 
 
 def _as_x0(cost: Cost, x0, names=None) -> np.ndarray:
@@ -245,26 +271,34 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     (This is ``Program.run``, and what ``minimize`` runs: validate, run the program's module,
     report. The common case takes inlined fast paths: a short run spends little time here.)"""
     cost, opt = prog.cost, prog.optimizer
-    # x0: a float64 array of the right shape whose entries have a finite sum (so all are
-    # finite) is used as is; anything else goes through _as_x0's conversions and messages
-    if not (type(x0) is np.ndarray and x0.dtype is _F64 and x0.shape == prog.x_shape
-            and math.isfinite(sum(x0.tolist()) if prog.x_shape[0] <= 64 else float(np.sum(x0)))):
+    # x0: a float64 array of the right shape goes to the module as is (its entries are checked
+    # for finiteness there, in compiled code: a non-finite x0 ends the run at step 0, and
+    # _as_x0 then says which entry); anything else goes through _as_x0's conversions first.
+    # Every check below that fails checks x0 first, as _as_x0 would have.
+    if type(x0) is not _NDARRAY or x0.dtype is not _F64 or x0.shape != prog.x_shape:
         x0 = _as_x0(cost, x0, prog.param_names)
     if not (epochs is None or (type(epochs) is int and epochs >= 1)):
+        x0 = _as_x0(cost, x0, prog.param_names)
         epochs = _count("epochs", epochs)
     if not (maxiter is None or (type(maxiter) is int and maxiter >= 0)):
+        x0 = _as_x0(cost, x0, prog.param_names)
         maxiter = _count("maxiter", maxiter, minimum=0)
     if not (type(tol) is float and tol >= 0.0):
+        x0 = _as_x0(cost, x0, prog.param_names)
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0 or math.isnan(tol):
             raise OptimizeError(f"tol must be a non-negative number, got tol={tol!r}")
         tol = float(tol)
     if not (type(seed) is int and 0 <= seed < 2**64):
+        x0 = _as_x0(cost, x0, prog.param_names)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
             raise OptimizeError(f"seed must be an integer in [0, 2**64), got seed={seed!r}")
         seed = int(seed)
     if progress is not False and progress is not True:
+        x0 = _as_x0(cost, x0, prog.param_names)
         raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
     columns = ds = None
+    if prog.has_data or data is not None or opt.lr == "auto":
+        x0 = _as_x0(cost, x0, prog.param_names)  # before the data's checks; lr="auto" reads x0
     if prog.has_data:
         ds = as_dataset(data, cost.data_names)  # finiteness: checked in the loop's first pass
         columns = ds.columns
@@ -291,8 +325,10 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     finally:
         if bar is not None:
             bar.close()
-    if status == _result.DIVERGED and nit == 0 and not math.isfinite(fun):
-        raise ParamError(f"the cost at x0 is {fun}: start from a point where it is finite")
+    if status == _result.DIVERGED and nit == 0:
+        _as_x0(cost, x0, prog.param_names)  # a non-finite entry of x0: says which
+        if not math.isfinite(fun):
+            raise ParamError(f"the cost at x0 is {fun}: start from a point where it is finite")
     # the message is formatted when first read (a partial: no closure cells in this function)
     message = partial(_message, prog, lr_used, status, grad_norm, tol, nit, epochs_done, diverged_at, blowup,
                       best_step, best_value)

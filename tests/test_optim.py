@@ -342,6 +342,34 @@ def test_divergence_returns_best_point(rosen_programs):
     assert res.nit < 1000
 
 
+@pytest.mark.parametrize("name, lr", [("gd", 0.0062), ("momentum", 0.0044), ("nesterov", 0.0064)])
+def test_divergence_stops_at_once_with_the_best_point(name, lr):
+    """A step whose cost blows up (beyond 1e10 max(1, J(x0))) or is not finite, or whose squared
+    gradient norm is not finite, stops the run there: nit is that step, x the evaluated iterate of lowest cost (NumPy transcription), the
+    history ends at it, in one call or in chunks of 1 and 3 steps."""
+    hyper = {"momentum": 0.9} if name != "gd" else {}
+    opt = getattr(cm.optim, name)(lr=lr, **hyper)
+    with np.errstate(all="ignore"):
+        xs = numpy_trajectory(name, hyper, lambda t: lr, [-1.2, 1.0], 200)
+        fs = [rosen_f(x) if np.all(np.isfinite(x)) else np.nan for x in xs]
+        gn2 = [float(np.sum(rosen_grad(x) ** 2)) for x in xs]  # inf once |g| passes ~1e154
+    blowup = 1e10 * max(1.0, fs[0])
+    stop = next(k for k in range(len(xs)) if not (abs(fs[k]) <= blowup and gn2[k] < np.inf))
+    best = int(np.argmin(fs[:stop]))
+    assert stop > 3 and best > 0  # the cases: a few steps down, then up
+    prog = cm.generate(ROSEN, method=opt)
+    res = prog.run([-1.2, 1.0], maxiter=1000, tol=0.0)
+    assert res.status == R.DIVERGED and res.nit == stop
+    np.testing.assert_allclose(res.x, xs[best], rtol=1e-12)
+    assert f"(iteration {best}, cost" in res.message
+    np.testing.assert_allclose(res.history, fs[:stop + 1], rtol=1e-12)  # every step, the last one too
+    for chunk in (1, 3):
+        out = prog.module.run(np.array([-1.2, 1.0]), None, hyper=dict(opt.hyper), schedule_args=[lr], maxiter=1000,
+                              tol=0.0, first_chunk=chunk)
+        assert out["nit"] == stop and out["x"].tobytes() == res.x.tobytes()
+        assert out["history"].tobytes() == res.history.tobytes()
+
+
 def test_long_history_is_subsampled(rosen_programs):
     res = rosen_programs["gd"].run([-1.2, 1.0], maxiter=25_000, tol=0.0)
     assert res.history_every == 3 and len(res.history) == 25_000 // 3 + 1
@@ -474,6 +502,70 @@ def test_bad_minimize_inputs(linreg_data):
     u = cm.params("u")
     with pytest.raises(cm.ParamError, match="the cost at x0 is nan"):
         cm.minimize(cm.Cost(sp.log(u), params=[u]), [-1.0], method="gd")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_x0_array_refused_first(rosen_programs, bad):
+    """A float64 array x0 of the right shape goes to the compiled loop unchecked (its entries
+    are checked there); a non-finite entry is still refused by name, before the other inputs'
+    errors, and also where the cost would be finite there."""
+    prog = rosen_programs["gd"]
+    x0 = np.array([1.0, bad])
+    with pytest.raises(cm.ParamError, match=rf"x0\[1\] \(parameter 'b'\) is {bad}"):
+        prog.run(x0)
+    for kw in (dict(tol=-1.0), dict(maxiter=-1), dict(epochs=0), dict(seed=-1), dict(progress=1)):
+        with pytest.raises(cm.ParamError, match="must be finite"):
+            prog.run(x0, **kw)
+    with pytest.raises(cm.ParamError, match="must be finite"):
+        cm.minimize(ROSEN, x0, data={"x": [1.0]}, method="gd")
+    u = cm.params("u")
+    flat = cm.Cost(cm.sigmoid(u), params=[u])  # finite (1) at u = +inf
+    with pytest.raises(cm.ParamError, match=r"x0\[0\] \(parameter 'u'\) is inf"):
+        cm.minimize(flat, np.array([np.inf]), method="gd", maxiter=3)
+
+
+def test_result_message_and_params_made_when_read(rosen_programs):
+    """A run's result formats its message and params dict on first read; pickle, copy and
+    dataclasses see every field."""
+    import copy
+    import dataclasses
+    import pickle
+
+    res = rosen_programs["gd"].run([-1.2, 1.0], maxiter=10, tol=0.0)
+    twin = copy.deepcopy(res)
+    assert twin.message == res.message and "Maximum number of iterations reached (10)" in res.message
+    assert res.params == {"a": res.x[0], "b": res.x[1]}
+    back = pickle.loads(pickle.dumps(rosen_programs["gd"].run([-1.2, 1.0], maxiter=10, tol=0.0)))
+    assert back.message == res.message and back.params == res.params and back.x.tobytes() == res.x.tobytes()
+    fields = dataclasses.asdict(rosen_programs["gd"].run([-1.2, 1.0], maxiter=10, tol=0.0))
+    assert fields["message"] == res.message and fields["params"] == res.params
+    with pytest.raises(AttributeError):
+        res.no_such_field
+
+
+def test_minimize_reuses_its_program_but_follows_the_cache_folder(fresh_cache, monkeypatch, tmp_path):
+    """cm.minimize with a method name makes its program once; another cache folder or another
+    DELAY_MAX makes another (and the same results)."""
+    import importlib
+
+    import calcml.loop as loop
+
+    mz = importlib.import_module("calcml.minimize")  # the module, not the function cm.minimize
+    first = cm.minimize(ROSEN, [-1.2, 1.0], method="gd", lr=1e-3, maxiter=50, tol=0.0)
+    progs = [p for p in mz._PROGRAMS.values() if p.cost is ROSEN and p.path.parent == fresh_cache]
+    assert len(progs) == 1
+    again = cm.minimize(ROSEN, [-1.2, 1.0], method="gd", lr=1e-3, maxiter=50, tol=0.0)
+    assert again.x.tobytes() == first.x.tobytes()
+    assert [p for p in mz._PROGRAMS.values() if p.cost is ROSEN and p.path.parent == fresh_cache] == progs
+    other = tmp_path / "other-cache"
+    monkeypatch.setenv("CALCML_CACHE_DIR", str(other))
+    moved = cm.minimize(ROSEN, [-1.2, 1.0], method="gd", lr=1e-3, maxiter=50, tol=0.0)
+    assert moved.x.tobytes() == first.x.tobytes()
+    assert any(p.path.parent == other for p in mz._PROGRAMS.values())
+    monkeypatch.setattr(loop, "DELAY_MAX", 0)  # the plain loop: the same bits
+    plain = cm.minimize(ROSEN, [-1.2, 1.0], method="gd", lr=1e-3, maxiter=50, tol=0.0)
+    assert plain.x.tobytes() == first.x.tobytes() and plain.history.tobytes() == first.history.tobytes()
+    assert any("while step < stop_step:" in p.source and p.path.parent == other for p in mz._PROGRAMS.values())
 
 
 # --------------------------------------------------------------------------------------------
