@@ -24,13 +24,12 @@ import importlib.util
 import math
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from . import _version
+from . import _version, native
 from .codegen import CHUNK, HESSIAN_INLINE_MAX, LANES, kernel_slots
 from .cost import Cost
 from .dataset import Dataset, address, as_dataset, pack
@@ -103,20 +102,7 @@ def _checked(text: str) -> bool:
 
 
 def _write_atomic(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    native.write_atomic(path, text.encode("utf-8"), suffix=".py")
 
 
 def _import_module(name: str, path: Path):
@@ -270,8 +256,6 @@ class Kernels:
         return fn
 
     def _native(self, kind: str, name: str):
-        from . import native
-
         path = self.path
         if kind == "hessian" and not self._inline_hessian:
             path = self._hessian()
@@ -342,8 +326,6 @@ class Kernels:
         if threads == 1:
             fn(*args, 1, base + 8 * o_out, base + 8 * o_acc)
         else:
-            from . import native
-
             step = 8 * slots * LANES
             native.pool.run(lambda i: fn(*args, 0, 0, base + 8 * o_acc + i * step), threads)
             fn(*args, 1, base + 8 * o_out, base + 8 * o_acc)
@@ -385,8 +367,6 @@ _addr = address
 
 
 def _threads() -> int:
-    from . import native
-
     return native.thread_count()
 
 

@@ -113,8 +113,10 @@ def _machine():
 
 # -- the object cache ------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".o")
+def write_atomic(path: Path, data: bytes, suffix: str = ".o"):
+    """Write ``data`` to ``path`` through a private temporary file and ``os.replace``: a
+    reader sees the old file or the whole new one, never half of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -134,7 +136,7 @@ def save(path: Path, symbol: str, undefined: list, obj: bytes):
     """Write an object file with its header (checksum, entry symbol, external symbols)."""
     head = json.dumps({"symbol": symbol, "undefined": sorted(undefined)}).encode()
     payload = head + b"\n" + obj
-    _write_atomic(path, _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    write_atomic(path, _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
 
 def _read(path: Path):
