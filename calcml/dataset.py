@@ -182,13 +182,15 @@ def as_dataset(data, names: tuple, packed: bool = False) -> Dataset:
 
 
 def pack(dataset: Dataset) -> Dataset:
-    """Copy the columns into one block, rows staggered by 64 bytes modulo 4 KiB.
+    """Copy the columns into one block whose rows start evenly spread over a 4 KiB page.
 
     Separately allocated columns all start at the same offset within a page, so the
-    kernels' parallel read streams collide in the same cache sets (4K aliasing); about
-    15% of W1's bandwidth. One block whose rows start 64 bytes apart avoids that. Costs one
-    copy of the data: worth it when the data are reused (a fit, a benchmark), which is
-    what :meth:`calcml.Kernels.prepare` is for.
+    kernels' parallel read streams collide in the same cache sets (4K aliasing): on such
+    columns W1's kernel (with its finiteness check) ran 0.63-0.71x the hand-written one,
+    0.93x on the block. Rows
+    only 64 bytes apart (this block's earlier layout) were 5-10% slower than rows spread over
+    the page (see :func:`stagger_lines`). Costs one copy of the data: worth it when the data
+    are reused (a fit, a benchmark), which is what :meth:`calcml.Kernels.prepare` is for.
     """
     n, k = dataset.n_rows, len(dataset.columns)
     block = dataset.block  # already packed by as_dataset(..., packed=True)
@@ -202,10 +204,21 @@ def pack(dataset: Dataset) -> Dataset:
 
 
 def _staggered_block(n: int, k: int) -> np.ndarray:
-    """An empty (k, stride) block for n rows: whole pages plus 64 bytes a row, so row j
-    starts at 64*j mod 4 KiB; the padding after each row is zero."""
+    """An empty (k, stride) block for n rows: whole pages plus ``STAGGER_LINES(k)`` cache
+    lines a row, so the k rows start evenly spread over a 4 KiB page; the padding after
+    each row is zero."""
     page = 512  # float64s per 4 KiB
-    stride = -(-n // page) * page + 8
+    stride = -(-n // page) * page + 8 * stagger_lines(k)
     block = np.empty((k, stride))
     block[:, n:] = 0.0
     return block
+
+
+def stagger_lines(k: int) -> int:
+    """Cache lines (64 B) between the page offsets of consecutive rows of a k-row block.
+
+    W1 (9 columns, a million rows), one thread / two threads, against the hand-written
+    kernel on a plain (9, N) array (AMD EPYC, alternated timings): rows 64 B apart
+    0.82-0.90x / 0.93-0.98x; 7 lines (448 B, the page split evenly) 0.93x / 1.06x;
+    2 MB-aligned rows 0.72-0.85x."""
+    return max(1, 64 // k)
