@@ -302,11 +302,7 @@ class ModuleBuilder:
         to the chunk's own row of ``partial``; the call with ``finalize`` set then adds the
         rows in chunk order, so one thread or many give the same bits.
 
-        Inside a chunk, rows go in blocks of LANES: row ``base + l`` adds into lane ``l`` of
-        each accumulator. The lane loop carries no dependence, so LLVM vectorises it
-        without reassociating any sum (fastmath stays off), and the summation order is
-        fixed by this source. Indices are unsigned so that loads need no negative-index
-        wraparound.
+        Inside a chunk, rows go in blocks of LANES lanes (:func:`print_chunk_sums`).
         """
         prog = self.program(kind)
         m = len(prog.outputs)  # accumulated slots (+1 for the finiteness check)
@@ -334,31 +330,7 @@ class ModuleBuilder:
         w(2, f"for k in range({slots}):")
         w(3, "for lane in range(LANES):")
         w(4, "acc[k, lane] = 0.0")
-        w(2, "nblocks = (stop - start) // LANES")
-
-        def row_body(indent, lane):
-            for line in prog.row_loads:
-                w(indent, line.format(row="i"))
-            for line in prog.row:
-                w(indent, line)
-            for k, (label, code) in enumerate(prog.outputs):
-                w(indent, f"acc[{k}, {lane}] += {code}  # {label}")
-            if checked:
-                w(indent, f"acc[{m}, {lane}] += {prog.check}")
-
-        w(2, "for block in range(nblocks):")
-        w(3, "base = start + block * LANES")
-        w(3, "for lane in range(LANES):")
-        w(4, "i = np.uintp(base + lane)")
-        row_body(4, "lane")
-        w(2, "for r in range(start + nblocks * LANES, stop):  # the rows after the last full block")
-        w(3, "i = np.uintp(r)")
-        row_body(3, "0")
-        w(2, f"for k in range({slots}):")
-        w(3, "s = 0.0")
-        w(3, "for lane in range(LANES):")
-        w(4, "s += acc[k, lane]")
-        w(3, "partial[chunk, k] = s")
+        print_chunk_sums(w, prog, 2, "LANES", slots, check=prog.check if checked else None)
         w(1, "if finalize:")
         w(2, f"total = carray(out_p, {size})" if kind != "hessian" else f"total = carray(acc_p, {slots})")
         w(2, f"for k in range({slots}):")
@@ -475,6 +447,45 @@ def _claim(typingctx, counter):
         return builder.atomic_rmw("add", args[0], ir.Constant(ir.IntType(64), 1), "monotonic")
     return types.int64(counter), codegen
 '''
+
+
+def print_chunk_sums(w: _Writer, prog: RowProgram, indent: int, lanes: str, slots: int, check=None):
+    """Print the sums of one chunk of rows ``[start, stop)`` into ``partial[chunk, :slots]``.
+
+    The rows go in blocks of ``lanes``: row ``base + l`` adds into lane ``l`` of each
+    accumulator ``acc[k, :]`` (zeroed by the caller). The lane loop carries no dependence, so
+    LLVM vectorises it without reassociating any sum, and the summation order is fixed by
+    this source. The rows after the last full block add into lane 0; then each
+    accumulator's lanes are added in order. ``check`` (code, or None) is added to slot
+    ``len(prog.outputs)``: the data finiteness check. Shared by the kernels and the
+    optimizers' threaded full-batch passes (:mod:`calcml.loop`).
+    """
+    m = len(prog.outputs)
+
+    def row_body(ind, lane):
+        for line in prog.row_loads:
+            w(ind, line.format(row="i"))
+        for line in prog.row:
+            w(ind, line)
+        for k, (label, code) in enumerate(prog.outputs):
+            w(ind, f"acc[{k}, {lane}] += {code}  # {label}")
+        if check is not None:
+            w(ind, f"acc[{m}, {lane}] += {check}")
+
+    w(indent, f"nblocks = (stop - start) // {lanes}")
+    w(indent, "for block in range(nblocks):")
+    w(indent + 1, f"base = start + block * {lanes}")
+    w(indent + 1, f"for lane in range({lanes}):")
+    w(indent + 2, "i = np.uintp(base + lane)  # unsigned: no negative-index wraparound test")
+    row_body(indent + 2, "lane")
+    w(indent, f"for r in range(start + nblocks * {lanes}, stop):  # the rows after the last full block")
+    w(indent + 1, "i = np.uintp(r)")
+    row_body(indent + 1, "0")
+    w(indent, f"for k in range({slots}):")
+    w(indent + 1, "s = 0.0")
+    w(indent + 1, f"for lane in range({lanes}):")
+    w(indent + 2, "s += acc[k, lane]")
+    w(indent + 1, "partial[chunk, k] = s")
 
 
 def kernel_slots(kind: str, n_params: int, has_data: bool) -> tuple:

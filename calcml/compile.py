@@ -305,7 +305,7 @@ class Kernels:
                 raise ParamError("this cost has no data columns; call the kernel with theta alone")
             ws = np.empty(n_par + size)
             ws[:n_par] = self._theta(theta)
-            base = _addr(ws)
+            base = address(ws)
             self._fn(kind)(base, base + 8 * n_par)
             return ws[n_par:], None
         ds = as_dataset(data, self.cost.data_names)
@@ -313,7 +313,7 @@ class Kernels:
         n = ds.n_rows
         nchunks = -(-n // CHUNK)
         use_threads = self.parallel is True or (self.parallel == "auto" and n >= PARALLEL_MIN_ROWS)
-        threads = min(_threads(), nchunks) if use_threads else 1
+        threads = min(native.thread_count(), nchunks) if use_threads else 1
         o_out = n_par
         o_count = o_out + size
         o_part = o_count + 1
@@ -321,7 +321,7 @@ class Kernels:
         ws = np.empty(o_acc + threads * slots * LANES)
         ws[:n_par] = self._theta(theta)
         ws[o_count] = 0.0  # the chunk counter, an int64 0 (same bits)
-        base = _addr(ws)
+        base = address(ws)
         args = (base, ds.pointer_table(), n, nchunks, base + 8 * o_count, base + 8 * o_part)
         if threads == 1:
             fn(*args, 1, base + 8 * o_out, base + 8 * o_acc)
@@ -361,13 +361,6 @@ _I = ctypes.c_int64
 # f(theta, cols, n, nchunks, next_chunk, partial, finalize, out, acc); ctypes releases the GIL.
 _ROWS_PROTO = ctypes.CFUNCTYPE(None, _P, _P, _I, _I, _P, _P, _I, _P, _P)
 _THETA_PROTO = ctypes.CFUNCTYPE(None, _P, _P)
-
-
-_addr = address
-
-
-def _threads() -> int:
-    return native.thread_count()
 
 
 def _kernel_key(cost: Cost, variant: str) -> str:

@@ -22,7 +22,7 @@ __all__ = ["Dataset", "as_dataset", "pack"]
 class Dataset:
     """Validated data: ``columns`` is a tuple of contiguous float64 arrays in cost order."""
 
-    __slots__ = ("names", "columns", "n_rows", "validated", "block", "_pointers", "_table")
+    __slots__ = ("names", "columns", "n_rows", "validated", "block", "_pointers")
 
     def __init__(self, names: tuple, columns: tuple, validated: bool = False, block=None):
         self.names = names
@@ -33,21 +33,15 @@ class Dataset:
         # True once every value was checked finite (by Kernels.prepare): kernels then skip
         # their in-pass check. The columns are read-only views so the check stays true.
         self.validated = validated
-        self._pointers = None
-        self._table = 0
-
-    def pointers(self) -> np.ndarray:
-        """The columns' data addresses (uint64), in order: what the kernels read the rows through."""
-        if self._pointers is None:
-            self._pointers = np.array([address(c) for c in self.columns], dtype=np.uint64)
-            self._table = address(self._pointers)
-        return self._pointers
+        self._pointers = None  # (uint64 array of the columns' addresses, its own address)
 
     def pointer_table(self) -> int:
-        """The address of :meth:`pointers` (valid while this dataset lives)."""
+        """The address of a table of the columns' data addresses, in order: what the kernels
+        read the rows through (valid while this dataset lives)."""
         if self._pointers is None:
-            self.pointers()
-        return self._table
+            table = np.array([address(c) for c in self.columns], dtype=np.uint64)
+            self._pointers = (table, address(table))
+        return self._pointers[1]
 
     def as_dict(self) -> dict:
         return dict(zip(self.names, self.columns))

@@ -50,7 +50,7 @@ import sympy as sp
 from sympy.printing.precedence import precedence
 
 from . import result as _result
-from .codegen import NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer
+from .codegen import NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
 from .cost import Cost
 from .optim import Optimizer
 from .printing import NumbaPrinter
@@ -384,35 +384,13 @@ class _Generator:
         sums and then the chunk sums are combined in a fixed order (same bits on any number
         of threads)."""
         m = len(prog.outputs)
-
-        def body(ind, lane):
-            for line in prog.row_loads:
-                w(ind, line.format(row="i"))
-            for line in prog.row:
-                w(ind, line)
-            for k, (label, code) in enumerate(prog.outputs):
-                w(ind, f"acc[{k}, {lane}] += {code}  # {label}")
-
         w(indent, "for chunk in prange(nchunks):")
         w(indent + 1, "start = chunk * OPT_CHUNK")
         w(indent + 1, "stop = min(start + OPT_CHUNK, n_rows)")
         # a fresh buffer per chunk: LLVM then knows it aliases no column, and vectorises the
         # lane loop (about 3x on W3's data); the one allocation per 4,096 rows costs ~1%
         w(indent + 1, f"acc = np.zeros(({m}, OPT_LANES))")
-        w(indent + 1, "nblocks = (stop - start) // OPT_LANES")
-        w(indent + 1, "for block in range(nblocks):")
-        w(indent + 2, "base = start + block * OPT_LANES")
-        w(indent + 2, "for lane in range(OPT_LANES):")
-        w(indent + 3, "i = np.uintp(base + lane)  # unsigned: no negative-index wraparound test")
-        body(indent + 3, "lane")
-        w(indent + 1, "for r in range(start + nblocks * OPT_LANES, stop):")
-        w(indent + 2, "i = np.uintp(r)")
-        body(indent + 2, "0")
-        w(indent + 1, f"for k in range({m}):")
-        w(indent + 2, "s = 0.0")
-        w(indent + 2, "for lane in range(OPT_LANES):")
-        w(indent + 3, "s += acc[k, lane]")
-        w(indent + 2, "partial[chunk, k] = s")
+        print_chunk_sums(w, prog, indent + 1, "OPT_LANES", m)
         for k in range(m):
             w(indent, f"a{k} = 0.0")
         w(indent, "for chunk in range(nchunks):")

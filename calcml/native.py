@@ -204,8 +204,9 @@ def compile_cfunc(function, signature, flags: dict, save_to: Path | None):
             undefined = [f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")]
             undefined += [g.name for g in module.global_variables if g.is_declaration]
             save(save_to, cf.native_name, undefined, obj)
-        except (AttributeError, OSError):
-            # Numba's internals moved, or the folder is read-only: this process still runs.
+        except Exception:  # noqa: BLE001 - best effort, see above
+            # Numba's internals moved, or the folder is read-only: this process still runs,
+            # the next one compiles again.
             pass
     return cf.address, cf
 
