@@ -86,6 +86,41 @@ class _Plan:
     outputs: list  # reduced value, gradient..., hessian... (in that order)
     row_temps: set  # temporaries that depend on a data column
     deps: dict  # temp symbol -> set of temp symbols it uses
+    strict: dict | None = None  # temp symbol -> data columns it propagates (see strict_in)
+
+    def strict_in(self, expr, data_symbols) -> frozenset:
+        """The data symbols whose non-finite values ``expr`` is sure to pass on.
+
+        With every other input finite, a NaN or infinity in column x makes x + y, x * y
+        (inf * 0 is NaN) and x**p for a number p > 0 non-finite again, and a sum over rows
+        of a non-finite term is non-finite. So when a kernel's output sum is "strict" in a
+        column, that sum being finite proves the column finite, and the kernel needs no
+        separate per-row test for it. Anything else (a function, a negative power,
+        a conditional) counts as passing on nothing: exp(-inf) is 0, 1/inf is 0,
+        sigmoid(inf) is 1. The printer maps Add, Mul and Pow one to one onto ``+``, ``*``
+        and products/``sqrt``/``**``, so the analysis holds for the code as printed."""
+        if self.strict is None:
+            data = frozenset(data_symbols)
+            self.strict = {}
+            for s, e in self.temps:
+                self.strict[s] = _strict(e, self.strict, data)
+        return _strict(expr, self.strict, frozenset(data_symbols))
+
+
+def _strict(e, known: dict, data: frozenset) -> frozenset:
+    """See :meth:`_Plan.strict_in`."""
+    if e in known:
+        return known[e]
+    if e.is_Symbol:
+        return frozenset([e]) & data
+    if e.is_Add or e.is_Mul:
+        out = frozenset()
+        for a in e.args:
+            out |= _strict(a, known, data)
+        return out
+    if e.is_Pow and e.exp.is_Number and e.exp.is_positive and e.exp.is_finite:
+        return _strict(e.base, known, data)
+    return frozenset()
 
 
 def plan(sym: _Symbolic, data_symbols) -> _Plan:
@@ -149,6 +184,13 @@ class RowProgram:
     outputs: list
     check: str
     pairs: list
+    # The kernels' cheaper form of the finiteness check: ``row_check`` tests per row only the
+    # columns that no output propagates (None when there are none), and the outputs at
+    # ``check_slots`` propagate the rest (see _Plan.strict_in): their sums, tested once at
+    # the end, carry the check for those columns for free.
+    row_check: str | None = None
+    check_slots: tuple = ()
+    slot_checked: tuple = ()  # the columns (indices) those slots check
 
 
 class _Writer:
@@ -241,6 +283,17 @@ class ModuleBuilder:
         pl = self._plan(kind)
         temps = _closure(pl, [e for _, e in outs])
         used = self._free_symbols(temps, outs)
+        data = list(self.cost.data)
+        # Which outputs carry the finiteness check of which columns: greedily, in slot order.
+        unchecked, check_slots = set(data), []
+        for k, (_, e) in enumerate(outs):
+            if not unchecked:
+                break
+            carried = pl.strict_in(e, data) & unchecked
+            if carried:
+                check_slots.append(k)
+                unchecked -= carried
+        row_check = " + ".join(f"(x{k} - x{k})" for k, d in enumerate(data) if d in unchecked) or None
         return RowProgram(
             kind=kind,
             param_loads=[
@@ -256,6 +309,9 @@ class ModuleBuilder:
             # x - x is 0.0 for finite x and NaN for inf/NaN: a free check that the data are finite.
             check=" + ".join(f"(x{k} - x{k})" for k in range(len(self.cost.data))) or "0.0",
             pairs=list(self.sym.pairs) if kind == "hessian" else [],
+            row_check=row_check,
+            check_slots=tuple(check_slots),
+            slot_checked=tuple(k for k, d in enumerate(data) if d not in unchecked),
         )
 
     @staticmethod
@@ -310,6 +366,8 @@ class ModuleBuilder:
         name = f"{kind}_rows" + ("" if checked else "_prepared")
         w(0, f"def {name}(theta_p, cols_p, n, nchunks, next_chunk, partial_p, finalize, out_p, acc_p):")
         what = "data checked in the same pass" if checked else "prepared (validated) data, slot left 0"
+        if checked and prog.check_slots:
+            what += ", partly through the output sums"
         w(1, f'"""{kind} of the {self.cost.reduce} over the n rows of the columns at cols_p[k]; slot {m} is the '
              f'finiteness check ({what})"""')
         self._load_params(w, prog)
@@ -330,7 +388,7 @@ class ModuleBuilder:
         w(2, f"for k in range({slots}):")
         w(3, "for lane in range(LANES):")
         w(4, "acc[k, lane] = 0.0")
-        print_chunk_sums(w, prog, 2, "LANES", slots, check=prog.check if checked else None)
+        print_chunk_sums(w, prog, 2, "LANES", slots, check=prog.row_check if checked else None)
         w(1, "if finalize:")
         w(2, f"total = carray(out_p, {size})" if kind != "hessian" else f"total = carray(acc_p, {slots})")
         w(2, f"for k in range({slots}):")
@@ -338,6 +396,12 @@ class ModuleBuilder:
         w(2, "for chunk in range(nchunks):")
         w(3, f"for k in range({slots}):")
         w(4, "total[k] += partial[chunk, k]")
+        if checked and prog.check_slots:
+            covered = ", ".join(f"x{k}" for k in prog.slot_checked)
+            w(2, f"# these sums add and multiply {covered}: a NaN or inf there leaves them")
+            w(2, "# non-finite, so testing the sums here checks those columns for free (x - x is 0.0")
+            w(2, "# for finite x, NaN otherwise; finite data that overflow only cost a rescan)")
+            w(2, f"total[{m}] += " + " + ".join(f"(total[{k}] - total[{k}])" for k in prog.check_slots))
         if self.cost.reduce == "mean":
             w(2, f"for k in range({m}):")
             w(3, "total[k] /= n")

@@ -318,17 +318,20 @@ class Kernels:
         o_count = o_out + size
         o_part = o_count + 1
         o_acc = o_part + nchunks * slots
-        ws = np.empty(o_acc + threads * slots * LANES)
+        ws = np.empty(o_acc + threads * slots * LANES + 7)
         ws[:n_par] = self._theta(theta)
         ws[o_count] = 0.0  # the chunk counter, an int64 0 (same bits)
         base = address(ws)
+        # Lane accumulators on a 64 B boundary: their vector loads and stores, once per block
+        # of rows, never straddle two cache lines (a thread's block is 128 B * slots long).
+        acc = (base + 8 * o_acc + 63) & ~63
         args = (base, ds.pointer_table(), n, nchunks, base + 8 * o_count, base + 8 * o_part)
         if threads == 1:
-            fn(*args, 1, base + 8 * o_out, base + 8 * o_acc)
+            fn(*args, 1, base + 8 * o_out, acc)
         else:
             step = 8 * slots * LANES
-            native.pool.run(lambda i: fn(*args, 0, 0, base + 8 * o_acc + i * step), threads)
-            fn(*args, 1, base + 8 * o_out, base + 8 * o_acc)
+            native.pool.run(lambda i: fn(*args, 0, 0, acc + i * step), threads)
+            fn(*args, 1, base + 8 * o_out, acc)
         out = ws[o_out:o_count]
         if out[-1] != 0.0:  # the in-pass finiteness check fired
             ds.raise_nonfinite()

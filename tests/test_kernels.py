@@ -448,3 +448,105 @@ def test_prepare_row_major_array_packs_once(lin):
     bad[7, 2] = np.nan
     with pytest.raises(cm.DataError, match=rf"column {cost.data_names[2]!r} holds a non-finite value \(nan\) at row 7"):
         k.prepare(bad)
+
+
+# -- the data finiteness check, carried by the output sums where it can be ------------------
+
+def test_strictness_analysis_of_expressions():
+    """Which columns an expression is sure to pass a NaN or infinity on to (see _Plan.strict_in):
+    each verdict checked against float arithmetic on the printed operation."""
+    from calcml.codegen import _Plan
+
+    w = cm.params("w")
+    x, y = cm.data("x y")
+    pl = _Plan([], [], set(), {})
+    strict = lambda e: pl.strict_in(e, [x, y])  # noqa: E731
+    assert strict(w * x + y) == {x, y}
+    assert strict((w * x - y) ** 2) == {x, y}
+    assert strict(sp.sqrt(x) * w) == {x}
+    assert strict(x * sp.exp(-y)) == {x}  # exp(-inf) is 0: y may vanish
+    assert strict(w / x) == frozenset()  # 1/inf is 0
+    assert strict(cm.sigmoid(x) + cm.softplus(y)) == frozenset()
+    assert strict(sp.Piecewise((x, x > 0), (0, True))) == frozenset()
+    assert strict(x ** w) == frozenset()  # a symbolic exponent may be 0 or negative
+    # The float facts behind the verdicts (inf * 0 is NaN, so a factor cannot hide a NaN):
+    with np.errstate(all="ignore"):
+        for bad in (np.nan, np.inf, -np.inf):
+            for other in (0.0, -1.5, 2.0):
+                assert not np.isfinite(bad + other) and not np.isfinite(bad * other)
+                assert not np.isfinite(np.float64(bad) ** 2) and not np.isfinite(np.sqrt(bad))
+            assert np.isfinite(np.exp(-np.float64(np.inf))) and np.isfinite(1.0 / np.float64(np.inf))
+
+
+def _row_loop(source: str, kernel: str) -> str:
+    body = source.split(f"def {kernel}(")[1].split("\ndef ")[0]
+    return body.split("for block in range(nblocks):")[1].split("if finalize:")[0]
+
+
+def test_linear_regression_checks_its_data_through_the_sums():
+    """Every column of (w.x + b - y)**2 is added and multiplied into the value and the
+    gradient, so those kernels test no row; the Hessian (no y in it) still tests y per row."""
+    k = cm.compile(BY_NAME["linreg"].cost)
+    for kernel in ("value_rows", "grad_rows", "value_and_grad_rows"):
+        assert " - x" not in _row_loop(k.source, kernel), kernel
+    hess = _row_loop(k.source, "hessian_rows")
+    assert "(x3 - x3)" in hess and "(x0 - x0)" not in hess  # x3 is y
+
+
+def test_a_column_seen_only_through_sigmoid_is_tested_per_row():
+    w, b = cm.params("w b")
+    x, y = cm.data("x y")
+    k = cm.compile(cm.Cost((w * cm.sigmoid(x) + b - y) ** 2, params=[w, b], data=[x, y]))
+    assert "(x0 - x0)" in _row_loop(k.source, "value_and_grad_rows")  # sigmoid(inf) is 1
+    rng = np.random.default_rng(0)
+    data = {"x": rng.normal(size=40), "y": rng.normal(size=40)}
+    data["x"][29] = np.inf
+    with pytest.raises(cm.DataError, match=r"column 'x' holds a non-finite value \(inf\) at row 29"):
+        k.value_and_grad(np.array([0.5, 0.1]), data)
+
+
+@pytest.mark.parametrize("problem", [p for p in PROBLEMS if p.cost.data], ids=lambda p: p.name)
+def test_every_kernel_names_a_nonfinite_datum(problem: Problem):
+    """A NaN, inf or -inf anywhere (block rows and tail rows; parameters zero or not) is
+    reported by every kernel with its column and row, whether a per-row test or an output
+    sum carries the check for that column."""
+    k = cm.compile(problem.cost)
+    names = problem.cost.data_names
+    n_rows = 3 * 16 + 5  # three blocks of lanes, then five tail rows
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(zero_theta=st.booleans(), seed=st.integers(0, 2**32 - 1), column=st.sampled_from(names),
+           row=st.integers(0, n_rows - 1), bad=st.sampled_from([np.nan, np.inf, -np.inf]))
+    def check(zero_theta, seed, column, row, bad):
+        rng = np.random.default_rng(seed)
+        lo, hi = problem.data_range
+        data = {}
+        for name in names:
+            if name in problem.binary_columns:
+                data[name] = rng.integers(0, 2, n_rows).astype(np.float64)
+            elif name in problem.positive_columns:
+                data[name] = rng.uniform(0.1, hi, n_rows)
+            else:
+                data[name] = rng.uniform(lo, hi, n_rows)
+        data[column][row] = bad
+        theta = np.zeros(len(problem.cost.params)) if zero_theta else rng.uniform(*problem.theta_range, len(problem.cost.params))
+        message = rf"column {column!r} holds a non-finite value \({bad}\) at row {row}"
+        for kernel in (k.value, k.grad, k.value_and_grad, k.hessian):
+            with pytest.raises(cm.DataError, match=message):
+                kernel(theta, data)
+
+    check()
+
+
+def test_finite_data_that_overflow_are_not_an_error(lin):
+    """A sum that overflows on finite data sets off the check; the rescan finds the data
+    finite and the kernel returns what the unchecked (prepared) kernel returns."""
+    cost, k, cols, theta = lin
+    big = {c: v.copy() for c, v in cols.items()}
+    big["x0"][7] = 1e200
+    with np.errstate(all="ignore"):
+        want_f, want_g = k.value_and_grad(theta, k.prepare(big))
+    assert math.isinf(want_f)
+    f, g = k.value_and_grad(theta, big)
+    assert f == want_f and np.array_equal(g, want_g, equal_nan=True)
+    assert math.isinf(k.value(theta, big))
