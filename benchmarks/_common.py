@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -133,9 +134,14 @@ def load_avg() -> str:
 
 
 def measure_interleaved(fns: dict, *, rounds: int = 15, budget: float = 10.0, min_rounds: int = 3,
-                        nbytes=None, setup=None) -> dict:
+                        nbytes=None, setup=None, warm: bool = False) -> dict:
     """Time several callables round-robin: each round calls every one once, so a burst of
-    load from a colleague's process hits all of them alike. ``fns`` maps name -> callable;
+    load from a colleague's process hits all of them alike, in an order shuffled anew each
+    round (a fixed seed): what runs just before a call matters (after ~50 ms with one core
+    idle, the next two-thread call of any kernel here ran 30-40% slower, hand-written or
+    calcml), so no callable may always follow the same one; ``warm=True`` times each call
+    right after an untimed one of the same callable (steady state: what a fit's repeated
+    calls see). ``fns`` maps name -> callable;
     ``nbytes`` is an int or a dict name -> int; ``setup(name)``, if given, runs untimed
     before each call (e.g. numba.set_num_threads). Each callable is called once untimed
     first (compilation). Returns name -> Timing, in the order of ``fns``."""
@@ -150,10 +156,15 @@ def measure_interleaved(fns: dict, *, rounds: int = 15, budget: float = 10.0, mi
     gc.disable()
     try:
         start = time.perf_counter()
+        order = list(fns.items())
+        shuffle = random.Random(0).shuffle
         for r in range(rounds):
-            for name, fn in fns.items():
+            shuffle(order)
+            for name, fn in order:
                 if setup is not None:
                     setup(name)
+                if warm:
+                    fn()
                 t0 = time.perf_counter()
                 fn()
                 out[name].times.append(time.perf_counter() - t0)
