@@ -12,13 +12,18 @@ Order matters: logistic forms become ``sigmoid`` first, ``1 - sigmoid`` folds in
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
-from sympy.codegen.rewriting import ReplaceOptim, log1p_opt, optimize
 
 from .functions import sigmoid, softplus
 
-__all__ = ["STABLE_RULES", "stabilize"]
+# sympy.codegen.rewriting (ReplaceOptim, log1p_opt, optimize) is imported when the rules
+# are first needed, i.e. when a cost is compiled: importing it pulls in sympy.tensor and
+# sympy.combinatorics (about 70 ms), which a process served from the kernel cache never needs.
+
+__all__ = ["STABLE_RULES", "stable_rules", "stabilize"]
 
 
 def _one_plus_exp(e):
@@ -99,18 +104,6 @@ def _is_log_of(cls_or_test):
     return query
 
 
-# log(sigmoid(u)) == -softplus(-u): the log-likelihood of logistic regression, stable.
-log_sigmoid_opt = ReplaceOptim(
-    _is_log_of(lambda a: isinstance(a, sigmoid)),
-    lambda e: -softplus(-e.args[0].args[0]),
-)
-
-# log(1 + exp(u)) == softplus(u): no overflow at u = 800.
-softplus_opt = ReplaceOptim(
-    _is_log_of(lambda a: _one_plus_exp(a) is not None),
-    lambda e: softplus(_one_plus_exp(e.args[0])),
-)
-
 def _is_exp_minus_one(e):
     return (
         isinstance(e, sp.Add)
@@ -129,24 +122,46 @@ def _exp_minus_one(e):
     return sp.Add(*args) + expm1(first.args[0])
 
 
-expm1_opt = ReplaceOptim(_is_exp_minus_one, _exp_minus_one)
+@lru_cache(maxsize=None)
+def stable_rules() -> tuple:
+    """The rewrites, in the order they are applied (built once)."""
+    from sympy.codegen.rewriting import ReplaceOptim, log1p_opt
 
-logistic_opt = ReplaceOptim(_is_logistic_reciprocal, _logistic_reciprocal)
-exp_ratio_opt = ReplaceOptim(_is_exp_over_one_plus_exp, _exp_over_one_plus_exp)
-one_minus_sigmoid_opt = ReplaceOptim(_has_one_minus_sigmoid, _one_minus_sigmoid)
+    # log(sigmoid(u)) == -softplus(-u): the log-likelihood of logistic regression, stable.
+    log_sigmoid_opt = ReplaceOptim(
+        _is_log_of(lambda a: isinstance(a, sigmoid)),
+        lambda e: -softplus(-e.args[0].args[0]),
+    )
+    # log(1 + exp(u)) == softplus(u): no overflow at u = 800.
+    softplus_opt = ReplaceOptim(
+        _is_log_of(lambda a: _one_plus_exp(a) is not None),
+        lambda e: softplus(_one_plus_exp(e.args[0])),
+    )
+    expm1_opt = ReplaceOptim(_is_exp_minus_one, _exp_minus_one)
+    logistic_opt = ReplaceOptim(_is_logistic_reciprocal, _logistic_reciprocal)
+    exp_ratio_opt = ReplaceOptim(_is_exp_over_one_plus_exp, _exp_over_one_plus_exp)
+    one_minus_sigmoid_opt = ReplaceOptim(_has_one_minus_sigmoid, _one_minus_sigmoid)
+    return (
+        exp_ratio_opt,
+        logistic_opt,
+        exp_ratio_opt,
+        one_minus_sigmoid_opt,
+        log_sigmoid_opt,
+        softplus_opt,
+        log1p_opt,
+        expm1_opt,
+    )
 
-STABLE_RULES = (
-    exp_ratio_opt,
-    logistic_opt,
-    exp_ratio_opt,
-    one_minus_sigmoid_opt,
-    log_sigmoid_opt,
-    softplus_opt,
-    log1p_opt,
-    expm1_opt,
-)
+
+def __getattr__(name):  # STABLE_RULES, built on first access
+    if name == "STABLE_RULES":
+        return stable_rules()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def stabilize(expr: sp.Expr, rules=STABLE_RULES) -> sp.Expr:
-    """Apply the stable rewrites to ``expr``; the result is equal to ``expr`` as a function."""
-    return optimize(expr, rules)
+def stabilize(expr: sp.Expr, rules=None) -> sp.Expr:
+    """Apply the stable rewrites (``rules``, default :func:`stable_rules`) to ``expr``; the
+    result is equal to ``expr`` as a function."""
+    from sympy.codegen.rewriting import optimize
+
+    return optimize(expr, stable_rules() if rules is None else rules)
