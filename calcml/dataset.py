@@ -179,11 +179,11 @@ def pack(dataset: Dataset) -> Dataset:
     """Copy the columns into one block whose rows start evenly spread over a 4 KiB page.
 
     Separately allocated columns all start at the same offset within a page, so the
-    kernels' parallel read streams collide in the same cache sets (4K aliasing): on such
-    columns W1's kernel (with its finiteness check) ran 0.63-0.71x the hand-written one,
-    0.93x on the block. Rows
+    kernels' parallel read streams compete for the same cache sets: W1's kernel reads such
+    columns 4-5% slower than this block (one and two threads, A/B in one process). Rows
     only 64 bytes apart (this block's earlier layout) were 5-10% slower than rows spread over
-    the page (see :func:`stagger_lines`). Costs one copy of the data: worth it when the data
+    the page (see :func:`stagger_lines`). A prepared dataset is also validated once, so its
+    kernels skip the finiteness check. Costs one copy of the data: worth it when the data
     are reused (a fit, a benchmark), which is what :meth:`calcml.Kernels.prepare` is for.
     """
     n, k = dataset.n_rows, len(dataset.columns)
