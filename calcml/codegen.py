@@ -510,6 +510,18 @@ def _claim(typingctx, counter):
     def codegen(context, builder, signature, args):
         return builder.atomic_rmw("add", args[0], ir.Constant(ir.IntType(64), 1), "monotonic")
     return types.int64(counter), codegen
+
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the kernels run as Python, counter a ctypes int64*
+    import threading
+
+    _claim_lock = threading.Lock()
+
+    def _claim(counter):
+        with _claim_lock:
+            chunk = counter[0]
+            counter[0] = chunk + 1
+        return chunk
 '''
 
 

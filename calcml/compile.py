@@ -259,6 +259,9 @@ class Kernels:
         path = self.path
         if kind == "hessian" and not self._inline_hessian:
             path = self._hessian()
+        if _jit_disabled():  # NUMBA_DISABLE_JIT=1: the generated function itself, run by Python
+            module = self.module if path == self.path else import_cached(path)
+            return _python_kernel(getattr(module, name), self._has_data)
         obj = native.object_path(path, name)
         known = _machine_code.get(str(obj))
         if known is not None:  # another Kernels of this process (e.g. parallel=True) has it
@@ -364,6 +367,36 @@ _I = ctypes.c_int64
 # f(theta, cols, n, nchunks, next_chunk, partial, finalize, out, acc); ctypes releases the GIL.
 _ROWS_PROTO = ctypes.CFUNCTYPE(None, _P, _P, _I, _I, _P, _P, _I, _P, _P)
 _THETA_PROTO = ctypes.CFUNCTYPE(None, _P, _P)
+
+
+def _jit_disabled() -> bool:
+    """Numba's ``NUMBA_DISABLE_JIT``: its config once Numba is imported, else the variable."""
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        return bool(numba.config.DISABLE_JIT)
+    try:
+        return bool(int(os.environ.get("NUMBA_DISABLE_JIT", "0")))
+    except ValueError:
+        return False
+
+
+def _python_kernel(fn, has_data: bool):
+    """A kernel of the generated module run as Python (``NUMBA_DISABLE_JIT=1``: for debugging,
+    and to check the compiled code against the same source run by the interpreter).
+
+    It takes the addresses the compiled kernel takes; they are handed to the Python function
+    as typed ctypes pointers, which ``numba.carray`` (then plain Python) turns into arrays."""
+    f64p = ctypes.POINTER(ctypes.c_double)
+    if not has_data:
+        def call(theta_p, out_p):
+            fn(ctypes.cast(theta_p, f64p), ctypes.cast(out_p, f64p))
+        return call
+    colsp, i64p = ctypes.POINTER(f64p), ctypes.POINTER(ctypes.c_int64)
+
+    def call(theta_p, cols_p, n, nchunks, next_chunk, partial_p, finalize, out_p, acc_p):
+        fn(ctypes.cast(theta_p, f64p), ctypes.cast(cols_p, colsp), n, nchunks, ctypes.cast(next_chunk, i64p),
+           ctypes.cast(partial_p, f64p), finalize, ctypes.cast(out_p, f64p), ctypes.cast(acc_p, f64p))
+    return call
 
 
 def _kernel_key(cost: Cost, variant: str) -> str:

@@ -550,3 +550,65 @@ def test_finite_data_that_overflow_are_not_an_error(lin):
     f, g = k.value_and_grad(theta, big)
     assert f == want_f and np.array_equal(g, want_g, equal_nan=True)
     assert math.isinf(k.value(theta, big))
+
+
+_PYTHON_RUN = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import calcml as cm
+from problems import BY_NAME
+out = {{}}
+for name in {names!r}:
+    problem = BY_NAME[name]
+    k = cm.compile(problem.cost)
+    rng = np.random.default_rng(5)
+    theta = rng.uniform(-1.0, 1.0, len(problem.cost.params))
+    data = None
+    if problem.cost.data:
+        data = {{c: rng.uniform(0.1, 2.0, 37) for c in problem.cost.data_names}}
+        for c in problem.binary_columns:
+            data[c] = rng.integers(0, 2, 37).astype(float)
+    args = (theta,) if data is None else (theta, data)
+    f, g = k.value_and_grad(*args)
+    out[name] = [float(f).hex(), [float(v).hex() for v in g], [float(v).hex() for v in k.hessian(*args).ravel()],
+                 k.compiled, sorted(type(fn).__name__ for fn in k._fns.values())]
+print(json.dumps(out))
+"""
+
+
+def test_numba_disable_jit_runs_the_same_kernels_as_python():
+    """With NUMBA_DISABLE_JIT=1 (Numba's debugging switch) the generated kernels run as Python
+    functions, and give what the compiled kernels give: the same source, two executions."""
+    import json
+    import subprocess
+    import sys
+
+    names = ["linreg", "logistic", "huber", "nonsmooth", "tanh_net", "rosenbrock", "nodata_mixed"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = _PYTHON_RUN.format(tests=here, names=names)
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": os.path.dirname(here)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    python = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in names:
+        problem = BY_NAME[name]
+        k = cm.compile(problem.cost)
+        rng = np.random.default_rng(5)
+        theta = rng.uniform(-1.0, 1.0, len(problem.cost.params))
+        data = None
+        if problem.cost.data:
+            data = {c: rng.uniform(0.1, 2.0, 37) for c in problem.cost.data_names}
+            for c in problem.binary_columns:
+                data[c] = rng.integers(0, 2, 37).astype(float)
+        args = (theta,) if data is None else (theta, data)
+        f, g = k.value_and_grad(*args)
+        pf, pg, ph, compiled, kinds = python[name]
+        assert compiled == [], f"{name}: Numba compiled a kernel with the JIT disabled"
+        assert kinds and set(kinds) == {"function"}, f"{name}: kernels were not run as Python: {kinds}"
+        got = np.array([float.fromhex(pf), *map(float.fromhex, pg), *map(float.fromhex, ph)])
+        want = np.array([f, *g, *k.hessian(*args).ravel()])
+        # the same operations in the same order; math functions: libm either way (tol. 2 ulp)
+        np.testing.assert_allclose(got, want, rtol=4.5e-16, atol=0, err_msg=name)
+        if name in ("linreg", "rosenbrock"):  # + and * only: the very same bits
+            assert np.array_equal(got, want), name
