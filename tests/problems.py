@@ -178,3 +178,16 @@ BY_NAME = {p.name: p for p in PROBLEMS}
 
 def as_columns(problem: Problem, cols) -> dict:
     return {name: np.array(c, dtype=np.float64) for name, c in zip(problem.cost.data_names, cols)}
+
+
+def sample_args(problem: Problem, seed: int = 5, rows: int = 37) -> tuple:
+    """``(theta,)`` or ``(theta, data)``: a fixed random point and data inside every domain
+    (columns in (0.1, 2), binary columns 0/1), the same in any process."""
+    rng = np.random.default_rng(seed)
+    theta = rng.uniform(-1.0, 1.0, len(problem.cost.params))
+    if not problem.cost.data:
+        return (theta,)
+    data = {c: rng.uniform(0.1, 2.0, rows) for c in problem.cost.data_names}
+    for c in problem.binary_columns:
+        data[c] = rng.integers(0, 2, rows).astype(float)
+    return theta, data

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import calcml as cm
-from problems import BY_NAME, PROBLEMS, Problem, as_columns
+from problems import BY_NAME, PROBLEMS, Problem, as_columns, sample_args
 
 DPS = 50
 
@@ -557,19 +557,12 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 import calcml as cm
-from problems import BY_NAME
+from problems import BY_NAME, sample_args
 out = {{}}
 for name in {names!r}:
     problem = BY_NAME[name]
     k = cm.compile(problem.cost)
-    rng = np.random.default_rng(5)
-    theta = rng.uniform(-1.0, 1.0, len(problem.cost.params))
-    data = None
-    if problem.cost.data:
-        data = {{c: rng.uniform(0.1, 2.0, 37) for c in problem.cost.data_names}}
-        for c in problem.binary_columns:
-            data[c] = rng.integers(0, 2, 37).astype(float)
-    args = (theta,) if data is None else (theta, data)
+    args = sample_args(problem)
     f, g = k.value_and_grad(*args)
     out[name] = [float(f).hex(), [float(v).hex() for v in g], [float(v).hex() for v in k.hessian(*args).ravel()],
                  k.compiled, sorted(type(fn).__name__ for fn in k._fns.values())]
@@ -592,16 +585,8 @@ def test_numba_disable_jit_runs_the_same_kernels_as_python():
     assert run.returncode == 0, run.stderr
     python = json.loads(run.stdout.strip().splitlines()[-1])
     for name in names:
-        problem = BY_NAME[name]
-        k = cm.compile(problem.cost)
-        rng = np.random.default_rng(5)
-        theta = rng.uniform(-1.0, 1.0, len(problem.cost.params))
-        data = None
-        if problem.cost.data:
-            data = {c: rng.uniform(0.1, 2.0, 37) for c in problem.cost.data_names}
-            for c in problem.binary_columns:
-                data[c] = rng.integers(0, 2, 37).astype(float)
-        args = (theta,) if data is None else (theta, data)
+        k = cm.compile(BY_NAME[name].cost)
+        args = sample_args(BY_NAME[name])
         f, g = k.value_and_grad(*args)
         pf, pg, ph, compiled, kinds = python[name]
         assert compiled == [], f"{name}: Numba compiled a kernel with the JIT disabled"
