@@ -178,6 +178,14 @@ def _randbelow(rng, n):
     z = (z ^ (z >> np.uint64(27))) * _MIX2
     z = z ^ (z >> np.uint64(31))
     return np.int64(z % np.uint64(n))
+
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: NumPy's uint64 wraps as compiled code does, but warns
+    _randbelow_compiled = _randbelow
+
+    def _randbelow(rng, n):
+        with np.errstate(over="ignore"):
+            return _randbelow_compiled(rng, n)
 '''
 
 _DRIVER_HEAD = '''

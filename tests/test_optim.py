@@ -687,3 +687,44 @@ def test_minibatch_of_a_summed_cost_is_scaled_to_the_full_sum():
         sums.append(total)
     assert res.x[0] == pytest.approx(w, rel=1e-13)
     np.testing.assert_allclose(res.history, sums, rtol=1e-13)
+
+
+_FITS = """
+import json
+import numpy as np
+import calcml as cm
+w = cm.params("w", 2); b = cm.params("b"); x = cm.data("x", 2); y = cm.data("y")
+cost = cm.Cost((cm.dot(w, x) + b - y) ** 2, params=[*w, b], data=[*x, y])
+rng = np.random.default_rng(0)
+D = {"x0": rng.normal(size=200), "x1": rng.normal(size=200)}
+D["y"] = 2 * D["x0"] - D["x1"] + 0.5 + 0.1 * rng.normal(size=200)
+out = {}
+for method, kw in [("adam", dict(batch_size=16, epochs=2, seed=3)), ("lbfgs", dict(maxiter=50)),
+                   ("newton", dict(maxiter=5))]:
+    res = cm.minimize(cost, np.zeros(3), data=D, method=method, **kw)
+    out[method] = [list(map(float.hex, map(float, res.x))), res.nit, res.status]
+"""
+# the child: the fits with warnings as errors (the Python run must not warn either), printed
+_PYTHON_FIT = 'import warnings\nwarnings.simplefilter("error", RuntimeWarning)\n' + _FITS + "print(json.dumps(out))\n"
+
+
+def test_numba_disable_jit_runs_the_generated_optimizers_as_python():
+    """NUMBA_DISABLE_JIT=1: the generated loops run as Python (shuffles included) and reach
+    what the compiled loops reach, with no warning (SplitMix64's uint64 wrap-around)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": root}
+    run = subprocess.run([sys.executable, "-c", _PYTHON_FIT], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    python = json.loads(run.stdout.strip().splitlines()[-1])
+    namespace: dict = {}
+    exec(_FITS, namespace)  # the same fits, compiled
+    for method, (x, nit, status) in namespace["out"].items():
+        px, pnit, pstatus = python[method]
+        assert (pnit, pstatus) == (nit, status), method
+        # same operations; pow/sqrt from libm either way (Adam's bias correction): a few ulp
+        np.testing.assert_allclose(list(map(float.fromhex, px)), list(map(float.fromhex, x)), rtol=1e-13, err_msg=method)
