@@ -362,7 +362,10 @@ def _answer_in_time(text, wire=None):
     except ParseError:
         out = None
     elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"{text!r} took {elapsed:.2f} s"
+    # A hang guard, not a speed figure: hostile input (towers of powers, huge integers) must
+    # be refused or answered, never left computing. Every input here answers in milliseconds;
+    # 10 s leaves room for a loaded shared machine (a 1.1 s pause was seen under load).
+    assert elapsed < 10.0, f"{text!r} took {elapsed:.2f} s"
     if out is not None:
         assert isinstance(out, sp.Expr)
     if wire is not None:
