@@ -23,7 +23,7 @@ from .functions import sigmoid, softplus
 # are first needed, i.e. when a cost is compiled: importing it pulls in sympy.tensor and
 # sympy.combinatorics (about 70 ms), which a process served from the kernel cache never needs.
 
-__all__ = ["STABLE_RULES", "stable_rules", "stabilize"]
+__all__ = ["stable_rules", "stabilize"]
 
 
 def _one_plus_exp(e):
@@ -151,12 +151,6 @@ def stable_rules() -> tuple:
         log1p_opt,
         expm1_opt,
     )
-
-
-def __getattr__(name):  # STABLE_RULES, built on first access
-    if name == "STABLE_RULES":
-        return stable_rules()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def stabilize(expr: sp.Expr, rules=None) -> sp.Expr:
