@@ -104,7 +104,8 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     ``cost.params`` order or dict ``{name: value}``. ``batch_size``: None (full batch) or
     minibatch rows, drawn from a per-epoch shuffle seeded by ``seed``. Budget: ``maxiter``
     updates, or ``epochs`` (minibatch passes; for full-batch runs the same as ``maxiter``);
-    ``tol`` stops a full-batch run when the gradient norm is at most ``tol``.
+    ``tol`` stops the run when the full gradient's norm is at most ``tol`` (full batch:
+    tested every step; minibatch: at each epoch's end, by one more pass over the rows).
     ``progress=True`` draws a progress bar on stderr. Ctrl-C returns the best point so far.
 
     >>> import calcml as cm, numpy as np

@@ -171,16 +171,14 @@ def splitmix_shuffles(seed, n, epochs):
     return orders
 
 
-def test_minibatch_nesterov_against_numpy(linreg_data):
-    """A whole minibatch run, shuffles and the short last batch included, in NumPy."""
-    data, A, y, _ = linreg_data
-    n, batch, epochs, lr, mom = len(y), 16, 3, 0.01, 0.9  # 120 rows: 7 batches of 16, one of 8
-    res = cm.minimize(LINREG, np.zeros(4), data=data, method=cm.optim.nesterov(lr=lr, momentum=mom),
-                      batch_size=batch, epochs=epochs, seed=123)
-    x = np.zeros(4)
-    m = np.zeros(4)
-    means = []
-    for order in splitmix_shuffles(123, n, epochs):
+def numpy_nesterov_epochs(A, y, batch, epochs, lr, mom, seed):
+    """Minibatch Nesterov on the linear least-squares cost, transcribed in NumPy: the
+    parameters at each epoch's end, and each epoch's mean minibatch cost."""
+    n = len(y)
+    x = np.zeros(A.shape[1])
+    m = np.zeros(A.shape[1])
+    xs, means = [], []
+    for order in splitmix_shuffles(seed, n, epochs):
         total = 0.0
         for start in range(0, n, batch):
             rows = np.array(order[start:start + batch])
@@ -189,10 +187,43 @@ def test_minibatch_nesterov_against_numpy(linreg_data):
             g = 2 * A[rows].T @ r / len(rows)
             m = mom * m + g
             x = x - lr * (g + mom * m)
+        xs.append(x)
         means.append(total / n)
-    np.testing.assert_allclose(res.x, x, rtol=1e-12, atol=1e-14)
+    return xs, means
+
+
+def test_minibatch_nesterov_against_numpy(linreg_data):
+    """A whole minibatch run, shuffles and the short last batch included, in NumPy."""
+    data, A, y, _ = linreg_data
+    n, batch, epochs, lr, mom = len(y), 16, 3, 0.01, 0.9  # 120 rows: 7 batches of 16, one of 8
+    res = cm.minimize(LINREG, np.zeros(4), data=data, method=cm.optim.nesterov(lr=lr, momentum=mom),
+                      batch_size=batch, epochs=epochs, seed=123)
+    xs, means = numpy_nesterov_epochs(A, y, batch, epochs, lr, mom, 123)
+    np.testing.assert_allclose(res.x, xs[-1], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(res.history, means, rtol=1e-12)
     assert res.nit == epochs * 8 and res.success and res.status == R.EPOCHS_DONE
+
+
+@pytest.mark.parametrize("tol", [0.3, 0.05])
+def test_minibatch_tol_on_the_full_gradient_at_epoch_ends(linreg_data, tol):
+    """Minibatch runs stop at the first epoch's end where the full gradient's norm is at most
+    tol: the epoch the NumPy transcription names, at its point; tol=0 runs every epoch."""
+    data, A, y, _ = linreg_data
+    batch, epochs, lr, mom = 16, 40, 0.01, 0.9
+    xs, _ = numpy_nesterov_epochs(A, y, batch, epochs, lr, mom, 7)
+    norms = [np.linalg.norm(2 * A.T @ (A @ x - y) / len(y)) for x in xs]
+    first = next(k for k, gn in enumerate(norms) if gn <= tol)  # epoch index, from 0
+    assert 0 < first < epochs - 1 and norms[first - 1] > tol  # the case is not trivial
+    opt = cm.optim.nesterov(lr=lr, momentum=mom)
+    res = cm.minimize(LINREG, np.zeros(4), data=data, method=opt, batch_size=batch, epochs=epochs, seed=7, tol=tol)
+    assert res.status == R.CONVERGED and res.success, res.message
+    assert res.nit == (first + 1) * 8 and len(res.history) == first + 1
+    np.testing.assert_allclose(res.x, xs[first], rtol=1e-12, atol=1e-14)
+    assert res.grad_norm == pytest.approx(norms[first], rel=1e-10)
+    assert "Converged" in res.message
+    full = cm.minimize(LINREG, np.zeros(4), data=data, method=opt, batch_size=batch, epochs=epochs, seed=7, tol=0.0)
+    assert full.status == R.EPOCHS_DONE and full.nit == epochs * 8
+    np.testing.assert_allclose(full.x, xs[-1], rtol=1e-12, atol=1e-14)
 
 
 # --------------------------------------------------------------------------------------------
