@@ -658,12 +658,18 @@ def test_array_path_matches_unrolled_path(linreg_data, fresh_cache, monkeypatch)
     data = linreg_data[0]
     opt = cm.optim.adam(lr=0.01)
     unrolled = cm.minimize(LINREG, np.zeros(4), data=data, method=opt, batch_size=16, epochs=2, seed=4)
+    # with a loose tol, the epoch-end test stops the run after the first epoch
+    unrolled_stop = cm.minimize(LINREG, np.zeros(4), data=data, method=opt, batch_size=16, epochs=2, seed=4, tol=1e3)
     monkeypatch.setattr(loop, "UNROLL_MAX", 0)
     prog = cm.generate(LINREG, method=opt, batch_size=16)
     assert "for j in range(N_PARAMS):" in prog.source and "st_m_0" not in prog.source
     arrays = prog.run(np.zeros(4), data, epochs=2, seed=4)
     assert arrays.x.tobytes() == unrolled.x.tobytes()
     assert arrays.history.tobytes() == unrolled.history.tobytes()
+    arrays_stop = prog.run(np.zeros(4), data, epochs=2, seed=4, tol=1e3)
+    assert unrolled_stop.status == arrays_stop.status == R.CONVERGED
+    assert unrolled_stop.nit == arrays_stop.nit == 8  # 120 rows: 8 batches an epoch
+    assert arrays_stop.x.tobytes() == unrolled_stop.x.tobytes()
 
 
 def test_full_batch_threaded_pass_matches_numpy():
