@@ -41,7 +41,9 @@ _CHECKSUM_PREFIX = "# calcml-sha256: "
 # Below this many rows the serial kernel runs: threads cost more than they save.
 PARALLEL_MIN_ROWS = 65536
 
-_GENERATOR_FILES = ("codegen.py", "printing.py", "rewrite.py", "functions.py", "compile.py")
+# Every file whose code shapes a generated module: a change to any of them is a new key.
+_GENERATOR_FILES = ("codegen.py", "printing.py", "rewrite.py", "functions.py", "compile.py", "cost.py", "backprop.py",
+                    "tensor/statement.py", "tensor/graph.py", "tensor/codegen.py", "tensor/model.py")
 _lock = threading.RLock()
 _loaded: dict[str, "Kernels"] = {}
 # object file path -> ctypes entry point, for every kernel this process loaded or compiled
@@ -414,6 +416,12 @@ def compile(cost: Cost, parallel="auto") -> Kernels:  # noqa: A001 - the API nam
     """
     if not isinstance(cost, Cost):
         raise TypeError(f"cm.compile takes a cm.Cost, got {type(cost).__name__}")
+    from .tensor.model import TensorCost
+
+    if isinstance(cost, TensorCost):
+        from .tensor.kernels import compile_tensor
+
+        return compile_tensor(cost, parallel)
     key = _kernel_key(cost, "kernels")
     memo = (key, parallel, str(cache_dir()))
     with _lock:

@@ -36,17 +36,34 @@ def _symbols(kind: str, names, n):
     return syms[0] if len(syms) == 1 else syms
 
 
-def params(names: str, n: int | None = None):
+def params(names: str, n: int | None = None, *, shape=None):
     """Real symbols for trainable parameters.
 
     ``params("w b")`` gives ``(w, b)``; ``params("b")`` gives the single symbol ``b``;
-    ``params("w", 3)`` gives ``(w0, w1, w2)``.
+    ``params("w", 3)`` gives ``(w0, w1, w2)``; ``params("W", shape=(10, 784))`` gives a tensor
+    parameter, a real SymPy ``IndexedBase`` of that shape, for costs in index notation.
     """
+    if shape is not None:
+        if n is not None:
+            raise ValueError("cm.params: give a count or a shape, not both")
+        from .tensor.statement import tensor
+
+        return tensor("params", names, shape)
     return _symbols("params", names, n)
 
 
-def data(names: str, n: int | None = None):
-    """Real symbols for per-row data columns; same forms as :func:`params`."""
+def data(names: str, n: int | None = None, *, shape=None, classes=None):
+    """Real symbols for per-row data columns; same forms as :func:`params`.
+
+    ``data("x", shape=(784,))``: each row holds a 784-vector (an ``IndexedBase``);
+    ``data("c", classes=10)``: a per-row integer class label in ``0 … 9``.
+    """
+    if shape is not None or classes is not None:
+        if n is not None or (shape is not None and classes is not None):
+            raise ValueError("cm.data: give one of a count, a shape or classes")
+        from .tensor.statement import label, tensor
+
+        return tensor("data", names, shape) if shape is not None else label(names, classes)
     return _symbols("data", names, n)
 
 
@@ -129,7 +146,17 @@ class Cost:
     (2*x*(b + w*x - y), 2*b + 2*w*x - 2*y)
     """
 
-    def __init__(self, expr, params, data=None, reduce: str = "mean"):
+    def __new__(cls, expr=None, params=None, data=None, reduce="mean", penalty=None):
+        if cls is Cost:
+            from .tensor.model import TensorCost, is_tensor_statement
+
+            # index notation, or a penalty beside a sum over rows (kept apart from the rows'
+            # sum, which only the tensor kernels do): the tensor path
+            if is_tensor_statement(expr, params, data, penalty) or (penalty is not None and reduce == "sum"):
+                return object.__new__(TensorCost)
+        return object.__new__(cls)
+
+    def __init__(self, expr, params, data=None, reduce: str = "mean", penalty=None):
         if reduce not in _REDUCTIONS:
             raise CostError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
         raw_params = _flatten(params, "params")
@@ -151,6 +178,20 @@ class Cost:
             e = e.xreplace(mapping)
         self._check_free_symbols(e, plist, dlist)
         self._check_real(e)
+        self._penalty = None
+        if penalty is not None:
+            pen = _sympify_expr(penalty)
+            if mapping:
+                pen = pen.xreplace(mapping)
+            used = sorted(pen.free_symbols & set(dlist), key=lambda s: s.name)
+            if used:
+                raise CostError(f"the penalty uses data {used[0].name!r}; a penalty is a function of the "
+                                "parameters only (it is added once, not per row)")
+            self._check_free_symbols(pen, plist, [])
+            self._check_real(pen)
+            self._penalty = pen
+            # J = mean(expr) + penalty = mean(expr + penalty): one per-row expression
+            e = e + pen
 
         self._expr = e
         self._params = tuple(plist)
@@ -219,6 +260,45 @@ class Cost:
     def data(self) -> tuple:
         """Data column symbols, in column order."""
         return self._data
+
+    @property
+    def penalty(self):
+        """The penalty added once to the reduced cost (None without one). For a scalar cost with
+        ``reduce="mean"`` it is part of ``expr`` too: mean(expr + penalty) = mean(expr) + penalty."""
+        return self._penalty
+
+    @property
+    def n_params(self) -> int:
+        """The number of scalar parameters."""
+        return len(self._params)
+
+    def pack(self, values: dict):
+        """A dict ``{name: value}`` -> the flat parameter vector in ``params`` order."""
+        import numpy as np
+
+        from .errors import ParamError
+
+        if not isinstance(values, dict):
+            raise ParamError(f"pack takes a dict {{name: value}}, got {type(values).__name__}")
+        unknown = [k for k in values if k not in self.param_names]
+        if unknown:
+            raise ParamError(f"{', '.join(map(repr, unknown))} not a parameter of this cost; its parameters are "
+                             f"{list(self.param_names)}")
+        missing = [k for k in self.param_names if k not in values]
+        if missing:
+            raise ParamError(f"missing parameter{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+        return np.array([float(values[k]) for k in self.param_names])
+
+    def unpack(self, theta) -> dict:
+        """The flat parameter vector -> ``{name: float}``."""
+        import numpy as np
+
+        from .errors import ParamError
+
+        t = np.asarray(theta, dtype=np.float64)
+        if t.shape != (len(self._params),):
+            raise ParamError(f"theta must have shape ({len(self._params)},) for this cost, got {t.shape}")
+        return {k: float(v) for k, v in zip(self.param_names, t)}
 
     @property
     def reduce(self) -> str:

@@ -189,6 +189,12 @@ def dot(u, v) -> sp.Expr:
     >>> cm.dot(w, x)
     w0*x0 + w1*x1
     """
+    if isinstance(u, sp.IndexedBase) or isinstance(v, sp.IndexedBase):
+        from .tensor.statement import vector_dot
+
+        if not (isinstance(u, sp.IndexedBase) and isinstance(v, sp.IndexedBase)):
+            raise CostError("dot: give two tensors (cm.params/cm.data with shape=(n,)) or two sequences of symbols")
+        return vector_dot(u, v)
     a, b = _as_vector(u, "u"), _as_vector(v, "v")
     if len(a) != len(b):
         raise CostError(f"dot: lengths differ, len(u) = {len(a)} but len(v) = {len(b)}")

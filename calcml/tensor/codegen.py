@@ -1,0 +1,482 @@
+"""Tensor programs -> a structured kernel (loops, slots, contractions) -> Python source.
+
+A kernel is planned from the tensors its outputs need, then printed once:
+
+* each derived tensor is *stored* (an array, one row of it per row of a block) or *inlined*
+  into the bodies that read it, when that costs no extra work (its readers loop over no
+  index it lacks) or the body is a single read or product;
+* each stored tensor runs in a *phase*: ``A`` (parameters only, once per call), ``B`` (per
+  block of rows: row tensors, and the accumulators summed over rows) or ``C`` (after the
+  stripes' sums are added: what depends on accumulators, such as the gradient);
+* a contraction of two stored tensors over one index with matrix shape is a matrix
+  product (``np.dot``: BLAS, through the SciPy that Numba calls); everything else is a loop
+  nest over the tensor's free indices with its summed indices innermost.
+
+The printed module has, per kernel kind, ``<kind>_rows(theta, v, *data, r0, r1, scale, acc)``
+(adds the sums over rows ``r0 … r1-1`` into ``acc``) and ``<kind>_finish(theta, v, acc, out)``
+(phase C and the outputs), each commented with the index notation of what it computes.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from ..errors import CodegenError
+from ..printing import NumbaPrinter, helper_source
+from .graph import ROW, SCALE, Graph, Tensor
+from .statement import Label, axis_range
+
+__all__ = ["KernelSpec", "write_kernel", "BLOCK"]
+
+# Rows per block: a block's row tensors (BLOCK x axes) stay in cache between the forward
+# and the backward sweep, and a contraction over a block is one BLAS call.
+BLOCK = 128
+
+
+class KernelSpec:
+    """What one kernel computes: ``outputs`` = [(label, tensor or zero expression, size)]."""
+
+    def __init__(self, kind: str, outputs, rowwise=None):
+        self.kind = kind
+        self.outputs = outputs
+        self.rowwise = rowwise  # for "rows": the tensor whose value per row is the output
+
+
+def _context(t: Tensor) -> set:
+    s = set(t.free) | set(t.over)
+    if t.row:
+        s.add(ROW)
+    return s
+
+
+def _axes(t: Tensor) -> set:
+    s = set(t.free)
+    if t.row:
+        s.add(ROW)
+    return s
+
+
+class _Printer(NumbaPrinter):
+    """The Numba printer, with tensor reads as array subscripts and indices as loop variables."""
+
+    def __init__(self, writer):
+        super().__init__({})
+        self.w = writer
+
+    def _print_Indexed(self, e):
+        t = self.w.g.tensor_of(e)
+        if t is None:
+            raise CodegenError(f"cannot compile {e}: {e.base} is not a tensor of this cost")
+        idx = (["r"] if t.row else []) + [self.w.loopvar(i) for i in e.indices]
+        return f"{self.w.code(t)}[{', '.join(idx)}]"
+
+    def _print_Symbol(self, e):
+        if e == SCALE:
+            return "scale"
+        t = self.w.g.tensor_of(e)
+        if t is None:
+            raise CodegenError(f"symbol {e} has no slot in the generated code")
+        return f"{self.w.code(t)}[r]" if t.row else self.w.code(t)
+
+    def _print_Idx(self, e):
+        return self.w.loopvar(e)
+
+    def _print_KroneckerDelta(self, e):
+        a, b = (self._print(x) for x in e.args)
+        return f"(1.0 if {a} == {b} else 0.0)"
+
+
+class _Writer:
+    """Plans and prints the two functions of one kernel kind."""
+
+    def __init__(self, g: Graph, spec: KernelSpec, params, data, directions, has_data: bool):
+        self.g, self.spec = g, spec
+        self.params, self.data, self.directions = params, data, directions
+        self.has_data = has_data
+        self._loopvars: dict = {}
+        self.printer = _Printer(self)
+        self.lines: list[str] = []
+        roots = [t for _, t, _ in spec.outputs if isinstance(t, Tensor)]
+        if spec.rowwise is not None:
+            roots.append(spec.rowwise)
+        self.needed = self._closure(roots)
+        self.outputs = set(roots)
+        self.gemm: dict = {}
+        self.inlined: set = set()
+        self._plan_storage()
+        self.phase: dict = {}
+        for t in self.order:
+            self.phase[t] = self._phase(t)
+
+    # -- names ----------------------------------------------------------------------------
+    def loopvar(self, i) -> str:
+        if i == ROW:
+            return "r"
+        name = self._loopvars.get(i)
+        if name is None:
+            base = f"i_{i.label}"
+            name = base
+            n = 1
+            while name in self._loopvars.values():
+                n += 1
+                name = f"{base}_{n}"
+            self._loopvars[i] = name
+        return name
+
+    def code(self, t: Tensor) -> str:
+        if t.kind == "input":
+            return {"param": "p_", "direction": "v_", "data": "x_", "label": "x_"}[t.role] + t.name
+        return t.name
+
+    # -- planning -------------------------------------------------------------------------
+    def _closure(self, roots) -> list:
+        seen, out = set(), []
+
+        def visit(t):
+            if t in seen:
+                return
+            seen.add(t)
+            if t.kind != "input":
+                for u, _, _ in self.g.occurrences(t.body):
+                    visit(u)
+            out.append(t)
+
+        for t in roots:
+            visit(t)
+        return out  # topological: inputs and operands first
+
+    def _readers(self):
+        readers = {t: [] for t in self.needed}
+        for t in self.needed:
+            if t.kind != "input":
+                for u, _, _ in self.g.occurrences(t.body):
+                    readers[u].append(t)
+        return readers
+
+    def _plan_storage(self):
+        for t in self.needed:
+            if t.kind != "input":
+                plan = self._gemm_plan(t, t.body)
+                if plan is not None:
+                    self.gemm[t] = plan
+        readers = self._readers()
+        for t in self.needed:
+            if t.kind != "map" or t in self.outputs or t.accumulates:
+                continue
+            rs = readers[t]
+            if not rs or any(r in self.gemm for r in rs):
+                continue
+            if _cheap(t.body) or all(_context(r) <= _axes(t) for r in rs):
+                self.inlined.add(t)
+        self._bodies: dict = {}
+        self.order = [t for t in self.needed if t.kind == "input" or t not in self.inlined]
+
+    def body(self, t: Tensor):
+        """t's body with the inlined tensors it reads substituted, recursively."""
+        found = self._bodies.get(t)
+        if found is None:
+            subs = {}
+            for u, idx, e in self.g.occurrences(t.body):
+                if u in self.inlined:
+                    inner = self.body(u)
+                    subs[e] = inner.xreplace(dict(zip(u.free, idx))) if u.free else inner
+            found = self._bodies[t] = t.body.xreplace(subs) if subs else t.body
+        return found
+
+    def _phase(self, t: Tensor) -> str:
+        if t.kind == "input":
+            return "B" if t.row else "A"
+        if t.row or t.accumulates:
+            return "B"
+        deps = [u for u, _, _ in self.g.occurrences(self.body(t))]
+        if any(u.accumulates or self.phase.get(u) == "C" for u in deps if u.kind != "input"):
+            return "C"
+        return "A"
+
+    def _gemm_plan(self, t: Tensor, body):
+        """(coefficient, A, B, transpose A, transpose B) when ``t`` is a matrix product."""
+        if t.kind != "sum" or len([i for i in t.over if i != ROW]) + (1 if t.accumulates else 0) != 1:
+            return None
+        coeff, factors = body.as_coeff_mul()
+        refs = [f for f in factors if isinstance(f, sp.Indexed)]
+        rest = [f for f in factors if not isinstance(f, sp.Indexed)]
+        if len(refs) != 2 or any(not (isinstance(f, sp.Symbol) and f == SCALE) for f in rest):
+            return None
+        ta, tb = (self.g.tensor_of(f) for f in refs)
+        if ta is None or tb is None or ta is tb:
+            return None
+        (s,) = t.over
+        axes_a = ([ROW] if ta.row else []) + list(refs[0].indices)
+        axes_b = ([ROW] if tb.row else []) + list(refs[1].indices)
+        out = ([ROW] if t.row else []) + list(t.free)
+        if len(axes_a) > 2 or len(axes_b) > 2 or s not in axes_a or s not in axes_b:
+            return None
+        ma = [i for i in axes_a if i != s]
+        mb = [i for i in axes_b if i != s]
+        if len(ma) + len(mb) != len(out) or len(out) == 0 or len(out) > 2:
+            return None
+        if out == ma + mb:
+            first, second = (refs[0], axes_a, ma), (refs[1], axes_b, mb)
+        elif out == mb + ma:
+            first, second = (refs[1], axes_b, mb), (refs[0], axes_a, ma)
+        else:
+            return None
+        # first operand: (m, s) -> transposed when stored (s, m); second: (s, n) -> transposed when (n, s)
+        trans_first = len(first[1]) == 2 and first[1][0] == s
+        trans_second = len(second[1]) == 2 and second[1][1] == s
+        return (coeff * sp.Mul(*rest), first[0], second[0], trans_first, trans_second)
+
+    # -- printing -------------------------------------------------------------------------
+    def w(self, indent: int = 0, text: str = ""):
+        self.lines.append("    " * indent + text if text else "")
+
+    def expr(self, e) -> str:
+        return self.printer.doprint_expr(e)
+
+    def describe(self, t: Tensor) -> str:
+        axes = (["r"] if t.row else []) + [str(i.label) for i in t.free]
+        lhs = f"{t.name}[{', '.join(axes)}]" if axes else t.name
+        body = sp.sstr(self.body(t))
+        over = [str(i.label) if i != ROW else "r" for i in t.over]
+        if t.kind == "sum":
+            rhs = f"sum_{{{', '.join(over)}}} {body}"
+        elif t.kind == "lse":
+            rhs = f"log sum_{{{', '.join(over)}}} exp({body})"
+        else:
+            rhs = body
+        note = f"  ({t.note})" if t.note else ""
+        return f"{lhs} {'+=' if t.accumulates else '='} {rhs}{note}"
+
+    def emit(self, t: Tensor, indent: int, acc_name=None):
+        """The code that computes stored tensor ``t`` (into ``acc_name`` for accumulators)."""
+        for line in _wrap(self.describe(t)):
+            self.w(indent, f"# {line}")
+        shape = (["nb"] if t.row else []) + [str(n) for n in t.shape]
+        name = acc_name or t.name
+        if not t.accumulates:
+            if shape:
+                self.w(indent, f"{name} = np.empty(({', '.join(shape)},))")
+        plan = self.gemm.get(t)
+        if plan is not None:
+            self._emit_gemm(t, plan, indent, name)
+            return
+        body = self.expr(self.body(t))
+        loops = []
+        if t.row or t.accumulates:
+            loops.append(("r", "nb"))
+        loops += [(self.loopvar(i), str(axis_range(i))) for i in t.free]
+        inner = [(self.loopvar(i), str(axis_range(i))) for i in t.over if i != ROW]
+        target = self._target(t, name)
+        if not shape and not t.accumulates and not loops and not inner:
+            self.w(indent, f"{name} = {body}")
+            return
+        depth = indent
+        if t.accumulates and not t.free:
+            self.w(depth, "s = 0.0")
+            for var, n in loops + inner:
+                self.w(depth, f"for {var} in range({n}):")
+                depth += 1
+            self.w(depth, f"s += {body}")
+            self.w(indent, f"{name} += s")
+            return
+        for var, n in loops:
+            self.w(depth, f"for {var} in range({n}):")
+            depth += 1
+        if t.accumulates:
+            for var, n in inner:
+                self.w(depth, f"for {var} in range({n}):")
+                depth += 1
+            self.w(depth, f"{target} += {body}")
+            return
+        if t.kind == "map":
+            self.w(depth, f"{target} = {body}")
+            return
+        if t.kind == "sum":
+            self.w(depth, "s = 0.0")
+            d = depth
+            for var, n in inner:
+                self.w(d, f"for {var} in range({n}):")
+                d += 1
+            self.w(d, f"s += {body}")
+            self.w(depth, f"{target} = s")
+            return
+        # lse: m = max of the terms, then m + log(sum exp(term - m)): never overflows
+        self.printer.helpers_used.add("_max2")
+        self.w(depth, "m = -math.inf")
+        d = depth
+        for var, n in inner:
+            self.w(d, f"for {var} in range({n}):")
+            d += 1
+        self.w(d, f"m = _max2(m, {body})")
+        self.w(depth, "s = 0.0")
+        d = depth
+        for var, n in inner:
+            self.w(d, f"for {var} in range({n}):")
+            d += 1
+        self.w(d, f"s += math.exp({body} - m)")
+        self.w(depth, f"{target} = m + math.log(s) if math.isfinite(m) else m")
+
+    def _target(self, t: Tensor, name: str) -> str:
+        idx = (["r"] if t.row else []) + [self.loopvar(i) for i in t.free]
+        return f"{name}[{', '.join(idx)}]" if idx else name
+
+    def _emit_gemm(self, t: Tensor, plan, indent: int, name: str):
+        coeff, a, b, ta, tb = plan
+        def operand(ref, trans):
+            return self.code(self.g.tensor_of(ref)) + (".T" if trans else "")
+        prod = f"np.dot({operand(a, ta)}, {operand(b, tb)}"
+        scale = "" if coeff == 1 else f"{self.expr(coeff)} * "
+        if t.accumulates:
+            self.w(indent, f"{name} += {scale}{prod})")
+        elif scale:
+            self.w(indent, f"{prod}, {name})")
+            self.w(indent, f"{name} *= {self.expr(coeff)}")
+        else:
+            self.w(indent, f"{prod}, {name})")
+
+    # -- the two functions ----------------------------------------------------------------
+    def accumulators(self) -> list:
+        return [t for t in self.order if t.kind != "input" and t.accumulates]
+
+    def acc_layout(self) -> dict:
+        out, o = {}, 0
+        for t in self.accumulators():
+            out[t] = o
+            o += t.size
+        return out
+
+    def _param_views(self, indent: int, which: set):
+        for t in self.params + self.directions:
+            if t not in which:
+                continue
+            src = "theta" if t.role == "param" else "v"
+            o = self._offset(t)
+            if t.free:
+                self.w(indent, f"{self.code(t)} = {src}[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))")
+            else:
+                self.w(indent, f"{self.code(t)} = {src}[{o}]")
+
+    def _offset(self, t: Tensor) -> int:
+        o = 0
+        group = self.params if t.role == "param" else self.directions
+        for u in group:
+            if u is t:
+                return o
+            o += u.size
+        raise AssertionError(t)
+
+    def _needs(self, targets) -> set:
+        """Stored tensors (and inputs) that ``targets`` read, transitively, targets included."""
+        seen = set()
+        stack = list(targets)
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t.kind != "input":
+                stack.extend(u for u, _, _ in self.g.occurrences(self.body(t)))
+        return seen
+
+    def print_rows(self, fname: str, data_args: list[str]):
+        """``<kind>_rows``: phase A, then phase B block by block over rows r0 … r1-1."""
+        b_tensors = [t for t in self.order if t.kind != "input" and self.phase[t] == "B"]
+        if self.spec.rowwise is not None and self.spec.rowwise not in b_tensors and self.spec.rowwise.kind != "input":
+            b_tensors.append(self.spec.rowwise)
+        need = self._needs(b_tensors)
+        a_tensors = [t for t in self.order if t.kind != "input" and self.phase[t] == "A" and t in need]
+        layout = self.acc_layout()
+        self.w(0, "@_jit")
+        self.w(0, f"def {fname}(theta, v, {', '.join(data_args)}, r0, r1, scale, acc):")
+        what = "per-row values into acc[r0:r1]" if self.spec.rowwise is not None else "the sums over rows into acc"
+        self.w(1, f'"""{self.spec.kind}: {what}, rows r0 … r1-1 in blocks of BLOCK"""')
+        self._param_views(1, need)
+        for t in a_tensors:
+            self.emit(t, 1)
+        for t in self.accumulators():
+            if t.free:
+                o = layout[t]
+                self.w(1, f"{t.name} = acc[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))")
+        self.w(1, "for q0 in range(r0, r1, BLOCK):")
+        self.w(2, "q1 = min(q0 + BLOCK, r1)")
+        self.w(2, "nb = q1 - q0")
+        for t in self.data:
+            if t in need:
+                self.w(2, f"{self.code(t)} = data_{t.name}[q0:q1]")
+        for t in b_tensors:
+            if t.accumulates and not t.free:
+                self.emit(t, 2, acc_name=f"acc[{layout[t]}]")
+            else:
+                self.emit(t, 2)
+        if self.spec.rowwise is not None:
+            t = self.spec.rowwise
+            src = self.code(t) if t.kind == "input" or t.row else self.code(t)
+            self.w(2, f"acc[q0:q1] = {src}")
+        self.w()
+        self.w()
+
+    def print_finish(self, fname: str):
+        """``<kind>_finish``: phase A and C after the stripes' sums are added; the outputs."""
+        roots = [t for _, t, _ in self.spec.outputs if isinstance(t, Tensor)]
+        need = self._needs(roots)
+        layout = self.acc_layout()
+        self.w(0, "@_jit")
+        self.w(0, f"def {fname}(theta, v, acc, out):")
+        self.w(1, f'"""{self.spec.kind}: the outputs from the sums over rows in acc"""')
+        self._param_views(1, need)
+        for t in self.order:
+            if t.kind == "input" or t not in need:
+                continue
+            if t.accumulates:
+                o = layout[t]
+                if t.free:
+                    self.w(1, f"{t.name} = acc[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))")
+                else:
+                    self.w(1, f"{t.name} = acc[{o}]")
+            elif self.phase[t] in ("A", "C"):
+                self.emit(t, 1)
+        o = 0
+        for label, t, size in self.spec.outputs:
+            self.w(1, f"# {label}")
+            if not isinstance(t, Tensor):
+                self.w(1, f"out[{o}:{o + size}] = 0.0")
+            elif t.free:
+                self.w(1, f"out[{o}:{o + size}] = {self.code(t)}.ravel()")
+            else:
+                self.w(1, f"out[{o}] = {self.code(t)}")
+            o += size
+        self.w()
+        self.w()
+
+
+def _cheap(body) -> bool:
+    """A read, or a product of reads and numbers: no work worth keeping in an array."""
+    if isinstance(body, (sp.Indexed, sp.Symbol, sp.Number)):
+        return True
+    if isinstance(body, sp.Mul):
+        return all(isinstance(a, (sp.Indexed, sp.Symbol, sp.Number)) for a in body.args)
+    return False
+
+
+def _wrap(text: str, width: int = 100) -> list:
+    out = []
+    while len(text) > width:
+        cut = text.rfind(" ", 0, width)
+        if cut <= 0:
+            cut = width
+        out.append(text[:cut])
+        text = "  " + text[cut:].lstrip()
+    out.append(text)
+    return out
+
+
+def write_kernel(g: Graph, spec: KernelSpec, params, data, directions, has_data: bool):
+    """(source lines, helper names used, accumulator size) of one kernel kind."""
+    wr = _Writer(g, spec, params, data, directions, has_data)
+    data_args = [f"data_{t.name}" for t in data] or ["data_none"]
+    if has_data:
+        wr.print_rows(f"{spec.kind}_rows", data_args)
+    if spec.rowwise is None:
+        wr.print_finish(f"{spec.kind}_finish")
+    size = sum(t.size for t in wr.accumulators())
+    return wr.lines, wr.printer.helpers_used, size

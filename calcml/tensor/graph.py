@@ -1,0 +1,377 @@
+"""Tensor programs in index form, and their exact derivatives, never expanded.
+
+A cost stated in index notation is lowered to a DAG of *tensors*. Each tensor has free
+indices (its axes), and is an input (a parameter, a data tensor, a class label) or is
+defined elementwise by a small SymPy *body* over its free and summed indices:
+
+* ``map``: ``t[free] = body``;
+* ``sum``: ``t[free] = sum over `over` of body`` (a contraction when the body is a product);
+* ``lse``: ``t[free] = log sum over `over` of exp(body)`` (evaluated overflow-free).
+
+In a body, another tensor appears as ``IndexedBase(name)[indices]`` (or a ``Symbol`` when it
+has no axis): the same notation the user wrote. Every tensor that reads data depends on the
+row, an implicit index ``r`` (:data:`ROW`); a tensor summed over ``r`` is an *accumulator*,
+summed over blocks of rows and then over threads' stripes in a fixed order.
+
+Derivatives are reverse mode over this DAG (Laue, Mitterreiter & Giesen, "A Simple and
+Efficient Tensor Calculus", AAAI 2020): the adjoint of ``t`` is a tensor with ``t``'s axes,
+and the contribution of a body to the adjoint of a tensor it reads at ``u[a]`` is
+
+    adj_u[a] += sum over (t's free and summed indices not in a) of adj_t[free] * d body / d u[a]
+
+(times ``exp(body - t)``, the softmax, for ``lse``): the adjoint of a contraction is a
+contraction. Only scalar bodies are ever differentiated by SymPy, each a few operations
+long, so the derivation's cost grows with the statement, not with the tensors' sizes.
+Hessian-vector products are forward mode over the reverse sweep (forward-over-reverse):
+each tensor's tangent in a direction ``v`` of the parameters is again a tensor of the same
+axes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import sympy as sp
+
+from ..errors import CostError
+from .statement import Label, LogSumExp, axis_range
+
+__all__ = ["ROW", "SCALE", "Tensor", "Graph"]
+
+ROW = sp.Idx("r")  # the row of the data: implicit in every row tensor, explicit in accumulators' sums
+SCALE = sp.Symbol("scale", positive=True)  # the per-row seed: 1/N for a mean, 1 for a sum
+
+
+class Tensor:
+    """One node: an input or a derived tensor (see the module docstring)."""
+
+    def __init__(self, name, free, row, kind, body=None, over=(), role="derived", placeholder=None, note=""):
+        self.name = name
+        self.free = tuple(free)
+        self.row = bool(row)
+        self.kind = kind  # "input", "map", "sum", "lse"
+        self.body = body
+        self.over = tuple(over)
+        self.role = role  # inputs: "param", "data", "label", "direction"; else "derived"
+        self.placeholder = placeholder
+        self.note = note  # what it is, for the generated code's comments
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(axis_range(i) for i in self.free)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def accumulates(self) -> bool:
+        """Summed over the rows: computed block by block, its sums added up."""
+        return ROW in self.over
+
+    @property
+    def iterates_rows(self) -> bool:
+        return self.row or self.accumulates
+
+    def ref(self, idx=None):
+        """This tensor read at ``idx`` (its own axes by default), as a body expression."""
+        idx = self.free if idx is None else tuple(idx)
+        if not self.free:
+            return self.placeholder
+        return self.placeholder[idx]
+
+    def __repr__(self):
+        return f"<{self.kind} {self.name}{list(self.free)}{' row' if self.row else ''}>"
+
+
+def _is_ref(e) -> bool:
+    return isinstance(e, (sp.Indexed, sp.Symbol)) and not isinstance(e, sp.Idx)
+
+
+class Graph:
+    """The tensors of one cost: inputs, the lowered statement, and derived sweeps."""
+
+    def __init__(self):
+        self.tensors: list[Tensor] = []
+        self.by_placeholder: dict = {}
+        self._memo: dict = {}
+        self._count = 0
+
+    # -- construction ------------------------------------------------------------------------
+    def add_input(self, obj, role: str) -> Tensor:
+        if isinstance(obj, sp.IndexedBase):
+            free = tuple(sp.Idx(f"{obj.label}_{a}", int(n)) for a, n in enumerate(obj.shape))
+            placeholder = obj
+        else:
+            free, placeholder = (), obj
+        row = role in ("data", "label")
+        t = Tensor(str(obj.label if isinstance(obj, sp.IndexedBase) else obj.name), free, row, "input",
+                   role=role, placeholder=placeholder)
+        self.tensors.append(t)
+        self.by_placeholder[placeholder] = t
+        return t
+
+    def derived(self, kind, body, free, over=(), row=None, note="", prefix="t") -> Tensor:
+        """A derived tensor (shared when the same definition was made before)."""
+        body = sp.sympify(body)
+        free, over = tuple(free), tuple(over)
+        if kind == "sum" and not over:
+            kind = "map"
+        if row is None:
+            row = self.reads_rows(body) and ROW not in over
+        key = (kind, body, free, over, row)
+        found = self._memo.get(key)
+        if found is not None:
+            return found
+        self._count += 1
+        name = f"{prefix}{self._count}"
+        placeholder = sp.IndexedBase(name, shape=tuple(axis_range(i) for i in free)) if free else sp.Symbol(name)
+        t = Tensor(name, free, row, kind, body, over, placeholder=placeholder, note=note)
+        self.tensors.append(t)
+        self.by_placeholder[placeholder] = t
+        self._memo[key] = t
+        return t
+
+    # -- reading bodies ----------------------------------------------------------------------
+    def tensor_of(self, e):
+        if isinstance(e, sp.Indexed):
+            return self.by_placeholder.get(e.base)
+        if isinstance(e, sp.Symbol):
+            return self.by_placeholder.get(e)
+        return None
+
+    def occurrences(self, body) -> list:
+        """Distinct tensor reads in ``body``: [(tensor, index tuple, the read expression)]."""
+        out, seen = [], set()
+        for e in sp.preorder_traversal(body):
+            if e in seen:
+                continue
+            t = self.tensor_of(e) if _is_ref(e) else None
+            if t is not None:
+                seen.add(e)
+                out.append((t, tuple(e.indices) if isinstance(e, sp.Indexed) else (), e))
+        return out
+
+    def reads_rows(self, body) -> bool:
+        return any(t.row for t, _, _ in self.occurrences(body))
+
+    def free_indices(self, body) -> list:
+        """The indices ``body`` varies over, in order of first appearance."""
+        found: list = []
+
+        def add(i):
+            if isinstance(i, sp.Idx) and i not in found:
+                found.append(i)
+
+        for e in sp.preorder_traversal(body):
+            if isinstance(e, sp.Indexed):
+                for i in e.indices:
+                    add(i)
+            elif isinstance(e, sp.KroneckerDelta):
+                for i in e.args:
+                    add(i)
+        return found
+
+    def depends(self, t: Tensor, roles: set, _memo=None) -> bool:
+        """Whether ``t`` depends on an input of one of ``roles``."""
+        memo = self._dep_memo = getattr(self, "_dep_memo", {})
+        key = (t, frozenset(roles))
+        if key in memo:
+            return memo[key]
+        if t.kind == "input":
+            r = t.role in roles
+        else:
+            r = any(self.depends(u, roles) for u, _, _ in self.occurrences(t.body))
+        memo[key] = r
+        return r
+
+    # -- calculus ----------------------------------------------------------------------------
+    def partials(self, t: Tensor, wrt_roles=("param", "direction")) -> list:
+        """[(u, index tuple, d body / d u[index])] for each read of a tensor that varies."""
+        occ = [(u, idx, e) for u, idx, e in self.occurrences(t.body) if self.depends(u, set(wrt_roles))]
+        if not occ:
+            return []
+        dummies = {e: sp.Dummy(f"d_{u.name}") for u, idx, e in occ}
+        back = {d: e for e, d in dummies.items()}
+        body = t.body.xreplace(dummies)
+        out = []
+        for u, idx, e in occ:
+            d = sp.diff(body, dummies[e])
+            if d != 0:
+                out.append((u, idx, d.xreplace(back)))
+        return out
+
+    def reverse(self, roots, wrt, per_row: bool = False) -> dict:
+        """Adjoints of the inputs ``wrt`` from ``roots`` = [(tensor, seed expression)].
+
+        Contributions of a row-iterating tensor to a tensor that does not depend on the row
+        are summed over the rows (accumulators), unless ``per_row`` (the per-row derivative,
+        for display). Returns {input: adjoint expression read at the input's own axes}."""
+        contribs: dict = defaultdict(list)
+        for t, seed in roots:
+            contribs[t].append(sp.sympify(seed))
+        for t in reversed(self.tensors):
+            if t.kind == "input" or t not in contribs:
+                continue
+            adj = self._combine(t, contribs.pop(t))
+            for u, idx, d in self.partials(t):
+                local = d
+                if t.kind == "lse":  # d log sum exp(b) = softmax * d b
+                    local = sp.exp(t.body - t.ref()) * d
+                body = adj * local
+                summed = [i for i in t.free + t.over if i not in idx and i != ROW]
+                rows = t.iterates_rows and not u.row and not per_row
+                over = summed + ([ROW] if rows else [])
+                c = self.derived("sum", body, idx, over, row=t.iterates_rows and (u.row or per_row),
+                                 note=f"contribution to the adjoint of {u.name}", prefix="c")
+                contribs[u].append(c.ref(u.free))
+        return {u: self._combine(u, contribs.get(u, [])) for u in wrt}
+
+    def _combine(self, t: Tensor, terms):
+        """The adjoint of ``t`` as an expression at t's axes (a sum of contributions)."""
+        if not terms:
+            return sp.S.Zero
+        total = sp.Add(*terms)
+        if len(terms) == 1 or not t.free:
+            return total
+        a = self.derived("map", total, t.free, note=f"adjoint of {t.name}", prefix="a")
+        return a.ref()
+
+    def tangents(self, exprs, directions: dict) -> list:
+        """Forward-mode tangents of ``exprs`` (each an expression over tensor reads) when each
+        parameter input ``p`` moves along ``directions[p]`` (a direction input)."""
+        memo: dict = {}
+
+        def tan(t: Tensor):
+            if t in memo:
+                return memo[t]
+            if t.kind == "input":
+                r = directions.get(t) if t.role == "param" else None
+            else:
+                dbody = tan_expr(t.body)
+                if dbody == 0:
+                    r = None
+                else:
+                    kind = t.kind
+                    if kind == "lse":
+                        dbody, kind = sp.exp(t.body - t.ref()) * dbody, "sum"
+                    r = self.derived(kind, dbody, t.free, t.over, row=t.row, note=f"tangent of {t.name}", prefix="d")
+            memo[t] = r
+            return r
+
+        def tan_expr(e):
+            terms = []
+            for u, idx, d in self.partials_expr(e):
+                du = tan(u)
+                if du is not None:
+                    terms.append(d * du.ref(idx))
+            return sp.Add(*terms)
+
+        return [tan_expr(e) for e in exprs]
+
+    def partials_expr(self, e) -> list:
+        probe = Tensor("probe", (), False, "map", body=e)
+        return self.partials(probe)
+
+
+def check_index(i, where: str, n_expected=None, axis_of=None) -> sp.Idx:
+    if not isinstance(i, sp.Idx):
+        raise CostError(f"{where}: index {i} must be an index from cm.index (a SymPy Idx), got {type(i).__name__}")
+    n = axis_range(i)
+    if n is None:
+        raise CostError(f"{where}: index {i} needs a range 0 … n-1 (make it with cm.index({str(i.label)!r}, n))")
+    if n_expected is not None and n != n_expected:
+        raise CostError(f"{where}: index {i} runs over 0 … {n - 1} but {axis_of} has length {n_expected}")
+    return i
+
+
+class Lowering:
+    """A user's index-notation expression -> tensors of a :class:`Graph`, validated."""
+
+    def __init__(self, graph: Graph, known: dict):
+        self.g = graph
+        self.known = known  # placeholder (IndexedBase / Symbol) -> input tensor
+
+    def lower(self, e):
+        if isinstance(e, sp.Sum):
+            return self._sum(e)
+        if isinstance(e, LogSumExp):
+            body = self.lower(e.args[0])
+            return self._reduce("lse", body, (check_index(e.args[1], "cm.logsumexp"),), e)
+        if isinstance(e, sp.log) and isinstance(e.args[0], sp.Sum) and isinstance(e.args[0].function, sp.exp) \
+                and len(e.args[0].limits) == 1:
+            # log(sum exp(z)): the same as cm.logsumexp, and compiled overflow-free as it is
+            inner = e.args[0]
+            i = self._limit(inner.limits[0], inner)
+            return self._reduce("lse", self.lower(inner.function.args[0]), (i,), e)
+        if isinstance(e, sp.Indexed):
+            return self._indexed(e)
+        if isinstance(e, sp.IndexedBase):
+            raise CostError(f"tensor {e.label} appears without indices; write its entries, e.g. {e.label}[k]")
+        if isinstance(e, sp.Idx):
+            raise CostError(f"index {e} is used as a number; calcml indices only select entries")
+        if isinstance(e, sp.KroneckerDelta):
+            for a in e.args:
+                if not isinstance(a, (sp.Idx, Label)):
+                    raise CostError(f"KroneckerDelta{e.args}: each argument must be an index or a class label")
+                if isinstance(a, Label) and a not in self.known:
+                    raise CostError(f"class label {a.name!r} in {e} is not in the cost's data")
+                if isinstance(a, sp.Idx):
+                    check_index(a, f"{e}")
+            labels = [a for a in e.args if isinstance(a, Label)]
+            idxs = [a for a in e.args if isinstance(a, sp.Idx)]
+            if labels and idxs and axis_range(idxs[0]) != labels[0].classes:
+                raise CostError(f"{e}: label {labels[0].name!r} has {labels[0].classes} classes but index "
+                                f"{idxs[0]} runs over 0 … {axis_range(idxs[0]) - 1}")
+            return e
+        if isinstance(e, sp.Symbol):
+            if e not in self.known:
+                raise CostError(f"symbol {e.name!r} in the expression is neither a parameter nor data")
+            if isinstance(e, Label):
+                raise CostError(f"class label {e.name!r} can only be compared with an index: use cm.onehot({e.name}, k)")
+            return e
+        if isinstance(e, (sp.Derivative, sp.Integral, sp.Product)):
+            raise CostError(f"the cost holds an unevaluated {type(e).__name__}: {e}")
+        if not e.args:
+            return e
+        return e.func(*[self.lower(a) for a in e.args])
+
+    def _limit(self, limit, where):
+        i = limit[0]
+        check_index(i, f"the sum {where}")
+        lo, hi = (limit[1], limit[2]) if len(limit) == 3 else (i.lower, i.upper)
+        if lo != i.lower or hi != i.upper:
+            raise CostError(f"the sum {where} runs {i} over {lo} … {hi}, but index {i} ranges over "
+                            f"{i.lower} … {i.upper}; calcml sums over an index's whole range")
+        return i
+
+    def _sum(self, e: sp.Sum):
+        body = self.lower(e.function)
+        over = tuple(self._limit(lim, e) for lim in e.limits)
+        return self._reduce("sum", body, over, e)
+
+    def _reduce(self, kind, body, over, source):
+        free = [i for i in self.g.free_indices(body) if i not in over]
+        t = self.g.derived(kind, body, free, over, note=sp.sstr(source))
+        t.source = source if getattr(t, "source", None) is None else t.source
+        return t.ref()
+
+    def _indexed(self, e: sp.Indexed):
+        base = e.base
+        t = self.known.get(base)
+        if t is None:
+            raise CostError(f"tensor {base.label!r} in {e} is neither a parameter nor data of the cost")
+        if len(e.indices) != len(t.free):
+            raise CostError(f"{e}: {base.label} has {len(t.free)} ax{'is' if len(t.free) == 1 else 'es'} "
+                            f"(shape {t.shape}) but is indexed with {len(e.indices)}")
+        for a, (i, n) in enumerate(zip(e.indices, t.shape)):
+            if isinstance(i, sp.Integer):
+                raise CostError(f"{e}: a fixed entry ({i}) of {base.label}; calcml reads entries through indices "
+                                f"only (use cm.onehot or KroneckerDelta to pick one)")
+            check_index(i, f"{e}", n, f"axis {a} of {base.label}")
+        if len(set(e.indices)) != len(e.indices):
+            raise CostError(f"{e}: the same index twice (a diagonal); write it with KroneckerDelta instead")
+        return e

@@ -1,0 +1,272 @@
+"""Compiled kernels of a tensor cost: ``value``, ``grad``, ``value_and_grad``, ``hvp``, ``hessian``.
+
+The rows are cut into at most :data:`STRIPES` stripes of whole blocks, fixed by the number of
+rows alone; each stripe's sums go into its own row of an accumulator array, and the stripes
+are added in order. Threads take stripes (each a ``nogil`` Numba call), so the result has the
+same bits for any number of threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+
+import numpy as np
+
+from .. import native
+from ..errors import DataError, ParamError
+from .codegen import BLOCK
+from .model import TensorCost
+from .statement import Label
+
+__all__ = ["TensorKernels", "compile_tensor", "TensorData", "STRIPES"]
+
+STRIPES = 16
+# Below this many rows one thread does all stripes: threads cost more than they save.
+PARALLEL_MIN_ROWS = 16384
+
+_lock = threading.RLock()
+_loaded: dict = {}
+
+
+class TensorData:
+    """Data of a tensor cost, validated and laid out: one C-contiguous array per data item."""
+
+    def __init__(self, arrays: tuple, n_rows: int, checked: bool):
+        self.arrays, self.n_rows, self.checked = arrays, n_rows, checked
+
+
+def as_tensor_data(cost: TensorCost, data, check_finite: bool = False) -> TensorData:
+    if isinstance(data, TensorData):
+        return data
+    if data is None:
+        if cost.has_data:
+            raise DataError(f"this cost needs data {{name: array}} for {list(cost.data_names)}")
+        return TensorData((), 0, True)
+    if not cost.has_data:
+        raise DataError("this cost has no data; call the kernel with theta alone")
+    if not isinstance(data, dict):
+        try:  # a pandas DataFrame of scalar data columns
+            import pandas as pd
+
+            if isinstance(data, pd.DataFrame):
+                data = {c: data[c].to_numpy() for c in data.columns}
+        except ImportError:
+            pass
+    if not isinstance(data, dict):
+        raise DataError(f"data for a tensor cost is a dict {{name: array}} with {list(cost.data_names)}, "
+                        f"got {type(data).__name__}")
+    missing = [n for n in cost.data_names if n not in data]
+    if missing:
+        raise DataError(f"data is missing {', '.join(map(repr, missing))}; the cost reads {list(cost.data_names)}")
+    arrays, n = [], None
+    for item, (name, shape) in zip(cost.data, cost.data_shapes.items()):
+        raw = data[name]
+        if isinstance(item, Label):
+            a = np.asarray(raw)
+            if a.ndim != 1:
+                raise DataError(f"labels {name!r} must be a 1-D array of class numbers, got shape {a.shape}")
+            if a.dtype.kind == "f":
+                bad = np.flatnonzero(a != np.round(a))
+                if bad.size:
+                    raise DataError(f"labels {name!r}: row {int(bad[0])} holds {a[bad[0]]}, not a class number")
+            elif a.dtype.kind not in "iub":
+                raise DataError(f"labels {name!r} must be integers, got dtype {a.dtype}")
+            a = np.ascontiguousarray(a, dtype=np.int64)
+            if a.size:
+                lo, hi = int(a.min()), int(a.max())
+                if lo < 0 or hi >= item.classes:
+                    r = int(np.flatnonzero((a < 0) | (a >= item.classes))[0])
+                    raise DataError(f"labels {name!r}: row {r} holds class {int(a[r])}, outside 0 … {item.classes - 1}")
+        else:
+            try:
+                a = np.ascontiguousarray(raw, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise DataError(f"data {name!r} must be numbers, got {type(raw).__name__}") from None
+            if a.shape[1:] != shape or a.ndim != 1 + len(shape):
+                want = "(N,)" if not shape else f"(N, {', '.join(map(str, shape))})"
+                raise DataError(f"data {name!r} must have shape {want} (one row per data row), got {a.shape}")
+        if n is None:
+            n = a.shape[0]
+        elif a.shape[0] != n:
+            raise DataError(f"data {name!r} has {a.shape[0]} rows but {cost.data_names[0]!r} has {n}")
+        arrays.append(a)
+    if n == 0:
+        raise DataError("the data have no rows")
+    td = TensorData(tuple(arrays), n, False)
+    if check_finite:
+        raise_nonfinite(cost, td)
+        td.checked = True
+    return td
+
+
+def raise_nonfinite(cost: TensorCost, td: TensorData):
+    """A DataError naming the first non-finite datum (its name, row and entry), if any."""
+    for item, name, a in zip(cost.data, cost.data_names, td.arrays):
+        if isinstance(item, Label):
+            continue
+        ok = np.isfinite(a)
+        if not ok.all():
+            pos = np.unravel_index(int(np.flatnonzero(~ok.reshape(-1))[0]), a.shape)
+            entry = f"[{', '.join(map(str, pos[1:]))}]" if len(pos) > 1 else ""
+            raise DataError(f"data {name!r} is {a[pos]} at row {pos[0]}{' entry ' + entry if entry else ''}: "
+                            "data must be finite")
+
+
+def stripes(n: int) -> list:
+    """[(first row, end row)] of the stripes of ``n`` rows: whole blocks, fixed by n alone."""
+    nblocks = -(-n // BLOCK)
+    s = max(1, min(STRIPES, nblocks))
+    return [((k * nblocks // s) * BLOCK, min(n, ((k + 1) * nblocks // s) * BLOCK)) for k in range(s)]
+
+
+class TensorKernels:
+    """Compiled kernels of one :class:`~calcml.tensor.model.TensorCost` (see :func:`calcml.compile`)."""
+
+    def __init__(self, cost: TensorCost, parallel="auto"):
+        if parallel not in ("auto", True, False):
+            raise ValueError(f"parallel must be 'auto', True or False, got {parallel!r}")
+        self.cost = cost
+        self.parallel = parallel
+        self._n = cost.n_params
+        self._modules: dict = {}
+        self._empty = np.zeros(0)
+
+    def __repr__(self):
+        return f"<calcml.Kernels for {self.cost!r}>"
+
+    # -- modules ----------------------------------------------------------------------------
+    def _module(self, group: str):
+        """The generated module of ``group``: "base" (value, vg) or "hvp"."""
+        mod = self._modules.get(group)
+        if mod is None:
+            from ..compile import _fingerprint, load_or_build
+
+            kinds = ("value", "vg") if group == "base" else ("hvp",)
+            key = hashlib.sha256(f"tensor-{group}|{_fingerprint()}|{self.cost.key}".encode()).hexdigest()
+            mod, text, path = load_or_build(key, lambda: self.cost.module_source(kinds)[0])
+            mod._calcml_text, mod._calcml_path = text, path
+            self._modules[group] = mod
+        return mod
+
+    @property
+    def source(self) -> str:
+        """The generated Python source of the value and gradient kernels."""
+        return self._module("base")._calcml_text
+
+    @property
+    def path(self):
+        return self._module("base")._calcml_path
+
+    @property
+    def hvp_source(self) -> str:
+        return self._module("hvp")._calcml_text
+
+    # -- inputs -----------------------------------------------------------------------------
+    def prepare(self, data) -> TensorData:
+        """Validate ``data`` once (shapes, labels, finiteness) for repeated calls."""
+        return as_tensor_data(self.cost, data, check_finite=True)
+
+    def _theta(self, theta, what="theta") -> np.ndarray:
+        if isinstance(theta, dict):
+            return self.cost.pack(theta)
+        try:
+            t = np.ascontiguousarray(theta, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ParamError(f"{what} must be a 1-D array of {self._n} floats, got {type(theta).__name__}") from None
+        if t.shape != (self._n,):
+            raise ParamError(f"{what} must have shape ({self._n},) (parameters {list(self.cost.param_names)} in C "
+                             f"order) or be a dict of arrays; got shape {t.shape}")
+        if not math.isfinite(float(t @ t)):
+            j = int(np.flatnonzero(~np.isfinite(t))[0])
+            raise ParamError(f"{what}[{j}] ({self.cost.flat_names()[j]}) is {t[j]}: it must be finite")
+        return t
+
+    # -- running ----------------------------------------------------------------------------
+    def _run(self, kind: str, theta, v, data) -> np.ndarray:
+        mod = self._module("hvp" if kind == "hvp" else "base")
+        td = as_tensor_data(self.cost, data)
+        nout = {"value": 1, "vg": 1 + self._n, "hvp": self._n}[kind]
+        out = np.empty(nout)
+        acc_size = mod.ACC_SIZES[kind]
+        finish = getattr(mod, f"{kind}_finish")
+        if not self.cost.has_data:
+            finish(theta, v, np.zeros(max(acc_size, 1)), out)
+            return out
+        n = td.n_rows
+        parts = stripes(n)
+        acc = np.zeros((len(parts), max(acc_size, 1)))
+        rows = getattr(mod, f"{kind}_rows")
+        scale = 1.0 / n if self.cost.reduce == "mean" else 1.0
+        args = td.arrays
+        use_threads = self.parallel is True or (self.parallel == "auto" and n >= PARALLEL_MIN_ROWS)
+        threads = min(native.thread_count(), len(parts)) if use_threads else 1
+        if threads <= 1:
+            for k, (lo, hi) in enumerate(parts):
+                rows(theta, v, *args, lo, hi, scale, acc[k])
+        else:
+            self._warm(rows, theta, v, args, scale, acc)
+
+            def job(i):
+                for k in range(i, len(parts), threads):
+                    lo, hi = parts[k]
+                    rows(theta, v, *args, lo, hi, scale, acc[k])
+
+            native.pool.run(job, threads)
+        total = acc[0].copy()
+        for k in range(1, len(parts)):
+            total += acc[k]
+        finish(theta, v, total, out)
+        if not td.checked and not np.all(np.isfinite(out)):
+            raise_nonfinite(self.cost, td)  # names the datum; else the values are what they are
+        return out
+
+    def _warm(self, rows, theta, v, args, scale, acc):
+        """Compile (or load) ``rows`` on this thread before threads call it."""
+        if not rows.signatures:
+            scratch = np.zeros_like(acc[0])
+            rows(theta, v, *args, 0, 0, scale, scratch)
+
+    def value(self, theta, data=None) -> float:
+        """The reduced cost (plus the penalty)."""
+        return float(self._run("value", self._theta(theta), self._empty, data)[0])
+
+    def value_and_grad(self, theta, data=None) -> tuple:
+        """``(value, gradient)`` from one pass over the data; the gradient in ``theta`` order."""
+        out = self._run("vg", self._theta(theta), self._empty, data)
+        return float(out[0]), out[1:].copy()
+
+    def grad(self, theta, data=None) -> np.ndarray:
+        """The reduced gradient, flat, in ``theta`` order."""
+        return self._run("vg", self._theta(theta), self._empty, data)[1:].copy()
+
+    def hvp(self, theta, v, data=None) -> np.ndarray:
+        """The exact Hessian-vector product ``H(theta) v``, in one pass over the data."""
+        return self._run("hvp", self._theta(theta), self._theta(v, "v"), data)
+
+    def hessian(self, theta, data=None) -> np.ndarray:
+        """The reduced Hessian ``(n, n)``, column by column from exact Hessian-vector products."""
+        t = self._theta(theta)
+        if self._n > 4096:
+            raise ParamError(f"the Hessian of {self._n} parameters takes {self._n ** 2 * 8 / 2**30:.1f} GiB; "
+                             "use k.hvp(theta, v, data) (exact Hessian-vector products) instead")
+        td = as_tensor_data(self.cost, data)
+        H = np.empty((self._n, self._n))
+        e = np.zeros(self._n)
+        for i in range(self._n):
+            e[i] = 1.0
+            H[:, i] = self._run("hvp", t, e, td)
+            e[i] = 0.0
+        return 0.5 * (H + H.T)
+
+
+def compile_tensor(cost: TensorCost, parallel="auto") -> TensorKernels:
+    from ..compile import cache_dir
+
+    key = (cost.key, parallel, str(cache_dir()))
+    with _lock:
+        found = _loaded.get(key)
+        if found is None:
+            found = _loaded[key] = TensorKernels(cost, parallel)
+        return found

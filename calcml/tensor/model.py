@@ -1,0 +1,440 @@
+"""``TensorCost``: a cost stated in index notation, its exact derivatives in index form, and
+the source of its kernels.
+
+``cm.Cost`` returns a ``TensorCost`` when a parameter or a data item is a tensor
+(``cm.params("W", shape=...)``, ``cm.data("x", shape=...)``, ``cm.data("c", classes=K)``), or
+the expression holds index notation. Nothing is ever expanded into scalar symbols: the
+statement, the derivatives, the generated loops and the build time are the same size for a
+784-pixel image as for a 4-pixel one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+
+import numpy as np
+import sympy as sp
+
+from ..codegen import NUMBA_FLAGS
+from ..printing import HELPERS
+from ..cost import Cost
+from ..errors import CostError, ParamError
+from .codegen import BLOCK, KernelSpec, write_kernel
+from .graph import ROW, SCALE, Graph, Lowering, Tensor
+from .statement import Label, LogSumExp
+
+__all__ = ["TensorCost", "is_tensor_statement"]
+
+
+def is_tensor_statement(expr, params, data, penalty=None) -> bool:
+    items = list(_items(params)) + list(_items(data))
+    if any(isinstance(p, (sp.IndexedBase, Label)) for p in items):
+        return True
+    for e in (expr, penalty):
+        if isinstance(e, sp.Basic) and e.has(sp.Indexed, sp.Sum, LogSumExp, sp.Idx):
+            return True
+    return False
+
+
+def _items(xs):
+    if xs is None:
+        return
+    if isinstance(xs, (sp.Basic, str)):
+        yield xs
+        return
+    try:
+        it = iter(xs)
+    except TypeError:
+        yield xs
+        return
+    for x in it:
+        if isinstance(x, (list, tuple)):
+            yield from _items(x)
+        else:
+            yield x
+
+
+def _check_item(item, role: str):
+    if isinstance(item, str):
+        raise CostError(f"{role} must be SymPy objects (from cm.{role}), got the string {item!r}; "
+                        "calcml never parses strings here")
+    if isinstance(item, sp.IndexedBase):
+        if item.shape is None:
+            raise CostError(f"{role} tensor {item.label} has no shape; make it with cm.{role}({str(item.label)!r}, shape=(...))")
+        return item
+    if isinstance(item, Label):
+        if role == "params":
+            raise CostError(f"class label {item.name!r} is data, not a parameter")
+        return item
+    if isinstance(item, sp.Symbol):
+        if item.is_real is not True:
+            if item.is_real is False:
+                raise CostError(f"{role} symbol {item.name!r} is declared non-real; calcml costs are real-valued")
+            raise CostError(f"{role} symbol {item.name!r} must be real: make it with cm.{role}({item.name!r})")
+        return item
+    raise CostError(f"{role} must hold SymPy symbols or tensors, got {item!r} of type {type(item).__name__}")
+
+
+def _name(item) -> str:
+    return str(item.label) if isinstance(item, sp.IndexedBase) else item.name
+
+
+def _size(item) -> int:
+    if isinstance(item, sp.IndexedBase):
+        return int(np.prod([int(n) for n in item.shape]))
+    return 1
+
+
+class TensorCost(Cost):
+    """A :class:`calcml.Cost` stated in index notation (see the module docstring).
+
+    ``cm.Cost(...)`` makes one by itself when the statement holds tensors or indices."""
+
+    def __init__(self, expr, params, data=None, reduce: str = "mean", penalty=None):
+        if reduce not in ("mean", "sum"):
+            raise CostError(f"reduce must be one of ('mean', 'sum'), got {reduce!r}")
+        plist = [_check_item(p, "params") for p in _items(params)]
+        dlist = [_check_item(d, "data") for d in _items(data)]
+        if not plist:
+            raise CostError("a cost needs at least one parameter; params is empty")
+        seen: dict = {}
+        for role, items in (("params", plist), ("data", dlist)):
+            for it in items:
+                name = _name(it)
+                if name in seen:
+                    raise CostError(f"{role} lists {name!r} twice" if seen[name] == role
+                                    else f"{name!r} is listed both as a parameter and as data")
+                seen[name] = role
+        if isinstance(expr, str) or (penalty is not None and isinstance(penalty, str)):
+            raise CostError("the cost expression is a string; build it from SymPy objects. calcml never evaluates strings")
+        try:
+            e = sp.sympify(expr, strict=True)
+            pen = None if penalty is None else sp.sympify(penalty, strict=True)
+        except (sp.SympifyError, TypeError):
+            raise CostError(f"the cost expression must be a SymPy expression, got {type(expr).__name__}") from None
+        self._expr, self._penalty = e, pen
+        self._params, self._data, self._reduce = tuple(plist), tuple(dlist), reduce
+        self._build_graph()
+
+    # -- the graph --------------------------------------------------------------------------
+    def _build_graph(self):
+        g = self._graph = Graph()
+        self._pin = [g.add_input(p, "param") for p in self._params]
+        self._din = [g.add_input(d, "label" if isinstance(d, Label) else "data") for d in self._data]
+        known = {t.placeholder: t for t in self._pin + self._din}
+        low = Lowering(g, known)
+        fbody = low.lower(self._expr)
+        left = g.free_indices(fbody)
+        if left:
+            names = ", ".join(str(i) for i in left)
+            raise CostError(f"index {names} is left free in the per-row cost; a cost is one number per row: "
+                            f"sum over it (cm.sum(..., {left[0]})) or use it inside cm.logsumexp")
+        self._f = g.derived("map", fbody, (), note="the per-row cost")
+        self._pen = None
+        if self._penalty is not None:
+            pbody = low.lower(self._penalty)
+            left = g.free_indices(pbody)
+            if left:
+                raise CostError(f"index {', '.join(map(str, left))} is left free in the penalty; sum over it")
+            rows = [t for t, _, _ in g.occurrences(pbody) if t.row]
+            if rows:
+                raise CostError(f"the penalty uses data {rows[0].name!r}; a penalty is a function of the parameters "
+                                "only (it is added once, not per row)")
+            self._pen = g.derived("map", pbody, (), note="the penalty")
+        if self._f.row:
+            self._v = g.derived("sum", SCALE * self._f.ref(), (), (ROW,), row=False,
+                                note="the per-row cost summed over rows (times 1/N for a mean)")
+        elif self._data:
+            # a per-row cost that reads no data: the same value on every row
+            self._v = g.derived("sum", SCALE * self._f.ref(), (), (ROW,), row=False, note="the cost over rows")
+        else:
+            self._v = self._f
+        total = self._v.ref() + (self._pen.ref() if self._pen is not None else 0)
+        self._value = g.derived("map", total, (), note="the cost")
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self._data)
+
+    @cached_property
+    def _grads(self) -> list:
+        """Adjoint expressions of each parameter input (reduced, seeded for kernels)."""
+        g = self._graph
+        roots = [(self._v, 1)] + ([(self._pen, 1)] if self._pen is not None else [])
+        adj = g.reverse(roots, self._pin)
+        return [self._materialize(adj[p], p.free, f"gradient of {p.name}") for p in self._pin]
+
+    def _materialize(self, expr, free, note):
+        if expr == 0:
+            return None
+        g = self._graph
+        t = g.tensor_of(expr) if isinstance(expr, (sp.Indexed, sp.Symbol)) else None
+        if t is not None and tuple(getattr(expr, "indices", ())) == t.free:
+            return t
+        return g.derived("map", expr, free, note=note, prefix="g")
+
+    @cached_property
+    def _hvps(self) -> list:
+        g = self._graph
+        self._vin = [g.add_input(sp.IndexedBase(f"v_{p.name}", shape=p.shape) if p.free else sp.Symbol(f"v_{p.name}"),
+                                 "direction") for p in self._pin]
+        for p, v in zip(self._pin, self._vin):
+            v.free = p.free
+            v.name = p.name
+        grads = [t.ref() if t is not None else sp.S.Zero for t in self._grads]
+        tans = g.tangents(grads, dict(zip(self._pin, self._vin)))
+        return [self._materialize(e, p.free, f"Hessian-vector product, {p.name}") for e, p in zip(tans, self._pin)]
+
+    # -- the statement ----------------------------------------------------------------------
+    @property
+    def penalty(self):
+        return self._penalty
+
+    @property
+    def n_params(self) -> int:
+        return sum(_size(p) for p in self._params)
+
+    @property
+    def param_shapes(self) -> dict:
+        return {_name(p): tuple(int(n) for n in p.shape) if isinstance(p, sp.IndexedBase) else () for p in self._params}
+
+    @property
+    def data_shapes(self) -> dict:
+        return {_name(d): tuple(int(n) for n in d.shape) if isinstance(d, sp.IndexedBase) else () for d in self._data}
+
+    @property
+    def param_names(self) -> tuple:
+        return tuple(_name(p) for p in self._params)
+
+    @property
+    def data_names(self) -> tuple:
+        return tuple(_name(d) for d in self._data)
+
+    def pack(self, values: dict) -> np.ndarray:
+        """A dict ``{name: array}`` (each of its parameter's shape) -> the flat ``theta``."""
+        if not isinstance(values, dict):
+            raise ParamError(f"pack takes a dict {{name: array}}, got {type(values).__name__}")
+        names = self.param_names
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            raise ParamError(f"{', '.join(map(repr, unknown))} not a parameter of this cost; its parameters are {list(names)}")
+        missing = [k for k in names if k not in values]
+        if missing:
+            raise ParamError(f"missing parameter{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+        parts = []
+        for name, shape in self.param_shapes.items():
+            try:
+                a = np.asarray(values[name], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ParamError(f"parameter {name!r} must be numbers of shape {shape}, got {type(values[name]).__name__}") from None
+            if a.shape != shape:
+                raise ParamError(f"parameter {name!r} has shape {shape}, got an array of shape {a.shape}")
+            parts.append(a.reshape(-1))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def unpack(self, theta) -> dict:
+        """The flat ``theta`` -> ``{name: array of its shape}`` (a float for a scalar parameter)."""
+        t = np.asarray(theta, dtype=np.float64)
+        if t.shape != (self.n_params,):
+            raise ParamError(f"theta must have shape ({self.n_params},) for this cost, got {t.shape}")
+        out, o = {}, 0
+        for name, shape in self.param_shapes.items():
+            n = int(np.prod(shape)) if shape else 1
+            out[name] = t[o:o + n].reshape(shape).copy() if shape else float(t[o])
+            o += n
+        return out
+
+    def flat_names(self) -> list:
+        """One name per entry of ``theta``: ``W[0, 3]``, ``b[2]``, ``s``."""
+        out = []
+        for name, shape in self.param_shapes.items():
+            if not shape:
+                out.append(name)
+            else:
+                out.extend(f"{name}[{', '.join(map(str, ix))}]" for ix in np.ndindex(*shape))
+        return out
+
+    # -- derivatives in index form ----------------------------------------------------------
+    @cached_property
+    def _display_graph(self):
+        """A separate graph for the per-row derivatives shown to people (seed 1, no row sums)."""
+        g = Graph()
+        pin = [g.add_input(p, "param") for p in self._params]
+        din = [g.add_input(d, "label" if isinstance(d, Label) else "data") for d in self._data]
+        low = Lowering(g, {t.placeholder: t for t in pin + din})
+        f = g.derived("map", low.lower(self._expr), ())
+        for t in g.tensors:
+            if t.kind != "input" and getattr(t, "source", None) is None:
+                t.source = None
+        adj = g.reverse([(f, 1)], pin, per_row=True)
+        return g, pin, adj
+
+    def _inline(self, g: Graph, e):
+        """A body expression with every derived tensor replaced by its index notation."""
+        subs = {}
+        for t, idx, ref in g.occurrences(e):
+            if t.kind == "input":
+                continue
+            subs[ref] = self._definition(g, t, idx)
+        return e.xreplace(subs) if subs else e
+
+    def _definition(self, g: Graph, t: Tensor, idx):
+        src = getattr(t, "source", None)
+        mapping = dict(zip(t.free, idx))
+        if src is not None:
+            return src.xreplace(mapping) if mapping else src
+        body = self._inline(g, t.body)
+        if t.kind == "sum":
+            body = sp.Sum(body, *[(i, i.lower, i.upper) for i in t.over if i != ROW])
+        elif t.kind == "lse":
+            body = LogSumExp(body, t.over[0]) if len(t.over) == 1 else sp.log(
+                sp.Sum(sp.exp(body), *[(i, i.lower, i.upper) for i in t.over]))
+        return body.xreplace(mapping) if mapping else body
+
+    def diff(self, entry):
+        """The exact per-row partial derivative of ``expr`` with respect to ``entry``
+        (``W[k, j]`` with indices, or a scalar parameter), in index notation, never expanded.
+
+        The penalty's derivative is :meth:`penalty_diff`."""
+        g, pin, adj = self._display_graph
+        base, idx = self._entry(entry)
+        p = next(t for t in pin if t.placeholder == base)
+        e = adj[p]
+        return self._inline(g, e.xreplace(dict(zip(p.free, idx))) if p.free else e)
+
+    def penalty_diff(self, entry):
+        """The derivative of the penalty with respect to ``entry`` (0 without a penalty)."""
+        if self._penalty is None:
+            return sp.S.Zero
+        g = Graph()
+        pin = [g.add_input(p, "param") for p in self._params]
+        low = Lowering(g, {t.placeholder: t for t in pin})
+        f = g.derived("map", low.lower(self._penalty), ())
+        adj = g.reverse([(f, 1)], pin, per_row=True)
+        base, idx = self._entry(entry)
+        p = next(t for t in pin if t.placeholder == base)
+        e = adj[p]
+        return self._inline(g, e.xreplace(dict(zip(p.free, idx))) if p.free else e)
+
+    def _entry(self, entry):
+        if isinstance(entry, sp.Indexed):
+            if entry.base not in self._params:
+                raise CostError(f"{entry}: {entry.base.label} is not a parameter of this cost")
+            if len(entry.indices) != len(entry.base.shape):
+                raise CostError(f"{entry}: {entry.base.label} has shape {tuple(entry.base.shape)}")
+            return entry.base, tuple(entry.indices)
+        if isinstance(entry, sp.Symbol) and entry in self._params:
+            return entry, ()
+        raise CostError(f"diff takes an entry of a parameter, W[k, j] or a scalar parameter; got {entry!r}")
+
+    @cached_property
+    def gradient(self) -> tuple:
+        """Per parameter, the per-row derivative of ``expr`` at that parameter's generic entry,
+        in index notation (indices ``<name>_0``, ``<name>_1``, ...)."""
+        g, pin, adj = self._display_graph
+        return tuple(self._inline(g, adj[p]) for p in pin)
+
+    @property
+    def hessian(self):
+        raise CostError("a tensor cost has no expanded Hessian matrix: use the compiled kernels' "
+                        "k.hvp(theta, v, data) (exact Hessian-vector products) or k.hessian(theta, data)")
+
+    # -- identity ---------------------------------------------------------------------------
+    @cached_property
+    def key(self) -> str:
+        h = hashlib.sha256()
+        parts = [sp.srepr(self._expr), sp.srepr(self._penalty) if self._penalty is not None else "-", self._reduce]
+        for p in self._params:
+            parts.append(f"P:{sp.srepr(p)}")
+        for d in self._data:
+            parts.append(f"D:{sp.srepr(d)}:{getattr(d, 'classes', '')}")
+        for part in parts:
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+    def __repr__(self):
+        return self._tensor_repr()
+
+    def _repr_latex_(self):
+        return self._tensor_latex()
+
+    def __eq__(self, other):
+        return isinstance(other, TensorCost) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def _tensor_repr(self):
+        pen = f", penalty={self._penalty}" if self._penalty is not None else ""
+        tail = f", data=[{', '.join(self.data_names)}], reduce={self._reduce!r}" if self._data else ""
+        return f"Cost({self._expr}, params=[{', '.join(self.param_names)}]{tail}{pen})"
+
+    def _tensor_latex(self):
+        body = sp.latex(self._expr)
+        lhs = "J(" + ", ".join(self.param_names) + ")"
+        pen = f" + {sp.latex(self._penalty)}" if self._penalty is not None else ""
+        if not self._data:
+            return f"$\\displaystyle {lhs} = {body}{pen}$"
+        red = "\\frac{1}{N}\\sum_{r=1}^{N}" if self._reduce == "mean" else "\\sum_{r=1}^{N}"
+        return f"$\\displaystyle {lhs} = {red} \\left({body}\\right)_r{pen}$"
+
+    # -- generated source -------------------------------------------------------------------
+    def kernel_specs(self, kinds) -> list:
+        specs = []
+        n_sizes = [p.size for p in self._pin]
+        for kind in kinds:
+            if kind == "value":
+                specs.append(KernelSpec("value", [("the cost", self._value, 1)]))
+            elif kind == "vg":
+                outs = [("the cost", self._value, 1)]
+                outs += [(f"gradient of {p.name}", t if t is not None else sp.S.Zero, n)
+                         for p, t, n in zip(self._pin, self._grads, n_sizes)]
+                specs.append(KernelSpec("vg", outs))
+            elif kind == "hvp":
+                outs = [(f"Hessian-vector product, {p.name}", t if t is not None else sp.S.Zero, n)
+                        for p, t, n in zip(self._pin, self._hvps, n_sizes)]
+                specs.append(KernelSpec("hvp", outs))
+        return specs
+
+    def module_source(self, kinds=("value", "vg")) -> tuple:
+        """(source text, {kind: accumulator size}) of the kernels' module."""
+        if "hvp" in kinds:
+            self._hvps  # noqa: B018 - makes the direction inputs
+        directions = getattr(self, "_vin", [])
+        lines, helpers, sizes = [], set(), {}
+        for spec in self.kernel_specs(kinds):
+            body, used, size = write_kernel(self._graph, spec, self._pin, self._din, directions, self.has_data)
+            lines += body
+            helpers |= used
+            sizes[spec.kind] = size
+        return _module_text(self, lines, helpers, sizes), sizes
+
+
+def _module_text(cost, lines, helpers, sizes) -> str:
+    flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
+    head = [
+        f'"""calcml tensor kernels (generated; edit the cost, not this file).',
+        "",
+        f"cost: {cost._tensor_repr()}",
+        "",
+        "Row tensors hold one row per row of the current block (index r); accumulators add their",
+        "sums over rows into acc, which the caller adds up over stripes of rows in a fixed order.",
+        '"""',
+        "",
+        "import math",
+        "",
+        "import numba",
+        "import numpy as np",
+        "",
+        f"_jit = numba.njit({flags})",
+        f"BLOCK = {BLOCK}",
+        f"N_PARAMS = {cost.n_params}",
+        f"ACC_SIZES = {sizes!r}",
+        "",
+    ]
+    out = "\n".join(head) + "\n"
+    for name in sorted(helpers):
+        out += "\n@_jit\n" + HELPERS[name] + "\n"
+    return out + "\n\n" + "\n".join(lines) + "\n"
