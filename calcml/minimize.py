@@ -19,6 +19,7 @@ from . import optim as _optim
 from . import result as _result
 from .codegen import HESSIAN_INLINE_MAX
 from .cost import Cost
+from .tensor.model import TensorCost
 from .dataset import as_dataset
 from .errors import DataError, OptimizeError, ParamError
 from . import loop as _loop
@@ -88,6 +89,8 @@ def generate(cost: Cost, method="gd", schedule=None, batch_size=None, lr=None) -
     """
     _check_cost(cost)
     opt, sched, batch = _resolve(cost, method, lr, schedule, batch_size)
+    if isinstance(cost, TensorCost) or opt.kind == "newton-cg":
+        return _tensor_program(cost, opt, sched, batch, batch_size)
     prog = program_for(cost, opt, sched, batch)
     prog.notes_batch_default = batch_size is None and batch is not None
     return prog
@@ -117,7 +120,44 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     (True, {'w': 2.0, 'b': 1.0})
     """
     prog = _program(cost, method, lr, schedule, batch_size)
-    return _run_program(prog, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+    return prog.run(x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+
+
+def _tensor_program(cost, opt, sched, batch, batch_size):
+    """The tensor path's program: index-notation costs, and methods only it has (newton-cg)
+    for scalar costs, restated as a tensor cost of scalar parameters."""
+    from .tensor.optimize import program_for_tensor
+
+    if not isinstance(cost, TensorCost):
+        prog = program_for_tensor(TensorCost(cost.expr, list(cost.params), list(cost.data), cost.reduce), opt,
+                                  sched, batch)
+        prog.scalar_cost = cost
+        return _ScalarFront(prog)
+    prog = program_for_tensor(cost, opt, sched, batch)
+    prog.notes_batch_default = batch_size is None and batch is not None
+    return prog
+
+
+class _ScalarFront:
+    """A tensor program run on a scalar cost's data forms (dict, 2-D array, DataFrame)."""
+
+    def __init__(self, prog):
+        self.prog = prog
+        self.cost = prog.scalar_cost
+        self.optimizer = prog.optimizer
+
+    def __getattr__(self, name):
+        return getattr(self.prog, name)
+
+    def run(self, x0, data=None, **kw):
+        if self.cost.data:
+            ds = as_dataset(data, self.cost.data_names)
+            data = dict(zip(self.cost.data_names, ds.columns))
+        if not isinstance(x0, dict):
+            x0 = _as_x0(self.cost, x0)
+        res = self.prog.run(x0, data, **kw)
+        res.params = {k: float(v) for k, v in res.params.items()}
+        return res
 
 
 # minimize's programs by (cost, method name, lr, batch size, what the module depends on): a call

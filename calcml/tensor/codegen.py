@@ -166,7 +166,9 @@ class _Writer:
             rs = readers[t]
             if not rs or any(r in self.gemm for r in rs):
                 continue
-            if _cheap(t.body) or all(_context(r) <= _axes(t) for r in rs):
+            # inlined: a read or product of reads (nothing to keep), or a body with one reader
+            # that loops over no index it lacks (computed once either way)
+            if _cheap(t.body) or (len(rs) == 1 and _context(rs[0]) <= _axes(t)):
                 self.inlined.add(t)
         self._bodies: dict = {}
         self.order = [t for t in self.needed if t.kind == "input" or t not in self.inlined]

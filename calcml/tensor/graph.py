@@ -220,7 +220,7 @@ class Graph:
             for u, idx, d in self.partials(t):
                 local = d
                 if t.kind == "lse":  # d log sum exp(b) = softmax * d b
-                    local = sp.exp(t.body - t.ref()) * d
+                    local = self.softmax(t).ref() * d
                 body = adj * local
                 summed = [i for i in t.free + t.over if i not in idx and i != ROW]
                 rows = t.iterates_rows and not u.row and not per_row
@@ -229,6 +229,13 @@ class Graph:
                                  note=f"contribution to the adjoint of {u.name}", prefix="c")
                 contribs[u].append(c.ref(u.free))
         return {u: self._combine(u, contribs.get(u, [])) for u in wrt}
+
+    def softmax(self, t: Tensor) -> Tensor:
+        """exp(body - t) of a log-sum-exp tensor ``t``, over t's free and summed indices: the
+        derivative of ``t`` with respect to its body (one tensor, shared by every reader)."""
+        over = [i for i in t.over if i != ROW]
+        return self.derived("map", sp.exp(t.body - t.ref()), list(t.free) + over, row=t.row,
+                            note=f"softmax over {', '.join(str(i) for i in over)} of {t.name}'s terms", prefix="s")
 
     def _combine(self, t: Tensor, terms):
         """The adjoint of ``t`` as an expression at t's axes (a sum of contributions)."""
@@ -257,7 +264,7 @@ class Graph:
                 else:
                     kind = t.kind
                     if kind == "lse":
-                        dbody, kind = sp.exp(t.body - t.ref()) * dbody, "sum"
+                        dbody, kind = self.softmax(t).ref() * dbody, "sum"
                     r = self.derived(kind, dbody, t.free, t.over, row=t.row, note=f"tangent of {t.name}", prefix="d")
             memo[t] = r
             return r

@@ -424,6 +424,7 @@ def _module_text(cost, lines, helpers, sizes) -> str:
         '"""',
         "",
         "import math",
+        "import time",
         "",
         "import numba",
         "import numpy as np",

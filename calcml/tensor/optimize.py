@@ -1,0 +1,584 @@
+"""Optimizers on tensor costs: one generated module per (cost, optimizer, schedule, batching).
+
+The module holds the cost's kernels (:mod:`calcml.tensor.codegen`), full-batch evaluations
+over all rows in the kernels' stripes (``_fg``, ``_f``, ``_hvp``, ``_hess``: the same bits as
+``k.value_and_grad``), the optimizer's update rule over the parameter array (its own
+description from :mod:`calcml.optim`, with its own names: nothing is renamed or unrolled),
+and compiled loops: ``_full_steps`` (full-batch first-order), ``_epoch`` (one epoch of
+minibatches), ``_ls_steps`` (line-search and trust-region methods). ``drive`` is the plain
+Python driver that calls them in chunks of about a quarter of a second, between which
+Ctrl-C and progress are handled. The module needs only NumPy and Numba
+(``prog.export(path)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import time
+
+import numpy as np
+
+from .. import result as _result
+from ..errors import OptimizeError, ParamError
+from ..optim import Optimizer
+from ..schedules import Schedule
+from .kernels import STRIPES, as_tensor_data, compile_tensor
+from .model import TensorCost
+
+__all__ = ["TensorProgram", "program_for_tensor"]
+
+# Names the generated loops give to what an optimizer's own lines read; the loops' other
+# locals all hold an underscore ("o_..."), which a state or hyperparameter name cannot.
+_RESERVED = {"theta", "g", "lr", "step", "j", "math", "np", "cols", "value", "status", "nfev", "fresh"}
+
+_STATUS_LINES = f"""RUNNING = -1
+CONVERGED = {_result.CONVERGED}
+MAXITER = {_result.MAXITER}
+EPOCHS_DONE = {_result.EPOCHS_DONE}
+DIVERGED = {_result.DIVERGED}
+INTERRUPTED = {_result.INTERRUPTED}
+LINE_SEARCH_FAILED = {_result.LINE_SEARCH_FAILED}
+"""
+
+_DRIVER = '''
+
+# -- the driver: plain Python around the compiled loops ------------------------------------------------
+def stripes(n):
+    """[(first row, end row)] of at most STRIPES stripes of whole blocks (the kernels' partition)"""
+    nblocks = -(-n // BLOCK)
+    s = max(1, min(STRIPES, nblocks))
+    return np.array([((k * nblocks // s) * BLOCK, min(n, ((k + 1) * nblocks // s) * BLOCK)) for k in range(s)],
+                    dtype=np.int64).reshape(-1, 2)
+
+
+def columns(arrays, n_rows, reduce_mean):
+    """The tuple the compiled loops read: stripe bounds, the rows' scale, the data arrays"""
+    if not arrays:
+        return (np.zeros((1, 2), dtype=np.int64), 1.0) + DUMMY_DATA
+    return (stripes(n_rows), 1.0 / n_rows if reduce_mean else 1.0) + tuple(arrays)
+
+
+def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxiter=None, tol=1e-8, seed=0,
+          callback=None, chunk_seconds=0.25):
+    """Minimize from x0 (flat float64); arrays: the data arrays in DATA_NAMES order (validated).
+    Returns a dict: x, fun, grad, grad_norm, nit, nfev, status, history, epochs, best_step,
+    best_value, diverged_at, blowup."""
+    theta = np.array(x0, dtype=np.float64)
+    cols = columns(arrays, n_rows, REDUCE_MEAN)
+    hyper = np.asarray(hyper, dtype=np.float64).reshape(-1)
+    sa = np.asarray(sched, dtype=np.float64).reshape(-1)
+    g = np.empty(N_PARAMS)
+    value = _fg(theta, cols, g)
+    f0 = value
+    blowup = 1e10 * max(1.0, abs(f0))
+    state = new_state()
+    best = theta.copy()
+    best_value, best_step = value, 0
+    history = [value]
+    status, nit, nfev, epochs_done, diverged_at = RUNNING, 0, 0, 0, -1
+    gnorm = math.sqrt(float(g @ g))
+    if not math.isfinite(value) or not math.isfinite(gnorm):
+        status, diverged_at = DIVERGED, 0
+    elif gnorm <= tol:
+        status = CONVERGED
+    try:
+        if status != RUNNING:
+            pass
+        elif MINIBATCH:
+            per_epoch = -(-n_rows // batch_size)
+            if epochs is None and maxiter is None:
+                epochs = DEFAULT_EPOCHS
+            budget = min(s for s in (maxiter, None if epochs is None else epochs * per_epoch) if s is not None)
+            bufs = tuple(np.empty((batch_size,) + a.shape[1:], dtype=a.dtype) for a in arrays)
+            scale_mean = REDUCE_MEAN
+            rng = np.random.default_rng(seed)
+            best_epoch_cost = math.inf
+            while nit < budget and status == RUNNING:
+                perm = rng.permutation(n_rows).astype(np.int64)
+                code, done, total = _epoch(theta, g, perm, batch_size, nit, budget - nit, hyper, sa, cols, bufs,
+                                           scale_mean, n_rows, blowup, *state)
+                nit += done
+                if code == DIVERGED:
+                    status, diverged_at = DIVERGED, nit
+                    break
+                epochs_done += 1
+                mean_cost = total / max(done, 1)
+                history.append(mean_cost)
+                if mean_cost < best_epoch_cost:
+                    best_epoch_cost = mean_cost
+                    best[:] = theta
+                    best_value, best_step = mean_cost, nit
+                if callback is not None:
+                    callback(nit, budget, mean_cost)
+                if tol > 0.0:
+                    value = _fg(theta, cols, g)
+                    if math.sqrt(float(g @ g)) <= tol:
+                        status = CONVERGED
+            if status == RUNNING:
+                status = EPOCHS_DONE
+        else:
+            budget = maxiter if maxiter is not None else (epochs if epochs is not None else DEFAULT_MAXITER)
+            chunk = 1
+            hist = np.empty(max(1, budget))
+            nf = np.zeros(1, dtype=np.int64)
+            fb = np.array([best_value, 0.0])
+            while nit < budget and status == RUNNING:
+                k = min(chunk, budget - nit)
+                start = time.perf_counter()
+                if FIRST_ORDER:
+                    code, done, value = _full_steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
+                                                    hist[nit:], *state)
+                else:
+                    code, done, value = _ls_steps(theta, g, value, k, hyper, cols, tol, blowup, best, fb, nit,
+                                                  hist[nit:], nf, *state)
+                    nfev += int(nf[0])
+                nit += done
+                best_value, best_step = fb[0], int(fb[1])
+                if code != RUNNING:
+                    status = code
+                    if code == DIVERGED:
+                        diverged_at = nit
+                if callback is not None:
+                    callback(nit, budget, value)
+                elapsed = time.perf_counter() - start
+                chunk = max(1, min(1_000_000, int(chunk * min(4.0, chunk_seconds / max(elapsed, 1e-6)))))
+            history.extend(hist[:nit].tolist())
+            if status == RUNNING:
+                status = MAXITER
+    except KeyboardInterrupt:
+        status = INTERRUPTED
+    x = best.copy() if status in (DIVERGED, INTERRUPTED) else theta.copy()
+    fun = _fg(x, cols, g)
+    grad_norm = math.sqrt(float(g @ g))
+    if status not in (DIVERGED, INTERRUPTED) and not (abs(fun) <= blowup and math.isfinite(grad_norm)):
+        status, diverged_at = DIVERGED, nit
+        x = best.copy()
+        fun = _fg(x, cols, g)
+        grad_norm = math.sqrt(float(g @ g))
+    return {"x": x, "fun": fun, "grad": g.copy(), "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
+            "status": status, "history": np.array(history), "epochs": epochs_done, "best_step": best_step,
+            "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup}
+'''
+
+
+class _Source:
+    """Prints the optimizer part of a tensor optimizer module."""
+
+    def __init__(self, cost: TensorCost, opt: Optimizer, schedule: Schedule | None, minibatch: bool, sizes: dict):
+        self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
+        self.sizes = sizes
+        self.lines: list[str] = []
+        for name in list(opt.hyper) + [s[0] for s in opt.state]:
+            if name in _RESERVED:
+                raise OptimizeError(f"optimizer {opt.name}: the name {name!r} is one the generated loop uses itself "
+                                    f"({', '.join(sorted(_RESERVED))}); rename it")
+        self.state = [s[0] for s in opt.state]
+
+    def w(self, indent=0, text=""):
+        self.lines.append("    " * indent + text if text else "")
+
+    def data_args(self, cols="cols", first=2):
+        n = len(self.cost.data)
+        return ", ".join(f"{cols}[{first + i}]" for i in range(n)) if n else "cols[2]"
+
+    def full_batch(self):
+        w = self.w
+        has_data = self.cost.has_data
+        for kind, fname, extra, doc in (("vg", "_fg", "g", "the full cost at theta; its gradient into g"),
+                                        ("value", "_f", "", "the full cost at theta"),
+                                        ("hvp", "_hvp", "out", "the exact Hessian times v into out")):
+            if kind not in self.sizes:
+                continue
+            args = "theta, v, cols, out" if kind == "hvp" else f"theta, cols{', ' + extra if extra else ''}"
+            w(0, "@_jit")
+            w(0, f"def {fname}({args}):")
+            w(1, f'"""{doc} (all rows, in the kernels\' stripes: the same bits as the kernels)"""')
+            if kind != "hvp":
+                w(1, "v = np.empty(0)")
+            size = max(self.sizes[kind], 1)
+            if has_data:
+                w(1, "bounds = cols[0]")
+                w(1, "ns = bounds.shape[0]")
+                w(1, f"acc = np.zeros((ns, {size}))")
+                w(1, "for k in range(ns):")
+                w(2, f"{kind}_rows(theta, v, {self.data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc[k])")
+                w(1, "total = acc[0].copy()")
+                w(1, "for k in range(1, ns):")
+                w(2, "total += acc[k]")
+            else:
+                w(1, f"total = np.zeros({size})")
+            nout = {"vg": "N_PARAMS + 1", "value": "1", "hvp": "N_PARAMS"}[kind]
+            if kind == "hvp":
+                w(1, f"{kind}_finish(theta, v, total, out)")
+            else:
+                w(1, f"res = np.empty({nout})")
+                w(1, f"{kind}_finish(theta, v, total, res)")
+                if kind == "vg":
+                    w(1, "for i in range(N_PARAMS):")
+                    w(2, "g[i] = res[i + 1]")
+                w(1, "return res[0]")
+            w()
+            w()
+        if "hvp" in self.sizes:
+            w(0, "@_jit")
+            w(0, "def _hess(theta, cols, H):")
+            w(1, '"""the exact Hessian, column by column from Hessian-vector products"""')
+            w(1, "e = np.zeros(N_PARAMS)")
+            w(1, "col = np.empty(N_PARAMS)")
+            w(1, "for i in range(N_PARAMS):")
+            w(2, "e[i] = 1.0")
+            w(2, "_hvp(theta, e, cols, col)")
+            w(2, "e[i] = 0.0")
+            w(2, "for k in range(N_PARAMS):")
+            w(3, "H[k, i] = col[k]")
+            w(1, "for i in range(N_PARAMS):")
+            w(2, "for k in range(i):")
+            w(3, "H[k, i] = H[i, k] = 0.5 * (H[k, i] + H[i, k])")
+            w()
+            w()
+
+    def state_factory(self):
+        w = self.w
+        opt = self.opt
+        w(0, "def new_state():")
+        w(1, '"""the optimizer\'s state arrays, at their initial values"""')
+        items = []
+        for name, shape, init in opt.state:
+            dims = []
+            for s in shape:
+                dims.append("N_PARAMS" if s == "n" else (str(opt.extra["memory"]) if s == "memory" else str(s)))
+            items.append(f"np.full(({', '.join(dims)},), {float(init)!r})")
+        w(1, f"return ({', '.join(items)}{',' if len(items) == 1 else ''})")
+        w()
+        w()
+
+    def first_order(self):
+        w = self.w
+        opt = self.opt
+        state = ", ".join(self.state)
+        w(0, "@_jit")
+        w(0, "def _rate(step, sa):")
+        w(1, '"""the learning rate at update step (from 0)"""')
+        w(1, f"return {self.schedule.code('step', 'sa')}")
+        w()
+        w()
+        w(0, "@_jit")
+        w(0, f"def _update(theta, g, lr, step, o_hyper{', ' + state if state else ''}):")
+        w(1, f'"""one {opt.name} update of every parameter ({opt.reference})"""')
+        for k, name in enumerate(opt.hyper):
+            w(1, f"{name} = o_hyper[{k}]")
+        for line in opt.per_step:
+            w(1, line)
+        w(1, "for j in range(theta.shape[0]):")
+        for line in opt.update:
+            w(2, line)
+        w()
+        w()
+        tail = f", {state}" if state else ""
+        if self.minibatch:
+            self._epoch(tail)
+        else:
+            w(0, "@_jit")
+            w(0, f"def _full_steps(theta, g, value, o_step0, o_nsteps, o_hyper, o_sa, cols, o_tol, o_blowup, o_best, o_fb, o_hist{tail}):")
+            w(1, '"""nsteps full-batch updates from theta (value, g current). Returns (status, updates, value)"""')
+            w(1, "for o_it in range(o_nsteps):")
+            w(2, "o_step = o_step0 + o_it")
+            w(2, f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})")
+            w(2, "value = _fg(theta, cols, g)")
+            w(2, "o_hist[o_it] = value")
+            w(2, "o_gn = math.sqrt(np.dot(g, g))")
+            w(2, "if not (abs(value) <= o_blowup and o_gn < math.inf):")
+            w(3, "return DIVERGED, o_it + 1, value")
+            w(2, "if value < o_fb[0]:")
+            w(3, "o_fb[0] = value")
+            w(3, "o_fb[1] = o_step + 1")
+            w(3, "o_best[:] = theta")
+            w(2, "if o_gn <= o_tol:")
+            w(3, "return CONVERGED, o_it + 1, value")
+            w(1, "return RUNNING, o_nsteps, value")
+            w()
+            w()
+
+    def _epoch(self, tail):
+        w = self.w
+        n = len(self.cost.data)
+        w(0, "@_jit")
+        w(0, f"def _epoch(theta, g, o_perm, o_batch, o_step0, o_max_steps, o_hyper, o_sa, cols, o_bufs, o_mean, o_rows, o_blowup{tail}):")
+        w(1, '"""one epoch of minibatches in the order perm (at most max_steps updates).')
+        w(1, 'Returns (status, updates, sum of the minibatch costs)"""')
+        w(1, "o_v = np.empty(0)")
+        w(1, f"o_acc = np.zeros({max(self.sizes['vg'], 1)})")
+        w(1, "o_res = np.empty(N_PARAMS + 1)")
+        w(1, "o_total = 0.0")
+        w(1, "o_count = 0")
+        w(1, "o_n = o_perm.shape[0]")
+        w(1, "for o_lo in range(0, o_n, o_batch):")
+        w(2, "if o_count >= o_max_steps:")
+        w(3, "break")
+        w(2, "o_hi = min(o_lo + o_batch, o_n)")
+        w(2, "o_nb = o_hi - o_lo")
+        w(2, "for o_i in range(o_nb):")
+        w(3, "o_p = o_perm[o_lo + o_i]")
+        for k in range(n):
+            w(3, f"o_bufs[{k}][o_i] = cols[{2 + k}][o_p]")
+        w(2, "o_acc[:] = 0.0")
+        w(2, "o_scale = 1.0 / o_nb if o_mean else o_rows / o_nb")
+        bufs = ", ".join(f"o_bufs[{k}]" for k in range(n))
+        w(2, f"vg_rows(theta, o_v, {bufs}, 0, o_nb, o_scale, o_acc)")
+        w(2, "vg_finish(theta, o_v, o_acc, o_res)")
+        w(2, "o_f = o_res[0]")
+        w(2, "if not (abs(o_f) <= o_blowup):")
+        w(3, "return DIVERGED, o_count, o_total")
+        w(2, "for o_i in range(N_PARAMS):")
+        w(3, "g[o_i] = o_res[o_i + 1]")
+        w(2, "o_step = o_step0 + o_count")
+        w(2, f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})")
+        w(2, "o_total += o_f")
+        w(2, "o_count += 1")
+        w(1, "return RUNNING, o_count, o_total")
+        w()
+        w()
+
+    def line_search(self):
+        w = self.w
+        opt = self.opt
+        w(0, opt.helpers.strip("\n"))
+        w()
+        w()
+        state = ", ".join(self.state)
+        w(0, "@_jit")
+        w(0, f"def _ls_steps(theta, g, value, o_nsteps, o_hyper, cols, o_tol, o_blowup, o_best, o_fb, o_step0, o_hist, o_nfev, {state}):")
+        w(1, f'"""nsteps {opt.name} steps from theta (value, g current). Returns (status, steps, value)"""')
+        for k, name in enumerate(opt.hyper):
+            w(1, f"{name} = o_hyper[{k}]")
+        w(1, "status = RUNNING")
+        w(1, "nfev = 0")
+        w(1, "fresh = 1")
+        w(1, "o_done = 0")
+        w(1, "for o_it in range(o_nsteps):")
+        for line in opt.step:
+            w(2, line)
+        if opt.kind == "newton":
+            w(2, "value = _fg(theta, cols, g)")
+            w(2, "nfev += 1")
+        w(2, "o_done += 1")
+        w(2, "o_hist[o_it] = value")
+        w(2, "o_gn = math.sqrt(np.dot(g, g))")
+        w(2, "if not (abs(value) <= o_blowup and o_gn < math.inf):")
+        w(3, "status = DIVERGED")
+        w(3, "break")
+        w(2, "if value < o_fb[0]:")
+        w(3, "o_fb[0] = value")
+        w(3, "o_fb[1] = o_step0 + o_done")
+        w(3, "o_best[:] = theta")
+        w(2, "if o_gn <= o_tol:")
+        w(3, "status = CONVERGED")
+        w(3, "break")
+        w(1, "o_nfev[0] = nfev")
+        w(1, "return status, o_done, value")
+        w()
+        w()
+
+    def text(self) -> str:
+        opt = self.opt
+        self.w(0, "# -- the optimizer: " + f"{opt!r}" + (f", schedule {self.schedule!r}" if self.schedule else ""))
+        for line in _STATUS_LINES.strip().splitlines():
+            self.w(0, line)
+        self.w(0, f"FIRST_ORDER = {opt.kind == 'first_order'}")
+        self.w(0, f"MINIBATCH = {self.minibatch}")
+        self.w(0, f"REDUCE_MEAN = {self.cost.reduce == 'mean'}")
+        self.w(0, f"STRIPES = {STRIPES}")
+        self.w(0, "DEFAULT_EPOCHS = 10")
+        self.w(0, f"DEFAULT_MAXITER = {opt.default_maxiter}")
+        self.w(0, f"DATA_NAMES = {self.cost.data_names!r}")
+        self.w(0, f"PARAM_NAMES = {self.cost.param_names!r}")
+        self.w(0, f"HYPER_NAMES = {tuple(opt.hyper)!r}")
+        self.w(0, "DUMMY_DATA = (np.zeros(1),)")
+        self.w()
+        self.w()
+        self.full_batch()
+        self.state_factory()
+        if opt.kind == "first_order":
+            self.first_order()
+        else:
+            self.line_search()
+        return "\n".join(self.lines) + _DRIVER
+
+
+class TensorProgram:
+    """A compiled optimizer for a tensor cost (what :func:`calcml.generate` returns for one)."""
+
+    def __init__(self, cost: TensorCost, opt: Optimizer, schedule: Schedule | None, batch_size):
+        self.cost, self.optimizer, self.schedule, self.batch_size = cost, opt, schedule, batch_size
+        self.minibatch = batch_size is not None
+        self.notes_batch_default = False
+        self._module = None
+        self._text = None
+        self.param_names = cost.param_names
+
+    @property
+    def has_data(self) -> bool:
+        return self.cost.has_data
+
+    def _kinds(self):
+        kinds = ["value", "vg"]
+        if self.optimizer.kind in ("newton", "newton-cg"):
+            kinds.append("hvp")
+        return tuple(kinds)
+
+    def _build(self) -> str:
+        base, sizes = self.cost.module_source(self._kinds())
+        return base + "\n\n" + _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes).text()
+
+    @property
+    def module(self):
+        if self._module is None:
+            from ..compile import _fingerprint, load_or_build
+
+            here = hashlib.sha256(open(__file__, "rb").read()).hexdigest()
+            sched = self.schedule.structure() if self.schedule is not None else "none"
+            key = hashlib.sha256(
+                f"tensor-opt|{_fingerprint()}|{here}|{self.cost.key}|{self.optimizer.structure()}|{sched}|"
+                f"{self.minibatch}".encode()).hexdigest()
+            self._module, self._text, self.path = load_or_build(key, self._build)
+        return self._module
+
+    @property
+    def source(self) -> str:
+        """The generated module: kernels, compiled loops and the driver, readable Python."""
+        self.module  # noqa: B018
+        return self._text
+
+    def export(self, path):
+        """Write the module as a standalone file (it needs only NumPy and Numba)."""
+        text = self.source
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def __repr__(self):
+        return f"<calcml.Program {self.optimizer!r} for {self.cost!r}>"
+
+    def run(self, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
+        return run_tensor(self, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
+
+
+def _x0(cost: TensorCost, x0) -> np.ndarray:
+    if isinstance(x0, dict):
+        return cost.pack(x0)
+    try:
+        x = np.array(x0, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ParamError(f"x0 must be a 1-D array of {cost.n_params} floats or a dict of arrays, got "
+                         f"{type(x0).__name__}") from None
+    if x.shape != (cost.n_params,):
+        raise ParamError(f"x0 must have shape ({cost.n_params},) (parameters {list(cost.param_names)} flat, in C "
+                         f"order) or be a dict {{name: array}}; got shape {x.shape}")
+    bad = np.flatnonzero(~np.isfinite(x))
+    if bad.size:
+        raise ParamError(f"x0[{bad[0]}] ({cost.flat_names()[bad[0]]}) is {x[bad[0]]}: the starting point must be finite")
+    return x
+
+
+def _count(name, value, minimum=1):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise OptimizeError(f"{name} must be an integer >= {minimum} or None, got {name}={value!r}")
+    return int(value)
+
+
+def _auto_rate(prog: TensorProgram, x, td, notes) -> float:
+    """lr="auto": 1/L, L the Hessian's largest eigenvalue at x0 by power iteration on exact
+    Hessian-vector products."""
+    k = compile_tensor(prog.cost)
+    v = np.random.default_rng(0).standard_normal(prog.cost.n_params)
+    v /= np.linalg.norm(v)
+    lam = 0.0
+    for _ in range(100):
+        hv = k.hvp(x, v, td)
+        new = float(np.linalg.norm(hv))
+        if not (new > 0.0 and math.isfinite(new)):
+            break
+        v = hv / new
+        if abs(new - lam) <= 1e-4 * new:
+            lam = new
+            break
+        lam = new
+    if not (lam > 0.0 and math.isfinite(lam)):
+        notes.append("lr='auto' chose lr=1: the Hessian at x0 is zero, so it bounds no step")
+        return 1.0
+    notes.append(f"lr='auto' chose lr={1.0 / lam:.6g} = 1/L, L={lam:.6g} the largest eigenvalue of the exact Hessian "
+                 "at x0 (power iteration on exact Hessian-vector products)")
+    return 1.0 / lam
+
+
+def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
+    cost, opt = prog.cost, prog.optimizer
+    x = _x0(cost, x0)
+    epochs = _count("epochs", epochs)
+    maxiter = _count("maxiter", maxiter, minimum=0)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
+        raise OptimizeError(f"tol must be a non-negative number, got tol={tol!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise OptimizeError(f"seed must be an integer in [0, 2**64), got seed={seed!r}")
+    if progress not in (True, False):
+        raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
+    td = as_tensor_data(cost, data, check_finite=True) if cost.has_data or data is not None else None
+    arrays, n_rows = (td.arrays, td.n_rows) if td is not None else ((), 0)
+    if prog.batch_size is not None and prog.batch_size > n_rows:
+        raise OptimizeError(f"batch_size={prog.batch_size} is larger than the data ({n_rows} rows)")
+    notes = []
+    lr_used = opt.lr
+    sched_values = prog.schedule.values() if prog.schedule is not None else []
+    if lr_used == "auto":
+        lr_used = _auto_rate(prog, x, td, notes)
+        sched_values = [lr_used]
+    module = prog.module
+    bar = None
+    if progress:
+        from ..minimize import _ProgressBar
+
+        bar = _ProgressBar(opt.name)
+    try:
+        rep = module.drive(x, arrays, n_rows, [float(v) for v in opt.hyper.values()], sched_values or [0.0],
+                           prog.batch_size, epochs, maxiter, float(tol), int(seed), bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    status = rep["status"]
+    if status == _result.DIVERGED and rep["nit"] == 0 and not math.isfinite(rep["fun"]):
+        raise ParamError(f"the cost at x0 is {rep['fun']}: start from a point where it is finite")
+    rate_hint = ""
+    if prog.schedule is not None and opt.lr is not None:
+        lr = lr_used if isinstance(lr_used, float) else prog.schedule.initial
+        rate_hint = f" (lr was {lr:g}; try lr={lr / 10:g})"
+    success, message = _result.message(
+        status, grad_norm=rep["grad_norm"], tol=tol, nit=rep["nit"], epochs=rep["epochs"],
+        diverged_at=rep["diverged_at"], blowup=rep["blowup"], best_step=rep["best_step"],
+        best_value=rep["best_value"], rate_hint=rate_hint)
+    return _result.OptimizeResult(
+        x=rep["x"], params=cost.unpack(rep["x"]), fun=float(rep["fun"]), grad_norm=float(rep["grad_norm"]),
+        jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
+        history=rep["history"], history_every=1, method=opt.name, lr=lr_used if opt.lr is not None else None,
+        notes=notes, path=None)
+
+
+_PROGRAMS: dict = {}
+
+
+def program_for_tensor(cost: TensorCost, opt: Optimizer, schedule, batch_size) -> TensorProgram:
+    from ..compile import cache_dir
+
+    key = (cost.key, opt.structure(), schedule.structure() if schedule is not None else None, batch_size,
+           str(cache_dir()))
+    prog = _PROGRAMS.get(key)
+    if prog is None:
+        prog = _PROGRAMS[key] = TensorProgram(cost, opt, schedule, batch_size)
+    # the same compiled module serves other numbers (rates, hyperparameters): a fresh front object
+    out = TensorProgram(cost, opt, schedule, batch_size)
+    out._module, out._text = prog.module, prog._text
+    out.path = getattr(prog, "path", None)
+    return out
