@@ -563,101 +563,8 @@ def lbfgs(memory=10, c1=1e-4, c2=0.9):
                      reference="Liu & Nocedal 1989; Nocedal & Wright 2006, Alg. 7.4, 3.5, 3.6")
 
 
-_NEWTON_CG_HELPERS = '''
-@_jit
-def _dot(a, b):
-    s = 0.0
-    for i in range(a.shape[0]):
-        s += a[i] * b[i]
-    return s
-
-
-@_jit
-def _newton_cg_step(theta, value, g, cols, s, r, d, hd, xt, gt, tr, c1):
-    """One trust-region Newton step (TRON: Lin & More 1999, as liblinear writes it): the step s
-    minimises g.s + s.Hs/2 within |s| <= delta by conjugate gradients on exact Hessian-vector
-    products (Steihaug 1983), then the radius follows the ratio of actual to predicted decrease.
-    Updates theta, g in place when the step is taken. Returns (status, new value, evaluations):
-    status 1 taken, 0 refused (radius shrunk), -1 no decrease possible at this precision."""
-    n = theta.shape[0]
-    gnorm = math.sqrt(_dot(g, g))
-    if tr[1] == 0.0:
-        tr[0] = gnorm  # the first radius: the gradient's norm (liblinear)
-    delta = tr[0]
-    for i in range(n):
-        s[i] = 0.0
-        r[i] = -g[i]
-        d[i] = r[i]
-    rr = _dot(r, r)
-    cg_tol = 0.1 * gnorm
-    nhv = 0
-    for it in range(n + 1):
-        if math.sqrt(rr) <= cg_tol:
-            break
-        _hvp(theta, d, cols, hd)
-        nhv += 1
-        dhd = _dot(d, hd)
-        alpha = rr / dhd if dhd > 0.0 else math.inf
-        ss = _dot(s, s)
-        sd = _dot(s, d)
-        dd = _dot(d, d)
-        snew = 0.0
-        for i in range(n):
-            t = s[i] + alpha * d[i]
-            snew += t * t
-        if not (dhd > 0.0) or not (snew < delta * delta):
-            # to the boundary: the positive root of |s + tau d| = delta
-            rad = math.sqrt(max(sd * sd + dd * (delta * delta - ss), 0.0))
-            tau = (delta * delta - ss) / (sd + rad) if sd >= 0.0 else (rad - sd) / dd
-            for i in range(n):
-                s[i] += tau * d[i]
-                r[i] -= tau * hd[i]
-            break
-        for i in range(n):
-            s[i] += alpha * d[i]
-            r[i] -= alpha * hd[i]
-        rnew = _dot(r, r)
-        beta = rnew / rr
-        for i in range(n):
-            d[i] = r[i] + beta * d[i]
-        rr = rnew
-    gs = _dot(g, s)
-    prered = -0.5 * (gs - _dot(s, r))
-    for i in range(n):
-        xt[i] = theta[i] + s[i]
-    fnew = _fg(xt, cols, gt)
-    actred = value - fnew
-    snorm = math.sqrt(_dot(s, s))
-    if tr[1] == 0.0:
-        delta = min(delta, snorm)
-    tr[1] += 1.0
-    if fnew - value - gs <= 0.0:
-        alpha = 4.0
-    else:
-        alpha = max(0.25, -0.5 * (gs / (fnew - value - gs)))
-    if not (actred >= 1e-4 * prered):  # also when fnew is not finite
-        delta = min(max(alpha, 0.25) * snorm, 0.5 * delta)
-    elif actred < 0.25 * prered:
-        delta = max(0.25 * delta, min(alpha * snorm, 0.5 * delta))
-    elif actred < 0.75 * prered:
-        delta = max(0.25 * delta, min(alpha * snorm, 4.0 * delta))
-    else:
-        delta = max(delta, min(alpha * snorm, 4.0 * delta))
-    tr[0] = delta
-    tr[2] += nhv
-    if actred > 1e-4 * prered and math.isfinite(fnew):
-        for i in range(n):
-            theta[i] = xt[i]
-            g[i] = gt[i]
-        return 1, fnew, 1
-    if not (prered > 0.0) or delta < 1e-12 * max(1.0, math.sqrt(_dot(theta, theta))):
-        return -1, value, 1
-    return 0, value, 1
-'''
-
-
 @_register
-def newton_cg(c1=1e-4):
+def newton_cg():
     r"""Trust-region Newton with conjugate gradients (TRON: Lin & Moré 1999; the trust-region
     Newton method of liblinear and of scikit-learn's ``newton-cg`` family): each step solves
     :math:`\min_s g^\top s + \tfrac12 s^\top H s` subject to :math:`\|s\| \le \Delta` by
@@ -671,21 +578,8 @@ def newton_cg(c1=1e-4):
     >>> res.success, res.x.round(6).tolist()
     (True, [1.0, 1.0])
     """
-    c1 = _real("newton-cg", "c1", c1, positive=True)
-    return Optimizer(
-        "newton-cg", None, {"c1": c1}, kind="newton-cg", default_maxiter=500,
-        state=(("s", ("n",), 0.0), ("r", ("n",), 0.0), ("d", ("n",), 0.0), ("hd", ("n",), 0.0),
-               ("xt", ("n",), 0.0), ("gt", ("n",), 0.0), ("tr", (3,), 0.0)),
-        step=(
-            "ok, fnew, nf = _newton_cg_step(theta, value, g, cols, s, r, d, hd, xt, gt, tr, c1)",
-            "nfev += nf",
-            "if ok < 0:",
-            "    status = LINE_SEARCH_FAILED",
-            "    break",
-            "value = fnew",
-        ),
-        helpers=_NEWTON_CG_HELPERS,
-        reference="Lin & Moré 1999 (TRON); Steihaug 1983; liblinear's tron.cpp")
+    return Optimizer("newton-cg", None, {}, kind="newton-cg", default_maxiter=500,
+                     reference="Lin & Moré 1999 (TRON); Steihaug 1983; liblinear's tron.cpp")
 
 
 # The registry of method names (scipy's idea: a table, not an if/elif chain).

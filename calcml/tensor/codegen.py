@@ -413,7 +413,11 @@ class _Writer:
         if self.spec.rowwise is not None:
             t = self.spec.rowwise
             src = self.code(t) if t.kind == "input" or t.row else self.code(t)
-            self.w(2, f"acc[q0:q1] = {src}")
+            self.w(2, "for r in range(nb):")
+            if t.free:
+                self.w(3, f"acc[q0 + r] = {src}[r]")
+            else:
+                self.w(3, f"acc[q0 + r] = {src}[r]" if t.row else f"acc[q0 + r] = {src}")
         self.w()
         self.w()
 
@@ -440,10 +444,14 @@ class _Writer:
         o = 0
         for label, t, size in self.spec.outputs:
             self.w(1, f"# {label}")
+            # loops, not slice assignments: Numba takes about 2 s to compile an array setitem
             if not isinstance(t, Tensor):
-                self.w(1, f"out[{o}:{o + size}] = 0.0")
+                self.w(1, f"for q in range({size}):")
+                self.w(2, f"out[{o} + q] = 0.0")
             elif t.free:
-                self.w(1, f"out[{o}:{o + size}] = {self.code(t)}.ravel()")
+                self.w(1, f"flat = {self.code(t)}.ravel()")
+                self.w(1, f"for q in range({size}):")
+                self.w(2, f"out[{o} + q] = flat[q]")
             else:
                 self.w(1, f"out[{o}] = {self.code(t)}")
             o += size

@@ -1,11 +1,11 @@
 """Optimizers on tensor costs: one generated module per (cost, optimizer, schedule, batching).
 
 The module holds the cost's kernels (:mod:`calcml.tensor.codegen`), full-batch evaluations
-over all rows in the kernels' stripes (``_fg``, ``_f``, ``_hvp``, ``_hess``: the same bits as
-``k.value_and_grad``), the optimizer's update rule over the parameter array (its own
+over all rows in the kernels' stripes (``_fg``: the same bits as ``k.value_and_grad``), the optimizer's update rule over the parameter array (its own
 description from :mod:`calcml.optim`, with its own names: nothing is renamed or unrolled),
 and compiled loops: ``_full_steps`` (full-batch first-order), ``_epoch`` (one epoch of
-minibatches), ``_ls_steps`` (line-search and trust-region methods). ``drive`` is the plain
+minibatches). Line-search and trust-region methods (L-BFGS, Newton, Newton-CG) take NumPy
+steps over the threaded kernels (:mod:`calcml.tensor.search`). ``drive`` is the plain
 Python driver that calls them in chunks of about a quarter of a second, between which
 Ctrl-C and progress are handled. The module needs only NumPy and Numba
 (``prog.export(path)``).
@@ -60,6 +60,29 @@ def columns(arrays, n_rows, reduce_mean):
     return (stripes(n_rows), 1.0 / n_rows if reduce_mean else 1.0) + tuple(arrays)
 
 
+def full_value_and_grad(theta, cols, g):
+    """the full cost at theta, its gradient into g: the compiled kernels called stripe by stripe
+    from Python (as calcml's kernels do; the same bits), for the driver's few evaluations"""
+    v = np.empty(0)
+    bounds = cols[0]
+    acc = np.zeros((bounds.shape[0], max(ACC_SIZES["vg"], 1)))
+    if len(cols) > 2 and DATA_NAMES:
+        for k in range(bounds.shape[0]):
+            vg_rows(theta, v, *cols[2:], bounds[k, 0], bounds[k, 1], cols[1], acc[k])
+    total = _in_order(acc)
+    res = np.empty(N_PARAMS + 1)
+    vg_finish(theta, v, total, res)
+    g[:] = res[1:]
+    return float(res[0])
+
+
+def _in_order(acc):
+    total = acc[0].copy()
+    for k in range(1, acc.shape[0]):
+        total += acc[k]
+    return total
+
+
 def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxiter=None, tol=1e-8, seed=0,
           callback=None, chunk_seconds=0.25):
     """Minimize from x0 (flat float64); arrays: the data arrays in DATA_NAMES order (validated).
@@ -70,7 +93,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     hyper = np.asarray(hyper, dtype=np.float64).reshape(-1)
     sa = np.asarray(sched, dtype=np.float64).reshape(-1)
     g = np.empty(N_PARAMS)
-    value = _fg(theta, cols, g)
+    value = full_value_and_grad(theta, cols, g)
     f0 = value
     blowup = 1e10 * max(1.0, abs(f0))
     state = new_state()
@@ -113,7 +136,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                 if callback is not None:
                     callback(nit, budget, mean_cost)
                 if tol > 0.0:
-                    value = _fg(theta, cols, g)
+                    value = full_value_and_grad(theta, cols, g)
                     if math.sqrt(float(g @ g)) <= tol:
                         status = CONVERGED
             if status == RUNNING:
@@ -122,18 +145,12 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             budget = maxiter if maxiter is not None else (epochs if epochs is not None else DEFAULT_MAXITER)
             chunk = 1
             hist = np.empty(max(1, budget))
-            nf = np.zeros(1, dtype=np.int64)
             fb = np.array([best_value, 0.0])
             while nit < budget and status == RUNNING:
                 k = min(chunk, budget - nit)
                 start = time.perf_counter()
-                if FIRST_ORDER:
-                    code, done, value = _full_steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
-                                                    hist[nit:], *state)
-                else:
-                    code, done, value = _ls_steps(theta, g, value, k, hyper, cols, tol, blowup, best, fb, nit,
-                                                  hist[nit:], nf, *state)
-                    nfev += int(nf[0])
+                code, done, value = _full_steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
+                                                hist[nit:], *state)
                 nit += done
                 best_value, best_step = fb[0], int(fb[1])
                 if code != RUNNING:
@@ -150,12 +167,12 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     except KeyboardInterrupt:
         status = INTERRUPTED
     x = best.copy() if status in (DIVERGED, INTERRUPTED) else theta.copy()
-    fun = _fg(x, cols, g)
+    fun = full_value_and_grad(x, cols, g)
     grad_norm = math.sqrt(float(g @ g))
     if status not in (DIVERGED, INTERRUPTED) and not (abs(fun) <= blowup and math.isfinite(grad_norm)):
         status, diverged_at = DIVERGED, nit
         x = best.copy()
-        fun = _fg(x, cols, g)
+        fun = full_value_and_grad(x, cols, g)
         grad_norm = math.sqrt(float(g @ g))
     return {"x": x, "fun": fun, "grad": g.copy(), "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
             "status": status, "history": np.array(history), "epochs": epochs_done, "best_step": best_step,
@@ -185,59 +202,29 @@ class _Source:
 
     def full_batch(self):
         w = self.w
-        has_data = self.cost.has_data
-        for kind, fname, extra, doc in (("vg", "_fg", "g", "the full cost at theta; its gradient into g"),
-                                        ("value", "_f", "", "the full cost at theta"),
-                                        ("hvp", "_hvp", "out", "the exact Hessian times v into out")):
-            if kind not in self.sizes:
-                continue
-            args = "theta, v, cols, out" if kind == "hvp" else f"theta, cols{', ' + extra if extra else ''}"
-            w(0, "@_jit")
-            w(0, f"def {fname}({args}):")
-            w(1, f'"""{doc} (all rows, in the kernels\' stripes: the same bits as the kernels)"""')
-            if kind != "hvp":
-                w(1, "v = np.empty(0)")
-            size = max(self.sizes[kind], 1)
-            if has_data:
-                w(1, "bounds = cols[0]")
-                w(1, "ns = bounds.shape[0]")
-                w(1, f"acc = np.zeros((ns, {size}))")
-                w(1, "for k in range(ns):")
-                w(2, f"{kind}_rows(theta, v, {self.data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc[k])")
-                w(1, "total = acc[0].copy()")
-                w(1, "for k in range(1, ns):")
-                w(2, "total += acc[k]")
-            else:
-                w(1, f"total = np.zeros({size})")
-            nout = {"vg": "N_PARAMS + 1", "value": "1", "hvp": "N_PARAMS"}[kind]
-            if kind == "hvp":
-                w(1, f"{kind}_finish(theta, v, total, out)")
-            else:
-                w(1, f"res = np.empty({nout})")
-                w(1, f"{kind}_finish(theta, v, total, res)")
-                if kind == "vg":
-                    w(1, "for i in range(N_PARAMS):")
-                    w(2, "g[i] = res[i + 1]")
-                w(1, "return res[0]")
-            w()
-            w()
-        if "hvp" in self.sizes:
-            w(0, "@_jit")
-            w(0, "def _hess(theta, cols, H):")
-            w(1, '"""the exact Hessian, column by column from Hessian-vector products"""')
-            w(1, "e = np.zeros(N_PARAMS)")
-            w(1, "col = np.empty(N_PARAMS)")
-            w(1, "for i in range(N_PARAMS):")
-            w(2, "e[i] = 1.0")
-            w(2, "_hvp(theta, e, cols, col)")
-            w(2, "e[i] = 0.0")
-            w(2, "for k in range(N_PARAMS):")
-            w(3, "H[k, i] = col[k]")
-            w(1, "for i in range(N_PARAMS):")
-            w(2, "for k in range(i):")
-            w(3, "H[k, i] = H[i, k] = 0.5 * (H[k, i] + H[i, k])")
-            w()
-            w()
+        w(0, "@_jit")
+        w(0, "def _fg(theta, cols, g):")
+        w(1, '"""the full cost at theta; its gradient into g (all rows, in the kernels\' stripes: the same bits)"""')
+        w(1, "v = np.empty(0)")
+        size = max(self.sizes["vg"], 1)
+        if self.cost.has_data:
+            w(1, "bounds = cols[0]")
+            w(1, "ns = bounds.shape[0]")
+            w(1, f"acc = np.zeros((ns, {size}))")
+            w(1, "for k in range(ns):")
+            w(2, f"vg_rows(theta, v, {self.data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc[k])")
+            w(1, "total = acc[0].copy()")
+            w(1, "for k in range(1, ns):")
+            w(2, "total += acc[k]")
+        else:
+            w(1, f"total = np.zeros({size})")
+        w(1, "res = np.empty(N_PARAMS + 1)")
+        w(1, "vg_finish(theta, v, total, res)")
+        w(1, "for i in range(N_PARAMS):")
+        w(2, "g[i] = res[i + 1]")
+        w(1, "return res[0]")
+        w()
+        w()
 
     def state_factory(self):
         w = self.w
@@ -294,7 +281,8 @@ class _Source:
             w(2, "if value < o_fb[0]:")
             w(3, "o_fb[0] = value")
             w(3, "o_fb[1] = o_step + 1")
-            w(3, "o_best[:] = theta")
+            w(3, "for o_i in range(N_PARAMS):")
+            w(4, "o_best[o_i] = theta[o_i]")
             w(2, "if o_gn <= o_tol:")
             w(3, "return CONVERGED, o_it + 1, value")
             w(1, "return RUNNING, o_nsteps, value")
@@ -323,10 +311,11 @@ class _Source:
         w(3, "o_p = o_perm[o_lo + o_i]")
         for k in range(n):
             w(3, f"o_bufs[{k}][o_i] = cols[{2 + k}][o_p]")
-        w(2, "o_acc[:] = 0.0")
+        w(2, "for o_i in range(o_acc.shape[0]):")
+        w(3, "o_acc[o_i] = 0.0")
         w(2, "o_scale = 1.0 / o_nb if o_mean else o_rows / o_nb")
         bufs = ", ".join(f"o_bufs[{k}]" for k in range(n))
-        w(2, f"vg_rows(theta, o_v, {bufs}, 0, o_nb, o_scale, o_acc)")
+        w(2, f"vg_rows(theta, o_v, {bufs}, o_nb - o_nb, o_nb, o_scale, o_acc)")  # not a literal 0: one signature
         w(2, "vg_finish(theta, o_v, o_acc, o_res)")
         w(2, "o_f = o_res[0]")
         w(2, "if not (abs(o_f) <= o_blowup):")
@@ -341,52 +330,11 @@ class _Source:
         w()
         w()
 
-    def line_search(self):
-        w = self.w
-        opt = self.opt
-        w(0, opt.helpers.strip("\n"))
-        w()
-        w()
-        state = ", ".join(self.state)
-        w(0, "@_jit")
-        w(0, f"def _ls_steps(theta, g, value, o_nsteps, o_hyper, cols, o_tol, o_blowup, o_best, o_fb, o_step0, o_hist, o_nfev, {state}):")
-        w(1, f'"""nsteps {opt.name} steps from theta (value, g current). Returns (status, steps, value)"""')
-        for k, name in enumerate(opt.hyper):
-            w(1, f"{name} = o_hyper[{k}]")
-        w(1, "status = RUNNING")
-        w(1, "nfev = 0")
-        w(1, "fresh = 1")
-        w(1, "o_done = 0")
-        w(1, "for o_it in range(o_nsteps):")
-        for line in opt.step:
-            w(2, line)
-        if opt.kind == "newton":
-            w(2, "value = _fg(theta, cols, g)")
-            w(2, "nfev += 1")
-        w(2, "o_done += 1")
-        w(2, "o_hist[o_it] = value")
-        w(2, "o_gn = math.sqrt(np.dot(g, g))")
-        w(2, "if not (abs(value) <= o_blowup and o_gn < math.inf):")
-        w(3, "status = DIVERGED")
-        w(3, "break")
-        w(2, "if value < o_fb[0]:")
-        w(3, "o_fb[0] = value")
-        w(3, "o_fb[1] = o_step0 + o_done")
-        w(3, "o_best[:] = theta")
-        w(2, "if o_gn <= o_tol:")
-        w(3, "status = CONVERGED")
-        w(3, "break")
-        w(1, "o_nfev[0] = nfev")
-        w(1, "return status, o_done, value")
-        w()
-        w()
-
     def text(self) -> str:
         opt = self.opt
         self.w(0, "# -- the optimizer: " + f"{opt!r}" + (f", schedule {self.schedule!r}" if self.schedule else ""))
         for line in _STATUS_LINES.strip().splitlines():
             self.w(0, line)
-        self.w(0, f"FIRST_ORDER = {opt.kind == 'first_order'}")
         self.w(0, f"MINIBATCH = {self.minibatch}")
         self.w(0, f"REDUCE_MEAN = {self.cost.reduce == 'mean'}")
         self.w(0, f"STRIPES = {STRIPES}")
@@ -398,12 +346,10 @@ class _Source:
         self.w(0, "DUMMY_DATA = (np.zeros(1),)")
         self.w()
         self.w()
-        self.full_batch()
+        if not self.minibatch:
+            self.full_batch()
         self.state_factory()
-        if opt.kind == "first_order":
-            self.first_order()
-        else:
-            self.line_search()
+        self.first_order()
         return "\n".join(self.lines) + _DRIVER
 
 
@@ -430,6 +376,8 @@ class TensorProgram:
 
     def _build(self) -> str:
         base, sizes = self.cost.module_source(self._kinds())
+        if self.optimizer.kind != "first_order":
+            return base  # the steps are NumPy over these kernels (calcml.tensor.search)
         return base + "\n\n" + _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes).text()
 
     @property
@@ -536,15 +484,17 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     if lr_used == "auto":
         lr_used = _auto_rate(prog, x, td, notes)
         sched_values = [lr_used]
-    module = prog.module
     bar = None
     if progress:
         from ..minimize import _ProgressBar
 
         bar = _ProgressBar(opt.name)
     try:
-        rep = module.drive(x, arrays, n_rows, [float(v) for v in opt.hyper.values()], sched_values or [0.0],
-                           prog.batch_size, epochs, maxiter, float(tol), int(seed), bar)
+        if opt.kind == "first_order":
+            rep = prog.module.drive(x, arrays, n_rows, [float(v) for v in opt.hyper.values()], sched_values or [0.0],
+                                    prog.batch_size, epochs, maxiter, float(tol), int(seed), bar)
+        else:
+            rep = _search(prog, x, td, epochs, maxiter, float(tol), bar)
     finally:
         if bar is not None:
             bar.close()
@@ -564,6 +514,20 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
         history=rep["history"], history_every=1, method=opt.name, lr=lr_used if opt.lr is not None else None,
         notes=notes, path=None)
+
+
+def _search(prog: TensorProgram, x, td, epochs, maxiter, tol, bar):
+    """Line-search and trust-region methods: NumPy steps over the compiled, threaded kernels."""
+    from .search import run_search
+
+    k = compile_tensor(prog.cost)
+    opt = prog.optimizer
+    budget = maxiter if maxiter is not None else (epochs if epochs is not None else opt.default_maxiter)
+    hyper = dict(opt.hyper, **opt.extra)
+    return run_search(
+        opt.kind, lambda t: k.value_and_grad(t, td), x, maxiter=budget, tol=tol,
+        value=lambda t: k.value(t, td), hvp=lambda t, v: k.hvp(t, v, td), hess=lambda t: k.hessian(t, td),
+        callback=bar, hyper=hyper)
 
 
 _PROGRAMS: dict = {}
