@@ -383,9 +383,7 @@ class _Writer:
     def print_rows(self, fname: str, data_args: list[str]):
         """``<kind>_rows``: phase A, then phase B block by block over rows r0 … r1-1."""
         b_tensors = [t for t in self.order if t.kind != "input" and self.phase[t] == "B"]
-        if self.spec.rowwise is not None and self.spec.rowwise not in b_tensors and self.spec.rowwise.kind != "input":
-            b_tensors.append(self.spec.rowwise)
-        need = self._needs(b_tensors)
+        need = self._needs(b_tensors + ([self.spec.rowwise] if self.spec.rowwise is not None else []))
         a_tensors = [t for t in self.order if t.kind != "input" and self.phase[t] == "A" and t in need]
         layout = self.acc_layout()
         self.w(0, "@_jit")
@@ -412,12 +410,15 @@ class _Writer:
                 self.emit(t, 2)
         if self.spec.rowwise is not None:
             t = self.spec.rowwise
-            src = self.code(t) if t.kind == "input" or t.row else self.code(t)
+            self.w(2, "# the values of every row of the block")
             self.w(2, "for r in range(nb):")
-            if t.free:
-                self.w(3, f"acc[q0 + r] = {src}[r]")
-            else:
-                self.w(3, f"acc[q0 + r] = {src}[r]" if t.row else f"acc[q0 + r] = {src}")
+            depth = 3
+            for i in t.free:
+                self.w(depth, f"for {self.loopvar(i)} in range({axis_range(i)}):")
+                depth += 1
+            idx = [self.loopvar(i) for i in t.free]
+            src = self._target(t, self.code(t))
+            self.w(depth, f"acc[{', '.join(['q0 + r'] + idx)}] = {src}")
         self.w()
         self.w()
 

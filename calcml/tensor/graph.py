@@ -370,7 +370,7 @@ class Lowering:
         base = e.base
         t = self.known.get(base)
         if t is None:
-            raise CostError(f"tensor {base.label!r} in {e} is neither a parameter nor data of the cost")
+            raise CostError(f"tensor {str(base.label)!r} in {e} is neither a parameter nor data of the cost")
         if len(e.indices) != len(t.free):
             raise CostError(f"{e}: {base.label} has {len(t.free)} ax{'is' if len(t.free) == 1 else 'es'} "
                             f"(shape {t.shape}) but is indexed with {len(e.indices)}")

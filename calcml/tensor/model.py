@@ -22,7 +22,7 @@ from ..cost import Cost
 from ..errors import CostError, ParamError
 from .codegen import BLOCK, KernelSpec, write_kernel
 from .graph import ROW, SCALE, Graph, Lowering, Tensor
-from .statement import Label, LogSumExp
+from .statement import Label, LogSumExp, axis_range
 
 __all__ = ["TensorCost", "is_tensor_statement"]
 
@@ -133,14 +133,17 @@ class TensorCost(Cost):
         self._f = g.derived("map", fbody, (), note="the per-row cost")
         self._pen = None
         if self._penalty is not None:
+            data_atoms = {d for d in self._data}
+            used = sorted({_name(a.base if isinstance(a, sp.Indexed) else a)
+                           for a in self._penalty.atoms(sp.Indexed, sp.Symbol)
+                           if (a.base if isinstance(a, sp.Indexed) else a) in data_atoms})
+            if used:
+                raise CostError(f"the penalty uses data {used[0]!r}; a penalty is a function of the parameters "
+                                "only (it is added once, not per row)")
             pbody = low.lower(self._penalty)
             left = g.free_indices(pbody)
             if left:
                 raise CostError(f"index {', '.join(map(str, left))} is left free in the penalty; sum over it")
-            rows = [t for t, _, _ in g.occurrences(pbody) if t.row]
-            if rows:
-                raise CostError(f"the penalty uses data {rows[0].name!r}; a penalty is a function of the parameters "
-                                "only (it is added once, not per row)")
             self._pen = g.derived("map", pbody, (), note="the penalty")
         if self._f.row:
             self._v = g.derived("sum", SCALE * self._f.ref(), (), (ROW,), row=False,
@@ -292,6 +295,30 @@ class TensorCost(Cost):
                 sp.Sum(sp.exp(body), *[(i, i.lower, i.upper) for i in t.over]))
         return body.xreplace(mapping) if mapping else body
 
+    @staticmethod
+    def _rename_bound(e, free):
+        """Sums and log-sum-exps whose summed index is also a free index of the derivative get
+        that index primed (j -> j'), so that substituting the free one touches only it."""
+        if not isinstance(e, sp.Basic) or not e.args:
+            return e
+        args = [TensorCost._rename_bound(a, free) for a in e.args]
+        e = e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+        if isinstance(e, sp.Sum):
+            body, limits = e.function, []
+            for lim in e.limits:
+                i = lim[0]
+                if i in free:
+                    new = sp.Idx(f"{i.label}'", (i.lower, i.upper))
+                    body = body.xreplace({i: new})
+                    lim = (new, lim[1], lim[2])
+                limits.append(lim)
+            return sp.Sum(body, *limits)
+        if isinstance(e, LogSumExp) and e.args[1] in free:
+            i = e.args[1]
+            new = sp.Idx(f"{i.label}'", (i.lower, i.upper))
+            return LogSumExp(e.args[0].xreplace({i: new}), new)
+        return e
+
     def diff(self, entry):
         """The exact per-row partial derivative of ``expr`` with respect to ``entry``
         (``W[k, j]`` with indices, or a scalar parameter), in index notation, never expanded.
@@ -301,7 +328,8 @@ class TensorCost(Cost):
         base, idx = self._entry(entry)
         p = next(t for t in pin if t.placeholder == base)
         e = adj[p]
-        return self._inline(g, e.xreplace(dict(zip(p.free, idx))) if p.free else e)
+        e = self._inline(g, e.xreplace(dict(zip(p.free, idx))) if p.free else e)
+        return self._rename_bound(e, set(idx))
 
     def penalty_diff(self, entry):
         """The derivative of the penalty with respect to ``entry`` (0 without a penalty)."""
@@ -439,3 +467,81 @@ def _module_text(cost, lines, helpers, sizes) -> str:
     for name in sorted(helpers):
         out += "\n@_jit\n" + HELPERS[name] + "\n"
     return out + "\n\n" + "\n".join(lines) + "\n"
+
+
+class Rowwise:
+    """``cm.rowwise(expr, params=[...], data=[...])``: ``f(theta, data)`` -> the value of ``expr``
+    on every row, shape ``(N,)``, or ``(N, n1, ...)`` for free indices (in order of appearance)."""
+
+    def __init__(self, expr, params, data=None):
+        plist = [_check_item(p, "params") for p in _items(params)]
+        dlist = [_check_item(d, "data") for d in _items(data)]
+        if isinstance(expr, str):
+            raise CostError("rowwise takes a SymPy expression, not a string; calcml never evaluates strings")
+        self.expr = sp.sympify(expr, strict=True)
+        self._probe = TensorCost.__new__(TensorCost)
+        self._probe._params, self._probe._data = tuple(plist), tuple(dlist)
+        self._probe._reduce, self._probe._penalty, self._probe._expr = "mean", None, self.expr
+        g = self.graph = Graph()
+        self.pin = [g.add_input(p, "param") for p in plist]
+        self.din = [g.add_input(d, "label" if isinstance(d, Label) else "data") for d in dlist]
+        body = Lowering(g, {t.placeholder: t for t in self.pin + self.din}).lower(self.expr)
+        self.free = tuple(g.free_indices(body))
+        self.top = g.derived("map", body, self.free, note="the value per row")
+        self.shape = tuple(axis_range(i) for i in self.free)
+        h = hashlib.sha256(("rowwise|" + sp.srepr(self.expr) + "|" + "|".join(
+            sp.srepr(x) + str(getattr(x, "classes", "")) for x in plist + dlist)).encode())
+        self.key = h.hexdigest()
+        self._module = None
+
+    @property
+    def cost(self):  # the data validation of a tensor cost reads these
+        return self._probe
+
+    @property
+    def source(self) -> str:
+        self.module  # noqa: B018
+        return self._text
+
+    @property
+    def module(self):
+        if self._module is None:
+            from ..compile import _fingerprint, load_or_build
+
+            key = hashlib.sha256(f"{self.key}|{_fingerprint()}".encode()).hexdigest()
+            self._module, self._text, _ = load_or_build(key, self._build)
+        return self._module
+
+    def _build(self) -> str:
+        spec = KernelSpec("rows", [], rowwise=self.top)
+        lines, helpers, _ = write_kernel(self.graph, spec, self.pin, self.din, [], True)
+        return _module_text(self._probe, lines, helpers, {})
+
+    def __call__(self, theta, data):
+        from .kernels import as_tensor_data
+
+        probe = self._probe
+        if isinstance(theta, dict):
+            theta = probe.pack(theta)
+        t = np.ascontiguousarray(theta, dtype=np.float64)
+        if t.shape != (probe.n_params,):
+            raise ParamError(f"theta must have shape ({probe.n_params},) or be a dict of arrays; got {t.shape}")
+        if not self.din:
+            raise CostError("rowwise needs data: its values are one per row")
+        td = as_tensor_data(probe, data, check_finite=True)
+        out = np.empty((td.n_rows,) + self.shape)
+        self.module.rows_rows(t, np.empty(0), *td.arrays, 0, td.n_rows, 1.0, out)
+        return out
+
+
+def rowwise(expr, params, data=None) -> Rowwise:
+    """Compile ``expr`` (free indices allowed) into ``f(theta, data)`` returning its value on every
+    row: ``(N,)``, or ``(N, K)`` for one free index of range K (predicted probabilities, margins).
+
+    >>> import calcml as cm, numpy as np
+    >>> w = cm.params("w", shape=(2,)); x = cm.data("x", shape=(2,))
+    >>> f = cm.rowwise(cm.dot(w, x), params=[w], data=[x])
+    >>> f(np.array([1.0, 2.0]), {"x": np.array([[1.0, 1.0], [0.0, 3.0]])}).tolist()
+    [3.0, 6.0]
+    """
+    return Rowwise(expr, params, data)
