@@ -442,6 +442,15 @@ def verify(cost: Cost, *, gradient=None, timeout: float = DEFAULT_TIMEOUT) -> Re
     """
     if not isinstance(cost, Cost):
         raise TypeError(f"verify expects a cm.Cost, got {type(cost).__name__}; use verify_derivative for an expression")
+    from .tensor.model import TensorCost
+
+    if isinstance(cost, TensorCost):
+        if gradient is not None:
+            raise TypeError("verify(cost, gradient=...) takes scalar costs; for a tensor cost, check a flat "
+                            "gradient function with cm.check_gradient")
+        from .tensor.verify import verify_tensor
+
+        return verify_tensor(cost, timeout)
     grads = _cost_gradient(cost, gradient)
     expr = _exact_floats(cost.expr)
     specs = [_Spec(name=f"d/d{p.name}", f=expr, x=p, point=None, claimed=g) for p, g in zip(cost.params, grads)]
@@ -1959,6 +1968,12 @@ def check_gradient(cost: Cost, grad_fn, data=None, points=None, *, rtol: float =
         raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")
     if not (isinstance(rtol, (int, float)) and rtol > 0):
         raise ValueError(f"rtol must be a positive number, got {rtol!r}")
+    from .tensor.model import TensorCost
+
+    if isinstance(cost, TensorCost):
+        from .tensor.verify import check_gradient_tensor
+
+        return check_gradient_tensor(cost, grad_fn, data, points, rtol, n_points, seed)
     n = len(cost.params)
     kernels = _compile(cost)
     if cost.data:

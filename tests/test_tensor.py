@@ -364,3 +364,50 @@ def test_tensor_optimizer_refusals(digits_like):
         cm.minimize(cost, np.zeros(cost.n_params), data={"x": X, "c": labels}, method="adam", batch_size=10_000)
     with pytest.raises(ParamError, match="x0 must have shape \\(28,\\)"):
         cm.minimize(cost, np.zeros(3), data={"x": X, "c": labels}, method="lbfgs")
+
+
+def test_verify_proves_the_index_form_on_an_instance_and_checks_the_full_size():
+    cost, _ = softmax_cost(5, 7)
+    report = cm.verify(cost, timeout=30)
+    assert report.ok
+    assert len(list(report)) == 2 * 2 + 2  # the instance: W (2, 2) and b (2,)
+    for v in report:
+        assert "proven on the instance" in v.detail and "the full size (40 parameters)" in v.detail
+
+
+def test_verify_refutes_a_wrong_index_form_derivative(monkeypatch):
+    """A derivative rule gone wrong (the softmax without its normalisation) is refuted."""
+    from calcml.tensor import graph
+
+    cost, _ = softmax_cost(3, 2)
+    real = graph.Graph.softmax
+
+    def broken(self, t):
+        s = real(self, t)
+        s.body = sp.exp(t.body)  # drops the - logsumexp
+        return s
+
+    monkeypatch.setattr(graph.Graph, "softmax", broken)
+    fresh, _ = softmax_cost(3, 2)  # a new statement: derived with the broken rule
+    report = cm.verify(fresh, timeout=30)
+    assert not report.ok
+    assert any(v.status == "refuted" for v in report)
+
+
+def test_check_gradient_of_a_tensor_cost(small):
+    cost, _, kern, X, labels, K, d, N = small
+    D = {"x": X, "c": labels}
+
+    def mine(theta, data):
+        return softmax_reference(theta, data["x"], data["c"], K, C=0.5)[1]
+
+    def wrong(theta, data):
+        g = mine(theta, data)
+        g[K * d + 1] *= 1.5  # b[1] off
+        return g
+
+    good = cm.check_gradient(cost, mine, data=D)
+    assert good.ok and [v.name for v in good] == ["d/dW", "d/db"]
+    bad = cm.check_gradient(cost, wrong, data=D)
+    assert [v.status for v in bad] == ["verified", "refuted"]
+    assert "b[1]" in list(bad)[1].detail

@@ -285,15 +285,17 @@ class TensorCost(Cost):
     def _definition(self, g: Graph, t: Tensor, idx):
         src = getattr(t, "source", None)
         mapping = dict(zip(t.free, idx))
-        if src is not None:
-            return src.xreplace(mapping) if mapping else src
-        body = self._inline(g, t.body)
-        if t.kind == "sum":
-            body = sp.Sum(body, *[(i, i.lower, i.upper) for i in t.over if i != ROW])
-        elif t.kind == "lse":
-            body = LogSumExp(body, t.over[0]) if len(t.over) == 1 else sp.log(
-                sp.Sum(sp.exp(body), *[(i, i.lower, i.upper) for i in t.over]))
-        return body.xreplace(mapping) if mapping else body
+        if src is None:
+            src = self._inline(g, t.body)
+            if t.kind == "sum":
+                src = sp.Sum(src, *[(i, i.lower, i.upper) for i in t.over if i != ROW])
+            elif t.kind == "lse":
+                src = LogSumExp(src, t.over[0]) if len(t.over) == 1 else sp.log(
+                    sp.Sum(sp.exp(src), *[(i, i.lower, i.upper) for i in t.over]))
+        if not mapping:
+            return src
+        # a summed index named like one being substituted is primed first (j -> j')
+        return self._rename_bound(src, set(mapping) | set(mapping.values())).xreplace(mapping)
 
     @staticmethod
     def _rename_bound(e, free):
