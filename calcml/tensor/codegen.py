@@ -29,8 +29,10 @@ from .statement import Label, axis_range
 __all__ = ["KernelSpec", "write_kernel", "BLOCK"]
 
 # Rows per block: a block's row tensors (BLOCK x axes) stay in cache between the forward
-# and the backward sweep, and a contraction over a block is one BLAS call.
-BLOCK = 128
+# and the backward sweep, and a contraction over a block is one BLAS call. 32 rows keep
+# OpenBLAS on its small-matrix kernels: on W7's shapes 24-64 rows ran twice as fast as 128
+# (benchmarks/RESULTS.md, W7).
+BLOCK = 32
 
 
 class KernelSpec:

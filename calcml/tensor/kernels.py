@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 
 import numpy as np
@@ -28,6 +29,41 @@ PARALLEL_MIN_ROWS = 16384
 
 _lock = threading.RLock()
 _loaded: dict = {}
+_BLAS: list | None = None
+
+
+def _numba_blas() -> list:
+    """threadpoolctl's controllers of the BLAS that Numba's ``np.dot`` calls (SciPy's)."""
+    global _BLAS
+    if _BLAS is None:
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401 - loads the library to find
+            from threadpoolctl import ThreadpoolController
+
+            libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+            ours = [lib for lib in libs if "scipy" in os.path.basename(os.path.dirname(lib.filepath)).lower()]
+            _BLAS = ours or libs
+        except Exception:  # no threadpoolctl or an unknown BLAS: threads as they are
+            _BLAS = []
+    return _BLAS
+
+
+class _SingleThreadedBlas:
+    """While a kernel runs, each BLAS call runs on the calling thread: BLAS threads of their own
+    would compete with calcml's for the cores (OpenBLAS spins while it waits: measured 25x
+    slower on a loaded two-core machine), and a block's products are too small to share. The
+    count is restored afterwards."""
+
+    def __enter__(self):
+        self.saved = [(lib, lib.num_threads) for lib in _numba_blas()]
+        for lib, n in self.saved:
+            if n != 1:
+                lib.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        for lib, n in self.saved:
+            if n != 1:
+                lib.set_num_threads(n)
 
 
 class TensorData:
@@ -202,18 +238,19 @@ class TensorKernels:
         args = td.arrays
         use_threads = self.parallel is True or (self.parallel == "auto" and n >= PARALLEL_MIN_ROWS)
         threads = min(native.thread_count(), len(parts)) if use_threads else 1
-        if threads <= 1:
-            for k, (lo, hi) in enumerate(parts):
-                rows(theta, v, *args, lo, hi, scale, acc[k])
-        else:
-            self._warm(rows, theta, v, args, scale, acc)
-
-            def job(i):
-                for k in range(i, len(parts), threads):
-                    lo, hi = parts[k]
+        with _SingleThreadedBlas():
+            if threads <= 1:
+                for k, (lo, hi) in enumerate(parts):
                     rows(theta, v, *args, lo, hi, scale, acc[k])
+            else:
+                self._warm(rows, theta, v, args, scale, acc)
 
-            native.pool.run(job, threads)
+                def job(i):
+                    for k in range(i, len(parts), threads):
+                        lo, hi = parts[k]
+                        rows(theta, v, *args, lo, hi, scale, acc[k])
+
+                native.pool.run(job, threads)
         total = acc[0].copy()
         for k in range(1, len(parts)):
             total += acc[k]

@@ -24,7 +24,7 @@ from .. import result as _result
 from ..errors import OptimizeError, ParamError
 from ..optim import Optimizer
 from ..schedules import Schedule
-from .kernels import STRIPES, as_tensor_data, compile_tensor
+from .kernels import STRIPES, _SingleThreadedBlas, as_tensor_data, compile_tensor
 from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
@@ -491,8 +491,9 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         bar = _ProgressBar(opt.name)
     try:
         if opt.kind == "first_order":
-            rep = prog.module.drive(x, arrays, n_rows, [float(v) for v in opt.hyper.values()], sched_values or [0.0],
-                                    prog.batch_size, epochs, maxiter, float(tol), int(seed), bar)
+            with _SingleThreadedBlas():
+                rep = prog.module.drive(x, arrays, n_rows, [float(v) for v in opt.hyper.values()], sched_values or [0.0],
+                                        prog.batch_size, epochs, maxiter, float(tol), int(seed), bar)
         else:
             rep = _search(prog, x, td, epochs, maxiter, float(tol), bar)
     finally:
