@@ -174,6 +174,17 @@ class _Writer:
                 self.inlined.add(t)
         self._bodies: dict = {}
         self.order = [t for t in self.needed if t.kind == "input" or t not in self.inlined]
+        # an lse whose softmax (exp(term - lse), over its free and summed indices) is stored
+        # too computes it in its own pass (_emit_lse_softmax)
+        self.fused_softmax: dict = {}
+        stored = set(self.order)
+        for t in self.order:
+            if t.kind == "lse" and not t.accumulates:
+                soft = self.g.softmax_of(t)
+                if soft is not None and soft in stored and soft.row == t.row and \
+                        tuple(soft.free) == tuple(t.free) + tuple(i for i in t.over if i != ROW):
+                    self.fused_softmax[t] = soft
+        self.fused = set(self.fused_softmax.values())
 
     def body(self, t: Tensor):
         """t's body with the inlined tensors it reads substituted, recursively."""
@@ -253,6 +264,14 @@ class _Writer:
 
     def emit(self, t: Tensor, indent: int, acc_name=None):
         """The code that computes stored tensor ``t`` (into ``acc_name`` for accumulators)."""
+        if t in self.fused:
+            return  # computed by its log-sum-exp
+        soft = self.fused_softmax.get(t)
+        if soft is not None:
+            for line in _wrap(self.describe(soft)):
+                self.w(indent, f"# {line}")
+            sshape = (["nb"] if soft.row else []) + [str(n) for n in soft.shape]
+            self.w(indent, f"{soft.name} = np.empty(({', '.join(sshape)},))")
         for line in _wrap(self.describe(t)):
             self.w(indent, f"# {line}")
         shape = (["nb"] if t.row else []) + [str(n) for n in t.shape]
@@ -306,6 +325,10 @@ class _Writer:
             return
         # lse: m = max of the terms, then m + log(sum exp(term - m)): never overflows
         self.printer.helpers_used.add("_max2")
+        soft = self.fused_softmax.get(t)
+        if soft is not None:
+            self._emit_lse_softmax(t, soft, body, inner, depth, target)
+            return
         self.w(depth, "m = -math.inf")
         d = depth
         for var, n in inner:
@@ -319,6 +342,32 @@ class _Writer:
             d += 1
         self.w(d, f"s += math.exp({body} - m)")
         self.w(depth, f"{target} = m + math.log(s) if math.isfinite(m) else m")
+
+    def _emit_lse_softmax(self, t, soft, body, inner, depth, target):
+        """A log-sum-exp and its softmax in one pass: e = exp(term - m) is each softmax entry
+        times the sum, so the softmax costs a division, not a second exp."""
+        self.w(depth, "m = -math.inf")
+        d = depth
+        for var, n in inner:
+            self.w(d, f"for {var} in range({n}):")
+            d += 1
+        self.w(d, f"m = _max2(m, {body})")
+        self.w(depth, "s = 0.0")
+        d = depth
+        for var, n in inner:
+            self.w(d, f"for {var} in range({n}):")
+            d += 1
+        starget = self._target(soft, soft.name)
+        self.w(d, f"e = math.exp({body} - m)")
+        self.w(d, f"{starget} = e")
+        self.w(d, "s += e")
+        self.w(depth, f"{target} = m + math.log(s) if math.isfinite(m) else m")
+        self.w(depth, "inv = 1.0 / s")
+        d = depth
+        for var, n in inner:
+            self.w(d, f"for {var} in range({n}):")
+            d += 1
+        self.w(d, f"{starget} *= inv")
 
     def _target(self, t: Tensor, name: str) -> str:
         idx = (["r"] if t.row else []) + [self.loopvar(i) for i in t.free]

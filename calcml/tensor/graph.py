@@ -218,7 +218,7 @@ class Graph:
                 continue
             adj = self._combine(t, contribs.pop(t))
             for u, idx, d in self.partials(t):
-                local = d
+                local = self._reuse(t, d)
                 if t.kind == "lse":  # d log sum exp(b) = softmax * d b
                     local = self.softmax(t).ref() * d
                 body = adj * local
@@ -229,6 +229,20 @@ class Graph:
                                  note=f"contribution to the adjoint of {u.name}", prefix="c")
                 contribs[u].append(c.ref(u.free))
         return {u: self._combine(u, contribs.get(u, [])) for u in wrt}
+
+    def softmax_of(self, t: Tensor):
+        """The softmax tensor of log-sum-exp ``t`` if one was made, else None."""
+        over = [i for i in t.over if i != ROW]
+        key = ("map", sp.exp(t.body - t.ref()), tuple(list(t.free) + over), tuple(), t.row)
+        return self._memo.get(key)
+
+    @staticmethod
+    def _reuse(t: Tensor, d):
+        """A derivative of map ``t``'s body that holds the body itself (exp(u)' = exp(u) u',
+        tanh's 1 - tanh^2) reads ``t`` instead: computed once, not again per reader."""
+        if t.kind == "map" and t.free is not None and isinstance(d, sp.Basic) and d.has(t.body) and t.body.args:
+            return d.xreplace({t.body: t.ref()})
+        return d
 
     def softmax(self, t: Tensor) -> Tensor:
         """exp(body - t) of a log-sum-exp tensor ``t``, over t's free and summed indices: the
@@ -258,7 +272,7 @@ class Graph:
             if t.kind == "input":
                 r = directions.get(t) if t.role == "param" else None
             else:
-                dbody = tan_expr(t.body)
+                dbody = self._reuse(t, tan_expr(t.body))
                 if dbody == 0:
                     r = None
                 else:
