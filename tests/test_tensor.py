@@ -124,6 +124,10 @@ def test_hvp_and_hessian_match_central_differences_of_the_gradient(small):
           - softmax_reference(theta - h * v, X, labels, K, C=0.5)[1]) / (2 * h)
     hv = kern.hvp(theta, v, {"x": X, "c": labels})
     np.testing.assert_allclose(hv, fd, rtol=1e-6, atol=1e-8)
+    # products at one point share its forward sweep, with the same bits
+    hv_at = kern.hvp_at(theta, {"x": X, "c": labels})
+    np.testing.assert_array_equal(hv_at(v), hv)
+    np.testing.assert_array_equal(hv_at(2 * v), kern.hvp(theta, 2 * v, {"x": X, "c": labels}))
     H = kern.hessian(theta, {"x": X, "c": labels})
     np.testing.assert_allclose(H, H.T, atol=1e-15)
     np.testing.assert_allclose(H @ v, hv, rtol=1e-10, atol=1e-12)

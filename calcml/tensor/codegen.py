@@ -109,6 +109,8 @@ class _Writer:
         self.phase: dict = {}
         for t in self.order:
             self.phase[t] = self._phase(t)
+        self.mode = None
+        self.cached: list = []
 
     # -- names ----------------------------------------------------------------------------
     def loopvar(self, i) -> str:
@@ -262,23 +264,36 @@ class _Writer:
         note = f"  ({t.note})" if t.note else ""
         return f"{lhs} {'+=' if t.accumulates else '='} {rhs}{note}"
 
+    def _alloc(self, t: Tensor, indent: int, name: str):
+        """Storage of a block's rows of ``t``: fresh, or this block's rows of its cache array."""
+        if self.mode is not None and t in self.cached:
+            self.w(indent, f"{name} = cache[{self.cached.index(t)}][q0:q1]")
+            return
+        shape = (["nb"] if t.row else []) + [str(n) for n in t.shape]
+        self.w(indent, f"{name} = np.empty(({', '.join(shape)},))")
+
     def emit(self, t: Tensor, indent: int, acc_name=None):
         """The code that computes stored tensor ``t`` (into ``acc_name`` for accumulators)."""
         if t in self.fused:
             return  # computed by its log-sum-exp
+        if self.mode == "read" and t in self.cached:
+            self.w(indent, f"{t.name} = cache[{self.cached.index(t)}][q0:q1]  # {t.note}: computed at this theta")
+            soft = self.fused_softmax.get(t)
+            if soft is not None:
+                self.w(indent, f"{soft.name} = cache[{self.cached.index(soft)}][q0:q1]  # {soft.note}")
+            return
         soft = self.fused_softmax.get(t)
         if soft is not None:
             for line in _wrap(self.describe(soft)):
                 self.w(indent, f"# {line}")
-            sshape = (["nb"] if soft.row else []) + [str(n) for n in soft.shape]
-            self.w(indent, f"{soft.name} = np.empty(({', '.join(sshape)},))")
+            self._alloc(soft, indent, soft.name)
         for line in _wrap(self.describe(t)):
             self.w(indent, f"# {line}")
         shape = (["nb"] if t.row else []) + [str(n) for n in t.shape]
         name = acc_name or t.name
         if not t.accumulates:
             if shape:
-                self.w(indent, f"{name} = np.empty(({', '.join(shape)},))")
+                self._alloc(t, indent, name)
         plan = self.gemm.get(t)
         if plan is not None:
             self._emit_gemm(t, plan, indent, name)
@@ -431,20 +446,37 @@ class _Writer:
                 stack.extend(u for u, _, _ in self.g.occurrences(self.body(t)))
         return seen
 
-    def print_rows(self, fname: str, data_args: list[str]):
-        """``<kind>_rows``: phase A, then phase B block by block over rows r0 … r1-1."""
+    def plan_cache(self):
+        """The row tensors of a Hessian-vector product that do not depend on the direction:
+        computed once per point (``<kind>_lin_rows``) and read by every product there."""
+        self.cached = [t for t in self.order if t.kind != "input" and self.phase[t] == "B" and t.row
+                       and not t.accumulates and not self.g.depends(t, {"direction"})]
+        return self.cached
+
+    def print_rows(self, fname: str, data_args: list[str], mode=None):
+        """``<kind>_rows``: phase A, then phase B block by block over rows r0 … r1-1.
+        ``mode``: None; "fill" (only the cached tensors, into ``cache``); "read" (they are
+        read from ``cache``)."""
+        self.mode = mode
         b_tensors = [t for t in self.order if t.kind != "input" and self.phase[t] == "B"]
+        if mode == "fill":
+            b_tensors = [t for t in b_tensors if t in self.cached]
         need = self._needs(b_tensors + ([self.spec.rowwise] if self.spec.rowwise is not None else []))
         a_tensors = [t for t in self.order if t.kind != "input" and self.phase[t] == "A" and t in need]
         layout = self.acc_layout()
         self.w(0, "@_jit")
-        self.w(0, f"def {fname}(theta, v, {', '.join(data_args)}, r0, r1, scale, acc):")
+        tail = ", cache" if mode is not None else ""
+        self.w(0, f"def {fname}(theta, v, {', '.join(data_args)}, r0, r1, scale, acc{tail}):")
         what = "per-row values into acc[r0:r1]" if self.spec.rowwise is not None else "the sums over rows into acc"
+        if mode == "fill":
+            what = "the rows' tensors that do not depend on v, into cache"
+        elif mode == "read":
+            what += " (the tensors that do not depend on v read from cache)"
         self.w(1, f'"""{self.spec.kind}: {what}, rows r0 … r1-1 in blocks of BLOCK"""')
         self._param_views(1, need)
         for t in a_tensors:
             self.emit(t, 1)
-        for t in self.accumulators():
+        for t in (self.accumulators() if mode != "fill" else []):
             if t.free:
                 o = layout[t]
                 self.w(1, f"{t.name} = acc[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))")
@@ -538,6 +570,13 @@ def write_kernel(g: Graph, spec: KernelSpec, params, data, directions, has_data:
     data_args = [f"data_{t.name}" for t in data] or ["data_none"]
     if has_data:
         wr.print_rows(f"{spec.kind}_rows", data_args)
+        if spec.kind == "hvp" and wr.plan_cache():
+            # a point's products share its forward sweep: computed once, then read
+            wr.print_rows(f"{spec.kind}_lin_rows", data_args, mode="fill")
+            wr.print_rows(f"{spec.kind}_at_rows", data_args, mode="read")
+            wr.lines.append(f"HVP_CACHE = {[(t.name, list(t.shape)) for t in wr.cached]!r}")
+            wr.lines.append("")
+        wr.mode = None
     if spec.rowwise is None:
         wr.print_finish(f"{spec.kind}_finish")
     size = sum(t.size for t in wr.accumulators())

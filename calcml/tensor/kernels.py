@@ -220,20 +220,22 @@ class TensorKernels:
         return t
 
     # -- running ----------------------------------------------------------------------------
-    def _run(self, kind: str, theta, v, data) -> np.ndarray:
+    def _run(self, kind: str, theta, v, data, rows_name=None, extra=(), finish=True) -> np.ndarray:
+        """Run ``<kind>_rows`` (or ``rows_name``) over the stripes, add the stripes' sums in
+        order, and ``<kind>_finish`` them into the outputs. ``extra``: arguments after acc."""
         mod = self._module("hvp" if kind == "hvp" else "base")
         td = as_tensor_data(self.cost, data)
         nout = {"value": 1, "vg": 1 + self._n, "hvp": self._n}[kind]
         out = np.empty(nout)
         acc_size = mod.ACC_SIZES[kind]
-        finish = getattr(mod, f"{kind}_finish")
+        finish = getattr(mod, f"{kind}_finish") if finish else None
         if not self.cost.has_data:
             finish(theta, v, np.zeros(max(acc_size, 1)), out)
             return out
         n = td.n_rows
         parts = stripes(n)
         acc = np.zeros((len(parts), max(acc_size, 1)))
-        rows = getattr(mod, f"{kind}_rows")
+        rows = getattr(mod, rows_name or f"{kind}_rows")
         scale = 1.0 / n if self.cost.reduce == "mean" else 1.0
         args = td.arrays
         use_threads = self.parallel is True or (self.parallel == "auto" and n >= PARALLEL_MIN_ROWS)
@@ -241,16 +243,18 @@ class TensorKernels:
         with _SingleThreadedBlas():
             if threads <= 1:
                 for k, (lo, hi) in enumerate(parts):
-                    rows(theta, v, *args, lo, hi, scale, acc[k])
+                    rows(theta, v, *args, lo, hi, scale, acc[k], *extra)
             else:
-                self._warm(rows, theta, v, args, scale, acc)
+                self._warm(rows, theta, v, args, scale, acc, extra)
 
                 def job(i):
                     for k in range(i, len(parts), threads):
                         lo, hi = parts[k]
-                        rows(theta, v, *args, lo, hi, scale, acc[k])
+                        rows(theta, v, *args, lo, hi, scale, acc[k], *extra)
 
                 native.pool.run(job, threads)
+        if not finish:
+            return None
         total = acc[0].copy()
         for k in range(1, len(parts)):
             total += acc[k]
@@ -259,11 +263,11 @@ class TensorKernels:
             raise_nonfinite(self.cost, td)  # names the datum; else the values are what they are
         return out
 
-    def _warm(self, rows, theta, v, args, scale, acc):
+    def _warm(self, rows, theta, v, args, scale, acc, extra=()):
         """Compile (or load) ``rows`` on this thread before threads call it."""
         if not rows.signatures:
             scratch = np.zeros_like(acc[0])
-            rows(theta, v, *args, 0, 0, scale, scratch)
+            rows(theta, v, *args, 0, 0, scale, scratch, *extra)
 
     def value(self, theta, data=None) -> float:
         """The reduced cost (plus the penalty)."""
@@ -282,18 +286,34 @@ class TensorKernels:
         """The exact Hessian-vector product ``H(theta) v``, in one pass over the data."""
         return self._run("hvp", self._theta(theta), self._theta(v, "v"), data)
 
+    def hvp_at(self, theta, data=None):
+        """``hv(v)``: exact Hessian-vector products at ``theta``, sharing one forward sweep.
+
+        The rows' tensors that do not depend on ``v`` (for softmax regression: the logits
+        and the softmax) are computed once here and kept (one value per row and class); each
+        product then only runs what depends on ``v``. Newton-CG takes many products at one
+        point: this is its inner loop."""
+        t = self._theta(theta).copy()
+        td = as_tensor_data(self.cost, data)
+        mod = self._module("hvp")
+        if not self.cost.has_data or not hasattr(mod, "hvp_lin_rows"):
+            return lambda v: self._run("hvp", t, self._theta(v, "v"), td)
+        cache = tuple(np.empty((td.n_rows, *shape)) for _, shape in mod.HVP_CACHE)
+        self._run("hvp", t, self._empty, td, rows_name="hvp_lin_rows", extra=(cache,), finish=False)
+        return lambda v: self._run("hvp", t, self._theta(v, "v"), td, rows_name="hvp_at_rows", extra=(cache,))
+
     def hessian(self, theta, data=None) -> np.ndarray:
         """The reduced Hessian ``(n, n)``, column by column from exact Hessian-vector products."""
         t = self._theta(theta)
         if self._n > 4096:
             raise ParamError(f"the Hessian of {self._n} parameters takes {self._n ** 2 * 8 / 2**30:.1f} GiB; "
                              "use k.hvp(theta, v, data) (exact Hessian-vector products) instead")
-        td = as_tensor_data(self.cost, data)
+        hv = self.hvp_at(t, data)
         H = np.empty((self._n, self._n))
         e = np.zeros(self._n)
         for i in range(self._n):
             e[i] = 1.0
-            H[:, i] = self._run("hvp", t, e, td)
+            H[:, i] = hv(e)
             e[i] = 0.0
         return 0.5 * (H + H.T)
 

@@ -527,7 +527,7 @@ def _search(prog: TensorProgram, x, td, epochs, maxiter, tol, bar):
     hyper = dict(opt.hyper, **opt.extra)
     return run_search(
         opt.kind, lambda t: k.value_and_grad(t, td), x, maxiter=budget, tol=tol,
-        value=lambda t: k.value(t, td), hvp=lambda t, v: k.hvp(t, v, td), hess=lambda t: k.hessian(t, td),
+        value=lambda t: k.value(t, td), hvp=lambda t: k.hvp_at(t, td), hess=lambda t: k.hessian(t, td),
         callback=bar, hyper=hyper)
 
 

@@ -195,6 +195,8 @@ class NewtonCG:
         self.hvps = 0
 
     def step(self, fg, x, f, g, k, hvp=None):
+        """``hvp(x)`` gives ``v -> H(x) v`` (one forward sweep per point, shared by the products)."""
+        hv_at = hvp(x)
         gnorm = math.sqrt(float(g @ g))
         first = self.delta is None
         if first:
@@ -208,7 +210,7 @@ class NewtonCG:
         for _ in range(n + 1):
             if math.sqrt(rr) <= 0.1 * gnorm:
                 break
-            hd = hvp(x, d)
+            hd = hv_at(d)
             self.hvps += 1
             dhd = float(d @ hd)
             alpha = rr / dhd if dhd > 0.0 else math.inf

@@ -1,0 +1,143 @@
+"""A user's first fit: from stating the cost to the first result, fresh process, empty cache.
+
+Issue 11's build targets, each measured in a new Python process with an empty
+CALCML_CACHE_DIR (the imports are timed apart and not counted):
+
+- logistic regression on scikit-learn's breast cancer data (30 features + bias, 569 rows,
+  features standardised), with each method of ``cm.minimize``: under 5 s. Two statements:
+  ``scalar`` (``w = cm.params("w", 30)``, ``cm.dot(w, x)`` expanded: one symbol per weight,
+  the scalar path) and ``index`` (``cm.params("w", shape=(30,))``: the tensor path);
+- the Hessian kernel of that cost (``k.hessian`` first value): under 5 s;
+- softmax regression on the digits (650 parameters), ``lbfgs``: under 10 s, index form
+  (and scalar symbols with ``--scalar-digits``: expect minutes).
+
+Run:  .venv/bin/python benchmarks/first_fit.py [--methods gd,adam,...] [--forms scalar,index]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from _common import load_avg, machine_line  # noqa: E402
+
+METHODS = ["gd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "sgd", "newton", "lbfgs", "newton-cg"]
+
+CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+t0 = time.perf_counter()
+import numpy as np, sympy as sp, numba
+from sklearn.datasets import load_breast_cancer, load_digits
+t1 = time.perf_counter()
+import calcml as cm
+task, form, method = {task!r}, {form!r}, {method!r}
+if task == "digits":
+    X, labels = load_digits(return_X_y=True); X = X / 16.0
+else:
+    X, labels = load_breast_cancer(return_X_y=True); X = (X - X.mean(0)) / X.std(0)
+N, d = X.shape
+t2 = time.perf_counter()
+if task == "digits":
+    K = 10
+    if form == "index":
+        W = cm.params("W", shape=(K, d)); b = cm.params("b", shape=(K,))
+        x = cm.data("x", shape=(d,)); c = cm.data("c", classes=K)
+        k = cm.index("k", K); j = cm.index("j", d)
+        z = cm.sum(W[k, j] * x[j], j) + b[k]
+        cost = cm.Cost(cm.logsumexp(z, k) - cm.sum(cm.onehot(c, k) * z, k), params=[W, b], data=[x, c],
+                       penalty=cm.sum(W[k, j]**2, k, j) / (2 * N))
+        data = {{"x": X, "c": labels}}
+    else:
+        Ws = [cm.params(f"W{{a}}_", d) for a in range(K)]; bs = cm.params("b", K)
+        xs = cm.data("x", d); ys = cm.data("y", K)
+        zs = [cm.dot(Ws[a], xs) + bs[a] for a in range(K)]
+        cost = cm.Cost(sp.log(sum(sp.exp(z) for z in zs)) - sum(ys[a] * zs[a] for a in range(K)),
+                       params=[*[w for row in Ws for w in row], *bs], data=[*xs, *ys],
+                       penalty=sum(w**2 for row in Ws for w in row) / (2 * N))
+        Y = np.eye(K)[labels]
+        data = {{**{{f"x{{q}}": X[:, q] for q in range(d)}}, **{{f"y{{a}}": Y[:, a] for a in range(K)}}}}
+else:
+    if form == "index":
+        w = cm.params("w", shape=(d,)); b = cm.params("b")
+        x = cm.data("x", shape=(d,)); y = cm.data("y")
+        z = cm.dot(w, x) + b
+        cost = cm.Cost(cm.softplus(z) - y * z, params=[w, b], data=[x, y])
+        data = {{"x": X, "y": labels.astype(float)}}
+    else:
+        w = cm.params("w", d); b = cm.params("b")
+        x = cm.data("x", d); y = cm.data("y")
+        z = cm.dot(w, x) + b
+        cost = cm.Cost(cm.softplus(z) - y * z, params=[*w, b], data=[*x, y])
+        data = {{**{{f"x{{q}}": X[:, q] for q in range(d)}}, "y": labels.astype(float)}}
+t3 = time.perf_counter()
+theta0 = np.zeros(cost.n_params)
+if method == "hessian":
+    H = cm.compile(cost).hessian(theta0, data)
+    result = float(np.trace(H))
+else:
+    kw = dict(lr=0.01) if method in ("momentum", "nesterov", "rmsprop", "adagrad", "sgd") else {{}}
+    if method == "gd":
+        kw = dict(lr="auto")
+    if method == "adam":
+        kw = dict(lr=0.01, batch_size=32)
+    res = cm.minimize(cost, theta0, data=data, method=method, maxiter=200, epochs=5 if method in ("adam", "sgd") else None, **kw)
+    result = float(res.fun)
+t4 = time.perf_counter()
+print(json.dumps({{"imports": t1 - t0, "import_calcml": t2 - t1, "cost": t3 - t2, "first": t4 - t3,
+                  "beyond_imports": t4 - t1, "result": result}}))
+"""
+
+
+def run(task, form, method, timeout):
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, CALCML_CACHE_DIR=cache)
+        src = CHILD.format(root=ROOT, task=task, form=form, method=method)
+        try:
+            out = subprocess.run([sys.executable, "-c", textwrap.dedent(src)], env=env, capture_output=True,
+                                 text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"over {timeout:.0f} s"}
+        if out.returncode != 0:
+            return {"error": out.stderr.strip().splitlines()[-1][:120]}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default=",".join(METHODS + ["hessian"]))
+    ap.add_argument("--forms", default="index,scalar")
+    ap.add_argument("--digits", action="store_true", help="also the digits softmax (lbfgs)")
+    ap.add_argument("--scalar-digits", action="store_true", help="the digits softmax in scalar symbols too")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    a = ap.parse_args(argv)
+    print(f"Command: .venv/bin/python benchmarks/first_fit.py {' '.join(argv or sys.argv[1:])}\n")
+    print(machine_line())
+    print(f"\n### First fit, fresh process, empty cache (load avg at start {load_avg()})\n")
+    print("| task | statement | method | Cost → first result | import calcml | result |")
+    print("|---|---|---|---:|---:|---:|")
+    rows = [("breast cancer", f, m) for f in a.forms.split(",") for m in a.methods.split(",")]
+    if a.digits:
+        rows.append(("digits", "index", "lbfgs"))
+    if a.scalar_digits:
+        rows.append(("digits", "scalar", "lbfgs"))
+    for task, form, method in rows:
+        r = run("digits" if task == "digits" else "cancer", form, method, a.timeout)
+        if "error" in r:
+            print(f"| {task} | {form} | {method} | {r['error']} | | |")
+        else:
+            print(f"| {task} | {form} | {method} | {r['cost'] + r['first']:.2f} s | {r['import_calcml']:.2f} s | "
+                  f"{r['result']:.6g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
