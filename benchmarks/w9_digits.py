@@ -64,7 +64,8 @@ def main(argv=None):
                     m = LogisticRegression(C=C, solver=solver, tol=tol, max_iter=10_000).fit(X, labels)
                 return kern.value(cost.pack({"W": m.coef_, "b": m.intercept_}), data)
             fits[f"scikit-learn {solver}, tol {tol:g}"] = fit
-    for method, tol in (("lbfgs", 1e-5), ("lbfgs", 1e-6), ("newton-cg", 1e-5), ("newton-cg", 1e-7)):
+    for method, tol in (("lbfgs", 1e-4), ("lbfgs", 1e-5), ("lbfgs", 1e-6), ("newton-cg", 1e-4), ("newton-cg", 1e-5),
+                        ("newton-cg", 1e-7)):
         def fit(method=method, tol=tol):
             return cm.minimize(cost, x0, data=data, method=method, tol=tol, maxiter=10_000).fun
         fits[f"calcml {method}, tol {tol:g} (warm)"] = fit
@@ -75,12 +76,23 @@ def main(argv=None):
     print(f"Command: .venv/bin/python benchmarks/w9_digits.py --rounds {a.rounds}\n")
     print(machine_line())
     print(f"\n### W9: digits softmax, 650 parameters, N = {N} (load avg {load_avg()})\n")
-    print("| fit | median | min–max | objective | gap to best |")
-    print("|---|---:|---:|---:|---:|")
+    print("| fit | median | min–max | objective | gap to best | W9 target |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, t in timings.items():
         gap = (values[name] - best) / best
+        verdict = ""
+        if name.startswith("calcml"):
+            # the target: scikit-learn's objective (default tolerance, same solver) to 1e-6 relative
+            # or better, in no more wall time than scikit-learn took for it
+            solver = name.split()[1].rstrip(",")
+            ref = f"scikit-learn {solver}, tol 0.0001"
+            ok_value = values[name] <= values[ref] * (1 + 1e-6)
+            ok_time = t.median <= timings[ref].median
+            verdict = (f"{'meets' if ok_value and ok_time else 'misses'}: objective "
+                       f"{'within' if ok_value else 'not within'} 1e-6 of scikit-learn's, "
+                       f"{t.median / timings[ref].median:.2f}x its time")
         print(f"| {name} | {1e3 * t.median:.1f} ms | {1e3 * t.min:.1f}–{1e3 * t.max:.1f} ms | "
-              f"{values[name]:.12f} | {gap:.1e} |")
+              f"{values[name]:.12f} | {gap:.1e} | {verdict} |")
 
 
 if __name__ == "__main__":

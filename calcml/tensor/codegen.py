@@ -308,81 +308,51 @@ class _Writer:
         if not shape and not t.accumulates and not loops and not inner:
             self.w(indent, f"{name} = {body}")
             return
-        depth = indent
         if t.accumulates and not t.free:
-            self.w(depth, "s = 0.0")
-            for var, n in loops + inner:
-                self.w(depth, f"for {var} in range({n}):")
-                depth += 1
-            self.w(depth, f"s += {body}")
+            self.w(indent, "s = 0.0")
+            self.w(self._loops(indent, loops + inner), f"s += {body}")
             self.w(indent, f"{name} += s")
             return
+        depth = self._loops(indent, loops)
+        if t.accumulates:
+            self.w(self._loops(depth, inner), f"{target} += {body}")
+        elif t.kind == "map":
+            self.w(depth, f"{target} = {body}")
+        elif t.kind == "sum":
+            self.w(depth, "s = 0.0")
+            self.w(self._loops(depth, inner), f"s += {body}")
+            self.w(depth, f"{target} = s")
+        else:
+            self._emit_lse(t, body, inner, depth, target)
+
+    def _loops(self, depth: int, loops) -> int:
+        """Opens ``for var in range(n)`` for each (var, n); returns the body's depth."""
         for var, n in loops:
             self.w(depth, f"for {var} in range({n}):")
             depth += 1
-        if t.accumulates:
-            for var, n in inner:
-                self.w(depth, f"for {var} in range({n}):")
-                depth += 1
-            self.w(depth, f"{target} += {body}")
-            return
-        if t.kind == "map":
-            self.w(depth, f"{target} = {body}")
-            return
-        if t.kind == "sum":
-            self.w(depth, "s = 0.0")
-            d = depth
-            for var, n in inner:
-                self.w(d, f"for {var} in range({n}):")
-                d += 1
-            self.w(d, f"s += {body}")
-            self.w(depth, f"{target} = s")
-            return
-        # lse: m = max of the terms, then m + log(sum exp(term - m)): never overflows
+        return depth
+
+    def _emit_lse(self, t, body, inner, depth, target):
+        """m = the largest term, then m + log(sum exp(term - m)): never overflows. When t's
+        softmax is stored too it is made in the same pass: e = exp(term - m) is each softmax
+        entry times the sum, so the softmax costs a multiplication, not a second exp."""
         self.printer.helpers_used.add("_max2")
         soft = self.fused_softmax.get(t)
+        self.w(depth, "m = -math.inf")
+        self.w(self._loops(depth, inner), f"m = _max2(m, {body})")
+        self.w(depth, "s = 0.0")
+        d = self._loops(depth, inner)
+        if soft is None:
+            self.w(d, f"s += math.exp({body} - m)")
+        else:
+            starget = self._target(soft, soft.name)
+            self.w(d, f"e = math.exp({body} - m)")
+            self.w(d, f"{starget} = e")
+            self.w(d, "s += e")
+        self.w(depth, f"{target} = m + math.log(s) if math.isfinite(m) else m")
         if soft is not None:
-            self._emit_lse_softmax(t, soft, body, inner, depth, target)
-            return
-        self.w(depth, "m = -math.inf")
-        d = depth
-        for var, n in inner:
-            self.w(d, f"for {var} in range({n}):")
-            d += 1
-        self.w(d, f"m = _max2(m, {body})")
-        self.w(depth, "s = 0.0")
-        d = depth
-        for var, n in inner:
-            self.w(d, f"for {var} in range({n}):")
-            d += 1
-        self.w(d, f"s += math.exp({body} - m)")
-        self.w(depth, f"{target} = m + math.log(s) if math.isfinite(m) else m")
-
-    def _emit_lse_softmax(self, t, soft, body, inner, depth, target):
-        """A log-sum-exp and its softmax in one pass: e = exp(term - m) is each softmax entry
-        times the sum, so the softmax costs a division, not a second exp."""
-        self.w(depth, "m = -math.inf")
-        d = depth
-        for var, n in inner:
-            self.w(d, f"for {var} in range({n}):")
-            d += 1
-        self.w(d, f"m = _max2(m, {body})")
-        self.w(depth, "s = 0.0")
-        d = depth
-        for var, n in inner:
-            self.w(d, f"for {var} in range({n}):")
-            d += 1
-        starget = self._target(soft, soft.name)
-        self.w(d, f"e = math.exp({body} - m)")
-        self.w(d, f"{starget} = e")
-        self.w(d, "s += e")
-        self.w(depth, f"{target} = m + math.log(s) if math.isfinite(m) else m")
-        self.w(depth, "inv = 1.0 / s")
-        d = depth
-        for var, n in inner:
-            self.w(d, f"for {var} in range({n}):")
-            d += 1
-        self.w(d, f"{starget} *= inv")
+            self.w(depth, "inv = 1.0 / s")
+            self.w(self._loops(depth, inner), f"{starget} *= inv")
 
     def _target(self, t: Tensor, name: str) -> str:
         idx = (["r"] if t.row else []) + [self.loopvar(i) for i in t.free]
