@@ -418,10 +418,14 @@ def compile(cost: Cost, parallel="auto") -> Kernels:  # noqa: A001 - the API nam
         raise TypeError(f"cm.compile takes a cm.Cost, got {type(cost).__name__}")
     from .tensor.model import TensorCost
 
-    if isinstance(cost, TensorCost):
-        from .tensor.kernels import compile_tensor
+    from .tensor.kernels import compile_tensor
+    from .tensor.lift import LiftedKernels, lifted_for
 
+    if isinstance(cost, TensorCost):
         return compile_tensor(cost, parallel)
+    lifted = lifted_for(cost)  # many parameters in numbered families: index notation builds faster
+    if lifted is not None:
+        return LiftedKernels(cost, compile_tensor(lifted[0], parallel), lifted[1])
     key = _kernel_key(cost, "kernels")
     memo = (key, parallel, str(cache_dir()))
     with _lock:

@@ -89,7 +89,7 @@ def generate(cost: Cost, method="gd", schedule=None, batch_size=None, lr=None) -
     """
     _check_cost(cost)
     opt, sched, batch = _resolve(cost, method, lr, schedule, batch_size)
-    if isinstance(cost, TensorCost) or opt.kind == "newton-cg":
+    if isinstance(cost, TensorCost) or opt.kind == "newton-cg" or _lifted(cost) is not None:
         return _tensor_program(cost, opt, sched, batch, batch_size)
     prog = program_for(cost, opt, sched, batch)
     prog.notes_batch_default = batch_size is None and batch is not None
@@ -123,16 +123,26 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     return prog.run(x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
 
 
+def _lifted(cost):
+    from .tensor.lift import lifted_for
+
+    return None if isinstance(cost, TensorCost) else lifted_for(cost)
+
+
 def _tensor_program(cost, opt, sched, batch, batch_size):
     """The tensor path's program: index-notation costs, and methods only it has (newton-cg)
     for scalar costs, restated as a tensor cost of scalar parameters."""
     from .tensor.optimize import program_for_tensor
 
     if not isinstance(cost, TensorCost):
-        prog = program_for_tensor(TensorCost(cost.expr, list(cost.params), list(cost.data), cost.reduce), opt,
-                                  sched, batch)
+        lifted = _lifted(cost)
+        if lifted is not None:  # numbered families restated in index notation
+            tcost, columns = lifted
+        else:
+            tcost, columns = TensorCost(cost.expr, list(cost.params), list(cost.data), cost.reduce), None
+        prog = program_for_tensor(tcost, opt, sched, batch)
         prog.scalar_cost = cost
-        return _ScalarFront(prog)
+        return _ScalarFront(prog, columns)
     prog = program_for_tensor(cost, opt, sched, batch)
     prog.notes_batch_default = batch_size is None and batch is not None
     return prog
@@ -141,10 +151,11 @@ def _tensor_program(cost, opt, sched, batch, batch_size):
 class _ScalarFront:
     """A tensor program run on a scalar cost's data forms (dict, 2-D array, DataFrame)."""
 
-    def __init__(self, prog):
+    def __init__(self, prog, columns=None):
         self.prog = prog
         self.cost = prog.scalar_cost
         self.optimizer = prog.optimizer
+        self.columns = columns  # the restated cost's data from the scalar columns (tensor/lift.py)
 
     def __getattr__(self, name):
         return getattr(self.prog, name)
@@ -152,11 +163,16 @@ class _ScalarFront:
     def run(self, x0, data=None, **kw):
         if self.cost.data:
             ds = as_dataset(data, self.cost.data_names)
-            data = dict(zip(self.cost.data_names, ds.columns))
+            if self.columns is not None:
+                from .tensor.lift import lifted_data
+
+                data = lifted_data(self.columns, ds)
+            else:
+                data = dict(zip(self.cost.data_names, ds.columns))
         if not isinstance(x0, dict):
             x0 = _as_x0(self.cost, x0)
         res = self.prog.run(x0, data, **kw)
-        res.params = {k: float(v) for k, v in res.params.items()}
+        res.params = dict(zip(self.cost.param_names, res.x.tolist()))  # the scalar names
         return res
 
 

@@ -415,3 +415,49 @@ def test_check_gradient_of_a_tensor_cost(small):
     bad = cm.check_gradient(cost, wrong, data=D)
     assert [v.status for v in bad] == ["verified", "refuted"]
     assert "b[1]" in list(bad)[1].detail
+
+
+def test_scalar_statement_with_many_parameters_is_restated_in_index_notation():
+    """w = cm.params("w", 20) and cm.dot: the kernels come from the index form (built in
+    seconds), with the scalar cost's parameter order and data forms, and the same values."""
+    from calcml.tensor.lift import LiftedKernels, lift
+
+    d, N = 20, 300
+    rng = np.random.default_rng(11)
+    X, y = rng.standard_normal((N, d)), (rng.random(N) < 0.5).astype(float)
+    w = cm.params("w", d); b = cm.params("b"); x = cm.data("x", d); yy = cm.data("y")
+    z = cm.dot(w, x) + b
+    cost = cm.Cost(cm.softplus(z) - yy * z, params=[*w, b], data=[*x, yy], penalty=sum(wi ** 2 for wi in w) / 10)
+    lifted, _ = lift(cost)
+    assert lifted.param_names == ("w", "b") and lifted.data_names == ("x", "y")
+    k = cm.compile(cost)
+    assert isinstance(k, LiftedKernels)
+    theta = rng.standard_normal(d + 1)
+    zz = X @ theta[:d] + theta[d]
+    p = 1 / (1 + np.exp(-zz))
+    f_ref = np.mean(np.logaddexp(0, zz) - y * zz) + (theta[:d] ** 2).sum() / 10
+    g_ref = np.concatenate([X.T @ (p - y) / N + theta[:d] / 5, [np.mean(p - y)]])
+    for data in ({**{f"x{q}": X[:, q] for q in range(d)}, "y": y}, np.column_stack([X, y])):
+        f, g = k.value_and_grad(theta, data)
+        assert f == pytest.approx(f_ref, rel=1e-13)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+    res = cm.minimize(cost, np.zeros(d + 1), data=np.column_stack([X, y]), method="lbfgs", tol=1e-9)
+    assert res.success and set(res.params) == {*(f"w{q}" for q in range(d)), "b"}
+    from scipy.optimize import minimize as sp_minimize
+
+    def fg(t):
+        zz = X @ t[:d] + t[d]
+        p = 1 / (1 + np.exp(-zz))
+        return (np.mean(np.logaddexp(0, zz) - y * zz) + (t[:d] ** 2).sum() / 10,
+                np.concatenate([X.T @ (p - y) / N + t[:d] / 5, [np.mean(p - y)]]))
+
+    ref = sp_minimize(fg, np.zeros(d + 1), jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15})
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-6)
+
+
+def test_a_family_member_used_alone_keeps_the_scalar_path():
+    from calcml.tensor.lift import lift
+
+    w = cm.params("w", 20); x = cm.data("x", 20)
+    cost = cm.Cost((cm.dot(w, x) - 1) ** 2 + w[3] ** 4, params=[*w], data=[*x])
+    assert lift(cost) is None
