@@ -215,16 +215,18 @@ class _Writer:
         if t.kind != "sum" or len([i for i in t.over if i != ROW]) + (1 if t.accumulates else 0) != 1:
             return None
         coeff, factors = body.as_coeff_mul()
-        refs = [f for f in factors if isinstance(f, sp.Indexed)]
-        rest = [f for f in factors if not isinstance(f, sp.Indexed)]
-        if len(refs) != 2 or any(not (isinstance(f, sp.Symbol) and f == SCALE) for f in rest):
+        # the two operands: reads of tensors with an axis (a row tensor without one has the row)
+        refs = [f for f in factors if self.g.tensor_of(f) is not None and f != SCALE
+                and (isinstance(f, sp.Indexed) or self.g.tensor_of(f).row)]
+        rest = [f for f in factors if not any(f is r for r in refs)]
+        if len(refs) != 2 or any(f != SCALE for f in rest):
             return None
         ta, tb = (self.g.tensor_of(f) for f in refs)
-        if ta is None or tb is None or ta is tb:
+        if ta is tb:
             return None
         (s,) = t.over
-        axes_a = ([ROW] if ta.row else []) + list(refs[0].indices)
-        axes_b = ([ROW] if tb.row else []) + list(refs[1].indices)
+        axes_a = ([ROW] if ta.row else []) + list(getattr(refs[0], "indices", ()))
+        axes_b = ([ROW] if tb.row else []) + list(getattr(refs[1], "indices", ()))
         out = ([ROW] if t.row else []) + list(t.free)
         if len(axes_a) > 2 or len(axes_b) > 2 or s not in axes_a or s not in axes_b:
             return None
@@ -550,4 +552,11 @@ def write_kernel(g: Graph, spec: KernelSpec, params, data, directions, has_data:
     if spec.rowwise is None:
         wr.print_finish(f"{spec.kind}_finish")
     size = sum(t.size for t in wr.accumulators())
+    # data whose every entry is multiplied into an output's sum (an operand of a contraction
+    # summed over the rows): a NaN or infinity there leaves that output non-finite, so the
+    # caller's test of the outputs covers it; other data are checked before the call
+    covered = sorted({wr.g.tensor_of(ref).name for t, plan in wr.gemm.items() if t.accumulates and t in wr.needed
+                      for ref in plan[1:3] if wr.g.tensor_of(ref).role == "data"})
+    wr.lines.append(f"COVERED_{spec.kind.upper()} = {tuple(covered)!r}")
+    wr.lines.append("")
     return wr.lines, wr.printer.helpers_used, size

@@ -374,7 +374,20 @@ class Lowering:
         over = tuple(self._limit(lim, e) for lim in e.limits)
         return self._reduce("sum", body, over, e)
 
+    @staticmethod
+    def stable(body):
+        """``body`` in numerically stable form (calcml.rewrite: log(1+exp(z)) -> softplus(z),
+        ...). A body is a few operations (sums are separate tensors), so the rewrite's
+        polynomial steps stay small; if one fails, the body is kept as stated."""
+        from ..rewrite import stabilize
+
+        try:
+            return stabilize(body)
+        except Exception:  # noqa: BLE001 - an optimisation, not a requirement
+            return body
+
     def _reduce(self, kind, body, over, source):
+        body = self.stable(body)
         free = [i for i in self.g.free_indices(body) if i not in over]
         t = self.g.derived(kind, body, free, over, note=sp.sstr(source))
         t.source = source if getattr(t, "source", None) is None else t.source

@@ -182,11 +182,15 @@ class LiftedKernels:
         return self.tensor.path
 
     def _data(self, data):
+        """The restated cost's data, after the scalar cost's checks (a non-finite value is
+        named by its column and row, as the scalar kernels name it)."""
         from ..dataset import as_dataset
 
         if data is None or not self.cost.data:
             return data
-        return lifted_data(self.columns, as_dataset(data, self.cost.data_names))
+        ds = as_dataset(data, self.cost.data_names)
+        ds.raise_nonfinite()
+        return lifted_data(self.columns, ds)
 
     def prepare(self, data):
         return self.tensor.prepare(self._data(data))

@@ -27,6 +27,22 @@ from .statement import Label, LogSumExp, axis_range
 __all__ = ["TensorCost", "is_tensor_statement"]
 
 
+class _step:
+    """Turns an unexpected failure inside a symbolic step into a CostError naming the step."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (CostError, KeyboardInterrupt)):
+            return False
+        raise CostError(f"{self.what} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                        "(please report this cost to calcml)") from exc
+
+
 def is_tensor_statement(expr, params, data, penalty=None) -> bool:
     items = list(_items(params)) + list(_items(data))
     if any(isinstance(p, (sp.IndexedBase, Label)) for p in items):
@@ -124,7 +140,7 @@ class TensorCost(Cost):
         self._din = [g.add_input(d, "label" if isinstance(d, Label) else "data") for d in self._data]
         known = {t.placeholder: t for t in self._pin + self._din}
         low = Lowering(g, known)
-        fbody = low.lower(self._expr)
+        fbody = low.stable(low.lower(self._expr))
         left = g.free_indices(fbody)
         if left:
             names = ", ".join(str(i) for i in left)
@@ -140,7 +156,7 @@ class TensorCost(Cost):
             if used:
                 raise CostError(f"the penalty uses data {used[0]!r}; a penalty is a function of the parameters "
                                 "only (it is added once, not per row)")
-            pbody = low.lower(self._penalty)
+            pbody = low.stable(low.lower(self._penalty))
             left = g.free_indices(pbody)
             if left:
                 raise CostError(f"index {', '.join(map(str, left))} is left free in the penalty; sum over it")
@@ -163,6 +179,10 @@ class TensorCost(Cost):
     @cached_property
     def _grads(self) -> list:
         """Adjoint expressions of each parameter input (reduced, seeded for kernels)."""
+        with _step("the reverse-mode derivation of the gradient"):
+            return self._derive_grads()
+
+    def _derive_grads(self) -> list:
         g = self._graph
         roots = [(self._v, 1)] + ([(self._pen, 1)] if self._pen is not None else [])
         adj = g.reverse(roots, self._pin)
@@ -179,6 +199,10 @@ class TensorCost(Cost):
 
     @cached_property
     def _hvps(self) -> list:
+        with _step("the forward-over-reverse derivation of Hessian-vector products"):
+            return self._derive_hvps()
+
+    def _derive_hvps(self) -> list:
         g = self._graph
         self._vin = [g.add_input(sp.IndexedBase(f"v_{p.name}", shape=p.shape) if p.free else sp.Symbol(f"v_{p.name}"),
                                  "direction") for p in self._pin]
