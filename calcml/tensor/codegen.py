@@ -26,13 +26,22 @@ from ..printing import NumbaPrinter, helper_source
 from .graph import ROW, SCALE, Graph, Tensor
 from .statement import Label, axis_range
 
-__all__ = ["KernelSpec", "write_kernel", "BLOCK"]
+__all__ = ["KernelSpec", "write_kernel", "BLOCK", "block_rows"]
 
 # Rows per block: a block's row tensors (BLOCK x axes) stay in cache between the forward
 # and the backward sweep, and a contraction over a block is one BLAS call. 32 rows keep
 # OpenBLAS on its small-matrix kernels: on W7's shapes 24-64 rows ran twice as fast as 128
 # (benchmarks/RESULTS.md, W7).
 BLOCK = 32
+# Narrow rows get longer blocks, up to about this many data values a block: each block pays a
+# few BLAS calls and loop starts (about 1 us), which 32 rows of 17 values do not amortise.
+BLOCK_VALUES = 8192
+BLOCK_MAX = 1024
+
+
+def block_rows(row_width: int) -> int:
+    """Rows per block for rows of ``row_width`` data values: a multiple of 32, at least BLOCK."""
+    return BLOCK * max(1, min(BLOCK_MAX // BLOCK, BLOCK_VALUES // (BLOCK * max(row_width, 1))))
 
 
 class KernelSpec:

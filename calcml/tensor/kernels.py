@@ -17,7 +17,6 @@ import numpy as np
 
 from .. import native
 from ..errors import DataError, ParamError
-from .codegen import BLOCK
 from .model import TensorCost
 from .statement import Label
 
@@ -157,11 +156,11 @@ def raise_nonfinite(cost: TensorCost, td: TensorData):
                             "data must be finite")
 
 
-def stripes(n: int) -> list:
+def stripes(n: int, block: int) -> list:
     """[(first row, end row)] of the stripes of ``n`` rows: whole blocks, fixed by n alone."""
-    nblocks = -(-n // BLOCK)
+    nblocks = -(-n // block)
     s = max(1, min(STRIPES, nblocks))
-    return [((k * nblocks // s) * BLOCK, min(n, ((k + 1) * nblocks // s) * BLOCK)) for k in range(s)]
+    return [((k * nblocks // s) * block, min(n, ((k + 1) * nblocks // s) * block)) for k in range(s)]
 
 
 class TensorKernels:
@@ -243,7 +242,7 @@ class TensorKernels:
         if not td.checked:  # data the outputs' test does not cover: checked now, by name
             covered = getattr(mod, f"COVERED_{kind.upper()}", ())
             check_data(self.cost, td, skip=covered)
-        parts = stripes(n)
+        parts = stripes(n, mod.BLOCK)
         acc = np.zeros((len(parts), max(acc_size, 1)))
         rows = getattr(mod, rows_name or f"{kind}_rows")
         scale = 1.0 / n if self.cost.reduce == "mean" else 1.0

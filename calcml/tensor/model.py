@@ -20,7 +20,7 @@ from ..codegen import NUMBA_FLAGS
 from ..printing import HELPERS
 from ..cost import Cost
 from ..errors import CostError, ParamError
-from .codegen import BLOCK, KernelSpec, write_kernel
+from .codegen import KernelSpec, block_rows, write_kernel
 from .graph import ROW, SCALE, Graph, Lowering, Tensor
 from .statement import Label, LogSumExp, axis_range
 
@@ -217,6 +217,11 @@ class TensorCost(Cost):
     @property
     def penalty(self):
         return self._penalty
+
+    @property
+    def block(self) -> int:
+        """Rows per block of the kernels (fixed by the statement: the same bits on every call)."""
+        return block_rows(sum(_size(d) for d in self._data))
 
     @property
     def n_params(self) -> int:
@@ -484,7 +489,7 @@ def _module_text(cost, lines, helpers, sizes) -> str:
         "import numpy as np",
         "",
         f"_jit = numba.njit({flags})",
-        f"BLOCK = {BLOCK}",
+        f"BLOCK = {cost.block}",
         f"N_PARAMS = {cost.n_params}",
         f"ACC_SIZES = {sizes!r}",
         "",
