@@ -122,10 +122,28 @@ def _exp_minus_one(e):
     return sp.Add(*args) + expm1(first.args[0])
 
 
+def _is_log_one_plus(e):
+    return (isinstance(e, sp.log) and len(e.args) == 1 and isinstance(e.args[0], sp.Add)
+            and sp.S.One in e.args[0].args)
+
+
+def _log_one_plus(e):
+    # log(1 + u) == log1p(u): full precision for tiny u. (SymPy's log1p_opt calls factor() on
+    # every log's argument: seconds on a large cost, and a RecursionError on the digits'
+    # softmax in scalar symbols; this is the plain match.)
+    from sympy.codegen.cfunctions import log1p
+
+    args = list(e.args[0].args)
+    args.remove(sp.S.One)
+    return log1p(sp.Add(*args))
+
+
 @lru_cache(maxsize=None)
 def stable_rules() -> tuple:
     """The rewrites, in the order they are applied (built once)."""
-    from sympy.codegen.rewriting import ReplaceOptim, log1p_opt
+    from sympy.codegen.rewriting import ReplaceOptim
+
+    log1p_opt = ReplaceOptim(_is_log_one_plus, _log_one_plus)
 
     # log(sigmoid(u)) == -softplus(-u): the log-likelihood of logistic regression, stable.
     log_sigmoid_opt = ReplaceOptim(
