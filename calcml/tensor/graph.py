@@ -386,8 +386,29 @@ class Lowering:
         except Exception:  # noqa: BLE001 - an optimisation, not a requirement
             return body
 
+    def _hoist(self, body, context):
+        """A function of fewer indices than the sum runs over (``tanh(t[h] + b[h])`` inside a sum
+        over ``k`` and ``h``) becomes a tensor of its own, computed once per value of its own
+        indices: not again for every ``k``. The sum's body is then often a product of two
+        tensors: a matrix product."""
+        ctx = set(context)
+
+        def visit(e):
+            if not e.args or isinstance(e, (sp.Indexed, sp.Symbol, sp.Idx, sp.KroneckerDelta)):
+                return e
+            e = e.func(*[visit(a) for a in e.args])
+            if isinstance(e, sp.Function) or (isinstance(e, sp.Pow) and not e.exp.is_Integer):
+                idx = self.g.free_indices(e)
+                if set(idx) < ctx:
+                    return self.g.derived("map", e, idx, note=f"{sp.sstr(e)[:60]}, once per {', '.join(map(str, idx)) or 'row'}",
+                                          prefix="h").ref()
+            return e
+
+        return visit(body)
+
     def _reduce(self, kind, body, over, source):
         body = self.stable(body)
+        body = self._hoist(body, list(self.g.free_indices(body)) + [i for i in over if i not in self.g.free_indices(body)])
         free = [i for i in self.g.free_indices(body) if i not in over]
         t = self.g.derived(kind, body, free, over, note=sp.sstr(source))
         t.source = source if getattr(t, "source", None) is None else t.source
