@@ -3,7 +3,8 @@
 For each d and each statement (``index``: ``cm.params("w", shape=(d,))``; ``scalar``:
 ``cm.params("w", d)`` with ``cm.dot``, which calcml restates in index notation from 16
 parameters on), one fresh process with an empty cache measures the first gradient (from
-stating the Cost), then times the warm ``value_and_grad`` against a NumPy vectorised
+stating the Cost), then times the warm ``value_and_grad`` (on the data as given, and on
+``k.prepare(data)``: validated and laid out once, as a fit does) against a NumPy vectorised
 value and gradient of the same cost, interleaved, medians.
 
 Run:  .venv/bin/python benchmarks/logreg_sizes.py [--sizes 16,64,128,256] [--forms index,scalar]
@@ -56,8 +57,11 @@ def numpy_vg():
 
 fr, gr = numpy_vg()
 assert abs(f - fr) <= 1e-12 * abs(fr) and np.max(np.abs(g - gr)) <= 1e-10
-t = measure_interleaved({{"calcml": lambda: k.value_and_grad(theta, data), "numpy": numpy_vg}}, rounds=21, warm=True)
-print(json.dumps({{"first": t2 - t1, "calcml": t["calcml"].median, "numpy": t["numpy"].median}}))
+prepared = k.prepare(data)
+t = measure_interleaved({{"calcml": lambda: k.value_and_grad(theta, data), "numpy": numpy_vg,
+                         "prepared": lambda: k.value_and_grad(theta, prepared)}}, rounds=21, warm=True)
+print(json.dumps({{"first": t2 - t1, "calcml": t["calcml"].median, "numpy": t["numpy"].median,
+                  "prepared": t["prepared"].median}}))
 """
 
 
@@ -69,8 +73,9 @@ def main(argv=None):
     print(f"Command: .venv/bin/python benchmarks/logreg_sizes.py {' '.join(argv or sys.argv[1:])}\n")
     print(machine_line())
     print(f"\n### Logistic regression, 20,000 rows (load avg at start {load_avg()})\n")
-    print("| d | statement | first gradient (cold) | warm value_and_grad | NumPy | calcml speed vs NumPy |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| d | statement | first gradient (cold) | warm value_and_grad | prepared data | NumPy | "
+          "speed vs NumPy (raw / prepared) |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for d in map(int, a.sizes.split(",")):
         for form in a.forms.split(","):
             with tempfile.TemporaryDirectory() as cache:
@@ -81,8 +86,9 @@ def main(argv=None):
                 print(f"| {d} | {form} | failed: {out.stderr.strip().splitlines()[-1][:100]} | | | |")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {d} | {form} | {r['first']:.2f} s | {1e3 * r['calcml']:.2f} ms | {1e3 * r['numpy']:.2f} ms | "
-                  f"{r['numpy'] / r['calcml']:.2f}× |", flush=True)
+            print(f"| {d} | {form} | {r['first']:.2f} s | {1e3 * r['calcml']:.2f} ms | {1e3 * r['prepared']:.2f} ms | "
+                  f"{1e3 * r['numpy']:.2f} ms | {r['numpy'] / r['calcml']:.2f}× / {r['numpy'] / r['prepared']:.2f}× |",
+                  flush=True)
 
 
 if __name__ == "__main__":
