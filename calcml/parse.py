@@ -128,6 +128,9 @@ _REFUSED_UNARY = {ast.Not: "'not'", ast.Invert: "the bitwise operator '~'"}
 _CHAIN = {ast.Add: "sum", ast.Sub: "sum", ast.Mult: "product", ast.Div: "product"}
 
 
+# Products of up to this many factors are built pair by pair (see _build_BinOp).
+_PAIRWISE_MAX = 32
+
 class _Source:
     """The text being parsed, for messages that quote a part of it and give its column."""
 
@@ -311,7 +314,17 @@ class _Builder:
                     raise self.src.at(operand, "division by zero")
                 value = sp.Pow(value, -1)
             parts.append(value)
-        out = sp.Add(*parts) if level == "sum" else sp.Mul(*parts)
+        if level == "sum":
+            out = sp.Add(*parts)
+        elif len(parts) <= _PAIRWISE_MAX:
+            # left to right, pair by pair, as Python evaluates a * b * c: SymPy distributes a
+            # number over a sum only in a two-factor product, so ((x + y) * 2) * x is
+            # x*(2*x + 2*y) while Mul(x + y, 2, x) is 2*x*(x + y) (equal, not the same tree)
+            out = parts[0]
+            for p in parts[1:]:
+                out = sp.Mul(out, p)
+        else:  # long products in one flattening (a pairwise fold would cost n**2)
+            out = sp.Mul(*parts)
         self._check_number(out, node)
         return out
 
