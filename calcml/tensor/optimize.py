@@ -42,9 +42,9 @@ INTERRUPTED = {_result.INTERRUPTED}
 LINE_SEARCH_FAILED = {_result.LINE_SEARCH_FAILED}
 """
 
-_DRIVER = '''
+_EVAL = '''
 
-# -- the driver: plain Python around the compiled loops ------------------------------------------------
+# -- full-data evaluations: the compiled kernels stripe by stripe ------------------------------------
 def stripes(n):
     """[(first row, end row)] of at most STRIPES stripes of whole blocks (the kernels' partition)"""
     nblocks = -(-n // BLOCK)
@@ -83,6 +83,11 @@ def _in_order(acc):
     return total
 
 
+'''
+
+_DRIVER = '''
+
+# -- the driver: plain Python around the compiled loops ------------------------------------------------
 def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxiter=None, tol=1e-8, seed=0,
           callback=None, chunk_seconds=0.25):
     """Minimize from x0 (flat float64); arrays: the data arrays in DATA_NAMES order (validated).
@@ -177,6 +182,43 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     return {"x": x, "fun": fun, "grad": g.copy(), "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
             "status": status, "history": np.array(history), "epochs": epochs_done, "best_step": best_step,
             "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup}
+'''
+
+
+_SEARCH_DRIVER = '''
+
+def _hvp_at(theta, cols):
+    """v -> H(theta) v through this module's hvp kernels, stripe by stripe"""
+    def hv(v):
+        bounds = cols[0]
+        acc = np.zeros((bounds.shape[0], max(ACC_SIZES["hvp"], 1)))
+        if DATA_NAMES:
+            for k in range(bounds.shape[0]):
+                hvp_rows(theta, v, *cols[2:], bounds[k, 0], bounds[k, 1], cols[1], acc[k])
+        out = np.empty(N_PARAMS)
+        hvp_finish(theta, v, _in_order(acc), out)
+        return out
+    return hv
+
+
+def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8):
+    """Minimize from x0 (flat, PARAM_NAMES order) with METHOD; arrays: the data in DATA_NAMES
+    order, (N, ...) each. Returns the report dict (x, fun, grad, grad_norm, nit, status, ...)."""
+    cols = columns(tuple(np.ascontiguousarray(a) for a in arrays), n_rows, REDUCE_MEAN)
+    g = np.empty(N_PARAMS)
+
+    def fg(t):
+        f = full_value_and_grad(t, cols, g)
+        return f, g.copy()
+
+    def hess(t):
+        hv = _hvp_at(t, cols)
+        H = np.column_stack([hv(e) for e in np.eye(N_PARAMS)])
+        return 0.5 * (H + H.T)
+
+    return run_search(METHOD, fg, np.asarray(x0, dtype=np.float64), tol=tol, hyper=HYPER,
+                      maxiter=DEFAULT_MAXITER if maxiter is None else maxiter,
+                      value=lambda t: fg(t)[0], hvp=lambda t: _hvp_at(t, cols), hess=hess)
 '''
 
 
@@ -350,7 +392,32 @@ class _Source:
             self.full_batch()
         self.state_factory()
         self.first_order()
-        return "\n".join(self.lines) + _DRIVER
+        return "\n".join(self.lines) + _EVAL + _DRIVER
+
+    def search_text(self) -> str:
+        """A line-search or trust-region program's standalone part: calcml.tensor.search's
+        steps and a ``minimize`` over this module's kernels (run serially; calcml itself runs
+        the same steps over its threaded kernels)."""
+        import inspect
+
+        from . import search
+
+        opt = self.opt
+        for line in _STATUS_LINES.strip().splitlines():
+            self.w(0, line)
+        self.w(0, f"REDUCE_MEAN = {self.cost.reduce == 'mean'}")
+        self.w(0, f"STRIPES = {STRIPES}")
+        self.w(0, f"DATA_NAMES = {self.cost.data_names!r}")
+        self.w(0, f"PARAM_NAMES = {self.cost.param_names!r}")
+        self.w(0, f"METHOD = {opt.kind!r}")
+        self.w(0, f"HYPER = {dict(opt.hyper, **opt.extra)!r}")
+        self.w(0, f"DEFAULT_MAXITER = {opt.default_maxiter}")
+        self.w(0, "DUMMY_DATA = (np.zeros(1),)")
+        steps = inspect.getsource(search)
+        steps = steps.replace("from .. import result as _result\n", "")
+        steps = steps.replace("_result.", "")
+        steps = steps[steps.index("RUNNING = -1"):]  # the steps, after the module's own imports
+        return "\n".join(self.lines) + _EVAL + "\n\n# -- the steps (calcml/tensor/search.py) --\n" + steps + _SEARCH_DRIVER
 
 
 class TensorProgram:
@@ -376,9 +443,10 @@ class TensorProgram:
 
     def _build(self) -> str:
         base, sizes = self.cost.module_source(self._kinds())
+        src = _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes)
         if self.optimizer.kind != "first_order":
-            return base  # the steps are NumPy over these kernels (calcml.tensor.search)
-        return base + "\n\n" + _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes).text()
+            return base + "\n\n" + src.search_text()
+        return base + "\n\n" + src.text()
 
     @property
     def module(self):
