@@ -182,15 +182,46 @@ class LiftedKernels:
         return self.tensor.path
 
     def _data(self, data):
-        """The restated cost's data, after the scalar cost's checks (a non-finite value is
-        named by its column and row, as the scalar kernels name it)."""
+        """The restated cost's data: a dict of columns or a 2-D array straight into the index
+        form's arrays (one copy), anything else through the scalar cost's validation."""
+        import numpy as np
+
         from ..dataset import as_dataset
 
         if data is None or not self.cost.data:
             return data
-        ds = as_dataset(data, self.cost.data_names)
-        ds.raise_nonfinite()
-        return lifted_data(self.columns, ds)
+        names = self.cost.data_names
+        try:
+            if isinstance(data, dict) and all(n in data for n in names):
+                cols = {n: np.asarray(data[n], dtype=np.float64) for n in names}
+            elif isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == len(names):
+                # a family's columns stand together in the cost's data order: one block copy each
+                arr = np.asarray(data, dtype=np.float64)
+                where = {n: q for q, n in enumerate(names)}
+                return {name: arr[:, where[name]] if members is None else
+                        np.ascontiguousarray(arr[:, where[members[0]]:where[members[0]] + len(members)])
+                        for name, members in self.columns}
+            else:
+                cols = None
+            if cols is not None and all(c.ndim == 1 and c.shape == cols[names[0]].shape for c in cols.values()):
+                return {name: cols[name] if members is None else np.stack([cols[m] for m in members], axis=1)
+                        for name, members in self.columns}
+        except (TypeError, ValueError):
+            pass  # the scalar validation below names the problem
+        return lifted_data(self.columns, as_dataset(data, names))
+
+    def _named(self, data, call):
+        """``call()``; a bad datum it finds is named by its column and row, as the scalar
+        kernels name it."""
+        from ..dataset import as_dataset
+        from ..errors import DataError
+
+        try:
+            return call()
+        except DataError:
+            if data is not None and self.cost.data:
+                as_dataset(data, self.cost.data_names).raise_nonfinite()
+            raise
 
     def prepare(self, data):
         return self.tensor.prepare(self._data(data))
@@ -201,16 +232,16 @@ class LiftedKernels:
         return data if isinstance(data, TensorData) else self._data(data)
 
     def value(self, theta, data=None):
-        return self.tensor.value(theta, self._args(data))
+        return self._named(data, lambda: self.tensor.value(theta, self._args(data)))
 
     def grad(self, theta, data=None):
-        return self.tensor.grad(theta, self._args(data))
+        return self._named(data, lambda: self.tensor.grad(theta, self._args(data)))
 
     def value_and_grad(self, theta, data=None):
-        return self.tensor.value_and_grad(theta, self._args(data))
+        return self._named(data, lambda: self.tensor.value_and_grad(theta, self._args(data)))
 
     def hvp(self, theta, v, data=None):
-        return self.tensor.hvp(theta, v, self._args(data))
+        return self._named(data, lambda: self.tensor.hvp(theta, v, self._args(data)))
 
     def hessian(self, theta, data=None):
-        return self.tensor.hessian(theta, self._args(data))
+        return self._named(data, lambda: self.tensor.hessian(theta, self._args(data)))
