@@ -492,3 +492,28 @@ def test_exported_tensor_program_runs_alone_and_agrees(digits_like, tmp_path, me
         rep = mod.minimize(x0, arrays, len(X), maxiter=3, tol=1e-9)
     np.testing.assert_array_equal(rep["x"], res.x)
     assert rep["fun"] == res.fun
+
+
+def test_per_class_weight_families_are_restated_as_a_matrix():
+    """The softmax stated with one family per class (cm.params(f"W{a}_", d)) becomes W[a, j]:
+    same parameter order, same values as the index form."""
+    from calcml.tensor.lift import lift
+
+    K, d, N = 4, 5, 120
+    rng = np.random.default_rng(12)
+    X, labels = rng.standard_normal((N, d)), rng.integers(0, K, N)
+    Ws = [cm.params(f"W{a}_", d) for a in range(K)]; bs = cm.params("b", K)
+    xs = cm.data("x", d); ys = cm.data("y", K)
+    zs = [cm.dot(Ws[a], xs) + bs[a] for a in range(K)]
+    cost = cm.Cost(sp.log(sum(sp.exp(z) for z in zs)) - sum(ys[a] * zs[a] for a in range(K)),
+                   params=[*[w for row in Ws for w in row], *bs], data=[*xs, *ys],
+                   penalty=sum(w ** 2 for row in Ws for w in row) / (2 * 0.5 * N))
+    lifted, _ = lift(cost)
+    assert lifted.param_shapes == {"W": (K, d), "b": (K,)}
+    Y = np.eye(K)[labels]
+    data = {**{f"x{q}": X[:, q] for q in range(d)}, **{f"y{a}": Y[:, a] for a in range(K)}}
+    theta = rng.standard_normal(cost.n_params)
+    f, g = cm.compile(cost).value_and_grad(theta, data)
+    f_ref, g_ref = softmax_reference(theta, X, labels, K, C=0.5)
+    assert f == pytest.approx(f_ref, rel=1e-13)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)

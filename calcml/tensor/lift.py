@@ -59,6 +59,10 @@ class _Lifter:
         taken = {s.name for s in (*cost.params, *cost.data)}
         self.tensor_of: dict = {}  # base name -> IndexedBase
         self.member: dict = {}  # symbol -> (base, index)
+        self.families = {**pf, **df}
+        self.param_bases = set(pf)
+        self.taken = taken
+        self.rows: dict = {}  # a matrix made of vector families -> its row count (see merge_rows)
         for kind, fams in (("params", pf), ("data", df)):
             for base, members in fams.items():
                 name = base.rstrip("_") or base
@@ -75,18 +79,71 @@ class _Lifter:
 
     def _template(self, term):
         """(template in a placeholder index, families it reads, the index) if every family
-        member in ``term`` has one index; else None."""
+        member in ``term`` has one index; else None. Members are the family symbols, and the
+        rows ``M[a, ...]`` (a number) of matrices made by :meth:`merge_rows`."""
         found = [s for s in term.free_symbols if s in self.member]
-        if not found:
+        rows = [e for e in term.atoms(sp.Indexed) if e.base in self.rows and e.indices[0].is_Integer]
+        if not found and not rows:
             return None
-        idx = {self.member[s][1] for s in found}
-        bases = {self.member[s][0] for s in found}
-        if len(idx) != 1 or len({self.sizes[b] for b in bases}) != 1:
+        idx = {self.member[s][1] for s in found} | {int(e.indices[0]) for e in rows}
+        bases = {self.member[s][0] for s in found} | {e.base for e in rows}
+        if len(idx) != 1 or len({self.size(b) for b in bases}) != 1:
             return None
         (k,) = idx
         j = sp.Dummy("j")
-        tmpl = term.xreplace({s: self.tensor_of[self.member[s][0]][j] for s in found})
-        return tmpl, j, frozenset(bases), k
+        subs = {s: self.tensor_of[self.member[s][0]][j] for s in found}
+        subs.update({e: e.base[(j,) + tuple(e.indices[1:])] for e in rows})
+        return term.xreplace(subs), j, frozenset(bases), k
+
+    def size(self, base) -> int:
+        return self.rows[base] if base in self.rows else self.sizes[base]
+
+    def label(self, base) -> str:
+        return str(base.label) if base in self.rows else str(self.tensor_of[base].label)
+
+    def merge_rows(self, expr, order: dict):
+        """Vector parameters named p0, p1, ... (each from a family ``p{a}_0 …``), of one length
+        and stored one after another, become the rows of one matrix ``p[a, j]``: the per-class
+        weights of a softmax stated with ``cm.params(f"W{a}_", d)``. Returns the expression
+        with their reads replaced, and {family base: (matrix, row)}."""
+        named = re.compile(r"^(.*?)(\d+)(_?)$")
+        groups: dict = {}
+        for base in self.param_bases:
+            m = named.match(base)
+            if m and m.group(1) and base in self.tensor_of:
+                groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = base
+        merged, rowmap = {}, {}
+        for (prefix, _suffix), rows in groups.items():
+            m = len(rows)
+            if m < 2 or sorted(rows) != list(range(m)):
+                continue
+            bases = [rows[a] for a in range(m)]
+            n = self.sizes[bases[0]]
+            starts = [order[self.families[b][0]] for b in bases]
+            if any(self.sizes[b] != n for b in bases) or any(starts[a + 1] != starts[a] + n for a in range(m - 1)):
+                continue
+            name = prefix if prefix.isidentifier() and prefix not in self.taken else f"{prefix}_mat"
+            if not name.isidentifier() or name in self.taken:
+                continue
+            self.taken.add(name)
+            M = sp.IndexedBase(name, shape=(m, n), real=True)
+            self.rows[M] = m
+            for a, b in enumerate(bases):
+                merged[b] = (M, a)
+                rowmap[self.tensor_of[b]] = (M, a)
+        if rowmap:
+            expr = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base in rowmap,
+                                lambda e: rowmap[e.base][0][(rowmap[e.base][1],) + tuple(e.indices)])
+
+            def one_name(e):  # the rows' sums, each over its own index, over one name: one template
+                i = e.limits[0][0]
+                n = int(i.upper) + 1
+                j = sp.Idx(f"j{n}", n)
+                return sp.Sum(e.function.xreplace({i: j}), (j, 0, n - 1))
+
+            expr = expr.replace(lambda e: isinstance(e, sp.Sum) and len(e.limits) == 1
+                                and str(e.limits[0][0].label).startswith("i_"), one_name)
+        return expr, merged
 
     def rewrite(self, e):
         if not e.args:
@@ -105,9 +162,9 @@ class _Lifter:
             key = (tmpl.xreplace({j: sp.Symbol("_lift_j")}), bases)
             groups.setdefault(key, []).append((k, term))
         for (tmpl, bases), items in groups.items():
-            n = self.sizes[next(iter(bases))]
+            n = self.size(next(iter(bases)))
             if sorted(k for k, _ in items) == list(range(n)):
-                idx = sp.Idx(f"i_{'_'.join(sorted(str(self.tensor_of[b].label) for b in bases))}", n)
+                idx = sp.Idx(f"i_{'_'.join(sorted(self.label(b) for b in bases))}", n)
                 rest.append(sp.Sum(tmpl.xreplace({sp.Symbol("_lift_j"): idx}), (idx, 0, n - 1)))
                 self.used |= set(bases)
             else:
@@ -124,8 +181,14 @@ def lift(cost: Cost):
     if not lf.member:
         return None
     expr = lf.rewrite(cost.expr)
+    merged = {}
+    if {s for s in expr.free_symbols if s in lf.member}:
+        # members left: perhaps the sums over rows of a matrix (per-class weight vectors)
+        expr, merged = lf.merge_rows(expr, {s: i for i, s in enumerate(cost.params)})
+        if merged:
+            expr = lf.rewrite(expr)
     left = {s for s in expr.free_symbols if s in lf.member}
-    if not lf.used or left:
+    if not lf.used or left or any(b.base in {lf.tensor_of[f] for f in merged} for b in expr.atoms(sp.Indexed)):
         return None  # a family member read outside a restated sum: the scalar path
     params, data, columns = [], [], []
     for role, symbols, out in (("params", cost.params, params), ("data", cost.data, data)):
@@ -135,6 +198,10 @@ def lift(cost: Cost):
                 out.append(s)
                 if role == "data":
                     columns.append((s.name, None))
+            elif base_k[0] in merged:
+                M, row = merged[base_k[0]]
+                if row == 0 and base_k[1] == 0:
+                    out.append(M)
             elif base_k[1] == 0:
                 base = lf.tensor_of[base_k[0]]
                 out.append(base)
