@@ -175,7 +175,7 @@ class Graph:
                     add(i)
         return found
 
-    def depends(self, t: Tensor, roles: set, _memo=None) -> bool:
+    def depends(self, t: Tensor, roles: set) -> bool:
         """Whether ``t`` depends on an input of one of ``roles``."""
         memo = self._dep_memo = getattr(self, "_dep_memo", {})
         key = (t, frozenset(roles))

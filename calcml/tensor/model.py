@@ -296,9 +296,6 @@ class TensorCost(Cost):
         din = [g.add_input(d, "label" if isinstance(d, Label) else "data") for d in self._data]
         low = Lowering(g, {t.placeholder: t for t in pin + din})
         f = g.derived("map", low.lower(self._expr), ())
-        for t in g.tensors:
-            if t.kind != "input" and getattr(t, "source", None) is None:
-                t.source = None
         adj = g.reverse([(f, 1)], pin, per_row=True)
         return g, pin, adj
 

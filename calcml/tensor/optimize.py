@@ -498,14 +498,6 @@ def _x0(cost: TensorCost, x0) -> np.ndarray:
     return x
 
 
-def _count(name, value, minimum=1):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise OptimizeError(f"{name} must be an integer >= {minimum} or None, got {name}={value!r}")
-    return int(value)
-
-
 def _auto_rate(prog: TensorProgram, x, td, notes) -> float:
     """lr="auto": 1/L, L the Hessian's largest eigenvalue at x0 by power iteration on exact
     Hessian-vector products."""
@@ -534,6 +526,8 @@ def _auto_rate(prog: TensorProgram, x, td, notes) -> float:
 def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
     cost, opt = prog.cost, prog.optimizer
     x = _x0(cost, x0)
+    from ..minimize import _count  # the scalar path's check of a count: one message for both
+
     epochs = _count("epochs", epochs)
     maxiter = _count("maxiter", maxiter, minimum=0)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
