@@ -30,5 +30,5 @@ from .errors import ParseError as ParseError
 from .parse import parse as parse
 from .interop import to_scipy as to_scipy
 from .plot import plot_path as plot_path
-from .tensor.model import rowwise as rowwise
+from .tensor.statement import rowwise as rowwise
 from .tensor.statement import index as index, logsumexp as logsumexp, onehot as onehot, tsum as sum  # noqa: A001

@@ -416,16 +416,17 @@ def compile(cost: Cost, parallel="auto") -> Kernels:  # noqa: A001 - the API nam
     """
     if not isinstance(cost, Cost):
         raise TypeError(f"cm.compile takes a cm.Cost, got {type(cost).__name__}")
-    from .tensor.model import TensorCost
+    from .tensor.statement import LIFT_MIN_PARAMS, is_tensor_cost
 
-    from .tensor.kernels import compile_tensor
-    from .tensor.lift import LiftedKernels, lifted_for
+    if is_tensor_cost(cost) or len(cost.params) >= LIFT_MIN_PARAMS:
+        from .tensor.kernels import compile_tensor
+        from .tensor.lift import LiftedKernels, lifted_for
 
-    if isinstance(cost, TensorCost):
-        return compile_tensor(cost, parallel)
-    lifted = lifted_for(cost)  # many parameters in numbered families: index notation builds faster
-    if lifted is not None:
-        return LiftedKernels(cost, compile_tensor(lifted[0], parallel), lifted[1])
+        if is_tensor_cost(cost):
+            return compile_tensor(cost, parallel)
+        lifted = lifted_for(cost)  # many parameters in numbered families: index notation builds faster
+        if lifted is not None:
+            return LiftedKernels(cost, compile_tensor(lifted[0], parallel), lifted[1])
     key = _kernel_key(cost, "kernels")
     memo = (key, parallel, str(cache_dir()))
     with _lock:

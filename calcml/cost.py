@@ -148,11 +148,13 @@ class Cost:
 
     def __new__(cls, expr=None, params=None, data=None, reduce="mean", penalty=None):
         if cls is Cost:
-            from .tensor.model import TensorCost, is_tensor_statement
+            from .tensor.statement import is_tensor_statement
 
             # index notation, or a penalty beside a sum over rows (kept apart from the rows'
             # sum, which only the tensor kernels do): the tensor path
             if is_tensor_statement(expr, params, data, penalty) or (penalty is not None and reduce == "sum"):
+                from .tensor.model import TensorCost
+
                 return object.__new__(TensorCost)
         return object.__new__(cls)
 

@@ -19,7 +19,7 @@ from . import optim as _optim
 from . import result as _result
 from .codegen import HESSIAN_INLINE_MAX
 from .cost import Cost
-from .tensor.model import TensorCost
+from .tensor.statement import is_tensor_cost
 from .dataset import as_dataset
 from .errors import DataError, OptimizeError, ParamError
 from . import loop as _loop
@@ -89,7 +89,7 @@ def generate(cost: Cost, method="gd", schedule=None, batch_size=None, lr=None) -
     """
     _check_cost(cost)
     opt, sched, batch = _resolve(cost, method, lr, schedule, batch_size)
-    if isinstance(cost, TensorCost) or opt.kind == "newton-cg" or _lifted(cost) is not None:
+    if is_tensor_cost(cost) or opt.kind == "newton-cg" or _lifted(cost) is not None:
         return _tensor_program(cost, opt, sched, batch, batch_size)
     prog = program_for(cost, opt, sched, batch)
     prog.notes_batch_default = batch_size is None and batch is not None
@@ -124,15 +124,21 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
 
 
 def _lifted(cost):
+    from .tensor.statement import LIFT_MIN_PARAMS
+
+    if is_tensor_cost(cost) or len(cost.params) < LIFT_MIN_PARAMS:
+        return None
     from .tensor.lift import lifted_for
 
-    return None if isinstance(cost, TensorCost) else lifted_for(cost)
+    return lifted_for(cost)
 
 
 def _tensor_program(cost, opt, sched, batch, batch_size):
     """The tensor path's program: index-notation costs, and methods only it has (newton-cg)
     for scalar costs, restated as a tensor cost of scalar parameters."""
     from .tensor.optimize import program_for_tensor
+
+    from .tensor.model import TensorCost
 
     if not isinstance(cost, TensorCost):
         lifted = _lifted(cost)

@@ -442,9 +442,9 @@ def verify(cost: Cost, *, gradient=None, timeout: float = DEFAULT_TIMEOUT) -> Re
     """
     if not isinstance(cost, Cost):
         raise TypeError(f"verify expects a cm.Cost, got {type(cost).__name__}; use verify_derivative for an expression")
-    from .tensor.model import TensorCost
+    from .tensor.statement import is_tensor_cost
 
-    if isinstance(cost, TensorCost):
+    if is_tensor_cost(cost):
         if gradient is not None:
             raise TypeError("verify(cost, gradient=...) takes scalar costs; for a tensor cost, check a flat "
                             "gradient function with cm.check_gradient")
@@ -1968,9 +1968,9 @@ def check_gradient(cost: Cost, grad_fn, data=None, points=None, *, rtol: float =
         raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")
     if not (isinstance(rtol, (int, float)) and rtol > 0):
         raise ValueError(f"rtol must be a positive number, got {rtol!r}")
-    from .tensor.model import TensorCost
+    from .tensor.statement import is_tensor_cost
 
-    if isinstance(cost, TensorCost):
+    if is_tensor_cost(cost):
         from .tensor.verify import check_gradient_tensor
 
         return check_gradient_tensor(cost, grad_fn, data, points, rtol, n_points, seed)

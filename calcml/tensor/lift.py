@@ -25,9 +25,7 @@ from .model import TensorCost
 
 __all__ = ["lift", "LIFT_MIN_PARAMS"]
 
-# Scalar costs with at least this many parameters are restated when they can be: below it,
-# the scalar path's unrolled kernels compile in about a second and run fastest (W1-W4).
-LIFT_MIN_PARAMS = 16
+from .statement import LIFT_MIN_PARAMS  # noqa: E402,F401
 # A sum is restated over a family of at least this many members.
 LIFT_MIN_FAMILY = 4
 

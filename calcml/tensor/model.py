@@ -22,7 +22,7 @@ from ..cost import Cost
 from ..errors import CostError, ParamError
 from .codegen import KernelSpec, block_rows, write_kernel
 from .graph import ROW, SCALE, Graph, Lowering, Tensor
-from .statement import Label, LogSumExp, axis_range
+from .statement import Label, LogSumExp, _items, axis_range, is_tensor_statement  # noqa: F401
 
 __all__ = ["TensorCost", "is_tensor_statement"]
 
@@ -41,34 +41,6 @@ class _step:
             return False
         raise CostError(f"{self.what} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                         "(please report this cost to calcml)") from exc
-
-
-def is_tensor_statement(expr, params, data, penalty=None) -> bool:
-    items = list(_items(params)) + list(_items(data))
-    if any(isinstance(p, (sp.IndexedBase, Label)) for p in items):
-        return True
-    for e in (expr, penalty):
-        if isinstance(e, sp.Basic) and e.has(sp.Indexed, sp.Sum, LogSumExp, sp.Idx):
-            return True
-    return False
-
-
-def _items(xs):
-    if xs is None:
-        return
-    if isinstance(xs, (sp.Basic, str)):
-        yield xs
-        return
-    try:
-        it = iter(xs)
-    except TypeError:
-        yield xs
-        return
-    for x in it:
-        if isinstance(x, (list, tuple)):
-            yield from _items(x)
-        else:
-            yield x
 
 
 def _check_item(item, role: str):
@@ -561,15 +533,3 @@ class Rowwise:
         self.module.rows_rows(t, np.empty(0), *td.arrays, 0, td.n_rows, 1.0, out)
         return out
 
-
-def rowwise(expr, params, data=None) -> Rowwise:
-    """Compile ``expr`` (free indices allowed) into ``f(theta, data)`` returning its value on every
-    row: ``(N,)``, or ``(N, K)`` for one free index of range K (predicted probabilities, margins).
-
-    >>> import calcml as cm, numpy as np
-    >>> w = cm.params("w", shape=(2,)); x = cm.data("x", shape=(2,))
-    >>> f = cm.rowwise(cm.dot(w, x), params=[w], data=[x])
-    >>> f(np.array([1.0, 2.0]), {"x": np.array([[1.0, 1.0], [0.0, 3.0]])}).tolist()
-    [3.0, 6.0]
-    """
-    return Rowwise(expr, params, data)

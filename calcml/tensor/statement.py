@@ -9,12 +9,18 @@ overflow-free log-sum-exp (:class:`LogSumExp`), whose derivative is the softmax.
 from __future__ import annotations
 
 import numbers
+import sys
 
 import sympy as sp
 
 from ..errors import CostError
 
-__all__ = ["Label", "LogSumExp", "tensor", "label", "index", "tsum", "logsumexp", "onehot", "vector_dot",
+# Scalar costs with at least this many parameters are restated in index notation when they can
+# be (calcml/tensor/lift.py): below it, the scalar path's unrolled kernels compile in about a
+# second and run fastest (W1-W4).
+LIFT_MIN_PARAMS = 16
+
+__all__ = ["is_tensor_statement", "is_tensor_cost", "rowwise", "Label", "LogSumExp", "tensor", "label", "index", "tsum", "logsumexp", "onehot", "vector_dot",
            "is_tensor", "axis_range"]
 
 
@@ -164,3 +170,53 @@ def vector_dot(u: sp.IndexedBase, v: sp.IndexedBase) -> sp.Sum:
     # a fresh index: named after the pair, so that two dots of the same pair share it
     i = sp.Idx(f"i_{u.label}_{v.label}", int(u.shape[0]))
     return sp.Sum(u[i] * v[i], (i, i.lower, i.upper))
+
+
+# -- cheap tests, so that ``import calcml`` and scalar costs never import the tensor machinery ---------
+def is_tensor_statement(expr, params, data, penalty=None) -> bool:
+    items = list(_items(params)) + list(_items(data))
+    if any(isinstance(p, (sp.IndexedBase, Label)) for p in items):
+        return True
+    for e in (expr, penalty):
+        if isinstance(e, sp.Basic) and e.has(sp.Indexed, sp.Sum, LogSumExp, sp.Idx):
+            return True
+    return False
+
+
+def _items(xs):
+    if xs is None:
+        return
+    if isinstance(xs, (sp.Basic, str)):
+        yield xs
+        return
+    try:
+        it = iter(xs)
+    except TypeError:
+        yield xs
+        return
+    for x in it:
+        if isinstance(x, (list, tuple)):
+            yield from _items(x)
+        else:
+            yield x
+
+
+def is_tensor_cost(cost) -> bool:
+    """Whether ``cost`` is a TensorCost (none exists unless calcml.tensor.model was imported)."""
+    model = sys.modules.get("calcml.tensor.model")
+    return model is not None and isinstance(cost, model.TensorCost)
+
+
+def rowwise(expr, params, data=None):
+    """Compile ``expr`` (free indices allowed) into ``f(theta, data)`` returning its value on every
+    row: ``(N,)``, or ``(N, K)`` for one free index of range K (predicted probabilities, margins).
+
+    >>> import calcml as cm, numpy as np
+    >>> w = cm.params("w", shape=(2,)); x = cm.data("x", shape=(2,))
+    >>> f = cm.rowwise(cm.dot(w, x), params=[w], data=[x])
+    >>> f(np.array([1.0, 2.0]), {"x": np.array([[1.0, 1.0], [0.0, 3.0]])}).tolist()
+    [3.0, 6.0]
+    """
+    from .model import Rowwise
+
+    return Rowwise(expr, params, data)
