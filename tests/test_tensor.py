@@ -517,3 +517,73 @@ def test_per_class_weight_families_are_restated_as_a_matrix():
     f_ref, g_ref = softmax_reference(theta, X, labels, K, C=0.5)
     assert f == pytest.approx(f_ref, rel=1e-13)
     np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+
+
+def _ulps(values, refs):
+    """Distance in units in the last place of the reference (subnormals: of the smallest one)."""
+    worst = 0.0
+    for v, r in zip(values, refs):
+        rf = float(r)
+        if rf == 0.0 or np.isinf(rf):
+            assert v == rf, (v, rf)
+            continue
+        worst = max(worst, abs(float(v) - rf) / max(np.spacing(abs(rf)), 5e-324))
+    return worst
+
+
+def test_compiled_exp_and_tanh_within_3_ulp_of_mpmath():
+    """Tensor kernels call calcml's branch-free exp and tanh (they vectorise; libm's do not):
+    against mpmath at 120 bits, over the whole range, overflow, underflow, NaN."""
+    import mpmath
+
+    u = cm.data("u", shape=(1,))
+    i = cm.index("i", 1)
+    s = cm.params("s")
+    f_exp = cm.rowwise(sp.exp(s * cm.sum(u[i], i)), params=[s], data=[u])
+    f_tanh = cm.rowwise(sp.tanh(s * cm.sum(u[i], i)), params=[s], data=[u])
+    assert "_exp(" in f_exp.source and "_tanh(" in f_tanh.source
+    rng = np.random.default_rng(11)
+    xe = np.concatenate([rng.uniform(-745, 709.7, 4000), rng.standard_normal(2000) * 5,
+                         rng.uniform(-1e-8, 1e-8, 300), rng.uniform(-745.2, -708, 1000),
+                         [0.0, -0.0, 709.78, 709.79, 710.0, 1e6, -1e6, -745.13, -745.14, -746.0, 5e-324]])
+    xt = np.concatenate([rng.standard_normal(4000) * 3, rng.uniform(-1e-6, 1e-6, 500),
+                         rng.uniform(-25, 25, 2000), [0.0, 5e-324, 1e-300, 19.06, 20.0, 1e300, -1e300]])
+    one = np.ones(1)
+    with mpmath.workprec(120):
+        ve = f_exp(one, {"u": xe[:, None]})
+        assert _ulps(ve, [mpmath.exp(mpmath.mpf(float(x))) for x in xe]) <= 2
+        vt = f_tanh(one, {"u": xt[:, None]})
+        assert _ulps(vt, [mpmath.tanh(mpmath.mpf(float(x))) for x in xt]) <= 3
+    vt = f_tanh(one, {"u": np.array([[-1e300], [-5e-324]])})
+    assert vt[0] == -1.0 and vt[1] == -5e-324
+    with pytest.raises(DataError):  # data are validated: NaN and inf never reach the kernel
+        f_tanh(one, {"u": np.array([[np.nan]])})
+    assert np.isnan(f_exp(np.array([np.nan]), {"u": np.ones((1, 1))})).all()
+    assert np.isnan(f_tanh(np.array([np.nan]), {"u": np.ones((1, 1))})).all()
+
+
+@pytest.mark.parametrize("method,kw", [("gd", {"lr": 0.5}), ("momentum", {"lr": 0.2}),
+                                       ("adam", {"lr": 0.01, "batch_size": 500})])
+def test_threaded_full_passes_give_the_single_thread_bits(method, kw, monkeypatch):
+    """On enough rows a first-order run makes its full-data passes on calcml's threads (every
+    step of a full-batch run); the result is bit for bit the module's own one-thread run."""
+    from calcml import native
+    from calcml.tensor.kernels import PARALLEL_MIN_ROWS
+    from calcml.tensor.optimize import _threaded_full
+
+    monkeypatch.setattr(native, "thread_count", lambda: 3)  # threads even on a one-core runner
+
+    N = PARALLEL_MIN_ROWS + 3001
+    cost, _ = softmax_cost(3, 4)
+    rng = np.random.default_rng(21)
+    X, labels = rng.standard_normal((N, 4)), rng.integers(0, 3, N)
+    x0 = rng.standard_normal(cost.n_params) * 0.1
+    res = cm.minimize(cost, x0, data={"x": X, "c": labels}, method=method, maxiter=40, tol=1e-12, **kw)
+    prog = cm.generate(cost, method=method, **kw)
+    assert _threaded_full(prog.module, N) is not None
+    hyper = [float(v) for v in prog.optimizer.hyper.values()]
+    rep = prog.module.drive(x0, (X, labels.astype(np.int64)), N, hyper, prog.schedule.values(),
+                            kw.get("batch_size"), None, 40, 1e-12, 0)
+    np.testing.assert_array_equal(rep["x"], res.x)
+    assert rep["fun"] == res.fun and rep["nit"] == res.nit == 40
+    np.testing.assert_array_equal(rep["history"], res.history)

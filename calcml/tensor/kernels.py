@@ -163,6 +163,42 @@ def stripes(n: int, block: int) -> list:
     return [((k * nblocks // s) * block, min(n, ((k + 1) * nblocks // s) * block)) for k in range(s)]
 
 
+def thread_count(parallel, n_rows: int) -> int:
+    """Threads for a pass over n_rows: calcml's, unless too few rows pay for them."""
+    if parallel is True or (parallel == "auto" and n_rows >= PARALLEL_MIN_ROWS):
+        return native.thread_count()
+    return 1
+
+
+def run_striped(rows, theta, v, args, parts, scale, acc, threads: int, extra=()):
+    """``rows(theta, v, *args, lo, hi, scale, acc[k], *extra)`` for each stripe (lo, hi) of
+    ``parts``, on up to ``threads`` of calcml's threads: each stripe's sums go to its own row
+    of ``acc``, so the bits do not depend on the threads."""
+    threads = min(threads, len(parts))
+    with _SingleThreadedBlas():
+        if threads <= 1:
+            for k, (lo, hi) in enumerate(parts):
+                rows(theta, v, *args, lo, hi, scale, acc[k], *extra)
+            return
+        if not rows.signatures:  # compile (or load) on this thread before threads call it
+            rows(theta, v, *args, 0, 0, scale, np.zeros_like(acc[0]), *extra)
+
+        def job(i):
+            for k in range(i, len(parts), threads):
+                lo, hi = parts[k]
+                rows(theta, v, *args, lo, hi, scale, acc[k], *extra)
+
+        native.pool.run(job, threads)
+
+
+def sum_in_order(acc) -> np.ndarray:
+    """The stripes' sums added in stripe order (a fixed order: the same bits on any threads)."""
+    total = acc[0].copy()
+    for k in range(1, acc.shape[0]):
+        total += acc[k]
+    return total
+
+
 class TensorKernels:
     """Compiled kernels of one :class:`~calcml.tensor.model.TensorCost` (see :func:`calcml.compile`)."""
 
@@ -246,37 +282,14 @@ class TensorKernels:
         acc = np.zeros((len(parts), max(acc_size, 1)))
         rows = getattr(mod, rows_name or f"{kind}_rows")
         scale = 1.0 / n if self.cost.reduce == "mean" else 1.0
-        args = td.arrays
-        use_threads = self.parallel is True or (self.parallel == "auto" and n >= PARALLEL_MIN_ROWS)
-        threads = min(native.thread_count(), len(parts)) if use_threads else 1
-        with _SingleThreadedBlas():
-            if threads <= 1:
-                for k, (lo, hi) in enumerate(parts):
-                    rows(theta, v, *args, lo, hi, scale, acc[k], *extra)
-            else:
-                self._warm(rows, theta, v, args, scale, acc, extra)
-
-                def job(i):
-                    for k in range(i, len(parts), threads):
-                        lo, hi = parts[k]
-                        rows(theta, v, *args, lo, hi, scale, acc[k], *extra)
-
-                native.pool.run(job, threads)
+        run_striped(rows, theta, v, td.arrays, parts, scale, acc, thread_count(self.parallel, n), extra)
         if not finish:
             return None
-        total = acc[0].copy()
-        for k in range(1, len(parts)):
-            total += acc[k]
-        finish(theta, v, total, out)
+        finish(theta, v, sum_in_order(acc), out)
         if not td.checked and not np.all(np.isfinite(out)):
             raise_nonfinite(self.cost, td)  # names the datum; else the values are what they are
         return out
 
-    def _warm(self, rows, theta, v, args, scale, acc, extra=()):
-        """Compile (or load) ``rows`` on this thread before threads call it."""
-        if not rows.signatures:
-            scratch = np.zeros_like(acc[0])
-            rows(theta, v, *args, 0, 0, scale, scratch, *extra)
 
     def value(self, theta, data=None) -> float:
         """The reduced cost (plus the penalty)."""

@@ -24,7 +24,7 @@ from .. import result as _result
 from ..errors import OptimizeError, ParamError
 from ..optim import Optimizer
 from ..schedules import Schedule
-from .kernels import STRIPES, _SingleThreadedBlas, as_tensor_data, compile_tensor
+from .kernels import STRIPES, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
 from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
@@ -89,16 +89,19 @@ _DRIVER = '''
 
 # -- the driver: plain Python around the compiled loops ------------------------------------------------
 def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxiter=None, tol=1e-8, seed=0,
-          callback=None, chunk_seconds=0.25):
+          callback=None, chunk_seconds=0.25, full=None):
     """Minimize from x0 (flat float64); arrays: the data arrays in DATA_NAMES order (validated).
+    full: the full-data evaluation, (theta, cols, g) -> value (default full_value_and_grad;
+    calcml passes the same stripes on its threads: the same bits).
     Returns a dict: x, fun, grad, grad_norm, nit, nfev, status, history, epochs, best_step,
     best_value, diverged_at, blowup."""
+    evaluate = full_value_and_grad if full is None else full
     theta = np.array(x0, dtype=np.float64)
     cols = columns(arrays, n_rows, REDUCE_MEAN)
     hyper = np.asarray(hyper, dtype=np.float64).reshape(-1)
     sa = np.asarray(sched, dtype=np.float64).reshape(-1)
     g = np.empty(N_PARAMS)
-    value = full_value_and_grad(theta, cols, g)
+    value = evaluate(theta, cols, g)
     f0 = value
     blowup = 1e10 * max(1.0, abs(f0))
     state = new_state()
@@ -141,7 +144,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                 if callback is not None:
                     callback(nit, budget, mean_cost)
                 if tol > 0.0:
-                    value = full_value_and_grad(theta, cols, g)
+                    value = evaluate(theta, cols, g)
                     if math.sqrt(float(g @ g)) <= tol:
                         status = CONVERGED
             if status == RUNNING:
@@ -154,8 +157,9 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             while nit < budget and status == RUNNING:
                 k = min(chunk, budget - nit)
                 start = time.perf_counter()
-                code, done, value = _full_steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
-                                                hist[nit:], *state)
+                steps = _full_steps if full is None else _threaded_steps(full)
+                code, done, value = steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
+                                          hist[nit:], *state)
                 nit += done
                 best_value, best_step = fb[0], int(fb[1])
                 if code != RUNNING:
@@ -172,16 +176,40 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     except KeyboardInterrupt:
         status = INTERRUPTED
     x = best.copy() if status in (DIVERGED, INTERRUPTED) else theta.copy()
-    fun = full_value_and_grad(x, cols, g)
+    fun = evaluate(x, cols, g)
     grad_norm = math.sqrt(float(g @ g))
     if status not in (DIVERGED, INTERRUPTED) and not (abs(fun) <= blowup and math.isfinite(grad_norm)):
         status, diverged_at = DIVERGED, nit
         x = best.copy()
-        fun = full_value_and_grad(x, cols, g)
+        fun = evaluate(x, cols, g)
         grad_norm = math.sqrt(float(g @ g))
     return {"x": x, "fun": fun, "grad": g.copy(), "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
             "status": status, "history": np.array(history), "epochs": epochs_done, "best_step": best_step,
             "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup}
+'''
+
+
+_THREADED_STEPS = '''
+
+def _threaded_steps(full):
+    """_full_steps with each full-data pass made by full (calcml's threads; the same bits)"""
+    def steps(theta, g, value, step0, nsteps, hyper, sa, cols, tol, blowup, best, fb, hist, *state):
+        for it in range(nsteps):
+            step = step0 + it
+            _update(theta, g, _rate(step, sa), step, hyper, *state)
+            value = full(theta, cols, g)
+            hist[it] = value
+            gn = math.sqrt(float(g @ g))
+            if not (abs(value) <= blowup and gn < math.inf):
+                return DIVERGED, it + 1, value
+            if value < fb[0]:
+                fb[0] = value
+                fb[1] = step + 1
+                best[:] = theta
+            if gn <= tol:
+                return CONVERGED, it + 1, value
+        return RUNNING, nsteps, value
+    return steps
 '''
 
 
@@ -392,7 +420,7 @@ class _Source:
             self.full_batch()
         self.state_factory()
         self.first_order()
-        return "\n".join(self.lines) + _EVAL + _DRIVER
+        return "\n".join(self.lines) + _EVAL + _DRIVER + ("" if self.minibatch else _THREADED_STEPS)
 
     def search_text(self) -> str:
         """A line-search or trust-region program's standalone part: calcml.tensor.search's
@@ -555,7 +583,8 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         if opt.kind == "first_order":
             with _SingleThreadedBlas():
                 rep = prog.module.drive(x, arrays, n_rows, [float(v) for v in opt.hyper.values()], sched_values or [0.0],
-                                        prog.batch_size, epochs, maxiter, float(tol), int(seed), bar)
+                                        prog.batch_size, epochs, maxiter, float(tol), int(seed), bar,
+                                        full=_threaded_full(prog.module, n_rows))
         else:
             rep = _search(prog, x, td, epochs, maxiter, float(tol), bar)
     finally:
@@ -577,6 +606,27 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
         history=rep["history"], history_every=1, method=opt.name, lr=lr_used if opt.lr is not None else None,
         notes=notes, path=None)
+
+
+def _threaded_full(mod, n_rows):
+    """The module's full_value_and_grad with its stripes on calcml's threads (every pass of a
+    full-batch run; a minibatch run's first, last and per-epoch convergence passes), or None
+    (the module's own, one thread; compiled full-batch steps) when too few rows pay for threads."""
+    threads = thread_count("auto", n_rows)
+    if threads <= 1 or not mod.DATA_NAMES:
+        return None
+    empty = np.zeros(0)
+
+    def full(theta, cols, g):
+        bounds = cols[0]
+        acc = np.zeros((bounds.shape[0], max(mod.ACC_SIZES["vg"], 1)))
+        run_striped(mod.vg_rows, theta, empty, cols[2:], [tuple(b) for b in bounds.tolist()], cols[1], acc, threads)
+        res = np.empty(mod.N_PARAMS + 1)
+        mod.vg_finish(theta, empty, sum_in_order(acc), res)
+        g[:] = res[1:]
+        return float(res[0])
+
+    return full
 
 
 def _search(prog: TensorProgram, x, td, epochs, maxiter, tol, bar):
