@@ -87,6 +87,8 @@ class _Printer(NumbaPrinter):
         t = self.w.g.tensor_of(e)
         if t is None:
             raise CodegenError(f"symbol {e} has no slot in the generated code")
+        if t in self.w.local_rows:
+            return f"{t.name}_r"  # this row's value, a local of the fused row loop
         return f"{self.w.code(t)}[r]" if t.row else self.w.code(t)
 
     # exp and tanh as the branch-free helpers: a loop over a block's rows that calls them
@@ -128,6 +130,7 @@ class _Writer:
             self.phase[t] = self._phase(t)
         self.mode = None
         self.cached: list = []
+        self.local_rows: set = set()
 
     # -- names ----------------------------------------------------------------------------
     def loopvar(self, i) -> str:
@@ -475,11 +478,7 @@ class _Writer:
         for t in self.data:
             if t in need:
                 self.w(2, f"{self.code(t)} = data_{t.name}[q0:q1]")
-        for t in b_tensors:
-            if t.accumulates and not t.free:
-                self.emit(t, 2, acc_name=f"acc[{layout[t]}]")
-            else:
-                self.emit(t, 2)
+        self._emit_block(b_tensors, layout)
         if self.spec.rowwise is not None:
             t = self.spec.rowwise
             self.w(2, "# the values of every row of the block")
@@ -493,6 +492,73 @@ class _Writer:
             self.w(depth, f"acc[{', '.join(['q0 + r'] + idx)}] = {src}")
         self.w()
         self.w()
+
+    # -- phase B: a block's tensors, the per-row scalars fused into one loop over its rows ------
+    def _row_scalar(self, t: Tensor) -> bool:
+        """One number per row (or a sum over rows of one): computed in the block's fused row
+        loop, its value a local of the loop (no array), unless it is a matrix product, the
+        softmax of a fused log-sum-exp, or read from the Hessian-vector products' cache."""
+        return (t.kind != "input" and not t.free and t.iterates_rows and t not in self.gemm
+                and t not in self.fused and t not in self.fused_softmax
+                and not (self.mode is not None and t in self.cached))
+
+    def _emit_block(self, b_tensors, layout):
+        """Phase B in order, except that the per-row scalars go into one loop over the block's
+        rows (closed before a tensor that reads a member): each row's values are computed once
+        and read where they are, and each sum over the rows is a local added into acc once a
+        block, in the same order as a loop of its own."""
+        readers: dict = {}
+        for t in b_tensors:
+            for u, _, _ in self.g.occurrences(self.body(t)):
+                readers.setdefault(u, set()).add(t)
+        group: list = []
+        for t in b_tensors:
+            if self._row_scalar(t):
+                group.append(t)
+                continue
+            if group and any(u in group for u, _, _ in self.g.occurrences(self.body(t))):
+                self._emit_row_loop(group, layout, readers)
+                group = []
+            if t.accumulates and not t.free:
+                self.emit(t, 2, acc_name=f"acc[{layout[t]}]")
+            else:
+                self.emit(t, 2)
+        if group:
+            self._emit_row_loop(group, layout, readers)
+
+    def _emit_row_loop(self, group, layout, readers):
+        members = set(group)
+        kept = [t for t in group if t.row and (t is self.spec.rowwise or readers.get(t, set()) - members)]
+        for t in group:
+            for line in _wrap(self.describe(t)):
+                self.w(2, f"# {line}")
+        for t in kept:
+            self._alloc(t, 2, t.name)
+        sums = [t for t in group if t.accumulates]
+        for t in sums:
+            self.w(2, f"s_{t.name} = 0.0")
+        self.w(2, "for r in range(nb):")
+        for t in group:
+            body = self.expr(self.body(t))
+            inner = [(self.loopvar(i), str(axis_range(i))) for i in t.over if i != ROW]
+            local = f"{t.name}_r"
+            if t.accumulates:
+                self.w(self._loops(3, inner), f"s_{t.name} += {body}")
+                continue
+            if t.kind == "map":
+                self.w(3, f"{local} = {body}")
+            elif t.kind == "sum":
+                self.w(3, "s = 0.0")
+                self.w(self._loops(3, inner), f"s += {body}")
+                self.w(3, f"{local} = s")
+            else:
+                self._emit_lse(t, body, inner, 3, local)
+            self.local_rows.add(t)
+            if t in kept:
+                self.w(3, f"{t.name}[r] = {local}")
+        self.local_rows = set()
+        for t in sums:
+            self.w(2, f"acc[{layout[t]}] += s_{t.name}")
 
     def print_finish(self, fname: str):
         """``<kind>_finish``: phase A and C after the stripes' sums are added; the outputs."""
