@@ -587,3 +587,24 @@ def test_threaded_full_passes_give_the_single_thread_bits(method, kw, monkeypatc
     np.testing.assert_array_equal(rep["x"], res.x)
     assert rep["fun"] == res.fun and rep["nit"] == res.nit == 40
     np.testing.assert_array_equal(rep["history"], res.history)
+
+
+def test_huber_with_abs_and_piecewise_in_index_form():
+    """Abs and Piecewise inside a tensor cost differentiate as real functions (the graph's
+    partials once left Derivative(re(w), w) that no printer compiles): NumPy closed form."""
+    d, N = 3, 400
+    w = cm.params("w", shape=(d,)); b = cm.params("b")
+    x = cm.data("x", shape=(d,)); y = cm.data("y")
+    j = cm.index("j", d)
+    r = cm.sum(w[j] * x[j], j) + b - y
+    cost = cm.Cost(sp.Piecewise((r ** 2 / 2, sp.Abs(r) <= 1), (sp.Abs(r) - sp.Rational(1, 2), True)),
+                   params=[w, b], data=[x, y])
+    rng = np.random.default_rng(31)
+    X, Y = rng.standard_normal((N, d)), rng.standard_normal(N) * 3
+    theta = rng.standard_normal(d + 1)
+    f, g = cm.compile(cost).value_and_grad(theta, {"x": X, "y": Y})
+    res = X @ theta[:d] + theta[d] - Y
+    small = np.abs(res) <= 1
+    assert f == pytest.approx(np.mean(np.where(small, res ** 2 / 2, np.abs(res) - 0.5)), rel=1e-14)
+    psi = np.where(small, res, np.sign(res))
+    np.testing.assert_allclose(g, np.concatenate([X.T @ psi, [psi.sum()]]) / N, rtol=1e-13, atol=1e-15)

@@ -194,7 +194,7 @@ class Graph:
         occ = [(u, idx, e) for u, idx, e in self.occurrences(t.body) if self.depends(u, set(wrt_roles))]
         if not occ:
             return []
-        dummies = {e: sp.Dummy(f"d_{u.name}") for u, idx, e in occ}
+        dummies = {e: sp.Dummy(f"d_{u.name}", real=True) for u, idx, e in occ}  # real: Abs, sign differentiate
         back = {d: e for e, d in dummies.items()}
         body = t.body.xreplace(dummies)
         out = []
