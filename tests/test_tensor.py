@@ -608,3 +608,25 @@ def test_huber_with_abs_and_piecewise_in_index_form():
     assert f == pytest.approx(np.mean(np.where(small, res ** 2 / 2, np.abs(res) - 0.5)), rel=1e-14)
     psi = np.where(small, res, np.sign(res))
     np.testing.assert_allclose(g, np.concatenate([X.T @ psi, [psi.sum()]]) / N, rtol=1e-13, atol=1e-15)
+
+
+def test_symbol_names_never_reach_tensor_code_as_code(tmp_path):
+    """A scalar symbol beside tensors, named with code and newlines: its name stays a name
+    (in comments escaped, in code replaced), the module imports cleanly and computes."""
+    evil = sp.Symbol("a\nimport os; os.system('touch " + str(tmp_path / "pwned") + "')\n" + '"""', real=True)
+    W = cm.params("W", shape=(3,)); x = cm.data("x", shape=(3,)); j = cm.index("j", 3)
+    cost = cm.Cost((cm.sum(W[j] * x[j], j) * evil - 1) ** 2, params=[W, evil], data=[x])
+    k = cm.compile(cost)
+    X = np.arange(15.0).reshape(5, 3) / 7
+    theta = np.array([0.3, -0.2, 0.5, 1.7])
+    f, g = k.value_and_grad(theta, {"x": X})
+    z = X @ theta[:3]
+    assert f == pytest.approx(np.mean((z * theta[3] - 1) ** 2), rel=1e-14)
+    np.testing.assert_allclose(g[3], np.mean(2 * (z * theta[3] - 1) * z), rtol=1e-13)
+    assert not (tmp_path / "pwned").exists()
+    import ast
+
+    tree = ast.parse(k.source)  # the name is in strings and comments only: no import, no call of it
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert imported <= {"math", "time", "numba", "numpy"}, imported
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "system"]

@@ -29,6 +29,7 @@ axes.
 
 from __future__ import annotations
 
+import keyword
 from collections import defaultdict
 
 import sympy as sp
@@ -55,6 +56,7 @@ class Tensor:
         self.role = role  # inputs: "param", "data", "label", "direction"; else "derived"
         self.placeholder = placeholder
         self.note = note  # what it is, for the generated code's comments
+        self.code = name  # its name in generated code (inputs: see Graph.add_input)
 
     @property
     def shape(self) -> tuple:
@@ -110,6 +112,15 @@ class Graph:
         row = role in ("data", "label")
         t = Tensor(str(obj.label if isinstance(obj, sp.IndexedBase) else obj.name), free, row, "input",
                    role=role, placeholder=placeholder)
+        # the name in generated code: the user's own when it is a plain identifier, else a
+        # made-up one (a name is never code: "x\nimport os" must stay a name)
+        taken = {u.code for u in self.tensors if u.kind == "input"}
+        code = t.name
+        if not (code.isascii() and code.isidentifier() and not keyword.iskeyword(code)) or code in taken:
+            code = f"_{role}{len(self.tensors)}"
+            while code in taken:
+                code += "_"
+        t.code = code
         self.tensors.append(t)
         self.by_placeholder[placeholder] = t
         return t

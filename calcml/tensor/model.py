@@ -20,7 +20,7 @@ from ..codegen import NUMBA_FLAGS
 from ..printing import HELPERS
 from ..cost import Cost
 from ..errors import CostError, ParamError
-from .codegen import KernelSpec, block_rows, write_kernel
+from .codegen import LANES, KernelSpec, block_rows, write_kernel
 from .graph import ROW, SCALE, Graph, Lowering, Tensor
 from .statement import Label, LogSumExp, _items, axis_range, is_tensor_statement  # noqa: F401
 
@@ -440,12 +440,19 @@ class TensorCost(Cost):
         return _module_text(self, lines, helpers, sizes), sizes
 
 
+def _docstring_safe(text: str) -> str:
+    """``text`` inside a generated module's docstring: backslashes, quotes and characters that
+    are not printable escaped (a symbol's name cannot end the docstring or the line)."""
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _module_text(cost, lines, helpers, sizes) -> str:
     flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
     head = [
         f'"""calcml tensor kernels (generated; edit the cost, not this file).',
         "",
-        f"cost: {cost._tensor_repr()}",
+        f"cost: {_docstring_safe(cost._tensor_repr())}",
         "",
         "Row tensors hold one row per row of the current block (index r); accumulators add their",
         "sums over rows into acc, which the caller adds up over stripes of rows in a fixed order.",
@@ -459,6 +466,7 @@ def _module_text(cost, lines, helpers, sizes) -> str:
         "",
         f"_jit = numba.njit({flags})",
         f"BLOCK = {cost.block}",
+        f"LANES = {LANES}",
         f"N_PARAMS = {cost.n_params}",
         f"ACC_SIZES = {sizes!r}",
         "",
