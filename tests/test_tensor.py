@@ -630,3 +630,12 @@ def test_symbol_names_never_reach_tensor_code_as_code(tmp_path):
     imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     assert imported <= {"math", "time", "numba", "numpy"}, imported
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "system"]
+
+
+def test_a_long_name_compiles():
+    """A comment line with a word longer than the line width wraps (it once looped forever)."""
+    long = "weights_of_the_only_layer_" * 6
+    W = cm.params(long, shape=(2,)); x = cm.data("x", shape=(2,)); j = cm.index("j", 2)
+    k = cm.compile(cm.Cost((cm.sum(W[j] * x[j], j) - 1) ** 2, params=[W], data=[x]))
+    X = np.array([[1.0, 2.0], [3.0, -1.0]])
+    assert k.value(np.array([0.5, 0.25]), {"x": X}) == pytest.approx(np.mean((X @ [0.5, 0.25] - 1) ** 2), rel=1e-15)

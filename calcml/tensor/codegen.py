@@ -712,8 +712,8 @@ def _cheap(body) -> bool:
 def _wrap(text: str, width: int = 100) -> list:
     out = []
     while len(text) > width:
-        cut = text.rfind(" ", 0, width)
-        if cut <= 0:
+        cut = text.rfind(" ", 3, width)  # not in a continuation's indent: that cut would loop forever
+        if cut <= 2:
             cut = width
         out.append(text[:cut])
         text = "  " + text[cut:].lstrip()
