@@ -161,6 +161,26 @@ def _read(path: Path):
         return None
 
 
+_warned: set = set()
+
+
+def _warn_once(what: str, exc: BaseException):
+    """One warning per process and kind of failure: the cache of machine code is an
+    optimisation, so calcml runs on (compiling in every process), but not silently."""
+    if what in _warned:
+        return
+    _warned.add(what)
+    import warnings
+
+    import numba
+
+    warnings.warn(
+        f"calcml cannot {what} kernel machine code with numba {numba.__version__} "
+        f"({type(exc).__name__}: {exc}); each process compiles its kernels again (about a second "
+        f"each). calcml is tested with numba 0.68: see pyproject.toml for the supported versions.",
+        RuntimeWarning, stacklevel=3)
+
+
 def load(path: Path):
     """The address of the function in the object file at ``path``, or None (absent, corrupt,
     or not loadable here: the caller compiles it again)."""
@@ -170,7 +190,11 @@ def load(path: Path):
     symbol, undefined, obj = found
     ll = _llvm()
     with _lock:
-        tm = _machine()
+        try:  # Numba's runtime symbols come from its internals (see _register_runtime_symbols)
+            tm = _machine()
+        except Exception as exc:  # noqa: BLE001 - a Numba release moved them
+            _warn_once("load", exc)
+            return None
         # LLVM aborts the process on a symbol it cannot resolve: check them all first.
         if any(ll.address_of_symbol(s) is None for s in undefined):
             return None
@@ -197,17 +221,19 @@ def compile_cfunc(function, signature, flags: dict, save_to: Path | None):
 
     cf = numba.cfunc(signature, **flags)(function)
     if save_to is not None:
-        try:
+        try:  # Numba's internals: the library's final LLVM module and its target machine
             lib = cf._library
             module = lib._final_module
             obj = lib._codegen._tm.emit_object(module)
             undefined = [f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")]
             undefined += [g.name for g in module.global_variables if g.is_declaration]
+        except Exception as exc:  # noqa: BLE001 - a Numba release moved them: warn, run on
+            _warn_once("save", exc)
+            return cf.address, cf
+        try:
             save(save_to, cf.native_name, undefined, obj)
-        except Exception:  # noqa: BLE001 - best effort, see above
-            # Numba's internals moved, or the folder is read-only: this process still runs,
-            # the next one compiles again.
-            pass
+        except OSError as exc:  # a read-only or full cache folder: the next process compiles again
+            _warn_once("write", exc)
     return cf.address, cf
 
 

@@ -186,3 +186,68 @@ def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
     w = cm.params("w")
     with pytest.raises(cm.CacheError, match="cannot create the kernel cache folder"):
         cm.compile(cm.Cost((w - 4) ** 2, params=[w]))
+
+
+# Numba internals that calcml.native reads, made to disappear in a child process, as a Numba
+# release could: the kernels still compile and compute, and calcml warns once.
+_NO_SAVE = textwrap.dedent(
+    """
+    import warnings
+    warnings.simplefilter("always")
+    import numba
+    _cfunc = numba.cfunc
+    class _Moved:  # a CFunc of a Numba whose _library moved
+        def __init__(self, cf):
+            self.address, self.native_name, self._keep = cf.address, cf.native_name, cf
+    numba.cfunc = lambda sig, **kw: (lambda f: _Moved(_cfunc(sig, **kw)(f)))
+    """
+)
+_NO_LOAD = textwrap.dedent(
+    """
+    import warnings
+    warnings.simplefilter("always")
+    from calcml import native
+    def _moved():
+        raise ImportError("cannot import name '_helperlib' from 'numba'")
+    native._register_runtime_symbols = _moved
+    """
+)
+_WARNINGS = textwrap.dedent(
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        k.value_and_grad(np.arange(4.0), data)
+        k.value(np.arange(4.0), data)
+    print(json.dumps([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]))
+    """
+)
+
+
+def test_machine_code_unsavable_when_numba_internals_move(fresh_cache):
+    script = _NO_SAVE + CHILD
+    first = run_child(fresh_cache, script)
+    assert first["compiled"] == ["value_and_grad_rows"]
+    assert not list(fresh_cache.glob("*.o"))  # nothing saved, nothing half-written
+    reference = run_child(fresh_cache / "plain")
+    assert first["value"] == reference["value"] and first["grad"] == reference["grad"]
+    env = {**os.environ, "CALCML_CACHE_DIR": str(fresh_cache), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script + _WARNINGS], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    messages = json.loads(out.stdout.strip().splitlines()[-1])
+    # warned at the first kernel's compile, not again at the second's (value_rows)
+    assert out.stderr.count("cannot save kernel machine code") == 1
+    assert not [m for m in messages if "cannot save" in m]
+
+
+def test_machine_code_unloadable_when_numba_internals_move(fresh_cache):
+    first = run_child(fresh_cache)
+    assert len(list(fresh_cache.glob("*.o"))) == 1
+    env = {**os.environ, "CALCML_CACHE_DIR": str(fresh_cache), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", _NO_LOAD + CHILD], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    again = json.loads(out.stdout.strip().splitlines()[-1])
+    assert again["compiled"] == ["value_and_grad_rows"]  # compiled afresh, not loaded
+    assert again["value"] == first["value"] and again["grad"] == first["grad"]
+    assert out.stderr.count("cannot load kernel machine code") == 1
