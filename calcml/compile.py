@@ -41,21 +41,27 @@ _CHECKSUM_PREFIX = "# calcml-sha256: "
 # Below this many rows the serial kernel runs: threads cost more than they save.
 PARALLEL_MIN_ROWS = 65536
 
-# Every file whose code shapes a generated module: a change to any of them is a new key.
-_GENERATOR_FILES = ("codegen.py", "printing.py", "rewrite.py", "functions.py", "compile.py", "cost.py", "backprop.py",
-                    "tensor/statement.py", "tensor/graph.py", "tensor/codegen.py", "tensor/model.py")
+# The cache key covers the code of every module of the package (calcml/**/*.py): any of them
+# may shape a generated module (the printers, the derivations, the optimizers' text, the
+# line-search steps copied into exported modules), and a list kept by hand had missed some.
+_PACKAGE = Path(__file__).parent
 _lock = threading.RLock()
 _loaded: dict[str, "Kernels"] = {}
 # object file path -> ctypes entry point, for every kernel this process loaded or compiled
 _machine_code: dict = {}
 
 
-def _generator_fingerprint() -> str:
-    """Hash of the code that writes modules: any change to it invalidates the cache."""
+def _generator_fingerprint(package: Path = _PACKAGE) -> str:
+    """Hash of the package's code (each file's path and bytes): a change to any file is a new
+    cache key, so no cached module outlives the code that wrote it."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _GENERATOR_FILES:
-        h.update((here / name).read_bytes())
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if "__pycache__" in rel:
+            continue
+        data = path.read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
     return h.hexdigest()
 
 

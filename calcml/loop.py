@@ -41,7 +41,6 @@ parameters of the epoch of lowest mean minibatch cost, or ``x0``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
@@ -1032,25 +1031,10 @@ def generate_source(cost: Cost, opt: Optimizer, schedule: Schedule | None, minib
     return _Generator(cost, opt, schedule, minibatch).source(header_lines)
 
 
-_OWN_FILES = ("loop.py", "optim.py", "schedules.py", "result.py")
-_own_fingerprint = None
-
-
-def _fingerprint() -> str:
-    global _own_fingerprint
-    if _own_fingerprint is None:
-        h = hashlib.sha256()
-        here = Path(__file__).parent
-        for name in _OWN_FILES:
-            h.update((here / name).read_bytes())
-        _own_fingerprint = h.hexdigest()
-    return _own_fingerprint
-
-
 def _variant(opt: Optimizer, schedule: Schedule | None, minibatch: bool) -> str:
     s = schedule.structure() if schedule is not None else "none"
     batching = "minibatch" if minibatch else "fullbatch"
-    return f"optimizer|{opt.structure()}|schedule={s}|{batching}|unroll<={UNROLL_MAX}|delay<={DELAY_MAX}|{_fingerprint()}"
+    return f"optimizer|{opt.structure()}|schedule={s}|{batching}|unroll<={UNROLL_MAX}|delay<={DELAY_MAX}"
 
 
 _lock = threading.RLock()

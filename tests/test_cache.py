@@ -251,3 +251,27 @@ def test_machine_code_unloadable_when_numba_internals_move(fresh_cache):
     assert again["compiled"] == ["value_and_grad_rows"]  # compiled afresh, not loaded
     assert again["value"] == first["value"] and again["grad"] == first["grad"]
     assert out.stderr.count("cannot load kernel machine code") == 1
+
+
+def test_a_change_to_any_file_of_the_package_changes_the_cache_key(tmp_path):
+    """One key for everything that can shape generated code: every module of the package
+    (a hand-kept list once left out backprop.py and cost.py)."""
+    import shutil
+
+    from calcml.compile import _PACKAGE, _generator_fingerprint
+
+    pkg = tmp_path / "calcml"
+    shutil.copytree(_PACKAGE, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    base = _generator_fingerprint(pkg)
+    assert base == _generator_fingerprint(_PACKAGE)
+    files = sorted(pkg.rglob("*.py"))
+    assert {"backprop.py", "cost.py", "loop.py", "optim.py", "tensor/codegen.py", "tensor/search.py"} <= \
+        {f.relative_to(pkg).as_posix() for f in files}
+    for f in files:
+        text = f.read_bytes()
+        f.write_bytes(text + b"\n# changed\n")
+        assert _generator_fingerprint(pkg) != base, f
+        f.write_bytes(text)
+    assert _generator_fingerprint(pkg) == base
+    (pkg / "tensor" / "new_part.py").write_text("X = 1\n")  # a file added is a change too
+    assert _generator_fingerprint(pkg) != base

@@ -485,10 +485,9 @@ class TensorProgram:
         if self._module is None:
             from ..compile import _fingerprint, load_or_build
 
-            here = hashlib.sha256(open(__file__, "rb").read()).hexdigest()
             sched = self.schedule.structure() if self.schedule is not None else "none"
             key = hashlib.sha256(
-                f"tensor-opt|{_fingerprint()}|{here}|{self.cost.key}|{self.optimizer.structure()}|{sched}|"
+                f"tensor-opt|{_fingerprint()}|{self.cost.key}|{self.optimizer.structure()}|{sched}|"
                 f"{self.minibatch}".encode()).hexdigest()
             self._module, self._text, self.path = load_or_build(key, self._build)
         return self._module
