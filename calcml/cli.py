@@ -260,6 +260,9 @@ def read_csv(path: str) -> dict:
                 values[i, j] = float(cell)
             except ValueError:
                 raise CommandError(f"{path} line {line}, column {names[j]!r}: {cell.strip()!r} is not a number") from None
+            if not math.isfinite(values[i, j]):  # here, with the file's line, before any compile
+                raise CommandError(f"{path} line {line}, column {names[j]!r}: {cell.strip()!r} is not finite; "
+                                   "data must be finite numbers")
     return {name: values[:, j].copy() for j, name in enumerate(names)}
 
 

@@ -320,7 +320,19 @@ class _ProgressBar:
         elapsed = time.perf_counter() - self.start
         self.stream.write(f"\r{self.label} [{bar}] {100 * frac:5.1f}% {step}/{total} cost {value:.6g} {elapsed:.1f}s")
         self.stream.flush()
-        self.drawn = True
+        self.drawn, self.total = True, total
+
+    _ENDS = {_result.CONVERGED: "converged", _result.DIVERGED: "diverged", _result.INTERRUPTED: "interrupted",
+             _result.LINE_SEARCH_FAILED: "line search stopped"}
+
+    def finish(self, step, value, status):
+        """The last line, when the run ended before its budget: a full bar that says why."""
+        word = self._ENDS.get(status)
+        if self.drawn and word is not None:
+            elapsed = time.perf_counter() - self.start
+            self.stream.write(f"\r{self.label} [{'#' * 30}] {word} at {step}/{self.total} cost {value:.6g} "
+                              f"{elapsed:.1f}s   ")
+            self.stream.flush()
 
     def close(self):
         if self.drawn:
@@ -382,6 +394,8 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
         (x, fun, grad, grad_norm, nit, nfev, status, history, history_every, path,
          epochs_done, best_step, best_value, diverged_at, blowup) = module.drive(
             x0, columns, prog.hyper, sched_args, prog.batch_size, epochs, maxiter, tol, seed, bar)
+        if bar is not None:
+            bar.finish(nit, fun, status)
     except module.NonFiniteData:
         ds.raise_nonfinite()  # names the column and the row
         raise

@@ -201,7 +201,10 @@ def _syntax_tree(src: _Source) -> ast.AST:
     try:
         return ast.parse(code, mode="eval").body
     except SyntaxError as exc:
-        col = min(max((exc.offset or 1) - 1, 0), max(len(code) - 1, 0))
+        if not exc.offset or exc.offset - 1 >= len(code.rstrip()):
+            # CPython gives offset 0 (or one past the end) when the text ends too early: "x+"
+            raise src.error("invalid syntax: the expression ends where more was expected", len(code.rstrip())) from None
+        col = min(max(exc.offset - 1, 0), max(len(code) - 1, 0))
         end = exc.end_offset - 1 if exc.end_offset and exc.end_lineno == exc.lineno and exc.end_offset - 1 > col else None
         detail = "" if exc.msg == "invalid syntax" else f" ({exc.msg})"
         raise src.error(f"invalid syntax{detail}", col, end) from None

@@ -199,7 +199,8 @@ def _csv(tmp_path, text, name="d.csv"):
     ("x,y\n1,2\n", ["--schedule", "exponential(0.1)"], ["exponential"]),
     ("x,y\n1,2\n", ["--schedule", "cosine(0.1, steps=-3)"], ["steps"]),
     ("x,y\n1,2\n", ["--method", "sgd", "--batch-size", "0"], ["batch_size"]),
-    ("x,y\n1,nan\n", [], ["y"]),
+    ("x,y\n1,2\n3,4\n5,nan\n", [], ["line 4", "'y'", "'nan' is not finite"]),  # the file's line, as above
+    ("x,y\n1,2\n-inf,4\n", [], ["line 3", "'x'", "'-inf' is not finite"]),
 ])
 def test_fit_errors_are_one_line(capsys, tmp_path, monkeypatch, csv_text, extra, words):
     monkeypatch.chdir(tmp_path)

@@ -450,6 +450,16 @@ def test_progress_bar(rosen_programs, capsys):
     err = capsys.readouterr().err
     assert "gd [" in err and "cost" in err and err.endswith("\n")
     assert res.nit == 2000
+    assert err.rstrip().split("\r")[-1].startswith("gd [" + "#" * 30 + "] 100.0% 2000/2000")
+
+
+def test_progress_bar_of_a_run_that_ends_early_says_why(capsys):
+    """A run that converges before its budget ends on a full bar that says so (it stayed at
+    the last redraw's fraction, "8.6% 86/1000")."""
+    res = cm.minimize(ROSEN, [0.9, 0.8], method="newton", maxiter=1000, tol=1e-10, progress=True)
+    assert res.status == cm.result.CONVERGED and res.nit < 1000
+    last = capsys.readouterr().err.rstrip().split("\r")[-1]
+    assert last.startswith("newton [" + "#" * 30 + f"] converged at {res.nit}/1000 cost")
 
 
 def test_result_fields_and_dict_x0(linreg_data):

@@ -111,6 +111,8 @@ def test_symbols_dict_values_are_checked():
 # -- what is refused, and where ------------------------------------------------------------------
 REFUSED = [
     # (text, words in the message, column of the offending part, the part)
+    ("x+", "ends where more was expected", 3, None),  # at the end, not at 'x'
+    ("exp(x) *", "ends where more was expected", 9, None),
     ("x.real", "attribute access", 1, "x.real"),
     ("1 + x.__class__", "attribute access", 5, "x.__class__"),
     ("exp(x).func", "attribute access", 1, None),

@@ -590,6 +590,8 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
                                         full=_threaded_full(prog.module, n_rows))
         else:
             rep = _search(prog, x, td, epochs, maxiter, float(tol), bar)
+        if bar is not None:
+            bar.finish(rep["nit"], rep["fun"], rep["status"])
     finally:
         if bar is not None:
             bar.close()
