@@ -406,9 +406,11 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
         _as_x0(cost, x0, prog.param_names)  # a non-finite entry of x0: says which
         if not math.isfinite(fun):
             raise ParamError(f"the cost at x0 is {fun}: start from a point where it is finite")
+    if status == _result.CONVERGED and nit:
+        status = _result.unbounded(status, x, x0, fun, partial(_value_at, cost, ds))
     # the message is formatted when first read (a partial: no closure cells in this function)
     message = partial(_message, prog, lr_used, status, grad_norm, tol, nit, epochs_done, diverged_at, blowup,
-                      best_step, best_value)
+                      best_step, best_value, x)
     return _result.OptimizeResult._lazy(
         {
             "x": x, "fun": fun, "grad_norm": grad_norm, "jac": grad, "nit": nit, "nfev": nfev,
@@ -420,10 +422,18 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     )
 
 
-def _message(prog, lr_used, status, grad_norm, tol, nit, epochs, diverged_at, blowup, best_step, best_value) -> str:
+def _value_at(cost, ds, theta) -> float:
+    """The cost at theta (a kernel compiled only when a result needs it: see result.unbounded)."""
+    from .compile import compile as compile_cost
+
+    return compile_cost(cost).value(theta, ds) if ds is not None else compile_cost(cost).value(theta)
+
+
+def _message(prog, lr_used, status, grad_norm, tol, nit, epochs, diverged_at, blowup, best_step, best_value,
+             x) -> str:
     return _result.message(
         status, grad_norm=grad_norm, tol=tol, nit=nit, epochs=epochs, diverged_at=diverged_at, blowup=blowup,
-        best_step=best_step, best_value=best_value, rate_hint=_rate_hint(prog, lr_used),
+        best_step=best_step, best_value=best_value, rate_hint=_rate_hint(prog, lr_used), x=x,
     )[1]
 
 

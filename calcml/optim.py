@@ -582,6 +582,15 @@ def newton_cg():
                      reference="Lin & Moré 1999 (TRON); Steihaug 1983; liblinear's tron.cpp")
 
 
+def _check_searched_step(name: str, lr):
+    """Newton, L-BFGS and newton-cg search their own step, starting from the full step 1:
+    ``lr=1`` says just that and is accepted; any other rate is refused, saying why."""
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == 1:
+        return
+    raise OptimizeError(f"{name} chooses its own step by a line search (or trust region), starting from the "
+                        f"full step 1; it takes no other lr (got lr={lr!r}): leave lr out")
+
+
 # The registry of method names (scipy's idea: a table, not an if/elif chain).
 METHODS = dict(_FACTORIES)
 
@@ -596,7 +605,8 @@ def get(method, lr=None) -> Optimizer:
         opt = method
         if lr is not None:
             if opt.lr is None:
-                raise OptimizeError(f"{opt.name} chooses its own step by a line search; it takes no lr (got lr={lr!r})")
+                _check_searched_step(opt.name, lr)
+                return opt
             opt = opt.with_lr(lr)
         return opt
     if not isinstance(method, str):
@@ -614,8 +624,9 @@ def get(method, lr=None) -> Optimizer:
     opt = factory()
     if lr is not None:
         if opt.lr is None:
-            raise OptimizeError(f"{method} chooses its own step by a line search; it takes no lr (got lr={lr!r})")
-        opt = opt.with_lr(lr)
+            _check_searched_step(method, lr)
+        else:
+            opt = opt.with_lr(lr)
     if memo is not None and len(_BY_NAME) < 256:
         _BY_NAME[memo] = opt
     return opt

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["OptimizeResult", "STATUS", "CONVERGED", "MAXITER", "EPOCHS_DONE", "DIVERGED", "INTERRUPTED", "LINE_SEARCH_FAILED"]
+__all__ = ["OptimizeResult", "STATUS", "CONVERGED", "MAXITER", "EPOCHS_DONE", "DIVERGED", "INTERRUPTED", "LINE_SEARCH_FAILED",
+           "NO_MINIMUM"]
 
 # The codes the generated loop returns (the same numbers are written into every generated module).
 CONVERGED = 0
@@ -21,6 +22,7 @@ EPOCHS_DONE = 2
 DIVERGED = 3
 INTERRUPTED = 4
 LINE_SEARCH_FAILED = 5
+NO_MINIMUM = 6  # set after a run (see unbounded), never by a generated loop
 
 # status -> (success, message template). Templates may use the fields of ``_message``.
 STATUS = {
@@ -34,6 +36,13 @@ STATUS = {
         "Try a smaller learning rate{rate_hint}.",
     ),
     INTERRUPTED: (False, "Interrupted (Ctrl-C) after {nit} iterations; returned the best point seen (iteration {best_step}, cost {best_value:.6g})."),
+    NO_MINIMUM: (
+        False,
+        "The gradient norm fell to {grad_norm:.3g} (tol={tol:g}) after {nit} iterations, but this is no "
+        "minimum: the cost keeps decreasing beyond it, along the way the run came (the parameters reached "
+        "{size:.3g} in magnitude). The cost may have no finite minimum (for a classifier: classes that a "
+        "hyperplane separates); a penalty (penalty=) gives it one.",
+    ),
     LINE_SEARCH_FAILED: (
         False,
         "The line search found no point that decreases the cost at iteration {nit} (gradient norm {grad_norm:.3g}); "
@@ -42,9 +51,29 @@ STATUS = {
 }
 
 
+def unbounded(status: int, x, x0, fun, value) -> int:
+    """The status of a run whose stop test was met: NO_MINIMUM when it ended far from its start
+    (by more than 10 times max(1, the start's size)) and the cost still decreases further along
+    the way it came, f(x + (x - x0)) < f(x): the gradient vanished without a minimum there, as
+    the logistic loss's does on separable classes. ``value``: the cost at a point (called only
+    then). Else ``status``."""
+    if status != CONVERGED or not len(x):
+        return status
+    d = x - x0
+    if not float(np.max(np.abs(d))) > 10.0 * max(1.0, float(np.max(np.abs(x0)))):
+        return status
+    try:
+        further = value(x + d)
+    except (ArithmeticError, ValueError):
+        return status
+    return NO_MINIMUM if further < fun else status
+
+
 def message(status: int, **fields) -> tuple:
     """(success, message) for a status code, filled from ``fields``."""
     success, template = STATUS[status]
+    if status == NO_MINIMUM and "size" not in fields:
+        fields["size"] = float(np.max(np.abs(fields["x"]))) if "x" in fields else float("nan")
     return success, template.format(**fields)
 
 

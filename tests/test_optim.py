@@ -510,8 +510,15 @@ def test_bad_minimize_inputs(linreg_data):
         cm.minimize(LINREG, np.zeros(4), data=data, method="sgd", batch_size=0)
     with pytest.raises(cm.OptimizeError, match="newton works on the full batch"):
         cm.minimize(LINREG, np.zeros(4), data=data, method="newton", batch_size=8)
-    with pytest.raises(cm.OptimizeError, match="it takes no lr"):
+    with pytest.raises(cm.OptimizeError, match="it takes no other lr"):
         cm.minimize(ROSEN, [0.0, 0.0], method="lbfgs", lr=0.1)
+    with pytest.raises(cm.OptimizeError, match="it takes no other lr"):
+        cm.minimize(ROSEN, [0.0, 0.0], method=cm.optim.newton(), lr=2.0)
+    # lr=1 is the full step these methods start from: accepted, the same run as without it
+    for method in ("newton", "lbfgs"):
+        a = cm.minimize(ROSEN, [-1.2, 1.0], method=method, lr=1.0)
+        b = cm.minimize(ROSEN, [-1.2, 1.0], method=method)
+        assert a.success and np.array_equal(a.x, b.x) and a.nit == b.nit
     with pytest.raises(cm.OptimizeError, match="schedule must be an object"):
         cm.minimize(ROSEN, [0.0, 0.0], method="gd", schedule=0.1)
     with pytest.raises(cm.OptimizeError, match="lr='auto'"):
@@ -775,3 +782,34 @@ def test_numba_disable_jit_runs_the_generated_optimizers_as_python():
         assert (pnit, pstatus) == (nit, status), method
         # same operations; pow/sqrt from libm either way (Adam's bias correction): a few ulp
         np.testing.assert_allclose(list(map(float.fromhex, px)), list(map(float.fromhex, x)), rtol=1e-13, err_msg=method)
+
+
+@pytest.mark.parametrize("form", ["scalar", "index"])
+def test_separable_classes_have_no_minimum_and_say_so(form):
+    """On separable data the logistic loss has its infimum at infinity: lbfgs stops where the
+    gradient vanishes, far out; the result is no success and says why (it said "converged" and
+    nothing else). With a penalty, or overlapping classes: a minimum, a success."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((200, 2))
+    sep = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(float)
+    noisy = (X[:, 0] + 0.5 * X[:, 1] + rng.standard_normal(200) > 0).astype(float)
+    if form == "scalar":
+        w = cm.params("w", 2); b = cm.params("b"); x = cm.data("x", 2); y = cm.data("y")
+        z = cm.dot(w, x) + b
+        cost = cm.Cost(cm.softplus(z) - y * z, params=[*w, b], data=[*x, y])
+        data = lambda labels: {"x0": X[:, 0], "x1": X[:, 1], "y": labels}  # noqa: E731
+    else:
+        w = cm.params("w", shape=(2,)); b = cm.params("b"); x = cm.data("x", shape=(2,)); y = cm.data("y")
+        j = cm.index("j", 2)
+        z = cm.dot(w, x) + b
+        cost = cm.Cost(cm.softplus(z) - y * z, params=[w, b], data=[x, y])
+        data = lambda labels: {"x": X, "y": labels}  # noqa: E731
+    res = cm.minimize(cost, np.zeros(3), data=data(sep), method="lbfgs", maxiter=2000)
+    assert res.status == cm.result.NO_MINIMUM and not res.success and res.grad_norm <= 1e-8
+    assert "no finite minimum" in res.message and "penalty" in res.message
+    # the same data with a ridge penalty has a minimum, which lbfgs finds: a success
+    pen = cm.Cost(cost.expr, params=cost.params, data=cost.data, reduce="sum",
+                  penalty=(sum(p ** 2 for p in w) if form == "scalar" else cm.sum(w[j] ** 2, j)) / 2)
+    assert cm.minimize(pen, np.zeros(3), data=data(sep), method="lbfgs").success
+    fine = cm.minimize(cost, np.zeros(3), data=data(noisy), method="lbfgs")
+    assert fine.success and fine.status == cm.result.CONVERGED

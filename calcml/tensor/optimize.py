@@ -602,10 +602,12 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     if prog.schedule is not None and opt.lr is not None:
         lr = lr_used if isinstance(lr_used, float) else prog.schedule.initial
         rate_hint = f" (lr was {lr:g}; try lr={lr / 10:g})"
+    if status == _result.CONVERGED and rep["nit"]:
+        status = _result.unbounded(status, rep["x"], x, rep["fun"], lambda t: compile_tensor(cost).value(t, td))
     success, message = _result.message(
         status, grad_norm=rep["grad_norm"], tol=tol, nit=rep["nit"], epochs=rep["epochs"],
         diverged_at=rep["diverged_at"], blowup=rep["blowup"], best_step=rep["best_step"],
-        best_value=rep["best_value"], rate_hint=rate_hint)
+        best_value=rep["best_value"], rate_hint=rate_hint, x=rep["x"])
     return _result.OptimizeResult(
         x=rep["x"], params=cost.unpack(rep["x"]), fun=float(rep["fun"]), grad_norm=float(rep["grad_norm"]),
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
