@@ -15,7 +15,8 @@ mpmath difference quotients with shrinking ``h`` (down to 1e-20 at general point
 at a given point, in 60 to 90 digit arithmetic) can refute a derivative or support an
 ``"inconclusive"`` verdict; they never verify.
 
-Every check runs in a forked worker process with a time budget that holds even when SymPy
+Every check runs in a worker process (forked from a single-threaded fork server, never from
+the caller's process, whose threads may hold locks) with a time budget that holds even when SymPy
 never returns: a worker that overruns is killed, and its check is reported
 ``"inconclusive"`` together with whatever numeric evidence it sent before. Workers are kept
 between checks (SymPy's caches stay warm) and independent checks run concurrently.
@@ -465,9 +466,24 @@ _POOL_LOCK = threading.Lock()
 _IDLE: list = []
 
 
+_CONTEXT = None
+
+
 def _context():
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    """Workers start from a fork server where there is one (Linux, macOS): a single-threaded
+    process that imported calcml.verify (so SymPy) once and forks each worker. A fork of this
+    process itself would copy it mid-flight: the kernels' thread pool, Numba's and the BLAS's
+    threads may hold locks that no thread of the child would ever release (a hang). Elsewhere:
+    spawn."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["calcml.verify"])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+        _CONTEXT = ctx
+    return _CONTEXT
 
 
 def _default_jobs() -> int:
@@ -479,13 +495,11 @@ def _default_jobs() -> int:
 
 
 class _Worker:
-    def __init__(self, job):
+    def __init__(self):
         ctx = _context()
         self.conn, child = ctx.Pipe(duplex=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-            self.proc = ctx.Process(target=_worker_main, args=(child, job), daemon=True)
-            self.proc.start()
+        self.proc = ctx.Process(target=_worker_main, args=(child, None), daemon=True)
+        self.proc.start()
         child.close()
 
     def alive(self) -> bool:
@@ -576,18 +590,25 @@ def _schedule(specs, timeout, jobs, queue, active, results, evidence):
     while queue or active:
         while queue and len(active) < jobs:
             tid = queue.popleft()
-            w = _dispatch(tid, specs[tid])
+            try:
+                w = _dispatch(tid, specs[tid])
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                results[tid] = Verdict(specs[tid].name, "inconclusive", "error",
+                                       f"the check could not be handed to a worker process: it does not pickle ({exc})")
+                continue
             active[w.conn] = [w, tid, time.monotonic() + timeout]
+        if not active:
+            continue
         next_deadline = min(entry[2] for entry in active.values())
         ready = _wait_for(list(active), timeout=max(0.0, next_deadline - time.monotonic()))
         for conn in ready:
             w, tid, _ = active[conn]
             done, retry = _drain(w, tid, specs[tid], results, evidence)
-            if retry:  # the worker could not read the check: run it in a fresh fork
+            if retry:  # the worker could not read the check (it arrives pickled): say so
                 del active[conn]
                 w.stop()
-                w2 = _Worker((tid, specs[tid]))
-                active[w2.conn] = [w2, tid, time.monotonic() + timeout]
+                results[tid] = Verdict(specs[tid].name, "inconclusive", "error",
+                                       "the check could not be handed to a worker process (it did not unpickle)")
             elif done:
                 del active[conn]
                 if w.alive() and len(_IDLE) < jobs:
@@ -611,10 +632,19 @@ def _dispatch(tid, spec) -> _Worker:
         try:
             w.conn.send((tid, spec))
             return w
-        except (pickle.PicklingError, TypeError, AttributeError, OSError):
+        except OSError:  # the worker is gone: a fresh one
             w.stop()
             break
-    return _Worker((tid, spec))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            _IDLE.append(w)  # the worker is fine; the check cannot travel (the caller says so)
+            raise
+    w = _Worker()
+    try:
+        w.conn.send((tid, spec))
+    except BaseException:
+        w.stop()
+        raise
+    return w
 
 
 def _drain(w: _Worker, tid, spec, results, evidence):

@@ -429,6 +429,9 @@ def test_a_check_that_never_returns_is_stopped(monkeypatch):
         time.sleep(120)
 
     monkeypatch.setattr(V, "_check", hang)
+    # workers forked from this process, so that they run the patched check (calcml's own come
+    # from a fork server, which imports calcml.verify afresh)
+    monkeypatch.setattr(V, "_CONTEXT", multiprocessing.get_context("fork"))
     try:
         t0 = time.perf_counter()
         report = cm.verify_derivative(sp.sin(x), x, timeout=1.0)
@@ -500,3 +503,27 @@ def test_report_reads_as_a_table():
     assert report.counts() == {"verified": 1, "refuted": 1, "inconclusive": 0, "not differentiable": 0}
     assert not report.ok and report["d/dw"].ok and not report["d/db"].ok
     assert "ok=False" in repr(report)
+
+
+def test_verification_after_threads_ran_uses_no_fork_of_this_process():
+    """Workers come from a fork server, never from a fork of this process: here the kernels'
+    thread pool, Numba's threads and the BLAS's have run (a threaded kernel call, a threaded
+    optimizer run), and a fork could copy a lock held by one of them. Verification right after
+    them gives its verdicts."""
+    from calcml import native
+
+    V._shutdown_pool()
+    w = cm.params("w", shape=(3,)); b = cm.params("b"); xx = cm.data("x", shape=(3,)); y = cm.data("y")
+    j = cm.index("j", 3)
+    cost = cm.Cost((cm.sum(w[j] * xx[j], j) + b - y) ** 2, params=[w, b], data=[xx, y])
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((40_000, 3)), rng.standard_normal(40_000)
+    k = cm.compile(cost, parallel=True)
+    k.value_and_grad(np.ones(4), {"x": X, "y": Y})  # on calcml's threads
+    res = cm.minimize(cost, np.zeros(4), data={"x": X, "y": Y}, method="gd", lr=0.1, maxiter=5, tol=0)
+    assert res.nit == 5 and native.thread_count() >= 1
+    report = cm.verify_derivative(sp.log(1 + sp.exp(x)), x, timeout=120)
+    assert report[0].status == "verified"
+    assert V._context().get_start_method() in ("forkserver", "spawn")
+    assert V._IDLE and all(w.proc._popen.method in ("forkserver", "spawn") for w in V._IDLE)
+    V._shutdown_pool()
