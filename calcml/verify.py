@@ -1622,6 +1622,11 @@ def _check_general(spec, f, x, d, exact, emit) -> Verdict:
     method = f"{how} at general {x.name}"
     detail = (f"lim_(h->0) (f({x.name}+h) - f({x.name}))/h equals {_short(d)} exactly{cases_text}; "
               f"{num.summary()}")
+    if keys:  # the proof holds inside the cases, not on their borders: say where it does not
+        borders = " or ".join(f"{_short(k, 30)} = 0" for k in keys)
+        method += f", except where {borders}"
+        detail += (f". Not proven where {borders}: there the cases meet, and the function may have no "
+                   f"derivative (a kink)")
     return Verdict(name, "verified", method, detail)
 
 

@@ -527,3 +527,16 @@ def test_verification_after_threads_ran_uses_no_fork_of_this_process():
     assert V._context().get_start_method() in ("forkserver", "spawn")
     assert V._IDLE and all(w.proc._popen.method in ("forkserver", "spawn") for w in V._IDLE)
     V._shutdown_pool()
+
+
+@pytest.mark.parametrize("f, border", [(cm.relu(x), "x = 0"), (sp.Abs(x), "x = 0"),
+                                       (sp.Max(x, 2 * x - 1), "x - 1 = 0")])
+def test_a_verdict_by_sign_cases_names_the_points_it_leaves_out(f, border):
+    """relu and Abs are verified in each sign case, not at the kink where the cases meet,
+    where neither has a derivative: the verdict says where it holds."""
+    v = cm.verify_derivative(f, x)[0]
+    assert v.status == "verified"
+    assert v.method.endswith(f"except where {border}")
+    assert f"Not proven where {border}" in v.detail and f"Not proven where {border}" in str(cm.verify_derivative(f, x))
+    smooth = cm.verify_derivative(sp.sin(x), x)[0]
+    assert smooth.status == "verified" and "except" not in smooth.method and "Not proven" not in smooth.detail
