@@ -138,7 +138,7 @@ class LBFGS:
             if ok:
                 s, y = xt - x, gt - g
                 sy = float(s @ y)
-                if sy > 1e-12:
+                if sy > 2.220446049250313e-16 * float(y @ y):  # relative, as L-BFGS-B (see optim.py)
                     self.S.append(s)
                     self.Y.append(y)
                     self.rho.append(1.0 / sy)
