@@ -30,7 +30,7 @@ from .rewrite import stabilize
 
 # Rows per chunk: the unit of parallel work and of the two-level (chunk, total) summation.
 # 16,384 rather than 4,096: a quarter of the per-chunk accumulator allocations, which the
-# two-thread W1 kernel felt (3.21 -> 2.69 ms, equal to the hand-written kernel).
+# two-thread W1 kernel felt (benchmarks/RESULTS.md, W1).
 CHUNK = 16384
 # Rows per block inside a chunk: one accumulator lane per row. 16 (not 8) so that LLVM
 # vectorises the lane loop instead of unrolling it into scalar code.
@@ -479,14 +479,10 @@ class ModuleBuilder:
             head(0, "# a pass over rows: f(theta, cols, n, nchunks, next_chunk, partial, finalize, out, acc)")
             head(0, "SIG_ROWS = types.void(_F64P, types.CPointer(_F64P), types.int64, types.int64,")
             head(0, "                      types.CPointer(types.int64), _F64P, types.int64, _F64P, _F64P)")
-        elif self.has_data:
-            head(0, f"_jit_parallel = numba.njit(parallel=True, {flags})")
         if self.has_data:
             head(0, f"CHUNK = {CHUNK}")
             head(0, f"LANES = {LANES}")
         head(0, f"N_PARAMS = {self.n}")
-        head(0, f"N_COLUMNS = {len(self.cost.data)}")
-        head(0, f"HAS_HESSIAN = {self.with_hessian}")
         head()
         if kernels and self.has_data:
             head()

@@ -337,8 +337,7 @@ class _LatencyPrinter(NumbaPrinter):
 def _latency_printer(mb: ModuleBuilder) -> _LatencyPrinter:
     """A latency-ordering printer with the builder's names, and readiness of its temporaries."""
     printer = _LatencyPrinter(mb.names, {})
-    for attr in ("plan", "plan_vg", "plan_h"):  # the builder's derivation plans, whichever it has
-        found = getattr(mb, attr, None)
+    for found in (mb.plan_vg, mb.plan_h):  # the builder's derivation plans (None where not made)
         for sym, expr in getattr(found, "temps", ()):
             printer.depth[sym] = printer.ready(expr)
     return printer
@@ -847,9 +846,7 @@ class _Generator:
         w(0, f"O_SA = O_HP + {len(self.hyper)}")
         n_sched = len(self.schedule.values()) if self.schedule is not None else 0
         w(0, f"O_END = O_SA + {n_sched}")
-        w(0, f"HAS_STATE = {bool(self.state)}")
         w(0, f"CHUNK_ARGS = {tuple(self._chunk_params())!r}  # run_chunk's parameters")
-        w(0, f"METHOD = {self.opt.name!r}")
         w(0, f"FIRST_ORDER = {self.first_order}")
         w(0, f"MINIBATCH = {self.minibatch}")
         w(0, f"PARAM_NAMES = ({''.join(ascii(p.name) + ', ' for p in self.cost.params)})")
@@ -866,7 +863,6 @@ class _Generator:
         w(0, f"DEFAULT_MAXITER = {self.opt.default_maxiter}")
         w(0, f"BLOWUP = {BLOWUP!r}")
         w(0, f"HISTORY_MAX = {HISTORY_MAX}")
-        w(0, f"RECORD_PATH = {self.n <= PATH_MAX_PARAMS}")
         w(0, f"CHUNK_SECONDS = {CHUNK_SECONDS}")
         if self.threaded or self.threaded_fg:
             flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())

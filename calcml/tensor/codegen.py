@@ -39,7 +39,7 @@ BLOCK_VALUES = 8192
 BLOCK_MAX = 1024
 # Partial sums of a fused row loop: row r adds into lane r % LANES, so that LLVM vectorises
 # the loop over LANES rows (with an unsigned row index: no negative-index test). At 8 lanes
-# LLVM left the loop scalar; at 16 it vectorises (W1's sums: 2.0 -> 1.5 ms a million rows).
+# LLVM left the loop scalar; at 16 it vectorises (benchmarks/RESULTS.md, "fused row loop").
 LANES = 16
 
 
@@ -574,8 +574,8 @@ class _Writer:
                                 order="none")
         bodies = dict(zip(group, reduced))
         if not all(_vectorises(e) for e in [*reduced, *(e for _, e in temps)]):
-            # a libm call or a branch: LLVM keeps the loop scalar, and lanes only cost (logistic
-            # loss, d=16: 1.1 ms with 16 lanes, 0.57 ms with plain sums)
+            # a libm call or a branch: LLVM keeps the loop scalar, and lanes only cost (the
+            # logistic loss ran at half the speed with them: benchmarks/RESULTS.md)
             for t in sums:
                 self.w(2, f"s_{t.name} = 0.0")
             self.w(2, "for r in range(nb):")
