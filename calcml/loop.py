@@ -267,9 +267,11 @@ def _rename(line: str, hyper, state) -> str:
 
 def _unroll(line: str, j: int, state) -> str:
     """A per-parameter rule for parameter ``j``, with parameters, gradient and state in scalars."""
-    line = line.replace("theta[j]", f"p{j}").replace("g[j]", f"g{j}")
+    # whole names only: the g[j] inside a state "avg[j]" (st_avg[j] by now) is not the gradient
+    line = re.sub(r"\btheta\[j\]", f"p{j}", line)
+    line = re.sub(r"\bg\[j\]", f"g{j}", line)
     for name in state:
-        line = line.replace(f"st_{name}[j]", f"st_{name}_{j}")
+        line = re.sub(rf"\bst_{name}\[j\]", f"st_{name}_{j}", line)
     return line
 
 

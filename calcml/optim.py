@@ -22,6 +22,8 @@ step is a call to helper functions (given here as source) of the value, gradient
 
 from __future__ import annotations
 
+import builtins
+import keyword
 import numbers
 import re
 from dataclasses import dataclass, field, replace
@@ -48,6 +50,8 @@ __all__ = [
 # Hyperparameter and state names: plain words. The generator renames them in the code
 # (``hp_<name>``, ``st_<name>``), so they never meet the cost's own names (p0, c1, t3...).
 _NAME = re.compile(r"^[a-z][a-z0-9]*$")
+# names the update lines read, which a hyperparameter or a state must not shadow
+_RESERVED = frozenset({"theta", "g", "j", "lr", "step", "math", "np", "n"})
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ class Optimizer:
         for name in list(self.hyper) + [s[0] for s in self.state]:
             if not _NAME.match(name):
                 raise OptimizeError(f"optimizer {self.name}: name {name!r} must be a plain lower-case word")
+            if name in _RESERVED or keyword.iskeyword(name) or hasattr(builtins, name):
+                raise OptimizeError(f"optimizer {self.name}: the name {name!r} is taken (the update lines read "
+                                    f"theta[j], g[j], lr, step, math and np); choose another")
 
     def structure(self) -> str:
         """What the compiled loop depends on: the rule's code, not the numbers."""

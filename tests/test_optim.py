@@ -709,17 +709,32 @@ def test_full_batch_threaded_pass_matches_numpy():
     assert "prange(nchunks)" in cm.generate(LINREG, method="momentum").source
 
 
-def test_a_new_optimizer_is_one_description():
-    """An optimizer from outside the registry: state, hyperparameters and update lines only."""
+@pytest.mark.parametrize("state", ["m", "avg", "thetag"])
+def test_a_new_optimizer_is_one_description(state):
+    """An optimizer from outside the registry: state, hyperparameters and update lines only.
+    State names that end like the generator's own (``avg[j]`` holds ``g[j]``) once unrolled
+    into undefined names."""
     signed = cm.optim.Optimizer(
-        "signum", 0.01, {"beta": 0.5}, state=(("m", ("n",), 0.0),),
-        update=("m[j] = beta * m[j] + (1.0 - beta) * g[j]", "theta[j] -= lr * math.copysign(1.0, m[j])"),
+        "signum", 0.01, {"beta": 0.5}, state=((state, ("n",), 0.0),),
+        update=(f"{state}[j] = beta * {state}[j] + (1.0 - beta) * g[j]",
+                f"theta[j] -= lr * math.copysign(1.0, {state}[j])"),
     )
-    u = cm.params("u")
-    bowl = cm.Cost((u - 3) ** 2 / 2, params=[u])
-    res = cm.minimize(bowl, [0.0], method=signed, maxiter=10, tol=0.0)
-    assert res.x[0] == pytest.approx(0.1, abs=1e-12)  # ten steps of 0.01 towards 3
-    assert cm.minimize(bowl, [0.0], method=signed, lr=0.5, maxiter=5, tol=0.0).x[0] == pytest.approx(2.5)
+    u, v = cm.params("u v")
+    bowl = cm.Cost((u - 3) ** 2 / 2 + (v + 1) ** 2, params=[u, v])
+    res = cm.minimize(bowl, [0.0, 0.0], method=signed, maxiter=10, tol=0.0)
+    np.testing.assert_allclose(res.x, [0.1, -0.1], atol=1e-12)  # ten steps of 0.01 towards (3, -1)
+    assert cm.minimize(bowl, [0.0, 0.0], method=signed, lr=0.5, maxiter=5, tol=0.0).x[0] == pytest.approx(2.5)
+    # the same rule on a tensor cost (its loops print the rule over the parameter array)
+    w = cm.params("w", shape=(2,)); k = cm.index("k", 2)
+    tbowl = cm.Cost(cm.sum((w[k] - 3) ** 2, k) / 2, params=[w])
+    np.testing.assert_allclose(cm.minimize(tbowl, np.zeros(2), method=signed, maxiter=10, tol=0.0).x, [0.1, 0.1],
+                               atol=1e-12)
+
+
+def test_optimizer_names_that_the_update_lines_read_are_refused():
+    for name in ("g", "j", "theta", "lr", "step", "math", "max", "for"):
+        with pytest.raises(cm.OptimizeError, match=rf"the name '{name}' is taken"):
+            cm.optim.Optimizer("mine", 0.1, {}, state=((name, ("n",), 0.0),), update=("theta[j] -= lr * g[j]",))
 
 
 def test_minibatch_of_a_summed_cost_is_scaled_to_the_full_sum():
