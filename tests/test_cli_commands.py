@@ -229,9 +229,20 @@ def test_fit_missing_file_and_unwritable_history(capsys, tmp_path, linear_csv):
 # -- help and usage ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", [[], ["demo"], ["diff"], ["verify"], ["fit"]])
 def test_help_everywhere_with_examples(capsys, command):
+    """Each help has examples, and every example is a command line the parser accepts."""
+    import shlex
+
+    from calcml.cli import _build_parser
+
     rc, out, _ = run(capsys, *command, "--help")
     assert rc == 0
-    assert "example" in out and "calcml" in out
+    block = out.split("examples:", 1)[1].replace("\\\n", " ")  # a shell line continued with a backslash
+    examples = [line.strip() for line in block.splitlines() if line.strip().startswith("calcml ")]
+    assert examples, out
+    for text in examples:
+        argv = shlex.split(text)[1:]
+        args = _build_parser().parse_args(argv)  # a usage error would exit here
+        assert args.command == argv[0], text
 
 
 @pytest.mark.parametrize("argv", [["fit", "x"], ["diff"], ["frobnicate"], ["fit", "x", "--params", "w", "--epochs", "two"]])

@@ -463,13 +463,22 @@ def test_progress_bar_of_a_run_that_ends_early_says_why(capsys):
 
 
 def test_result_fields_and_dict_x0(linreg_data):
-    data = linreg_data[0]
-    x0 = {"w0": 0.0, "w1": 0.0, "w2": 0.0, "b": 0.0}
+    """Every field against NumPy: a dict x0 is the array x0; fun, jac and grad_norm are the
+    full cost and gradient at x; params names x; history starts at the cost of x0."""
+    data, A, y, exact = linreg_data
+    x0 = {"b": 0.25, "w0": 0.5, "w1": -0.5, "w2": 1.0}  # any order: by name
     res = cm.minimize(LINREG, x0, data=data, method="lbfgs")
-    for name in ("x", "params", "fun", "grad_norm", "nit", "success", "status", "message", "history"):
-        assert hasattr(res, name)
-    assert list(res.params) == ["w0", "w1", "w2", "b"]
-    assert "message" in repr(res)
+    arr = cm.minimize(LINREG, np.array([0.5, -0.5, 1.0, 0.25]), data=data, method="lbfgs")
+    np.testing.assert_array_equal(res.x, arr.x)
+    assert res.nit == arr.nit and res.fun == arr.fun
+    assert list(res.params) == ["w0", "w1", "w2", "b"] and list(res.params.values()) == res.x.tolist()
+    assert res.fun == pytest.approx(linreg_cost(res.x, A, y), rel=1e-12)
+    np.testing.assert_allclose(res.jac, 2 * A.T @ (A @ res.x - y) / len(y), rtol=1e-9, atol=1e-13)
+    assert res.grad_norm == pytest.approx(np.linalg.norm(res.jac), rel=1e-12)
+    assert res.history[0] == pytest.approx(linreg_cost(np.array([0.5, -0.5, 1.0, 0.25]), A, y), rel=1e-12)
+    assert res.success and res.status == R.CONVERGED and res.grad_norm <= 1e-8
+    np.testing.assert_allclose(res.x, exact, atol=1e-8)
+    assert f"success: True" in repr(res) and res.message in repr(res)
 
 
 # --------------------------------------------------------------------------------------------

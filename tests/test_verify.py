@@ -452,7 +452,9 @@ def test_sympy_that_takes_too_long_is_inconclusive():
     f = sp.atan(sp.tan(x) ** sp.tan(x)) ** sp.sinh(x) ** x
     t0 = time.perf_counter()
     v = cm.verify_derivative(f, x, timeout=0.3)[0]
-    assert time.perf_counter() - t0 < 3.0
+    # a hang bound, generous for a loaded machine (a worker's start is in it): the check alone
+    # would run for minutes
+    assert time.perf_counter() - t0 < 30.0
     assert v.status == "inconclusive" and v.method == "time budget"
 
 
