@@ -32,9 +32,17 @@ def _numeric_evalf(func, prec):
 
 
 class _Activation(sp.Function):
-    """Shared behaviour: one real argument, real value on the real line."""
+    """Shared behaviour: one real argument, real value on the real line.
+
+    Each activation is the one place that defines it: ``_elementary(z)`` (its form in
+    elementary functions, which SymPy's limits and simplification know), ``_mpmath(z)`` (its
+    value at high precision, for evalf and calcml's verifier) and ``smooth`` (False where the
+    verifier must split it into sign cases). Adding an activation is one subclass:
+    :data:`ACTIVATIONS` lists them for the rest of calcml.
+    """
 
     nargs = 1
+    smooth = True
 
     def _eval_is_extended_real(self):
         return self.args[0].is_extended_real
@@ -134,12 +142,18 @@ class relu(_Activation):
     :func:`calcml.verify_derivative` reports).
     """
 
+    smooth = False  # a kink at 0: the verifier splits it into sign cases
+
     @staticmethod
     def _elementary(z):
         return sp.Max(0, z)
 
     @staticmethod
     def _mpmath(z):
+        if isinstance(z, mpmath.mpc):
+            if z.imag != 0:
+                raise ValueError("relu of a non-real value")
+            z = z.real
         return mpmath.mpf(0) if z <= 0 else z
 
     def fdiff(self, argindex=1):
@@ -199,3 +213,17 @@ def dot(u, v) -> sp.Expr:
     if len(a) != len(b):
         raise CostError(f"dot: lengths differ, len(u) = {len(a)} but len(v) = {len(b)}")
     return sp.Add(*[ai * bi for ai, bi in zip(a, b)])
+
+
+def _activations():
+    """Every activation class (subclasses of _Activation, subclasses of those too)."""
+    out, stack = [], list(_Activation.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        out.append(cls)
+        stack.extend(cls.__subclasses__())
+    return tuple(out)
+
+
+#: The activation classes: the registry calcml's printer, verifier and rewrites read.
+ACTIVATIONS = _activations()

@@ -79,7 +79,7 @@ from sympy.calculus.accumulationbounds import AccumBounds
 
 from .cost import Cost
 from .errors import CostError, DataError, ParamError
-from .functions import relu, sigmoid, softplus
+from .functions import ACTIVATIONS
 
 __all__ = ["Verdict", "Report", "verify_derivative", "verify", "check_gradient", "DEFAULT_TIMEOUT"]
 
@@ -717,13 +717,13 @@ _MP_FUNCS = {
     sp.erf: mp.erf, sp.erfc: mp.erfc, sp.gamma: mp.gamma, sp.loggamma: mp.loggamma,
     sp.Abs: abs, sp.sign: lambda z: mp.mpf(0) if z == 0 else z / abs(z),
     sp.sinc: lambda z: mp.mpf(1) if z == 0 else mp.sin(z) / z,
-    sigmoid: lambda z: 1 / (1 + mp.exp(-z)),
-    softplus: lambda z: mp.log1p(mp.exp(z)),
-    relu: lambda z: max(mp.mpf(0), _real(z)),
     sp.Heaviside: _heaviside,
     sp.DiracDelta: lambda z, *k: mp.mpf(0) if z != 0 else mp.inf,
     sp.floor: lambda z: mp.floor(_real(z)), sp.ceiling: lambda z: mp.ceil(_real(z)),
 }
+
+# calcml's activations: each class's own high-precision form (calcml/functions.py)
+_MP_FUNCS.update({cls: cls._mpmath for cls in ACTIVATIONS})
 
 _MP_CONSTANTS = {sp.pi: lambda: mp.pi, sp.E: lambda: mp.e, sp.EulerGamma: lambda: mp.euler,
                  sp.GoldenRatio: lambda: mp.phi, sp.Catalan: lambda: mp.catalan}
@@ -1070,8 +1070,10 @@ class _Undecided(Exception):
     """A symbolic step could not decide; the check becomes inconclusive with this reason."""
 
 
-_SIGNED = (sp.Abs, sp.sign, sp.Heaviside, relu)
-_NONSMOOTH = (sp.Abs, sp.sign, sp.Heaviside, relu, sp.Max, sp.Min, sp.Piecewise, sp.DiracDelta)
+_KINKED = tuple(cls for cls in ACTIVATIONS if not cls.smooth)  # relu
+_SMOOTH_ACTIVATIONS = tuple(cls for cls in ACTIVATIONS if cls.smooth)  # sigmoid, softplus
+_SIGNED = (sp.Abs, sp.sign, sp.Heaviside, *_KINKED)
+_NONSMOOTH = (sp.Abs, sp.sign, sp.Heaviside, *_KINKED, sp.Max, sp.Min, sp.Piecewise, sp.DiracDelta)
 _UNSUPPORTED = (sp.floor, sp.ceiling, sp.frac, sp.Mod)
 _GIVE_UP = (sp.Limit, sp.Order, AccumBounds, sp.Derivative, sp.Integral, sp.Subs)
 
@@ -1102,10 +1104,11 @@ def _canon(g):
 
 
 def _elementary(e):
-    """sigmoid and softplus in elementary form (SymPy's limit and simplify know exp and log)."""
-    if not e.has(sigmoid, softplus):
+    """The smooth activations (sigmoid, softplus) in elementary form (SymPy's limit and
+    simplify know exp and log)."""
+    if not e.has(*_SMOOTH_ACTIVATIONS):
         return e
-    return e.replace(lambda n: isinstance(n, (sigmoid, softplus)), lambda n: type(n)._elementary(n.args[0]))
+    return e.replace(lambda n: isinstance(n, _SMOOTH_ACTIVATIONS), lambda n: type(n)._elementary(n.args[0]))
 
 
 def _prepare(e, var):
@@ -1228,8 +1231,8 @@ def _resolve(e, sign_of):
             if s == 0:
                 return args[1] if len(args) > 1 else sp.S.Half
             return sp.S.One if s > 0 else sp.S.Zero
-        if isinstance(e, relu):
-            return args[0] if s > 0 else sp.S.Zero
+        if isinstance(e, _KINKED):  # a kinked activation: its elementary form's branch (relu: Max(0, z))
+            return _resolve(type(e)._elementary(args[0]), sign_of)
         if s == 0:  # DiracDelta at its singular point
             raise _Undecided(f"{e} at its singular point")
         return sp.S.Zero
