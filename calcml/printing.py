@@ -30,33 +30,6 @@ _pycode = importlib.import_module("sympy.printing.pycode")
 # Helper functions the printed code may call. Each is emitted into the generated module
 # only when used, compiled with the module's Numba flags.
 HELPERS = {
-    "_sigmoid": '''\
-def _sigmoid(z):
-    """logistic 1/(1+exp(-z)) from e = exp(-|z|) in (0, 1]: never overflows. The same e
-    as _softplus computes, so LLVM merges the two exp calls when both are inlined."""
-    e = math.exp(-abs(z))
-    if z >= 0.0:
-        return 1.0 / (1.0 + e)
-    return e / (1.0 + e)
-''',
-    "_softplus": '''\
-def _softplus(z):
-    """log(1+exp(z)) = max(z, 0) + log1p(e), e = exp(-|z|) in (0, 1]: never overflows.
-
-    log1p(e) as log(u)*e/(u-1), u = 1+e (Goldberg 1991, "What every computer scientist
-    should know about floating-point arithmetic", Thm 4): within a few ulp, and twice
-    as fast as libm's log1p here. NaN in gives NaN out.
-    """
-    e = math.exp(-abs(z))
-    u = 1.0 + e
-    if u == 1.0:
-        lp = e
-    else:
-        lp = math.log(u) * e / (u - 1.0)
-    if z > 0.0:
-        return z + lp
-    return lp
-''',
     "_exp": '''\
 def _exp(x):
     """exp(x) within 2 ulp of the true value, with no branch and no libm call, so that a loop
@@ -94,11 +67,6 @@ def _tanh(x):
     s = np.int64((np.int64(n) + 1023) << 52).view(np.float64)
     em = s * p + (s - 1.0)
     return math.copysign(em / (em + 2.0), x)
-''',
-    "_relu": '''\
-def _relu(z):
-    """max(z, 0), NaN in gives NaN out"""
-    return 0.0 if z <= 0.0 else z
 ''',
     "_heaviside": '''\
 def _heaviside(z, h0):
@@ -146,6 +114,13 @@ def _min2(a, b):
     return a + b
 ''',
 }
+
+# calcml's activations bring their own compiled form (calcml/functions.py: _numba_name, _numba)
+from .functions import ACTIVATIONS as _ACTIVATIONS  # noqa: E402
+
+for _cls in _ACTIVATIONS:
+    HELPERS[_cls._numba_name] = _cls._numba
+_ACTIVATION_SET = frozenset(_ACTIVATIONS)
 
 # expm1(r) for |r| <= ln2/2: Taylor to r**13 (remainder below 2**-60 relative), Horner.
 _EXPM1_POLY = "r * (1.0 + r * (" + " + r * (".join(
@@ -274,7 +249,7 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
         return f"({b}**{e})"
 
     # -- functions -----------------------------------------------------------------------
-    def _print_Function(self, expr):
+    def _print_function(self, expr):
         if isinstance(expr, AppliedUndef):
             raise CodegenError(f"cannot compile the undefined function {expr.func.__name__}: define it with SymPy functions")
         name = type(expr).__name__
@@ -282,14 +257,10 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
             return f"(1.0/{_RECIPROCAL[name]}({self._print(expr.args[0])}))"
         return super()._print_Function(expr)
 
-    def _print_sigmoid(self, expr):
-        return self._helper("_sigmoid", expr.args[0])
-
-    def _print_softplus(self, expr):
-        return self._helper("_softplus", expr.args[0])
-
-    def _print_relu(self, expr):
-        return self._helper("_relu", expr.args[0])
+    def _print_Function(self, expr):  # calcml's activations (their own helpers), else SymPy's functions
+        if type(expr) in _ACTIVATION_SET:
+            return self._helper(type(expr)._numba_name, expr.args[0])
+        return self._print_function(expr)
 
     def _print_Heaviside(self, expr):
         h0 = expr.args[1] if len(expr.args) > 1 else sp.S.Half
