@@ -1419,26 +1419,33 @@ def _lemma(G, depth=0):
     return result
 
 
-def _taylor_coefficient(Gp):
-    """The h-coefficient of the Taylor expansion of G(u + h): the limit at a regular point."""
+def _linear_taylor(g, var, value, ref=None):
+    """a1 when ``g`` (a function of ``var``) expands as a0 + a1*var + O(var**2) with clean
+    coefficients and a0 proven equal to ``value``; None otherwise. The one Taylor routine of
+    the two limits below (at a general point, and one-sided at a given point)."""
     try:
-        s = Gp.xreplace({_U: _U + _K}).series(_K, 0, 2)
+        ser = g.series(var, 0, 2)
     except Exception:
         return None
-    order = s.getO()
-    if order is None or order.expr != _K**2:
+    order = ser.getO()
+    if order is None or order.expr != var**2:
         return None
-    p = s.removeO()
     try:
-        poly = sp.Poly(p, _K)
+        poly = sp.Poly(ser.removeO(), var)
     except sp.PolynomialError:
         return None
-    if poly.degree() > 1 or any(c.has(_K) for c in poly.coeffs()):
+    if poly.degree() > 1 or any(c.has(var) for c in poly.coeffs()):
         return None
-    a0, a1 = poly.coeff_monomial(1), poly.coeff_monomial(_K)
-    if not _clean(a1, Gp) or not _proven_zero(a0 - Gp):
+    a0, a1 = poly.coeff_monomial(1), poly.coeff_monomial(var)
+    if not _clean(a1, g if ref is None else ref) or not _proven_zero(a0 - value):
         return None
-    return a1, "Taylor expansion"
+    return a1
+
+
+def _taylor_coefficient(Gp):
+    """The h-coefficient of the Taylor expansion of G(u + h): the limit at a regular point."""
+    a1 = _linear_taylor(Gp.xreplace({_U: _U + _K}), _K, Gp, ref=Gp)
+    return None if a1 is None else (a1, "Taylor expansion")
 
 
 def _normalize_logs(e):
@@ -1713,24 +1720,7 @@ def _sign_near(g, t=_T) -> int:
 def _side_taylor(g, fa):
     """The t-coefficient of g(t) = f(a + s t) when g has a Taylor expansion a0 + a1 t + O(t**2)
     with a0 = f(a) proven: then the one-sided quotient tends to a1 / s. None otherwise."""
-    gp = _prepare(g, _T)
-    try:
-        ser = gp.series(_T, 0, 2)
-    except Exception:
-        return None
-    order = ser.getO()
-    if order is None or order.expr != _T**2:
-        return None
-    try:
-        poly = sp.Poly(ser.removeO(), _T)
-    except sp.PolynomialError:
-        return None
-    if poly.degree() > 1 or any(c.has(_T) for c in poly.coeffs()):
-        return None
-    a0, a1 = poly.coeff_monomial(1), poly.coeff_monomial(_T)
-    if not _clean(a1, gp) or not _proven_zero(a0 - fa):
-        return None
-    return a1
+    return _linear_taylor(_prepare(g, _T), _T, fa)
 
 
 def _one_sided_limit(q):
