@@ -174,3 +174,57 @@ def measure_interleaved(fns: dict, *, rounds: int = 15, budget: float = 10.0, mi
         if gc_was:
             gc.enable()
     return out
+
+
+# -- cold and warm builds in fresh processes (W7, W10) ----------------------------------------
+def run_child(src: str, env_extra: dict, timeout: float, cwd: str) -> dict:
+    """Run ``src`` in a fresh Python; its last stdout line is a JSON dict of timings."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    env = dict(os.environ)
+    env.update(env_extra)
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(src)], env=env, capture_output=True,
+                       text=True, timeout=timeout, cwd=cwd)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(f"child failed ({p.returncode}): {last}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def cold_warm_builds(src: str, repeat: int, timeout: float, cwd: str, prefix: str):
+    """[(label, {timing: [values]}, error or None)] for "cold" (a new empty calcml and Numba
+    cache each run) and "warm" (the first cold run's caches, in new processes)."""
+    import shutil
+    import tempfile
+
+    out = []
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        for label in ("cold", "warm"):
+            vals: dict = {}
+            error = None
+            for i in range(repeat):
+                cache = os.path.join(tmp, f"cold{i}" if label == "cold" else "cold0")
+                os.makedirs(cache, exist_ok=True)
+                env = {"CALCML_CACHE_DIR": cache, "NUMBA_CACHE_DIR": os.path.join(cache, "numba")}
+                try:
+                    found = run_child(src, env, timeout, cwd)
+                except Exception as exc:  # noqa: BLE001 - reported in the table's notes
+                    error = exc
+                    break
+                for key, val in found.items():
+                    vals.setdefault(key, []).append(val)
+            out.append((label, vals, error))
+            if label == "cold" and not vals:
+                break
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def fmt_spread(vals) -> str:
+    """median (min–max) of a list of seconds, or '' for none."""
+    return f"{fmt_time(statistics.median(vals))} ({fmt_time(min(vals))}–{fmt_time(max(vals))})" if vals else ""

@@ -84,17 +84,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import random
 import re
-import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,7 +106,8 @@ import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: E402,F401  (SciPy's BLAS, which Numba's np.dot calls)
 from numba import njit  # noqa: E402
 
-from _common import Timing, fmt_time, load_avg, machine_line, measure_interleaved, table  # noqa: E402
+from _common import (Timing, cold_warm_builds, fmt_spread, fmt_time, load_avg, machine_line,  # noqa: E402
+                     measure_interleaved, table)
 
 D, H, K = 64, 128, 10
 N_PARAMS = H * D + H + K * H + K  # 9,610
@@ -504,20 +500,8 @@ print(json.dumps({{"imports": t1 - t0, "import_calcml": t2 - t1, "cost": t4 - t3
 """
 
 
-def run_child(src: str, env_extra: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    env.update(env_extra)
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(src)], env=env, capture_output=True,
-                       text=True, timeout=timeout, cwd=ROOT)
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["?"])[-1]
-        raise RuntimeError(f"child failed ({p.returncode}): {last}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def run_build(a) -> str:
-    def fmt(vals):
-        return f"{fmt_time(statistics.median(vals))} ({fmt_time(min(vals))}–{fmt_time(max(vals))})" if vals else ""
+    fmt = fmt_spread
 
     lines = [f"### calcml build, fresh processes: Cost → generate → first prog.run(epochs=1) on "
              f"{a.build_rows:,} rows; median (min–max) of {a.build_repeat} (load avg {load_avg()})", "",
@@ -526,29 +510,13 @@ def run_build(a) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     src = CHILD_BUILD.format(root=ROOT, n=a.build_rows)
-    tmp = tempfile.mkdtemp(prefix="calcml-w10-")
-    try:
-        for label in ("cold", "warm"):
-            vals: dict = {}
-            for i in range(a.build_repeat):
-                cache = os.path.join(tmp, f"cold{i}" if label == "cold" else "cold0")
-                os.makedirs(cache, exist_ok=True)
-                env = {"CALCML_CACHE_DIR": cache, "NUMBA_CACHE_DIR": os.path.join(cache, "numba")}
-                try:
-                    out = run_child(src, env, a.build_timeout)
-                except Exception as exc:  # noqa: BLE001
-                    notes.append(f"- {label}: {exc}")
-                    break
-                for key, val in out.items():
-                    vals.setdefault(key, []).append(val)
-            if vals:
-                lines.append(f"| {label} | {fmt(vals['to_first_result'])} | {fmt(vals['generate'])} | "
-                             f"{fmt(vals['first_run'])} | {fmt(vals['second_run'])} | {fmt(vals['beyond_imports'])} | "
-                             f"{fmt(vals['imports'])} | {fmt(vals['import_calcml'])} | {fmt(vals['process'])} |")
-            if label == "cold" and not vals:
-                break
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for label, vals, error in cold_warm_builds(src, a.build_repeat, a.build_timeout, ROOT, "calcml-w10-"):
+        if error is not None:
+            notes.append(f"- {label}: {error}")
+        if vals:
+            lines.append(f"| {label} | {fmt(vals['to_first_result'])} | {fmt(vals['generate'])} | "
+                         f"{fmt(vals['first_run'])} | {fmt(vals['second_run'])} | {fmt(vals['beyond_imports'])} | "
+                         f"{fmt(vals['imports'])} | {fmt(vals['import_calcml'])} | {fmt(vals['process'])} |")
     lines.append("")
     lines.append("\"First run\" minus \"second run\" is about the compile (or load) time; \"beyond the imports\" = "
                  "import calcml + Cost → first result (not the data's generation).")

@@ -104,14 +104,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,7 +125,8 @@ import scipy.linalg.cython_blas  # noqa: E402,F401  (loads SciPy's BLAS, which N
 from numba import njit, prange  # noqa: E402
 from numba.extending import get_cython_function_address  # noqa: E402
 
-from _common import Timing, fmt_time, load_avg, machine_line, measure_interleaved, table  # noqa: E402
+from _common import (cold_warm_builds, fmt_spread, load_avg, machine_line, measure_interleaved,  # noqa: E402
+                     table)
 
 K = 10  # classes
 D = 784  # features
@@ -516,17 +511,6 @@ print(json.dumps({{"imports": t1 - t0, "import_calcml": t2 - t1, "cost": t4 - t3
 """
 
 
-def run_child(src: str, env_extra: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    env.update(env_extra)
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(src)], env=env, capture_output=True,
-                       text=True, timeout=timeout, cwd=ROOT)
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["?"])[-1]
-        raise RuntimeError(f"child failed ({p.returncode}): {last}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def run_build(a) -> str:
     """Cold (empty caches) and warm (the same caches, a second process) builds at d = 64, 784."""
     lines = [f"### calcml build, fresh processes, Cost → first (value, gradient) at N = {a.build_rows:,} rows: "
@@ -535,37 +519,17 @@ def run_build(a) -> str:
              "beyond the imports | imports (numpy, numba, sympy) | import calcml | whole process |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
-
-    def fmt(vals):
-        return f"{fmt_time(statistics.median(vals))} ({fmt_time(min(vals))}–{fmt_time(max(vals))})" if vals else ""
-
+    fmt = fmt_spread
     for d in (64, D):
         src = CHILD_BUILD.format(root=ROOT, k=K, d=d, n=a.build_rows)
-        tmp = tempfile.mkdtemp(prefix="calcml-w7-")
-        try:
-            for label in ("cold", "warm"):
-                vals: dict = {}
-                for i in range(a.build_repeat):
-                    # cold: a new empty cache each time; warm: the first cold run's cache
-                    cache = os.path.join(tmp, f"cold{i}" if label == "cold" else "cold0")
-                    os.makedirs(cache, exist_ok=True)
-                    env = {"CALCML_CACHE_DIR": cache, "NUMBA_CACHE_DIR": os.path.join(cache, "numba")}
-                    try:
-                        out = run_child(src, env, a.build_timeout)
-                    except Exception as exc:  # noqa: BLE001
-                        notes.append(f"- d = {d}, {label}: {exc}")
-                        break
-                    for key, val in out.items():
-                        vals.setdefault(key, []).append(val)
-                if vals:
-                    lines.append(f"| {d} ({K * d + K:,}) | {label} | {fmt(vals['to_gradient'])} | "
-                                 f"{fmt(vals['compile'])} | {fmt(vals['first_call'])} | "
-                                 f"{fmt(vals['beyond_imports'])} | {fmt(vals['imports'])} | "
-                                 f"{fmt(vals['import_calcml'])} | {fmt(vals['process'])} |")
-                if label == "cold" and not vals:
-                    break
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for label, vals, error in cold_warm_builds(src, a.build_repeat, a.build_timeout, ROOT, "calcml-w7-"):
+            if error is not None:
+                notes.append(f"- d = {d}, {label}: {error}")
+            if vals:
+                lines.append(f"| {d} ({K * d + K:,}) | {label} | {fmt(vals['to_gradient'])} | "
+                             f"{fmt(vals['compile'])} | {fmt(vals['first_call'])} | "
+                             f"{fmt(vals['beyond_imports'])} | {fmt(vals['imports'])} | "
+                             f"{fmt(vals['import_calcml'])} | {fmt(vals['process'])} |")
     lines.append("")
     lines.append("\"Beyond the imports\" = import calcml + Cost → first gradient (not the data's generation). "
                  "Targets: cold < 10 s, warm < 0.3 s beyond the imports, about the same at d = 64 and 784.")

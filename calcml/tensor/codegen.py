@@ -353,7 +353,12 @@ class _Writer:
         depth = self._loops(indent, loops)
         if t.accumulates:
             self.w(self._loops(depth, inner), f"{target} += {body}")
-        elif t.kind == "map":
+        else:
+            self._emit_value(t, body, inner, depth, target)
+
+    def _emit_value(self, t, body, inner, depth, target):
+        """``target`` = t's value (a map, a sum or a log-sum-exp over the ``inner`` loops)."""
+        if t.kind == "map":
             self.w(depth, f"{target} = {body}")
         elif t.kind == "sum":
             self.w(depth, "s = 0.0")
@@ -561,19 +566,12 @@ class _Writer:
             self._alloc(t, 2, t.name)
         sums = [t for t in group if t.accumulates]
         flat = all(not [i for i in t.over if i != ROW] and t.kind in ("map", "sum") for t in group)
-        if not (flat and sums):
-            for t in sums:
-                self.w(2, f"s_{t.name} = 0.0")
-            self.w(2, "for r in range(nb):")
-            self._row_members(group, kept, 3, {})
-            for t in sums:
-                self.w(2, f"acc[{layout[t]}] += s_{t.name}")
-            return
-        # the common subexpressions of the members' bodies, u0, u1, ... (in order of need)
-        temps, reduced = sp.cse([self.body(t) for t in group], symbols=sp.numbered_symbols("u", cls=sp.Dummy),
-                                order="none")
-        bodies = dict(zip(group, reduced))
-        if not all(_vectorises(e) for e in [*reduced, *(e for _, e in temps)]):
+        temps, bodies = [], {}
+        if flat:  # the common subexpressions of the members' bodies, u0, u1, ... (in order of need)
+            temps, reduced = sp.cse([self.body(t) for t in group], symbols=sp.numbered_symbols("u", cls=sp.Dummy),
+                                    order="none")
+            bodies = dict(zip(group, reduced))
+        if not (flat and sums and all(_vectorises(e) for e in [*reduced, *(e for _, e in temps)])):
             # a libm call or a branch: LLVM keeps the loop scalar, and lanes only cost (the
             # logistic loss ran at half the speed with them: benchmarks/RESULTS.md)
             for t in sums:
@@ -595,15 +593,7 @@ class _Writer:
         self._row_members(group, kept, 4, bodies, temps, lane_of, "lane")
         self.w(2, "for r in range(nb - nb % LANES, nb):  # the block's last rows, in lane 0")
         self._row_members(group, kept, 3, bodies, temps, lane_of, "0")
-        o = layout[sums[0]]
-        if [layout[t] for t in sums] == list(range(o, o + len(sums))):
-            self.w(2, f"for k in range({len(sums)}):  # the lanes' sums, in lane order")
-            self.w(3, f"s = lanes[{first} + k, 0]")
-            self.w(3, "for lane in range(1, LANES):")
-            self.w(4, f"s += lanes[{first} + k, lane]")
-            self.w(3, f"acc[{o} + k] += s")
-            return
-        for t in sums:
+        for t in sums:  # the lanes' sums, in lane order
             self.w(2, f"s = lanes[{lane_of[t]}, 0]")
             self.w(2, "for lane in range(1, LANES):")
             self.w(3, f"s += lanes[{lane_of[t]}, lane]")
@@ -634,14 +624,7 @@ class _Writer:
                 else:
                     self.w(self._loops(depth, inner), f"s_{t.name} += {text}")
                 continue
-            if t.kind == "map":
-                self.w(depth, f"{local} = {text}")
-            elif t.kind == "sum":
-                self.w(depth, "s = 0.0")
-                self.w(self._loops(depth, inner), f"s += {text}")
-                self.w(depth, f"{local} = s")
-            else:
-                self._emit_lse(t, text, inner, depth, local)
+            self._emit_value(t, text, inner, depth, local)
             self.local_rows.add(t)
             if t in kept:
                 self.w(depth, f"{t.name}[r] = {local}")
