@@ -416,8 +416,8 @@ def _fmt(v) -> str:
     return f"{v:.10g}"
 
 
-def _write_history(path, res):
-    unit = "epoch" if res.status == 2 else "iteration"
+def _write_history(path, res, minibatch: bool):
+    unit = "epoch" if minibatch else "iteration"  # minibatch runs keep one mean cost per epoch
     every = getattr(res, "history_every", 1) or 1  # long full-batch runs keep every k-th cost
     try:
         with open(path, "w", newline="") as fh:
@@ -472,7 +472,7 @@ def _cmd_fit(args, out) -> int:
     rows += [("note", n) for n in list(res.notes) + args.notes]
     out(_table(rows))
     if args.history:
-        _write_history(args.history, res)
+        _write_history(args.history, res, prog.batch_size is not None)
         out(f"history written to {args.history}")
     if args.plot:
         _save_plot(args.plot, res)

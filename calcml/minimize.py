@@ -408,18 +408,37 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
             raise ParamError(f"the cost at x0 is {fun}: start from a point where it is finite")
     if status == _result.CONVERGED and nit:
         status = _result.unbounded(status, x, x0, fun, partial(_value_at, cost, ds))
-    # the message is formatted when first read (a partial: no closure cells in this function)
-    message = partial(_message, prog, lr_used, status, grad_norm, tol, nit, epochs_done, diverged_at, blowup,
-                      best_step, best_value, x)
-    return _result.OptimizeResult._lazy(
-        {
-            "x": x, "fun": fun, "grad_norm": grad_norm, "jac": grad, "nit": nit, "nfev": nfev,
-            "success": _result.STATUS[status][0], "status": status, "history": history,
-            "history_every": history_every, "method": opt.name, "lr": lr_used if opt.lr is not None else None,
-            "notes": notes, "path": path,
-        },
-        prog.param_names, message,
-    )
+    fields = {
+        "x": x, "fun": fun, "grad_norm": grad_norm, "jac": grad, "nit": nit, "nfev": nfev, "history": history,
+        "history_every": history_every, "method": opt.name, "lr": lr_used if opt.lr is not None else None,
+        "notes": notes, "path": path,
+    }
+    noise = None
+    if ds is not None and status in _BUDGET_SPENT:
+        noise = partial(_scalar_noise, module, columns, x, ds.n_rows, cost.reduce == "mean")
+    else:
+        fields["status"], fields["success"] = status, _result.STATUS[status][0]
+    # status (for a run that spent its budget: a gradient within its noise is a minimum) and
+    # message are settled when first read (partials: no closure cells in this function)
+    finish = partial(_finish, prog, lr_used, status, noise, grad_norm, tol, nit, epochs_done, diverged_at, blowup,
+                     best_step, best_value, x, ds.n_rows if ds is not None else 0)
+    return _result.OptimizeResult._lazy(fields, prog.param_names, finish)
+
+
+_BUDGET_SPENT = (_result.MAXITER, _result.EPOCHS_DONE)
+
+
+def _scalar_noise(module, columns, x, n_rows, reduce_mean) -> float:
+    """The sampling noise of the full gradient at x (result.gradient_noise), each row's gradient
+    by the module's own full-batch pass over that one row."""
+    cols = module.columns_of(columns)
+    g = np.empty(x.shape[0])
+
+    def row_gradient(i):
+        module._fg(x, tuple(c[i:i + 1] for c in cols), g)
+        return g.copy()
+
+    return _result.gradient_noise(row_gradient, n_rows, reduce_mean)
 
 
 def _value_at(cost, ds, theta) -> float:
@@ -429,12 +448,15 @@ def _value_at(cost, ds, theta) -> float:
     return compile_cost(cost).value(theta, ds) if ds is not None else compile_cost(cost).value(theta)
 
 
-def _message(prog, lr_used, status, grad_norm, tol, nit, epochs, diverged_at, blowup, best_step, best_value,
-             x) -> str:
-    return _result.message(
+def _finish(prog, lr_used, status, noise, grad_norm, tol, nit, epochs, diverged_at, blowup, best_step, best_value,
+            x, n_rows) -> dict:
+    status, level = _result.within_noise(status, grad_norm, noise)
+    success, message = _result.message(
         status, grad_norm=grad_norm, tol=tol, nit=nit, epochs=epochs, diverged_at=diverged_at, blowup=blowup,
-        best_step=best_step, best_value=best_value, rate_hint=_rate_hint(prog, lr_used), x=x,
-    )[1]
+        best_step=best_step, best_value=best_value, rate_hint=_rate_hint(prog, lr_used), x=x, noise=level,
+        n_rows=n_rows,
+    )
+    return {"status": status, "success": success, "message": message}
 
 
 # Program.run is _run_program itself (one Python call less per run than a method calling it)

@@ -1,9 +1,13 @@
 """The result of a run: scipy's field names, and one table from status code to message.
 
 Not converging is a result, not an exception (``scipy/optimize/_optimize.py``): ``success``
-says whether the run reached what it was asked for, ``status`` is a code from
-:data:`STATUS`, and ``message`` says in words what happened and, for a divergence, where and
-what to try.
+says whether the run found a minimum, ``status`` is a code from :data:`STATUS`, and
+``message`` says in words what happened and, for a divergence, where and what to try.
+
+A minimum is found when the full gradient's norm is at most ``tol`` (CONVERGED) or, for a cost
+over data rows, within the gradient's own sampling noise (WITHIN_NOISE: see
+:func:`gradient_noise`). A run that spends its budget (iterations or epochs) short of both is
+no success, however many epochs it completed.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["OptimizeResult", "STATUS", "CONVERGED", "MAXITER", "EPOCHS_DONE", "DIVERGED", "INTERRUPTED", "LINE_SEARCH_FAILED",
-           "NO_MINIMUM"]
+           "NO_MINIMUM", "WITHIN_NOISE", "gradient_noise"]
 
 # The codes the generated loop returns (the same numbers are written into every generated module).
 CONVERGED = 0
@@ -23,12 +27,23 @@ DIVERGED = 3
 INTERRUPTED = 4
 LINE_SEARCH_FAILED = 5
 NO_MINIMUM = 6  # set after a run (see unbounded), never by a generated loop
+WITHIN_NOISE = 7  # set after a run that spent its budget (see within_noise), never by a loop
 
 # status -> (success, message template). Templates may use the fields of ``_message``.
 STATUS = {
     CONVERGED: (True, "Converged: the gradient norm {grad_norm:.3g} is at most tol={tol:g} after {nit} iterations."),
-    MAXITER: (False, "Maximum number of iterations reached ({nit}) before the gradient norm fell to tol={tol:g}."),
-    EPOCHS_DONE: (True, "Completed {epochs} epochs ({nit} updates)."),
+    MAXITER: (False, "Maximum number of iterations reached ({nit}) before the gradient norm ({grad_norm:.3g}) fell "
+                     "to tol={tol:g}{noise_or}: not yet at a minimum."),
+    EPOCHS_DONE: (False, "Completed {epochs} epochs ({nit} updates) with the gradient norm ({grad_norm:.3g}) above "
+                         "tol={tol:g}{noise_and}: not yet at a minimum. Minibatch steps at a constant rate keep "
+                         "moving by their own noise: a decaying schedule (cm.schedules.inverse_time) or a "
+                         "smaller rate goes closer, or a full-batch method."),
+    WITHIN_NOISE: (
+        True,
+        "The gradient norm {grad_norm:.3g} is within its sampling noise after {nit} updates: the standard error "
+        "of the gradient as an estimate from the {n_rows} rows is {noise:.3g}, so x is the minimum to the precision "
+        "that the data determine it (tol={tol:g} was not reached; lbfgs or newton go further).",
+    ),
     DIVERGED: (
         False,
         "Diverged at iteration {diverged_at}: the cost or the parameters became non-finite or blew up "
@@ -69,11 +84,52 @@ def unbounded(status: int, x, x0, fun, value) -> int:
     return NO_MINIMUM if further < fun else status
 
 
+# Rows drawn (with a fixed seed) to estimate the spread of the per-row gradients: the standard
+# error of a variance estimated from m draws is about sqrt(2/m) of it, 9% at 256.
+NOISE_SAMPLE = 256
+
+
+def gradient_noise(row_gradient, n_rows: int, reduce_mean: bool, sample: int = NOISE_SAMPLE) -> float:
+    """The standard error of the full gradient as the mean (or sum) of ``n_rows`` per-row
+    gradients: sqrt(tr C / N) for a mean, sqrt(N tr C) for a sum, where tr C is the per-row
+    gradients' total variance, estimated from min(N, ``sample``) rows drawn with a fixed seed.
+    ``row_gradient(i)``: the gradient of row i's term (plus any constant, such as a penalty's
+    gradient, which the spread ignores). NaN with fewer than 2 rows.
+
+    A full gradient smaller than this is as small as the data can tell from zero: the
+    distance to the exact minimum of the empirical cost is then within the statistical
+    uncertainty of that minimum itself (its standard error, in the Hessian's metric)."""
+    if n_rows < 2:
+        return float("nan")
+    if n_rows <= sample:
+        rows = np.arange(n_rows)
+    else:
+        rows = np.sort(np.random.default_rng(0).choice(n_rows, size=sample, replace=False))
+    G = np.array([row_gradient(int(i)) for i in rows])
+    spread = float(np.sum((G - G.mean(axis=0)) ** 2)) / (len(rows) - 1)
+    return float(np.sqrt(spread / n_rows if reduce_mean else spread * n_rows))
+
+
+def within_noise(status: int, grad_norm: float, noise) -> tuple:
+    """(status, noise level or None): WITHIN_NOISE for a run that spent its budget (MAXITER,
+    EPOCHS_DONE) with its full gradient no larger than ``noise()`` (a callable, or None for a
+    cost without data: estimated only when needed); else ``status`` unchanged."""
+    if status not in (MAXITER, EPOCHS_DONE) or noise is None or not grad_norm < float("inf"):
+        return status, None
+    level = noise()
+    return (WITHIN_NOISE if grad_norm <= level else status), level
+
+
 def message(status: int, **fields) -> tuple:
     """(success, message) for a status code, filled from ``fields``."""
     success, template = STATUS[status]
     if status == NO_MINIMUM and "size" not in fields:
         fields["size"] = float(np.max(np.abs(fields["x"]))) if "x" in fields else float("nan")
+    noise = fields.get("noise")
+    fields.setdefault("n_rows", 0)
+    known = noise is not None and noise == noise
+    fields["noise_or"] = f" or to its sampling noise ({noise:.3g})" if known else ""
+    fields["noise_and"] = f" and above its sampling noise ({noise:.3g})" if known else ""
     return success, template.format(**fields)
 
 
@@ -112,18 +168,20 @@ class OptimizeResult:
 
     # -- calcml's own runs: the message and params written on first use ------------------------
     @classmethod
-    def _lazy(cls, fields: dict, names: tuple, message):
-        """A result from ``fields`` (every field but ``message`` and ``params``) whose
-        ``message`` (``message()``, a str) and ``params`` (``names`` -> floats of ``x``) are
-        made when first read: formatting them costs more than the rest of a short run."""
+    def _lazy(cls, fields: dict, names: tuple, finish):
+        """A result from ``fields`` whose ``params`` (``names`` -> floats of ``x``) and the
+        fields that ``finish()`` returns (a dict: ``message``, and ``status`` and ``success``
+        where they are not in ``fields``) are made when first read: formatting a message, or
+        estimating the gradient's noise for a run that spent its budget, costs more than the
+        rest of a short run."""
         self = cls.__new__(cls)
-        fields["_pending"] = (names, message)
+        fields["_pending"] = (names, finish)
         self.__dict__ = fields
         return self
 
     def __getattr__(self, name):  # only for attributes not in __dict__: the pending ones
         pending = self.__dict__.get("_pending")
-        if pending is None or name not in ("message", "params"):
+        if pending is None or name not in ("message", "params", "status", "success"):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         self._settle()
         return self.__dict__[name]
@@ -131,9 +189,9 @@ class OptimizeResult:
     def _settle(self):
         pending = self.__dict__.pop("_pending", None)
         if pending is not None:
-            names, message = pending
+            names, finish = pending
             self.__dict__["params"] = dict(zip(names, self.x.tolist()))
-            self.__dict__["message"] = message()
+            self.__dict__.update(finish())
 
     def __getstate__(self):  # pickle and copy: the fields, all of them made
         self._settle()

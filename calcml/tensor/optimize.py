@@ -17,6 +17,7 @@ import hashlib
 import math
 import numbers
 import time
+from functools import partial
 
 import numpy as np
 
@@ -74,6 +75,18 @@ def full_value_and_grad(theta, cols, g):
     vg_finish(theta, v, total, res)
     g[:] = res[1:]
     return float(res[0])
+
+
+def row_gradient(theta, cols, i, g):
+    """the gradient of row i's term into g (plus the penalty's: a constant that the gradient's
+    noise estimate ignores), by the value-and-gradient kernel over that one row"""
+    v = np.empty(0)
+    acc = np.zeros(max(ACC_SIZES["vg"], 1))
+    if len(cols) > 2 and DATA_NAMES:
+        vg_rows(theta, v, *cols[2:], i, i + 1, 1.0, acc)
+    res = np.empty(N_PARAMS + 1)
+    vg_finish(theta, v, acc, res)
+    g[:] = res[1:]
 
 
 def _in_order(acc):
@@ -604,15 +617,32 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         rate_hint = f" (lr was {lr:g}; try lr={lr / 10:g})"
     if status == _result.CONVERGED and rep["nit"]:
         status = _result.unbounded(status, rep["x"], x, rep["fun"], lambda t: compile_tensor(cost).value(t, td))
+    noise = None
+    if n_rows and cost.has_data:
+        noise = partial(_tensor_noise, prog.module, arrays, n_rows, cost.reduce == "mean", rep["x"])
+    status, level = _result.within_noise(status, rep["grad_norm"], noise)
     success, message = _result.message(
         status, grad_norm=rep["grad_norm"], tol=tol, nit=rep["nit"], epochs=rep["epochs"],
         diverged_at=rep["diverged_at"], blowup=rep["blowup"], best_step=rep["best_step"],
-        best_value=rep["best_value"], rate_hint=rate_hint, x=rep["x"])
+        best_value=rep["best_value"], rate_hint=rate_hint, x=rep["x"], noise=level, n_rows=n_rows)
     return _result.OptimizeResult(
         x=rep["x"], params=cost.unpack(rep["x"]), fun=float(rep["fun"]), grad_norm=float(rep["grad_norm"]),
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
         history=rep["history"], history_every=1, method=opt.name, lr=lr_used if opt.lr is not None else None,
         notes=notes, path=None)
+
+
+def _tensor_noise(mod, arrays, n_rows, reduce_mean, x) -> float:
+    """The sampling noise of the full gradient at x (result.gradient_noise), each row's
+    gradient by the module's kernel over that one row."""
+    cols = mod.columns(arrays, n_rows, reduce_mean)
+    g = np.empty(x.shape[0])
+
+    def row(i):
+        mod.row_gradient(x, cols, i, g)
+        return g.copy()
+
+    return _result.gradient_noise(row, n_rows, reduce_mean)
 
 
 def _threaded_full(mod, n_rows):
