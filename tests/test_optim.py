@@ -705,23 +705,39 @@ def test_array_path_matches_unrolled_path(linreg_data, fresh_cache, monkeypatch)
 
 
 def test_full_batch_threaded_pass_matches_numpy():
-    """From PARALLEL_MIN_ROWS rows on, each full-batch step sums on all threads (fixed chunks)."""
+    """From PARALLEL_MIN_ROWS rows on, each full-batch step sums on all threads in fixed
+    chunks: one thread and two give the same bits, and NumPy's closed-form steps to rounding.
+    The thread count is Numba's (numba.set_num_threads), which calcml's threads follow too."""
+    import numba
+
     import calcml.loop as loop
 
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has one thread here (NUMBA_NUM_THREADS=1): nothing to compare")
     n = loop.PARALLEL_MIN_ROWS + 1234
     rng = np.random.default_rng(5)
     X = rng.normal(size=(n, 3))
     y = X @ np.array([1.0, -1.0, 2.0]) + 0.5 + 0.1 * rng.normal(size=n)
     data = {"x0": X[:, 0], "x1": X[:, 1], "x2": X[:, 2], "y": y}
     A = np.column_stack([X, np.ones(n)])
-    res = cm.minimize(LINREG, np.zeros(4), data=data, method=cm.optim.momentum(lr=0.05, momentum=0.5), maxiter=6, tol=0.0)
+    method = cm.optim.momentum(lr=0.05, momentum=0.5)
+    before = numba.get_num_threads()
+    runs = {}
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            runs[threads] = cm.minimize(LINREG, np.zeros(4), data=data, method=method, maxiter=6, tol=0.0)
+    finally:
+        numba.set_num_threads(before)
+    one, two = runs[1], runs[2]
+    assert one.x.tobytes() == two.x.tobytes() and one.history.tobytes() == two.history.tobytes()
+    assert one.fun == two.fun and one.nit == two.nit == 6
     x, m = np.zeros(4), np.zeros(4)
     for _ in range(6):
         g = 2 * A.T @ (A @ x - y) / n
         m = 0.5 * m + g
         x = x - 0.05 * m
-    np.testing.assert_allclose(res.x, x, rtol=1e-12, atol=1e-14)
-    assert "prange(nchunks)" in cm.generate(LINREG, method="momentum").source
+    np.testing.assert_allclose(two.x, x, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("state", ["m", "avg", "thetag"])
