@@ -9,7 +9,7 @@ import numpy as np
 
 from .cost import Cost
 from .errors import DataError, ParamError
-from .verify import Report, Verdict, _short
+from .verify.report import Report, Verdict, _short
 
 __all__ = ["check_gradient"]
 
