@@ -21,7 +21,8 @@ from .errors import (
 )
 from .functions import dot as dot, relu as relu, sigmoid as sigmoid, softplus as softplus
 from .dataset import Dataset as Dataset
-from .verify import check_gradient as check_gradient, verify as verify, verify_derivative as verify_derivative
+from .check import check_gradient as check_gradient
+from .verify import verify as verify, verify_derivative as verify_derivative
 from . import optim as optim, schedules as schedules
 from .errors import OptimizeError as OptimizeError
 from .minimize import generate as generate, minimize as minimize

@@ -15,11 +15,12 @@ import time
 import numpy as np
 import sympy as sp
 
+from .check import check_gradient
 from .compile import compile as compile_cost
 from .cost import Cost, data, params
 from .datasets import load_linear
 from .minimize import minimize
-from .verify import check_gradient, verify
+from .verify import verify
 
 
 def run(out=print, plot_path="calcml-demo.png") -> dict:

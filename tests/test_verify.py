@@ -26,6 +26,7 @@ import calcml as cm
 import derivative_table as T
 
 V = importlib.import_module("calcml.verify")  # ``cm.verify`` is the function of that name
+W = importlib.import_module("calcml.verify.workers")  # the worker pool: patch its names there
 
 TABLE_TIMEOUT = 10.0  # seconds per check; the table's checks take well under one
 x = T.x
@@ -428,10 +429,10 @@ def test_a_check_that_never_returns_is_stopped(monkeypatch):
         emit("evidence", {"summary": "evidence sent before hanging"})
         time.sleep(120)
 
-    monkeypatch.setattr(V, "_check", hang)
+    monkeypatch.setattr(W, "_check", hang)
     # workers forked from this process, so that they run the patched check (calcml's own come
     # from a fork server, which imports calcml.verify afresh)
-    monkeypatch.setattr(V, "_CONTEXT", multiprocessing.get_context("fork"))
+    monkeypatch.setattr(W, "_CONTEXT", multiprocessing.get_context("fork"))
     try:
         t0 = time.perf_counter()
         report = cm.verify_derivative(sp.sin(x), x, timeout=1.0)

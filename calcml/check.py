@@ -1,0 +1,173 @@
+"""check_gradient: a user's gradient function compared with the exact gradient, compiled, at
+points (a numeric comparison of kernels, not a proof; proofs are :mod:`calcml.verify`'s)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .cost import Cost
+from .errors import DataError, ParamError
+from .verify.report import Report, Verdict, _short
+
+__all__ = ["check_gradient"]
+
+
+def check_gradient(cost: Cost, grad_fn, data=None, points=None, *, rtol: float = 1e-6, n_points: int = 5,
+                   seed: int = 0, scale: float = 2.0) -> Report:
+    """Check a user-written gradient function against the exact gradient of ``cost``.
+
+    The reference is the exact gradient, derived symbolically and compiled
+    (``cm.compile(cost).grad``). Each parameter gets one verdict: ``"verified"`` when the
+    function agrees at every point checked (this checks those points; it is not a proof for
+    all inputs), ``"refuted"`` with the worst point, the expected and actual values and the
+    relative error.
+
+    Parameters
+    ----------
+    cost : Cost
+    grad_fn : callable
+        ``grad_fn(theta, data) -> array`` of the reduced gradient (mean or sum over rows, as
+        ``cost.reduce`` says), with ``data`` a dict ``{name: 1-D array}``; ``grad_fn(theta)``
+        for a cost without data.
+    data : dict, 2-D array or DataFrame
+        The rows, for a cost with data columns.
+    points : array, optional
+        Parameter vectors in ``cost.params`` order, one per row (a 1-D array is one point).
+        By default ``n_points`` random points, uniform in ``[-scale, scale]`` (seeded by
+        ``seed``), redrawn where the exact gradient is not finite.
+    rtol : float
+        Relative tolerance. It is scaled to the magnitudes involved: an error is measured
+        against the larger of the two values and of the typical per-row gradient term, so
+        that rounding in a sum of large, cancelling terms is not mistaken for a bug.
+
+    Examples
+    --------
+    >>> import numpy as np, calcml as cm
+    >>> w, b = cm.params("w b"); x = cm.data("x")
+    >>> cost = cm.Cost((w*x + b)**2, params=[w, b], data=[x], reduce="sum")
+    >>> def grad(theta, d):
+    ...     pred = theta[0]*d["x"] + theta[1]
+    ...     return np.array([2*np.dot(d["x"], pred), 2*np.sum(pred)])
+    >>> cm.check_gradient(cost, grad, data={"x": np.array([1.0, 2.0, 3.0])}).ok
+    True
+    """
+    from .compile import compile as _compile
+    from .dataset import as_dataset
+
+    if not isinstance(cost, Cost):
+        raise TypeError(f"check_gradient expects a cm.Cost, got {type(cost).__name__}")
+    if not callable(grad_fn):
+        raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")
+    if not (isinstance(rtol, (int, float)) and rtol > 0):
+        raise ValueError(f"rtol must be a positive number, got {rtol!r}")
+    from .tensor.statement import is_tensor_cost
+
+    if is_tensor_cost(cost):
+        from .tensor.verify import check_gradient_tensor
+
+        return check_gradient_tensor(cost, grad_fn, data, points, rtol, n_points, seed)
+    n = len(cost.params)
+    kernels = _compile(cost)
+    if cost.data:
+        if data is None:
+            raise DataError(f"this cost has data columns {list(cost.data_names)}; pass data=")
+        ds = as_dataset(data, cost.data_names)
+        ds.raise_nonfinite()
+    elif data is not None:
+        raise DataError("this cost has no data columns; call check_gradient without data")
+    else:
+        ds = None
+
+    def exact(theta):
+        return kernels.grad(theta, ds) if ds is not None else kernels.grad(theta)
+
+    def user(theta):
+        out = grad_fn(theta.copy(), {k: v.copy() for k, v in ds.as_dict().items()}) if ds is not None else grad_fn(theta.copy())
+        arr = np.asarray(out, dtype=np.float64)
+        if arr.shape != (n,):
+            raise ParamError(f"grad_fn returned shape {arr.shape}; expected ({n},), one value per parameter "
+                             f"in the order {list(cost.param_names)}")
+        return arr
+
+    thetas = _gradient_points(points, n, n_points, seed, scale, exact, cost)
+    row_scale = _row_scale(cost, kernels, ds, thetas)
+    worst = [None] * n  # (relative error, theta, expected, actual) per component
+    for theta in thetas:
+        e = exact(theta)
+        a = user(theta)
+        for j in range(n):
+            ref = max(abs(e[j]), abs(a[j]) if np.isfinite(a[j]) else 0.0, row_scale[j] * 1e-3, 1e-300)
+            err = abs(a[j] - e[j]) / ref if np.isfinite(a[j]) else math.inf
+            if worst[j] is None or err > worst[j][0]:
+                worst[j] = (err, theta, e[j], a[j])
+    verdicts = []
+    for j, p in enumerate(cost.params):
+        err, theta, e, a = worst[j]
+        pt = {name: float(v) for name, v in zip(cost.param_names, theta)}
+        where = ", ".join(f"{k} = {v:.6g}" for k, v in pt.items())
+        if err <= rtol:
+            verdicts.append(Verdict(
+                f"d/d{p.name}", "verified", "exact gradient at points",
+                f"agrees with the exact gradient at {len(thetas)} point{'s' if len(thetas) > 1 else ''} "
+                f"(largest relative error {err:.1e}, tolerance {rtol:g})", None))
+        else:
+            verdicts.append(Verdict(
+                f"d/d{p.name}", "refuted", "exact gradient at points",
+                f"at {where}: the exact gradient component d/d{p.name} is {e:.12g}, grad_fn gives {a:.12g} "
+                f"(relative error {err:.3g})", pt, float(e), float(a)))
+    return Report(verdicts, title=f"check_gradient: {_short(cost.expr, 60)}")
+
+
+def _gradient_points(points, n, n_points, seed, scale, exact, cost) -> list:
+    if points is not None:
+        arr = np.asarray(points, dtype=np.float64)
+        if arr.ndim == 1:
+            arr = arr.reshape(1, -1)
+        if arr.ndim != 2 or arr.shape[1] != n or arr.shape[0] == 0:
+            raise ParamError(f"points must have shape (m, {n}), one row per parameter vector in the order "
+                             f"{list(cost.param_names)}; got shape {np.shape(points)}")
+        if not np.all(np.isfinite(arr)):
+            raise ParamError("points must be finite")
+        thetas = [np.ascontiguousarray(row) for row in arr]
+        for t in thetas:
+            if not np.all(np.isfinite(exact(t))):
+                raise ParamError(f"the exact gradient is not finite at the point {t.tolist()}: outside the cost's domain")
+        return thetas
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 1:
+        raise ValueError(f"n_points must be a positive integer, got {n_points!r}")
+    rng = np.random.default_rng(seed)
+    thetas, draws = [], 0
+    while len(thetas) < n_points and draws < 50 * n_points:
+        draws += 1
+        t = rng.uniform(-scale, scale, size=n)
+        with np.errstate(all="ignore"):
+            g = exact(t)
+        if np.all(np.isfinite(g)):
+            thetas.append(t)
+    if not thetas:
+        raise ParamError(f"no random point in [-{scale}, {scale}]^{n} has a finite exact gradient; pass points=")
+    return thetas
+
+
+def _row_scale(cost, kernels, ds, thetas, rows: int = 32) -> np.ndarray:
+    """Typical |per-row gradient term| (times the row count for a sum), from a few rows."""
+    n = len(cost.params)
+    if ds is None:
+        return np.zeros(n)
+    idx = np.linspace(0, ds.n_rows - 1, min(rows, ds.n_rows)).astype(int)
+    total = np.zeros(n)
+    count = 0
+    for i in idx:
+        one = {name: col[i : i + 1].copy() for name, col in ds.as_dict().items()}
+        for t in thetas[:3]:
+            with np.errstate(all="ignore"):
+                g = np.abs(kernels.grad(t, one))
+            if np.all(np.isfinite(g)):
+                total += g
+                count += 1
+    if not count:
+        return np.zeros(n)
+    typical = total / count
+    return typical * (ds.n_rows if cost.reduce == "sum" else 1.0)

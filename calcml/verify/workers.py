@@ -1,0 +1,238 @@
+"""The pool of worker processes that run the checks: forked from a fork server, each check
+under a time budget that holds even when SymPy never returns (an overrunning worker is
+killed), idle workers kept between checks."""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from collections import deque
+from multiprocessing.connection import wait as _wait_for
+
+from .checks import _check
+from .report import Verdict
+
+
+_POOL_LOCK = threading.Lock()
+_IDLE: list = []
+
+
+_CONTEXT = None
+
+
+def _context():
+    """Workers start from a fork server where there is one (Linux, macOS): a single-threaded
+    process that imported calcml.verify (so SymPy) once and forks each worker. A fork of this
+    process itself would copy it mid-flight: the kernels' thread pool, Numba's and the BLAS's
+    threads may hold locks that no thread of the child would ever release (a hang). Elsewhere:
+    spawn."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["calcml.verify"])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+def _default_jobs() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+class _Worker:
+    def __init__(self):
+        ctx = _context()
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, None), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def alive(self) -> bool:
+        return self.proc.is_alive() and not self.conn.closed
+
+    def stop(self):
+        try:
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc.join(timeout=2)
+        finally:
+            self.conn.close()
+
+
+def _worker_main(conn, job):
+    """The loop of a worker process: run a check, send its messages, wait for the next."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    except ValueError:
+        pass
+    while True:
+        if job is None:
+            try:
+                job = conn.recv()
+            except EOFError:
+                os._exit(0)
+            except Exception as exc:  # cannot unpickle: the parent forks a fresh worker
+                conn.send(("reject", None, repr(exc)))
+                os._exit(0)
+        tid, spec = job
+        job = None
+
+        def emit(kind, payload, _tid=tid):
+            try:
+                try:
+                    conn.send((kind, _tid, payload))
+                except (pickle.PicklingError, TypeError, AttributeError):
+                    conn.send((kind, _tid, _plain(payload)))
+            except OSError:  # the parent is gone
+                os._exit(0)
+
+        try:
+            emit("final", _check(spec, emit))
+        except BaseException as exc:  # any failure is an inconclusive verdict, never a crash
+            emit("error", f"{type(exc).__name__}: {exc}")
+
+
+def _plain(payload):
+    """A payload that pickles for certain (exact values become strings)."""
+    if isinstance(payload, Verdict):
+        return Verdict(payload.name, payload.status, payload.method, payload.detail,
+                       None if payload.point is None else {k: str(v) for k, v in payload.point.items()},
+                       None if payload.expected is None else str(payload.expected),
+                       None if payload.actual is None else str(payload.actual))
+    if isinstance(payload, dict):
+        return {k: _plain(v) for k, v in payload.items()}
+    return payload if isinstance(payload, (str, float, int, type(None))) else str(payload)
+
+
+def _shutdown_pool():
+    while _IDLE:
+        _IDLE.pop().stop()
+
+
+atexit.register(_shutdown_pool)
+
+
+def _run_specs(specs, timeout: float, jobs: int | None = None) -> list:
+    """Run checks concurrently in worker processes; each gets ``timeout`` seconds."""
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    jobs = jobs or _default_jobs()
+    results: list = [None] * len(specs)
+    evidence: list = [None] * len(specs)
+    with _POOL_LOCK:
+        queue = deque(range(len(specs)))
+        active: dict = {}  # conn -> [worker, tid, deadline]
+        try:
+            _schedule(specs, timeout, jobs, queue, active, results, evidence)
+        finally:  # Ctrl-C or an error here: no worker is left computing
+            for w, _, _ in active.values():
+                w.stop()
+    return results
+
+
+def _schedule(specs, timeout, jobs, queue, active, results, evidence):
+    """Hand checks to workers, collect their messages, stop the ones past their deadline."""
+    while queue or active:
+        while queue and len(active) < jobs:
+            tid = queue.popleft()
+            try:
+                w = _dispatch(tid, specs[tid])
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                results[tid] = Verdict(specs[tid].name, "inconclusive", "error",
+                                       f"the check could not be handed to a worker process: it does not pickle ({exc})")
+                continue
+            active[w.conn] = [w, tid, time.monotonic() + timeout]
+        if not active:
+            continue
+        next_deadline = min(entry[2] for entry in active.values())
+        ready = _wait_for(list(active), timeout=max(0.0, next_deadline - time.monotonic()))
+        for conn in ready:
+            w, tid, _ = active[conn]
+            done, retry = _drain(w, tid, specs[tid], results, evidence)
+            if retry:  # the worker could not read the check (it arrives pickled): say so
+                del active[conn]
+                w.stop()
+                results[tid] = Verdict(specs[tid].name, "inconclusive", "error",
+                                       "the check could not be handed to a worker process (it did not unpickle)")
+            elif done:
+                del active[conn]
+                if w.alive() and len(_IDLE) < jobs:
+                    _IDLE.append(w)
+                else:
+                    w.stop()
+        now = time.monotonic()
+        for conn, (w, tid, deadline) in list(active.items()):
+            if now >= deadline:
+                del active[conn]
+                w.stop()
+                results[tid] = _timeout_verdict(specs[tid], timeout, evidence[tid])
+
+
+def _dispatch(tid, spec) -> _Worker:
+    while _IDLE:
+        w = _IDLE.pop()
+        if not w.alive():
+            w.stop()
+            continue
+        try:
+            w.conn.send((tid, spec))
+            return w
+        except OSError:  # the worker is gone: a fresh one
+            w.stop()
+            break
+        except (pickle.PicklingError, TypeError, AttributeError):
+            _IDLE.append(w)  # the worker is fine; the check cannot travel (the caller says so)
+            raise
+    w = _Worker()
+    try:
+        w.conn.send((tid, spec))
+    except BaseException:
+        w.stop()
+        raise
+    return w
+
+
+def _drain(w: _Worker, tid, spec, results, evidence):
+    """Read what a worker sent. Returns (finished, needs_a_fresh_worker)."""
+    try:
+        while w.conn.poll():
+            kind, mtid, payload = w.conn.recv()
+            if kind == "reject":
+                return False, True
+            if mtid != tid:
+                continue
+            if kind == "evidence":
+                evidence[tid] = payload
+            elif kind == "final":
+                results[tid] = payload
+                return True, False
+            elif kind == "error":
+                results[tid] = Verdict(spec.name, "inconclusive", "error", f"the check failed: {payload}")
+                return True, False
+    except (EOFError, OSError, pickle.UnpicklingError) as exc:
+        w.stop()
+        results[tid] = Verdict(spec.name, "inconclusive", "error", f"the worker process ended unexpectedly ({exc!r})")
+        return True, False
+    return False, False
+
+
+def _timeout_verdict(spec, timeout, evidence) -> Verdict:
+    detail = f"no exact proof within the time budget of {timeout:g} s"
+    if evidence:
+        refutation = evidence.get("refutation")
+        if refutation is not None:
+            return refutation
+        if evidence.get("summary"):
+            detail += f"; numeric evidence: {evidence['summary']}"
+    return Verdict(spec.name, "inconclusive", "time budget", detail)
