@@ -1,13 +1,5 @@
 """calcml: exact symbolic derivatives of machine-learning costs, compiled with Numba."""
 
-import os as _os
-
-# Numba's OpenMP threading layer spins idle threads by default (active wait). Between
-# calcml's short parallel kernels, a spinning thread that shares a core with other work
-# makes a two-thread kernel several times slower than a serial one (measured in
-# benchmarks/RESULTS.md). Passive waiting costs microseconds. A value the user set wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from ._version import __version__ as __version__
 from .compile import Kernels as Kernels, compile as compile
 from .cost import Cost as Cost, data as data, params as params

@@ -440,7 +440,7 @@ class ModuleBuilder:
         """Comments, imports, the Numba flags and the helpers the printed code used so far.
 
         ``kernels``: the header of the kernel module (C signatures and the chunk counter for
-        ``numba.cfunc``); otherwise that of an optimizer module (``njit``, ``prange``).
+        ``numba.cfunc``); otherwise that of an optimizer module (``njit``).
         """
         head = _Writer()
         for line in header_lines:
@@ -466,8 +466,6 @@ class ModuleBuilder:
             head(0, "from llvmlite import ir")
             head(0, "from numba import carray, types")
             head(0, "from numba.core.extending import intrinsic")
-        elif self.has_data:
-            head(0, "from numba import prange")
         head()
         flags = ", ".join(f"{k}={v!r}" for k, v in (KERNEL_FLAGS if kernels else NUMBA_FLAGS).items())
         head(0, f"_jit = numba.njit({flags})")

@@ -5,8 +5,7 @@ The module holds, in plain Python that Numba compiles:
 * ``run_chunk``: the descent loop, the whole of it one Numba function. For first-order
   methods the cost's exact gradient (the straight-line code of
   :meth:`calcml.codegen.ModuleBuilder.program`) is inlined in the loop, parameters and
-  optimizer state live in local scalars, and nothing is allocated per step (except one lane
-  buffer per 4,096-row chunk in the threaded full-batch pass over large data). It runs until
+  optimizer state live in local scalars, and nothing is allocated per step. It runs until
   a stopping test fires or a given step count is reached, keeping every counter in small
   arrays, so a run is a sequence of chunks that resume exactly where the last one stopped.
   Its first call evaluates the cost at ``x0`` (``_begin``) and the call that ends the run
@@ -15,8 +14,11 @@ The module holds, in plain Python that Numba compiles:
   step's gradient and update first and its bookkeeping after (``_Generator._delayed_body``);
 * ``_fg``: the full-batch value and gradient (with the data's finiteness check in the same
   pass), for the cost at ``x0``, the final report and L-BFGS's line search; for Newton also
-  ``_f`` (the value) and ``_hess`` (the exact Hessian). Full-batch first-order loops over
-  large data sum each step on all threads, in fixed chunks (same bits for any thread count);
+  ``_f`` (the value) and ``_hess`` (the exact Hessian). Full-batch passes over large data
+  (``PARALLEL_MIN_ROWS`` rows or more) run on calcml's threads: ``_fg`` calls back, through
+  ``numba.objmode``, the pass that calcml registers for the run's columns (its compiled
+  kernels, in fixed chunks: the same bits for any thread count); an exported module, where
+  none is registered, makes the serial pass;
 * a SplitMix64 generator for the per-epoch Fisher-Yates shuffle (minibatch runs), so a seed
   gives the same permutation, hence the same bits, on every machine and in every chunking;
 * ``run(x0, data, ...)``: the plain-Python driver that validates nothing (calcml did), sets up
@@ -51,6 +53,7 @@ from sympy.printing.precedence import precedence
 
 from . import result as _result
 from .codegen import NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
+from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
 from .optim import Optimizer
 from .printing import NumbaPrinter
@@ -73,11 +76,9 @@ UNROLL_MAX = 64
 # Full-batch first-order loops of costs without data, up to this many parameters, book each
 # step after its update (see _Generator._delayed_body).
 DELAY_MAX = 16
-# Full-batch loops over at least this many rows sum each step on all threads (as the kernels
-# do, compile.PARALLEL_MIN_ROWS), in chunks of OPT_CHUNK rows and OPT_LANES lanes.
-PARALLEL_MIN_ROWS = 65536
-OPT_CHUNK = 4096
-OPT_LANES = 16
+# Full-batch passes over at least this many rows run on calcml's threads: the kernels' own
+# threshold, since they are the kernels' own passes.
+PARALLEL_MIN_ROWS = _PARALLEL_MIN_ROWS
 
 _STATUS_LINES = [
     "RUNNING = -1",
@@ -159,6 +160,41 @@ def _end(theta, best, cols, ints, floats, xout, gout, status):
     ints[I_STATUS] = status
     ints[I_DIVERGED_AT] = diverged_at
     return status
+'''
+
+# Full-batch modules over data: the passes over large data, on calcml's threads when calcml
+# registered a pass for the run's columns (drive's ``passes``), else serial.
+_THREADED_PASS_SOURCE = '''
+# -- passes over large data on calcml's threads ------------------------------------------------
+# calcml registers here, for the length of a run, the pass over that run's columns made by its
+# compiled kernels on its threads (fixed chunks of rows: the same bits for any thread count),
+# keyed by the first column's address and length; numba.objmode lets the compiled loop call it.
+# With none registered (an exported module, or one thread), the pass is _fg_serial.
+_PASSES = {}
+_INTERRUPTED = [False]  # a Ctrl-C during a registered pass: drive stops at the chunk's end
+
+
+def _threaded_pass(theta, cols, g):
+    """the full-batch cost at theta, its gradient into g: the pass registered for cols, else serial"""
+    found = _PASSES.get((cols[0].ctypes.data, cols[0].shape[0]))
+    if not found:
+        return _fg_serial(theta, cols, g)
+    try:
+        return found[-1](theta, g)
+    except KeyboardInterrupt:  # the state in the loop's locals stays whole: stop between chunks
+        _INTERRUPTED[0] = True
+        return found[-1](theta, g)
+
+
+@_jit_gil
+def _fg(theta, cols, g):
+    """the full-batch cost at theta; its gradient is written into g. NaN when a datum is not
+    finite. From PARALLEL_MIN_ROWS rows on, the pass registered for cols (calcml's threads)"""
+    if cols[0].shape[0] >= PARALLEL_MIN_ROWS:
+        with numba.objmode(value="float64"):
+            value = _threaded_pass(theta, cols, g)
+        return value
+    return _fg_serial(theta, cols, g)
 '''
 
 _RNG_SOURCE = '''
@@ -358,11 +394,8 @@ class _Generator:
         self.unrolled = self.first_order and self.n <= UNROLL_MAX
         # cheap steps (no data, few parameters): the step's bookkeeping after its update
         self.delayed = self.unrolled and not minibatch and not self.has_data and self.n <= DELAY_MAX
-        # full-batch first-order loops over data also get a threaded pass for large data
-        self.threaded = self.first_order and not minibatch and self.has_data
-        # _fg is the workhorse of the line searches: threaded there. Elsewhere it runs twice a
-        # run (cost at x0, final report) and a serial pass spares a parallel compile (~3 s).
-        self.threaded_fg = self.has_data and not self.first_order
+        # full-batch loops over data make their passes over large data on calcml's threads
+        self.threaded = not minibatch and self.has_data
         self.hyper = list(opt.hyper)
         self.state = [s[0] for s in opt.state]
 
@@ -388,29 +421,18 @@ class _Generator:
         for k, (label, code) in enumerate(prog.outputs):
             w(indent + 1, f"{acc[k]} += {code}  # {label}")
 
-    def _accumulate_threaded(self, w, prog: RowProgram, indent: int):
-        """The pass over all rows on all threads: per chunk, LANES lanes per output; the lane
-        sums and then the chunk sums are combined in a fixed order (same bits on any number
-        of threads)."""
-        m = len(prog.outputs)
-        w(indent, "for chunk in prange(nchunks):")
-        w(indent + 1, "start = chunk * OPT_CHUNK")
-        w(indent + 1, "stop = min(start + OPT_CHUNK, n_rows)")
-        # a fresh buffer per chunk: LLVM then knows it aliases no column, and vectorises the
-        # lane loop (about 3x on W3's data); the one allocation per 4,096 rows costs ~1%
-        w(indent + 1, f"acc = np.zeros(({m}, OPT_LANES))")
-        print_chunk_sums(w, prog, indent + 1, "OPT_LANES", m)
-        for k in range(m):
-            w(indent, f"a{k} = 0.0")
-        w(indent, "for chunk in range(nchunks):")
-        for k in range(m):
-            w(indent + 1, f"a{k} += partial[chunk, {k}]")
-
     def _full_batch_functions(self, w, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None):
         """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
         n = self.n
-        w(0, "@_jit_threads" if self.threaded_fg else "@_jit")
-        w(0, "def _fg(theta, cols, g):")
+        if self.threaded:
+            flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items() if k != "nogil")
+            w(0, f"_jit_gil = numba.njit({flags})  # _fg's objmode block holds the GIL")
+            for line in _THREADED_PASS_SOURCE.strip("\n").split("\n"):
+                w(0, line)
+            w()
+            w()
+        w(0, "@_jit")
+        w(0, f"def {'_fg_serial' if self.threaded else '_fg'}(theta, cols, g):")
         w(1, '"""the full-batch cost at theta; its gradient is written into g. NaN when a datum is not finite"""')
         for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
             w(1, line)
@@ -419,21 +441,14 @@ class _Generator:
             # x - x is 0.0 for finite x, NaN otherwise: the data are checked in the same pass
             prog = RowProgram(vg.kind, vg.param_loads, vg.column_loads, vg.hoisted, vg.row_loads, vg.row,
                               vg.outputs + [("data finiteness check", vg.check)], vg.check, vg.pairs)
-            if self.threaded_fg:
-                w(1, "if n_rows >= PARALLEL_MIN_ROWS:  # large data: all threads, fixed chunks (see run_chunk)")
-                w(2, "nchunks = (n_rows + OPT_CHUNK - 1) // OPT_CHUNK")
-                w(2, f"partial = np.zeros((nchunks, {len(prog.outputs)}))")
-                self._accumulate_threaded(w, prog, 2)
-                w(1, "else:")
-                self._accumulate(w, prog, 2, "range(n_rows)", "i")
-            elif self.minibatch:
+            if self.minibatch:
                 # called at each epoch's end for tol: one chunk of all rows, in lanes (vectorised:
                 # 3.5x the serial pass on W3's data; see print_chunk_sums)
                 m = len(prog.outputs)
                 w(1, "start, stop, chunk = 0, n_rows, 0  # one chunk: all rows")
                 w(1, f"partial = np.zeros((1, {m}))")
-                w(1, f"acc = np.zeros(({m}, OPT_LANES))")
-                print_chunk_sums(w, prog, 1, "OPT_LANES", m)
+                w(1, f"acc = np.zeros(({m}, LANES))")
+                print_chunk_sums(w, prog, 1, "LANES", m)
                 for k in range(m):
                     w(1, f"a{k} = partial[0, {k}]")
             else:
@@ -536,7 +551,7 @@ class _Generator:
 
     def _run_chunk(self, w, vg: RowProgram):
         opt = self.opt
-        w(0, "@_jit_threads" if self.threaded else "@_jit")
+        w(0, "@_jit")
         w(0, f"def run_chunk({', '.join(self._chunk_params())}):")
         w(1, '"""Run the descent from the state in the arrays until step ints[I_STOP] or a stopping')
         w(1, "test; every counter is written back, so the next call resumes exactly. Returns the status:")
@@ -563,13 +578,8 @@ class _Generator:
             for line in vg.column_loads:
                 w(1, line)
             w(1, "n_rows = c0.shape[0]")
-        if self.threaded:
-            m = len(vg.outputs)
-            w(1, "# large data: each step sums fixed chunks of rows on all threads, LANES rows at a")
-            w(1, "# time into lanes (vectorised, no reassociation), chunk sums combined in order")
-            w(1, "threaded = n_rows >= PARALLEL_MIN_ROWS")
-            w(1, "nchunks = (n_rows + OPT_CHUNK - 1) // OPT_CHUNK if threaded else 1")
-            w(1, f"partial = np.zeros((nchunks, {m}))")
+        if self.threaded and self.first_order:
+            w(1, "threaded = n_rows >= PARALLEL_MIN_ROWS  # large data: each step's pass by _fg, on calcml's threads")
         w(1, "step = ints[I_STEP]")
         w(1, "stop_step = ints[I_STOP]")
         w(1, "hist_i = ints[I_HIST_I]")
@@ -706,10 +716,16 @@ class _Generator:
                 w(ind, "scale = 1.0 / (stop - pos)" if mean else "scale = n_rows / (stop - pos)")
             elif self.threaded:
                 w(ind, "if threaded:")
-                self._accumulate_threaded(w, vg, ind + 1)
+                if self.unrolled:
+                    for j in range(n):
+                        w(ind + 1, f"theta[{j}] = p{j}")
+                w(ind + 1, "a0 = _fg(theta, cols, g)  # the pass on calcml's threads (value, g scaled)")
+                for j in range(n):
+                    w(ind + 1, f"a{j + 1} = g[{j}]")
+                w(ind + 1, "scale = 1.0")
                 w(ind, "else:")
                 self._accumulate(w, vg, ind + 1, "range(n_rows)", "i")
-                w(ind, f"scale = {self._scale()}")
+                w(ind + 1, f"scale = {self._scale()}")
             else:
                 self._accumulate(w, vg, ind, "range(n_rows)", "i")
                 w(ind, f"scale = {self._scale()}")
@@ -866,14 +882,9 @@ class _Generator:
         w(0, f"BLOWUP = {BLOWUP!r}")
         w(0, f"HISTORY_MAX = {HISTORY_MAX}")
         w(0, f"CHUNK_SECONDS = {CHUNK_SECONDS}")
-        if self.threaded or self.threaded_fg:
-            flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
-            w(0, "from numba import prange  # noqa: E402")
-            w(0, f"_jit_threads = numba.njit(parallel=True, {flags})")
-            w(0, f"PARALLEL_MIN_ROWS = {PARALLEL_MIN_ROWS}  # threads from this many rows on")
-            w(0, f"OPT_CHUNK = {OPT_CHUNK}  # rows per chunk of the threaded pass")
-        if self.threaded or self.threaded_fg or (self.minibatch and self.has_data):
-            w(0, f"OPT_LANES = {OPT_LANES}  # lanes per output in a vectorised pass over rows")
+        if self.threaded:
+            w(0, f"PARALLEL_MIN_ROWS = {PARALLEL_MIN_ROWS}  # calcml's threads from this many rows on")
+        w(0, f"THREADED = {self.threaded}  # full-batch passes over large data may run on calcml's threads")
         w()
         w()
         w(0, "def new_optimizer_state(n):")
@@ -912,8 +923,11 @@ class _Generator:
         w(1, f"return [{', '.join(self._chunk_params())}]")
         w()
         w()
-        w(0, "def drive(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
-        w(0, "          chunk_seconds=CHUNK_SECONDS, first_chunk=None):")
+        if self.threaded:
+            self._threaded_drive(w)
+        name = "_drive" if self.threaded else "drive"
+        w(0, f"def {name}(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
+        w(0, f"{' ' * len(name)}     chunk_seconds=CHUNK_SECONDS, first_chunk=None):")
         w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
         w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
         w(1, 'its order, without status_name). The arguments are run()\'s, hyper and schedule_args given."""')
@@ -939,12 +953,18 @@ class _Generator:
         w(2, "if callback is None and max_steps <= chunk:  # one chunk holds the run: one call")
         w(3, "ints[I_STOP] = max_steps")
         w(3, f"status = {call}")
+        if self.threaded:
+            w(3, "if _INTERRUPTED[0]:")
+            w(4, "raise KeyboardInterrupt")
         w(2, "else:  # chunks until run_chunk ends the run (its status is then no longer RUNNING)")
         w(3, "step = 0")
         w(3, "while True:")
         w(4, "ints[I_STOP] = min(step + chunk, max_steps)")
         w(4, "t0 = time.perf_counter()")
         w(4, f"status = {call}")
+        if self.threaded:
+            w(4, "if _INTERRUPTED[0]:")
+            w(5, "raise KeyboardInterrupt")
         w(4, "if callback is not None and max_steps > 0 and math.isfinite(work[F_F0]):")
         w(5, "callback(int(ints[I_STEP]), max_steps, float(work[F_VALUE]))")
         w(4, "if status != RUNNING:")
@@ -955,6 +975,8 @@ class _Generator:
         w(4, "if first_chunk is None and done > 0 and dt > 0:")
         w(5, "chunk = max(1, min(int(done * chunk_seconds / dt), 100 * chunk))")
         w(1, "except KeyboardInterrupt:")
+        if self.threaded:
+            w(2, "_INTERRUPTED[0] = False")
         w(2, "status = INTERRUPTED")
         w(1, "i = ints.tolist()")
         w(1, "if status == INTERRUPTED:  # the report is written here, at the best point")
@@ -976,6 +998,35 @@ class _Generator:
         w(1, f"        {path},")
         w(1, "        i[I_EPOCH], i[I_BEST_STEP], f[F_BEST], i[I_DIVERGED_AT], f[F_BLOWUP])")
         return _DRIVER_HEAD + "\n\n" + w.text() + _DRIVER_TAIL
+
+    def _threaded_drive(self, w):
+        """drive for a module whose passes may run on calcml's threads: _drive with the pass
+        registered for the run's columns while it runs."""
+        w(0, "def drive(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
+        w(0, "          chunk_seconds=CHUNK_SECONDS, first_chunk=None, passes=None):")
+        w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
+        w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
+        w(1, "its order, without status_name). The arguments are run()'s, hyper and schedule_args given;")
+        w(1, "passes(cols), if given, makes a function (theta, g) -> the full-batch cost, its gradient")
+        w(1, 'into g, on calcml\'s threads: the passes over PARALLEL_MIN_ROWS rows or more use it."""')
+        w(1, "args = (x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback, chunk_seconds,")
+        w(1, "        first_chunk)")
+        w(1, "if passes is None:")
+        w(2, "return _drive(*args)")
+        w(1, "cols = columns_of(data)")
+        w(1, "if cols[0].shape[0] < PARALLEL_MIN_ROWS:")
+        w(2, "return _drive(*args)")
+        w(1, "key = (cols[0].ctypes.data, cols[0].shape[0])")
+        w(1, "_PASSES.setdefault(key, []).append(passes(cols))")
+        w(1, "try:")
+        w(2, "return _drive(x0, cols, *args[2:])  # the same columns: the key holds")
+        w(1, "finally:")
+        w(2, "found = _PASSES[key]")
+        w(2, "found.pop()")
+        w(2, "if not found:")
+        w(3, "del _PASSES[key]")
+        w()
+        w()
 
     def _work_size(self) -> int:
         n_sched = len(self.schedule.values()) if self.schedule is not None else 0

@@ -391,9 +391,12 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     bar = _ProgressBar(f"{opt.name}") if progress else None
     module = prog.module
     try:
+        extra = {}
+        if module.THREADED and ds.n_rows >= module.PARALLEL_MIN_ROWS:  # (on one thread too: the same bits)
+            extra["passes"] = partial(_threaded_passes, cost)
         (x, fun, grad, grad_norm, nit, nfev, status, history, history_every, path,
          epochs_done, best_step, best_value, diverged_at, blowup) = module.drive(
-            x0, columns, prog.hyper, sched_args, prog.batch_size, epochs, maxiter, tol, seed, bar)
+            x0, columns, prog.hyper, sched_args, prog.batch_size, epochs, maxiter, tol, seed, bar, **extra)
         if bar is not None:
             bar.finish(nit, fun, status)
     except module.NonFiniteData:
@@ -439,6 +442,29 @@ def _scalar_noise(module, columns, x, n_rows, reduce_mean) -> float:
         return g.copy()
 
     return _result.gradient_noise(row_gradient, n_rows, reduce_mean)
+
+
+def _threaded_passes(cost, cols):
+    """(theta, g) -> the full-batch cost at theta, its gradient into g: the cost's compiled
+    value_and_grad kernel over ``cols`` on calcml's threads (fixed chunks of rows, the chunk
+    sums added in order: the same bits for any thread count). A non-finite datum gives NaN,
+    as the loop's own pass does (the loop then names it)."""
+    from .compile import compile as compile_cost
+
+    kernels = compile_cost(cost)
+    ds = as_dataset(dict(zip(cost.data_names, cols)), cost.data_names)
+    n = len(cost.params)
+
+    def full(theta, g):
+        try:
+            out, _ = kernels._run("value_and_grad", theta, ds)
+        except (DataError, ParamError):
+            g[:] = math.nan
+            return math.nan
+        g[:] = out[1:n + 1]
+        return float(out[0])
+
+    return full
 
 
 def _value_at(cost, ds, theta) -> float:

@@ -795,6 +795,77 @@ def test_full_batch_threaded_pass_matches_numpy():
     np.testing.assert_allclose(two.x, x, rtol=1e-12, atol=1e-14)
 
 
+def test_ctrl_c_in_a_threaded_pass_returns_the_best_point(monkeypatch):
+    """A KeyboardInterrupt that lands inside a pass on calcml's threads (called back from the
+    compiled loop) stops the run between chunks with its state whole: status INTERRUPTED, x
+    the best point, fun its cost (NumPy), and the steps before it the same bits as a run that
+    was not interrupted."""
+    import sys
+
+    import calcml.loop as loop
+
+    mz = sys.modules["calcml.minimize"]  # (calcml.minimize is also the function)
+    n = loop.PARALLEL_MIN_ROWS + 77
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(n, 3))
+    y = X @ np.array([0.5, 2.0, -1.0]) - 0.25 + 0.1 * rng.normal(size=n)
+    data = {"x0": X[:, 0], "x1": X[:, 1], "x2": X[:, 2], "y": y}
+    A = np.column_stack([X, np.ones(n)])
+    made = mz._threaded_passes
+    calls = []
+
+    def counting(cost, cols):
+        full = made(cost, cols)
+
+        def counted(theta, g):
+            calls.append(1)
+            if len(calls) == 7:
+                raise KeyboardInterrupt
+            return full(theta, g)
+
+        return counted
+
+    whole = cm.minimize(LINREG, np.zeros(4), data=data, method="gd", lr=0.1, maxiter=20, tol=0.0)
+    monkeypatch.setattr(mz, "_threaded_passes", counting)
+    res = cm.minimize(LINREG, np.zeros(4), data=data, method="gd", lr=0.1, maxiter=20, tol=0.0)
+    assert len(calls) > 7 and res.status == R.INTERRUPTED and not res.success
+    # the pass that was interrupted is made again: the steps before the stop are the whole run's
+    np.testing.assert_array_equal(res.history, whole.history[:len(res.history)])
+    assert res.fun == pytest.approx(np.mean((A @ res.x - y) ** 2), rel=1e-12)
+    assert res.fun == min(res.history) and 5 <= res.nit < 20
+
+
+def test_calcml_leaves_its_users_process_alone(tmp_path):
+    """Issue 12, item 5: importing calcml sets no environment variable (it set OMP_WAIT_POLICY
+    for the whole process), and threaded kernels and fits over large data start no OpenMP or
+    other Numba threading layer: the threads are calcml's own."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os, numpy as np
+before = dict(os.environ)
+import calcml as cm
+from numba.np.ufunc import parallel
+assert dict(os.environ) == before, set(os.environ) ^ set(before)
+w = cm.params("w", 2); b = cm.params("b"); x = cm.data("x", 2); y = cm.data("y")
+cost = cm.Cost((cm.dot(w, x) + b - y)**2, params=[*w, b], data=[*x, y])
+n = 70000
+X = np.random.default_rng(0).normal(size=(n, 2))
+D = {"x0": X[:, 0], "x1": X[:, 1], "y": X @ [1.0, 2.0] + 3.0}
+cm.compile(cost).value_and_grad(np.zeros(3), D)
+res = cm.minimize(cost, np.zeros(3), data=D, method="lbfgs")
+cm.minimize(cost, np.zeros(3), data=D, method="momentum", lr=0.1, maxiter=5)
+assert res.success and np.allclose(res.x, [1, 2, 3])
+assert not getattr(parallel, "_is_initialized", False), "a Numba threading layer started"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("state", ["m", "avg", "thetag"])
 def test_a_new_optimizer_is_one_description(state):
     """An optimizer from outside the registry: state, hyperparameters and update lines only.
