@@ -138,10 +138,10 @@ def rosen_gd(a, b, lr, steps):
 
 
 class _LoopOnly:
-    """The generated run_chunk alone, on a state set up (untimed) before each call: what the
+    """The generated run_segment alone, on a state set up (untimed) before each call: what the
     compiled loop costs without calcml's Python around it (validation, the state's arrays,
     the report's dict and the result object). One call does the whole run here: the cost at
-    x0, every step and the final cost (run_chunk's first call evaluates x0, its last writes
+    x0, every step and the final cost (run_segment's first call evaluates x0, its last writes
     the report)."""
 
     def __init__(self, prog, x0, columns, kw):
@@ -160,12 +160,12 @@ class _LoopOnly:
         hyper = {"momentum": MOMENTUM} if m.HYPER_NAMES else {}
         self.args = m.new_state(self.x0, self.cols, hyper, sa, kw.get("batch_size"), max_steps, max_epochs,
                                 kw.get("tol", 1e-8), kw.get("seed", 0))
-        self.args[1][m.I_STOP] = max_steps  # args[1]: the counters (m.CHUNK_ARGS)
+        self.args[1][m.I_STOP] = max_steps  # args[1]: the counters (m.SEGMENT_ARGS)
 
     def __call__(self):
         if self.args is None:
             self.setup("calcml compiled loop")
-        return self.m.run_chunk(*self.args)
+        return self.m.run_segment(*self.args)
 
 
 def w3(rounds: int):
@@ -192,7 +192,7 @@ def w3(rounds: int):
     fns = {
         "calcml prog.run": lambda: prog.run(x0, data, epochs=EPOCHS, seed=0),
         "calcml prog.run, tol=0 (no full-gradient pass per epoch)": lambda: prog.run(x0, data, epochs=EPOCHS, seed=0, tol=0.0),
-        "calcml compiled loop alone (run_chunk)": loop,
+        "calcml compiled loop alone (run_segment)": loop,
         "calcml cm.minimize": lambda: cm.minimize(cost, x0, data=data, method=opt, batch_size=BATCH, epochs=EPOCHS, seed=0),
         "hand-written Numba, rows + np.random.shuffle": lambda: fit_rows(X, y, x0, LR, MOMENTUM, BATCH, EPOCHS, 0),
         "hand-written Numba, columns + SplitMix64": lambda: fit_columns(cols, y, x0, LR, MOMENTUM, BATCH, EPOCHS, 0),
@@ -220,7 +220,7 @@ def w4(rounds: int):
     fns = {
         "calcml prog.run": lambda: prog.run(x0, maxiter=W4_STEPS, tol=0.0),
         "calcml cm.minimize": lambda: cm.minimize(cost, x0, method="gd", lr=W4_LR, maxiter=W4_STEPS, tol=0.0),
-        "calcml compiled loop alone (run_chunk)": loop,
+        "calcml compiled loop alone (run_segment)": loop,
         "hand-written Numba loop": lambda: rosen_gd(-1.2, 1.0, W4_LR, W4_STEPS),
     }
     res = fns["calcml prog.run"]()

@@ -2,14 +2,14 @@
 
 The module holds, in plain Python that Numba compiles:
 
-* ``run_chunk``: the descent loop, the whole of it one Numba function. For first-order
+* ``run_segment``: the descent loop, the whole of it one Numba function. For first-order
   methods the cost's exact gradient (the straight-line code of
   :meth:`calcml.codegen.ModuleBuilder.program`) is inlined in the loop, parameters and
   optimizer state live in local scalars, and nothing is allocated per step. It runs until
   a stopping test fires or a given step count is reached, keeping every counter in small
-  arrays, so a run is a sequence of chunks that resume exactly where the last one stopped.
+  arrays, so a run is a sequence of segments that resume exactly where the last one stopped.
   Its first call evaluates the cost at ``x0`` (``_begin``) and the call that ends the run
-  writes the report (``_end``: the final point, its cost and gradient), so a run of one chunk
+  writes the report (``_end``: the final point, its cost and gradient), so a run of one segment
   is one call of compiled code. Cheap steps (costs without data, few parameters) run each
   step's gradient and update first and its bookkeeping after (``_Generator._delayed_body``);
 * ``_fg``: the full-batch value and gradient (with the data's finiteness check in the same
@@ -20,17 +20,20 @@ The module holds, in plain Python that Numba compiles:
   kernels, in fixed chunks: the same bits for any thread count); an exported module, where
   none is registered, makes the serial pass;
 * a SplitMix64 generator for the per-epoch Fisher-Yates shuffle (minibatch runs), so a seed
-  gives the same permutation, hence the same bits, on every machine and in every chunking;
+  gives the same permutation, hence the same bits, on every machine and in every segmentation;
 * ``run(x0, data, ...)``: the plain-Python driver that validates nothing (calcml did), sets up
-  the state, calls ``run_chunk`` in chunks of about a quarter of a second (between which Python
+  the state, calls ``run_segment`` in segments of about a quarter of a second (between which Python
   may raise ``KeyboardInterrupt`` and a callback may draw progress) and reports; ``drive`` is
   the same without the report's dict (what calcml calls). Both are written for each module,
   with only the branches it takes: a short run's Python (run cold, after a millisecond of
   compiled loop) costs as much as thousands of cheap steps, and every line counts.
 
+Words: a run's steps go in *segments* (the steps between two returns to Python); data rows
+go in *chunks* (the kernels' fixed units of work and of summation, ``codegen.CHUNK`` rows).
+
 The module imports only ``math``, ``time``, ``numpy`` and ``numba``: ``Program.export`` writes
 it out as a standalone file. Hyperparameters and schedule numbers are arguments of
-``run_chunk`` (slots of its ``work`` array), not constants, so one compiled loop serves a
+``run_segment`` (slots of its ``work`` array), not constants, so one compiled loop serves a
 whole learning-rate sweep.
 
 Stopping (one place, the loop): ``tol`` on the full gradient's norm (full-batch runs: every
@@ -70,7 +73,7 @@ HISTORY_MAX = 10_000
 PATH_MAX_PARAMS = 2
 DEFAULT_EPOCHS = 10
 # Chunks of about this long (seconds): how often Python sees Ctrl-C and redraws progress.
-CHUNK_SECONDS = 0.25
+SEGMENT_SECONDS = 0.25
 # Parameters kept in local scalars (unrolled updates) up to this many; arrays beyond.
 UNROLL_MAX = 64
 # Full-batch first-order loops of costs without data, up to this many parameters, book each
@@ -92,13 +95,13 @@ _STATUS_LINES = [
     "4: 'interrupted', 5: 'line search failed'}",
 ]
 
-# Slots of the two small arrays that carry the run's counters between chunks (`ints`, and
+# Slots of the two small arrays that carry the run's counters between segments (`ints`, and
 # the head of `work`).
 _INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_EVERY", "BEST_STEP", "FRESH", "NFEV",
          "MAX_STEPS", "MAX_EPOCHS", "HIST_LEN", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT"]
 _FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", "FUN_GNORM"]
 
-# The first and the last act of a run, in compiled code: run_chunk calls them (one call of
+# The first and the last act of a run, in compiled code: run_segment calls them (one call of
 # compiled code does a whole short run), the driver only after a Ctrl-C.
 _BEGIN_END_SOURCE = '''
 @_jit
@@ -171,7 +174,7 @@ _THREADED_PASS_SOURCE = '''
 # keyed by the first column's address and length; numba.objmode lets the compiled loop call it.
 # With none registered (an exported module, or one thread), the pass is _fg_serial.
 _PASSES = {}
-_INTERRUPTED = [False]  # a Ctrl-C during a registered pass: drive stops at the chunk's end
+_INTERRUPTED = [False]  # a Ctrl-C during a registered pass: drive stops at the segment's end
 
 
 def _threaded_pass(theta, cols, g):
@@ -181,7 +184,7 @@ def _threaded_pass(theta, cols, g):
         return _fg_serial(theta, cols, g)
     try:
         return found[-1](theta, g)
-    except KeyboardInterrupt:  # the state in the loop's locals stays whole: stop between chunks
+    except KeyboardInterrupt:  # the state in the loop's locals stays whole: stop between segments
         _INTERRUPTED[0] = True
         return found[-1](theta, g)
 
@@ -199,7 +202,7 @@ def _fg(theta, cols, g):
 
 _RNG_SOURCE = '''
 # SplitMix64 (Steele, Lea & Flood 2014): a tiny generator whose whole state is one uint64,
-# carried between chunks in ``rng``; the same seed gives the same shuffles everywhere.
+# carried between segments in ``rng``; the same seed gives the same shuffles everywhere.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -270,19 +273,19 @@ def plan(n_rows, batch_size=None, epochs=None, maxiter=None):
 _DRIVER_TAIL = '''
 
 def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=BATCH_SIZE, epochs=None, maxiter=None,
-        tol=1e-8, seed=0, callback=None, chunk_seconds=CHUNK_SECONDS, first_chunk=None):
+        tol=1e-8, seed=0, callback=None, segment_seconds=SEGMENT_SECONDS, first_segment=None):
     """Minimize from x0 (a 1-D array in PARAM_NAMES order); returns the report: a dict with x,
     fun, grad, nit, nfev, status, history and the bookkeeping.
 
     hyper: dict of HYPER_NAMES values (default HYPER_DEFAULTS); schedule_args: the schedule's
-    numbers (default SCHEDULE_DEFAULTS). The loop runs in chunks of about chunk_seconds;
-    callback(step, max_steps, value), if given, is called between chunks. Ctrl-C stops the
+    numbers (default SCHEDULE_DEFAULTS). The loop runs in segments of about segment_seconds;
+    callback(step, max_steps, value), if given, is called between segments. Ctrl-C stops the
     run and returns the best point seen.
     """
     (x, fun, grad, grad_norm, nit, nfev, status, history, history_every, path,
      epochs, best_step, best_value, diverged_at, blowup) = drive(
         x0, data, HYPER_DEFAULTS if hyper is None else hyper, SCHEDULE_DEFAULTS if schedule_args is None else schedule_args,
-        batch_size, epochs, maxiter, tol, seed, callback, chunk_seconds, first_chunk)
+        batch_size, epochs, maxiter, tol, seed, callback, segment_seconds, first_segment)
     return {
         "x": x, "fun": fun, "grad": grad, "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
         "status": status, "status_name": STATUS_NAMES[status], "history": history, "history_every": history_every,
@@ -537,9 +540,9 @@ class _Generator:
             w(indent, "for j in range(N_PARAMS):")
             w(indent + 1, f"best[j] = {param('j')}")
 
-    # -- run_chunk ---------------------------------------------------------------------------
-    def _chunk_params(self) -> list:
-        """run_chunk's parameters: as few as the method needs (each costs the call time)."""
+    # -- run_segment ---------------------------------------------------------------------------
+    def _segment_params(self) -> list:
+        """run_segment's parameters: as few as the method needs (each costs the call time)."""
         names = ["work", "ints", "history", "path"]
         if self.has_data:
             names.append("cols")
@@ -549,10 +552,10 @@ class _Generator:
             names.append("state")
         return names + ["xout", "gout"]
 
-    def _run_chunk(self, w, vg: RowProgram):
+    def _run_segment(self, w, vg: RowProgram):
         opt = self.opt
         w(0, "@_jit")
-        w(0, f"def run_chunk({', '.join(self._chunk_params())}):")
+        w(0, f"def run_segment({', '.join(self._segment_params())}):")
         w(1, '"""Run the descent from the state in the arrays until step ints[I_STOP] or a stopping')
         w(1, "test; every counter is written back, so the next call resumes exactly. Returns the status:")
         w(1, "RUNNING, or the final one once the run has ended (then the report is written: _end).")
@@ -601,7 +604,7 @@ class _Generator:
             w(1, "batch = ints[I_BATCH]")
             w(1, "epoch_sum = floats[F_EPOCH_SUM]")
         if self.unrolled:
-            w(1, "# parameters, gradient and optimizer state live in local scalars during the chunk")
+            w(1, "# parameters, gradient and optimizer state live in local scalars during the segment")
             for j, p in enumerate(self.cost.params):
                 w(1, f"p{j} = theta[{j}]  # {_comment(p.name)}")
             for j in range(self.n):
@@ -836,7 +839,7 @@ class _Generator:
                 body(0, line)
             body()
             body()
-        self._run_chunk(body, vg)
+        self._run_segment(body, vg)
         body()
         title = f"the {self.opt.name} descent loop of one cost"
         head = self.mb.header(header_lines, title=title)
@@ -845,7 +848,7 @@ class _Generator:
     def _constants(self) -> str:
         w = _Writer()
         w(0, "# -- the descent loop ------------------------------------------------------------------")
-        w(0, "import time  # noqa: E402 - the driver below times its chunks")
+        w(0, "import time  # noqa: E402 - the driver below times its segments")
         w()
         for line in _STATUS_LINES:
             w(0, line)
@@ -855,7 +858,7 @@ class _Generator:
         for k, name in enumerate(_FLOATS):
             w(0, f"F_{name} = {k}")
         w(0, f"N_FLOATS = {len(_FLOATS)}")
-        w(0, "# run_chunk's float64 array `work`: the slots F_* above, then the parameters, their")
+        w(0, "# run_segment's float64 array `work`: the slots F_* above, then the parameters, their")
         w(0, "# gradient, the best point seen, the hyperparameters and the schedule's numbers")
         w(0, "O_THETA = N_FLOATS")
         w(0, "O_G = O_THETA + N_PARAMS")
@@ -864,7 +867,7 @@ class _Generator:
         w(0, f"O_SA = O_HP + {len(self.hyper)}")
         n_sched = len(self.schedule.values()) if self.schedule is not None else 0
         w(0, f"O_END = O_SA + {n_sched}")
-        w(0, f"CHUNK_ARGS = {tuple(self._chunk_params())!r}  # run_chunk's parameters")
+        w(0, f"SEGMENT_ARGS = {tuple(self._segment_params())!r}  # run_segment's parameters")
         w(0, f"FIRST_ORDER = {self.first_order}")
         w(0, f"MINIBATCH = {self.minibatch}")
         w(0, f"PARAM_NAMES = ({''.join(ascii(p.name) + ', ' for p in self.cost.params)})")
@@ -881,7 +884,7 @@ class _Generator:
         w(0, f"DEFAULT_MAXITER = {self.opt.default_maxiter}")
         w(0, f"BLOWUP = {BLOWUP!r}")
         w(0, f"HISTORY_MAX = {HISTORY_MAX}")
-        w(0, f"CHUNK_SECONDS = {CHUNK_SECONDS}")
+        w(0, f"SEGMENT_SECONDS = {SEGMENT_SECONDS}")
         if self.threaded:
             w(0, f"PARALLEL_MIN_ROWS = {PARALLEL_MIN_ROWS}  # calcml's threads from this many rows on")
         w(0, f"THREADED = {self.threaded}  # full-batch passes over large data may run on calcml's threads")
@@ -914,20 +917,20 @@ class _Generator:
         in its steps, and each line counts)."""
         w = _Writer()
         alloc = self._state_lines()
-        call = f"run_chunk({', '.join(self._chunk_params())})"
+        call = f"run_segment({', '.join(self._segment_params())})"
         w(0, "def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed):")
-        w(1, '"""run_chunk\'s arguments, in CHUNK_ARGS order. Its first call evaluates the cost at x0')
+        w(1, '"""run_segment\'s arguments, in SEGMENT_ARGS order. Its first call evaluates the cost at x0')
         w(1, '(_begin: x0 waits in xout), the call that ends the run writes the report (_end)."""')
         for line in alloc:
             w(1, line)
-        w(1, f"return [{', '.join(self._chunk_params())}]")
+        w(1, f"return [{', '.join(self._segment_params())}]")
         w()
         w()
         if self.threaded:
             self._threaded_drive(w)
         name = "_drive" if self.threaded else "drive"
         w(0, f"def {name}(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
-        w(0, f"{' ' * len(name)}     chunk_seconds=CHUNK_SECONDS, first_chunk=None):")
+        w(0, f"{' ' * len(name)}     segment_seconds=SEGMENT_SECONDS, first_segment=None):")
         w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
         w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
         w(1, 'its order, without status_name). The arguments are run()\'s, hyper and schedule_args given."""')
@@ -944,22 +947,22 @@ class _Generator:
         for line in alloc:
             w(1, line)
         if self.minibatch:
-            w(1, "chunk = first_chunk or max(1, 1_000_000 // batch_size)")
+            w(1, "segment = first_segment or max(1, 1_000_000 // batch_size)")
         elif self.has_data:
-            w(1, "chunk = first_chunk or max(1, 1_000_000 // max(1, n_rows))")
+            w(1, "segment = first_segment or max(1, 1_000_000 // max(1, n_rows))")
         else:
-            w(1, "chunk = first_chunk or 1_000_000")
+            w(1, "segment = first_segment or 1_000_000")
         w(1, "try:")
-        w(2, "if callback is None and max_steps <= chunk:  # one chunk holds the run: one call")
+        w(2, "if callback is None and max_steps <= segment:  # one segment holds the run: one call")
         w(3, "ints[I_STOP] = max_steps")
         w(3, f"status = {call}")
         if self.threaded:
             w(3, "if _INTERRUPTED[0]:")
             w(4, "raise KeyboardInterrupt")
-        w(2, "else:  # chunks until run_chunk ends the run (its status is then no longer RUNNING)")
+        w(2, "else:  # segments until run_segment ends the run (its status is then no longer RUNNING)")
         w(3, "step = 0")
         w(3, "while True:")
-        w(4, "ints[I_STOP] = min(step + chunk, max_steps)")
+        w(4, "ints[I_STOP] = min(step + segment, max_steps)")
         w(4, "t0 = time.perf_counter()")
         w(4, f"status = {call}")
         if self.threaded:
@@ -972,8 +975,8 @@ class _Generator:
         w(4, "dt = time.perf_counter() - t0")
         w(4, "done = int(ints[I_STEP]) - step")
         w(4, "step += done")
-        w(4, "if first_chunk is None and done > 0 and dt > 0:")
-        w(5, "chunk = max(1, min(int(done * chunk_seconds / dt), 100 * chunk))")
+        w(4, "if first_segment is None and done > 0 and dt > 0:")
+        w(5, "segment = max(1, min(int(done * segment_seconds / dt), 100 * segment))")
         w(1, "except KeyboardInterrupt:")
         if self.threaded:
             w(2, "_INTERRUPTED[0] = False")
@@ -1003,14 +1006,14 @@ class _Generator:
         """drive for a module whose passes may run on calcml's threads: _drive with the pass
         registered for the run's columns while it runs."""
         w(0, "def drive(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
-        w(0, "          chunk_seconds=CHUNK_SECONDS, first_chunk=None, passes=None):")
+        w(0, "          segment_seconds=SEGMENT_SECONDS, first_segment=None, passes=None):")
         w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
         w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
         w(1, "its order, without status_name). The arguments are run()'s, hyper and schedule_args given;")
         w(1, "passes(cols), if given, makes a function (theta, g) -> the full-batch cost, its gradient")
         w(1, 'into g, on calcml\'s threads: the passes over PARALLEL_MIN_ROWS rows or more use it."""')
-        w(1, "args = (x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback, chunk_seconds,")
-        w(1, "        first_chunk)")
+        w(1, "args = (x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback, segment_seconds,")
+        w(1, "        first_segment)")
         w(1, "if passes is None:")
         w(2, "return _drive(*args)")
         w(1, "cols = columns_of(data)")
@@ -1033,7 +1036,7 @@ class _Generator:
         return len(_FLOATS) + 3 * self.n + len(self.hyper) + n_sched
 
     def _state_lines(self) -> list:
-        """The lines that make run_chunk's arguments (new_state's body, also inlined in drive)."""
+        """The lines that make run_segment's arguments (new_state's body, also inlined in drive)."""
         lines = [
             "if type(x0) is np.ndarray and x0.dtype is _F64 and x0.shape == (N_PARAMS,):",
             "    xout = x0.copy()  # the report's x, in the end",

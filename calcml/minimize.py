@@ -1,7 +1,7 @@
 """``cm.minimize`` and ``cm.generate``: validate the inputs, pick the compiled loop, report.
 
 The Python side only checks what the user gave, lays the data out once, calls the generated
-module's ``run`` (which drives the compiled loop in chunks) and turns its status code into an
+module's ``run`` (which drives the compiled loop in segments of steps) and turns its status code into an
 :class:`~calcml.result.OptimizeResult`. Every descent step runs in compiled code.
 """
 
@@ -304,7 +304,7 @@ def _power_iteration(prog: Program, x, ds, iterations: int = 100) -> float:
 
 
 class _ProgressBar:
-    """A one-line progress bar on stderr, redrawn between chunks of the compiled loop."""
+    """A one-line progress bar on stderr, redrawn between segments of the compiled loop."""
 
     def __init__(self, label: str, stream=None):
         self.label = label

@@ -405,13 +405,13 @@ def test_same_seed_bit_identical(adam_minibatch, linreg_data):
     assert a.x.tobytes() != c.x.tobytes()
 
 
-def test_chunking_does_not_change_the_bits(adam_minibatch, linreg_data):
-    """The run resumes exactly between chunks: 1-step chunks give the one-call bits."""
+def test_segmenting_does_not_change_the_bits(adam_minibatch, linreg_data):
+    """The run resumes exactly between segments: 1-step segments give the one-call bits."""
     data = linreg_data[0]
     cols = tuple(data[k] for k in LINREG.data_names)
     kw = dict(hyper=dict(adam_minibatch.optimizer.hyper), schedule_args=[0.01], batch_size=16, epochs=3, seed=5)
-    whole = adam_minibatch.module.run(np.zeros(4), cols, first_chunk=10**9, **kw)
-    steps = adam_minibatch.module.run(np.zeros(4), cols, first_chunk=1, **kw)
+    whole = adam_minibatch.module.run(np.zeros(4), cols, first_segment=10**9, **kw)
+    steps = adam_minibatch.module.run(np.zeros(4), cols, first_segment=1, **kw)
     assert whole["x"].tobytes() == steps["x"].tobytes()
     assert whole["history"].tobytes() == steps["history"].tobytes()
 
@@ -432,7 +432,7 @@ def test_divergence_returns_best_point(rosen_programs):
 def test_divergence_stops_at_once_with_the_best_point(name, lr):
     """A step whose cost blows up (beyond 1e10 max(1, J(x0))) or is not finite, or whose squared
     gradient norm is not finite, stops the run there: nit is that step, x the evaluated iterate of lowest cost (NumPy transcription), the
-    history ends at it, in one call or in chunks of 1 and 3 steps."""
+    history ends at it, in one call or in segments of 1 and 3 steps."""
     hyper = {"momentum": 0.9} if name != "gd" else {}
     opt = getattr(cm.optim, name)(lr=lr, **hyper)
     with np.errstate(all="ignore"):
@@ -449,9 +449,9 @@ def test_divergence_stops_at_once_with_the_best_point(name, lr):
     np.testing.assert_allclose(res.x, xs[best], rtol=1e-12)
     assert f"(iteration {best}, cost" in res.message
     np.testing.assert_allclose(res.history, fs[:stop + 1], rtol=1e-12)  # every step, the last one too
-    for chunk in (1, 3):
+    for segment in (1, 3):
         out = prog.module.run(np.array([-1.2, 1.0]), None, hyper=dict(opt.hyper), schedule_args=[lr], maxiter=1000,
-                              tol=0.0, first_chunk=chunk)
+                              tol=0.0, first_segment=segment)
         assert out["nit"] == stop and out["x"].tobytes() == res.x.tobytes()
         assert out["history"].tobytes() == res.history.tobytes()
 
@@ -478,7 +478,7 @@ def test_interrupt_from_callback_returns_best_point(rosen_programs):
         raise KeyboardInterrupt
 
     out = prog.module.run(np.array([-1.2, 1.0]), None, hyper={}, schedule_args=[1e-3], maxiter=10**6, tol=0.0,
-                          callback=callback, first_chunk=100)
+                          callback=callback, first_segment=100)
     assert out["status"] == R.INTERRUPTED and calls == [100]
     assert out["nit"] == 100
     assert out["fun"] == pytest.approx(rosen_f(out["x"]), rel=1e-12)
@@ -797,7 +797,7 @@ def test_full_batch_threaded_pass_matches_numpy():
 
 def test_ctrl_c_in_a_threaded_pass_returns_the_best_point(monkeypatch):
     """A KeyboardInterrupt that lands inside a pass on calcml's threads (called back from the
-    compiled loop) stops the run between chunks with its state whole: status INTERRUPTED, x
+    compiled loop) stops the run between segments with its state whole: status INTERRUPTED, x
     the best point, fun its cost (NumPy), and the steps before it the same bits as a run that
     was not interrupted."""
     import sys

@@ -6,7 +6,7 @@ description from :mod:`calcml.optim`, with its own names: nothing is renamed or 
 and compiled loops: ``_full_steps`` (full-batch first-order), ``_epoch`` (one epoch of
 minibatches). Line-search and trust-region methods (L-BFGS, Newton, Newton-CG) take NumPy
 steps over the threaded kernels (:mod:`calcml.tensor.search`). ``drive`` is the plain
-Python driver that calls them in chunks of about a quarter of a second, between which
+Python driver that calls them in segments of about a quarter of a second, between which
 Ctrl-C and progress are handled. The module needs only NumPy and Numba
 (``prog.export(path)``).
 """
@@ -102,7 +102,7 @@ _DRIVER = '''
 
 # -- the driver: plain Python around the compiled loops ------------------------------------------------
 def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxiter=None, tol=1e-8, seed=0,
-          callback=None, chunk_seconds=0.25, full=None):
+          callback=None, segment_seconds=0.25, full=None):
     """Minimize from x0 (flat float64); arrays: the data arrays in DATA_NAMES order (validated).
     full: the full-data evaluation, (theta, cols, g) -> value (default full_value_and_grad;
     calcml passes the same stripes on its threads: the same bits).
@@ -164,11 +164,11 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                 status = EPOCHS_DONE
         else:
             budget = maxiter if maxiter is not None else (epochs if epochs is not None else DEFAULT_MAXITER)
-            chunk = 1
+            segment = 1
             hist = np.empty(max(1, budget))
             fb = np.array([best_value, 0.0])
             while nit < budget and status == RUNNING:
-                k = min(chunk, budget - nit)
+                k = min(segment, budget - nit)
                 start = time.perf_counter()
                 steps = _full_steps if full is None else _threaded_steps(full)
                 code, done, value = steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
@@ -182,7 +182,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                 if callback is not None:
                     callback(nit, budget, value)
                 elapsed = time.perf_counter() - start
-                chunk = max(1, min(1_000_000, int(chunk * min(4.0, chunk_seconds / max(elapsed, 1e-6)))))
+                segment = max(1, min(1_000_000, int(segment * min(4.0, segment_seconds / max(elapsed, 1e-6)))))
             history.extend(hist[:nit].tolist())
             if status == RUNNING:
                 status = MAXITER
