@@ -774,18 +774,14 @@ class _Generator:
         """The loop of cheap steps: each step's gradient and update run first, in one block
         with no branch between them, and its bookkeeping (history, stopping tests, best
         point) opens the next pass, on the point saved before the update; a stop undoes the
-        update. The same steps, tests and results as the plain loop. On W4's Rosenbrock loop
-        about 5% faster per step (0.88x -> 0.94x of a hand-written loop without bookkeeping):
-        measured, not derived; the order suits the machine code's layout and scheduling (other
-        orders of the bookkeeping, fewer compares, unrolling by two did not help).
+        update. The same steps, tests and results as the plain loop, and faster per step on
+        W4's Rosenbrock loop: measured, not derived (benchmarks/RESULTS.md, W4); the order suits
+        the machine code's layout and scheduling.
 
         Within a step, the cost and the gradient's norm (which only the bookkeeping reads) are
         computed after the update, from the saved point: the core issues instructions oldest
         first, and the same arithmetic written before the update held back the update's chain
-        of dependent operations, which sets the time per step. Written after it: W4's loop
-        0.94x -> 0.98x of the hand-written loop, momentum and Nesterov on Rosenbrock 25-32%
-        faster, Adam and RMSProp (bound by their division and square root) unchanged; the
-        same bits."""
+        of dependent operations, which sets the time per step (the same bits either way)."""
         saved = [(f"p{j}", f"q{j}") for j in range(self.n)]
         saved += [(f"st_{s}_{j}", f"q_{s}_{j}") for s in self.state for j in range(self.n)]
 
