@@ -1086,8 +1086,9 @@ def _variant(opt: Optimizer, schedule: Schedule | None, minibatch: bool) -> str:
 
 
 _lock = threading.RLock()
-_modules: dict = {}  # (cache key, cache folder) -> (module, source, path)
-_recent: dict = {}  # (cost key, variant, what the cache folder depends on) -> the same
+# (cost key, variant, what the cache folder depends on) -> (module, source, path): in one
+# process these determine the cache key (the generator's fingerprint is fixed) and the folder
+_modules: dict = {}
 
 
 def _cache_token():
@@ -1099,20 +1100,17 @@ def _cache_token():
 def load_module(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool):
     """(module, source, path) for the optimizer module, from the kernel cache when possible."""
     variant = _variant(opt, schedule, minibatch)
-    recent = (cost.key, variant, _cache_token())
-    found = _recent.get(recent)
+    memo = (cost.key, variant, _cache_token())
+    found = _modules.get(memo)
     if found is not None:
         return found
-    from .compile import _kernel_key, cache_dir, load_or_build
+    from .compile import _kernel_key, load_or_build
 
-    key = _kernel_key(cost, variant)
-    memo = (key, str(cache_dir()))
     with _lock:
         found = _modules.get(memo)
         if found is None:
-            found = load_or_build(key, lambda: generate_source(cost, opt, schedule, minibatch))
-            _modules[memo] = found
-        _recent[recent] = found
+            key = _kernel_key(cost, variant)
+            found = _modules[memo] = load_or_build(key, lambda: generate_source(cost, opt, schedule, minibatch))
         return found
 
 
