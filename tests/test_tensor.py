@@ -692,3 +692,47 @@ def test_a_long_name_compiles():
     k = cm.compile(cm.Cost((cm.sum(W[j] * x[j], j) - 1) ** 2, params=[W], data=[x]))
     X = np.array([[1.0, 2.0], [3.0, -1.0]])
     assert k.value(np.array([0.5, 0.25]), {"x": X}) == pytest.approx(np.mean((X @ [0.5, 0.25] - 1) ** 2), rel=1e-15)
+
+
+def test_a_warm_process_neither_imports_scipy_linalg_nor_builds_the_graph(tmp_path):
+    """A process served from the kernel cache loads SciPy's cython_blas alone (the BLAS that
+    Numba's np.dot calls; importing scipy.linalg costs ~0.2 s) and never builds the cost's
+    graph: the kernels give NumPy's value and gradient, and scipy.linalg works afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import sys, numpy as np
+import calcml as cm
+import calcml.tensor.model as M
+built = []
+orig = M.TensorCost._build_graph
+M.TensorCost._build_graph = lambda self, stabilize=True: (built.append(stabilize), orig(self, stabilize))[1]
+K, d, N = 3, 40, 300
+W = cm.params("W", shape=(K, d)); b = cm.params("b", shape=(K,))
+x = cm.data("x", shape=(d,)); c = cm.data("c", classes=K)
+k = cm.index("k", K); j = cm.index("j", d)
+z = cm.sum(W[k, j] * x[j], j) + b[k]
+cost = cm.Cost(cm.logsumexp(z, k) - cm.sum(cm.onehot(c, k) * z, k), params=[W, b], data=[x, c])
+rng = np.random.default_rng(0)
+X, lab = rng.standard_normal((N, d)), rng.integers(0, K, N)
+theta = rng.standard_normal(cost.n_params) * 0.1
+f, g = cm.compile(cost).value_and_grad(theta, {"x": X, "c": lab})
+Z = X @ theta[:K * d].reshape(K, d).T + theta[K * d:]
+P = np.exp(Z - Z.max(1, keepdims=True)); P /= P.sum(1, keepdims=True)
+ref = np.mean(np.log(np.exp(Z).sum(1)) - Z[np.arange(N), lab])
+R = (P - np.eye(K)[lab]) / N
+assert abs(f - ref) < 1e-12 and np.allclose(g, np.concatenate([(R.T @ X).ravel(), R.sum(0)]), rtol=1e-11, atol=1e-14)
+print("linalg" if "scipy.linalg" in sys.modules else "no-linalg", built)
+import scipy.linalg
+from scipy.linalg import cython_blas
+assert np.allclose(scipy.linalg.solve(np.eye(2) * 2, np.ones(2)), 0.5)
+"""
+    env = {**os.environ, "CALCML_CACHE_DIR": str(tmp_path)}
+    outs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for done in outs:
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert outs[0].stdout.split()[-1] != "[]"  # the cold process built the graph (and checked the statement)
+    assert outs[1].stdout.strip() == "no-linalg [False]"  # the warm one: the statement's checks alone

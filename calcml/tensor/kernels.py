@@ -9,8 +9,11 @@ same bits for any number of threads.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import math
 import os
+import sys
 import threading
 
 import numpy as np
@@ -31,12 +34,43 @@ _loaded: dict = {}
 _BLAS: list | None = None
 
 
+def _load_cython_blas():
+    """Load ``scipy.linalg.cython_blas``, the BLAS that Numba's ``np.dot`` calls (Numba finds
+    it by that name in ``sys.modules``). Where ``scipy.linalg`` is not imported yet, the
+    extension module is loaded from its file by itself: importing ``scipy.linalg`` first
+    costs about 0.2 s of a warm start, and nothing here needs it. Any surprise (another
+    layout of SciPy's files): the plain import."""
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules:
+        return
+    if "scipy.linalg" not in sys.modules:
+        try:
+            import scipy
+
+            folder = os.path.join(os.path.dirname(scipy.__file__), "linalg")
+            files = [f for f in os.listdir(folder) if f.startswith("cython_blas.")
+                     and f.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))]
+            if len(files) == 1:
+                spec = importlib.util.spec_from_file_location(name, os.path.join(folder, files[0]))
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+                return
+        except Exception:  # noqa: BLE001 - fall back to the plain import below
+            pass
+    import scipy.linalg.cython_blas  # noqa: F401
+
+
 def _numba_blas() -> list:
     """threadpoolctl's controllers of the BLAS that Numba's ``np.dot`` calls (SciPy's)."""
     global _BLAS
     if _BLAS is None:
         try:
-            import scipy.linalg.cython_blas  # noqa: F401 - loads the library to find
+            _load_cython_blas()  # the library, to find
             from threadpoolctl import ThreadpoolController
 
             libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]

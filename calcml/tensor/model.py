@@ -74,6 +74,10 @@ def _size(item) -> int:
     return 1
 
 
+# what _build_graph sets: made on first use (TensorCost.__getattr__)
+_GRAPH_ATTRS = ("_graph", "_pin", "_din", "_f", "_pen", "_v", "_value")
+
+
 class TensorCost(Cost):
     """A :class:`calcml.Cost` stated in index notation (see the module docstring).
 
@@ -103,15 +107,26 @@ class TensorCost(Cost):
             raise CostError(f"the cost expression must be a SymPy expression, got {type(expr).__name__}") from None
         self._expr, self._penalty = e, pen
         self._params, self._data, self._reduce = tuple(plist), tuple(dlist), reduce
-        self._build_graph()
+        # the statement's checks now (a bad statement fails here, naming the problem); the
+        # graph that derivations and code read, stabilized, when first needed: a process
+        # served from the kernel cache never needs it (nor the rewrite's imports)
+        self._build_graph(stabilize=False)
+        for name in _GRAPH_ATTRS:
+            del self.__dict__[name]
+
+    def __getattr__(self, name):  # only for attributes not set: the graph's, built on first use
+        if name in _GRAPH_ATTRS and "_params" in self.__dict__:
+            self._build_graph()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- the graph --------------------------------------------------------------------------
-    def _build_graph(self):
+    def _build_graph(self, stabilize: bool = True):
         g = self._graph = Graph()
         self._pin = [g.add_input(p, "param") for p in self._params]
         self._din = [g.add_input(d, "label" if isinstance(d, Label) else "data") for d in self._data]
         known = {t.placeholder: t for t in self._pin + self._din}
-        low = Lowering(g, known)
+        low = Lowering(g, known, stabilize)
         fbody = low.stable(low.lower(self._expr))
         left = g.free_indices(fbody)
         if left:
