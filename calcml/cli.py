@@ -56,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "  calcml demo\n"
         '  calcml diff "x*sin(x)" --wrt x\n'
         '  calcml verify "log(1 + exp(x))" --wrt x\n'
-        '  calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.01\n\n'
+        '  calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.1\n\n'
         "exit status: 0 success, 1 error, 2 usage error, 3 not verified / fit without success",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -97,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "descent loop. The CSV header names the columns; the names of EXPR that are not parameters\n"
         "are columns. Exit status 0 when the fit succeeded, 3 when it did not (divergence,\n"
         "iteration limit, Ctrl-C): the table then says why.",
-        ['calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.01',
+        ['calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.1',
          'calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method sgd \\\n'
          '      --batch-size 16 --epochs 50 --schedule "exponential(0.05, 0.99)" --seed 1',
          'calcml fit "(1 - a)**2 + 100*(b - a**2)**2" --params a,b --method lbfgs --x0 a=-1.2,b=1',
