@@ -49,7 +49,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-from pathlib import Path
 
 import sympy as sp
 from sympy.printing.precedence import precedence
@@ -62,7 +61,7 @@ from .optim import Optimizer
 from .printing import NumbaPrinter
 from .schedules import Schedule
 
-__all__ = ["generate_source", "Program", "program_for"]
+__all__ = ["generate_source", "load_module"]
 
 # Threshold of a blown-up cost, relative to max(1, |J(x0)|).
 BLOWUP = 1e10
@@ -553,7 +552,6 @@ class _Generator:
         return names + ["xout", "gout"]
 
     def _run_segment(self, w, vg: RowProgram):
-        opt = self.opt
         w(0, "@_jit")
         w(0, f"def run_segment({', '.join(self._segment_params())}):")
         w(1, '"""Run the descent from the state in the arrays until step ints[I_STOP] or a stopping')
@@ -1112,74 +1110,3 @@ def load_module(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch
             key = _kernel_key(cost, variant)
             found = _modules[memo] = load_or_build(key, lambda: generate_source(cost, opt, schedule, minibatch))
         return found
-
-
-class Program:
-    """A compiled optimizer for one cost: ``run``, ``source``, ``export``.
-
-    Made by :func:`calcml.generate`. The module is generated once per (cost, optimizer rule,
-    schedule structure, full batch or minibatch) and cached on disk with the kernels;
-    hyperparameters, schedule numbers and the batch size are run-time arguments.
-    """
-
-    def __init__(self, cost: Cost, opt: Optimizer, schedule: Schedule | None, batch_size, module, source, path):
-        self.cost = cost
-        self.optimizer = opt
-        self.schedule = schedule
-        self.batch_size = batch_size
-        self.module = module
-        self.source = source
-        self.path = path
-        self.notes: list = []
-        self.notes_batch_default = False  # batch_size chosen for the user (sgd's default)
-        # what every run checks or passes to the module, made once
-        self.param_names = cost.param_names
-        self.x_shape = (len(self.param_names),)
-        self.has_data = bool(cost.data)
-        self.hyper = dict(opt.hyper)
-        self.schedule_args = schedule.values() if schedule is not None else []
-
-    def __repr__(self):
-        return (f"<calcml.Program {self.optimizer!r} schedule={self.schedule!r} batch_size={self.batch_size} "
-                f"for {self.cost!r}>")
-
-    def run(self, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
-        """Run the compiled descent from ``x0`` (array or dict); same keywords as :func:`calcml.minimize`.
-        (calcml.minimize replaces this method by its ``_run_program``, the same function.)"""
-        return _runner()(self, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
-
-    def export(self, path) -> Path:
-        """Write the module as a standalone file (imports only numpy and numba; no sympy, no
-        calcml) whose ``run(x0, data, ...)`` does the whole fit. Its defaults are this
-        program's hyperparameters, schedule numbers and batch size."""
-        text = self.source
-        lines = [ln for ln in text.split("\n") if not ln.startswith("# calcml-sha256: ")]
-        text = "\n".join(lines)
-        text = text.replace("\nBATCH_SIZE = None\n", f"\nBATCH_SIZE = {self.batch_size!r}\n", 1)
-        hyper = {k: float(v) for k, v in self.optimizer.hyper.items()}
-        text = text.replace("\nHYPER_DEFAULTS = None\n", f"\nHYPER_DEFAULTS = {hyper!r}\n", 1)
-        values = self.schedule.values() if self.schedule is not None else []
-        text = text.replace("\nSCHEDULE_DEFAULTS = None\n", f"\nSCHEDULE_DEFAULTS = {values!r}\n", 1)
-        # numba's cache=True needs a writable __pycache__ beside the file; keep it, it is harmless
-        p = Path(path)
-        p.write_text(text, encoding="utf-8")
-        return p
-
-
-_run_program = None
-
-
-def _runner():
-    """calcml.minimize._run_program, imported once (minimize imports this module: no cycle at
-    import time; a ``from ... import`` per call would cost ~30 us)."""
-    global _run_program
-    if _run_program is None:
-        from .minimize import _run_program as found
-
-        _run_program = found
-    return _run_program
-
-
-def program_for(cost: Cost, opt: Optimizer, schedule: Schedule | None, batch_size) -> Program:
-    module, source, path = load_module(cost, opt, schedule, batch_size is not None)
-    return Program(cost, opt, schedule, batch_size, module, source, path)

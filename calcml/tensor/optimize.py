@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-import time
 from functools import partial
 
 import numpy as np
@@ -570,7 +569,7 @@ def _auto_rate(prog: TensorProgram, x, td, notes) -> float:
 def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
     cost, opt = prog.cost, prog.optimizer
     x = _x0(cost, x0)
-    from ..minimize import _count  # the scalar path's check of a count: one message for both
+    from ..program import _count  # the scalar path's check of a count: one message for both
 
     epochs = _count("epochs", epochs)
     maxiter = _count("maxiter", maxiter, minimum=0)
@@ -592,7 +591,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         sched_values = [lr_used]
     bar = None
     if progress:
-        from ..minimize import _ProgressBar
+        from ..program import _ProgressBar
 
         bar = _ProgressBar(opt.name)
     try:
