@@ -680,7 +680,8 @@ def test_symbol_names_never_reach_tensor_code_as_code(tmp_path):
     import ast
 
     tree = ast.parse(k.source)  # the name is in strings and comments only: no import, no call of it
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported <= {"math", "time", "numba", "numpy"}, imported
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "system"]
 
@@ -696,8 +697,10 @@ def test_a_long_name_compiles():
 
 def test_a_warm_process_neither_imports_scipy_linalg_nor_builds_the_graph(tmp_path):
     """A process served from the kernel cache loads SciPy's cython_blas alone (the BLAS that
-    Numba's np.dot calls; importing scipy.linalg costs ~0.2 s) and never builds the cost's
-    graph: the kernels give NumPy's value and gradient, and scipy.linalg works afterwards."""
+    Numba's np.dot calls; importing scipy.linalg costs ~0.2 s), never builds the cost's graph,
+    and runs the kernels' machine code without Numba's dispatchers (they would start Numba's
+    typing and target contexts: ~0.2 s): NumPy's value and gradient, and scipy.linalg works
+    afterwards."""
     import os
     import subprocess
     import sys
@@ -718,13 +721,16 @@ cost = cm.Cost(cm.logsumexp(z, k) - cm.sum(cm.onehot(c, k) * z, k), params=[W, b
 rng = np.random.default_rng(0)
 X, lab = rng.standard_normal((N, d)), rng.integers(0, K, N)
 theta = rng.standard_normal(cost.n_params) * 0.1
-f, g = cm.compile(cost).value_and_grad(theta, {"x": X, "c": lab})
+kern = cm.compile(cost)
+f, g = kern.value_and_grad(theta, {"x": X, "c": lab})
+mod = kern._module("base")
+dispatched = [name for name in ("vg_rows", "vg_finish") if getattr(mod, name).signatures]
 Z = X @ theta[:K * d].reshape(K, d).T + theta[K * d:]
 P = np.exp(Z - Z.max(1, keepdims=True)); P /= P.sum(1, keepdims=True)
 ref = np.mean(np.log(np.exp(Z).sum(1)) - Z[np.arange(N), lab])
 R = (P - np.eye(K)[lab]) / N
 assert abs(f - ref) < 1e-12 and np.allclose(g, np.concatenate([(R.T @ X).ravel(), R.sum(0)]), rtol=1e-11, atol=1e-14)
-print("linalg" if "scipy.linalg" in sys.modules else "no-linalg", built)
+print("linalg" if "scipy.linalg" in sys.modules else "no-linalg", built, dispatched)
 import scipy.linalg
 from scipy.linalg import cython_blas
 assert np.allclose(scipy.linalg.solve(np.eye(2) * 2, np.ones(2)), 0.5)
@@ -735,4 +741,27 @@ assert np.allclose(scipy.linalg.solve(np.eye(2) * 2, np.ones(2)), 0.5)
     for done in outs:
         assert done.returncode == 0, done.stderr[-2000:]
     assert outs[0].stdout.split()[-1] != "[]"  # the cold process built the graph (and checked the statement)
-    assert outs[1].stdout.strip() == "no-linalg [False]"  # the warm one: the statement's checks alone
+    # the warm one: the statement's checks alone, the machine code loaded, no dispatcher
+    assert outs[1].stdout.strip() == "no-linalg [False] []"
+
+
+def test_kernels_machine_code_gives_the_dispatchers_bits(small, monkeypatch):
+    """The kernels' C entry points (machine code kept beside the module) give the same bits
+    as the Numba dispatchers they wrap, on one thread and on several."""
+    import calcml.tensor.kernels as TK
+
+    cost, _, _, X, labels, K, d, N = small
+    theta = np.random.default_rng(4).standard_normal(cost.n_params)
+    D = {"x": X, "c": labels}
+    got = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(TK, "_native_entry_points", lambda *a: None)
+        for parallel in (False, True):
+            k = TK.TensorKernels(cost, parallel=parallel)
+            f, g = k.value_and_grad(theta, D)
+            got[native, parallel] = (f, g.tobytes(), k.value(theta, D))
+            assert (k._native_fns.get("vg") or None) is not None if native else not k._native_fns.get("vg")
+    assert len(set(got.values())) == 1, got
+    ref_f, ref_g = softmax_reference(theta, X, labels, K, C=0.5)
+    assert got[True, True][0] == pytest.approx(ref_f, rel=1e-13)

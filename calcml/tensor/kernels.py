@@ -8,6 +8,7 @@ same bits for any number of threads.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -214,7 +215,7 @@ def run_striped(rows, theta, v, args, parts, scale, acc, threads: int, extra=())
             for k, (lo, hi) in enumerate(parts):
                 rows(theta, v, *args, lo, hi, scale, acc[k], *extra)
             return
-        if not rows.signatures:  # compile (or load) on this thread before threads call it
+        if hasattr(rows, "signatures") and not rows.signatures:  # a dispatcher: compile (or load) here first
             rows(theta, v, *args, 0, 0, scale, np.zeros_like(acc[0]), *extra)
 
         def job(i):
@@ -223,6 +224,56 @@ def run_striped(rows, theta, v, args, parts, scale, acc, threads: int, extra=())
                 rows(theta, v, *args, lo, hi, scale, acc[k], *extra)
 
         native.pool.run(job, threads)
+
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_D = ctypes.c_double
+
+
+def _native_entry_points(mod, kind: str, has_data: bool):
+    """(rows maker, finish) over the machine code of ``mod``'s ``<kind>_rows_c`` and
+    ``<kind>_finish_c`` (see ``_native``), or None."""
+    from ..compile import _jit_disabled
+    from ..codegen import KERNEL_FLAGS
+
+    if _jit_disabled() or not hasattr(mod, f"{kind}_finish_c"):
+        return None
+    path = mod._calcml_path
+    fns = {}
+    for part, sig in (("rows", "SIG_ROWS"), ("finish", "SIG_FINISH")):
+        if part == "rows" and not has_data:
+            continue
+        name = f"{kind}_{part}_c"
+        obj = native.object_path(path, name)
+        address = native.load(obj)
+        keep = None
+        if address is None:
+            try:
+                address, keep = native.compile_cfunc(getattr(mod, name), getattr(mod, sig), KERNEL_FLAGS, obj)
+            except Exception:  # noqa: BLE001 - the njit kernels serve (they compile on their own)
+                return None
+        fns[part] = (address, keep)
+    finish_fn = ctypes.CFUNCTYPE(None, _P, _P, _P, _P)(fns["finish"][0])
+    finish_fn._calcml_keep = fns["finish"][1]
+
+    def finish(theta, v, acc, out):
+        finish_fn(theta.ctypes.data, v.ctypes.data, acc.ctypes.data, out.ctypes.data)
+
+    if not has_data:
+        return (None, finish)
+    n_data = len(getattr(mod, "SIG_ROWS").args) - 7
+    rows_fn = ctypes.CFUNCTYPE(None, _P, _P, *([_P] * n_data), _I, _I, _I, _D, _P)(fns["rows"][0])
+    rows_fn._calcml_keep = fns["rows"][1]
+
+    def rows_for(n):
+        def rows(theta, v, *rest):
+            *arrays, lo, hi, scale, acc = rest
+            rows_fn(theta.ctypes.data, v.ctypes.data, *[a.ctypes.data for a in arrays], n, lo, hi, scale,
+                    acc.ctypes.data)
+        return rows
+
+    return (rows_for, finish)
 
 
 def sum_in_order(acc) -> np.ndarray:
@@ -243,6 +294,7 @@ class TensorKernels:
         self.parallel = parallel
         self._n = cost.n_params
         self._modules: dict = {}
+        self._native_fns: dict = {}
         self._empty = np.zeros(0)
 
     def __repr__(self):
@@ -257,7 +309,8 @@ class TensorKernels:
 
             kinds = ("value", "vg") if group == "base" else ("hvp",)
             key = hashlib.sha256(f"tensor-{group}|{_fingerprint()}|{self.cost.key}".encode()).hexdigest()
-            mod, text, path = load_or_build(key, lambda: self.cost.module_source(kinds)[0])
+            mod, text, path = load_or_build(
+                key, lambda: self.cost.module_source(kinds, entry_points=group == "base")[0])
             mod._calcml_text, mod._calcml_path = text, path
             self._modules[group] = mod
         return mod
@@ -305,6 +358,9 @@ class TensorKernels:
         out = np.empty(nout)
         acc_size = mod.ACC_SIZES[kind]
         finish = getattr(mod, f"{kind}_finish") if finish else None
+        native_fns = self._native(kind, mod) if rows_name is None and not extra else None
+        if native_fns is not None and finish is not None:
+            finish = native_fns[1]
         if not self.cost.has_data:
             finish(theta, v, np.zeros(max(acc_size, 1)), out)
             return out
@@ -315,6 +371,8 @@ class TensorKernels:
         parts = stripes(n, mod.BLOCK)
         acc = np.zeros((len(parts), max(acc_size, 1)))
         rows = getattr(mod, rows_name or f"{kind}_rows")
+        if native_fns is not None:
+            rows = native_fns[0](n)
         scale = 1.0 / n if self.cost.reduce == "mean" else 1.0
         run_striped(rows, theta, v, td.arrays, parts, scale, acc, thread_count(self.parallel, n), extra)
         if not finish:
@@ -324,6 +382,16 @@ class TensorKernels:
             raise_nonfinite(self.cost, td)  # names the datum; else the values are what they are
         return out
 
+
+    def _native(self, kind: str, mod):
+        """(rows for n rows, finish): kernel ``kind``'s C entry points (``<kind>_rows_c``,
+        ``<kind>_finish_c``) as functions of arrays, their machine code loaded from beside
+        the module (a later process starts no Numba for them) or compiled with
+        ``numba.cfunc`` and kept there; None where the module has none or Numba's JIT is off."""
+        found = self._native_fns.get(kind)
+        if found is None:
+            found = self._native_fns[kind] = _native_entry_points(mod, kind, self.cost.has_data) or False
+        return found or None
 
     def value(self, theta, data=None) -> float:
         """The reduced cost (plus the penalty)."""
