@@ -150,6 +150,21 @@ def test_value_and_grad_gives_value_and_grad_at_every_size(name):
         np.testing.assert_allclose(g, ref_g, rtol=1e-10, atol=1e-12, err_msg=str(n))
 
 
+def _run_without_jit(template: str, names: list):
+    """``template`` (a script that prints one JSON line last) run in a fresh process with
+    NUMBA_DISABLE_JIT=1 for the problems ``names``; its JSON."""
+    import json
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": os.path.dirname(here)}
+    run = subprocess.run([sys.executable, "-c", template.format(tests=here, names=names)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 _COUNTING_RUN = """
 import ctypes, json, sys
 import numpy as np
@@ -221,17 +236,8 @@ def test_each_kernel_reads_each_datum_once_and_allocates_nothing():
     per-row or per-chunk temporaries). Observed by running the generated kernels as Python
     (NUMBA_DISABLE_JIT=1, the same source) on columns that count their reads; a block's rows,
     tail rows and a second, partial chunk included."""
-    import json
-    import subprocess
-    import sys
-
     names = ["linreg", "logistic"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    script = _COUNTING_RUN.format(tests=here, names=names)
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": os.path.dirname(here)}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    got = _run_without_jit(_COUNTING_RUN, names)
     assert len(got) == len(names) * 2 * 4
     for what, seen in got.items():
         assert seen["compiled"] == [], f"{what}: Numba compiled a kernel with the JIT disabled"
@@ -732,17 +738,8 @@ print(json.dumps(out))
 def test_numba_disable_jit_runs_the_same_kernels_as_python():
     """With NUMBA_DISABLE_JIT=1 (Numba's debugging switch) the generated kernels run as Python
     functions, and give what the compiled kernels give: the same source, two executions."""
-    import json
-    import subprocess
-    import sys
-
     names = ["linreg", "logistic", "huber", "nonsmooth", "tanh_net", "rosenbrock", "nodata_mixed"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    script = _PYTHON_RUN.format(tests=here, names=names)
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": os.path.dirname(here)}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    python = json.loads(run.stdout.strip().splitlines()[-1])
+    python = _run_without_jit(_PYTHON_RUN, names)
     for name in names:
         k = cm.compile(BY_NAME[name].cost)
         args = sample_args(BY_NAME[name])
