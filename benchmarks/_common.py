@@ -225,6 +225,20 @@ def cold_warm_builds(src: str, repeat: int, timeout: float, cwd: str, prefix: st
     return out
 
 
+def build_table_rows(src: str, repeat: int, timeout: float, cwd: str, prefix: str, lead: list, keys: list,
+                     where: str = "") -> tuple:
+    """(table rows, notes) of :func:`cold_warm_builds`: one row per cache state with the cells
+    ``lead`` (text before the label) and the medians (min–max) of ``keys``; a failed run
+    becomes a note (``where`` names it)."""
+    rows, notes = [], []
+    for label, vals, error in cold_warm_builds(src, repeat, timeout, cwd, prefix):
+        if error is not None:
+            notes.append(f"- {where}{label}: {error}")
+        if vals:
+            rows.append("| " + " | ".join([*lead, label, *(fmt_spread(vals[k]) for k in keys)]) + " |")
+    return rows, notes
+
+
 def fmt_spread(vals) -> str:
     """median (min–max) of a list of seconds, or '' for none."""
     return f"{fmt_time(statistics.median(vals))} ({fmt_time(min(vals))}–{fmt_time(max(vals))})" if vals else ""

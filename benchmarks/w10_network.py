@@ -106,7 +106,7 @@ import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: E402,F401  (SciPy's BLAS, which Numba's np.dot calls)
 from numba import njit  # noqa: E402
 
-from _common import (Timing, cold_warm_builds, fmt_spread, fmt_time, load_avg, machine_line,  # noqa: E402
+from _common import (Timing, build_table_rows, fmt_time, load_avg, machine_line,  # noqa: E402
                      measure_interleaved, table)
 
 D, H, K = 64, 128, 10
@@ -501,22 +501,17 @@ print(json.dumps({{"imports": t1 - t0, "import_calcml": t2 - t1, "cost": t4 - t3
 
 
 def run_build(a) -> str:
-    fmt = fmt_spread
 
     lines = [f"### calcml build, fresh processes: Cost → generate → first prog.run(epochs=1) on "
              f"{a.build_rows:,} rows; median (min–max) of {a.build_repeat} (load avg {load_avg()})", "",
              "| cache | Cost → first result | of which generate | first run (compile + run) | second run (same "
              "process) | beyond the imports | imports (numpy, numba, sympy) | import calcml | whole process |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    notes = []
     src = CHILD_BUILD.format(root=ROOT, n=a.build_rows)
-    for label, vals, error in cold_warm_builds(src, a.build_repeat, a.build_timeout, ROOT, "calcml-w10-"):
-        if error is not None:
-            notes.append(f"- {label}: {error}")
-        if vals:
-            lines.append(f"| {label} | {fmt(vals['to_first_result'])} | {fmt(vals['generate'])} | "
-                         f"{fmt(vals['first_run'])} | {fmt(vals['second_run'])} | {fmt(vals['beyond_imports'])} | "
-                         f"{fmt(vals['imports'])} | {fmt(vals['import_calcml'])} | {fmt(vals['process'])} |")
+    rows, notes = build_table_rows(src, a.build_repeat, a.build_timeout, ROOT, "calcml-w10-", [],
+                                   ["to_first_result", "generate", "first_run", "second_run", "beyond_imports",
+                                    "imports", "import_calcml", "process"])
+    lines += rows
     lines.append("")
     lines.append("\"First run\" minus \"second run\" is about the compile (or load) time; \"beyond the imports\" = "
                  "import calcml + Cost → first result (not the data's generation).")

@@ -125,7 +125,7 @@ import scipy.linalg.cython_blas  # noqa: E402,F401  (loads SciPy's BLAS, which N
 from numba import njit, prange  # noqa: E402
 from numba.extending import get_cython_function_address  # noqa: E402
 
-from _common import (cold_warm_builds, fmt_spread, load_avg, machine_line, measure_interleaved,  # noqa: E402
+from _common import (build_table_rows, load_avg, machine_line, measure_interleaved,  # noqa: E402
                      table)
 
 K = 10  # classes
@@ -519,17 +519,14 @@ def run_build(a) -> str:
              "beyond the imports | imports (numpy, numba, sympy) | import calcml | whole process |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
-    fmt = fmt_spread
     for d in (64, D):
         src = CHILD_BUILD.format(root=ROOT, k=K, d=d, n=a.build_rows)
-        for label, vals, error in cold_warm_builds(src, a.build_repeat, a.build_timeout, ROOT, "calcml-w7-"):
-            if error is not None:
-                notes.append(f"- d = {d}, {label}: {error}")
-            if vals:
-                lines.append(f"| {d} ({K * d + K:,}) | {label} | {fmt(vals['to_gradient'])} | "
-                             f"{fmt(vals['compile'])} | {fmt(vals['first_call'])} | "
-                             f"{fmt(vals['beyond_imports'])} | {fmt(vals['imports'])} | "
-                             f"{fmt(vals['import_calcml'])} | {fmt(vals['process'])} |")
+        rows, failed = build_table_rows(src, a.build_repeat, a.build_timeout, ROOT, "calcml-w7-",
+                                        [f"{d} ({K * d + K:,})"],
+                                        ["to_gradient", "compile", "first_call", "beyond_imports", "imports",
+                                         "import_calcml", "process"], where=f"d = {d}, ")
+        lines += rows
+        notes += failed
     lines.append("")
     lines.append("\"Beyond the imports\" = import calcml + Cost → first gradient (not the data's generation). "
                  "Targets: cold < 10 s, warm < 0.3 s beyond the imports, about the same at d = 64 and 784.")

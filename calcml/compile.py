@@ -270,27 +270,27 @@ class Kernels:
         if _jit_disabled():  # NUMBA_DISABLE_JIT=1: the generated function itself, run by Python
             module = self.module if path == self.path else import_cached(path)
             return _python_kernel(getattr(module, name), self._has_data)
-        obj = native.object_path(path, name)
-        known = _machine_code.get(str(obj))
+        memo = str(native.object_path(path, name))
+        known = _machine_code.get(memo)
         if known is not None:  # another Kernels of this process (e.g. parallel=True) has it
             return known
-        address = native.load(obj)
-        keep = None
-        if address is None:
+        def to_compile():
             module = self.module if path == self.path else import_cached(path)
-            signature = module.SIG_ROWS if self._has_data else module.SIG_THETA
-            try:
-                address, keep = native.compile_cfunc(getattr(module, name), signature, module.CFUNC_FLAGS, obj)
-            except Exception as exc:
-                raise CodegenError(
-                    f"Numba could not compile the generated kernel {name} in {path}: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                ) from exc
+            return getattr(module, name), module.SIG_ROWS if self._has_data else module.SIG_THETA, module.CFUNC_FLAGS
+
+        try:
+            address, keep, compiled = native.load_or_compile(path, name, to_compile)
+        except Exception as exc:
+            raise CodegenError(
+                f"Numba could not compile the generated kernel {name} in {path}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        if compiled:
             self.compiled.append(name)
         proto = _ROWS_PROTO if self._has_data else _THETA_PROTO
         fn = proto(address)
         fn._calcml_keep = keep  # the compiled function owns the code: keep it alive
-        _machine_code[str(obj)] = fn
+        _machine_code[memo] = fn
         return fn
 
     def _hessian(self) -> Path:

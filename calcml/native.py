@@ -30,7 +30,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["host_key", "load", "compile_cfunc", "ThreadPool", "pool", "thread_count"]
+__all__ = ["host_key", "load", "compile_cfunc", "load_or_compile", "ThreadPool", "pool", "thread_count"]
 
 _MAGIC = b"calcml-object 1\n"
 _lock = threading.RLock()
@@ -235,6 +235,20 @@ def compile_cfunc(function, signature, flags: dict, save_to: Path | None):
         except OSError as exc:  # a read-only or full cache folder: the next process compiles again
             _warn_once("write", exc)
     return cf.address, cf
+
+
+def load_or_compile(module_path: Path, name: str, to_compile) -> tuple:
+    """``(address, keepalive, compiled)`` of function ``name`` of the module at ``module_path``:
+    its machine code loaded from beside the module, else compiled with ``numba.cfunc`` from
+    ``to_compile()`` (``(function, signature, flags)``, made only then) and kept there (see
+    :func:`compile_cfunc`). ``keepalive`` is None for loaded code."""
+    obj = object_path(module_path, name)
+    address = load(obj)
+    if address is not None:
+        return address, None, False
+    function, signature, flags = to_compile()
+    address, keep = compile_cfunc(function, signature, flags, obj)
+    return address, keep, True
 
 
 # -- threads ---------------------------------------------------------------------------------

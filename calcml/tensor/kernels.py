@@ -239,20 +239,16 @@ def _native_entry_points(mod, kind: str, has_data: bool):
 
     if _jit_disabled() or not hasattr(mod, f"{kind}_finish_c"):
         return None
-    path = mod._calcml_path
     fns = {}
-    for part, sig in (("rows", "SIG_ROWS"), ("finish", "SIG_FINISH")):
+    for part, sig in (("rows", mod.SIG_ROWS), ("finish", mod.SIG_FINISH)):
         if part == "rows" and not has_data:
             continue
         name = f"{kind}_{part}_c"
-        obj = native.object_path(path, name)
-        address = native.load(obj)
-        keep = None
-        if address is None:
-            try:
-                address, keep = native.compile_cfunc(getattr(mod, name), getattr(mod, sig), KERNEL_FLAGS, obj)
-            except Exception:  # noqa: BLE001 - the njit kernels serve (they compile on their own)
-                return None
+        try:
+            address, keep, _ = native.load_or_compile(mod._calcml_path, name,
+                                                      lambda: (getattr(mod, name), sig, KERNEL_FLAGS))
+        except Exception:  # noqa: BLE001 - the njit kernels serve (they compile on their own)
+            return None
         fns[part] = (address, keep)
     finish_fn = ctypes.CFUNCTYPE(None, _P, _P, _P, _P)(fns["finish"][0])
     finish_fn._calcml_keep = fns["finish"][1]
@@ -262,15 +258,17 @@ def _native_entry_points(mod, kind: str, has_data: bool):
 
     if not has_data:
         return (None, finish)
-    n_data = len(getattr(mod, "SIG_ROWS").args) - 7
+    n_data = len(mod.SIG_ROWS.args) - 7  # theta, v, the data, n, r0, r1, scale, acc
     rows_fn = ctypes.CFUNCTYPE(None, _P, _P, *([_P] * n_data), _I, _I, _I, _D, _P)(fns["rows"][0])
     rows_fn._calcml_keep = fns["rows"][1]
 
-    def rows_for(n):
+    def rows_for(n, arrays):
+        """rows(theta, v, *arrays, lo, hi, scale, acc) over these arrays (addresses taken once)"""
+        addresses = [a.ctypes.data for a in arrays]
+
         def rows(theta, v, *rest):
-            *arrays, lo, hi, scale, acc = rest
-            rows_fn(theta.ctypes.data, v.ctypes.data, *[a.ctypes.data for a in arrays], n, lo, hi, scale,
-                    acc.ctypes.data)
+            lo, hi, scale, acc = rest[-4:]
+            rows_fn(theta.ctypes.data, v.ctypes.data, *addresses, n, lo, hi, scale, acc.ctypes.data)
         return rows
 
     return (rows_for, finish)
@@ -372,7 +370,7 @@ class TensorKernels:
         acc = np.zeros((len(parts), max(acc_size, 1)))
         rows = getattr(mod, rows_name or f"{kind}_rows")
         if native_fns is not None:
-            rows = native_fns[0](n)
+            rows = native_fns[0](n, td.arrays)
         scale = 1.0 / n if self.cost.reduce == "mean" else 1.0
         run_striped(rows, theta, v, td.arrays, parts, scale, acc, thread_count(self.parallel, n), extra)
         if not finish:
