@@ -171,7 +171,8 @@ class RowProgram:
     Names: ``theta`` and ``cols`` are the inputs; ``p{j}`` parameters, ``c{k}`` column
     arrays, ``x{k}`` the current row's values, ``h{i}`` row-independent temporaries,
     ``t{i}`` per-row temporaries. ``row_loads`` hold a ``{row}`` placeholder for the row
-    index expression. ``outputs`` are (label, code) per accumulated quantity, and
+    index expression. ``outputs`` are (label, code) per accumulated quantity (``exprs`` the
+    same as (label, expression), for a generator that prints them under other names), and
     ``check`` is 0.0 when the row's data are finite (NaN otherwise).
     """
 
@@ -191,6 +192,7 @@ class RowProgram:
     row_check: str | None = None
     check_slots: tuple = ()
     slot_checked: tuple = ()  # the columns (indices) those slots check
+    exprs: tuple = ()  # (label, expression) per output: what ``outputs`` print, for printing anew
 
 
 class _Writer:
@@ -306,6 +308,7 @@ class ModuleBuilder:
             row_loads=[f"x{k} = c{k}[{{row}}]" for k in range(len(self.cost.data))],
             row=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s in pl.row_temps],
             outputs=[(label, self._p(e)) for label, e in outs],
+            exprs=tuple(outs),
             # x - x is 0.0 for finite x and NaN for inf/NaN: a free check that the data are finite.
             check=" + ".join(f"(x{k} - x{k})" for k in range(len(self.cost.data))) or "0.0",
             pairs=list(self.sym.pairs) if kind == "hessian" else [],

@@ -47,7 +47,6 @@ parameters of the epoch of lowest mean minibatch cost, or ``x0``).
 from __future__ import annotations
 
 import os
-import re
 import threading
 
 import sympy as sp
@@ -57,7 +56,7 @@ from . import result as _result
 from .codegen import NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
 from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
-from .optim import Optimizer
+from .optim import CALL_ARGS, GRAD, PARAM, RATE, STEP, Optimizer, slot
 from .printing import NumbaPrinter
 from .schedules import Schedule
 
@@ -78,6 +77,8 @@ UNROLL_MAX = 64
 # Full-batch first-order loops of costs without data, up to this many parameters, book each
 # step after its update (see _Generator._delayed_body).
 DELAY_MAX = 16
+# Line-searched steps that leave the gradient at the new point in g (the loop need not evaluate it).
+_KEEPS_GRADIENT = frozenset({"lbfgs"})
 # Full-batch passes over at least this many rows run on calcml's threads: the kernels' own
 # threshold, since they are the kernels' own passes.
 PARALLEL_MIN_ROWS = _PARALLEL_MIN_ROWS
@@ -271,20 +272,21 @@ def plan(n_rows, batch_size=None, epochs=None, maxiter=None):
 
 _DRIVER_TAIL = '''
 
-def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=BATCH_SIZE, epochs=None, maxiter=None,
+def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=None, epochs=None, maxiter=None,
         tol=1e-8, seed=0, callback=None, segment_seconds=SEGMENT_SECONDS, first_segment=None):
     """Minimize from x0 (a 1-D array in PARAM_NAMES order); returns the report: a dict with x,
     fun, grad, nit, nfev, status, history and the bookkeeping.
 
     hyper: dict of HYPER_NAMES values (default HYPER_DEFAULTS); schedule_args: the schedule's
-    numbers (default SCHEDULE_DEFAULTS). The loop runs in segments of about segment_seconds;
+    numbers (default SCHEDULE_DEFAULTS); batch_size: default BATCH_SIZE. The loop runs in segments of about segment_seconds;
     callback(step, max_steps, value), if given, is called between segments. Ctrl-C stops the
     run and returns the best point seen.
     """
     (x, fun, grad, grad_norm, nit, nfev, status, history, history_every, path,
      epochs, best_step, best_value, diverged_at, blowup) = drive(
         x0, data, HYPER_DEFAULTS if hyper is None else hyper, SCHEDULE_DEFAULTS if schedule_args is None else schedule_args,
-        batch_size, epochs, maxiter, tol, seed, callback, segment_seconds, first_segment)
+        BATCH_SIZE if batch_size is None else batch_size, epochs, maxiter, tol, seed, callback, segment_seconds,
+        first_segment)
     return {
         "x": x, "fun": fun, "grad": grad, "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
         "status": status, "status_name": STATUS_NAMES[status], "history": history, "history_every": history_every,
@@ -292,25 +294,6 @@ def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=BATCH_SIZE,
         "diverged_at": diverged_at, "blowup": blowup,
     }
 '''
-
-
-def _rename(line: str, hyper, state) -> str:
-    """Optimizer names -> generated names: hyperparameters ``hp_<name>``, state ``st_<name>``."""
-    for name in hyper:
-        line = re.sub(rf"\b{name}\b", f"hp_{name}", line)
-    for name in state:
-        line = re.sub(rf"\b{name}\b", f"st_{name}", line)
-    return line
-
-
-def _unroll(line: str, j: int, state) -> str:
-    """A per-parameter rule for parameter ``j``, with parameters, gradient and state in scalars."""
-    # whole names only: the g[j] inside a state "avg[j]" (st_avg[j] by now) is not the gradient
-    line = re.sub(r"\btheta\[j\]", f"p{j}", line)
-    line = re.sub(r"\bg\[j\]", f"g{j}", line)
-    for name in state:
-        line = re.sub(rf"\bst_{name}\[j\]", f"st_{name}_{j}", line)
-    return line
 
 
 class _LatencyPrinter(NumbaPrinter):
@@ -736,7 +719,9 @@ class _Generator:
         elif late is not None:
             for j in range(n):
                 w(ind, f"{gname(j)} = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
-            late.append("value = " + re.sub(r"\bp(\d+)\b", r"q\1", vg.outputs[0][1]))
+            saved = {p: f"q{j}" for j, p in enumerate(self.cost.params)}  # the point before the update
+            with self.mb.printer.naming(saved):
+                late.append("value = " + self.mb.printer.doprint_expr(vg.exprs[0][1]))
             late.append("gn2 = " + " + ".join(f"g{j} * g{j}" for j in range(n)))
             return
         else:
@@ -750,22 +735,37 @@ class _Generator:
             w(ind, "for j in range(N_PARAMS):")
             w(ind + 1, "gn2 += g[j] * g[j]")
 
+    def _names(self, j=None) -> dict:
+        """The code names of the rule's symbols: for parameter ``j`` (unrolled: local
+        scalars), for the loop variable ``j`` (None: array slots), or only the per-update
+        ones (j == "step")."""
+        names = {slot(RATE): "lr", slot(STEP): "step"}
+        names.update({slot(h): f"hp_{h}" for h in self.hyper})
+        names.update({slot(v): f"o_{v}" for v in self.opt.locals})
+        if j is None:
+            names.update({slot(PARAM): "theta[j]", slot(GRAD): "g[j]"})
+            names.update({slot(s): f"st_{s}[j]" for s in self.state})
+        elif j != "step":
+            names.update({slot(PARAM): f"p{j}", slot(GRAD): f"g{j}"})
+            names.update({slot(s): f"st_{s}_{j}" for s in self.state})
+        return names
+
     def _update(self, w, ind: int):
-        """The optimizer's update of the parameters (and its state) by the gradient."""
-        opt = self.opt
+        """The optimizer's update of the parameters (and its state) by the gradient: its
+        rule printed for each parameter, its symbols named by :meth:`_names`."""
+        opt, printer = self.opt, self.mb.printer
         if not self._constant_rate():
             w(ind, f"lr = {self.schedule.code('step')}  # schedule {self.schedule.structure()}")
-        for line in opt.per_step:
-            w(ind, _rename(line, self.hyper, self.state))
+        for line in printer.assignments(opt.per_step, self._names("step")):
+            w(ind, line)
         w(ind, f"# {opt.name} update ({_comment(opt.reference)})")
-        rules = [_rename(line, self.hyper, self.state) for line in opt.update]
         if self.unrolled:
             for j in range(self.n):
-                for line in rules:
-                    w(ind, _unroll(line, j, self.state))
+                for line in printer.assignments(opt.update, self._names(j)):
+                    w(ind, line)
         else:
             w(ind, "for j in range(N_PARAMS):")
-            for line in rules:
+            for line in printer.assignments(opt.update, self._names()):
                 w(ind + 1, line)
 
     def _delayed_body(self, w, vg: RowProgram):
@@ -814,8 +814,16 @@ class _Generator:
         w(3, "gn2 += g[j] * g[j]")
         self._stopping(w, 2, lambda j: f"theta[{j}]")
         w(2, f"# {self.opt.name} step ({_comment(self.opt.reference)})")
-        for line in self.opt.step:
-            w(2, _rename(line, self.hyper, self.state))
+        helper, args = self.opt.call
+        names = {**{a: a for a in CALL_ARGS}, **{h: f"hp_{h}" for h in self.hyper}, **{s: f"st_{s}" for s in self.state}}
+        w(2, f"ok, fnew, nf = {helper}({', '.join(names[a] for a in args)})")
+        w(2, "nfev += nf")
+        w(2, "if not ok:")
+        w(3, "status = LINE_SEARCH_FAILED")
+        w(3, "break")
+        w(2, "value = fnew")
+        if self.opt.kind in _KEEPS_GRADIENT:
+            w(2, "fresh = 1  # the step left the gradient at the new point in g")
 
     # -- the module ----------------------------------------------------------------------------
     def source(self, header_lines=()) -> str:

@@ -1,18 +1,24 @@
-"""Optimizers as small, pure descriptions: hyperparameters, state, and the update rule as code.
+"""Optimizers as small, pure descriptions: hyperparameters, state, and the update rule as math.
 
 Each optimizer is what optax calls a gradient transformation, written down as data
 (``optax/_src/base.py``, ``alias.py``): its hyperparameters (numbers passed to the compiled
 loop at run time, so one compiled loop serves a sweep), its state arrays, and its update rule
-as lines of code that :mod:`calcml.loop` places inside the generated descent loop, with the
-exact gradient of the cost inlined before them. Adding an optimizer is one function here.
+as SymPy assignments that the generators (:mod:`calcml.loop`, :mod:`calcml.tensor.optimize`)
+print into the generated descent loop, after the cost's exact gradient. Adding an optimizer
+is one function here.
 
-Names the update lines may use: ``theta[j]`` (parameter ``j``), ``g[j]`` (its gradient),
-``<state>[j]`` for each state array, each hyperparameter by name, ``lr`` (the scheduled rate
-of this update) and ``step`` (the number of updates done so far, from 0). ``per_step`` lines
-run once per update before the per-parameter lines.
+An update rule is a sequence of ``(target, expression)`` pairs, done in order for each
+parameter. Its symbols are this module's :data:`theta` (the parameter), :data:`g` (its
+gradient), :data:`lr` (the scheduled rate of this update) and :data:`step` (updates done so
+far, from 0), and symbols named like the optimizer's hyperparameters and state arrays (the
+state's entry for this parameter); a target may also be a new name, a value the later pairs
+read. ``per_step`` pairs are done once per update, before the parameters' (they may read
+``lr``, ``step`` and the hyperparameters). Nothing is code: the generators print the
+expressions with the printer that prints the cost, and rename symbols as symbols.
 
 Newton and L-BFGS are full-batch methods that choose their own step by a line search; their
-step is a call to helper functions (given here as source) of the value, gradient and Hessian.
+step is a call (``call``: the helper's name and its arguments' names) of helper functions,
+given here as source, of the value, gradient and Hessian.
 
 >>> import calcml as cm
 >>> opt = cm.optim.adam(lr=1e-3)
@@ -27,6 +33,8 @@ import keyword
 import numbers
 import re
 from dataclasses import dataclass, field, replace
+
+import sympy as sp
 
 from .errors import OptimizeError
 from .schedules import _real
@@ -45,31 +53,112 @@ __all__ = [
     "newton_cg",
     "get",
     "METHODS",
+    "theta",
+    "g",
+    "lr",
+    "step",
 ]
 
-# Hyperparameter and state names: plain words. The generator renames them in the code
-# (``hp_<name>``, ``st_<name>``), so they never meet the cost's own names (p0, c1, t3...).
+# Hyperparameter, state and rule-local names: plain words. The generators print them under
+# names of their own (``hp_<name>``, ``st_<name>``...), so they never meet the cost's.
 _NAME = re.compile(r"^[a-z][a-z0-9]*$")
-# names the update lines read, which a hyperparameter or a state must not shadow
+# names the rules read, which a hyperparameter, a state or a rule's own value must not take
 _RESERVED = frozenset({"theta", "g", "j", "lr", "step", "math", "np", "n"})
+
+# The rule's vocabulary (what a user's rule is written with).
+theta = sp.Symbol("theta")  #: the parameter being updated
+g = sp.Symbol("g")  #: its exact gradient (of the batch)
+lr = sp.Symbol("lr")  #: the learning rate of this update (the schedule's, or the constant)
+step = sp.Symbol("step")  #: the number of updates done so far, from 0
+# What the loops read per parameter and per update, as each generator names them.
+PARAM, GRAD, RATE, STEP = "theta", "g", "lr", "step"
+# The arguments a line-searched step's helper may take besides its state and hyperparameters.
+CALL_ARGS = frozenset({"theta", "value", "g", "cols"})
+
+# One Dummy per name, made once: a rule's symbols never equal a cost's symbols (a parameter
+# named "g" or "lr"), and the same name is the same object in every rule of the process.
+_SLOTS: dict = {}
+
+
+def slot(name: str) -> sp.Dummy:
+    """The canonical symbol of a rule's name (what the generators map to their own names)."""
+    found = _SLOTS.get(name)
+    if found is None:
+        found = _SLOTS.setdefault(name, sp.Dummy(name))
+    return found
+
+
+def _rule(opt: str, what: str, pairs, readable: set, targets: set, locals_: set) -> tuple:
+    """``pairs`` validated and canonical: ((slot, expression), ...) with every symbol a slot.
+
+    ``readable``: the names the expressions may read; ``targets``: the names they may assign
+    besides new locals, which are added to ``locals_`` (readable by the later pairs)."""
+    from .errors import CodegenError
+    from .printing import NumbaPrinter
+
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (tuple, list)):
+        raise OptimizeError(f"optimizer {opt}: {what} must be a sequence of (target, expression) pairs, got {pairs!r}")
+    out = []
+    for pair in pairs:
+        if isinstance(pair, str):
+            raise OptimizeError(
+                f"optimizer {opt}: {what} holds the string {pair!r}; rules are (target, expression) pairs of "
+                f"SymPy symbols, e.g. (m, beta*m + g) and (theta, theta - lr*m) with theta, g, lr from "
+                f"calcml.optim: calcml prints them itself and runs no code it is given")
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise OptimizeError(f"optimizer {opt}: each item of {what} is a (target, expression) pair, got {pair!r}")
+        target, expr = pair
+        if not isinstance(target, sp.Symbol):
+            raise OptimizeError(f"optimizer {opt}: the target of {what} pair {pair!r} must be a SymPy symbol")
+        if isinstance(expr, bool) or not isinstance(expr, (sp.Expr, numbers.Real)):
+            raise OptimizeError(f"optimizer {opt}: {what} assigns {target.name} a {type(expr).__name__}, "
+                                f"not a SymPy expression ({expr!r})")
+        expr = sp.sympify(expr)  # a number or an Expr: never a string (refused above)
+        for sym in sorted(expr.free_symbols, key=str):
+            if not isinstance(sym, sp.Symbol) or sym.name not in readable | locals_:
+                known = ", ".join(sorted(readable | locals_))
+                raise OptimizeError(f"optimizer {opt}: {what} reads {sym}, which it cannot: it may read {known} "
+                                    f"(and the values it assigned before)")
+        name = target.name
+        if name not in targets:
+            if name in readable or not _NAME.match(name) or keyword.iskeyword(name) or hasattr(builtins, name):
+                raise OptimizeError(f"optimizer {opt}: {what} cannot assign {name!r}")
+            locals_.add(name)
+        canon = expr.xreplace({s: slot(s.name) for s in expr.free_symbols})
+        printer = NumbaPrinter({slot(n): n for n in readable | locals_})
+        try:
+            printer.doprint_expr(canon)
+        except CodegenError as exc:
+            raise OptimizeError(f"optimizer {opt}: {what} assigns {name} what calcml cannot compile: {exc}") from None
+        out.append((slot(name), canon))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class Optimizer:
     """An optimizer: what the generator needs, nothing hidden.
 
-    ``kind`` is ``"first_order"`` (``update`` lines, inlined per parameter) or ``"newton"`` /
-    ``"lbfgs"`` (a line-searched full-batch step). ``lr`` is the default constant rate
-    (``None`` for methods that pick their own step; ``"auto"`` for gd's safe step).
+    ``kind`` is ``"first_order"`` (``update`` pairs, done per parameter) or ``"newton"`` /
+    ``"lbfgs"`` (a line-searched full-batch step: ``call``, the helper in ``helpers`` and its
+    arguments by name). ``lr`` is the default constant rate (``None`` for methods that pick
+    their own step; ``"auto"`` for gd's safe step). See the module's docstring for the rules.
+
+    >>> import calcml as cm, sympy as sp
+    >>> from calcml.optim import theta, g, lr
+    >>> m, beta = sp.symbols("m beta")
+    >>> signum = cm.optim.Optimizer("signum", 0.01, {"beta": 0.9}, state=(("m", ("n",), 0.0),),
+    ...                             update=[(m, beta*m + (1 - beta)*g), (theta, theta - lr*sp.sign(m))])
+    >>> signum.hyper
+    {'beta': 0.9}
     """
 
     name: str
     lr: object
     hyper: dict
     state: tuple = ()  # ((name, shape, initial value), ...); shape items: "n", "memory" or ints
-    per_step: tuple = ()
-    update: tuple = ()  # first order: per-parameter lines
-    step: tuple = ()  # newton / lbfgs: the lines of one step, calling ``helpers``
+    per_step: tuple = ()  # (target, expression) pairs, once per update
+    update: tuple = ()  # first order: (target, expression) pairs, per parameter
+    call: tuple = ()  # newton / lbfgs: (helper name, (argument names...))
     helpers: str = ""  # module-level source (jitted functions) the step calls
     kind: str = "first_order"
     stochastic: bool = False  # needs minibatches (sgd)
@@ -78,20 +167,51 @@ class Optimizer:
     extra: dict = field(default_factory=dict)  # structural settings (e.g. L-BFGS memory)
 
     def __post_init__(self):
-        for name in list(self.hyper) + [s[0] for s in self.state]:
+        names = list(self.hyper) + [s[0] for s in self.state]
+        for name in names:
             if not _NAME.match(name):
                 raise OptimizeError(f"optimizer {self.name}: name {name!r} must be a plain lower-case word")
             if name in _RESERVED or keyword.iskeyword(name) or hasattr(builtins, name):
-                raise OptimizeError(f"optimizer {self.name}: the name {name!r} is taken (the update lines read "
-                                    f"theta[j], g[j], lr, step, math and np); choose another")
+                raise OptimizeError(f"optimizer {self.name}: the name {name!r} is taken (the rules read "
+                                    f"theta, g, lr and step); choose another")
+        if len(set(names)) != len(names):
+            raise OptimizeError(f"optimizer {self.name}: a hyperparameter and a state share a name ({names})")
+        per_param = {s[0] for s in self.state if tuple(s[1]) == ("n",)}
+        locals_: set = set()
+        per_step = _rule(self.name, "per_step", self.per_step, {RATE, STEP, *self.hyper}, set(), locals_)
+        update = _rule(self.name, "update", self.update, {PARAM, GRAD, RATE, STEP, *self.hyper, *per_param},
+                       {PARAM, *per_param}, locals_)
+        if self.kind == "first_order" and not any(t == slot(PARAM) for t, _ in update):
+            raise OptimizeError(f"optimizer {self.name}: the update never assigns theta")
+        object.__setattr__(self, "per_step", per_step)
+        object.__setattr__(self, "update", update)
+        if self.call:
+            helper, args = self.call
+            bad = [a for a in args if a not in CALL_ARGS and a not in names]
+            if bad or not helper.isidentifier() or f"def {helper}(" not in self.helpers:
+                raise OptimizeError(f"optimizer {self.name}: the step calls {helper}{tuple(args)}, which its "
+                                    f"helpers do not define or whose arguments {bad} are not known")
+            object.__setattr__(self, "call", (helper, tuple(args)))
+
+    @property
+    def locals(self) -> list:
+        """The names the rules assign besides theta and the state (in order)."""
+        state = {s[0] for s in self.state}
+        seen = []
+        for target, _ in self.per_step + self.update:
+            name = target.name
+            if name != PARAM and name not in state and name not in seen:
+                seen.append(name)
+        return seen
 
     def structure(self) -> str:
-        """What the compiled loop depends on: the rule's code, not the numbers."""
+        """What the compiled loop depends on: the rule, not the numbers."""
         found = self.__dict__.get("_structure")  # made once: every run looks its loop up by it
         if found is None:
+            rules = [f"{t.name}={e}" for t, e in self.per_step + self.update]  # str: Dummies print by name
             found = "|".join(
-                [self.kind, self.name, ",".join(self.hyper), ",".join(f"{s[0]}{s[1]}{s[2]}" for s in self.state), *self.per_step, *self.update, *self.step, self.helpers,
-                 repr(sorted(self.extra.items()))]
+                [self.kind, self.name, ",".join(self.hyper), ",".join(f"{s[0]}{s[1]}{s[2]}" for s in self.state),
+                 *rules, repr(self.call), self.helpers, repr(sorted(self.extra.items()))]
             )
             object.__setattr__(self, "_structure", found)
         return found
@@ -144,7 +264,8 @@ def _cholesky(A, L, mu):
 
 @_jit
 def _newton_step(theta, value, g, cols, H, L, d, xt, c1):
-    """One damped Newton step with Armijo backtracking; returns evaluations used (< 0: failed)"""
+    """One damped Newton step with Armijo backtracking; updates theta in place (not g).
+    Returns (ok, new value, evaluations)"""
     n = theta.shape[0]
     _hess(theta, cols, H)
     scale = 0.0
@@ -156,7 +277,7 @@ def _newton_step(theta, value, g, cols, H, L, d, xt, c1):
     while not _cholesky(H, L, mu):
         mu = tau if mu == 0.0 else 10.0 * mu
         if not (mu < 1e300):
-            return -1
+            return False, value, 0
     # solve L L^T d = -g
     for i in range(n):
         s = -g[i]
@@ -179,9 +300,9 @@ def _newton_step(theta, value, g, cols, H, L, d, xt, c1):
         if ft <= value + c1 * alpha * slope:
             for i in range(n):
                 theta[i] = xt[i]
-            return ls + 1
+            return True, ft, ls + 1
         alpha *= 0.5
-    return -60
+    return False, value, 60
 '''
 
 _LBFGS_HELPERS = '''
@@ -353,6 +474,12 @@ def _lbfgs_step(theta, value, g, cols, S, Y, rho, al, d, xt, gt, mem, c1, c2):
 '''
 
 
+# The built-in rules' own symbols (named like their hyperparameters, state and values); the
+# rate under another Python name, since the factories take a number called lr.
+_rate = lr
+_m, _v, _nu, _acc, _mhat, _vhat, _bc1, _bc2 = sp.symbols("m v nu acc mhat vhat bc1 bc2")
+_momentum, _b1, _b2, _eps, _decay = sp.symbols("momentum b1 b2 eps decay")
+
 _FACTORIES: dict = {}
 
 
@@ -375,7 +502,7 @@ def gd(lr=0.01):
     >>> res.x.round(6).tolist()
     [1.0, -2.0]
     """
-    return Optimizer("gd", _lr("gd", lr, allow_auto=True), {}, update=("theta[j] -= lr * g[j]",),
+    return Optimizer("gd", _lr("gd", lr, allow_auto=True), {}, update=((theta, theta - _rate * g),),
                      reference="Cauchy 1847; optax.sgd(momentum=None)")
 
 
@@ -392,7 +519,7 @@ def sgd(lr=0.01):
     >>> round(res.params["w"], 4)
     3.0
     """
-    return Optimizer("sgd", _lr("sgd", lr), {}, update=("theta[j] -= lr * g[j]",), stochastic=True,
+    return Optimizer("sgd", _lr("sgd", lr), {}, update=((theta, theta - _rate * g),), stochastic=True,
                      reference="Robbins & Monro 1951; optax.sgd")
 
 
@@ -409,7 +536,7 @@ def momentum(lr=0.01, momentum=0.9):
     return Optimizer(
         "momentum", _lr("momentum", lr), {"momentum": _unit("momentum", "momentum", momentum)},
         state=(("m", ("n",), 0.0),),
-        update=("m[j] = momentum * m[j] + g[j]", "theta[j] -= lr * m[j]"),
+        update=((_m, _momentum * _m + g), (theta, theta - _rate * _m)),
         reference="Polyak 1964; optax.sgd(momentum=b) (trace), torch.optim.SGD",
     )
 
@@ -428,7 +555,7 @@ def nesterov(lr=0.01, momentum=0.9):
     return Optimizer(
         "nesterov", _lr("nesterov", lr), {"momentum": _unit("nesterov", "momentum", momentum)},
         state=(("m", ("n",), 0.0),),
-        update=("m[j] = momentum * m[j] + g[j]", "theta[j] -= lr * (g[j] + momentum * m[j])"),
+        update=((_m, _momentum * _m + g), (theta, theta - _rate * (g + _momentum * _m))),
         reference="Nesterov 1983; Sutskever et al. 2013; optax.sgd(nesterov=True)",
     )
 
@@ -450,11 +577,13 @@ def adam(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
         "adam", _lr("adam", lr),
         {"b1": _unit("adam", "b1", b1), "b2": _unit("adam", "b2", b2), "eps": _real("adam", "eps", eps, positive=True)},
         state=(("m", ("n",), 0.0), ("v", ("n",), 0.0)),
-        per_step=("bc_one = 1.0 - b1 ** (step + 1)", "bc_two = 1.0 - b2 ** (step + 1)"),
+        per_step=((_bc1, 1 - _b1 ** (step + 1)), (_bc2, 1 - _b2 ** (step + 1))),
         update=(
-            "m[j] = b1 * m[j] + (1.0 - b1) * g[j]",
-            "v[j] = b2 * v[j] + (1.0 - b2) * (g[j] * g[j])",
-            "theta[j] -= lr * (m[j] / bc_one) / (math.sqrt(v[j] / bc_two) + eps)",
+            (_m, _b1 * _m + (1 - _b1) * g),
+            (_v, _b2 * _v + (1 - _b2) * g**2),
+            (_mhat, _m / _bc1),  # the bias-corrected moments, each a division of its own
+            (_vhat, _v / _bc2),
+            (theta, theta - _rate * _mhat / (sp.sqrt(_vhat) + _eps)),
         ),
         reference="Kingma & Ba 2015, Algorithm 1; optax.adam",
     )
@@ -476,8 +605,8 @@ def rmsprop(lr=0.01, decay=0.9, eps=1e-8):
         {"decay": _unit("rmsprop", "decay", decay), "eps": _real("rmsprop", "eps", eps, positive=True)},
         state=(("nu", ("n",), 0.0),),
         update=(
-            "nu[j] = decay * nu[j] + (1.0 - decay) * (g[j] * g[j])",
-            "theta[j] -= lr * g[j] / (math.sqrt(nu[j]) + eps)",
+            (_nu, _decay * _nu + (1 - _decay) * g**2),
+            (theta, theta - _rate * g / (sp.sqrt(_nu) + _eps)),
         ),
         reference="Tieleman & Hinton 2012; torch.optim.RMSprop",
     )
@@ -496,7 +625,7 @@ def adagrad(lr=0.01, eps=1e-10):
     return Optimizer(
         "adagrad", _lr("adagrad", lr), {"eps": _real("adagrad", "eps", eps, positive=True)},
         state=(("acc", ("n",), 0.0),),
-        update=("acc[j] += g[j] * g[j]", "theta[j] -= lr * g[j] / (math.sqrt(acc[j]) + eps)"),
+        update=((_acc, _acc + g**2), (theta, theta - _rate * g / (sp.sqrt(_acc) + _eps))),
         reference="Duchi, Hazan & Singer 2011; torch.optim.Adagrad",
     )
 
@@ -522,14 +651,7 @@ def newton(c1=1e-4):
     return Optimizer(
         "newton", None, {"c1": c1}, kind="newton", default_maxiter=200,
         state=(("hmat", ("n", "n"), 0.0), ("lmat", ("n", "n"), 0.0), ("d", ("n",), 0.0), ("xt", ("n",), 0.0)),
-        step=(
-            "nf = _newton_step(theta, value, g, cols, hmat, lmat, d, xt, c1)",
-            "if nf < 0:",
-            "    nfev -= nf",
-            "    status = LINE_SEARCH_FAILED",
-            "    break",
-            "nfev += nf",
-        ),
+        call=("_newton_step", ("theta", "value", "g", "cols", "hmat", "lmat", "d", "xt", "c1")),
         helpers=_NEWTON_HELPERS,
                      reference="Nocedal & Wright 2006, Alg. 3.2 and section 3.4")
 
@@ -561,15 +683,7 @@ def lbfgs(memory=10, c1=1e-4, c2=0.9):
             ("s", ("memory", "n"), 0.0), ("y", ("memory", "n"), 0.0), ("rho", ("memory",), 0.0),
             ("al", ("memory",), 0.0), ("d", ("n",), 0.0), ("xt", ("n",), 0.0), ("gt", ("n",), 0.0), ("mem", (2,), 0.0),
         ),
-        step=(
-            "ok, fnew, nf = _lbfgs_step(theta, value, g, cols, s, y, rho, al, d, xt, gt, mem, c1, c2)",
-            "nfev += nf",
-            "if not ok:",
-            "    status = LINE_SEARCH_FAILED",
-            "    break",
-            "value = fnew",
-            "fresh = 1",
-        ),
+        call=("_lbfgs_step", ("theta", "value", "g", "cols", "s", "y", "rho", "al", "d", "xt", "gt", "mem", "c1", "c2")),
         helpers=_LBFGS_HELPERS,
                      extra={"memory": int(memory)},
                      reference="Liu & Nocedal 1989; Nocedal & Wright 2006, Alg. 7.4, 3.5, 3.6")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from contextlib import contextmanager
 
 import sympy as sp
 from sympy.core.function import AppliedUndef
@@ -160,6 +161,22 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
             return self._print(expr)
         except PrintMethodNotImplementedError as exc:
             raise CodegenError(f"cannot compile {expr}: {exc.args[0].splitlines()[0]}") from None
+
+    @contextmanager
+    def naming(self, extra: dict):
+        """Print with the symbols of ``extra`` under its names (over the table's own): how a
+        statement is renamed, symbol by symbol, never by editing its text."""
+        saved = self.names
+        self.names = {**saved, **extra}
+        try:
+            yield self
+        finally:
+            self.names = saved
+
+    def assignments(self, pairs, extra: dict) -> list:
+        """``(target, expression)`` pairs as lines ``target = code``, named by ``extra``."""
+        with self.naming(extra):
+            return [f"{self._print(t)} = {self.doprint_expr(e)}" for t, e in pairs]
 
     def _print_not_supported(self, expr):
         raise CodegenError(

@@ -64,14 +64,17 @@ class Program:
         """Write the module as a standalone file (imports only numpy and numba; no sympy, no
         calcml) whose ``run(x0, data, ...)`` does the whole fit. Its defaults are this
         program's hyperparameters, schedule numbers and batch size."""
-        text = self.source
-        lines = [ln for ln in text.split("\n") if not ln.startswith("# calcml-sha256: ")]
-        text = "\n".join(lines)
-        text = text.replace("\nBATCH_SIZE = None\n", f"\nBATCH_SIZE = {self.batch_size!r}\n", 1)
+        lines = [ln for ln in self.source.split("\n") if not ln.startswith("# calcml-sha256: ")]
         hyper = {k: float(v) for k, v in self.optimizer.hyper.items()}
-        text = text.replace("\nHYPER_DEFAULTS = None\n", f"\nHYPER_DEFAULTS = {hyper!r}\n", 1)
         values = self.schedule.values() if self.schedule is not None else []
-        text = text.replace("\nSCHEDULE_DEFAULTS = None\n", f"\nSCHEDULE_DEFAULTS = {values!r}\n", 1)
+        # the module as generated (it serves every program of its structure), then this
+        # program's numbers, which run() reads when it is called
+        text = "\n".join(lines).rstrip("\n") + "\n\n\n" + "\n".join([
+            "# -- this program's numbers: run()'s defaults (written by Program.export) --",
+            f"HYPER_DEFAULTS = {hyper!r}",
+            f"SCHEDULE_DEFAULTS = {values!r}",
+            f"BATCH_SIZE = {self.batch_size!r}",
+        ]) + "\n"
         # numba's cache=True needs a writable __pycache__ beside the file; keep it, it is harmless
         p = Path(path)
         p.write_text(text, encoding="utf-8")

@@ -17,6 +17,8 @@ import _thread
 import math
 import threading
 
+from functools import partial
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -866,15 +868,17 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("state", ["m", "avg", "thetag"])
+@pytest.mark.parametrize("state", ["m", "avg", "thetag", "g0", "p1"])
 def test_a_new_optimizer_is_one_description(state):
-    """An optimizer from outside the registry: state, hyperparameters and update lines only.
-    State names that end like the generator's own (``avg[j]`` holds ``g[j]``) once unrolled
-    into undefined names."""
+    """An optimizer from outside the registry: state, hyperparameters and a rule of SymPy
+    pairs. The rule's symbols are renamed as symbols: a state named like the generator's own
+    names (``avg`` holds ``g``, ``g0``/``p1`` are its unrolled locals) means only itself."""
+    from calcml.optim import g, lr, theta
+
+    m, beta = sp.symbols(f"{state} beta")
     signed = cm.optim.Optimizer(
         "signum", 0.01, {"beta": 0.5}, state=((state, ("n",), 0.0),),
-        update=(f"{state}[j] = beta * {state}[j] + (1.0 - beta) * g[j]",
-                f"theta[j] -= lr * math.copysign(1.0, {state}[j])"),
+        update=[(m, beta * m + (1 - beta) * g), (theta, theta - lr * sp.sign(m))],
     )
     u, v = cm.params("u v")
     bowl = cm.Cost((u - 3) ** 2 / 2 + (v + 1) ** 2, params=[u, v])
@@ -888,10 +892,67 @@ def test_a_new_optimizer_is_one_description(state):
                                atol=1e-12)
 
 
-def test_optimizer_names_that_the_update_lines_read_are_refused():
+def test_a_rule_with_values_of_its_own_against_numpy():
+    """A rule's own values (per update and per parameter), hyperparameters and step, on a
+    cost over data, unrolled (2 parameters) and over arrays (70 parameters), against NumPy."""
+    from calcml.optim import g, lr, step, theta
+
+    m, beta, decay, rate, mhat = sp.symbols("m beta decay rate mhat")
+    opt = cm.optim.Optimizer(
+        "decaying", 0.1, {"beta": 0.5, "decay": 0.01}, state=(("m", ("n",), 0.0),),
+        per_step=[(rate, lr / (1 + decay * step))],
+        update=[(m, beta * m + g), (mhat, m * (1 - beta)), (theta, theta - rate * mhat)],
+    )
+    rng = np.random.default_rng(3)
+    for d in (2, 70):
+        X = rng.normal(size=(200, d)); y = X @ rng.normal(size=d)
+        w = cm.params(" ".join(f"w{i}" for i in range(d)))
+        w = [w] if d == 1 else list(w)
+        xs = cm.data(" ".join(f"x{i}" for i in range(d))); ys = cm.data("y")
+        cost = cm.Cost((sum(wi * xi for wi, xi in zip(w, xs)) - ys) ** 2, params=w, data=[*xs, ys])
+        D = {f"x{i}": X[:, i] for i in range(d)} | {"y": y}
+        res = cm.minimize(cost, np.zeros(d), data=D, method=opt, maxiter=15, tol=0.0)
+        t, mm = np.zeros(d), np.zeros(d)
+        for k in range(15):
+            grad = 2 * X.T @ (X @ t - y) / len(y)
+            mm = 0.5 * mm + grad
+            t = t - 0.1 / (1 + 0.01 * k) * (mm * 0.5)
+        np.testing.assert_allclose(res.x, t, rtol=1e-10, atol=1e-12)
+
+
+def test_optimizer_names_that_the_rules_read_are_refused():
+    from calcml.optim import g, lr, theta
+
     for name in ("g", "j", "theta", "lr", "step", "math", "max", "for"):
         with pytest.raises(cm.OptimizeError, match=rf"the name '{name}' is taken"):
-            cm.optim.Optimizer("mine", 0.1, {}, state=((name, ("n",), 0.0),), update=("theta[j] -= lr * g[j]",))
+            cm.optim.Optimizer("mine", 0.1, {}, state=((name, ("n",), 0.0),), update=[(theta, theta - lr * g)])
+
+
+def test_bad_rules_are_refused_with_what_is_wrong():
+    from calcml.optim import g, lr, step, theta
+
+    m, beta, other = sp.symbols("m beta other")
+    make = partial(cm.optim.Optimizer, "mine", 0.1, {"beta": 0.9}, state=(("m", ("n",), 0.0),))
+    with pytest.raises(cm.OptimizeError, match=r"holds the string 'theta\[j\] -= lr \* g\[j\]'.*runs no code"):
+        make(update=("theta[j] -= lr * g[j]",))
+    with pytest.raises(cm.OptimizeError, match="update reads other, which it cannot"):
+        make(update=[(theta, theta - lr * other)])
+    with pytest.raises(cm.OptimizeError, match="per_step reads g, which it cannot"):
+        make(per_step=[(other, lr * g)], update=[(theta, theta - other)])
+    with pytest.raises(cm.OptimizeError, match="update cannot assign 'g'"):
+        make(update=[(g, 2 * g), (theta, theta - lr * g)])
+    with pytest.raises(cm.OptimizeError, match="update cannot assign 'beta'"):
+        make(update=[(beta, 2 * g), (theta, theta - lr * g)])
+    with pytest.raises(cm.OptimizeError, match="never assigns theta"):
+        make(update=[(m, beta * m + g)])
+    with pytest.raises(cm.OptimizeError, match="cannot compile.*undefined function f"):
+        make(update=[(theta, theta - lr * sp.Function("f")(g))])
+    with pytest.raises(cm.OptimizeError, match="assigns theta a str"):
+        make(update=[(theta, "theta - lr*g")])
+    # a value is read only after it is assigned
+    with pytest.raises(cm.OptimizeError, match="update reads other"):
+        make(update=[(theta, theta - lr * other), (other, g)])
+    make(update=[(other, step * g), (theta, theta - lr * other)])  # and then it may be
 
 
 def test_minibatch_of_a_summed_cost_is_scaled_to_the_full_sum():

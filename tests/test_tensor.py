@@ -393,8 +393,11 @@ def test_an_optimizer_state_named_like_anything_works(digits_like):
     from calcml.optim import Optimizer
 
     cost, X, labels, ref = digits_like
+    from calcml.optim import g, lr, theta
+
+    avg, v, beta = sp.symbols("avg v beta")
     opt = Optimizer("avgmomentum", 0.1, {"beta": 0.5}, state=(("avg", ("n",), 0.0), ("v", ("n",), 0.0)),
-                    update=("avg[j] = beta * avg[j] + g[j]", "v[j] = avg[j]", "theta[j] -= lr * v[j]"))
+                    update=[(avg, beta * avg + g), (v, avg), (theta, theta - lr * v)])
     D = {"x": X, "c": labels}
     res = cm.minimize(cost, np.zeros(cost.n_params), data=D, method=opt, maxiter=20, tol=0.0)
     # NumPy transcription of the same rule

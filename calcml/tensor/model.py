@@ -441,13 +441,14 @@ class TensorCost(Cost):
                 specs.append(KernelSpec("hvp", outs))
         return specs
 
-    def module_source(self, kinds=("value", "vg"), entry_points: bool = False) -> tuple:
+    def module_source(self, kinds=("value", "vg"), entry_points: bool = False, helpers=()) -> tuple:
         """(source text, {kind: accumulator size}) of the kernels' module; ``entry_points``:
-        with each kernel's C entry point too (see :func:`_entry_points`)."""
+        with each kernel's C entry point too (see :func:`_entry_points`); ``helpers``: the
+        printer's helpers that code to be added after the kernels calls."""
         if "hvp" in kinds:
             self._hvps  # noqa: B018 - makes the direction inputs
         directions = getattr(self, "_vin", [])
-        lines, helpers, sizes = [], set(), {}
+        lines, helpers, sizes = [], set(helpers), {}
         for spec in self.kernel_specs(kinds):
             body, used, size = write_kernel(self._graph, spec, self._pin, self._din, directions, self.has_data)
             lines += body

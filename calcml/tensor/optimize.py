@@ -22,16 +22,13 @@ import numpy as np
 
 from .. import result as _result
 from ..errors import OptimizeError, ParamError
-from ..optim import Optimizer
+from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
+from ..printing import NumbaPrinter
 from ..schedules import Schedule
 from .kernels import STRIPES, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
 from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
-
-# Names the generated loops give to what an optimizer's own lines read; the loops' other
-# locals all hold an underscore ("o_..."), which a state or hyperparameter name cannot.
-_RESERVED = {"theta", "g", "lr", "step", "j", "math", "np", "cols", "value", "status", "nfev", "fresh"}
 
 _STATUS_LINES = f"""RUNNING = -1
 CONVERGED = {_result.CONVERGED}
@@ -262,6 +259,17 @@ def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8):
 '''
 
 
+def _rule_lines(opt: Optimizer) -> tuple:
+    """(per-step lines, per-parameter lines, helpers they call) of a first-order rule: printed
+    once over the parameter array (loop variable ``j``), its symbols named as symbols."""
+    printer = NumbaPrinter({})
+    names = {slot(RATE): "lr", slot(STEP): "step", **{slot(h): f"hp_{h}" for h in opt.hyper},
+             **{slot(v): f"o_{v}" for v in opt.locals}}
+    per_step = printer.assignments(opt.per_step, names)
+    names.update({slot(PARAM): "theta[j]", slot(GRAD): "g[j]", **{slot(s[0]): f"st_{s[0]}[j]" for s in opt.state}})
+    return per_step, printer.assignments(opt.update, names), printer.helpers_used
+
+
 class _Source:
     """Prints the optimizer part of a tensor optimizer module."""
 
@@ -269,11 +277,7 @@ class _Source:
         self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
         self.sizes = sizes
         self.lines: list[str] = []
-        for name in list(opt.hyper) + [s[0] for s in opt.state]:
-            if name in _RESERVED:
-                raise OptimizeError(f"optimizer {opt.name}: the name {name!r} is one the generated loop uses itself "
-                                    f"({', '.join(sorted(_RESERVED))}); rename it")
-        self.state = [s[0] for s in opt.state]
+        self.state = [f"st_{s[0]}" for s in opt.state]  # the state arrays' names in the loops
 
     def w(self, indent=0, text=""):
         self.lines.append("    " * indent + text if text else "")
@@ -334,11 +338,12 @@ class _Source:
         w(0, f"def _update(theta, g, lr, step, o_hyper{', ' + state if state else ''}):")
         w(1, f'"""one {opt.name} update of every parameter ({opt.reference})"""')
         for k, name in enumerate(opt.hyper):
-            w(1, f"{name} = o_hyper[{k}]")
-        for line in opt.per_step:
+            w(1, f"hp_{name} = o_hyper[{k}]")
+        per_step, update, _ = _rule_lines(opt)
+        for line in per_step:
             w(1, line)
         w(1, "for j in range(theta.shape[0]):")
-        for line in opt.update:
+        for line in update:
             w(2, line)
         w()
         w()
@@ -458,9 +463,7 @@ class _Source:
         self.w(0, f"DEFAULT_MAXITER = {opt.default_maxiter}")
         self.w(0, "DUMMY_DATA = (np.zeros(1),)")
         steps = inspect.getsource(search)
-        steps = steps.replace("from .. import result as _result\n", "")
-        steps = steps.replace("_result.", "")
-        steps = steps[steps.index("RUNNING = -1"):]  # the steps, after the module's own imports
+        steps = steps[steps.index("\nRUNNING = -1\n") + 1:]  # the steps, after the file's imports and statuses
         return "\n".join(self.lines) + _EVAL + "\n\n# -- the steps (calcml/tensor/search.py) --\n" + steps + _SEARCH_DRIVER
 
 
@@ -486,7 +489,8 @@ class TensorProgram:
         return tuple(kinds)
 
     def _build(self) -> str:
-        base, sizes = self.cost.module_source(self._kinds())
+        rule_helpers = _rule_lines(self.optimizer)[2] if self.optimizer.kind == "first_order" else ()
+        base, sizes = self.cost.module_source(self._kinds(), helpers=rule_helpers)
         src = _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes)
         if self.optimizer.kind != "first_order":
             return base + "\n\n" + src.search_text()

@@ -20,6 +20,11 @@ from .. import result as _result
 
 __all__ = ["run_search"]
 
+# The statuses by name. A tensor module embeds this file from RUNNING on, after statuses of
+# its own (calcml.tensor.optimize): nothing below refers to calcml.
+CONVERGED, MAXITER, DIVERGED = _result.CONVERGED, _result.MAXITER, _result.DIVERGED
+INTERRUPTED, LINE_SEARCH_FAILED = _result.INTERRUPTED, _result.LINE_SEARCH_FAILED
+
 RUNNING = -1
 
 
@@ -273,15 +278,15 @@ def run_search(method, fg, x0, *, maxiter, tol, value=None, hvp=None, hess=None,
     status, diverged_at = RUNNING, -1
     gnorm = math.sqrt(float(g @ g))
     if not (math.isfinite(f) and math.isfinite(gnorm)):
-        status, diverged_at = _result.DIVERGED, 0
+        status, diverged_at = DIVERGED, 0
     elif gnorm <= tol:
-        status = _result.CONVERGED
+        status = CONVERGED
     try:
         while status == RUNNING and nit < maxiter:
             ok, x, f, g, nf = solver.step(fg, x, f, g, nit, **extra)
             nfev += nf
             if ok is False:
-                status = _result.LINE_SEARCH_FAILED
+                status = LINE_SEARCH_FAILED
                 break
             nit += 1
             if ok is None:  # a refused trust-region step: the radius shrank
@@ -290,19 +295,19 @@ def run_search(method, fg, x0, *, maxiter, tol, value=None, hvp=None, hess=None,
             history.append(f)
             gnorm = math.sqrt(float(g @ g))
             if not (abs(f) <= blowup and math.isfinite(gnorm)):
-                status, diverged_at = _result.DIVERGED, nit
+                status, diverged_at = DIVERGED, nit
                 break
             if f < best_value:
                 best, best_value, best_step = x.copy(), f, nit
             if callback is not None:
                 callback(nit, maxiter, f)
             if gnorm <= tol:
-                status = _result.CONVERGED
+                status = CONVERGED
         if status == RUNNING:
-            status = _result.MAXITER
+            status = MAXITER
     except KeyboardInterrupt:
-        status = _result.INTERRUPTED
-    if status in (_result.DIVERGED, _result.INTERRUPTED):
+        status = INTERRUPTED
+    if status in (DIVERGED, INTERRUPTED):
         x = best
     f, g = fg(x)
     return {"x": x, "fun": f, "grad": g, "grad_norm": math.sqrt(float(g @ g)), "nit": nit, "nfev": nfev,
