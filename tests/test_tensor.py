@@ -768,3 +768,25 @@ def test_kernels_machine_code_gives_the_dispatchers_bits(small, monkeypatch):
     assert len(set(got.values())) == 1, got
     ref_f, ref_g = softmax_reference(theta, X, labels, K, C=0.5)
     assert got[True, True][0] == pytest.approx(ref_f, rel=1e-13)
+
+
+def test_minibatches_of_matrix_data_against_numpy():
+    """Minibatch SGD over data of shape (N, 2, 3) (the epoch loop copies each row of the
+    batch element by element) against a NumPy transcription of the same epochs: the same
+    permutations (NumPy's generator, seeded), batches of 7 with a short last one."""
+    W = cm.params("W", shape=(2, 3)); x = cm.data("x", shape=(2, 3)); y = cm.data("y")
+    i, j = cm.index("i", 2), cm.index("j", 3)
+    cost = cm.Cost((cm.sum(W[i, j] * x[i, j], i, j) - y) ** 2, params=[W], data=[x, y])
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(53, 2, 3)); Y = np.einsum("nij,ij->n", X, rng.normal(size=(2, 3)))
+    res = cm.minimize(cost, np.zeros(6), data={"x": X, "y": Y}, method="sgd", lr=0.05, batch_size=7, epochs=3,
+                      seed=11)
+    t = np.zeros((2, 3))
+    order = np.random.default_rng(11)
+    for _ in range(3):
+        perm = order.permutation(len(Y))
+        for lo in range(0, len(Y), 7):
+            rows = perm[lo:lo + 7]
+            r = np.einsum("nij,ij->n", X[rows], t) - Y[rows]
+            t = t - 0.05 * np.einsum("n,nij->ij", 2 * r, X[rows]) / len(rows)
+    np.testing.assert_allclose(res.params["W"], t, rtol=1e-12, atol=1e-14)
