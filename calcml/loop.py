@@ -386,7 +386,12 @@ class _Generator:
 
     # -- shared pieces -----------------------------------------------------------------------
     def _constant_rate(self) -> bool:
-        return self.schedule is not None and "step" not in self.schedule.code("step")
+        return self.schedule is not None and self.schedule.is_constant
+
+    def _rate(self) -> str:
+        """The schedule's rate at ``step``, its numbers read from ``sa``."""
+        with self.mb.printer.naming(self.schedule.names("sa", "step")) as printer:
+            return printer.doprint_expr(self.schedule.rate())
 
     def _scale(self) -> str:
         return "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
@@ -594,7 +599,7 @@ class _Generator:
                 for j in range(self.n):
                     w(1, f"st_{s}_{j} = st_{s}[{j}]")
         if self.first_order and self._constant_rate():
-            w(1, f"lr = {self.schedule.code('step')}  # schedule {self.schedule.structure()}: the same every step")
+            w(1, f"lr = {self._rate()}  # schedule {self.schedule.structure()}: the same every step")
         w(1, "status = RUNNING")
         if self.delayed:
             self._delayed_body(w, vg)
@@ -755,7 +760,7 @@ class _Generator:
         rule printed for each parameter, its symbols named by :meth:`_names`."""
         opt, printer = self.opt, self.mb.printer
         if not self._constant_rate():
-            w(ind, f"lr = {self.schedule.code('step')}  # schedule {self.schedule.structure()}")
+            w(ind, f"lr = {self._rate()}  # schedule {self.schedule.structure()}")
         for line in printer.assignments(opt.per_step, self._names("step")):
             w(ind, line)
         w(ind, f"# {opt.name} update ({_comment(opt.reference)})")

@@ -2,7 +2,8 @@
 
 A schedule is a small description, like optax's schedules (``optax/schedules/_schedule.py``):
 its kind, its numbers and how they combine. It is compiled into the generated descent loop as
-one expression of the step counter, with its numbers read from an argument array, so one
+one SymPy expression of the step counter :data:`T` (:meth:`Schedule.rate`), its numbers the
+symbols :func:`arg` (k), which the generators print as reads of an argument array, so one
 compiled loop serves every value of them (a learning-rate sweep compiles once). Its
 *structure* (which kinds, how nested) is what the compiled loop depends on.
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import math
 import numbers
+
+import sympy as sp
 
 from .errors import OptimizeError
 
@@ -38,6 +41,18 @@ def _real(kind: str, name: str, value, *, positive=False, nonneg=False, at_most=
     if at_most is not None and v > at_most:
         raise OptimizeError(f"{kind} requires {name} <= {at_most}, got {name}={value!r}")
     return v
+
+
+# The step counter and the numbers' slots in a rate's expression (Dummies: never a cost's symbols).
+T = sp.Dummy("t")
+_ARGS: list = []
+
+
+def arg(k: int) -> sp.Dummy:
+    """The symbol of the schedule's k-th number (depth first, as :meth:`Schedule.values`)."""
+    while len(_ARGS) <= k:
+        _ARGS.append(sp.Dummy(f"a{len(_ARGS)}"))
+    return _ARGS[k]
 
 
 def _count(kind: str, name: str, value) -> int:
@@ -68,19 +83,27 @@ class Schedule:
             out.extend(c.values())
         return out
 
-    def code(self, t: str, array: str = "sa", offset: int = 0) -> str:
-        """A Python/Numba expression of the rate at step ``t`` (an expression), reading the
-        numbers from ``array[offset:]``."""
-        a = [f"{array}[{offset + k}]" for k in range(len(self.args))]
+    def rate(self, t=T, offset: int = 0) -> sp.Expr:
+        """The rate at step ``t`` (a SymPy expression), its numbers the symbols ``arg(offset + k)``."""
+        a = [arg(offset + k) for k in range(len(self.args))]
         offset += len(self.args)
         kids = []
         for c in self.children:
             kids.append((c, offset))
             offset += len(c.values())
-        return self._code(t, a, [(lambda tt, c=c, o=o: c.code(tt, array, o)) for c, o in kids])
+        return self._rate(sp.sympify(t), a, [(lambda tt, c=c, o=o: c.rate(tt, o)) for c, o in kids])
+
+    def names(self, array: str = "sa", step: str = "step") -> dict:
+        """How a generator names the rate's symbols: ``array[k]`` and its step counter."""
+        return {T: step, **{arg(k): f"{array}[{k}]" for k in range(len(self.values()))}}
+
+    @property
+    def is_constant(self) -> bool:
+        """Whether the rate is the same at every step."""
+        return T not in self.rate().free_symbols
 
     # -- subclasses ------------------------------------------------------------------------
-    def _code(self, t: str, a: list, kids: list) -> str:  # pragma: no cover - abstract
+    def _rate(self, t, a: list, kids: list) -> sp.Expr:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __call__(self, t) -> float:  # pragma: no cover - abstract
@@ -105,7 +128,7 @@ class constant(Schedule):
     def __init__(self, lr: float):
         super().__init__([("lr", _real("constant", "lr", lr, positive=True))])
 
-    def _code(self, t, a, kids):
+    def _rate(self, t, a, kids):
         return a[0]
 
     def __call__(self, t):
@@ -126,8 +149,8 @@ class step(Schedule):
             ]
         )
 
-    def _code(self, t, a, kids):
-        return f"{a[0]} * {a[2]} ** math.floor(({t}) / {a[1]})"
+    def _rate(self, t, a, kids):
+        return a[0] * a[2] ** sp.floor(t / a[1])
 
     def __call__(self, t):
         lr, every, factor = (v for _, v in self.args)
@@ -147,8 +170,8 @@ class exponential(Schedule):
             ]
         )
 
-    def _code(self, t, a, kids):
-        return f"{a[0]} * {a[1]} ** ({t})"
+    def _rate(self, t, a, kids):
+        return a[0] * a[1] ** t
 
     def __call__(self, t):
         lr, decay = (v for _, v in self.args)
@@ -168,8 +191,8 @@ class inverse_time(Schedule):
             ]
         )
 
-    def _code(self, t, a, kids):
-        return f"{a[0]} / (1.0 + {a[1]} * ({t}))"
+    def _rate(self, t, a, kids):
+        return a[0] / (1 + a[1] * t)
 
     def __call__(self, t):
         lr, decay = (v for _, v in self.args)
@@ -187,8 +210,8 @@ class cosine(Schedule):
         final = _real("cosine", "final", final, nonneg=True)
         super().__init__([("lr", lr), ("steps", float(_count("cosine", "steps", steps))), ("final", final)])
 
-    def _code(self, t, a, kids):
-        return f"{a[2]} + ({a[0]} - {a[2]}) * 0.5 * (1.0 + math.cos(math.pi * min(1.0 * ({t}), {a[1]}) / {a[1]}))"
+    def _rate(self, t, a, kids):
+        return a[2] + (a[0] - a[2]) * (1 + sp.cos(sp.pi * sp.Min(t, a[1]) / a[1])) / 2
 
     def __call__(self, t):
         lr, steps, final = (v for _, v in self.args)
@@ -206,9 +229,9 @@ class warmup(Schedule):
             raise OptimizeError(f"warmup wraps a schedule from cm.schedules, got {schedule!r}")
         super().__init__([("steps", float(_count("warmup", "steps", steps)))], [schedule])
 
-    def _code(self, t, a, kids):
+    def _rate(self, t, a, kids):
         inner = kids[0]
-        return f"(({t}) / {a[0]} * ({inner('0.0')}) if ({t}) < {a[0]} else ({inner(f'({t}) - {a[0]}')}))"
+        return sp.Piecewise((t / a[0] * inner(0), t < a[0]), (inner(t - a[0]), True))
 
     def __call__(self, t):
         w = self.args[0][1]

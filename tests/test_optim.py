@@ -356,6 +356,8 @@ SCHEDULES = {
                lambda t: 0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * min(t, 10) / 10))),
     "warmup": (cm.schedules.warmup(cm.schedules.exponential(0.1, decay=0.9), steps=4),
                lambda t: t / 4 * 0.1 if t < 4 else 0.1 * 0.9 ** (t - 4)),
+    "warmup_cosine": (cm.schedules.warmup(cm.schedules.cosine(0.1, steps=8), steps=3),
+                      lambda t: t / 3 * 0.1 if t < 3 else 0.05 * (1 + math.cos(math.pi * min(t - 3, 8) / 8))),
 }
 
 
@@ -367,11 +369,17 @@ def test_schedule_closed_form(name):
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
-def test_schedule_in_compiled_loop(name):
-    """gd on a bowl, (x - 3)^2 / 2: x_{t+1} = x_t - lr(t) (x_t - 3), transcribed."""
+@pytest.mark.parametrize("form", ["scalar", "tensor"])
+def test_schedule_in_compiled_loop(name, form):
+    """gd on a bowl, (x - 3)^2 / 2: x_{t+1} = x_t - lr(t) (x_t - 3), transcribed; the scalar
+    loop and the tensor loop each print the schedule's rate expression."""
     sched, want = SCHEDULES[name]
-    u = cm.params("u")
-    bowl = cm.Cost((u - 3) ** 2 / 2, params=[u])
+    if form == "scalar":
+        u = cm.params("u")
+        bowl = cm.Cost((u - 3) ** 2 / 2, params=[u])
+    else:
+        w, k = cm.params("w", shape=(1,)), cm.index("k", 1)
+        bowl = cm.Cost(cm.sum((w[k] - 3) ** 2, k) / 2, params=[w])
     res = cm.minimize(bowl, [0.0], method="gd", schedule=sched, maxiter=15, tol=0.0)
     x = 0.0
     for t in range(15):

@@ -331,7 +331,8 @@ class _Source:
         w(0, "@_jit")
         w(0, "def _rate(step, sa):")
         w(1, '"""the learning rate at update step (from 0)"""')
-        w(1, f"return {self.schedule.code('step', 'sa')}")
+        printer = NumbaPrinter(self.schedule.names("sa", "step"))
+        w(1, f"return {printer.doprint_expr(self.schedule.rate())}")
         w()
         w()
         w(0, "@_jit")
@@ -495,7 +496,13 @@ class TensorProgram:
         return tuple(kinds)
 
     def _build(self) -> str:
-        rule_helpers = _rule_lines(self.optimizer)[2] if self.optimizer.kind == "first_order" else ()
+        rule_helpers = set()
+        if self.optimizer.kind == "first_order":  # the helpers the rule and the rate call
+            rule_helpers = set(_rule_lines(self.optimizer)[2])
+            if self.schedule is not None:
+                printer = NumbaPrinter(self.schedule.names())
+                printer.doprint_expr(self.schedule.rate())
+                rule_helpers |= printer.helpers_used
         base, sizes = self.cost.module_source(self._kinds(), helpers=rule_helpers)
         src = _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes)
         if self.optimizer.kind != "first_order":
