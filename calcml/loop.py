@@ -48,12 +48,15 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
+
+import numpy as np
 
 import sympy as sp
 from sympy.printing.precedence import precedence
 
 from . import result as _result
-from .codegen import NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
+from .codegen import KERNEL_FLAGS, NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
 from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
 from .optim import CALL_ARGS, GRAD, PARAM, RATE, STEP, Optimizer, slot
@@ -381,6 +384,9 @@ class _Generator:
         self.delayed = self.unrolled and not minibatch and not self.has_data and self.n <= DELAY_MAX
         # full-batch loops over data make their passes over large data on calcml's threads
         self.threaded = not minibatch and self.has_data
+        # the loop as machine code that calcml keeps (run_segment_c); a threaded module's pass
+        # calls back into Python (numba.objmode), which machine code loaded later cannot
+        self.native = not self.threaded
         self.hyper = list(opt.hyper)
         self.state = [s[0] for s in opt.state]
 
@@ -848,9 +854,72 @@ class _Generator:
             body()
         self._run_segment(body, vg)
         body()
+        body()
+        if self.native:
+            self._entry_point(body)
+        else:
+            body(0, "_segment = run_segment  # what the driver calls")
+        body()
+        body()
         title = f"the {self.opt.name} descent loop of one cost"
         head = self.mb.header(header_lines, title=title)
         return head + self._constants() + body.text() + self._python_driver()
+
+    def _entry_point_args(self) -> list:
+        """run_segment's C entry point: per argument of run_segment (SEGMENT_ARGS), the C
+        parameters (name, Numba type) and the array or tuple made of them. An array comes
+        as the address of its NumPy object (``id``; its data pointer is read at byte ``off``
+        of it, see _NativeSegment), its sizes beside it: no ``.ctypes`` per call."""
+        obj = "types.int64"
+        out = []
+        for name in self._segment_params():
+            if name in ("work", "ints", "xout", "gout", "perm", "rng"):
+                dtype = {"ints": "np.int64", "perm": "np.int64", "rng": "np.uint64"}.get(name, "np.float64")
+                size = {"work": "O_END", "ints": "N_INTS", "perm": "n_rows", "rng": "1"}.get(name, "N_PARAMS")
+                out.append(([(f"{name}_o", obj)], f"carray(_data(off, {name}_o), ({size},), {dtype})"))
+            elif name == "history":
+                out.append(([("history_o", obj), ("n_hist", "types.int64")],
+                            "carray(_data(off, history_o), (n_hist,), np.float64)"))
+            elif name == "path":
+                out.append(([("path_o", obj), ("path_rows", "types.int64"), ("path_cols", "types.int64")],
+                            "carray(_data(off, path_o), (path_rows, path_cols), np.float64)"))
+            elif name == "cols":  # a table of the columns' data addresses (made once a run)
+                cols = "".join(f"carray(cols_p[{k}], (n_rows,)), " for k in range(len(self.cost.data)))
+                out.append(([("cols_p", "_F64PP"), ("n_rows", "types.int64")], f"({cols.rstrip(' ')})"))
+            elif name == "state":
+                params, arrays = [], []
+                for k, (_, shape, _) in enumerate(self.opt.state):
+                    dims = ["N_PARAMS" if d == "n" else str(self.opt.extra[d]) if d == "memory" else str(d) for d in shape]
+                    params.append((f"st{k}_o", obj))
+                    arrays.append(f"carray(_data(off, st{k}_o), ({', '.join(dims)},), np.float64), ")
+                out.append((params, f"({''.join(arrays).rstrip(' ')})"))
+            else:  # pragma: no cover - a new argument of run_segment must be added here
+                raise AssertionError(f"run_segment's argument {name!r} has no C form")
+        return out
+
+    def _entry_point(self, w):
+        """run_segment_c: run_segment over raw addresses, which calcml compiles with
+        numba.cfunc and keeps as machine code beside this file (calcml.native): a later
+        process runs the loop without loading Numba's cache of it (its typing and target
+        contexts: about 0.3-0.6 s). ``_segment``, what the driver calls, is run_segment here;
+        calcml sets it to the machine code's caller."""
+        args = self._entry_point_args()
+        params = [("off", "types.int64")] + [p for ps, _ in args for p in ps]
+        for line in _ENTRY_SOURCE.strip("\n").split("\n"):
+            w(0, line)
+        w(0, f"SIG_SEGMENT = types.int64({', '.join(t for _, t in params)})")
+        w(0, f"CFUNC_FLAGS = {KERNEL_FLAGS!r}")
+        w()
+        w()
+        w(0, f"def run_segment_c({', '.join(n for n, _ in params)}):")
+        w(1, '"""run_segment on the arrays at these addresses (SEGMENT_ARGS order; sizes beside them)"""')
+        w(1, "return run_segment(")
+        for _, made in args:
+            w(2, f"{made},")
+        w(1, ")")
+        w()
+        w()
+        w(0, "_segment = run_segment  # what the driver calls (calcml: run_segment_c's machine code)")
 
     def _constants(self) -> str:
         w = _Writer()
@@ -924,7 +993,7 @@ class _Generator:
         in its steps, and each line counts)."""
         w = _Writer()
         alloc = self._state_lines()
-        call = f"run_segment({', '.join(self._segment_params())})"
+        call = f"_segment({', '.join(self._segment_params())})"
         w(0, "def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed):")
         w(1, '"""run_segment\'s arguments, in SEGMENT_ARGS order. Its first call evaluates the cost at x0')
         w(1, '(_begin: x0 waits in xout), the call that ends the run writes the report (_end)."""')
@@ -1121,5 +1190,110 @@ def load_module(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch
         found = _modules.get(memo)
         if found is None:
             key = _kernel_key(cost, variant)
-            found = _modules[memo] = load_or_build(key, lambda: generate_source(cost, opt, schedule, minibatch))
+            found = load_or_build(key, lambda: generate_source(cost, opt, schedule, minibatch))
+            module, _, path = found
+            if hasattr(module, "run_segment_c") and not isinstance(module._segment, _NativeSegment):
+                module._segment = _NativeSegment(module, path)
+            _modules[memo] = found
         return found
+
+
+# The C entry point's imports and helper (see _Generator._entry_point).
+_ENTRY_SOURCE = '''
+# -- C entry point (numba.cfunc): addresses in, run_segment on arrays of them -----------------
+from llvmlite import ir  # noqa: E402
+from numba import carray, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+_F64PP = types.CPointer(types.CPointer(types.float64))
+
+
+@intrinsic
+def _data(typingctx, off, obj):
+    """The data pointer of the NumPy array whose object is at address obj: the pointer stored
+    at byte off of the object (its first field after Python's object header)."""
+    def codegen(context, builder, signature, args):
+        slot = builder.inttoptr(builder.add(args[1], args[0]), ir.IntType(8).as_pointer().as_pointer())
+        return builder.load(slot)
+    return types.voidptr(off, obj), codegen
+
+'''
+
+
+def _data_offset() -> int | None:
+    """Where a NumPy array's object holds its data pointer (bytes from its start), found and
+    checked on two arrays; None if not found (then ctypes-free calls are not made)."""
+    import ctypes
+
+    probes = [np.zeros(3), np.arange(5, dtype=np.int64)[1:]]
+    for off in range(8, 129, 8):
+        if all(ctypes.c_void_p.from_address(id(p) + off).value == p.ctypes.data for p in probes):
+            return off
+    return None
+
+
+class _NativeSegment:
+    """What a module's driver calls for run_segment: its C entry point's machine code
+    (``run_segment_c``), loaded from beside the module on the first call, else compiled with
+    ``numba.cfunc`` and kept there (:func:`calcml.native.load_or_compile`), called through
+    ctypes with the arrays' addresses. A warm process so runs a fit without loading Numba's
+    cache of the loop (its typing and target contexts: about 0.7 s). Should the machine code
+    be out of reach (a Numba release that moved what calcml.native reads), the module's own
+    dispatcher runs, after a warning."""
+
+    def __init__(self, module, path):
+        self.module, self.path = module, Path(path)
+        self.names = module.SEGMENT_ARGS
+        self.fn = None
+        self.keep = None
+
+    def _load(self):
+        import ctypes
+
+        from . import native
+
+        mod = self.module
+        from numba import config
+
+        if config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the loop runs as the Python it is
+            mod._segment = mod.run_segment
+            return mod.run_segment
+        try:
+            address, self.keep, _ = native.load_or_compile(
+                self.path, "run_segment_c", lambda: (mod.run_segment_c, mod.SIG_SEGMENT, mod.CFUNC_FLAGS))
+        except Exception as exc:  # noqa: BLE001 - the dispatcher still runs the loop
+            import warnings
+
+            warnings.warn(f"calcml could not compile the loop's machine code ({type(exc).__name__}: {exc}); "
+                          f"Numba's dispatcher runs it", RuntimeWarning, stacklevel=3)
+            mod._segment = mod.run_segment
+            return mod.run_segment
+        from numba import types
+
+        ctypes_of = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_int64 for t in mod.SIG_SEGMENT.args]
+        self.fn = ctypes.CFUNCTYPE(ctypes.c_int64, *ctypes_of)(address)
+        return self
+
+    def __call__(self, *args):
+        if self.fn is None and (_OFFSET is None or self._load() is not self):
+            return self.module.run_segment(*args)
+        c_args = [_OFFSET]
+        table = None
+        for name, a in zip(self.names, args):
+            if name == "history":
+                c_args += [id(a), a.shape[0]]
+            elif name == "path":
+                c_args += [id(a), a.shape[0], a.shape[1]]
+            elif name == "cols":  # the columns' addresses, in a table that lives through the call
+                table = np.array([c.ctypes.data for c in a], dtype=np.uint64)
+                c_args += [table.ctypes.data, a[0].shape[0]]
+            elif name == "state":
+                c_args += [id(st) for st in a]
+            else:  # the arrays the driver made (contiguous, of the loop's types)
+                c_args.append(id(a))
+        status = self.fn(*c_args)
+        del table
+        return status
+
+
+_OFFSET = _data_offset()

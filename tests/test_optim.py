@@ -1054,3 +1054,79 @@ def test_separable_classes_have_no_minimum_and_say_so(form):
     assert cm.minimize(pen, np.zeros(3), data=data(sep), method="lbfgs").success
     fine = cm.minimize(cost, np.zeros(3), data=data(noisy), method="lbfgs")
     assert fine.success and fine.status == cm.result.CONVERGED
+
+
+# --------------------------------------------------------------------------------------------
+# The loops' machine code, kept by calcml (run_segment_c)
+# --------------------------------------------------------------------------------------------
+_WARM_FITS = """
+import json, sys
+import numpy as np
+import calcml as cm
+from calcml import loop
+a, b = cm.params("a b")
+ros = cm.Cost((1 - a) ** 2 + 100 * (b - a**2) ** 2, params=[a, b])
+w = cm.params("w", 2); x = cm.data("x", 2); y = cm.data("y")
+lin = cm.Cost((w[0] * x[0] + w[1] * x[1] - y) ** 2, params=list(w), data=[*x, y])
+rng = np.random.default_rng(1)
+D = {"x0": rng.normal(size=300), "x1": rng.normal(size=300)}
+D["y"] = 2 * D["x0"] - D["x1"]
+out = {}
+for name, cost, data, method, kw in [("gd", ros, None, "gd", dict(lr=1e-3, maxiter=3000)),
+                                     ("lbfgs", ros, None, "lbfgs", {}),
+                                     ("adam", lin, D, "adam", dict(lr=0.05, batch_size=16, epochs=3, seed=2))]:
+    res = cm.minimize(cost, np.zeros(2), data=data, method=method, **kw)
+    mod = cm.generate(cost, method=method, batch_size=kw.get("batch_size")).module
+    out[name] = [list(map(float.hex, map(float, res.x))), res.nit, int(res.status),
+                 len(mod.run_segment.signatures), type(mod._segment).__name__]
+print(json.dumps(out))
+"""
+
+
+def test_a_warm_process_runs_the_loops_machine_code(fresh_cache):
+    """The first process compiles each loop's C entry point and keeps its machine code beside
+    the module; a second process runs the same fits from that code, never compiling or loading
+    the loop's Numba dispatcher, to the same bits (scalar loops without data, and minibatch)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "CALCML_CACHE_DIR": str(fresh_cache), "PYTHONPATH": root}
+
+    def child():
+        done = subprocess.run([sys.executable, "-c", _WARM_FITS], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold = child()
+    assert len(list(fresh_cache.glob("*.run_segment_c.*.o"))) == 3
+    warm = child()
+    for name in cold:
+        assert warm[name][:3] == cold[name][:3], name  # the same iterates, bit for bit
+        assert warm[name][3] == 0 and warm[name][4] == "_NativeSegment", (name, warm[name])
+    assert int(cold["gd"][2]) in (R.CONVERGED, R.MAXITER) and cold["lbfgs"][2] == R.CONVERGED
+
+
+def test_the_loops_machine_code_gives_the_dispatchers_bits(linreg_data):
+    """run_segment through its C entry point's machine code and through Numba's dispatcher:
+    the same iterates, bit for bit (full batch without data, minibatch with a shuffle)."""
+    from calcml import loop
+
+    for cost, method, kw, data in [
+        (ROSEN, "nesterov", dict(lr=1e-3, maxiter=500, tol=0.0), None),
+        (LINREG, "rmsprop", dict(lr=0.01, batch_size=8, epochs=2, seed=4), linreg_data[0]),
+    ]:
+        prog = cm.generate(cost, method=method, lr=kw.pop("lr"), batch_size=kw.pop("batch_size", None))
+        mod = prog.module
+        assert isinstance(mod._segment, loop._NativeSegment)
+        native = prog.run(np.full(cost.n_params, 0.3), data=data, **kw)
+        saved, mod._segment = mod._segment, mod.run_segment
+        try:
+            jitted = prog.run(np.full(cost.n_params, 0.3), data=data, **kw)
+        finally:
+            mod._segment = saved
+        np.testing.assert_array_equal(native.x, jitted.x)
+        np.testing.assert_array_equal(native.history, jitted.history)
+        assert native.nit == jitted.nit and native.status == jitted.status
