@@ -32,7 +32,7 @@ import numpy as np
 from . import _version, native
 from .codegen import CHUNK, HESSIAN_INLINE_MAX, LANES, kernel_slots
 from .cost import Cost
-from .dataset import Dataset, address, as_dataset, pack
+from .dataset import Dataset, address, as_dataset, is_dask, pack
 from .errors import CacheError, CodegenError, ParamError
 
 __all__ = ["compile", "Kernels", "cache_dir"]
@@ -319,6 +319,10 @@ class Kernels:
             base = address(ws)
             self._fn(kind)(base, base + 8 * n_par)
             return ws[n_par:], None
+        if is_dask(data):  # one task per chunk of rows where it lives (calcml.dask_data)
+            from .dask_data import scalar_run
+
+            return scalar_run(self, kind, self._theta(theta), data), None
         ds = as_dataset(data, self.cost.data_names)
         fn = self._fn(kind, ds.validated and ds.block is not None)
         n = ds.n_rows

@@ -16,7 +16,17 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["Dataset", "as_dataset", "pack"]
+__all__ = ["Dataset", "as_dataset", "pack", "is_dask"]
+
+
+def is_dask(data) -> bool:
+    """Whether ``data`` is Dask data (a Dask collection, or a dict holding one), told from the
+    type's module name alone: nothing here imports Dask."""
+    if type(data).__module__.startswith("dask"):
+        return True
+    if type(data) is dict:
+        return any(type(v).__module__.startswith("dask") for v in data.values())
+    return False
 
 
 class Dataset:
@@ -126,6 +136,10 @@ def as_dataset(data, names: tuple, packed: bool = False) -> Dataset:
         raise DataError("this cost has no data columns; call the kernel with theta alone")
     if data is None:
         raise DataError(f"this cost needs data with columns {list(names)}; got data=None")
+    if is_dask(data):
+        raise DataError("Dask data are evaluated chunk by chunk where they live, not copied into calcml's "
+                        "layout: pass them to k.value, k.grad, k.value_and_grad as they are (persist them first "
+                        "for repeated calls)")
     if isinstance(data, Dataset):
         if data.names != names:
             raise DataError(f"the prepared dataset has columns {list(data.names)}, but this cost needs {list(names)}")
