@@ -185,7 +185,9 @@ class Kernels:
     ``data`` is a dict ``{name: 1-D array}``, a 2-D array with one column per data symbol,
     a pandas DataFrame, or a :class:`~calcml.dataset.Dataset` from :meth:`prepare` (which
     skips validation and conversion: use it when calling repeatedly on the same data).
-    Omit ``data`` for a cost without data columns.
+    Omit ``data`` for a cost without data columns. Dask data (a 2-D Dask array, a Dask
+    DataFrame, a dict of Dask arrays) are evaluated chunk by chunk where they live, the
+    chunks' sums added on the client (see :mod:`calcml.dask_data`).
 
     ``parallel``: ``"auto"`` (threads for at least ``PARALLEL_MIN_ROWS`` rows), ``True`` or
     ``False``. Threaded and serial calls give bit-identical results: both sum the same

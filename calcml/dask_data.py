@@ -147,6 +147,9 @@ def _scalar_chunks(data, names: tuple) -> list:
     raise DataError(f"Dask data must be {SUPPORTED}; got {type(data).__module__}.{type(data).__name__}")
 
 
+# Evaluate persisted chunks by one Client.run per worker (False: always tasks; benchmarks
+# compare the two)
+DIRECT = True
 _calls = itertools.count()
 _PREFIX = f"calcml-chunk-sums-{os.getpid():x}-{id(_calls):x}"
 
@@ -219,7 +222,7 @@ def _chunk_keys(data):
 def _direct(fn, args, data):
     """The chunks' results from the workers that hold them (None for a chunk no worker holds),
     or None where there is no distributed client or the data are not persisted there."""
-    client = _client()
+    client = _client() if DIRECT else None
     if client is None:
         return None
     plan = _chunk_keys(data)
@@ -230,8 +233,13 @@ def _direct(fn, args, data):
     held = {f.key for f in futures_of(data)}
     if not all(k in held for _form, keys in plan for k in keys):
         return None
+    # The module's source goes only to workers that have not loaded it yet (they answer None)
+    lite = (args[0].without_source(),) + tuple(args[1:])
     try:
-        found = client.run(_run_held, fn, args, plan)
+        found = client.run(_run_held, fn, lite, plan)
+        again = [w for w, r in found.items() if r is None]
+        if again:
+            found.update(client.run(_run_held, fn, args, plan, workers=again))
     except Exception as exc:  # noqa: BLE001 - a calcml error is the answer; anything else: the task path
         if isinstance(exc, DataError):
             raise
@@ -249,6 +257,8 @@ async def _run_held(fn, args, plan, dask_worker=None):
     event loop on up to the worker's thread count of threads."""
     import asyncio
 
+    if args[0].source is None and not _loaded_here(args[0]):
+        return None  # send the source
     data = dask_worker.data
     mine = [(i, form, keys) for i, (form, keys) in enumerate(plan) if all(k in data for k in keys)]
     if not mine:
@@ -259,18 +269,25 @@ async def _run_held(fn, args, plan, dask_worker=None):
             return data[keys[0]]
         return dict(zip(form[1], (data[k] for k in keys)))
 
+    def run(i, form, keys, out):
+        try:
+            chunk = chunk_of(form, keys)
+        except KeyError:  # released since: left to a task
+            return
+        out[i] = fn(*args, chunk, True)
+
     def work():
         out = {}
         threads = max(1, min(len(mine), getattr(dask_worker.state, "nthreads", 1) or 1))
         if threads == 1:
             for i, form, keys in mine:
-                out[i] = fn(*args, chunk_of(form, keys), True)
+                run(i, form, keys, out)
             return out
         from .native import pool
 
         def job(t):
             for i, form, keys in mine[t::threads]:
-                out[i] = fn(*args, chunk_of(form, keys), True)
+                run(i, form, keys, out)
         pool.run(job, threads)
         return out
 
@@ -299,6 +316,10 @@ class ScalarSpec:
 
     def __getstate__(self):
         return (self.key, self.source, self.n_params, self.data_names)
+
+    def without_source(self) -> "ScalarSpec":
+        """The same spec without the module's text, for a worker that has loaded it."""
+        return ScalarSpec(self.key, None, self.n_params, self.data_names)
 
     def __setstate__(self, state):
         self.key, self.source, self.n_params, self.data_names = state
@@ -353,6 +374,12 @@ def scalar_run(kernels, kind: str, theta: np.ndarray, data) -> np.ndarray:
 _worker_lock = threading.RLock()
 _worker_kernels: dict = {}  # key -> Kernels of the sum twin, in this process
 _layouts: dict = {}  # id(chunk) -> (weak reference to the chunk, its Dataset), on distributed workers
+
+
+def _loaded_here(spec) -> bool:
+    if isinstance(spec, ScalarSpec):
+        return spec.key in _worker_kernels
+    return (spec.key, spec.kind) in _worker_modules
 
 
 class _Shape:
@@ -480,6 +507,10 @@ class TensorSpec:
 
     def __getstate__(self):
         return (self.key, self.source, self.kind, self.items, self.lift)
+
+    def without_source(self) -> "TensorSpec":
+        """The same spec without the module's text, for a worker that has loaded it."""
+        return TensorSpec(self.key, None, self.kind, self.items, self.lift)
 
     def __setstate__(self, state):
         self.key, self.source, self.kind, self.items, self.lift = state

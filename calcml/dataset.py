@@ -19,6 +19,13 @@ from .errors import DataError
 __all__ = ["Dataset", "as_dataset", "pack", "is_dask"]
 
 
+# What an entry point that needs the data in memory says of Dask data
+DASK_HERE = ("Dask data are evaluated chunk by chunk where they live by the compiled kernels: pass them as they are "
+             "to k.value, k.grad, k.value_and_grad, k.hessian (k.hvp for a tensor cost) of k = cm.compile(cost), "
+             "persisted for repeated calls; cm.minimize, prog.run and k.prepare do not take Dask data yet: compute "
+             "them into memory first (data.compute())")
+
+
 def is_dask(data) -> bool:
     """Whether ``data`` is Dask data (a Dask collection, or a dict holding one), told from the
     type's module name alone: nothing here imports Dask."""
@@ -137,9 +144,7 @@ def as_dataset(data, names: tuple, packed: bool = False) -> Dataset:
     if data is None:
         raise DataError(f"this cost needs data with columns {list(names)}; got data=None")
     if is_dask(data):
-        raise DataError("Dask data are evaluated chunk by chunk where they live, not copied into calcml's "
-                        "layout: pass them to k.value, k.grad, k.value_and_grad as they are (persist them first "
-                        "for repeated calls)")
+        raise DataError(DASK_HERE)
     if isinstance(data, Dataset):
         if data.names != names:
             raise DataError(f"the prepared dataset has columns {list(data.names)}, but this cost needs {list(names)}")

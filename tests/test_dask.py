@@ -166,8 +166,27 @@ def test_no_client_dataframe_by_column_name_and_dict_of_arrays(linreg):
     assert_close(got[1], want[1])
 
 
-def test_wrong_columns_are_named(linreg):
+@pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.reset_index")  # inside Dask's Parquet reader
+def test_no_client_parquet_files_read_lazily(linreg, tmp_path):
+    """Rows read lazily from Parquet files (partition lengths unknown to the client): the
+    global row of a NaN comes from the partitions' own row counts."""
     _cost, k = linreg
+    X = lazy_rows(nan_at=(3, 500, 0))
+    frame = dd.from_dask_array(X, columns=NAMES)
+    frame.to_parquet(str(tmp_path / "rows"), write_index=False)
+    files = dd.read_parquet(str(tmp_path / "rows" / "*.parquet"))
+    assert files.npartitions == 5 and not files.known_divisions
+    with pytest.raises(DataError, match=rf"column 'x0' holds a non-finite value \(nan\) at row {3 * CHUNK + 500}"):
+        k.value_and_grad(THETA, files)
+    clean = files.fillna(0.0)
+    mem = clean.compute().to_numpy()
+    got, want = k.value_and_grad(THETA, clean), k.value_and_grad(THETA, mem)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
+def test_wrong_columns_are_named(linreg):
+    _cost, k = linreg  # (and what does not take Dask data yet says so)
     X = lazy_rows()
     with pytest.raises(DataError, match=r"shape \(N, 4\).*got a Dask array of shape \(50003, 3\)"):
         k.value(THETA, X[:, :3])
@@ -178,8 +197,10 @@ def test_wrong_columns_are_named(linreg):
         k.value(THETA, {n: X[:, q] for q, n in enumerate(NAMES) if n != "x1"})
     with pytest.raises(DataError, match="data column 'x2' is a ndarray among Dask arrays"):
         k.value(THETA, {n: (X[:, q] if n != "x2" else np.zeros(N)) for q, n in enumerate(NAMES)})
-    with pytest.raises(DataError, match="persist them first"):
+    with pytest.raises(DataError, match="k.prepare do not take Dask data yet"):
         k.prepare(X)
+    with pytest.raises(DataError, match=r"cm.minimize, prog.run and k.prepare do not take Dask data yet"):
+        cm.minimize(_cost, np.zeros(4), data=X, method="lbfgs")
 
 
 def test_no_client_nan_in_chunk_3_names_column_and_global_row(linreg):
@@ -242,6 +263,8 @@ def test_no_client_tensor_softmax_value_grad_hvp_and_errors():
         k.value(theta, {"x": data["x"], "c": da.from_array(bad_c, chunks=CHUNK)})
     with pytest.raises(DataError, match=r"data 'x' must have shape \(N, 4\)"):
         k.value(theta, {"x": data["x"][:, :3], "c": data["c"]})
+    with pytest.raises(DataError, match="cm.minimize, prog.run and k.prepare do not take Dask data yet"):
+        cm.minimize(cost, theta, data=data, method="lbfgs")
 
 
 def test_in_memory_use_never_imports_dask(tmp_path):

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from .. import native
-from ..dataset import is_dask
+from ..dataset import DASK_HERE, is_dask
 from ..errors import DataError, ParamError
 from .model import TensorCost
 from .statement import Label
@@ -112,8 +112,7 @@ def as_tensor_data(cost: TensorCost, data, check_finite: bool = False) -> Tensor
     if isinstance(data, TensorData):
         return data
     if is_dask(data):
-        raise DataError("Dask data are evaluated chunk by chunk where they live, not copied into calcml's "
-                        "layout: pass them to k.value, k.grad, k.value_and_grad, k.hvp as they are")
+        raise DataError(DASK_HERE)
     if data is None:
         if cost.has_data:
             raise DataError(f"this cost needs data {{name: array}} for {list(cost.data_names)}")
