@@ -197,9 +197,21 @@ def _client():
         return None
 
 
-def _chunk_keys(data):
-    """[(form, keys of one chunk of rows)] of data whose chunks stand in the graph as they are
-    (a 2-D array one column-chunk wide, a dict of arrays on the same row chunks), else None."""
+def _chunk_keys(data, held: set):
+    """[(form, keys of one chunk of rows)] of data whose chunks are the ``held`` results as
+    they are (a 2-D array one column-chunk wide, a dict of arrays on the same row chunks, a
+    DataFrame's partitions), else None."""
+    if _is_dask_frame(data):
+        graph = data.__dask_graph__()
+        out = []
+        for key in data.__dask_keys__():
+            if key not in held:  # a persisted DataFrame's partitions are aliases of its results
+                deps = getattr(graph.get(key), "dependencies", None) or ()
+                if len(deps) != 1 or next(iter(deps)) not in held:
+                    return None
+                key = next(iter(deps))
+            out.append(("frame", (key,)))
+        return out
     if _is_dask_array(data):
         if data.ndim != 2 or data.numblocks[1] != 1:
             return None
@@ -225,13 +237,13 @@ def _direct(fn, args, data):
     client = _client() if DIRECT else None
     if client is None:
         return None
-    plan = _chunk_keys(data)
-    if not plan:
-        return None
     from distributed import futures_of
 
     held = {f.key for f in futures_of(data)}
-    if not all(k in held for _form, keys in plan for k in keys):
+    if not held:
+        return None
+    plan = _chunk_keys(data, held)
+    if not plan or not all(k in held for _form, keys in plan for k in keys):
         return None
     # The module's source goes only to workers that have not loaded it yet (they answer None)
     lite = (args[0].without_source(),) + tuple(args[1:])
@@ -265,7 +277,7 @@ async def _run_held(fn, args, plan, dask_worker=None):
         return {}
 
     def chunk_of(form, keys):
-        if form == "array":
+        if form in ("array", "frame"):
             return data[keys[0]]
         return dict(zip(form[1], (data[k] for k in keys)))
 

@@ -358,6 +358,13 @@ def test_cluster_dataframe_and_nan_in_chunk_3(client, linreg):
     got, want = k.value_and_grad(THETA, frame), k.value_and_grad(THETA, X.compute())
     assert_close(got[0], want[0])
     assert_close(got[1], want[1])
+    held_frame = frame.persist()
+    distributed.wait(held_frame)
+    args = (dask_data.scalar_spec(k), "value_and_grad", THETA)
+    direct = dask_data._direct(dask_data._scalar_chunk_sums, args, held_frame)
+    assert direct is not None and all(r is not None for r in direct)  # evaluated where held
+    again = k.value_and_grad(THETA, held_frame)
+    assert again[0] == got[0] and np.array_equal(again[1], got[1])
     bad = lazy_rows(nan_at=(3, 77, 3))
     message = f"data column 'y' holds a non-finite value (nan) at row {3 * CHUNK + 77}"
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
