@@ -40,7 +40,7 @@ os.environ.setdefault("CALCML_CACHE_DIR", os.path.join(os.path.dirname(HERE), ".
 
 import numpy as np  # noqa: E402
 
-from _common import Timing, load_avg, machine_line, measure_interleaved, table  # noqa: E402
+from _common import load_avg, machine_line, measure_interleaved, table  # noqa: E402
 
 D = 8
 

@@ -26,6 +26,11 @@ How a call runs:
   the chunk; the client names the column and the *global* row (the rows of the chunks before
   it plus the row in the chunk), the same message as for the same data in memory.
 
+Fits (:class:`DaskRows`): ``cm.minimize`` and ``prog.run`` with full-batch ``gd``,
+``momentum``, ``nesterov`` and ``lbfgs`` run the compiled loop on the client, each of its
+passes (the module's ``_fg``) the registered pass of :mod:`calcml.loop` that calcml's threads
+use in memory, here one Dask computation of the chunks' sums.
+
 Row-major 2-D chunks are transposed into one contiguous column per data symbol (the kernels'
 layout). On a ``distributed`` worker, that copy is kept while the chunk itself lives in the
 worker's memory (a persisted array), so repeated evaluations (a fit) pay for it once;
@@ -36,16 +41,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import sys
 import threading
+import uuid
 import weakref
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, OptimizeError
 
-__all__ = ["scalar_run", "tensor_run", "SUPPORTED"]
+__all__ = ["scalar_run", "tensor_run", "DaskRows", "SUPPORTED"]
 
 SUPPORTED = "a 2-D Dask array, a Dask DataFrame or a dict of Dask arrays"
 
@@ -73,7 +78,7 @@ def _is_dask_array(x) -> bool:
     return _is_dask_obj(x) and hasattr(x, "chunks") and hasattr(x, "to_delayed") and hasattr(x, "ndim")
 
 
-def _numeric(name_or_what: str, dtype, labels: bool = False):
+def _numeric(name_or_what: str, dtype):
     kind = np.dtype(dtype).kind if dtype is not None else "O"
     if kind not in "biuf":
         what = f"data column {name_or_what!r}" if not name_or_what.startswith("the ") else name_or_what
@@ -104,7 +109,6 @@ def _row_blocks(arrays: dict) -> dict:
 def _scalar_chunks(data, names: tuple) -> list:
     """One delayed chunk per row-chunk of ``data`` for a scalar cost's columns ``names``:
     a 2-D NumPy array, a pandas DataFrame, or a dict of 1-D arrays, on the worker."""
-    dask = _dask()
     if isinstance(data, dict):
         missing = [n for n in names if n not in data]
         if missing:
@@ -151,7 +155,8 @@ def _scalar_chunks(data, names: tuple) -> list:
 # compare the two)
 DIRECT = True
 _calls = itertools.count()
-_PREFIX = f"calcml-chunk-sums-{os.getpid():x}-{id(_calls):x}"
+# task keys unique to this process and call (one random draw per process, not one per task)
+_PREFIX = f"calcml-chunk-sums-{uuid.uuid4().hex}"
 
 
 def _evaluate(fn, args: tuple, data, chunks_of) -> list:
@@ -354,9 +359,10 @@ def scalar_spec(kernels) -> ScalarSpec:
     return spec
 
 
-def scalar_run(kernels, kind: str, theta: np.ndarray, data) -> np.ndarray:
+def scalar_run(kernels, kind: str, theta: np.ndarray, data, counts=None) -> np.ndarray:
     """Kernel ``kind`` of a scalar cost over Dask data: the outputs in the in-memory kernels'
-    layout (the reduced outputs, then the finiteness slot)."""
+    layout (the reduced outputs, then the finiteness slot). ``counts``: a list to append the
+    row count to."""
     if kind == "hessian" and not kernels._inline_hessian:
         raise DataError(f"k.hessian of {kernels._n} parameters does not take Dask data; use k.grad, or compute "
                         "the data into memory")
@@ -367,6 +373,8 @@ def scalar_run(kernels, kind: str, theta: np.ndarray, data) -> np.ndarray:
     n = sum(r[0] for r in results)
     if n == 0:
         raise DataError("the data have no rows")
+    if counts is not None:
+        counts.append(n)
     bad = [(r[2], at) for r, at in zip(results, _offsets(results)) if r[2] is not None]
     if bad:
         # the first column (cost order) holding a non-finite value, at its first row: as in memory
@@ -754,3 +762,137 @@ def _located(spec: TensorSpec, ds, arrays) -> list:
             if found is not None:
                 out.append(found)
     return out
+
+
+# -- fits: cm.minimize and prog.run over Dask data -----------------------------------------------
+
+# Optimizers whose every pass over the data is the module's full-batch value and gradient
+# (``_fg``), which a run's registered pass replaces: these run over Dask data.
+FIT_METHODS = ("first_order", "lbfgs")
+
+
+class DaskRows:
+    """The data of a fit over Dask data, where the compiled loop expects a Dataset.
+
+    The loop is handed stand-in columns just long enough (``PARALLEL_MIN_ROWS``) that every
+    full-batch pass goes through ``_fg`` to the pass registered for them, which is one Dask
+    computation of the chunks' sums (:func:`scalar_run`). The stand-ins are NaN: a pass that
+    read them instead (none does) could only make the fit fail, never return a wrong
+    minimum. A data error found by a pass is kept here and raised once the loop has stopped."""
+
+    def __init__(self, prog, data):
+        cost, opt = prog.cost, prog.optimizer
+        if prog.batch_size is not None:
+            raise OptimizeError(f"{opt.name} with batch_size={prog.batch_size} draws minibatches: minibatch methods "
+                                "do not take Dask data yet; full-batch gd, momentum, nesterov and lbfgs do "
+                                "(batch_size=None), or compute the data into memory (data.compute())")
+        if opt.kind not in FIT_METHODS or not getattr(prog.module, "THREADED", False):
+            raise OptimizeError(f"{opt.name} does not take Dask data yet (its passes over the rows are not all one "
+                                "value and gradient); gd, momentum, nesterov and lbfgs do, or compute the data into "
+                                "memory (data.compute())")
+        from .compile import compile as compile_cost
+
+        self.kernels = compile_cost(cost)
+        self.data = data
+        _scalar_chunks(data, cost.data_names)  # the columns' checks, now, by name
+        self._n = None
+        self.errors: list = []
+        stand_in = np.full(prog.module.PARALLEL_MIN_ROWS, np.nan)
+        stand_in.flags.writeable = False
+        self.columns = (stand_in,) * len(cost.data_names)
+
+    @property
+    def n_rows(self) -> int:
+        if self._n is None:
+            self._n = self._count()
+        return self._n
+
+    def _count(self) -> int:
+        shape0 = getattr(self.data, "shape", (math.nan,))[0] if not isinstance(self.data, dict) else \
+            next(iter(self.data.values())).shape[0]
+        try:
+            if not math.isnan(shape0):
+                return int(shape0)
+        except TypeError:
+            pass
+        counts: list = []
+        scalar_run(self.kernels, "value", np.zeros(len(self.kernels.cost.params)), self.data, counts)
+        return counts[-1]
+
+    def pass_factory(self, _cols):
+        """drive's ``passes``: (theta, g) -> the full-batch cost at theta, its gradient into g."""
+        n = len(self.kernels.cost.params)
+        counts: list = []
+
+        def full(theta, g):
+            if self.errors or not np.all(np.isfinite(theta)):
+                g[:] = math.nan
+                return math.nan
+            try:
+                out = scalar_run(self.kernels, "value_and_grad", np.ascontiguousarray(theta, dtype=np.float64),
+                                 self.data, counts)
+            except DataError as exc:  # names the column and global row: raised when the loop stops
+                self.errors.append(exc)
+                g[:] = math.nan
+                return math.nan
+            if self._n is None and counts:
+                self._n = counts[-1]
+            g[:] = out[1:n + 1]
+            return float(out[0])
+
+        return full
+
+    def raise_found(self):
+        """The data error a pass found, if any."""
+        if self.errors:
+            raise self.errors[0]
+
+    def raise_nonfinite(self):
+        """(The loop found a non-finite pass at x0.) The data error a pass found; else the loop
+        read the stand-in columns, which no pass over Dask data may do."""
+        self.raise_found()
+        raise DataError("calcml could not run this fit over Dask data: a pass over the rows did not go through "
+                        "the Dask computation (please report this); compute the data into memory (data.compute())")
+
+    def value(self, theta) -> float:
+        return self.kernels.value(theta, self.data)
+
+    def hessian(self, theta) -> np.ndarray:
+        return self.kernels.hessian(theta, self.data)
+
+    def grad(self, theta) -> np.ndarray:
+        return self.kernels.grad(theta, self.data)
+
+    def noise(self, module, x, reduce_mean: bool) -> float:
+        """result.gradient_noise at x, from the same sample of rows as in memory (fetched)."""
+        from .result import NOISE_SAMPLE, gradient_noise
+
+        n = self.n_rows
+        if n < 2:
+            return float("nan")
+        rows = np.arange(n) if n <= NOISE_SAMPLE else \
+            np.sort(np.random.default_rng(0).choice(n, size=NOISE_SAMPLE, replace=False))
+        cols = self._rows(rows)
+        where = {int(r): k for k, r in enumerate(rows)}
+        g = np.empty(x.shape[0])
+
+        def row_gradient(i):
+            k = where[i]
+            module._fg(x, tuple(c[k:k + 1] for c in cols), g)
+            return g.copy()
+
+        return gradient_noise(row_gradient, n, reduce_mean)
+
+    def _rows(self, rows) -> tuple:
+        """The data's rows ``rows`` (sorted global numbers) as in-memory columns, cost order."""
+        names = self.kernels.cost.data_names
+        data = self.data
+        if _is_dask_frame(data):
+            data = data[list(names)].to_dask_array(lengths=True)
+        if isinstance(data, dict):
+            got = _dask().compute(*[data[n][rows] for n in names])
+            return tuple(np.ascontiguousarray(np.asarray(c, dtype=np.float64).reshape(-1)) for c in got)
+        if data.ndim == 1:
+            data = data[:, None]
+        block = np.asarray(data[rows].compute(), dtype=np.float64)
+        return tuple(np.ascontiguousarray(block[:, q]) for q in range(len(names)))

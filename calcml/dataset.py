@@ -20,10 +20,10 @@ __all__ = ["Dataset", "as_dataset", "pack", "is_dask"]
 
 
 # What an entry point that needs the data in memory says of Dask data
-DASK_HERE = ("Dask data are evaluated chunk by chunk where they live by the compiled kernels: pass them as they are "
-             "to k.value, k.grad, k.value_and_grad, k.hessian (k.hvp for a tensor cost) of k = cm.compile(cost), "
-             "persisted for repeated calls; cm.minimize, prog.run and k.prepare do not take Dask data yet: compute "
-             "them into memory first (data.compute())")
+DASK_HERE = ("this call needs the data in memory: compute them first (data.compute()). Dask data are taken as "
+             "they are, and evaluated chunk by chunk where they live, by the compiled kernels (k.value, k.grad, "
+             "k.value_and_grad, k.hessian; k.hvp of a tensor cost) and by cm.minimize and prog.run with full-batch "
+             "gd, momentum, nesterov or lbfgs for a scalar cost of fewer than 16 parameters")
 
 
 def is_dask(data) -> bool:

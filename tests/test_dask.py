@@ -26,7 +26,7 @@ pd = pytest.importorskip("pandas")
 
 import calcml as cm  # noqa: E402
 from calcml import dask_data  # noqa: E402
-from calcml.errors import DataError  # noqa: E402
+from calcml.errors import DataError, OptimizeError  # noqa: E402
 
 D = 3  # features of the linear regression: x0, x1, x2, then y
 CHUNK = 12_000
@@ -197,10 +197,8 @@ def test_wrong_columns_are_named(linreg):
         k.value(THETA, {n: X[:, q] for q, n in enumerate(NAMES) if n != "x1"})
     with pytest.raises(DataError, match="data column 'x2' is a ndarray among Dask arrays"):
         k.value(THETA, {n: (X[:, q] if n != "x2" else np.zeros(N)) for q, n in enumerate(NAMES)})
-    with pytest.raises(DataError, match="k.prepare do not take Dask data yet"):
+    with pytest.raises(DataError, match=r"this call needs the data in memory: compute them first"):
         k.prepare(X)
-    with pytest.raises(DataError, match=r"cm.minimize, prog.run and k.prepare do not take Dask data yet"):
-        cm.minimize(_cost, np.zeros(4), data=X, method="lbfgs")
 
 
 def test_no_client_nan_in_chunk_3_names_column_and_global_row(linreg):
@@ -236,6 +234,8 @@ def test_no_client_many_parameters_restated_in_index_notation():
     bad[21_003, 5] = np.inf
     with pytest.raises(DataError, match=r"column 'x5' holds a non-finite value \(inf\) at row 21003"):
         k.value(theta, da.from_array(bad, chunks=(7_000, n_feat + 1)))
+    with pytest.raises(DataError, match="this call needs the data in memory"):  # its fits: not yet
+        cm.minimize(cost, theta, data=X, method="lbfgs")
 
 
 def test_no_client_tensor_softmax_value_grad_hvp_and_errors():
@@ -251,6 +251,7 @@ def test_no_client_tensor_softmax_value_grad_hvp_and_errors():
     assert_close(got[0], want[0])
     assert_close(got[1], want[1])
     assert_close(k.hvp(theta, v, data), k.hvp(theta, v, mem))
+    assert_close(k.hessian(theta, data), k.hessian(theta, mem))  # column by column, one Dask pass each
     again = k.value_and_grad(theta, data)
     assert again[0] == got[0] and np.array_equal(again[1], got[1])
     bad_x = X.copy()
@@ -263,24 +264,58 @@ def test_no_client_tensor_softmax_value_grad_hvp_and_errors():
         k.value(theta, {"x": data["x"], "c": da.from_array(bad_c, chunks=CHUNK)})
     with pytest.raises(DataError, match=r"data 'x' must have shape \(N, 4\)"):
         k.value(theta, {"x": data["x"][:, :3], "c": data["c"]})
-    with pytest.raises(DataError, match="cm.minimize, prog.run and k.prepare do not take Dask data yet"):
+    with pytest.raises(DataError, match="this call needs the data in memory"):  # tensor fits: not yet
         cm.minimize(cost, theta, data=data, method="lbfgs")
 
 
-def test_in_memory_use_never_imports_dask(tmp_path):
+# (gd twice: one compiled loop; the second spends its budget, so its message weighs the gradient's
+# noise, estimated from rows sampled out of the Dask data)
+@pytest.mark.parametrize("method, options", [("lbfgs", {}), ("gd", {"lr": "auto", "maxiter": 50}),
+                                             ("gd", {"lr": 0.05, "maxiter": 40})])
+def test_no_client_full_batch_fits_match_memory(linreg, method, options):
+    """Each step's value and gradient is one Dask computation; the loop is the compiled one."""
+    cost, _k = linreg
+    X = lazy_rows()
+    mem = X.compute()
+    got = cm.minimize(cost, np.zeros(4), data=X, method=method, **options)
+    want = cm.minimize(cost, np.zeros(4), data=mem, method=method, **options)
+    assert got.nit == want.nit and got.status == want.status and got.success == want.success
+    assert_close(got.x, want.x, 1e-10)
+    assert_close(got.fun, want.fun, 1e-10)
+    assert got.message == want.message
+    if got.success:  # the closed form: least squares
+        A = np.column_stack([mem[:, :D], np.ones(len(mem))])
+        assert_close(got.x, np.linalg.lstsq(A, mem[:, D], rcond=None)[0], 1e-6)
+
+
+def test_no_client_fit_errors(linreg):
+    cost, _k = linreg
+    X = lazy_rows(nan_at=(3, 9, 2))
+    with pytest.raises(DataError, match=rf"column 'x2' holds a non-finite value \(nan\) at row {3 * CHUNK + 9}"):
+        cm.generate(cost, method="lbfgs").run(np.zeros(4), X)
+    with pytest.raises(OptimizeError, match="newton does not take Dask data yet"):
+        cm.minimize(cost, np.zeros(4), data=lazy_rows(), method="newton")
+    with pytest.raises(OptimizeError, match="minibatch methods do not take Dask data yet"):
+        cm.minimize(cost, np.zeros(4), data=lazy_rows(), method="adam", lr=0.01, batch_size=64)
+    frame = dd.from_dask_array(lazy_rows(), columns=NAMES).drop(columns=["x0"])
+    with pytest.raises(DataError, match="missing column 'x0'"):
+        cm.minimize(cost, np.zeros(4), data=frame, method="lbfgs")
+
+
+def test_in_memory_use_never_imports_dask():
     script = textwrap.dedent("""
         import sys
         import numpy as np
         import calcml as cm
-        w, b = cm.params("w b"); x, y = cm.data("x y")
-        cost = cm.Cost((w * x + b - y) ** 2, params=[w, b], data=[x, y])
-        X = np.linspace(0.0, 1.0, 50)
-        res = cm.minimize(cost, {"w": 0.0, "b": 0.0}, data={"x": X, "y": 2 * X + 1}, method="lbfgs")
-        assert abs(res.params["w"] - 2) < 1e-6, res
+        w = cm.params("w", 3); b = cm.params("b"); x = cm.data("x", 3); y = cm.data("y")
+        cost = cm.Cost((sum(wi * xi for wi, xi in zip(w, x)) + b - y) ** 2, params=[*w, b], data=[*x, y])
+        X = np.random.default_rng(0).standard_normal((50, 3))
+        res = cm.minimize(cost, np.zeros(4), data=np.column_stack([X, X @ [1.0, 2.0, 3.0] + 4.0]), method="lbfgs")
+        assert np.allclose(res.x, [1.0, 2.0, 3.0, 4.0], atol=1e-6), res
         print(sorted(m for m in sys.modules if m == "dask" or m.startswith(("dask.", "distributed"))))
     """)
-    env = dict(os.environ, CALCML_CACHE_DIR=str(tmp_path / "cache"))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    # the session's kernel cache (the fits above compiled this cost's L-BFGS), in a new process
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
@@ -373,6 +408,17 @@ def test_cluster_dataframe_and_nan_in_chunk_3(client, linreg):
     distributed.wait(held)
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         k.grad(THETA, held)  # where the chunks are held
+
+
+def test_cluster_lbfgs_fit_over_persisted_data_matches_memory(client, linreg):
+    cost, _k = linreg
+    X = lazy_rows(seed=21).persist()
+    distributed.wait(X)
+    got = cm.minimize(cost, np.zeros(4), data=X, method="lbfgs")
+    want = cm.minimize(cost, np.zeros(4), data=X.compute(), method="lbfgs")
+    assert got.success and got.nit == want.nit
+    assert_close(got.x, want.x, 1e-10)
+    assert_close(got.fun, want.fun, 1e-10)
 
 
 def test_cluster_tensor_softmax(client):
