@@ -32,7 +32,7 @@ import numpy as np
 from . import _version, native
 from .codegen import CHUNK, HESSIAN_INLINE_MAX, LANES, kernel_slots
 from .cost import Cost
-from .dataset import Dataset, address, as_dataset, pack
+from .dataset import Dataset, address, as_dataset, is_dask, pack
 from .errors import CacheError, CodegenError, ParamError
 
 __all__ = ["compile", "Kernels", "cache_dir"]
@@ -185,7 +185,9 @@ class Kernels:
     ``data`` is a dict ``{name: 1-D array}``, a 2-D array with one column per data symbol,
     a pandas DataFrame, or a :class:`~calcml.dataset.Dataset` from :meth:`prepare` (which
     skips validation and conversion: use it when calling repeatedly on the same data).
-    Omit ``data`` for a cost without data columns.
+    Omit ``data`` for a cost without data columns. Dask data (a 2-D Dask array, a Dask
+    DataFrame, a dict of Dask arrays) are evaluated chunk by chunk where they live, the
+    chunks' sums added on the client (see :mod:`calcml.dask_data`).
 
     ``parallel``: ``"auto"`` (threads for at least ``PARALLEL_MIN_ROWS`` rows), ``True`` or
     ``False``. Threaded and serial calls give bit-identical results: both sum the same
@@ -319,6 +321,10 @@ class Kernels:
             base = address(ws)
             self._fn(kind)(base, base + 8 * n_par)
             return ws[n_par:], None
+        if is_dask(data):  # one task per chunk of rows where it lives (calcml.dask_data)
+            from .dask_data import scalar_run
+
+            return scalar_run(self, kind, self._theta(theta), data), None
         ds = as_dataset(data, self.cost.data_names)
         fn = self._fn(kind, ds.validated and ds.block is not None)
         n = ds.n_rows

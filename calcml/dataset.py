@@ -16,7 +16,24 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["Dataset", "as_dataset", "pack"]
+__all__ = ["Dataset", "as_dataset", "pack", "is_dask"]
+
+
+# What an entry point that needs the data in memory says of Dask data
+DASK_HERE = ("this call needs the data in memory: compute them first (data.compute()). Dask data are taken as "
+             "they are, and evaluated chunk by chunk where they live, by the compiled kernels (k.value, k.grad, "
+             "k.value_and_grad, k.hessian; k.hvp of a tensor cost) and by cm.minimize and prog.run with full-batch "
+             "gd, momentum, nesterov or lbfgs for a scalar cost of fewer than 16 parameters")
+
+
+def is_dask(data) -> bool:
+    """Whether ``data`` is Dask data (a Dask collection, or a dict holding one), told from the
+    type's module name alone: nothing here imports Dask."""
+    if type(data).__module__.startswith("dask"):
+        return True
+    if type(data) is dict:
+        return any(type(v).__module__.startswith("dask") for v in data.values())
+    return False
 
 
 class Dataset:
@@ -126,6 +143,8 @@ def as_dataset(data, names: tuple, packed: bool = False) -> Dataset:
         raise DataError("this cost has no data columns; call the kernel with theta alone")
     if data is None:
         raise DataError(f"this cost needs data with columns {list(names)}; got data=None")
+    if is_dask(data):
+        raise DataError(DASK_HERE)
     if isinstance(data, Dataset):
         if data.names != names:
             raise DataError(f"the prepared dataset has columns {list(data.names)}, but this cost needs {list(names)}")

@@ -23,7 +23,7 @@ from . import loop as _loop
 from . import result as _result
 from .codegen import HESSIAN_INLINE_MAX
 from .cost import Cost
-from .dataset import as_dataset
+from .dataset import Dataset, as_dataset, is_dask
 from .errors import DataError, OptimizeError, ParamError
 from .optim import Optimizer
 from .schedules import Schedule, constant
@@ -143,7 +143,7 @@ def _auto_rate(prog: Program, x, ds, notes) -> float:
         from .compile import compile as compile_cost
 
         k = compile_cost(prog.cost)
-        H = k.hessian(x) if ds is None else k.hessian(x, ds)
+        H = k.hessian(x) if ds is None else k.hessian(x, ds) if type(ds) is Dataset else ds.hessian(x)
         if not np.all(np.isfinite(H)):
             raise OptimizeError("lr='auto': the Hessian at x0 is not finite; give lr explicitly")
         L = float(np.max(np.sum(np.abs(H), axis=1)))
@@ -162,16 +162,22 @@ def _auto_rate(prog: Program, x, ds, notes) -> float:
 
 def _power_iteration(prog: Program, x, ds, iterations: int = 100) -> float:
     module = prog.module
-    cols = module.columns_of(None if ds is None else ds.columns)
     n = x.shape[0]
     v = np.random.default_rng(0).standard_normal(n)
     v /= np.linalg.norm(v)
     gp, gm = np.zeros(n), np.zeros(n)
     h = 1e-5 * max(1.0, float(np.linalg.norm(x)))
     lam = 0.0
+    if ds is not None and type(ds) is not Dataset:  # Dask data: each gradient one Dask computation
+        def fg(theta, _cols, g):
+            g[:] = ds.grad(theta)
+        cols = None
+    else:
+        fg = module._fg
+        cols = module.columns_of(None if ds is None else ds.columns)
     for _ in range(iterations):
-        module._fg(x + h * v, cols, gp)
-        module._fg(x - h * v, cols, gm)
+        fg(x + h * v, cols, gp)
+        fg(x - h * v, cols, gm)
         hv = (gp - gm) / (2 * h)
         new = float(np.linalg.norm(hv))
         if not (new > 0.0 and math.isfinite(new)):
@@ -254,7 +260,12 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     columns = ds = None
     if prog.has_data or data is not None or opt.lr == "auto":
         x0 = _as_x0(cost, x0, prog.param_names)  # before the data's checks; lr="auto" reads x0
-    if prog.has_data:
+    if prog.has_data and is_dask(data):  # each pass one Dask computation (calcml.dask_data)
+        from .dask_data import DaskRows
+
+        ds = DaskRows(prog, data)
+        columns = ds.columns
+    elif prog.has_data:
         ds = as_dataset(data, cost.data_names)  # finiteness: checked in the loop's first pass
         columns = ds.columns
         if prog.batch_size is not None and prog.batch_size > ds.n_rows:
@@ -272,7 +283,10 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     module = prog.module
     try:
         extra = {}
-        if module.THREADED and ds.n_rows >= module.PARALLEL_MIN_ROWS:  # (on one thread too: the same bits)
+        if type(ds) is not Dataset and ds is not None:  # Dask data: the registered pass is a Dask computation
+            extra["passes"] = ds.pass_factory
+            extra["first_segment"] = 1  # a step is a pass over all chunks: report and stop between steps
+        elif module.THREADED and ds.n_rows >= module.PARALLEL_MIN_ROWS:  # (on one thread too: the same bits)
             extra["passes"] = partial(_threaded_passes, cost)
         (x, fun, grad, grad_norm, nit, nfev, status, history, history_every, path,
          epochs_done, best_step, best_value, diverged_at, blowup) = module.drive(
@@ -285,6 +299,8 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     finally:
         if bar is not None:
             bar.close()
+    if ds is not None and type(ds) is not Dataset:
+        ds.raise_found()  # a Dask pass found a bad datum: named by column and global row
     if status == _result.DIVERGED and nit == 0:
         _as_x0(cost, x0, prog.param_names)  # a non-finite entry of x0: says which
         if not math.isfinite(fun):
@@ -298,7 +314,10 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     }
     noise = None
     if ds is not None and status in _BUDGET_SPENT:
-        noise = partial(_scalar_noise, module, columns, x, ds.n_rows, cost.reduce == "mean")
+        if type(ds) is not Dataset:
+            noise = partial(ds.noise, module, x, cost.reduce == "mean")
+        else:
+            noise = partial(_scalar_noise, module, columns, x, ds.n_rows, cost.reduce == "mean")
     else:
         fields["status"], fields["success"] = status, _result.STATUS[status][0]
     # status (for a run that spent its budget: a gradient within its noise is a minimum) and
@@ -351,6 +370,8 @@ def _value_at(cost, ds, theta) -> float:
     """The cost at theta (a kernel compiled only when a result needs it: see result.unbounded)."""
     from .compile import compile as compile_cost
 
+    if ds is not None and type(ds) is not Dataset:
+        return ds.value(theta)
     return compile_cost(cost).value(theta, ds) if ds is not None else compile_cost(cost).value(theta)
 
 

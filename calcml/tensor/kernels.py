@@ -20,6 +20,7 @@ import threading
 import numpy as np
 
 from .. import native
+from ..dataset import DASK_HERE, is_dask
 from ..errors import DataError, ParamError
 from .model import TensorCost
 from .statement import Label
@@ -110,6 +111,8 @@ class TensorData:
 def as_tensor_data(cost: TensorCost, data, check_finite: bool = False) -> TensorData:
     if isinstance(data, TensorData):
         return data
+    if is_dask(data):
+        raise DataError(DASK_HERE)
     if data is None:
         if cost.has_data:
             raise DataError(f"this cost needs data {{name: array}} for {list(cost.data_names)}")
@@ -309,7 +312,7 @@ class TensorKernels:
             key = hashlib.sha256(f"tensor-{group}|{_fingerprint()}|{self.cost.key}".encode()).hexdigest()
             mod, text, path = load_or_build(
                 key, lambda: self.cost.module_source(kinds, entry_points=group == "base")[0])
-            mod._calcml_text, mod._calcml_path = text, path
+            mod._calcml_text, mod._calcml_path, mod._calcml_key = text, path, key
             self._modules[group] = mod
         return mod
 
@@ -350,6 +353,10 @@ class TensorKernels:
     def _run(self, kind: str, theta, v, data, rows_name=None, extra=(), finish=True) -> np.ndarray:
         """Run ``<kind>_rows`` (or ``rows_name``) over the stripes, add the stripes' sums in
         order, and ``<kind>_finish`` them into the outputs. ``extra``: arguments after acc."""
+        if data is not None and rows_name is None and is_dask(data):
+            from ..dask_data import tensor_run  # one task per chunk of rows where it lives
+
+            return tensor_run(self, kind, theta, v, data)
         mod = self._module("hvp" if kind == "hvp" else "base")
         td = as_tensor_data(self.cost, data)
         nout = {"value": 1, "vg": 1 + self._n, "hvp": self._n}[kind]
@@ -416,6 +423,8 @@ class TensorKernels:
         product then only runs what depends on ``v``. Newton-CG takes many products at one
         point: this is its inner loop."""
         t = self._theta(theta).copy()
+        if data is not None and is_dask(data):  # no rows kept between products: one Dask pass each
+            return lambda v: self._run("hvp", t, self._theta(v, "v"), data)
         td = as_tensor_data(self.cost, data)
         mod = self._module("hvp")
         if not self.cost.has_data or not hasattr(mod, "hvp_lin_rows"):

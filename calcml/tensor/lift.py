@@ -21,6 +21,7 @@ import re
 import sympy as sp
 
 from ..cost import Cost
+from ..dataset import is_dask
 from .model import TensorCost
 
 __all__ = ["lift", "LIFT_MIN_PARAMS"]
@@ -296,17 +297,46 @@ class LiftedKernels:
 
         return data if isinstance(data, TensorData) else self._data(data)
 
+    def _on_dask(self, kind, theta, v, data):
+        """Kernel ``kind`` over Dask data in the scalar cost's forms: each chunk restated on
+        its worker (see :mod:`calcml.dask_data`)."""
+        from ..dask_data import tensor_run
+
+        t = self.tensor
+        return tensor_run(t, kind, t._theta(theta), t._empty if v is None else t._theta(v, "v"), data,
+                          lift=(self.cost.data_names, tuple((n, None if m is None else tuple(m))
+                                                            for n, m in self.columns)))
+
     def value(self, theta, data=None):
+        if is_dask(data):
+            return float(self._on_dask("value", theta, None, data)[0])
         return self._named(data, lambda: self.tensor.value(theta, self._args(data)))
 
     def grad(self, theta, data=None):
+        if is_dask(data):
+            return self._on_dask("vg", theta, None, data)[1:].copy()
         return self._named(data, lambda: self.tensor.grad(theta, self._args(data)))
 
     def value_and_grad(self, theta, data=None):
+        if is_dask(data):
+            out = self._on_dask("vg", theta, None, data)
+            return float(out[0]), out[1:].copy()
         return self._named(data, lambda: self.tensor.value_and_grad(theta, self._args(data)))
 
     def hvp(self, theta, v, data=None):
+        if is_dask(data):
+            return self._on_dask("hvp", theta, v, data)
         return self._named(data, lambda: self.tensor.hvp(theta, v, self._args(data)))
 
     def hessian(self, theta, data=None):
+        if is_dask(data):  # column by column from exact Hessian-vector products, one Dask pass each
+            import numpy as np
+
+            n = self.tensor._n
+            H, e = np.empty((n, n)), np.zeros(n)
+            for i in range(n):
+                e[i] = 1.0
+                H[:, i] = self._on_dask("hvp", theta, e, data)
+                e[i] = 0.0
+            return 0.5 * (H + H.T)
         return self._named(data, lambda: self.tensor.hessian(theta, self._args(data)))

@@ -1,0 +1,898 @@
+"""Kernels over Dask data: one task per chunk of rows, the chunks' sums added on the client.
+
+``k.value``, ``k.grad``, ``k.value_and_grad`` (and ``k.hvp`` of a tensor cost) accept a 2-D
+Dask array (columns in ``cost.data`` order), a Dask DataFrame (columns by name) or a dict of
+Dask arrays (``(N, *shape)`` each, chunked by rows). This module is imported only when such
+data are given (:func:`calcml.dataset.is_dask` tells without importing Dask).
+
+How a call runs:
+
+* The client makes one task per chunk of rows. The task holds what the worker needs to run
+  the compiled kernel: the generated module's *source text* (never pointers or ctypes
+  objects; workers share no cache folder with the client), the parameters, and the chunk.
+* A worker (the active ``dask.distributed.Client``'s, else a thread of Dask's default
+  scheduler) writes that source into *its own* kernel cache (``$CALCML_CACHE_DIR`` as set
+  for the worker, else the default folder) under the same content-addressed name, loads or
+  compiles its machine code once, and keeps the kernels in its process for later tasks.
+* Each task computes its chunk's *sums* (not means) with the serial kernel: for a scalar cost
+  the kernels of the same per-row expression with ``reduce="sum"``; for a tensor cost the
+  sums over rows that the module's ``*_finish`` turns into the outputs. It returns them with
+  its row count.
+* The client adds the chunks' sums in chunk order and, for ``reduce="mean"``, divides once by
+  the total row count (then a tensor cost's ``finish`` adds the penalty). The result equals
+  the in-memory one to rounding, and has the same bits on every run: each chunk's sums and
+  their order are fixed by the chunks alone, whichever worker ran them.
+* A non-finite value, or a label out of range, is reported by the task with its position in
+  the chunk; the client names the column and the *global* row (the rows of the chunks before
+  it plus the row in the chunk), the same message as for the same data in memory.
+
+Fits (:class:`DaskRows`): ``cm.minimize`` and ``prog.run`` with full-batch ``gd``,
+``momentum``, ``nesterov`` and ``lbfgs`` run the compiled loop on the client, each of its
+passes (the module's ``_fg``) the registered pass of :mod:`calcml.loop` that calcml's threads
+use in memory, here one Dask computation of the chunks' sums.
+
+Row-major 2-D chunks are transposed into one contiguous column per data symbol (the kernels'
+layout). On a ``distributed`` worker, that copy is kept while the chunk itself lives in the
+worker's memory (a persisted array), so repeated evaluations (a fit) pay for it once;
+chunks of a DataFrame or column-major chunks need no copy at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import threading
+import uuid
+import weakref
+
+import numpy as np
+
+from .errors import DataError, OptimizeError
+
+__all__ = ["scalar_run", "tensor_run", "DaskRows", "SUPPORTED"]
+
+SUPPORTED = "a 2-D Dask array, a Dask DataFrame or a dict of Dask arrays"
+
+# -- on the client -----------------------------------------------------------------------------
+
+
+def _dask():
+    try:
+        import dask
+        import dask.array  # noqa: F401
+    except ImportError:  # pragma: no cover - is_dask saw a Dask object, so Dask is there
+        raise DataError("Dask data need Dask: pip install 'calcml[dask]'") from None
+    return dask
+
+
+def _is_dask_obj(x) -> bool:
+    return type(x).__module__.startswith("dask")
+
+
+def _is_dask_frame(x) -> bool:
+    return _is_dask_obj(x) and hasattr(x, "columns") and hasattr(x, "to_delayed") and hasattr(x, "npartitions")
+
+
+def _is_dask_array(x) -> bool:
+    return _is_dask_obj(x) and hasattr(x, "chunks") and hasattr(x, "to_delayed") and hasattr(x, "ndim")
+
+
+def _numeric(name_or_what: str, dtype):
+    kind = np.dtype(dtype).kind if dtype is not None else "O"
+    if kind not in "biuf":
+        what = f"data column {name_or_what!r}" if not name_or_what.startswith("the ") else name_or_what
+        raise DataError(f"{what} must be numeric, got dtype {dtype}")
+
+
+def _row_blocks(arrays: dict) -> dict:
+    """Each Dask array of ``arrays`` as one block per chunk of rows (its other axes whole),
+    all on the first array's row chunks: {name: [delayed block, ...]}."""
+    names = list(arrays)
+    first = arrays[names[0]]
+    out = {}
+    for name in names:
+        a = arrays[name]
+        if a.ndim > 1 and any(len(c) > 1 for c in a.chunks[1:]):
+            a = a.rechunk({axis: -1 for axis in range(1, a.ndim)})
+        if a.chunks[0] != first.chunks[0]:
+            if any(math.isnan(c) for c in a.chunks[0] + first.chunks[0]):
+                raise DataError(f"data {name!r} and {names[0]!r} are chunked differently and their chunk sizes are "
+                                "unknown: compute them (arr.compute_chunk_sizes()) or chunk both alike")
+            if a.shape[0] != first.shape[0]:
+                raise DataError(f"data {name!r} has {a.shape[0]} rows but {names[0]!r} has {first.shape[0]}")
+            a = a.rechunk({0: first.chunks[0]})
+        out[name] = list(a.to_delayed().reshape(-1))
+    return out
+
+
+def _scalar_chunks(data, names: tuple) -> list:
+    """One delayed chunk per row-chunk of ``data`` for a scalar cost's columns ``names``:
+    a 2-D NumPy array, a pandas DataFrame, or a dict of 1-D arrays, on the worker."""
+    if isinstance(data, dict):
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise DataError(f"data is missing column{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(repr, missing))}; the cost's data columns are {list(names)}")
+        cols = {}
+        for n in names:
+            a = data[n]
+            if not _is_dask_array(a):
+                raise DataError(f"data column {n!r} is a {type(a).__name__} among Dask arrays: give every column as "
+                                "a Dask array (dask.array.from_array) or none")
+            if a.ndim == 2 and a.shape[1] == 1:
+                a = a.reshape(-1) if not math.isnan(a.shape[0]) else a[:, 0]
+            if a.ndim != 1:
+                raise DataError(f"data column {n!r} must be 1-D, got shape {a.shape}")
+            _numeric(n, a.dtype)
+            cols[n] = a
+        blocks = _row_blocks(cols)
+        return [dict(zip(names, parts)) for parts in zip(*(blocks[n] for n in names))]
+    if _is_dask_frame(data):
+        present = list(data.columns)
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise DataError(f"data is missing column{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(repr, missing))}; the cost's data columns are {list(names)}")
+        for n in names:
+            _numeric(n, data.dtypes[n])
+        return list(data[list(names)].to_delayed())
+    if _is_dask_array(data):
+        a = data
+        if a.ndim == 1 and len(names) == 1:
+            a = a[:, None]
+        if a.ndim != 2 or a.shape[1] != len(names):
+            raise DataError(f"a data array must have shape (N, {len(names)}): one column per data symbol "
+                            f"{list(names)}; got a Dask array of shape {a.shape}")
+        _numeric("the data array", a.dtype)
+        if a.numblocks[1] != 1:
+            a = a.rechunk({1: -1})
+        return list(a.to_delayed().reshape(-1))
+    raise DataError(f"Dask data must be {SUPPORTED}; got {type(data).__module__}.{type(data).__name__}")
+
+
+# Evaluate persisted chunks by one Client.run per worker (False: always tasks; benchmarks
+# compare the two)
+DIRECT = True
+_calls = itertools.count()
+# task keys unique to this process and call (one random draw per process, not one per task)
+_PREFIX = f"calcml-chunk-sums-{uuid.uuid4().hex}"
+
+
+def _evaluate(fn, args: tuple, data, chunks_of) -> list:
+    """``fn(*args, chunk, keep)`` for every chunk of rows of ``data``, in chunk order.
+
+    Persisted chunks held by the workers of the active ``distributed`` client are evaluated
+    where they are by one call to each worker (``Client.run``: no task graph, no scheduler);
+    every other chunk by one Dask task (``chunks_of(data)``: the delayed chunks), with the
+    active client or Dask's default scheduler."""
+    local = _direct(fn, args, data)
+    if local is not None and all(r is not None for r in local):
+        return local
+    dask = _dask()
+    chunks = chunks_of(data)
+    if local is not None and len(local) != len(chunks):
+        local = None
+    call = next(_calls)
+    task = dask.delayed(_on_worker, pure=False)
+    todo = [i for i in range(len(chunks)) if local is None or local[i] is None]
+    done = dask.compute(*[task(fn, args, chunks[i], dask_key_name=f"{_PREFIX}-{call}-{i}") for i in todo])
+    out = list(local) if local is not None else [None] * len(chunks)
+    for i, r in zip(todo, done):
+        out[i] = r
+    return out
+
+
+def _on_worker(fn, args, chunk):
+    return fn(*args, chunk, _on_distributed_worker())
+
+
+def _client():
+    """The active ``distributed`` client, unless Dask is told to use another scheduler
+    (``dask.config.set(scheduler="threads")``, say)."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    scheduler = _dask().config.get("scheduler", None)
+    if scheduler not in (None, "dask.distributed", "distributed"):
+        return None
+    try:
+        return distributed.default_client()
+    except (ValueError, AttributeError):
+        return None
+
+
+def _chunk_keys(data, held: set):
+    """[(form, keys of one chunk of rows)] of data whose chunks are the ``held`` results as
+    they are (a 2-D array one column-chunk wide, a dict of arrays on the same row chunks, a
+    DataFrame's partitions), else None."""
+    if _is_dask_frame(data):
+        graph = data.__dask_graph__()
+        out = []
+        for key in data.__dask_keys__():
+            if key not in held:  # a persisted DataFrame's partitions are aliases of its results
+                deps = getattr(graph.get(key), "dependencies", None) or ()
+                if len(deps) != 1 or next(iter(deps)) not in held:
+                    return None
+                key = next(iter(deps))
+            out.append(("frame", (key,)))
+        return out
+    if _is_dask_array(data):
+        if data.ndim != 2 or data.numblocks[1] != 1:
+            return None
+        return [("array", (row[0],)) for row in data.__dask_keys__()]
+    if isinstance(data, dict) and data and all(_is_dask_array(a) for a in data.values()):
+        names = list(data)
+        first = data[names[0]].chunks[0]
+        keys = []
+        for a in data.values():
+            if a.chunks[0] != first or any(len(c) > 1 for c in a.chunks[1:]):
+                return None
+            k = a.__dask_keys__()
+            for _ in range(a.ndim - 1):
+                k = [row[0] for row in k]
+            keys.append(k)
+        return [(("dict", tuple(names)), tuple(ks)) for ks in zip(*keys)]
+    return None
+
+
+def _direct(fn, args, data):
+    """The chunks' results from the workers that hold them (None for a chunk no worker holds),
+    or None where there is no distributed client or the data are not persisted there."""
+    client = _client() if DIRECT else None
+    if client is None:
+        return None
+    from distributed import futures_of
+
+    held = {f.key for f in futures_of(data)}
+    if not held:
+        return None
+    plan = _chunk_keys(data, held)
+    if not plan or not all(k in held for _form, keys in plan for k in keys):
+        return None
+    # The module's source goes only to workers that have not loaded it yet (they answer None)
+    lite = (args[0].without_source(),) + tuple(args[1:])
+    try:
+        found = client.run(_run_held, fn, lite, plan)
+        again = [w for w, r in found.items() if r is None]
+        if again:
+            found.update(client.run(_run_held, fn, args, plan, workers=again))
+    except Exception as exc:  # noqa: BLE001 - a calcml error is the answer; anything else: the task path
+        if isinstance(exc, DataError):
+            raise
+        return None
+    out = [None] * len(plan)
+    for worker in sorted(found):  # a chunk held twice: the same bits from either copy
+        for i, r in found[worker].items():
+            if out[i] is None:
+                out[i] = r
+    return out
+
+
+async def _run_held(fn, args, plan, dask_worker=None):
+    """On a worker (``Client.run``): {chunk index: result} for the chunks it holds, run off the
+    event loop on up to the worker's thread count of threads."""
+    import asyncio
+
+    if args[0].source is None and not _loaded_here(args[0]):
+        return None  # send the source
+    data = dask_worker.data
+    mine = [(i, form, keys) for i, (form, keys) in enumerate(plan) if all(k in data for k in keys)]
+    if not mine:
+        return {}
+
+    def chunk_of(form, keys):
+        if form in ("array", "frame"):
+            return data[keys[0]]
+        return dict(zip(form[1], (data[k] for k in keys)))
+
+    def run(i, form, keys, out):
+        try:
+            chunk = chunk_of(form, keys)
+        except KeyError:  # released since: left to a task
+            return
+        out[i] = fn(*args, chunk, True)
+
+    def work():
+        out = {}
+        threads = max(1, min(len(mine), getattr(dask_worker.state, "nthreads", 1) or 1))
+        if threads == 1:
+            for i, form, keys in mine:
+                run(i, form, keys, out)
+            return out
+        from .native import pool
+
+        def job(t):
+            for i, form, keys in mine[t::threads]:
+                run(i, form, keys, out)
+        pool.run(job, threads)
+        return out
+
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def _offsets(results) -> list:
+    out, at = [], 0
+    for r in results:
+        out.append(at)
+        at += r[0]
+    return out
+
+
+# -- scalar costs ------------------------------------------------------------------------------
+
+
+class ScalarSpec:
+    """What a worker needs to run the chunk-sum kernels of a scalar cost: the cache key and
+    the text of the generated module of the cost's ``reduce="sum"`` twin, and its shape."""
+
+    __slots__ = ("key", "source", "n_params", "data_names")
+
+    def __init__(self, key: str, source: str, n_params: int, data_names: tuple):
+        self.key, self.source, self.n_params, self.data_names = key, source, n_params, data_names
+
+    def __getstate__(self):
+        return (self.key, self.source, self.n_params, self.data_names)
+
+    def without_source(self) -> "ScalarSpec":
+        """The same spec without the module's text, for a worker that has loaded it."""
+        return ScalarSpec(self.key, None, self.n_params, self.data_names)
+
+    def __setstate__(self, state):
+        self.key, self.source, self.n_params, self.data_names = state
+
+
+def scalar_spec(kernels) -> ScalarSpec:
+    """The spec of ``kernels`` (a :class:`calcml.Kernels`), made once per kernels object."""
+    spec = kernels.__dict__.get("_dask_spec")
+    if spec is None:
+        from .codegen import kernel_module_source
+        from .compile import _kernel_key, load_or_build
+        from .cost import Cost
+
+        cost = kernels.cost
+        twin = cost if cost.reduce == "sum" else Cost(cost.expr, params=list(cost.params), data=list(cost.data),
+                                                      reduce="sum")
+        key = _kernel_key(twin, "kernels")
+        _module, text, _path = load_or_build(key, lambda: kernel_module_source(twin), import_module=False)
+        spec = kernels.__dict__["_dask_spec"] = ScalarSpec(key, text, len(cost.params), cost.data_names)
+    return spec
+
+
+def scalar_run(kernels, kind: str, theta: np.ndarray, data, counts=None) -> np.ndarray:
+    """Kernel ``kind`` of a scalar cost over Dask data: the outputs in the in-memory kernels'
+    layout (the reduced outputs, then the finiteness slot). ``counts``: a list to append the
+    row count to."""
+    if kind == "hessian" and not kernels._inline_hessian:
+        raise DataError(f"k.hessian of {kernels._n} parameters does not take Dask data; use k.grad, or compute "
+                        "the data into memory")
+    names = kernels.cost.data_names
+    spec = scalar_spec(kernels)
+    chunks = _scalar_chunks(data, names)  # (the checks of the columns, on the client)
+    results = _evaluate(_scalar_chunk_sums, (spec, kind, theta), data, lambda _d: chunks)
+    n = sum(r[0] for r in results)
+    if n == 0:
+        raise DataError("the data have no rows")
+    if counts is not None:
+        counts.append(n)
+    bad = [(r[2], at) for r, at in zip(results, _offsets(results)) if r[2] is not None]
+    if bad:
+        # the first column (cost order) holding a non-finite value, at its first row: as in memory
+        col, row, value = min(((c, at + row, value) for found, at in bad for c, row, value in found),
+                              key=lambda t: (t[0], t[1]))
+        raise DataError(f"data column {names[col]!r} holds a non-finite value ({value}) at row {row}")
+    total = None
+    for r in results:  # chunk order: the same bits on every run
+        if r[1] is None:
+            continue
+        total = r[1].copy() if total is None else total.__iadd__(r[1])
+    if kernels.cost.reduce == "mean":
+        total[:-1] /= n
+    return total
+
+
+_worker_lock = threading.RLock()
+_worker_kernels: dict = {}  # key -> Kernels of the sum twin, in this process
+_layouts: dict = {}  # id(chunk) -> (weak reference to the chunk, its Dataset), on distributed workers
+
+
+def _loaded_here(spec) -> bool:
+    if isinstance(spec, ScalarSpec):
+        return spec.key in _worker_kernels
+    return (spec.key, spec.kind) in _worker_modules
+
+
+class _Shape:
+    """The part of a Cost a worker's :class:`calcml.Kernels` reads (no SymPy on the wire)."""
+
+    class _Named:
+        __slots__ = ("name",)
+
+        def __init__(self, name):
+            self.name = name
+
+    def __init__(self, n_params: int, data_names: tuple):
+        self.params = tuple(self._Named(f"theta[{i}]") for i in range(n_params))
+        self.param_names = tuple(p.name for p in self.params)
+        self.data = data_names
+        self.data_names = data_names
+        self.reduce = "sum"
+
+
+def _source_body(key: str, text: str) -> str:
+    from .compile import _CHECKSUM_PREFIX, _checked
+
+    if not _checked(text):
+        raise DataError(f"the generated module {key[:12]}… reached this worker damaged (its checksum fails)")
+    body = text.rstrip("\n").rpartition("\n")[0] + "\n"
+    assert not body.endswith(_CHECKSUM_PREFIX)
+    return body
+
+
+def worker_kernels(spec: ScalarSpec):
+    """The sum twin's kernels in this process: its module written into this process's own
+    cache from the shipped source (unless already there), loaded once, then kept."""
+    k = _worker_kernels.get(spec.key)
+    if k is None:
+        with _worker_lock:
+            k = _worker_kernels.get(spec.key)
+            if k is None:
+                from .compile import Kernels, load_or_build
+
+                _m, text, path = load_or_build(spec.key, lambda: _source_body(spec.key, spec.source),
+                                               import_module=False)
+                k = _worker_kernels[spec.key] = Kernels(_Shape(spec.n_params, spec.data_names), None, text, path,
+                                                        parallel=False)
+    return k
+
+
+def _on_distributed_worker() -> bool:
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return False
+    try:
+        distributed.get_worker()
+        return True
+    except (ValueError, AttributeError):
+        return False
+
+
+def _chunk_dataset(chunk, names: tuple, keep: bool):
+    """The chunk as a :class:`calcml.dataset.Dataset`. ``keep``: the chunk is held by a
+    distributed worker (not a user's array that could change): a row-major 2-D chunk's
+    column layout is kept while the chunk lives."""
+    from .dataset import as_dataset
+
+    if not (keep and isinstance(chunk, np.ndarray) and chunk.ndim == 2 and chunk.shape[0] > 0
+            and not (chunk.dtype == np.float64 and chunk.flags.f_contiguous)):
+        return as_dataset(chunk, names)
+    ident = id(chunk)
+    with _worker_lock:
+        found = _layouts.get(ident)
+        if found is not None and found[0]() is chunk and found[1].names == names:
+            return found[1]
+    ds = as_dataset(chunk, names)
+    try:
+        ref = weakref.ref(chunk, lambda _r, i=ident: _layouts.pop(i, None))
+    except TypeError:
+        return ds
+    with _worker_lock:
+        _layouts[ident] = (ref, ds)
+    return ds
+
+
+def _rows(chunk) -> int:
+    if isinstance(chunk, dict):
+        first = next(iter(chunk.values()))
+        return len(first)
+    return len(chunk)
+
+
+def _scalar_chunk_sums(spec: ScalarSpec, kind: str, theta: np.ndarray, chunk, keep: bool = False):
+    """On a worker: (rows, the chunk's sums of kernel ``kind``, None) or, where a non-finite
+    value is found, (rows, None, [(column index, row in the chunk, value), ...])."""
+    n = _rows(chunk)
+    if n == 0:
+        return (0, None, None)
+    k = worker_kernels(spec)
+    ds = _chunk_dataset(chunk, spec.data_names, keep)
+    try:
+        out, _ = k._run(kind, theta, ds)
+    except DataError:
+        found = []
+        for j, col in enumerate(ds.columns):
+            if np.isfinite(np.add.reduce(col)):
+                continue
+            bad = np.flatnonzero(~np.isfinite(col))
+            if bad.size:
+                found.append((j, int(bad[0]), float(col[bad[0]])))
+        if not found:
+            raise
+        return (n, None, found)
+    return (n, out.copy(), None)
+
+
+# -- tensor costs ------------------------------------------------------------------------------
+
+
+class TensorSpec:
+    """What a worker needs to run a tensor module's row sums: its cache key and text, the
+    kernel, and the data items (name, shape, classes or None); ``lift``: for a scalar cost
+    restated in index notation, (its column names, the restated data's columns)."""
+
+    __slots__ = ("key", "source", "kind", "items", "lift")
+
+    def __init__(self, key, source, kind, items, lift=None):
+        self.key, self.source, self.kind, self.items, self.lift = key, source, kind, items, lift
+
+    def __getstate__(self):
+        return (self.key, self.source, self.kind, self.items, self.lift)
+
+    def without_source(self) -> "TensorSpec":
+        """The same spec without the module's text, for a worker that has loaded it."""
+        return TensorSpec(self.key, None, self.kind, self.items, self.lift)
+
+    def __setstate__(self, state):
+        self.key, self.source, self.kind, self.items, self.lift = state
+
+
+def _tensor_items(cost) -> tuple:
+    from .tensor.statement import Label
+
+    return tuple((name, tuple(shape), item.classes if isinstance(item, Label) else None)
+                 for item, (name, shape) in zip(cost.data, cost.data_shapes.items()))
+
+
+def _tensor_chunks(cost, data, items) -> list:
+    """One delayed dict {name: block} per chunk of rows, after the client-side checks."""
+    dask = _dask()
+    names = [name for name, _s, _c in items]
+    if _is_dask_frame(data):
+        present = list(data.columns)
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise DataError(f"data is missing {', '.join(map(repr, missing))}; the cost reads {names}")
+        shaped = [n for n, s, _c in items if s]
+        if shaped:
+            raise DataError(f"data {shaped[0]!r} has shape (N, {', '.join(map(str, dict((n, s) for n, s, _ in items)[shaped[0]]))}): "
+                            "a DataFrame holds scalar columns only; give a dict of Dask arrays")
+        for n, _s, classes in items:
+            if classes is None:
+                _numeric(n, data.dtypes[n])
+        return [dask.delayed(_frame_dict, pure=True)(part, names) for part in data[names].to_delayed()]
+    if not isinstance(data, dict):
+        raise DataError(f"data for a tensor cost is a dict {{name: array}} with {names}; Dask data may be a dict "
+                        f"of Dask arrays or a Dask DataFrame, got {type(data).__name__}")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise DataError(f"data is missing {', '.join(map(repr, missing))}; the cost reads {names}")
+    arrays = {}
+    for name, shape, classes in items:
+        a = data[name]
+        if not _is_dask_array(a):
+            raise DataError(f"data {name!r} is a {type(a).__name__} among Dask arrays: give every item as a Dask "
+                            "array (dask.array.from_array) or none")
+        if classes is not None:
+            if a.ndim != 1:
+                raise DataError(f"labels {name!r} must be a 1-D array of class numbers, got shape {a.shape}")
+            if np.dtype(a.dtype).kind not in "iubf":
+                raise DataError(f"labels {name!r} must be integers, got dtype {a.dtype}")
+        else:
+            if a.ndim != 1 + len(shape) or tuple(a.shape[1:]) != shape:
+                want = "(N,)" if not shape else f"(N, {', '.join(map(str, shape))})"
+                raise DataError(f"data {name!r} must have shape {want} (one row per data row), got {a.shape}")
+            if np.dtype(a.dtype).kind not in "biuf":
+                raise DataError(f"data {name!r} must be numbers, got dtype {a.dtype}")
+        arrays[name] = a
+    blocks = _row_blocks(arrays)
+    return [dict(zip(names, parts)) for parts in zip(*(blocks[n] for n in names))]
+
+
+def _frame_dict(frame, names):
+    return {n: frame[n].to_numpy() for n in names}
+
+
+def tensor_spec(tkernels, kind: str, lift=None) -> TensorSpec:
+    group = "hvp" if kind == "hvp" else "base"
+    memo = tkernels.__dict__.setdefault("_dask_specs", {})
+    spec = memo.get((kind, lift is not None))
+    if spec is None:
+        mod = tkernels._module(group)
+        items = _tensor_items(tkernels.cost)
+        spec = memo[(kind, lift is not None)] = TensorSpec(mod._calcml_key, mod._calcml_text, kind, items, lift)
+    return spec
+
+
+def tensor_run(tkernels, kind: str, theta: np.ndarray, v: np.ndarray, data, lift=None) -> np.ndarray:
+    """Kernel ``kind`` ("value", "vg", "hvp") of a tensor cost over Dask data: the outputs,
+    from the chunks' row sums added in order, divided once, and the module's ``finish``.
+    ``lift``: (scalar column names, restated columns) for a scalar cost in index notation;
+    then ``data`` takes the scalar cost's Dask forms."""
+    spec = tensor_spec(tkernels, kind, lift)
+    if lift is None:
+        chunks = _tensor_chunks(tkernels.cost, data, spec.items)
+    else:
+        chunks = _scalar_chunks(data, lift[0])
+    results = _evaluate(_tensor_chunk_sums, (spec, theta, v), data, lambda _d: chunks)
+    n = sum(r[0] for r in results)
+    if n == 0:
+        raise DataError("the data have no rows")
+    offsets = _offsets(results)
+    problems = [(r[2], at) for r, at in zip(results, offsets) if r[2] is not None]
+    if problems:
+        _raise_tensor_problem(spec, problems)
+    total = None
+    for r in results:  # chunk order: the same bits on every run
+        if r[1] is None:
+            continue
+        total = r[1].copy() if total is None else total.__iadd__(r[1])
+    if tkernels.cost.reduce == "mean":
+        total /= n
+    mod = tkernels._module("hvp" if kind == "hvp" else "base")
+    nout = {"value": 1, "vg": 1 + tkernels._n, "hvp": tkernels._n}[kind]
+    out = np.empty(nout)
+    native_fns = tkernels._native(kind, mod)
+    finish = native_fns[1] if native_fns is not None else getattr(mod, f"{kind}_finish")
+    finish(theta, v, total, out)
+    return out
+
+
+def _raise_tensor_problem(spec: TensorSpec, problems):
+    """The in-memory message for the first problem in data order, then row order."""
+    entries = [(p, at) for found, at in problems for p in found]
+    # labels first (in memory they are checked while the data are read), by item, then row
+    labels = [(p, at) for p, at in entries if p[0] == "label"]
+    if labels:
+        (_t, item, reason, row, value), at = min(labels, key=lambda e: (e[0][1], e[0][2] != "fraction",
+                                                                       e[1] + e[0][3]))
+        name, _shape, classes = spec.items[item]
+        if reason == "fraction":
+            raise DataError(f"labels {name!r}: row {at + row} holds {value}, not a class number")
+        raise DataError(f"labels {name!r}: row {at + row} holds class {int(value)}, outside 0 … {classes - 1}")
+    scalar = [(p, at) for p, at in entries if p[0] == "column"]
+    if scalar:  # a lifted scalar cost: named by the scalar column
+        (_t, col, row, value), at = min(scalar, key=lambda e: (e[0][1], e[1] + e[0][2]))
+        raise DataError(f"data column {spec.lift[0][col]!r} holds a non-finite value ({value}) at row {at + row}")
+    (_t, item, row, entry, value), at = min(entries, key=lambda e: (e[0][1], e[1] + e[0][2], e[0][3]))
+    name = spec.items[item][0]
+    where = f"[{', '.join(map(str, entry))}]" if entry else ""
+    raise DataError(f"data {name!r} is {value} at row {at + row}{' entry ' + where if where else ''}: "
+                    "data must be finite")
+
+
+_worker_modules: dict = {}  # key -> (module, native entry points or None), in this process
+
+
+def _worker_module(spec: TensorSpec):
+    found = _worker_modules.get((spec.key, spec.kind))
+    if found is None:
+        with _worker_lock:
+            found = _worker_modules.get((spec.key, spec.kind))
+            if found is None:
+                from .compile import load_or_build
+                from .tensor.kernels import _native_entry_points
+
+                mod, text, path = load_or_build(spec.key, lambda: _source_body(spec.key, spec.source))
+                mod._calcml_text, mod._calcml_path, mod._calcml_key = text, path, spec.key
+                found = (mod, _native_entry_points(mod, spec.kind, True))
+                _worker_modules[(spec.key, spec.kind)] = found
+    return found
+
+
+def _label_problems(item: int, a: np.ndarray, classes: int) -> list:
+    out = []
+    if a.dtype.kind == "f":
+        bad = np.flatnonzero(a != np.round(a))
+        if bad.size:
+            out.append(("label", item, "fraction", int(bad[0]), float(a[bad[0]])))
+            return out
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi >= classes:
+        r = int(np.flatnonzero((a < 0) | (a >= classes))[0])
+        out.append(("label", item, "range", r, int(a[r])))
+    return out
+
+
+def _nonfinite(item: int, a: np.ndarray):
+    ok = np.isfinite(a)
+    if ok.all():
+        return None
+    pos = np.unravel_index(int(np.flatnonzero(~ok.reshape(-1))[0]), a.shape)
+    return ("data", item, int(pos[0]), tuple(int(p) for p in pos[1:]), float(a[pos]))
+
+
+def _tensor_chunk_sums(spec: TensorSpec, theta: np.ndarray, v: np.ndarray, chunk, keep: bool = False):
+    """On a worker: (rows, the chunk's row sums, None), or (rows, None, [problems]) where a
+    label is out of range or a datum is not finite (positions within the chunk)."""
+    from .tensor.kernels import run_striped, stripes, sum_in_order
+
+    n = _rows(chunk)
+    if n == 0:
+        return (0, None, None)
+    mod, native_fns = _worker_module(spec)
+    ds = None
+    if spec.lift is not None:
+        from .tensor.lift import lifted_data
+
+        ds = _chunk_dataset(chunk, spec.lift[0], keep)
+        chunk = lifted_data(spec.lift[1], ds)
+    arrays, problems = [], []
+    for q, (name, shape, classes) in enumerate(spec.items):
+        raw = chunk[name]
+        if classes is not None:
+            a = np.asarray(raw)
+            problems += _label_problems(q, a, classes)
+            a = np.ascontiguousarray(a, dtype=np.int64)
+        else:
+            a = np.ascontiguousarray(raw, dtype=np.float64)
+        arrays.append(a)
+    if problems:
+        return (n, None, problems)
+    covered = getattr(mod, f"COVERED_{spec.kind.upper()}", ())
+    for q, (name, _shape, classes) in enumerate(spec.items):
+        if classes is None and name not in covered and not np.isfinite(np.add.reduce(arrays[q], axis=None)):
+            found = _nonfinite(q, arrays[q])
+            if found is not None:
+                return (n, None, _located(spec, ds, arrays))
+    parts = stripes(n, mod.BLOCK)
+    acc = np.zeros((len(parts), max(mod.ACC_SIZES[spec.kind], 1)))
+    rows = native_fns[0](n, arrays) if native_fns is not None else getattr(mod, f"{spec.kind}_rows")
+    run_striped(rows, theta, v, arrays, parts, 1.0, acc, 1)
+    sums = sum_in_order(acc)
+    if not np.all(np.isfinite(sums)):
+        found = _located(spec, ds, arrays)
+        if found:
+            return (n, None, found)
+    return (n, sums, None)
+
+
+def _located(spec: TensorSpec, ds, arrays) -> list:
+    """Every item's first non-finite datum in this chunk (by the scalar columns, when lifted)."""
+    if ds is not None:
+        out = []
+        for j, col in enumerate(ds.columns):
+            bad = np.flatnonzero(~np.isfinite(col))
+            if bad.size:
+                out.append(("column", j, int(bad[0]), float(col[bad[0]])))
+        return out
+    out = []
+    for q, (_name, _shape, classes) in enumerate(spec.items):
+        if classes is None:
+            found = _nonfinite(q, arrays[q])
+            if found is not None:
+                out.append(found)
+    return out
+
+
+# -- fits: cm.minimize and prog.run over Dask data -----------------------------------------------
+
+# Optimizers whose every pass over the data is the module's full-batch value and gradient
+# (``_fg``), which a run's registered pass replaces: these run over Dask data.
+FIT_METHODS = ("first_order", "lbfgs")
+
+
+class DaskRows:
+    """The data of a fit over Dask data, where the compiled loop expects a Dataset.
+
+    The loop is handed stand-in columns just long enough (``PARALLEL_MIN_ROWS``) that every
+    full-batch pass goes through ``_fg`` to the pass registered for them, which is one Dask
+    computation of the chunks' sums (:func:`scalar_run`). The stand-ins are NaN: a pass that
+    read them instead (none does) could only make the fit fail, never return a wrong
+    minimum. A data error found by a pass is kept here and raised once the loop has stopped."""
+
+    def __init__(self, prog, data):
+        cost, opt = prog.cost, prog.optimizer
+        if prog.batch_size is not None:
+            raise OptimizeError(f"{opt.name} with batch_size={prog.batch_size} draws minibatches: minibatch methods "
+                                "do not take Dask data yet; full-batch gd, momentum, nesterov and lbfgs do "
+                                "(batch_size=None), or compute the data into memory (data.compute())")
+        if opt.kind not in FIT_METHODS or not getattr(prog.module, "THREADED", False):
+            raise OptimizeError(f"{opt.name} does not take Dask data yet (its passes over the rows are not all one "
+                                "value and gradient); gd, momentum, nesterov and lbfgs do, or compute the data into "
+                                "memory (data.compute())")
+        from .compile import compile as compile_cost
+
+        self.kernels = compile_cost(cost)
+        self.data = data
+        _scalar_chunks(data, cost.data_names)  # the columns' checks, now, by name
+        self._n = None
+        self.errors: list = []
+        stand_in = np.full(prog.module.PARALLEL_MIN_ROWS, np.nan)
+        stand_in.flags.writeable = False
+        self.columns = (stand_in,) * len(cost.data_names)
+
+    @property
+    def n_rows(self) -> int:
+        if self._n is None:
+            self._n = self._count()
+        return self._n
+
+    def _count(self) -> int:
+        shape0 = getattr(self.data, "shape", (math.nan,))[0] if not isinstance(self.data, dict) else \
+            next(iter(self.data.values())).shape[0]
+        try:
+            if not math.isnan(shape0):
+                return int(shape0)
+        except TypeError:
+            pass
+        counts: list = []
+        scalar_run(self.kernels, "value", np.zeros(len(self.kernels.cost.params)), self.data, counts)
+        return counts[-1]
+
+    def pass_factory(self, _cols):
+        """drive's ``passes``: (theta, g) -> the full-batch cost at theta, its gradient into g."""
+        n = len(self.kernels.cost.params)
+        counts: list = []
+
+        def full(theta, g):
+            if self.errors or not np.all(np.isfinite(theta)):
+                g[:] = math.nan
+                return math.nan
+            try:
+                out = scalar_run(self.kernels, "value_and_grad", np.ascontiguousarray(theta, dtype=np.float64),
+                                 self.data, counts)
+            except DataError as exc:  # names the column and global row: raised when the loop stops
+                self.errors.append(exc)
+                g[:] = math.nan
+                return math.nan
+            if self._n is None and counts:
+                self._n = counts[-1]
+            g[:] = out[1:n + 1]
+            return float(out[0])
+
+        return full
+
+    def raise_found(self):
+        """The data error a pass found, if any."""
+        if self.errors:
+            raise self.errors[0]
+
+    def raise_nonfinite(self):
+        """(The loop found a non-finite pass at x0.) The data error a pass found; else the loop
+        read the stand-in columns, which no pass over Dask data may do."""
+        self.raise_found()
+        raise DataError("calcml could not run this fit over Dask data: a pass over the rows did not go through "
+                        "the Dask computation (please report this); compute the data into memory (data.compute())")
+
+    def value(self, theta) -> float:
+        return self.kernels.value(theta, self.data)
+
+    def hessian(self, theta) -> np.ndarray:
+        return self.kernels.hessian(theta, self.data)
+
+    def grad(self, theta) -> np.ndarray:
+        return self.kernels.grad(theta, self.data)
+
+    def noise(self, module, x, reduce_mean: bool) -> float:
+        """result.gradient_noise at x, from the same sample of rows as in memory (fetched)."""
+        from .result import NOISE_SAMPLE, gradient_noise
+
+        n = self.n_rows
+        if n < 2:
+            return float("nan")
+        rows = np.arange(n) if n <= NOISE_SAMPLE else \
+            np.sort(np.random.default_rng(0).choice(n, size=NOISE_SAMPLE, replace=False))
+        cols = self._rows(rows)
+        where = {int(r): k for k, r in enumerate(rows)}
+        g = np.empty(x.shape[0])
+
+        def row_gradient(i):
+            k = where[i]
+            module._fg(x, tuple(c[k:k + 1] for c in cols), g)
+            return g.copy()
+
+        return gradient_noise(row_gradient, n, reduce_mean)
+
+    def _rows(self, rows) -> tuple:
+        """The data's rows ``rows`` (sorted global numbers) as in-memory columns, cost order."""
+        names = self.kernels.cost.data_names
+        data = self.data
+        if _is_dask_frame(data):
+            data = data[list(names)].to_dask_array(lengths=True)
+        if isinstance(data, dict):
+            got = _dask().compute(*[data[n][rows] for n in names])
+            return tuple(np.ascontiguousarray(np.asarray(c, dtype=np.float64).reshape(-1)) for c in got)
+        if data.ndim == 1:
+            data = data[:, None]
+        block = np.asarray(data[rows].compute(), dtype=np.float64)
+        return tuple(np.ascontiguousarray(block[:, q]) for q in range(len(names)))

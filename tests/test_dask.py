@@ -1,0 +1,436 @@
+"""Kernels over Dask data (issue 13): one task per chunk of rows, the sums added on the client.
+
+Data are generated lazily, chunk by chunk, and are larger than any one chunk (several chunks,
+the last one shorter). Answers are compared with the in-memory kernels on the same rows (to
+1e-12, relative) and with NumPy's closed forms. The tests without a client (Dask's default
+scheduler) come first; the rest share one real LocalCluster of two worker processes, whose
+kernel cache is a folder of their own (they get the generated module's source, not a path).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numpy as np
+import pytest
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+dd = pytest.importorskip("dask.dataframe")
+distributed = pytest.importorskip("distributed")
+pd = pytest.importorskip("pandas")
+
+import calcml as cm  # noqa: E402
+from calcml import dask_data  # noqa: E402
+from calcml.errors import DataError, OptimizeError  # noqa: E402
+
+D = 3  # features of the linear regression: x0, x1, x2, then y
+CHUNK = 12_000
+N = 4 * CHUNK + 2_003  # five chunks, the last one shorter
+NAMES = ["x0", "x1", "x2", "y"]
+
+
+def _block(seed: int, rows: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    X = np.empty((rows, D + 1))
+    X[:, :D] = rng.standard_normal((rows, D))
+    X[:, D] = X[:, :D] @ np.array([1.5, -2.0, 0.5]) + 0.25 + 0.1 * rng.standard_normal(rows)
+    return X
+
+
+def lazy_rows(n=N, chunk=CHUNK, seed=7, nan_at=None):
+    """A 2-D Dask array (n, 4) made chunk by chunk when computed; ``nan_at=(chunk, row, col)``
+    plants a NaN there."""
+    blocks, start, i = [], 0, 0
+    while start < n:
+        rows = min(chunk, n - start)
+        make = _block if nan_at is None or nan_at[0] != i else _nan_block(nan_at[1], nan_at[2])
+        blocks.append(da.from_delayed(dask.delayed(make)(seed + i, rows), shape=(rows, D + 1), dtype=np.float64))
+        start += rows
+        i += 1
+    return da.concatenate(blocks, axis=0)
+
+
+def _nan_block(row, col):
+    def make(seed, rows):
+        X = _block(seed, rows)
+        X[row, col] = np.nan
+        return X
+    return make
+
+
+@pytest.fixture(scope="module")
+def linreg():
+    w = cm.params("w", D)
+    b = cm.params("b")
+    x = cm.data("x", D)
+    y = cm.data("y")
+    cost = cm.Cost((sum(wi * xi for wi, xi in zip(w, x)) + b - y) ** 2, params=[*w, b], data=[*x, y])
+    return cost, cm.compile(cost)
+
+
+THETA = np.array([0.7, -1.1, 0.2, 0.05])
+
+
+def closed_form(X, theta):
+    """Linear regression's mean squared error and its gradient, by NumPy."""
+    r = X[:, :D] @ theta[:D] + theta[D] - X[:, D]
+    n = X.shape[0]
+    return float(r @ r / n), np.append(2.0 * X[:, :D].T @ r / n, 2.0 * r.sum() / n)
+
+
+def assert_close(a, b, rtol=1e-12):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    scale = np.max(np.abs(b))
+    assert np.max(np.abs(a - b)) <= rtol * scale, (a, b)
+
+
+def softmax_cost(K=3, d=4, n_rows=N):
+    W = cm.params("W", shape=(K, d))
+    b = cm.params("b", shape=(K,))
+    x = cm.data("x", shape=(d,))
+    c = cm.data("c", classes=K)
+    k = cm.index("k", K)
+    j = cm.index("j", d)
+    z = cm.sum(W[k, j] * x[j], j) + b[k]
+    return cm.Cost(cm.logsumexp(z, k) - cm.sum(cm.onehot(c, k) * z, k), params=[W, b], data=[x, c],
+                   penalty=cm.sum(W[k, j] ** 2, k, j) / (2.0 * n_rows))
+
+
+def softmax_data(K=3, d=4, seed=3):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((N, d))
+    labels = rng.integers(0, K, N)
+    return X, labels
+
+
+# -- without a client: Dask's default scheduler -------------------------------------------------
+
+
+def test_no_client_linreg_matches_memory_closed_form_and_repeats_bitwise(linreg):
+    cost, k = linreg
+    assert dask_data._client() is None
+    X = lazy_rows()
+    assert X.numblocks[0] == 5 and X.chunks[0][-1] == 2_003
+    mem = X.compute()
+    v, g = k.value_and_grad(THETA, X)
+    v_mem, g_mem = k.value_and_grad(THETA, mem)
+    assert_close(v, v_mem)
+    assert_close(g, g_mem)
+    v_np, g_np = closed_form(mem, THETA)
+    assert_close(v, v_np, 1e-10)
+    assert_close(g, g_np, 1e-10)
+    assert_close(k.value(THETA, X), v_mem)
+    assert_close(k.grad(THETA, X), g_mem)
+    again = k.value_and_grad(THETA, X)
+    assert again[0] == v and np.array_equal(again[1], g)  # the same bits every run
+    with dask.config.set(scheduler="threads"):
+        threaded = k.value_and_grad(THETA, X)
+    assert threaded[0] == v and np.array_equal(threaded[1], g)
+
+
+def test_no_client_hessian_and_sum_reduction(linreg):
+    cost, _k = linreg
+    X = lazy_rows(n=30_001, chunk=10_000)
+    mem = X.compute()
+    k = cm.compile(cost)
+    assert_close(k.hessian(THETA, X), k.hessian(THETA, mem))
+    total = cm.Cost(cost.expr, params=list(cost.params), data=list(cost.data), reduce="sum")
+    ks = cm.compile(total)
+    v, g = ks.value_and_grad(THETA, X)
+    v_np, g_np = closed_form(mem, THETA)
+    assert_close(v, v_np * mem.shape[0], 1e-10)
+    assert_close(g, g_np * mem.shape[0], 1e-10)
+
+
+def test_no_client_dataframe_by_column_name_and_dict_of_arrays(linreg):
+    _cost, k = linreg
+    X = lazy_rows()
+    mem = X.compute()
+    frame = dd.from_dask_array(X, columns=NAMES)
+    # other column order, an extra column: columns are taken by name
+    frame = frame.assign(extra=frame["y"] * 2.0)[["y", "extra", "x2", "x0", "x1"]]
+    assert frame.npartitions == 5
+    want = k.value_and_grad(THETA, mem)
+    got = k.value_and_grad(THETA, frame)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+    # a dict of 1-D Dask arrays, chunked differently from one another
+    cols = {name: X[:, q].rechunk(CHUNK if q % 2 else 9_000) for q, name in enumerate(NAMES)}
+    got = k.value_and_grad(THETA, cols)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.reset_index")  # inside Dask's Parquet reader
+def test_no_client_parquet_files_read_lazily(linreg, tmp_path):
+    """Rows read lazily from Parquet files (partition lengths unknown to the client): the
+    global row of a NaN comes from the partitions' own row counts."""
+    _cost, k = linreg
+    X = lazy_rows(nan_at=(3, 500, 0))
+    frame = dd.from_dask_array(X, columns=NAMES)
+    frame.to_parquet(str(tmp_path / "rows"), write_index=False)
+    files = dd.read_parquet(str(tmp_path / "rows" / "*.parquet"))
+    assert files.npartitions == 5 and not files.known_divisions
+    with pytest.raises(DataError, match=rf"column 'x0' holds a non-finite value \(nan\) at row {3 * CHUNK + 500}"):
+        k.value_and_grad(THETA, files)
+    clean = files.fillna(0.0)
+    mem = clean.compute().to_numpy()
+    got, want = k.value_and_grad(THETA, clean), k.value_and_grad(THETA, mem)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
+def test_wrong_columns_are_named(linreg):
+    _cost, k = linreg  # (and what does not take Dask data yet says so)
+    X = lazy_rows()
+    with pytest.raises(DataError, match=r"shape \(N, 4\).*got a Dask array of shape \(50003, 3\)"):
+        k.value(THETA, X[:, :3])
+    frame = dd.from_dask_array(X, columns=NAMES).drop(columns=["y"])
+    with pytest.raises(DataError, match="missing column 'y'"):
+        k.value(THETA, frame)
+    with pytest.raises(DataError, match="missing column 'x1'"):
+        k.value(THETA, {n: X[:, q] for q, n in enumerate(NAMES) if n != "x1"})
+    with pytest.raises(DataError, match="data column 'x2' is a ndarray among Dask arrays"):
+        k.value(THETA, {n: (X[:, q] if n != "x2" else np.zeros(N)) for q, n in enumerate(NAMES)})
+    with pytest.raises(DataError, match=r"this call needs the data in memory: compute them first"):
+        k.prepare(X)
+
+
+def test_no_client_nan_in_chunk_3_names_column_and_global_row(linreg):
+    _cost, k = linreg
+    X = lazy_rows(nan_at=(3, 1234, 1))
+    global_row = 3 * CHUNK + 1234
+    with pytest.raises(DataError) as on_dask:
+        k.value_and_grad(THETA, X)
+    with pytest.raises(DataError) as in_memory:
+        k.value_and_grad(THETA, X.compute())
+    assert str(on_dask.value) == str(in_memory.value)
+    assert f"'x1' holds a non-finite value (nan) at row {global_row}" in str(on_dask.value)
+
+
+def test_no_client_many_parameters_restated_in_index_notation():
+    """A scalar cost of 17 parameters runs as its restatement in index notation (lifted)."""
+    n_feat = 16
+    w = cm.params("w", n_feat)
+    b = cm.params("b")
+    x = cm.data("x", n_feat)
+    y = cm.data("y")
+    cost = cm.Cost((sum(wi * xi for wi, xi in zip(w, x)) + b - y) ** 2, params=[*w, b], data=[*x, y])
+    k = cm.compile(cost)
+    rng = np.random.default_rng(5)
+    mem = rng.standard_normal((25_001, n_feat + 1))
+    X = da.from_array(mem, chunks=(7_000, n_feat + 1))
+    theta = rng.standard_normal(n_feat + 1)
+    want = k.value_and_grad(theta, mem)
+    got = k.value_and_grad(theta, X)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+    bad = mem.copy()
+    bad[21_003, 5] = np.inf
+    with pytest.raises(DataError, match=r"column 'x5' holds a non-finite value \(inf\) at row 21003"):
+        k.value(theta, da.from_array(bad, chunks=(7_000, n_feat + 1)))
+    with pytest.raises(DataError, match="this call needs the data in memory"):  # its fits: not yet
+        cm.minimize(cost, theta, data=X, method="lbfgs")
+
+
+def test_no_client_tensor_softmax_value_grad_hvp_and_errors():
+    cost = softmax_cost()
+    k = cm.compile(cost)
+    X, labels = softmax_data()
+    data = {"x": da.from_array(X, chunks=(CHUNK, 4)), "c": da.from_array(labels, chunks=CHUNK)}
+    mem = {"x": X, "c": labels}
+    rng = np.random.default_rng(0)
+    theta = 0.1 * rng.standard_normal(cost.n_params)
+    v = rng.standard_normal(cost.n_params)
+    got, want = k.value_and_grad(theta, data), k.value_and_grad(theta, mem)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+    assert_close(k.hvp(theta, v, data), k.hvp(theta, v, mem))
+    assert_close(k.hessian(theta, data), k.hessian(theta, mem))  # column by column, one Dask pass each
+    again = k.value_and_grad(theta, data)
+    assert again[0] == got[0] and np.array_equal(again[1], got[1])
+    bad_x = X.copy()
+    bad_x[3 * CHUNK + 17, 2] = np.inf
+    with pytest.raises(DataError, match=rf"data 'x' is inf at row {3 * CHUNK + 17} entry \[2\]"):
+        k.value(theta, {"x": da.from_array(bad_x, chunks=(CHUNK, 4)), "c": data["c"]})
+    bad_c = labels.copy()
+    bad_c[2 * CHUNK + 5] = 3
+    with pytest.raises(DataError, match=rf"labels 'c': row {2 * CHUNK + 5} holds class 3, outside 0 … 2"):
+        k.value(theta, {"x": data["x"], "c": da.from_array(bad_c, chunks=CHUNK)})
+    with pytest.raises(DataError, match=r"data 'x' must have shape \(N, 4\)"):
+        k.value(theta, {"x": data["x"][:, :3], "c": data["c"]})
+    with pytest.raises(DataError, match="this call needs the data in memory"):  # tensor fits: not yet
+        cm.minimize(cost, theta, data=data, method="lbfgs")
+
+
+# (gd twice: one compiled loop; the second spends its budget, so its message weighs the gradient's
+# noise, estimated from rows sampled out of the Dask data)
+@pytest.mark.parametrize("method, options", [("lbfgs", {}), ("gd", {"lr": "auto", "maxiter": 50}),
+                                             ("gd", {"lr": 0.05, "maxiter": 40})])
+def test_no_client_full_batch_fits_match_memory(linreg, method, options):
+    """Each step's value and gradient is one Dask computation; the loop is the compiled one."""
+    cost, _k = linreg
+    X = lazy_rows()
+    mem = X.compute()
+    got = cm.minimize(cost, np.zeros(4), data=X, method=method, **options)
+    want = cm.minimize(cost, np.zeros(4), data=mem, method=method, **options)
+    assert got.nit == want.nit and got.status == want.status and got.success == want.success
+    assert_close(got.x, want.x, 1e-10)
+    assert_close(got.fun, want.fun, 1e-10)
+    assert got.message == want.message
+    if got.success:  # the closed form: least squares
+        A = np.column_stack([mem[:, :D], np.ones(len(mem))])
+        assert_close(got.x, np.linalg.lstsq(A, mem[:, D], rcond=None)[0], 1e-6)
+
+
+def test_no_client_fit_errors(linreg):
+    cost, _k = linreg
+    X = lazy_rows(nan_at=(3, 9, 2))
+    with pytest.raises(DataError, match=rf"column 'x2' holds a non-finite value \(nan\) at row {3 * CHUNK + 9}"):
+        cm.generate(cost, method="lbfgs").run(np.zeros(4), X)
+    with pytest.raises(OptimizeError, match="newton does not take Dask data yet"):
+        cm.minimize(cost, np.zeros(4), data=lazy_rows(), method="newton")
+    with pytest.raises(OptimizeError, match="minibatch methods do not take Dask data yet"):
+        cm.minimize(cost, np.zeros(4), data=lazy_rows(), method="adam", lr=0.01, batch_size=64)
+    frame = dd.from_dask_array(lazy_rows(), columns=NAMES).drop(columns=["x0"])
+    with pytest.raises(DataError, match="missing column 'x0'"):
+        cm.minimize(cost, np.zeros(4), data=frame, method="lbfgs")
+
+
+def test_in_memory_use_never_imports_dask():
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import calcml as cm
+        w = cm.params("w", 3); b = cm.params("b"); x = cm.data("x", 3); y = cm.data("y")
+        cost = cm.Cost((sum(wi * xi for wi, xi in zip(w, x)) + b - y) ** 2, params=[*w, b], data=[*x, y])
+        X = np.random.default_rng(0).standard_normal((50, 3))
+        res = cm.minimize(cost, np.zeros(4), data=np.column_stack([X, X @ [1.0, 2.0, 3.0] + 4.0]), method="lbfgs")
+        assert np.allclose(res.x, [1.0, 2.0, 3.0, 4.0], atol=1e-6), res
+        print(sorted(m for m in sys.modules if m == "dask" or m.startswith(("dask.", "distributed"))))
+    """)
+    # the session's kernel cache (the fits above compiled this cost's L-BFGS), in a new process
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- a real LocalCluster: two worker processes ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    worker_cache = tempfile.mkdtemp(prefix="calcml-dask-workers-")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                       env={"CALCML_CACHE_DIR": worker_cache}, silence_logs=40)
+    c = distributed.Client(cluster)
+    c.calcml_worker_cache = worker_cache
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+        import shutil
+
+        shutil.rmtree(worker_cache, ignore_errors=True)
+
+
+def test_cluster_lazy_and_persisted_match_memory_bitwise_alike(client, linreg):
+    _cost, k = linreg
+    assert dask_data._client() is client
+    X = lazy_rows()
+    mem = X.compute()
+    lazy = k.value_and_grad(THETA, X)  # one task per chunk, the chunks made on the workers
+    want = k.value_and_grad(THETA, mem)
+    assert_close(lazy[0], want[0])
+    assert_close(lazy[1], want[1])
+    v_np, g_np = closed_form(mem, THETA)
+    assert_close(lazy[1], g_np, 1e-10)
+    held = X.persist()
+    distributed.wait(held)
+    for _ in range(2):  # the chunks where they are held, as many times as asked: the same bits
+        got = k.value_and_grad(THETA, held)
+        assert got[0] == lazy[0] and np.array_equal(got[1], lazy[1])
+    assert_close(k.value(THETA, held), want[0])
+    # held chunks are evaluated by the workers holding them (no task graph); lazy ones by tasks
+    args = (dask_data.scalar_spec(k), "value_and_grad", THETA)
+    direct = dask_data._direct(dask_data._scalar_chunk_sums, args, held)
+    assert direct is not None and len(direct) == 5 and all(r is not None for r in direct)
+    assert sum(r[0] for r in direct) == N
+    assert dask_data._direct(dask_data._scalar_chunk_sums, args, X) is None
+    # the same chunk sums without a client give the same bits too
+    with dask.config.set(scheduler="sync"):
+        assert dask_data._client() is None
+        local = k.value_and_grad(THETA, X)
+    assert local[0] == lazy[0] and np.array_equal(local[1], lazy[1])
+
+
+def test_cluster_workers_build_from_shipped_source_in_their_own_cache(client, linreg):
+    _cost, k = linreg
+    k.value_and_grad(THETA, lazy_rows(n=20_000, chunk=8_000))
+    spec = dask_data.scalar_spec(k)
+    name = f"calcml_{spec.key[:40]}.py"
+    from calcml.compile import cache_dir
+
+    assert os.path.realpath(client.calcml_worker_cache) != os.path.realpath(cache_dir())
+    assert name in os.listdir(client.calcml_worker_cache)
+    # each worker process keeps the kernels it loaded
+    held = client.run(lambda: sorted(dask_data._worker_kernels))
+    assert any(spec.key in keys for keys in held.values())
+    with open(os.path.join(client.calcml_worker_cache, name)) as fh:
+        assert fh.read() == spec.source
+
+
+def test_cluster_dataframe_and_nan_in_chunk_3(client, linreg):
+    _cost, k = linreg
+    X = lazy_rows()
+    frame = dd.from_dask_array(X, columns=NAMES)[["y", "x1", "x0", "x2"]]
+    got, want = k.value_and_grad(THETA, frame), k.value_and_grad(THETA, X.compute())
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+    held_frame = frame.persist()
+    distributed.wait(held_frame)
+    args = (dask_data.scalar_spec(k), "value_and_grad", THETA)
+    direct = dask_data._direct(dask_data._scalar_chunk_sums, args, held_frame)
+    assert direct is not None and all(r is not None for r in direct)  # evaluated where held
+    again = k.value_and_grad(THETA, held_frame)
+    assert again[0] == got[0] and np.array_equal(again[1], got[1])
+    bad = lazy_rows(nan_at=(3, 77, 3))
+    message = f"data column 'y' holds a non-finite value (nan) at row {3 * CHUNK + 77}"
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        k.value_and_grad(THETA, bad)  # tasks
+    held = bad.persist()
+    distributed.wait(held)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        k.grad(THETA, held)  # where the chunks are held
+
+
+def test_cluster_lbfgs_fit_over_persisted_data_matches_memory(client, linreg):
+    cost, _k = linreg
+    X = lazy_rows(seed=21).persist()
+    distributed.wait(X)
+    got = cm.minimize(cost, np.zeros(4), data=X, method="lbfgs")
+    want = cm.minimize(cost, np.zeros(4), data=X.compute(), method="lbfgs")
+    assert got.success and got.nit == want.nit
+    assert_close(got.x, want.x, 1e-10)
+    assert_close(got.fun, want.fun, 1e-10)
+
+
+def test_cluster_tensor_softmax(client):
+    cost = softmax_cost()
+    k = cm.compile(cost)
+    X, labels = softmax_data(seed=11)
+    data = {"x": da.from_array(X, chunks=(CHUNK, 4)), "c": da.from_array(labels, chunks=CHUNK)}
+    theta = 0.1 * np.random.default_rng(2).standard_normal(cost.n_params)
+    want = k.value_and_grad(theta, {"x": X, "c": labels})
+    held = {name: a.persist() for name, a in data.items()}
+    distributed.wait(list(held.values()))
+    for d in (data, held):
+        got = k.value_and_grad(theta, d)
+        assert_close(got[0], want[0])
+        assert_close(got[1], want[1])
