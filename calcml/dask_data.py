@@ -311,6 +311,17 @@ async def _run_held(fn, args, plan, dask_worker=None):
     return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
+def _sum_in_order(results):
+    """The chunks' sums (``r[1]``, None for an empty chunk) added in chunk order: the same
+    bits on every run, whichever worker computed which chunk."""
+    total = None
+    for r in results:
+        if r[1] is None:
+            continue
+        total = r[1].copy() if total is None else total.__iadd__(r[1])
+    return total
+
+
 def _offsets(results) -> list:
     out, at = [], 0
     for r in results:
@@ -381,11 +392,7 @@ def scalar_run(kernels, kind: str, theta: np.ndarray, data, counts=None) -> np.n
         col, row, value = min(((c, at + row, value) for found, at in bad for c, row, value in found),
                               key=lambda t: (t[0], t[1]))
         raise DataError(f"data column {names[col]!r} holds a non-finite value ({value}) at row {row}")
-    total = None
-    for r in results:  # chunk order: the same bits on every run
-        if r[1] is None:
-            continue
-        total = r[1].copy() if total is None else total.__iadd__(r[1])
+    total = _sum_in_order(results)
     if kernels.cost.reduce == "mean":
         total[:-1] /= n
     return total
@@ -621,11 +628,7 @@ def tensor_run(tkernels, kind: str, theta: np.ndarray, v: np.ndarray, data, lift
     problems = [(r[2], at) for r, at in zip(results, offsets) if r[2] is not None]
     if problems:
         _raise_tensor_problem(spec, problems)
-    total = None
-    for r in results:  # chunk order: the same bits on every run
-        if r[1] is None:
-            continue
-        total = r[1].copy() if total is None else total.__iadd__(r[1])
+    total = _sum_in_order(results)
     if tkernels.cost.reduce == "mean":
         total /= n
     mod = tkernels._module("hvp" if kind == "hvp" else "base")
