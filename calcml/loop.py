@@ -857,8 +857,7 @@ class _Generator:
         body()
         if self.native:
             self._entry_point(body)
-        else:
-            body(0, "_segment = run_segment  # what the driver calls")
+        body(0, "_segment = run_segment  # what the driver calls (calcml: run_segment_c's machine code, if any)")
         body()
         body()
         title = f"the {self.opt.name} descent loop of one cost"
@@ -889,9 +888,8 @@ class _Generator:
             elif name == "state":
                 params, arrays = [], []
                 for k, (_, shape, _) in enumerate(self.opt.state):
-                    dims = ["N_PARAMS" if d == "n" else str(self.opt.extra[d]) if d == "memory" else str(d) for d in shape]
                     params.append((f"st{k}_o", obj))
-                    arrays.append(f"carray(_data(off, st{k}_o), ({', '.join(dims)},), np.float64), ")
+                    arrays.append(f"carray(_data(off, st{k}_o), ({', '.join(self.opt.dims(shape, 'N_PARAMS'))},), np.float64), ")
                 out.append((params, f"({''.join(arrays).rstrip(' ')})"))
             else:  # pragma: no cover - a new argument of run_segment must be added here
                 raise AssertionError(f"run_segment's argument {name!r} has no C form")
@@ -919,7 +917,6 @@ class _Generator:
         w(1, ")")
         w()
         w()
-        w(0, "_segment = run_segment  # what the driver calls (calcml: run_segment_c's machine code)")
 
     def _constants(self) -> str:
         w = _Writer()
@@ -970,7 +967,7 @@ class _Generator:
         w(1, f'"""the {self.opt.name} state arrays, initialized"""')
         shapes = []
         for name, shape, init in self.opt.state:
-            dims = [("n" if d == "n" else str(self.opt.extra[d]) if d == "memory" else str(d)) for d in shape]
+            dims = self.opt.dims(shape, "n")
             shapes.append(f"np.full(({', '.join(dims)},), {float(init)!r}),  # {name}")
         if shapes:
             w(1, "return (")
@@ -1250,11 +1247,11 @@ class _NativeSegment:
     def _load(self):
         import ctypes
 
+        from numba import config, types
+
         from . import native
 
         mod = self.module
-        from numba import config
-
         if config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the loop runs as the Python it is
             mod._segment = mod.run_segment
             return mod.run_segment
@@ -1268,8 +1265,6 @@ class _NativeSegment:
                           f"Numba's dispatcher runs it", RuntimeWarning, stacklevel=3)
             mod._segment = mod.run_segment
             return mod.run_segment
-        from numba import types
-
         ctypes_of = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_int64 for t in mod.SIG_SEGMENT.args]
         self.fn = ctypes.CFUNCTYPE(ctypes.c_int64, *ctypes_of)(address)
         return self

@@ -88,11 +88,33 @@ def slot(name: str) -> sp.Dummy:
     return found
 
 
+# (what, pairs, readable, targets, locals before) -> (canonical pairs, locals after): an
+# optimizer is made again for every rate it is given (with_lr) and by every call of its
+# factory, and checking a rule is SymPy work (about 1.4 ms for adam's)
+_CHECKED: dict = {}
+
+
 def _rule(opt: str, what: str, pairs, readable: set, targets: set, locals_: set) -> tuple:
     """``pairs`` validated and canonical: ((slot, expression), ...) with every symbol a slot.
 
     ``readable``: the names the expressions may read; ``targets``: the names they may assign
     besides new locals, which are added to ``locals_`` (readable by the later pairs)."""
+    try:
+        key = (what, tuple(pairs), frozenset(readable), frozenset(targets), frozenset(locals_))
+        found = _CHECKED.get(key)
+    except TypeError:  # something unhashable in pairs: checked (and refused) below
+        key = found = None
+    if found is not None:
+        locals_ |= found[1]
+        return found[0]
+    out = _check_rule(opt, what, pairs, readable, targets, locals_)
+    if key is not None and len(_CHECKED) < 1024:
+        _CHECKED[key] = (out, frozenset(locals_))
+    return out
+
+
+def _check_rule(opt: str, what: str, pairs, readable: set, targets: set, locals_: set) -> tuple:
+    """:func:`_rule`'s work."""
     from .errors import CodegenError
     from .printing import NumbaPrinter
 
@@ -192,6 +214,10 @@ class Optimizer:
                 raise OptimizeError(f"optimizer {self.name}: the step calls {helper}{tuple(args)}, which its "
                                     f"helpers do not define or whose arguments {bad} are not known")
             object.__setattr__(self, "call", (helper, tuple(args)))
+
+    def dims(self, shape, n: str) -> list:
+        """A state array's shape as code: ``n`` for the parameter count, the memory's size."""
+        return [n if d == "n" else str(self.extra[d]) if d == "memory" else str(d) for d in shape]
 
     @property
     def locals(self) -> list:

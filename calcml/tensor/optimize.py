@@ -259,22 +259,29 @@ def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8):
 '''
 
 
-def _rule_lines(opt: Optimizer) -> tuple:
-    """(per-step lines, per-parameter lines, helpers they call) of a first-order rule: printed
-    once over the parameter array (loop variable ``j``), its symbols named as symbols."""
+def _rule_lines(opt: Optimizer, schedule: Schedule | None) -> tuple:
+    """(the rate's code, per-step lines, per-parameter lines, helpers they call) of a
+    first-order rule, printed once by one printer: the rate of ``step`` from ``sa``, the rule
+    over the parameter array (loop variable ``j``), its symbols named as symbols."""
     printer = NumbaPrinter({})
+    rate = None
+    if schedule is not None:
+        with printer.naming(schedule.names("sa", "step")):
+            rate = printer.doprint_expr(schedule.rate())
     names = {slot(RATE): "lr", slot(STEP): "step", **{slot(h): f"hp_{h}" for h in opt.hyper},
              **{slot(v): f"o_{v}" for v in opt.locals}}
     per_step = printer.assignments(opt.per_step, names)
     names.update({slot(PARAM): "theta[j]", slot(GRAD): "g[j]", **{slot(s[0]): f"st_{s[0]}[j]" for s in opt.state}})
-    return per_step, printer.assignments(opt.update, names), printer.helpers_used
+    return rate, per_step, printer.assignments(opt.update, names), printer.helpers_used
 
 
 class _Source:
     """Prints the optimizer part of a tensor optimizer module."""
 
-    def __init__(self, cost: TensorCost, opt: Optimizer, schedule: Schedule | None, minibatch: bool, sizes: dict):
+    def __init__(self, cost: TensorCost, opt: Optimizer, schedule: Schedule | None, minibatch: bool, sizes: dict,
+                 rule=None):
         self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
+        self.rule = rule  # first order: _rule_lines(opt, schedule)
         self.sizes = sizes
         self.lines: list[str] = []
         self.state = [f"st_{s[0]}" for s in opt.state]  # the state arrays' names in the loops
@@ -316,9 +323,7 @@ class _Source:
         w(1, '"""the optimizer\'s state arrays, at their initial values"""')
         items = []
         for name, shape, init in opt.state:
-            dims = []
-            for s in shape:
-                dims.append("N_PARAMS" if s == "n" else (str(opt.extra["memory"]) if s == "memory" else str(s)))
+            dims = opt.dims(shape, "N_PARAMS")
             items.append(f"np.full(({', '.join(dims)},), {float(init)!r})")
         w(1, f"return ({', '.join(items)}{',' if len(items) == 1 else ''})")
         w()
@@ -331,8 +336,8 @@ class _Source:
         w(0, "@_jit")
         w(0, "def _rate(step, sa):")
         w(1, '"""the learning rate at update step (from 0)"""')
-        printer = NumbaPrinter(self.schedule.names("sa", "step"))
-        w(1, f"return {printer.doprint_expr(self.schedule.rate())}")
+        rate, per_step, update, _ = self.rule
+        w(1, f"return {rate}")
         w()
         w()
         w(0, "@_jit")
@@ -340,7 +345,6 @@ class _Source:
         w(1, f'"""one {opt.name} update of every parameter ({opt.reference})"""')
         for k, name in enumerate(opt.hyper):
             w(1, f"hp_{name} = o_hyper[{k}]")
-        per_step, update, _ = _rule_lines(opt)
         for line in per_step:
             w(1, line)
         w(1, "for j in range(theta.shape[0]):")
@@ -496,15 +500,9 @@ class TensorProgram:
         return tuple(kinds)
 
     def _build(self) -> str:
-        rule_helpers = set()
-        if self.optimizer.kind == "first_order":  # the helpers the rule and the rate call
-            rule_helpers = set(_rule_lines(self.optimizer)[2])
-            if self.schedule is not None:
-                printer = NumbaPrinter(self.schedule.names())
-                printer.doprint_expr(self.schedule.rate())
-                rule_helpers |= printer.helpers_used
-        base, sizes = self.cost.module_source(self._kinds(), helpers=rule_helpers)
-        src = _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes)
+        rule = _rule_lines(self.optimizer, self.schedule) if self.optimizer.kind == "first_order" else None
+        base, sizes = self.cost.module_source(self._kinds(), helpers=rule[3] if rule else ())
+        src = _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes, rule)
         if self.optimizer.kind != "first_order":
             return base + "\n\n" + src.search_text()
         return base + "\n\n" + src.text()
