@@ -15,10 +15,12 @@ The module holds, in plain Python that Numba compiles:
 * ``_fg``: the full-batch value and gradient (with the data's finiteness check in the same
   pass), for the cost at ``x0``, the final report and L-BFGS's line search; for Newton also
   ``_f`` (the value) and ``_hess`` (the exact Hessian). Full-batch passes over large data
-  (``PARALLEL_MIN_ROWS`` rows or more) run on calcml's threads: ``_fg`` calls back, through
-  ``numba.objmode``, the pass that calcml registers for the run's columns (its compiled
-  kernels, in fixed chunks: the same bits for any thread count); an exported module, where
-  none is registered, makes the serial pass;
+  (``PARALLEL_MIN_ROWS`` rows or more) run on calcml's threads: ``_fg`` (and Newton's
+  ``_f``, ``_hess``, when given) calls back the pass that calcml made for the run's columns
+  (its compiled kernels, in fixed chunks: the same bits for any thread count), a ctypes
+  callback whose address the loop reads from a table (``_Passes``), so that the loop's machine
+  code does not depend on the process that made it; an exported module, given none, makes
+  the serial pass;
 * a SplitMix64 generator for the per-epoch Fisher-Yates shuffle (minibatch runs), so a seed
   gives the same permutation, hence the same bits, on every machine and in every segmentation;
 * ``run(x0, data, ...)``: the plain-Python driver that validates nothing (calcml did), sets up
@@ -31,7 +33,7 @@ The module holds, in plain Python that Numba compiles:
 Words: a run's steps go in *segments* (the steps between two returns to Python); data rows
 go in *chunks* (the kernels' fixed units of work and of summation, ``codegen.CHUNK`` rows).
 
-The module imports only ``math``, ``time``, ``numpy`` and ``numba``: ``Program.export`` writes
+The module imports only the standard library, ``numpy`` and ``numba`` (with its ``llvmlite``): ``Program.export`` writes
 it out as a standalone file. Hyperparameters and schedule numbers are arguments of
 ``run_segment`` (slots of its ``work`` array), not constants, so one compiled loop serves a
 whole learning-rate sweep.
@@ -101,7 +103,7 @@ _STATUS_LINES = [
 # Slots of the two small arrays that carry the run's counters between segments (`ints`, and
 # the head of `work`).
 _INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_EVERY", "BEST_STEP", "FRESH", "NFEV",
-         "MAX_STEPS", "MAX_EPOCHS", "HIST_LEN", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT"]
+         "MAX_STEPS", "MAX_EPOCHS", "HIST_LEN", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT", "PASSES"]
 _FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", "FUN_GNORM"]
 
 # The first and the last act of a run, in compiled code: run_segment calls them (one call of
@@ -116,7 +118,7 @@ def _begin(x0, theta, best, g, cols, ints, floats):
         theta[j] = x0[j]
         best[j] = x0[j]
         finite = finite and math.isfinite(x0[j])
-    f0 = _fg(theta, cols, g)
+    f0 = _fg(theta, cols, g, ints[I_PASSES])
     gn2 = 0.0
     for j in range(N_PARAMS):
         gn2 += g[j] * g[j]
@@ -147,7 +149,7 @@ def _end(theta, best, cols, ints, floats, xout, gout, status):
     at_best = status == DIVERGED or status == INTERRUPTED
     for j in range(N_PARAMS):
         xout[j] = best[j] if at_best else theta[j]
-    fun = _fg(xout, cols, gout)
+    fun = _fg(xout, cols, gout, ints[I_PASSES])
     gn2 = 0.0
     for j in range(N_PARAMS):
         gn2 += gout[j] * gout[j]
@@ -156,7 +158,7 @@ def _end(theta, best, cols, ints, floats, xout, gout, status):
         diverged_at = step
         for j in range(N_PARAMS):
             xout[j] = best[j]
-        fun = _fg(xout, cols, gout)
+        fun = _fg(xout, cols, gout, ints[I_PASSES])
         gn2 = 0.0
         for j in range(N_PARAMS):
             gn2 += gout[j] * gout[j]
@@ -169,37 +171,123 @@ def _end(theta, best, cols, ints, floats, xout, gout, status):
 '''
 
 # Full-batch modules over data: the passes over large data, on calcml's threads when calcml
-# registered a pass for the run's columns (drive's ``passes``), else serial.
+# made them for the run's columns (drive's ``passes``), else serial.
 _THREADED_PASS_SOURCE = '''
 # -- passes over large data on calcml's threads ------------------------------------------------
-# calcml registers here, for the length of a run, the pass over that run's columns made by its
-# compiled kernels on its threads (fixed chunks of rows: the same bits for any thread count),
-# keyed by the first column's address and length; numba.objmode lets the compiled loop call it.
-# With none registered (an exported module, or one thread), the pass is _fg_serial.
-_PASSES = {}
-_INTERRUPTED = [False]  # a Ctrl-C during a registered pass: drive stops at the segment's end
+# calcml makes, for the length of a run, the passes over that run's columns with its compiled
+# kernels on its threads (fixed chunks of rows: the same bits for any thread count). The loop
+# finds them as C function pointers (ctypes callbacks) in a table at the address ints[I_PASSES]:
+# slot 0 the value and gradient, 1 the value, 2 the Hessian (0: none), then two counters, the
+# calls begun and the calls finished. With none made (an exported module, small data), the
+# passes are the serial ones below.
+P_FG, P_F, P_HESS, P_BEGUN, P_DONE = 0, 1, 2, 3, 4
 
 
-def _threaded_pass(theta, cols, g):
-    """the full-batch cost at theta, its gradient into g: the pass registered for cols, else serial"""
-    found = _PASSES.get((cols[0].ctypes.data, cols[0].shape[0]))
-    if not found:
-        return _fg_serial(theta, cols, g)
-    try:
-        return found[-1](theta, g)
-    except KeyboardInterrupt:  # the state in the loop's locals stays whole: stop between segments
-        _INTERRUPTED[0] = True
-        return found[-1](theta, g)
+@intrinsic
+def _pass_at(typingctx, table, slot):
+    """the function pointer in slot `slot` of the table at address `table` (0: none)"""
+    def codegen(context, builder, signature, args):
+        entries = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load(builder.gep(entries, [args[1]]))
+    return types.int64(types.int64, types.int64), codegen
 
 
-@_jit_gil
-def _fg(theta, cols, g):
+@intrinsic
+def _call_pass(typingctx, table, slot, theta, out):
+    """table[slot](theta's data, out's data): the pass's value (NaN when its Python did not
+    finish: a Ctrl-C that struck before it could catch it; drive then stops the run)"""
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        i64 = ir.IntType(64)
+        entries = builder.inttoptr(args[0], i64.as_pointer())
+        fnty = ir.FunctionType(ir.DoubleType(), [i8p, i8p])
+        fn = builder.inttoptr(builder.load(builder.gep(entries, [args[1]])), fnty.as_pointer())
+        begun = builder.gep(entries, [i64(P_BEGUN)])
+        builder.store(builder.add(builder.load(begun), i64(1)), begun)
+        a = context.make_array(signature.args[2])(context, builder, args[2])
+        b = context.make_array(signature.args[3])(context, builder, args[3])
+        value = builder.call(fn, [builder.bitcast(a.data, i8p), builder.bitcast(b.data, i8p)])
+        done = builder.load(builder.gep(entries, [i64(P_DONE)]))
+        whole = builder.icmp_signed("==", done, builder.load(begun))
+        return builder.select(whole, value, ir.Constant(ir.DoubleType(), float("nan")))
+    return types.float64(types.int64, types.int64, theta, out), codegen
+
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same calls, from Python
+    def _pass_at(table, slot):
+        return ctypes.c_int64.from_address(int(table) + 8 * int(slot)).value
+
+    def _call_pass(table, slot, theta, out):
+        counts = np.ctypeslib.as_array(ctypes.cast(int(table) + 8 * P_BEGUN, ctypes.POINTER(ctypes.c_int64)), (2,))
+        counts[0] += 1
+        value = _PASS_TYPE(_pass_at(table, slot))(theta.ctypes.data, out.ctypes.data)
+        return value if counts[1] == counts[0] else math.nan
+
+
+_PASS_TYPE = ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p)
+_F64P = ctypes.POINTER(ctypes.c_double)
+
+
+class _Passes:
+    """The passes calcml made for a run's columns (``passes(cols)``: the value-and-gradient
+    function (theta, g) -> value, or a tuple of it, the value function theta -> value and the
+    Hessian function (theta, H) -> anything, None where not made), as the table the loop reads.
+    A Ctrl-C inside a pass lets it finish (the loop's state stays whole) and stops the run at the
+    segment's end; any other exception stops it and is raised (check)."""
+
+    def __init__(self, made):
+        made = made if isinstance(made, tuple) else (made,)
+        self.table = np.zeros(5, dtype=np.int64)
+        self.errors = []
+        self.interrupted = False
+        self.callbacks = [None if fn is None else _PASS_TYPE(self._wrap(fn, slot)) for slot, fn in enumerate(made)]
+        for slot, c in enumerate(self.callbacks):
+            if c is not None:
+                self.table[slot] = ctypes.cast(c, ctypes.c_void_p).value
+        self.address = self.table.ctypes.data
+
+    def _wrap(self, fn, slot):
+        shape = (N_PARAMS, N_PARAMS) if slot == P_HESS else (N_PARAMS,)
+        views = {}  # address -> array over it: the loop's arrays live as long as the run
+
+        def view(address, shape):
+            found = views.get(address)
+            if found is None:
+                found = views[address] = np.ctypeslib.as_array(ctypes.cast(address, _F64P), shape)
+            return found
+
+        def call(theta_p, out_p):
+            try:
+                theta = view(theta_p, (N_PARAMS,))
+                args = (theta,) if slot == P_F else (theta, view(out_p, shape))
+                try:
+                    value = fn(*args)
+                except KeyboardInterrupt:
+                    self.interrupted = True
+                    value = fn(*args)
+                self.table[P_DONE] += 1
+                return math.nan if value is None else value
+            except BaseException as exc:  # noqa: BLE001 - raised by check(), once the loop returned
+                self.errors.append(exc)
+                return math.nan
+        return call
+
+    def check(self):
+        """After a segment: a pass's exception raised, a Ctrl-C in a pass raised."""
+        if self.errors:
+            raise self.errors[0]
+        if self.interrupted or self.table[P_BEGUN] != self.table[P_DONE]:
+            self.interrupted = False
+            self.table[P_DONE] = self.table[P_BEGUN]
+            raise KeyboardInterrupt
+
+
+@_jit
+def _fg(theta, cols, g, passes=0):
     """the full-batch cost at theta; its gradient is written into g. NaN when a datum is not
-    finite. From PARALLEL_MIN_ROWS rows on, the pass registered for cols (calcml's threads)"""
-    if cols[0].shape[0] >= PARALLEL_MIN_ROWS:
-        with numba.objmode(value="float64"):
-            value = _threaded_pass(theta, cols, g)
-        return value
+    finite. The pass calcml made (its threads), if any"""
+    if passes != 0 and _pass_at(passes, P_FG) != 0:
+        return _call_pass(passes, P_FG, theta, g)
     return _fg_serial(theta, cols, g)
 '''
 
@@ -384,9 +472,6 @@ class _Generator:
         self.delayed = self.unrolled and not minibatch and not self.has_data and self.n <= DELAY_MAX
         # full-batch loops over data make their passes over large data on calcml's threads
         self.threaded = not minibatch and self.has_data
-        # the loop as machine code that calcml keeps (run_segment_c); a threaded module's pass
-        # calls back into Python (numba.objmode), which machine code loaded later cannot
-        self.native = not self.threaded
         self.hyper = list(opt.hyper)
         self.state = [s[0] for s in opt.state]
 
@@ -421,14 +506,12 @@ class _Generator:
         """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
         n = self.n
         if self.threaded:
-            flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items() if k != "nogil")
-            w(0, f"_jit_gil = numba.njit({flags})  # _fg's objmode block holds the GIL")
             for line in _THREADED_PASS_SOURCE.strip("\n").split("\n"):
                 w(0, line)
             w()
             w()
         w(0, "@_jit")
-        w(0, f"def {'_fg_serial' if self.threaded else '_fg'}(theta, cols, g):")
+        w(0, "def _fg_serial(theta, cols, g):" if self.threaded else "def _fg(theta, cols, g, passes=0):")
         w(1, '"""the full-batch cost at theta; its gradient is written into g. NaN when a datum is not finite"""')
         for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
             w(1, line)
@@ -460,8 +543,10 @@ class _Generator:
         w()
         w()
         if val is not None:
+            if self.threaded:
+                self._threaded_wrapper(w, "_f", "theta, cols", "P_F", "theta, theta", "the full-batch cost at theta")
             w(0, "@_jit")
-            w(0, "def _f(theta, cols):")
+            w(0, "def _f_serial(theta, cols):" if self.threaded else "def _f(theta, cols, passes=0):")
             w(1, '"""the full-batch cost at theta"""')
             for line in val.param_loads + (val.column_loads if self.has_data else []) + val.hoisted:
                 w(1, line)
@@ -474,8 +559,11 @@ class _Generator:
             w()
             w()
         if hess is not None:
+            if self.threaded:
+                self._threaded_wrapper(w, "_hess", "theta, cols, H", "P_HESS", "theta, H",
+                                       "the full-batch Hessian at theta, written into H")
             w(0, "@_jit")
-            w(0, "def _hess(theta, cols, H):")
+            w(0, "def _hess_serial(theta, cols, H):" if self.threaded else "def _hess(theta, cols, H, passes=0):")
             w(1, '"""the full-batch Hessian at theta, written into H"""')
             for line in hess.param_loads + (hess.column_loads if self.has_data else []) + hess.hoisted:
                 w(1, line)
@@ -492,6 +580,22 @@ class _Generator:
                     w(1, f"H[{j}, {i}] = H[{i}, {j}]")
             w()
             w()
+
+    @staticmethod
+    def _threaded_wrapper(w, name: str, args: str, slot: str, call: str, what: str):
+        """A full-batch function of a threaded module: the pass calcml made, else the serial one."""
+        w(0, "@_jit")
+        w(0, f"def {name}({args}, passes=0):")
+        w(1, f'"""{what}: the pass calcml made (its threads), if any"""')
+        w(1, f"if passes != 0 and _pass_at(passes, {slot}) != 0:")
+        w(2, f"{'return ' if name == '_f' else ''}_call_pass(passes, {slot}, {call})")
+        if name == "_f":
+            w(1, f"return {name}_serial({args})")
+        else:
+            w(2, "return")
+            w(1, f"{name}_serial({args})")
+        w()
+        w()
 
     def _stopping(self, w, indent: int, param, restore=()):
         """History, then one rarely taken exit for divergence and (full batch) the tolerance
@@ -583,6 +687,8 @@ class _Generator:
         w(1, "best_step = ints[I_BEST_STEP]")
         w(1, "fresh = ints[I_FRESH]")
         w(1, "nfev = ints[I_NFEV]")
+        if self.threaded or self.opt.call:
+            w(1, "passes = ints[I_PASSES]  # the passes calcml made for these columns (0: serial)")
         w(1, "best_value = floats[F_BEST]")
         w(1, "blowup = floats[F_BLOWUP]")
         w(1, "tol = floats[F_TOL]")
@@ -714,7 +820,7 @@ class _Generator:
                 if self.unrolled:
                     for j in range(n):
                         w(ind + 1, f"theta[{j}] = p{j}")
-                w(ind + 1, "a0 = _fg(theta, cols, g)  # the pass on calcml's threads (value, g scaled)")
+                w(ind + 1, "a0 = _fg(theta, cols, g, passes)  # the pass on calcml's threads (value, g scaled)")
                 for j in range(n):
                     w(ind + 1, f"a{j + 1} = g[{j}]")
                 w(ind + 1, "scale = 1.0")
@@ -817,7 +923,7 @@ class _Generator:
 
     def _line_search_body(self, w):
         w(2, "if fresh == 0:")
-        w(3, "value = _fg(theta, cols, g)")
+        w(3, "value = _fg(theta, cols, g, passes)")
         w(3, "nfev += 1")
         w(2, "fresh = 0")
         w(2, "gn2 = 0.0")
@@ -842,6 +948,14 @@ class _Generator:
         val = self.mb.program("value") if self.opt.kind == "newton" else None
         hess = self.mb.program("hessian") if self.opt.kind == "newton" else None
         body = _Writer()
+        body(0, "# -- machine-level pieces: the C entry point and (threaded modules) calcml's passes --------")
+        if self.threaded:
+            body(0, "import ctypes  # noqa: E402")
+        body(0, "from llvmlite import ir  # noqa: E402")
+        body(0, "from numba import carray, types  # noqa: E402")
+        body(0, "from numba.extending import intrinsic  # noqa: E402")
+        body()
+        body()
         self._full_batch_functions(body, vg, val, hess)
         for line in _BEGIN_END_SOURCE.strip("\n").split("\n"):
             body(0, line)
@@ -855,8 +969,7 @@ class _Generator:
         self._run_segment(body, vg)
         body()
         body()
-        if self.native:
-            self._entry_point(body)
+        self._entry_point(body)
         body(0, "_segment = run_segment  # what the driver calls (calcml: run_segment_c's machine code, if any)")
         body()
         body()
@@ -1003,7 +1116,7 @@ class _Generator:
             self._threaded_drive(w)
         name = "_drive" if self.threaded else "drive"
         w(0, f"def {name}(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
-        w(0, f"{' ' * len(name)}     segment_seconds=SEGMENT_SECONDS, first_segment=None):")
+        w(0, f"{' ' * len(name)}     segment_seconds=SEGMENT_SECONDS, first_segment=None{', passes=None' if self.threaded else ''}):")
         w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
         w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
         w(1, 'its order, without status_name). The arguments are run()\'s, hyper and schedule_args given."""')
@@ -1019,6 +1132,9 @@ class _Generator:
             w(1, "max_epochs = 0")
         for line in alloc:
             w(1, line)
+        if self.threaded:
+            w(1, "if passes is not None:")
+            w(2, "ints[I_PASSES] = passes.address")
         if self.minibatch:
             w(1, "segment = first_segment or max(1, 1_000_000 // batch_size)")
         elif self.has_data:
@@ -1030,8 +1146,8 @@ class _Generator:
         w(3, "ints[I_STOP] = max_steps")
         w(3, f"status = {call}")
         if self.threaded:
-            w(3, "if _INTERRUPTED[0]:")
-            w(4, "raise KeyboardInterrupt")
+            w(3, "if passes is not None:")
+            w(4, "passes.check()")
         w(2, "else:  # segments until run_segment ends the run (its status is then no longer RUNNING)")
         w(3, "step = 0")
         w(3, "while True:")
@@ -1039,8 +1155,8 @@ class _Generator:
         w(4, "t0 = time.perf_counter()")
         w(4, f"status = {call}")
         if self.threaded:
-            w(4, "if _INTERRUPTED[0]:")
-            w(5, "raise KeyboardInterrupt")
+            w(4, "if passes is not None:")
+            w(5, "passes.check()")
         w(4, "if callback is not None and max_steps > 0 and math.isfinite(work[F_F0]):")
         w(5, "callback(int(ints[I_STEP]), max_steps, float(work[F_VALUE]))")
         w(4, "if status != RUNNING:")
@@ -1051,8 +1167,6 @@ class _Generator:
         w(4, "if first_segment is None and done > 0 and dt > 0:")
         w(5, "segment = max(1, min(int(done * segment_seconds / dt), 100 * segment))")
         w(1, "except KeyboardInterrupt:")
-        if self.threaded:
-            w(2, "_INTERRUPTED[0] = False")
         w(2, "status = INTERRUPTED")
         w(1, "i = ints.tolist()")
         w(1, "if status == INTERRUPTED:  # the report is written here, at the best point")
@@ -1076,15 +1190,15 @@ class _Generator:
         return _DRIVER_HEAD + "\n\n" + w.text() + _DRIVER_TAIL
 
     def _threaded_drive(self, w):
-        """drive for a module whose passes may run on calcml's threads: _drive with the pass
-        registered for the run's columns while it runs."""
+        """drive for a module whose passes may run on calcml's threads: _drive with the passes
+        calcml made for the run's columns in the table the loop reads (_Passes)."""
         w(0, "def drive(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
         w(0, "          segment_seconds=SEGMENT_SECONDS, first_segment=None, passes=None):")
         w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
         w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
         w(1, "its order, without status_name). The arguments are run()'s, hyper and schedule_args given;")
-        w(1, "passes(cols), if given, makes a function (theta, g) -> the full-batch cost, its gradient")
-        w(1, 'into g, on calcml\'s threads: the passes over PARALLEL_MIN_ROWS rows or more use it."""')
+        w(1, "passes(cols), if given, makes the full-batch passes on calcml's threads (see _Passes): the")
+        w(1, 'passes over PARALLEL_MIN_ROWS rows or more use them."""')
         w(1, "args = (x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback, segment_seconds,")
         w(1, "        first_segment)")
         w(1, "if passes is None:")
@@ -1092,15 +1206,7 @@ class _Generator:
         w(1, "cols = columns_of(data)")
         w(1, "if cols[0].shape[0] < PARALLEL_MIN_ROWS:")
         w(2, "return _drive(*args)")
-        w(1, "key = (cols[0].ctypes.data, cols[0].shape[0])")
-        w(1, "_PASSES.setdefault(key, []).append(passes(cols))")
-        w(1, "try:")
-        w(2, "return _drive(x0, cols, *args[2:])  # the same columns: the key holds")
-        w(1, "finally:")
-        w(2, "found = _PASSES[key]")
-        w(2, "found.pop()")
-        w(2, "if not found:")
-        w(3, "del _PASSES[key]")
+        w(1, "return _drive(x0, cols, *args[2:], passes=_Passes(passes(cols)))")
         w()
         w()
 
@@ -1198,10 +1304,6 @@ def load_module(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch
 # The C entry point's imports and helper (see _Generator._entry_point).
 _ENTRY_SOURCE = '''
 # -- C entry point (numba.cfunc): addresses in, run_segment on arrays of them -----------------
-from llvmlite import ir  # noqa: E402
-from numba import carray, types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
-
 _F64PP = types.CPointer(types.CPointer(types.float64))
 
 

@@ -73,7 +73,7 @@ step = sp.Symbol("step")  #: the number of updates done so far, from 0
 # What the loops read per parameter and per update, as each generator names them.
 PARAM, GRAD, RATE, STEP = "theta", "g", "lr", "step"
 # The arguments a line-searched step's helper may take besides its state and hyperparameters.
-CALL_ARGS = frozenset({"theta", "value", "g", "cols"})
+CALL_ARGS = frozenset({"theta", "value", "g", "cols", "passes"})
 
 # One Dummy per name, made once: a rule's symbols never equal a cost's symbols (a parameter
 # named "g" or "lr"), and the same name is the same object in every rule of the process.
@@ -266,8 +266,9 @@ def _unit(name: str, what: str, value) -> float:
 
 
 # -- line-searched full-batch steps: helper source placed into the generated module ---------
-# They call the module's full-batch ``_f(theta, cols)``, ``_fg(theta, cols, g)`` (value, and
-# gradient into g) and ``_hess(theta, cols, H)``, which the generator writes from the cost.
+# They call the module's full-batch ``_f(theta, cols, passes)``, ``_fg(theta, cols, g, passes)``
+# (value, and gradient into g) and ``_hess(theta, cols, H, passes)``, which the generator writes
+# from the cost; ``passes`` is the table of the passes calcml made on its threads (0: serial).
 
 _NEWTON_HELPERS = '''
 @_jit
@@ -289,11 +290,11 @@ def _cholesky(A, L, mu):
 
 
 @_jit
-def _newton_step(theta, value, g, cols, H, L, d, xt, c1):
+def _newton_step(theta, value, g, cols, passes, H, L, d, xt, c1):
     """One damped Newton step with Armijo backtracking; updates theta in place (not g).
     Returns (ok, new value, evaluations)"""
     n = theta.shape[0]
-    _hess(theta, cols, H)
+    _hess(theta, cols, H, passes)
     scale = 0.0
     for i in range(n):
         scale = max(scale, abs(H[i, i]))
@@ -322,7 +323,7 @@ def _newton_step(theta, value, g, cols, H, L, d, xt, c1):
     for ls in range(60):
         for i in range(n):
             xt[i] = theta[i] + alpha * d[i]
-        ft = _f(xt, cols)
+        ft = _f(xt, cols, passes)
         if ft <= value + c1 * alpha * slope:
             for i in range(n):
                 theta[i] = xt[i]
@@ -333,11 +334,11 @@ def _newton_step(theta, value, g, cols, H, L, d, xt, c1):
 
 _LBFGS_HELPERS = '''
 @_jit
-def _phi(a, theta, d, xt, gt, cols):
+def _phi(a, theta, d, xt, gt, cols, passes):
     """value and directional derivative at theta + a d (gradient left in gt)"""
     for i in range(theta.shape[0]):
         xt[i] = theta[i] + a * d[i]
-    f = _fg(xt, cols, gt)
+    f = _fg(xt, cols, gt, passes)
     dphi = 0.0
     for i in range(theta.shape[0]):
         dphi += gt[i] * d[i]
@@ -359,7 +360,7 @@ def _cubicmin(a, fa, da, b, fb, db):
 
 
 @_jit
-def _wolfe(theta, f0, g, d, xt, gt, cols, a1, c1, c2):
+def _wolfe(theta, f0, g, d, xt, gt, cols, passes, a1, c1, c2):
     """Strong Wolfe line search (N&W Alg. 3.5 / 3.6); returns (alpha, f, evaluations, ok)
     with xt, gt the point and gradient at alpha when ok"""
     dphi0 = 0.0
@@ -374,7 +375,7 @@ def _wolfe(theta, f0, g, d, xt, gt, cols, a1, c1, c2):
     # approximate Wolfe conditions of Hager & Zhang (2005), which test slopes, not values.
     fuzz = 1e-10 * abs(f0)
     for it in range(40):
-        fa, da = _phi(a, theta, d, xt, gt, cols)
+        fa, da = _phi(a, theta, d, xt, gt, cols, passes)
         nfev += 1
         if fa <= f0 + fuzz and c2 * dphi0 <= da <= (2.0 * c1 - 1.0) * dphi0:
             return a, fa, nfev, True
@@ -396,7 +397,7 @@ def _wolfe(theta, f0, g, d, xt, gt, cols, a1, c1, c2):
             c = _cubicmin(lo, flo, dlo, hi, fhi, dhi) if math.isfinite(fhi) else math.nan
             if not (math.isfinite(c) and min(lo, hi) + 0.1 * abs(delta) <= c <= max(lo, hi) - 0.1 * abs(delta)):
                 c = lo + 0.5 * delta
-            fc, dc = _phi(c, theta, d, xt, gt, cols)
+            fc, dc = _phi(c, theta, d, xt, gt, cols, passes)
             nfev += 1
             if fc <= f0 + fuzz and c2 * dphi0 <= dc <= (2.0 * c1 - 1.0) * dphi0:
                 return c, fc, nfev, True
@@ -414,13 +415,13 @@ def _wolfe(theta, f0, g, d, xt, gt, cols, a1, c1, c2):
         lo, flo = a_prev, f_prev
     # No strong-Wolfe point found: accept the best sufficient-decrease point, if any.
     if lo > 0.0 and flo < f0:
-        fa, da = _phi(lo, theta, d, xt, gt, cols)
+        fa, da = _phi(lo, theta, d, xt, gt, cols, passes)
         return lo, fa, nfev + 1, True
     return 0.0, f0, nfev, False
 
 
 @_jit
-def _lbfgs_step(theta, value, g, cols, S, Y, rho, al, d, xt, gt, mem, c1, c2):
+def _lbfgs_step(theta, value, g, cols, passes, S, Y, rho, al, d, xt, gt, mem, c1, c2):
     """One L-BFGS step (two-loop recursion, N&W Alg. 7.4); updates theta, g in place.
     Returns (ok, new value, evaluations)"""
     n = theta.shape[0]
@@ -470,7 +471,7 @@ def _lbfgs_step(theta, value, g, cols, S, Y, rho, al, d, xt, gt, mem, c1, c2):
             for i in range(n):
                 d[i] = -g[i]
         a1 = 1.0 if count > 0 else min(1.0, 1.0 / math.sqrt(gnorm))
-        alpha, fnew, nf, ok = _wolfe(theta, value, g, d, xt, gt, cols, a1, c1, c2)
+        alpha, fnew, nf, ok = _wolfe(theta, value, g, d, xt, gt, cols, passes, a1, c1, c2)
         nfev += nf
         if ok:
             sy = 0.0
@@ -677,7 +678,7 @@ def newton(c1=1e-4):
     return Optimizer(
         "newton", None, {"c1": c1}, kind="newton", default_maxiter=200,
         state=(("hmat", ("n", "n"), 0.0), ("lmat", ("n", "n"), 0.0), ("d", ("n",), 0.0), ("xt", ("n",), 0.0)),
-        call=("_newton_step", ("theta", "value", "g", "cols", "hmat", "lmat", "d", "xt", "c1")),
+        call=("_newton_step", ("theta", "value", "g", "cols", "passes", "hmat", "lmat", "d", "xt", "c1")),
         helpers=_NEWTON_HELPERS,
                      reference="Nocedal & Wright 2006, Alg. 3.2 and section 3.4")
 
@@ -709,7 +710,7 @@ def lbfgs(memory=10, c1=1e-4, c2=0.9):
             ("s", ("memory", "n"), 0.0), ("y", ("memory", "n"), 0.0), ("rho", ("memory",), 0.0),
             ("al", ("memory",), 0.0), ("d", ("n",), 0.0), ("xt", ("n",), 0.0), ("gt", ("n",), 0.0), ("mem", (2,), 0.0),
         ),
-        call=("_lbfgs_step", ("theta", "value", "g", "cols", "s", "y", "rho", "al", "d", "xt", "gt", "mem", "c1", "c2")),
+        call=("_lbfgs_step", ("theta", "value", "g", "cols", "passes", "s", "y", "rho", "al", "d", "xt", "gt", "mem", "c1", "c2")),
         helpers=_LBFGS_HELPERS,
                      extra={"memory": int(memory)},
                      reference="Liu & Nocedal 1989; Nocedal & Wright 2006, Alg. 7.4, 3.5, 3.6")

@@ -1071,12 +1071,16 @@ lin = cm.Cost((w[0] * x[0] + w[1] * x[1] - y) ** 2, params=list(w), data=[*x, y]
 rng = np.random.default_rng(1)
 D = {"x0": rng.normal(size=300), "x1": rng.normal(size=300)}
 D["y"] = 2 * D["x0"] - D["x1"]
+B = {"x0": rng.normal(size=loop.PARALLEL_MIN_ROWS + 5), "x1": rng.normal(size=loop.PARALLEL_MIN_ROWS + 5)}
+B["y"] = B["x0"] + 0.5 * B["x1"] + 0.1 * rng.normal(size=B["x0"].shape[0])
 out = {}
 for name, cost, data, method, kw in [("gd", ros, None, "gd", dict(lr=1e-3, maxiter=3000)),
                                      ("lbfgs", ros, None, "lbfgs", {}),
-                                     ("adam", lin, D, "adam", dict(lr=0.05, batch_size=16, epochs=3, seed=2))]:
-    res = cm.minimize(cost, np.zeros(2), data=data, method=method, **kw)
-    mod = cm.generate(cost, method=method, batch_size=kw.get("batch_size")).module
+                                     ("adam", lin, D, "adam", dict(lr=0.05, batch_size=16, epochs=3, seed=2)),
+                                     ("momentum", lin, D, "momentum", dict(lr=0.1, maxiter=50)),
+                                     ("lbfgs-threaded", lin, B, "lbfgs", {})]:
+    res = cm.minimize(cost, np.zeros(2), data=data, method=method.split("-")[0], **kw)
+    mod = cm.generate(cost, method=method.split("-")[0], batch_size=kw.get("batch_size")).module
     out[name] = [list(map(float.hex, map(float, res.x))), res.nit, int(res.status),
                  len(mod.run_segment.signatures), type(mod._segment).__name__]
 print(json.dumps(out))
@@ -1086,7 +1090,8 @@ print(json.dumps(out))
 def test_a_warm_process_runs_the_loops_machine_code(fresh_cache):
     """The first process compiles each loop's C entry point and keeps its machine code beside
     the module; a second process runs the same fits from that code, never compiling or loading
-    the loop's Numba dispatcher, to the same bits (scalar loops without data, and minibatch)."""
+    the loop's Numba dispatcher, to the same bits (scalar loops without data, minibatch, full batch
+    over data, and full batch over large data, whose passes run on calcml's threads)."""
     import json
     import os
     import subprocess
@@ -1101,22 +1106,29 @@ def test_a_warm_process_runs_the_loops_machine_code(fresh_cache):
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     cold = child()
-    assert len(list(fresh_cache.glob("*.run_segment_c.*.o"))) == 3
+    assert len(list(fresh_cache.glob("*.run_segment_c.*.o"))) == 5
     warm = child()
     for name in cold:
         assert warm[name][:3] == cold[name][:3], name  # the same iterates, bit for bit
         assert warm[name][3] == 0 and warm[name][4] == "_NativeSegment", (name, warm[name])
     assert int(cold["gd"][2]) in (R.CONVERGED, R.MAXITER) and cold["lbfgs"][2] == R.CONVERGED
+    assert cold["lbfgs-threaded"][2] == R.CONVERGED
 
 
 def test_the_loops_machine_code_gives_the_dispatchers_bits(linreg_data):
     """run_segment through its C entry point's machine code and through Numba's dispatcher:
-    the same iterates, bit for bit (full batch without data, minibatch with a shuffle)."""
+    the same iterates, bit for bit (full batch without data, minibatch with a shuffle, full batch
+    over large data with its passes called back on calcml's threads)."""
     from calcml import loop
+
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(loop.PARALLEL_MIN_ROWS + 9, 3))
+    big = {"x0": X[:, 0], "x1": X[:, 1], "x2": X[:, 2], "y": X @ np.array([1.0, 0.5, -2.0]) + 0.3}
 
     for cost, method, kw, data in [
         (ROSEN, "nesterov", dict(lr=1e-3, maxiter=500, tol=0.0), None),
         (LINREG, "rmsprop", dict(lr=0.01, batch_size=8, epochs=2, seed=4), linreg_data[0]),
+        (LINREG, "lbfgs", dict(lr=None, maxiter=30, tol=0.0), big),  # its passes on calcml's threads
     ]:
         prog = cm.generate(cost, method=method, lr=kw.pop("lr"), batch_size=kw.pop("batch_size", None))
         mod = prog.module
