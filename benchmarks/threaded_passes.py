@@ -69,7 +69,7 @@ def main():
 
     print(machine_line())
     print(f"calcml from {os.path.dirname(cm.__file__)}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')!r}")
-    print(f"\n| what | median | min | rounds |\n|---|---:|---:|---:|")
+    print("\n| what | median | min | rounds |\n|---|---:|---:|---:|")
     for name, fn in [("fit: 100 momentum steps", fit), ("kernels: 20 value_and_grad", kernels),
                      ("mixed: 20 steps, 20 kernel calls, a sort", mixed), ("lbfgs: 15 iterations", lbfgs)]:
         times = []

@@ -58,7 +58,7 @@ import sympy as sp
 from sympy.printing.precedence import precedence
 
 from . import result as _result
-from .codegen import KERNEL_FLAGS, NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
+from .codegen import KERNEL_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
 from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
 from .optim import CALL_ARGS, GRAD, PARAM, RATE, STEP, Optimizer, slot

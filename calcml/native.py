@@ -22,7 +22,6 @@ costs Numba's whole start-up (its typing and target contexts, and an import of
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os

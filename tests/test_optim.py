@@ -197,7 +197,7 @@ def numpy_nesterov_epochs(A, y, batch, epochs, lr, mom, seed):
 def test_minibatch_nesterov_against_numpy(linreg_data):
     """A whole minibatch run, shuffles and the short last batch included, in NumPy."""
     data, A, y, _ = linreg_data
-    n, batch, epochs, lr, mom = len(y), 16, 3, 0.01, 0.9  # 120 rows: 7 batches of 16, one of 8
+    batch, epochs, lr, mom = 16, 3, 0.01, 0.9  # 120 rows: 7 batches of 16, one of 8
     res = cm.minimize(LINREG, np.zeros(4), data=data, method=cm.optim.nesterov(lr=lr, momentum=mom),
                       batch_size=batch, epochs=epochs, seed=123)
     xs, means = numpy_nesterov_epochs(A, y, batch, epochs, lr, mom, 123)
@@ -543,7 +543,7 @@ def test_result_fields_and_dict_x0(linreg_data):
     assert res.history[0] == pytest.approx(linreg_cost(np.array([0.5, -0.5, 1.0, 0.25]), A, y), rel=1e-12)
     assert res.success and res.status == R.CONVERGED and res.grad_norm <= 1e-8
     np.testing.assert_allclose(res.x, exact, atol=1e-8)
-    assert f"success: True" in repr(res) and res.message in repr(res)
+    assert "success: True" in repr(res) and res.message in repr(res)
 
 
 # --------------------------------------------------------------------------------------------
@@ -810,8 +810,6 @@ def test_ctrl_c_in_a_threaded_pass_returns_the_best_point(monkeypatch):
     compiled loop) stops the run between segments with its state whole: status INTERRUPTED, x
     the best point, fun its cost (NumPy), and the steps before it the same bits as a run that
     was not interrupted."""
-    import sys
-
     import calcml.loop as loop
 
     import calcml.program as mz

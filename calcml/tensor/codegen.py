@@ -22,9 +22,9 @@ from __future__ import annotations
 import sympy as sp
 
 from ..errors import CodegenError
-from ..printing import NumbaPrinter, helper_source
+from ..printing import NumbaPrinter
 from .graph import ROW, SCALE, Graph, Tensor
-from .statement import Label, axis_range
+from .statement import axis_range
 
 __all__ = ["KernelSpec", "write_kernel", "BLOCK", "LANES", "block_rows"]
 

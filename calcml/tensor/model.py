@@ -521,7 +521,7 @@ def _module_text(cost, lines, helpers, sizes, numba_cache: bool = True) -> str:
     if not numba_cache:
         flags += ", inline='always'"
     head = [
-        f'"""calcml tensor kernels (generated; edit the cost, not this file).',
+        '"""calcml tensor kernels (generated; edit the cost, not this file).',
         "",
         f"cost: {_docstring_safe(cost._tensor_repr())}",
         "",
