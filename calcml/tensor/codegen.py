@@ -9,7 +9,8 @@ A kernel is planned from the tensors its outputs need, then printed once:
   block of rows: row tensors, and the accumulators summed over rows) or ``C`` (after the
   stripes' sums are added: what depends on accumulators, such as the gradient);
 * a contraction of two stored tensors over one index with matrix shape is a matrix
-  product (``np.dot``: BLAS, through the SciPy that Numba calls); everything else is a loop
+  product (one call of the BLAS that Numba's ``np.dot`` calls, SciPy's: ``BLAS_SOURCE``);
+  everything else is a loop
   nest over the tensor's free indices with its summed indices innermost.
 
 The printed module has, per kernel kind, ``<kind>_rows(theta, v, *data, r0, r1, scale, acc)``
@@ -41,6 +42,102 @@ BLOCK_MAX = 1024
 # the loop over LANES rows (with an unsigned row index: no negative-index test). At 8 lanes
 # LLVM left the loop scalar; at 16 it vectorises (benchmarks/RESULTS.md, "fused row loop").
 LANES = 16
+
+
+# The matrix products' BLAS calls, placed in a module whose kernels make any. np.dot would do,
+# but Numba compiles its implementation (shape checks, allocation, one specialisation per
+# layout) in a fresh process in about 0.9 s, a fifth of a small cost's first fit; these
+# intrinsics emit the one call of the BLAS function np.dot ends in (``numba_xxgemm`` /
+# ``numba_xxgemv``, over SciPy's BLAS), with the accumulation (beta = 1) in the same call.
+BLAS_SOURCE = '''
+# -- matrix products: one BLAS call each (what np.dot calls, without its checks) --------------
+from llvmlite import ir  # noqa: E402
+from numba.core import cgutils, types  # noqa: E402
+from numba.core.errors import TypingError  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+_I8P = ir.IntType(8).as_pointer()
+_CHAR = ir.IntType(8)
+
+
+def _matrices(name, *arrays):
+    from numba.np.linalg import ensure_blas  # (compiling only: its import costs a warm start 70 ms)
+
+    for a, ndim in arrays:
+        if not (isinstance(a, types.Array) and a.ndim == ndim and a.layout == "C" and a.dtype == types.float64):
+            raise TypingError(f"{name}: expected a C-contiguous float64 array of {ndim} dimensions, got {a}")
+    ensure_blas()
+
+
+def _at_least_one(builder, n):
+    one = ir.Constant(n.type, 1)
+    return builder.select(builder.icmp_signed("<", n, one), one, n)
+
+
+def _flag(builder, transposed):
+    return builder.select(transposed, ir.Constant(_CHAR, ord("t")), ir.Constant(_CHAR, ord("n")))
+
+
+@intrinsic
+def _gemm(typingctx, ta, tb, alpha, a, b, beta, c):
+    """c := alpha op(a) op(b) + beta c, op(x) = x.T where its flag is set (row-major matrices)"""
+    _matrices("_gemm", (a, 2), (b, 2), (c, 2))
+
+    def codegen(context, builder, signature, args):
+        ta, tb, alpha, a, b, beta, c = args
+        arr = [context.make_array(signature.args[k])(context, builder, v) for k, v in ((3, a), (4, b), (6, c))]
+        (a0, a1), (b0, b1) = (cgutils.unpack_tuple(builder, x.shape, 2) for x in arr[:2])
+        m, k = builder.select(ta, a1, a0), builder.select(ta, a0, a1)
+        n = builder.select(tb, b0, b1)
+        fnty = ir.FunctionType(ir.IntType(32), [_CHAR, _CHAR, _CHAR, m.type, m.type, m.type, _I8P, _I8P, m.type,
+                                                _I8P, m.type, _I8P, _I8P, m.type])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        # row-major c = op(a) op(b) is column-major c.T = op(b).T op(a).T: b first, the flags as they are
+        builder.call(fn, (ir.Constant(_CHAR, ord("d")), _flag(builder, tb), _flag(builder, ta), n, m, k,
+                          builder.bitcast(cgutils.alloca_once_value(builder, alpha), _I8P),
+                          builder.bitcast(arr[1].data, _I8P), _at_least_one(builder, b1),
+                          builder.bitcast(arr[0].data, _I8P), _at_least_one(builder, a1),
+                          builder.bitcast(cgutils.alloca_once_value(builder, beta), _I8P),
+                          builder.bitcast(arr[2].data, _I8P), _at_least_one(builder, n)))
+        return context.get_dummy_value()
+
+    return types.void(types.boolean, types.boolean, types.float64, a, b, types.float64, c), codegen
+
+
+@intrinsic
+def _gemv(typingctx, ta, alpha, a, x, beta, y):
+    """y := alpha op(a) x + beta y, op(a) = a.T where ta is set (a row-major matrix)"""
+    _matrices("_gemv", (a, 2), (x, 1), (y, 1))
+
+    def codegen(context, builder, signature, args):
+        ta, alpha, a, x, beta, y = args
+        am, xv, yv = (context.make_array(t)(context, builder, v)
+                      for t, v in ((signature.args[2], a), (signature.args[3], x), (signature.args[5], y)))
+        rows, cols = cgutils.unpack_tuple(builder, am.shape, 2)
+        fnty = ir.FunctionType(ir.IntType(32), [_CHAR, _CHAR, rows.type, rows.type, _I8P, _I8P, rows.type,
+                                                _I8P, _I8P, _I8P])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemv")
+        # a row-major (rows, cols) is a column-major (cols, rows): a x is that one transposed
+        builder.call(fn, (ir.Constant(_CHAR, ord("d")), _flag(builder, builder.not_(ta)), cols, rows,
+                          builder.bitcast(cgutils.alloca_once_value(builder, alpha), _I8P),
+                          builder.bitcast(am.data, _I8P), _at_least_one(builder, cols),
+                          builder.bitcast(xv.data, _I8P),
+                          builder.bitcast(cgutils.alloca_once_value(builder, beta), _I8P),
+                          builder.bitcast(yv.data, _I8P)))
+        return context.get_dummy_value()
+
+    return types.void(types.boolean, types.float64, a, x, types.float64, y), codegen
+
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same products, by NumPy
+    def _gemm(ta, tb, alpha, a, b, beta, c):
+        p = alpha * np.dot(a.T if ta else a, b.T if tb else b)
+        c[...] = p if beta == 0.0 else p + beta * c
+
+    def _gemv(ta, alpha, a, x, beta, y):
+        p = alpha * np.dot(a.T if ta else a, x)
+        y[...] = p if beta == 0.0 else p + beta * y
+'''
 
 
 def block_rows(row_width: int) -> int:
@@ -401,18 +498,18 @@ class _Writer:
         return f"{name}[{', '.join(idx)}]" if idx else name
 
     def _emit_gemm(self, t: Tensor, plan, indent: int, name: str):
+        """One BLAS call (BLAS_SOURCE): ``name`` := (or +=, for an accumulator) coeff op(a) op(b)."""
         coeff, a, b, ta, tb = plan
-        def operand(ref, trans):
-            return self.code(self.g.tensor_of(ref)) + (".T" if trans else "")
-        prod = f"np.dot({operand(a, ta)}, {operand(b, tb)}"
-        scale = "" if coeff == 1 else f"{self.expr(coeff)} * "
-        if t.accumulates:
-            self.w(indent, f"{name} += {scale}{prod})")
-        elif scale:
-            self.w(indent, f"{prod}, {name})")
-            self.w(indent, f"{name} *= {self.expr(coeff)}")
-        else:
-            self.w(indent, f"{prod}, {name})")
+        ca, cb = self.code(self.g.tensor_of(a)), self.code(self.g.tensor_of(b))
+        alpha = "1.0" if coeff == 1 else self.expr(coeff)
+        beta = "1.0" if t.accumulates else "0.0"
+        rank_a, rank_b = (len(getattr(ref, "indices", ())) + (1 if self.g.tensor_of(ref).row else 0) for ref in (a, b))
+        if rank_a == 2 and rank_b == 2:
+            self.w(indent, f"_gemm({ta}, {tb}, {alpha}, {ca}, {cb}, {beta}, {name})")
+        elif rank_a == 2:  # matrix . vector
+            self.w(indent, f"_gemv({ta}, {alpha}, {ca}, {cb}, {beta}, {name})")
+        else:  # vector . matrix = matrix.T . vector
+            self.w(indent, f"_gemv({not tb}, {alpha}, {cb}, {ca}, {beta}, {name})")
 
     # -- the two functions ----------------------------------------------------------------
     def accumulators(self) -> list:

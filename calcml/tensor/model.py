@@ -20,7 +20,7 @@ from ..codegen import NUMBA_FLAGS
 from ..printing import HELPERS
 from ..cost import Cost
 from ..errors import CostError, ParamError
-from .codegen import LANES, KernelSpec, block_rows, write_kernel
+from .codegen import BLAS_SOURCE, LANES, KernelSpec, block_rows, write_kernel
 from .graph import ROW, SCALE, Graph, Lowering, Tensor
 from .statement import Label, LogSumExp, _items, axis_range, is_tensor_statement  # noqa: F401
 
@@ -543,6 +543,8 @@ def _module_text(cost, lines, helpers, sizes, numba_cache: bool = True) -> str:
         "",
     ]
     out = "\n".join(head) + "\n"
+    if any("_gemm(" in line or "_gemv(" in line for line in lines):
+        out += BLAS_SOURCE
     for name in sorted(helpers):
         out += "\n@_jit\n" + HELPERS[name] + "\n"
     return out + "\n\n" + "\n".join(lines) + "\n"
