@@ -1030,6 +1030,18 @@ class _Generator:
         w(1, ")")
         w()
         w()
+        if self.has_data:  # the rows' own gradients (their spread: a spent budget's test), by _fg
+            cols = "".join(f"carray(cols_p[{k}], (n_rows,)), " for k in range(len(self.cost.data)))
+            w(0, "SIG_FG = types.float64(types.int64, types.int64, _F64PP, types.int64, types.int64)")
+            w()
+            w()
+            w(0, "def fg_c(off, theta_o, cols_p, n_rows, g_o):")
+            w(1, '"""_fg (the serial pass) on the arrays at these addresses: the cost, the gradient into g"""')
+            w(1, "return _fg(carray(_data(off, theta_o), (N_PARAMS,), np.float64),")
+            w(1, f"           ({cols.rstrip(' ')}),")
+            w(1, "           carray(_data(off, g_o), (N_PARAMS,), np.float64))")
+            w()
+            w()
 
     def _constants(self) -> str:
         w = _Writer()
@@ -1391,6 +1403,40 @@ class _NativeSegment:
         status = self.fn(*c_args)
         del table
         return status
+
+
+def native_fg(module, path):
+    """(theta, cols, g) -> the module's serial full-batch pass over ``cols`` (the cost, its
+    gradient into g) as machine code (its C entry ``fg_c``, loaded from beside the module or
+    compiled and kept there): what a warm process calls for the rows' own gradients without
+    loading Numba's cache of the module (about 0.4 s). The module's ``_fg`` where that is out of
+    reach (NUMBA_DISABLE_JIT, a compile error)."""
+    found = getattr(module, "_fg_native", None)
+    if found is not None:
+        return found
+    found = module._fg
+    from numba import config
+
+    if _OFFSET is not None and hasattr(module, "fg_c") and not config.DISABLE_JIT:
+        import ctypes
+
+        from . import native
+
+        try:
+            address, keep, _ = native.load_or_compile(Path(path), "fg_c", lambda: (module.fg_c, module.SIG_FG,
+                                                                                module.CFUNC_FLAGS))
+        except Exception:  # noqa: BLE001 - the dispatcher still makes the pass
+            address = None
+        if address is not None:
+            fn = ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_int64)(address)
+
+            def found(theta, cols, g, keep=keep):
+                table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
+                return fn(_OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(g))
+
+    module._fg_native = found
+    return found
 
 
 _OFFSET = _data_offset()

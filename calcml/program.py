@@ -317,7 +317,7 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
         if type(ds) is not Dataset:
             noise = partial(ds.noise, module, x, cost.reduce == "mean")
         else:
-            noise = partial(_scalar_noise, module, columns, x, ds.n_rows, cost.reduce == "mean")
+            noise = partial(_scalar_noise, prog, columns, x, ds.n_rows, cost.reduce == "mean")
     else:
         fields["status"], fields["success"] = status, _result.STATUS[status][0]
     # status (for a run that spent its budget: a gradient within its noise is a minimum) and
@@ -330,14 +330,17 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
 _BUDGET_SPENT = (_result.MAXITER, _result.EPOCHS_DONE)
 
 
-def _scalar_noise(module, columns, x, n_rows, reduce_mean) -> float:
+def _scalar_noise(prog, columns, x, n_rows, reduce_mean) -> float:
     """The sampling noise of the full gradient at x (result.gradient_noise), each row's gradient
-    by the module's own full-batch pass over that one row."""
-    cols = module.columns_of(columns)
+    by the module's own full-batch pass over that one row (its machine code: loop.native_fg)."""
+    from .loop import native_fg
+
+    cols = prog.module.columns_of(columns)
+    fg = native_fg(prog.module, prog.path)
     g = np.empty(x.shape[0])
 
     def row_gradient(i):
-        module._fg(x, tuple(c[i:i + 1] for c in cols), g)
+        fg(x, tuple(c[i:i + 1] for c in cols), g)
         return g.copy()
 
     return _result.gradient_noise(row_gradient, n_rows, reduce_mean)

@@ -1078,9 +1078,10 @@ for name, cost, data, method, kw in [("gd", ros, None, "gd", dict(lr=1e-3, maxit
                                      ("momentum", lin, D, "momentum", dict(lr=0.1, maxiter=50)),
                                      ("lbfgs-threaded", lin, B, "lbfgs", {})]:
     res = cm.minimize(cost, np.zeros(2), data=data, method=method.split("-")[0], **kw)
+    res.success  # a spent budget: the rows' gradients' spread, by the module's machine code too
     mod = cm.generate(cost, method=method.split("-")[0], batch_size=kw.get("batch_size")).module
     out[name] = [list(map(float.hex, map(float, res.x))), res.nit, int(res.status),
-                 len(mod.run_segment.signatures), type(mod._segment).__name__]
+                 len(mod.run_segment.signatures) + len(mod._fg.signatures), type(mod._segment).__name__]
 print(json.dumps(out))
 """
 
@@ -1089,7 +1090,8 @@ def test_a_warm_process_runs_the_loops_machine_code(fresh_cache):
     """The first process compiles each loop's C entry point and keeps its machine code beside
     the module; a second process runs the same fits from that code, never compiling or loading
     the loop's Numba dispatcher, to the same bits (scalar loops without data, minibatch, full batch
-    over data, and full batch over large data, whose passes run on calcml's threads)."""
+    over data, and full batch over large data, whose passes run on calcml's threads); a spent
+    budget's noise test (the rows' own gradients, fg_c) runs from machine code too."""
     import json
     import os
     import subprocess
@@ -1111,6 +1113,7 @@ def test_a_warm_process_runs_the_loops_machine_code(fresh_cache):
         assert warm[name][3] == 0 and warm[name][4] == "_NativeSegment", (name, warm[name])
     assert int(cold["gd"][2]) in (R.CONVERGED, R.MAXITER) and cold["lbfgs"][2] == R.CONVERGED
     assert cold["lbfgs-threaded"][2] == R.CONVERGED
+    assert cold["adam"][2] in (R.EPOCHS_DONE, R.WITHIN_NOISE)  # the noise test ran
 
 
 def test_the_loops_machine_code_gives_the_dispatchers_bits(linreg_data):

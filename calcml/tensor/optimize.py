@@ -25,7 +25,7 @@ from ..errors import OptimizeError, ParamError
 from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from ..printing import NumbaPrinter
 from ..schedules import Schedule
-from .kernels import STRIPES, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
+from .kernels import STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
 from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
@@ -71,18 +71,6 @@ def full_value_and_grad(theta, cols, g):
     vg_finish(theta, v, total, res)
     g[:] = res[1:]
     return float(res[0])
-
-
-def row_gradient(theta, cols, i, g):
-    """the gradient of row i's term into g (plus the penalty's: a constant that the gradient's
-    noise estimate ignores), by the value-and-gradient kernel over that one row"""
-    v = np.empty(0)
-    acc = np.zeros(max(ACC_SIZES["vg"], 1))
-    if len(cols) > 2 and DATA_NAMES:
-        vg_rows(theta, v, *cols[2:], i, i + 1, 1.0, acc)
-    res = np.empty(N_PARAMS + 1)
-    vg_finish(theta, v, acc, res)
-    g[:] = res[1:]
 
 
 def _in_order(acc):
@@ -633,7 +621,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         status = _result.unbounded(status, rep["x"], x, rep["fun"], lambda t: compile_tensor(cost).value(t, td))
     noise = None
     if n_rows and cost.has_data:
-        noise = partial(_tensor_noise, prog.module, arrays, n_rows, cost.reduce == "mean", rep["x"])
+        noise = partial(_tensor_noise, cost, arrays, n_rows, rep["x"])
     status, level = _result.within_noise(status, rep["grad_norm"], noise)
     success, message = _result.message(
         status, grad_norm=rep["grad_norm"], tol=tol, nit=rep["nit"], epochs=rep["epochs"],
@@ -646,17 +634,17 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         notes=notes, path=None)
 
 
-def _tensor_noise(mod, arrays, n_rows, reduce_mean, x) -> float:
+def _tensor_noise(cost: TensorCost, arrays, n_rows, x) -> float:
     """The sampling noise of the full gradient at x (result.gradient_noise), each row's
-    gradient by the module's kernel over that one row."""
-    cols = mod.columns(arrays, n_rows, reduce_mean)
-    g = np.empty(x.shape[0])
+    gradient (plus the penalty's) by the cost's compiled value-and-gradient kernel over that
+    one row: its machine code, where the module's row_gradient would load Numba's cache of
+    the module's kernels (about 0.3 s of a warm start)."""
+    k = compile_tensor(cost)
 
     def row(i):
-        mod.row_gradient(x, cols, i, g)
-        return g.copy()
+        return k.value_and_grad(x, TensorData(tuple(a[i:i + 1] for a in arrays), 1, True))[1]
 
-    return _result.gradient_noise(row, n_rows, reduce_mean)
+    return _result.gradient_noise(row, n_rows, cost.reduce == "mean")
 
 
 def _threaded_full(mod, n_rows):
