@@ -788,3 +788,78 @@ def test_minibatches_of_matrix_data_against_numpy():
             r = np.einsum("nij,ij->n", X[rows], t) - Y[rows]
             t = t - 0.05 * np.einsum("n,nij->ij", 2 * r, X[rows]) / len(rows)
     np.testing.assert_allclose(res.params["W"], t, rtol=1e-12, atol=1e-14)
+
+
+_WARM_TENSOR_FITS = """
+import json, numpy as np
+from numba.core import event as ev
+recorded = ev.RecordingListener()
+ev.register("numba:compile", recorded)  # Numba's compiles and its cache loads alike
+import calcml as cm
+rng = np.random.default_rng(3)
+X = rng.normal(size=(300, 5)); y = (X @ rng.normal(size=5) + 0.5 * rng.normal(size=300) > 0).astype(float)
+w = cm.params("w", shape=(5,)); b = cm.params("b"); x = cm.data("x", shape=(5,)); yy = cm.data("y")
+z = cm.dot(w, x) + b
+cost = cm.Cost(cm.softplus(z) - yy * z, params=[w, b], data=[x, yy])
+out = {}
+for name, kw in [("gd", dict(method="gd", lr="auto", maxiter=50)),
+                 ("adam", dict(method="adam", lr=0.05, batch_size=32, epochs=3)), ("lbfgs", dict(method="lbfgs"))]:
+    r = cm.minimize(cost, np.zeros(6), data={"x": X, "y": y}, **kw)
+    out[name] = [list(map(float.hex, map(float, r.x))), r.nit, int(r.status), bool(r.success)]
+out["compiles"] = sum(1 for _, e in recorded.buffer if e.is_start)
+print(json.dumps(out))
+"""
+
+
+def test_a_warm_process_runs_tensor_fits_from_machine_code(fresh_cache):
+    """A tensor cost's loops (full batch with lr="auto", minibatch), their evaluations, the
+    Hessian-vector products of lr="auto" and a spent budget's noise test run, in a process
+    after the first, from the machine code calcml kept: no Numba compile and no load of
+    Numba's cache, and the same bits as the first process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from calcml import result as R
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "CALCML_CACHE_DIR": str(fresh_cache), "PYTHONPATH": root}
+
+    def child():
+        done = subprocess.run([sys.executable, "-c", _WARM_TENSOR_FITS], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold = child()
+    warm = child()
+    assert cold.pop("compiles") > 0 and warm.pop("compiles") == 0
+    assert warm == cold
+    assert cold["adam"][2] in (R.EPOCHS_DONE, R.WITHIN_NOISE)  # a spent budget: the noise was tested
+
+
+@pytest.mark.parametrize("method, kw", [("gd", dict(lr=0.5, maxiter=40)),
+                                        ("adam", dict(lr=0.05, batch_size=16, epochs=2, seed=3))])
+def test_the_tensor_loops_machine_code_gives_the_dispatchers_bits(digits_like, method, kw):
+    """_full_steps and _epoch through their C entry points' machine code and through Numba's
+    dispatcher: the same iterates, bit for bit."""
+    from calcml.tensor.optimize import _NativeLoop
+
+    cost, X, labels, _ = digits_like
+    data = {"x": X, "c": labels}
+    prog = cm.generate(cost, method=method, lr=kw.pop("lr"), batch_size=kw.pop("batch_size", None))
+    loop = "_epoch" if method == "adam" else "_full_steps"
+    mod = prog.module
+    native = getattr(mod, f"{loop}_call")
+    assert isinstance(native, _NativeLoop)
+    a = prog.run(np.zeros(cost.n_params), data=data, tol=0.0, **kw)
+    assert native.fn not in (None, False)  # the machine code ran
+    setattr(mod, f"{loop}_call", native.jit)
+    try:
+        b = prog.run(np.zeros(cost.n_params), data=data, tol=0.0, **kw)
+    finally:
+        setattr(mod, f"{loop}_call", native)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.history, b.history)
+    assert a.nit == b.nit and a.status == b.status

@@ -311,7 +311,7 @@ class TensorKernels:
             kinds = ("value", "vg") if group == "base" else ("hvp",)
             key = hashlib.sha256(f"tensor-{group}|{_fingerprint()}|{self.cost.key}".encode()).hexdigest()
             mod, text, path = load_or_build(
-                key, lambda: self.cost.module_source(kinds, entry_points=group == "base")[0])
+                key, lambda: self.cost.module_source(kinds, entry_points=True, numba_cache=group != "base")[0])
             mod._calcml_text, mod._calcml_path, mod._calcml_key = text, path, key
             self._modules[group] = mod
         return mod

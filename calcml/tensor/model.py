@@ -441,10 +441,13 @@ class TensorCost(Cost):
                 specs.append(KernelSpec("hvp", outs))
         return specs
 
-    def module_source(self, kinds=("value", "vg"), entry_points: bool = False, helpers=()) -> tuple:
+    def module_source(self, kinds=("value", "vg"), entry_points: bool = False, helpers=(),
+                      numba_cache: bool | None = None) -> tuple:
         """(source text, {kind: accumulator size}) of the kernels' module; ``entry_points``:
         with each kernel's C entry point too (see :func:`_entry_points`); ``helpers``: the
-        printer's helpers that code to be added after the kernels calls."""
+        printer's helpers that code to be added after the kernels calls; ``numba_cache``:
+        whether Numba caches the module's functions (default: where there are no entry points;
+        the hvp group has both: newton-cg's Hessian at a point runs on the dispatcher)."""
         if "hvp" in kinds:
             self._hvps  # noqa: B018 - makes the direction inputs
         directions = getattr(self, "_vin", [])
@@ -456,11 +459,13 @@ class TensorCost(Cost):
             sizes[spec.kind] = size
         if entry_points:
             lines += _entry_points(self, sizes)
-        return _module_text(self, lines, helpers, sizes, numba_cache=not entry_points), sizes
+        if numba_cache is None:
+            numba_cache = not entry_points
+        return _module_text(self, lines, helpers, sizes, numba_cache=numba_cache), sizes
 
 
 def _entry_points(cost, sizes) -> list:
-    """Each kernel of ``sizes`` (value, vg) over raw pointers: ``<kind>_rows_c`` and
+    """Each kernel of ``sizes`` (value, vg; hvp) over raw pointers: ``<kind>_rows_c`` and
     ``<kind>_finish_c`` call ``<kind>_rows`` and ``<kind>_finish`` on arrays made from the
     pointers (``numba.carray``). calcml compiles them with ``numba.cfunc`` and keeps their
     machine code beside this file, so a later process runs them without starting Numba (see
@@ -483,7 +488,8 @@ def _entry_points(cost, sizes) -> list:
     ]
     for kind, size in sizes.items():
         acc = max(size, 1)
-        nout = 1 if kind == "value" else 1 + cost.n_params
+        nout = {"value": "1", "hvp": "N_PARAMS"}.get(kind, str(1 + cost.n_params))
+        nv = "N_PARAMS" if kind == "hvp" else "0"  # the direction v, for a Hessian-vector product
         if cost.has_data:
             args = "".join(f"{name}, " for name, _, _ in data)
             arrays = "".join(f"carray({name}, ({', '.join(shape)},)), " for name, _, shape in data)
@@ -491,14 +497,14 @@ def _entry_points(cost, sizes) -> list:
                 "",
                 "",
                 f"def {kind}_rows_c(theta_p, v_p, {args}n, r0, r1, scale, acc_p):",
-                f"    {kind}_rows(carray(theta_p, (N_PARAMS,)), carray(v_p, (0,)), {arrays}r0, r1, scale,",
+                f"    {kind}_rows(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), {arrays}r0, r1, scale,",
                 f"        carray(acc_p, ({acc},)))",
             ]
         lines += [
             "",
             "",
             f"def {kind}_finish_c(theta_p, v_p, acc_p, out_p):",
-            f"    {kind}_finish(carray(theta_p, (N_PARAMS,)), carray(v_p, (0,)), carray(acc_p, ({acc},)),",
+            f"    {kind}_finish(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), carray(acc_p, ({acc},)),",
             f"        carray(out_p, ({nout},)))",
         ]
     return lines
