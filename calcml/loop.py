@@ -1314,9 +1314,11 @@ def load_module(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch
 
 
 # The C entry point's imports and helper (see _Generator._entry_point).
-# How a C entry point reads an array's data pointer from its NumPy object (here and in the
-# tensor loops: calcml.tensor.optimize); the offset is _OFFSET, found and checked at import.
-DATA_POINTER_SOURCE = '''
+_ENTRY_SOURCE = '''
+# -- C entry point (numba.cfunc): addresses in, run_segment on arrays of them -----------------
+_F64PP = types.CPointer(types.CPointer(types.float64))
+
+
 @intrinsic
 def _data(typingctx, off, obj):
     """The data pointer of the NumPy array whose object is at address obj: the pointer stored
@@ -1325,12 +1327,7 @@ def _data(typingctx, off, obj):
         slot = builder.inttoptr(builder.add(args[1], args[0]), ir.IntType(8).as_pointer().as_pointer())
         return builder.load(slot)
     return types.voidptr(off, obj), codegen
-'''
-_ENTRY_SOURCE = '''
-# -- C entry point (numba.cfunc): addresses in, run_segment on arrays of them -----------------
-_F64PP = types.CPointer(types.CPointer(types.float64))
 
-''' + DATA_POINTER_SOURCE + '''
 '''
 
 

@@ -359,14 +359,17 @@ def test_a_spent_tensor_budget_is_a_success_only_within_the_gradients_noise(digi
     D = {"x": X, "c": labels}
     theta = np.random.default_rng(2).standard_normal(cost.n_params) * 0.3
     from calcml.result import NOISE_SAMPLE
-    from calcml.tensor.optimize import _tensor_noise
+    from calcml.tensor.optimize import _tensor_noise, program_for_tensor
 
     rows = softmax_row_gradients(theta, X, labels, K)  # (the penalty's gradient, the same in every row, drops out)
     sample = np.arange(N) if N <= NOISE_SAMPLE else \
         np.sort(np.random.default_rng(0).choice(N, size=NOISE_SAMPLE, replace=False))
     spread = np.sum(np.var(rows[sample], axis=0, ddof=1))
     expected = np.sqrt(spread / N) if reduce == "mean" else np.sqrt(spread * N)
-    assert _tensor_noise(cost, (X, labels), N, theta) == pytest.approx(expected, rel=1e-10)
+    for method in ("gd", "lbfgs"):  # the module's row kernel; the cost's compiled kernels
+        prog = program_for_tensor(cost, cm.optim.get(method), cm.schedules.constant(0.1) if method == "gd" else None,
+                                  None)
+        assert _tensor_noise(prog, (X, labels), N, theta) == pytest.approx(expected, rel=1e-10), method
     seen = set()
     for kw in (dict(maxiter=3), dict(maxiter=200), dict(batch_size=40, epochs=2), dict(batch_size=40, epochs=60)):
         method = "adam" if "batch_size" in kw else "gd"
@@ -802,8 +805,8 @@ w = cm.params("w", shape=(5,)); b = cm.params("b"); x = cm.data("x", shape=(5,))
 z = cm.dot(w, x) + b
 cost = cm.Cost(cm.softplus(z) - yy * z, params=[w, b], data=[x, yy])
 out = {}
-for name, kw in [("gd", dict(method="gd", lr="auto", maxiter=50)),
-                 ("adam", dict(method="adam", lr=0.05, batch_size=32, epochs=3)), ("lbfgs", dict(method="lbfgs"))]:
+for name, kw in [("lbfgs", dict(method="lbfgs")), ("lbfgs-spent", dict(method="lbfgs", maxiter=3)),
+                 ("newton-cg", dict(method="newton-cg"))]:
     r = cm.minimize(cost, np.zeros(6), data={"x": X, "y": y}, **kw)
     out[name] = [list(map(float.hex, map(float, r.x))), r.nit, int(r.status), bool(r.success)]
 out["compiles"] = sum(1 for _, e in recorded.buffer if e.is_start)
@@ -812,10 +815,10 @@ print(json.dumps(out))
 
 
 def test_a_warm_process_runs_tensor_fits_from_machine_code(fresh_cache):
-    """A tensor cost's loops (full batch with lr="auto", minibatch), their evaluations, the
-    Hessian-vector products of lr="auto" and a spent budget's noise test run, in a process
-    after the first, from the machine code calcml kept: no Numba compile and no load of
-    Numba's cache, and the same bits as the first process."""
+    """A tensor cost's line-searched and trust-region fits (their kernels, Hessian-vector
+    products, and a spent budget's noise test) run, in a process after the first, from the
+    machine code calcml kept: no Numba compile and no load of Numba's cache, and the same bits
+    as the first process."""
     import json
     import os
     import subprocess
@@ -836,30 +839,5 @@ def test_a_warm_process_runs_tensor_fits_from_machine_code(fresh_cache):
     warm = child()
     assert cold.pop("compiles") > 0 and warm.pop("compiles") == 0
     assert warm == cold
-    assert cold["adam"][2] in (R.EPOCHS_DONE, R.WITHIN_NOISE)  # a spent budget: the noise was tested
+    assert cold["lbfgs-spent"][2] in (R.MAXITER, R.WITHIN_NOISE)  # a spent budget: the noise was tested
 
-
-@pytest.mark.parametrize("method, kw", [("gd", dict(lr=0.5, maxiter=40)),
-                                        ("adam", dict(lr=0.05, batch_size=16, epochs=2, seed=3))])
-def test_the_tensor_loops_machine_code_gives_the_dispatchers_bits(digits_like, method, kw):
-    """_full_steps and _epoch through their C entry points' machine code and through Numba's
-    dispatcher: the same iterates, bit for bit."""
-    from calcml.tensor.optimize import _NativeLoop
-
-    cost, X, labels, _ = digits_like
-    data = {"x": X, "c": labels}
-    prog = cm.generate(cost, method=method, lr=kw.pop("lr"), batch_size=kw.pop("batch_size", None))
-    loop = "_epoch" if method == "adam" else "_full_steps"
-    mod = prog.module
-    native = getattr(mod, f"{loop}_call")
-    assert isinstance(native, _NativeLoop)
-    a = prog.run(np.zeros(cost.n_params), data=data, tol=0.0, **kw)
-    assert native.fn not in (None, False)  # the machine code ran
-    setattr(mod, f"{loop}_call", native.jit)
-    try:
-        b = prog.run(np.zeros(cost.n_params), data=data, tol=0.0, **kw)
-    finally:
-        setattr(mod, f"{loop}_call", native)
-    np.testing.assert_array_equal(a.x, b.x)
-    np.testing.assert_array_equal(a.history, b.history)
-    assert a.nit == b.nit and a.status == b.status

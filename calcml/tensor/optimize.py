@@ -7,11 +7,8 @@ and compiled loops: ``_full_steps`` (full-batch first-order), ``_epoch`` (one ep
 minibatches). Line-search and trust-region methods (L-BFGS, Newton, Newton-CG) take NumPy
 steps over the threaded kernels (:mod:`calcml.tensor.search`). ``drive`` is the plain
 Python driver that calls them in segments of about a quarter of a second, between which
-Ctrl-C and progress are handled. The loops have C entry points (``_full_steps_c``,
-``_epoch_c``) that calcml compiles with ``numba.cfunc`` and keeps as machine code beside the
-module, as it does the kernels' (``_NativeLoop``); the driver's own evaluations go through the
-cost's kernels, so a warm process runs a fit without loading Numba's cache. The module needs
-only NumPy and Numba (``prog.export(path)``: there the loops run on Numba's dispatcher).
+Ctrl-C and progress are handled. The module needs only NumPy and Numba
+(``prog.export(path)``).
 """
 
 from __future__ import annotations
@@ -29,9 +26,7 @@ from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from ..printing import NumbaPrinter
 from ..schedules import Schedule
 from .kernels import STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
-from ..loop import DATA_POINTER_SOURCE
-from .model import TensorCost, _name
-from .statement import Label
+from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
 
@@ -78,6 +73,18 @@ def full_value_and_grad(theta, cols, g):
     return float(res[0])
 
 
+def row_gradient(theta, cols, i, g):
+    """the gradient of row i's term into g (plus the penalty's: a constant that the gradient's
+    noise estimate ignores), by the value-and-gradient kernel over that one row"""
+    v = np.empty(0)
+    acc = np.zeros(max(ACC_SIZES["vg"], 1))
+    if len(cols) > 2 and DATA_NAMES:
+        vg_rows(theta, v, *cols[2:], i, i + 1, 1.0, acc)
+    res = np.empty(N_PARAMS + 1)
+    vg_finish(theta, v, acc, res)
+    g[:] = res[1:]
+
+
 def _in_order(acc):
     total = acc[0].copy()
     for k in range(1, acc.shape[0]):
@@ -91,15 +98,13 @@ _DRIVER = '''
 
 # -- the driver: plain Python around the compiled loops ------------------------------------------------
 def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxiter=None, tol=1e-8, seed=0,
-          callback=None, segment_seconds=0.25, full=None, evaluate=None):
+          callback=None, segment_seconds=0.25, full=None):
     """Minimize from x0 (flat float64); arrays: the data arrays in DATA_NAMES order (validated).
-    full: the full-data evaluation, (theta, cols, g) -> value, for every step (default: the
-    compiled steps' own; calcml passes the same stripes on its threads: the same bits);
-    evaluate: the same, for this driver's own few evaluations (default full, else
-    full_value_and_grad; calcml passes its kernels' machine code: the same bits).
+    full: the full-data evaluation, (theta, cols, g) -> value (default full_value_and_grad;
+    calcml passes the same stripes on its threads: the same bits).
     Returns a dict: x, fun, grad, grad_norm, nit, nfev, status, history, epochs, best_step,
     best_value, diverged_at, blowup."""
-    evaluate = evaluate or full or full_value_and_grad
+    evaluate = full_value_and_grad if full is None else full
     theta = np.array(x0, dtype=np.float64)
     cols = columns(arrays, n_rows, REDUCE_MEAN)
     hyper = np.asarray(hyper, dtype=np.float64).reshape(-1)
@@ -132,7 +137,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             best_epoch_cost = math.inf
             while nit < budget and status == RUNNING:
                 perm = rng.permutation(n_rows).astype(np.int64)
-                code, done, total = _epoch_call(theta, g, perm, batch_size, nit, budget - nit, hyper, sa, cols, bufs,
+                code, done, total = _epoch(theta, g, perm, batch_size, nit, budget - nit, hyper, sa, cols, bufs,
                                            scale_mean, n_rows, blowup, *state)
                 nit += done
                 if code == DIVERGED:
@@ -161,7 +166,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             while nit < budget and status == RUNNING:
                 k = min(segment, budget - nit)
                 start = time.perf_counter()
-                steps = _full_steps_call if full is None else _threaded_steps(full)
+                steps = _full_steps if full is None else _threaded_steps(full)
                 code, done, value = steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
                                           hist[nit:], *state)
                 nit += done
@@ -348,18 +353,8 @@ class _Source:
         w()
         w()
         tail = f", {state}" if state else ""
-        w(0, "# -- C entry points (numba.cfunc): addresses in, the loops on arrays of them -------------")
-        w(0, "from llvmlite import ir  # noqa: E402")
-        w(0, "from numba import carray, types  # noqa: E402")
-        w(0, "from numba.extending import intrinsic  # noqa: E402")
-        for line in DATA_POINTER_SOURCE.strip("\n").split("\n"):
-            w(0, line)
-        w()
-        w()
         if self.minibatch:
             self._epoch(tail)
-            self.entry_point("_epoch", ["theta", "g", "o_perm", "o_batch", "o_step0", "o_max_steps", "o_hyper", "o_sa",
-                                        "cols", "o_bufs", "o_mean", "o_rows", "o_blowup", *self.state])
         else:
             w(0, "@_jit")
             w(0, f"def _full_steps(theta, g, value, o_step0, o_nsteps, o_hyper, o_sa, cols, o_tol, o_blowup, o_best, o_fb, o_hist{tail}):")
@@ -389,109 +384,6 @@ class _Source:
             w(1, "return RUNNING, o_nsteps, value")
             w()
             w()
-            self.entry_point("_full_steps", ["theta", "g", "value", "o_step0", "o_nsteps", "o_hyper", "o_sa", "cols",
-                                             "o_tol", "o_blowup", "o_best", "o_fb", "o_hist", *self.state])
-
-    # -- C entry points: the loops over the arrays at these addresses (calcml's machine code) --
-    def _c_args(self, names) -> tuple:
-        """For the loop arguments ``names``: the C parameters [(name, Numba type)], the code that
-        makes the loop's arguments of them, and the code that makes them of the loop's
-        arguments (the caller's side). An array comes as its NumPy object's address (its data
-        pointer read at byte ``off`` of it, as in calcml.loop), its sizes beside it."""
-        obj, i64, f64 = "types.int64", "types.int64", "types.float64"
-        labels = {_name(d) for d in self.cost._data if isinstance(d, Label)}
-        params, made, given = [], [], []
-
-        def c(name, typ, code):
-            params.append((name, typ))
-            given.append(code)
-
-        def array(name, shape, dtype="np.float64"):
-            c(f"{name}_o", obj, f"id({name})")
-            return f"carray(_data(off, {name}_o), ({', '.join(shape)},), {dtype})"
-
-        def data(name, item, dname, rows):
-            shape = [rows] + [str(m) for m in self.cost.data_shapes[dname]]
-            c(name, obj, f"id({item})")
-            return f"carray(_data(off, {name}), ({', '.join(shape)},), {'np.int64' if dname in labels else 'np.float64'})"
-
-        for name in names:
-            if name in ("theta", "g", "o_best"):
-                made.append(array(name, ["N_PARAMS"]))
-            elif name in ("o_hyper", "o_sa", "o_hist"):
-                c(f"{name}_n", i64, f"{name}.shape[0]")
-                made.append(array(name, [f"{name}_n"]))
-            elif name == "o_fb":
-                made.append(array(name, ["2"]))
-            elif name == "o_perm":
-                made.append(array(name, ["n_rows"], "np.int64"))
-            elif name == "cols":  # (stripe bounds, the rows' scale, the data arrays)
-                c("bounds_o", obj, "id(cols[0])")
-                c("n_stripes", i64, "cols[0].shape[0]")
-                c("scale", f64, "cols[1]")
-                c("n_rows", i64, "cols[2].shape[0]")
-                parts = ["carray(_data(off, bounds_o), (n_stripes, 2), np.int64)", "scale"]
-                if self.cost.has_data:
-                    parts += [data(f"d{k}_o", f"cols[{2 + k}]", dname, "n_rows")
-                              for k, dname in enumerate(self.cost.data_names)]
-                else:  # DUMMY_DATA: read by nothing
-                    c("d0_o", obj, "id(cols[2])")
-                    parts.append("carray(_data(off, d0_o), (n_rows,), np.float64)")
-                made.append(f"({', '.join(parts)})")
-            elif name == "o_bufs":  # a minibatch's rows, one array per data item
-                c("o_batch_rows", i64, "o_bufs[0].shape[0]")
-                parts = [data(f"b{k}_o", f"o_bufs[{k}]", dname, "o_batch_rows")
-                         for k, dname in enumerate(self.cost.data_names)]
-                made.append(f"({', '.join(parts)}{',' if len(parts) == 1 else ''})")
-            elif name == "o_mean":
-                c(name, i64, f"int({name})")
-                made.append(f"{name} != 0")
-            elif name in ("value", "o_tol", "o_blowup"):
-                c(name, f64, name)
-                made.append(name)
-            elif name.startswith("st_"):
-                shape = {f"st_{n}": sh for n, sh, _ in self.opt.state}[name]
-                made.append(array(name, self.opt.dims(shape, "N_PARAMS")))
-            else:
-                c(name, i64, name)
-                made.append(name)
-        return params, made, given
-
-    def entry_point(self, loop: str, names: list):
-        """``<loop>_c``: the loop on the arrays at these addresses, its tuple's last two entries
-        into ``o_out`` and its status returned; ``<loop>_cargs``: its arguments (after ``off``,
-        before ``o_out``) made of the loop's. calcml compiles ``<loop>_c`` with numba.cfunc and
-        keeps its machine code beside this file: a later process runs the loop without loading
-        Numba's cache of it (its typing and target contexts: about 0.2-0.4 s)."""
-        w = self.w
-        params, made, given = self._c_args(names)
-        params = [("off", "types.int64")] + params + [("o_out_o", "types.int64")]
-        w(0, f"SIG{loop.upper()} = types.int64({', '.join(t for _, t in params)})")
-        w()
-        w()
-        w(0, f"def {loop}_c({', '.join(n for n, _ in params)}):")
-        w(1, f'"""{loop} on the arrays at these addresses; (updates, value) into o_out, the status returned"""')
-        w(1, f"o_status, o_done, o_value = {loop}(")
-        for code in made:
-            w(2, f"{code},")
-        w(1, ")")
-        w(1, "o_out = carray(_data(off, o_out_o), (2,), np.float64)")
-        w(1, "o_out[0] = o_done")
-        w(1, "o_out[1] = o_value")
-        w(1, "return o_status")
-        w()
-        w()
-        w(0, f"{loop}_call = {loop}  # what the driver calls (calcml: {loop}_c's machine code, if any)")
-        w()
-        w()
-        w(0, f"def {loop}_cargs({', '.join(names)}):")
-        w(1, f'"""{loop}_c\'s arguments between off and o_out, made of {loop}\'s"""')
-        w(1, "return (")
-        for code in given:
-            w(2, f"{code},")
-        w(1, ")")
-        w()
-        w()
 
     def _epoch(self, tail):
         w = self.w
@@ -625,10 +517,6 @@ class TensorProgram:
                 f"tensor-opt|{_fingerprint()}|{self.cost.key}|{self.optimizer.structure()}|{sched}|"
                 f"{self.minibatch}".encode()).hexdigest()
             self._module, self._text, self.path = load_or_build(key, self._build)
-            for loop in ("_full_steps", "_epoch"):
-                if hasattr(self._module, f"{loop}_c") and not isinstance(getattr(self._module, f"{loop}_call"),
-                                                                         _NativeLoop):
-                    setattr(self._module, f"{loop}_call", _NativeLoop(self._module, self.path, loop))
         return self._module
 
     @property
@@ -649,58 +537,6 @@ class TensorProgram:
 
     def run(self, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
         return run_tensor(self, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
-
-
-class _NativeLoop:
-    """What a tensor module's driver calls for ``_full_steps`` or ``_epoch``: the loop's C entry
-    point (``<loop>_c``) as machine code, loaded from beside the module on the first call, else
-    compiled with ``numba.cfunc`` and kept there (calcml.native), called through ctypes with the
-    arrays' addresses: a warm process runs the fit without loading Numba's cache of the loop.
-    Where that is out of reach (NUMBA_DISABLE_JIT; a compile error, after a warning), the
-    module's own compiled function."""
-
-    def __init__(self, module, path, loop: str):
-        self.module, self.path, self.loop = module, path, loop
-        self.jit = getattr(module, loop)
-        self.fn = None
-
-    def _load(self):
-        import ctypes
-
-        from numba import config
-
-        from .. import native
-        from ..codegen import KERNEL_FLAGS
-        from ..loop import _OFFSET
-
-        mod, loop = self.module, self.loop
-        sig = getattr(mod, f"SIG{loop.upper()}")
-        if config.DISABLE_JIT or _OFFSET is None:
-            self.fn = False
-            return
-        try:
-            address, self.keep, _ = native.load_or_compile(
-                self.path, f"{loop}_c", lambda: (getattr(mod, f"{loop}_c"), sig, KERNEL_FLAGS))
-        except Exception as exc:  # noqa: BLE001 - the module's own compiled loop still runs
-            import warnings
-
-            warnings.warn(f"calcml could not compile the loop's machine code ({type(exc).__name__}: {exc}); "
-                          f"Numba's dispatcher runs it", RuntimeWarning, stacklevel=4)
-            self.fn = False
-            return
-        ctypes_of = [ctypes.c_double if str(t) == "float64" else ctypes.c_int64 for t in sig.args]
-        self.fn = ctypes.CFUNCTYPE(ctypes.c_int64, *ctypes_of)(address)
-        self.offset = _OFFSET
-        self.cargs = getattr(mod, f"{loop}_cargs")
-
-    def __call__(self, *args):
-        if self.fn is None:
-            self._load()
-        if self.fn is False:
-            return self.jit(*args)
-        out = np.empty(2)
-        status = self.fn(self.offset, *self.cargs(*args), id(out))
-        return status, int(out[0]), float(out[1])
 
 
 def _x0(cost: TensorCost, x0) -> np.ndarray:
@@ -778,7 +614,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
             with _SingleThreadedBlas():
                 rep = prog.module.drive(x, arrays, n_rows, [float(v) for v in opt.hyper.values()], sched_values or [0.0],
                                         prog.batch_size, epochs, maxiter, float(tol), int(seed), bar,
-                                        full=_threaded_full(prog.module, n_rows), evaluate=_evaluate(cost, td))
+                                        full=_threaded_full(prog.module, n_rows))
         else:
             rep = _search(prog, x, td, epochs, maxiter, float(tol), bar)
         if bar is not None:
@@ -797,7 +633,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         status = _result.unbounded(status, rep["x"], x, rep["fun"], lambda t: compile_tensor(cost).value(t, td))
     noise = None
     if n_rows and cost.has_data:
-        noise = partial(_tensor_noise, cost, arrays, n_rows, rep["x"])
+        noise = partial(_tensor_noise, prog, arrays, n_rows, rep["x"])
     status, level = _result.within_noise(status, rep["grad_norm"], noise)
     success, message = _result.message(
         status, grad_norm=rep["grad_norm"], tol=tol, nit=rep["nit"], epochs=rep["epochs"],
@@ -810,33 +646,28 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         notes=notes, path=None)
 
 
-def _tensor_noise(cost: TensorCost, arrays, n_rows, x) -> float:
+def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
     """The sampling noise of the full gradient at x (result.gradient_noise), each row's
-    gradient (plus the penalty's) by the cost's compiled value-and-gradient kernel over that
-    one row: its machine code, where the module's row_gradient would load Numba's cache of
-    the module's kernels (about 0.3 s of a warm start)."""
-    k = compile_tensor(cost)
+    gradient (plus the penalty's) over that one row. First-order methods: by the module's
+    row_gradient, whose kernel the run compiled or loaded already. Line-search and
+    trust-region methods: by the cost's compiled kernels, whose machine code their steps ran
+    (the module's kernels would cost a cold fit about 0.8 s, a warm one 0.3 s)."""
+    cost = prog.cost
+    if prog.optimizer.kind == "first_order":
+        mod = prog.module
+        cols = mod.columns(arrays, n_rows, cost.reduce == "mean")
+        g = np.empty(x.shape[0])
 
-    def row(i):
-        return k.value_and_grad(x, TensorData(tuple(a[i:i + 1] for a in arrays), 1, True))[1]
+        def row(i):
+            mod.row_gradient(x, cols, i, g)
+            return g.copy()
+    else:
+        k = compile_tensor(cost)
+
+        def row(i):
+            return k.value_and_grad(x, TensorData(tuple(a[i:i + 1] for a in arrays), 1, True))[1]
 
     return _result.gradient_noise(row, n_rows, cost.reduce == "mean")
-
-
-def _evaluate(cost: TensorCost, td):
-    """The driver's own full-data evaluations (at x0, at the end, a minibatch run's per-epoch
-    test), (theta, cols, g) -> value, by the cost's compiled kernels: their machine code (the
-    module's full_value_and_grad would load Numba's cache of the module's kernels), the same
-    stripes, hence the same bits."""
-    k = compile_tensor(cost)
-    data = td if td is not None else None
-
-    def evaluate(theta, cols, g):
-        out = k._run("vg", theta, k._empty, data)
-        g[:] = out[1:]
-        return float(out[0])
-
-    return evaluate
 
 
 def _threaded_full(mod, n_rows):
