@@ -199,6 +199,11 @@ def test_wrong_columns_are_named(linreg):
         k.value(THETA, {n: (X[:, q] if n != "x2" else np.zeros(N)) for q, n in enumerate(NAMES)})
     with pytest.raises(DataError, match=r"this call needs the data in memory: compute them first"):
         k.prepare(X)
+    # a column of text (a pandas extension dtype, which NumPy cannot interpret) is named, not a TypeError
+    text = dd.from_pandas(pd.DataFrame({"x0": [1.0, 2.0], "x1": [0.0, 1.0], "x2": [2.0, 3.0],
+                                        "y": pd.array(["a", "b"], dtype="string")}), npartitions=1)
+    with pytest.raises(DataError, match="data column 'y' must be numeric, got dtype string"):
+        k.value(THETA, text)
 
 
 def test_no_client_nan_in_chunk_3_names_column_and_global_row(linreg):
