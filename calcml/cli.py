@@ -1,8 +1,11 @@
 """The command line: ``calcml demo``, ``diff``, ``verify`` and ``fit``.
 
 Every expression string goes through :func:`calcml.parse` (no ``eval``); data comes from a
-CSV file whose header names the columns. An error is one line on stderr and a non-zero exit,
-never a traceback (set ``CALCML_TRACEBACK=1`` to see one while debugging calcml itself).
+CSV file whose header names the columns, read into memory, or from Parquet or CSV files read
+lazily by Dask (a glob, a Parquet file or folder; :mod:`calcml.dask_data`), optionally on a
+running ``dask.distributed`` cluster (``--scheduler``). Dask is imported only then. An error is
+one line on stderr and a non-zero exit, never a traceback (set ``CALCML_TRACEBACK=1`` to see
+one while debugging calcml itself).
 
 Exit status: 0 success; 1 an error; 2 a usage error; 3 the command ran but its answer is
 negative (``verify``: not verified; ``fit``: the run ended without success).
@@ -13,8 +16,10 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import glob
 import math
 import os
+import re
 import sys
 
 from ._version import __version__
@@ -56,7 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "  calcml demo\n"
         '  calcml diff "x*sin(x)" --wrt x\n'
         '  calcml verify "log(1 + exp(x))" --wrt x\n'
-        '  calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.1\n\n'
+        '  calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.1\n'
+        "  calcml fit \"(w*x + b - y)**2\" --params w,b --data 'rows/*.parquet' --method lbfgs\n\n"
         "exit status: 0 success, 1 error, 2 usage error, 3 not verified / fit without success",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -92,21 +98,37 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="time budget of the check")
 
     p = _subparser(
-        sub, "fit", "fit the parameters of a cost to a CSV file",
-        "Minimize the mean (or sum) over the rows of DATA of the per-row cost EXPR with a compiled\n"
-        "descent loop. The CSV header names the columns; the names of EXPR that are not parameters\n"
-        "are columns. Exit status 0 when the fit succeeded, 3 when it did not (divergence,\n"
-        "iteration limit, Ctrl-C): the table then says why.",
+        sub, "fit", "fit the parameters of a cost to a CSV file, or to Parquet/CSV files via Dask",
+        "Minimize the mean (or sum) over the rows of --data of the per-row cost EXPR with a compiled\n"
+        "descent loop. The CSV header (or the Parquet schema) names the columns; the names of EXPR\n"
+        "that are not parameters are columns. A CSV file is read into memory. A glob of Parquet or\n"
+        "CSV files ('rows/*.parquet', 'rows/part-*.csv'; quote it), a Parquet file or a folder of\n"
+        "Parquet files is read lazily by Dask, chunk by chunk, and fitted out of core with a full-batch\n"
+        "method (gd, momentum, nesterov, lbfgs): each pass over the rows is one Dask computation, on\n"
+        "Dask's default scheduler (this machine's threads) or, with --scheduler, on a running cluster,\n"
+        "whose workers then read the files (they must see the same paths). Dask data need\n"
+        "pip install 'calcml[dask]'. Exit status 0 when the fit succeeded, 3 when it did not\n"
+        "(divergence, iteration limit, Ctrl-C): the table then says why.",
         ['calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.1',
          'calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method sgd \\\n'
          '      --batch-size 16 --epochs 50 --schedule "exponential(0.05, 0.99)" --seed 1',
          'calcml fit "(1 - a)**2 + 100*(b - a**2)**2" --params a,b --method lbfgs --x0 a=-1.2,b=1',
          'calcml fit "log(1 + exp(-t*(w*x + b)))" --params w,b --data d.csv --method newton \\\n'
-         '      --history hist.csv --plot loss.png --export fit_model.py'],
+         '      --history hist.csv --plot loss.png --export fit_model.py',
+         "calcml fit \"softplus(w*x + b) - t*(w*x + b)\" --params w,b --data 'rows/*.parquet' --method lbfgs",
+         "calcml fit \"(w*x + b - y)**2\" --params w,b --data '/shared/rows/*.csv' --method lbfgs \\\n"
+         "      --scheduler tcp://10.0.0.5:8786"],
     )
     p.add_argument("expr", metavar="EXPR", help="the per-row cost, e.g. \"(w*x + b - y)**2\"")
     p.add_argument("--params", required=True, metavar="NAMES", help="the parameters, comma separated: w,b")
-    p.add_argument("--data", metavar="CSV", help="the data file; its header names the columns")
+    p.add_argument("--data", metavar="PATH",
+                   help="a CSV file (read into memory; its header names the columns), or, read lazily by Dask: a "
+                        "quoted glob of Parquet or CSV files ('rows/*.parquet'), a .parquet file or a folder of them")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="fit on the running dask.distributed cluster at ADDRESS (tcp://host:8786): its workers read "
+                        "--data (a single CSV file too) and make the passes; the client is closed afterwards")
+    p.add_argument("--scheduler-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="give up connecting to --scheduler after this long (default 10)")
     p.add_argument("--method", default="gd", metavar="NAME",
                    help="gd, sgd, momentum, nesterov, adam, rmsprop, adagrad, newton, lbfgs (default gd)")
     p.add_argument("--lr", metavar="RATE", help="the learning rate (a number, or 'auto' for gd)")
@@ -266,6 +288,134 @@ def read_csv(path: str) -> dict:
     return {name: values[:, j].copy() for j, name in enumerate(names)}
 
 
+# -- files read lazily by Dask ----------------------------------------------------------------------
+_GLOB = re.compile(r"[*?\[]")
+_PARQUET = (".parquet", ".pq", ".parq")
+
+
+def _kind(path: str):
+    """"parquet", "csv" or None, from a file name."""
+    low = path.lower()
+    if low.endswith(_PARQUET):
+        return "parquet"
+    if low.endswith(".csv"):
+        return "csv"
+    return None
+
+
+def _natural(path: str) -> list:
+    """Sort key: part.2 before part.10 (the order of the rows: Dask writes part.0, part.1, ...)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path)]
+
+
+class LazyFiles:
+    """What ``--data`` names when Dask reads it: ``kind`` ("parquet" or "csv") and the files,
+    in natural order of their names (the order of the rows)."""
+
+    def __init__(self, path: str, kind: str, files: list):
+        self.path, self.kind, self.files = path, kind, files
+        self._columns = None  # {name as the expression writes it: the file's column label}
+
+    def describe(self) -> str:
+        n = len(self.files)
+        return f"{n} {'Parquet' if self.kind == 'parquet' else 'CSV'} file{'s' if n > 1 else ''}"
+
+    def _read(self, columns=None):
+        try:
+            import dask.dataframe as dd
+        except ImportError:
+            raise CommandError(f"reading {self.path} lazily needs Dask: pip install 'calcml[dask]' "
+                               "(or give one CSV file, read into memory)") from None
+        try:
+            if self.kind == "parquet":
+                return dd.read_parquet(self.files, columns=columns)
+            options = {"encoding": "utf-8-sig", "skipinitialspace": True}
+            if columns is not None:
+                options.update(usecols=columns, dtype={c: "float64" for c in columns})
+            return dd.read_csv(self.files, **options)
+        except CalcmlError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader's error, one line, naming the files
+            raise CommandError(f"cannot read {self.path}: {_one_line(exc)}") from None
+
+    def columns(self) -> list:
+        """The columns' names (the Parquet schema, or the first CSV file's header)."""
+        if self._columns is None:
+            labels = list(self._read().columns)
+            self._columns = {}
+            for label in labels:  # a CSV header's names are stripped, as in memory
+                self._columns.setdefault(str(label).strip(), label)
+        return list(self._columns)
+
+    def frame(self, names: list):
+        """A Dask DataFrame of the columns ``names`` (the expression's), read lazily."""
+        self.columns()
+        labels = [self._columns[n] for n in names]
+        frame = self._read(labels)
+        if labels != names:
+            frame = frame.rename(columns=dict(zip(labels, names)))
+        return frame
+
+    def n_rows(self):
+        """The row count, where the files' metadata give it without reading them (Parquet), else None."""
+        if self.kind != "parquet":
+            return None
+        try:
+            import pyarrow.parquet as pq
+
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        except Exception:  # noqa: BLE001 - only a figure for the table
+            return None
+
+
+def lazy_files(path: str, scheduler=None):
+    """The files Dask reads for ``--data PATH`` (a glob, a Parquet file, a folder of Parquet files;
+    with ``--scheduler``, a CSV file too), or None for a CSV file read into memory."""
+    if _GLOB.search(path):
+        found = glob.glob(path)
+        files = sorted((f for f in found if os.path.isfile(f)), key=_natural)
+        if not files:
+            folders = [f for f in found if os.path.isdir(f)]
+            hint = f" (only the folder {folders[0]}: name its files, e.g. {os.path.join(folders[0], '*.parquet')})" \
+                if folders else ""
+            raise CommandError(f"no file matches {path}{hint}")
+        kinds = {f: _kind(f) for f in files}
+        other = [f for f in files if kinds[f] is None]
+        if other:
+            raise CommandError(f"{path} matches {other[0]}, which is neither Parquet (.parquet, .pq) nor CSV (.csv); "
+                               "narrow the pattern, e.g. rows/*.parquet")
+        if len(set(kinds.values())) > 1:
+            raise CommandError(f"{path} matches both Parquet and CSV files; match one kind, e.g. rows/*.parquet")
+        return LazyFiles(path, kinds[files[0]], files)
+    if os.path.isdir(path):
+        files = sorted((f for f in glob.glob(os.path.join(path, "*")) if os.path.isfile(f) and _kind(f) == "parquet"),
+                       key=_natural)
+        if not files:
+            raise CommandError(f"the folder {path} holds no Parquet file (*.parquet, *.pq)")
+        return LazyFiles(path, "parquet", files)
+    kind = _kind(path)
+    if kind != "parquet" and scheduler is None:
+        return None  # a CSV file, read into memory
+    if not os.path.isfile(path):
+        raise CommandError(f"no such data file: {path}")
+    return LazyFiles(path, kind or "csv", [path])
+
+
+def _connect(address: str, timeout: float):
+    """A dask.distributed Client of the running scheduler at ``address``, the default for Dask."""
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise CommandError(f"--scheduler-timeout must be a positive number of seconds, got {timeout}")
+    try:
+        from distributed import Client
+    except ImportError:
+        raise CommandError("--scheduler needs dask.distributed: pip install 'calcml[dask]'") from None
+    try:
+        return Client(address, timeout=timeout, set_as_default=True)
+    except Exception as exc:  # noqa: BLE001 - unreachable, malformed: one line naming the address
+        raise CommandError(f"cannot connect to the Dask scheduler at {address} (--scheduler): {_one_line(exc)}") \
+            from None
+
+
 _SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "warmup")
 
 
@@ -365,7 +515,9 @@ def _lr(text):
 
 
 def _build_cost(args):
-    """(cost, data dict or None) from the expression, --params and the CSV file."""
+    """(cost, data, parameter names) from the expression, --params and --data: data is a dict of
+    columns read from a CSV file, a Dask DataFrame of the used columns (``args.lazy``, read
+    lazily), or None."""
     from .cost import Cost, data as data_symbols, params as param_symbols
     from .parse import CONSTANTS, FUNCTIONS, parse
 
@@ -387,7 +539,8 @@ def _build_cost(args):
                 "parameters (--params); give --data with a column of that name, or list it in --params"
             )
         return Cost(expr, params=psyms, reduce=args.reduce), None, names
-    table = read_csv(args.data)
+    args.lazy = lazy_files(args.data, args.scheduler)
+    table = read_csv(args.data) if args.lazy is None else args.lazy.columns()
     unknown = [n for n in others if n not in table]
     if unknown:
         raise CommandError(
@@ -404,6 +557,8 @@ def _build_cost(args):
     if shadowed:
         args.notes.append(f"column{'s' if len(shadowed) > 1 else ''} {', '.join(repr(n) for n in shadowed)} of "
                           f"{args.data} not used: {'they are parameters' if len(shadowed) > 1 else 'a parameter'}")
+    if args.lazy is not None:
+        return cost, args.lazy.frame(columns), names
     return cost, {n: table[n] for n in columns}, names
 
 
@@ -457,15 +612,51 @@ def _cmd_fit(args, out) -> int:
 
         require_matplotlib("--plot")
     args.notes = []
-    cost, data, names = _build_cost(args)
-    x0 = _x0(args.x0, names)
-    schedule = None if args.schedule is None else _schedule(args.schedule)
-    prog = generate(cost, method=args.method, schedule=schedule, batch_size=args.batch_size, lr=_lr(args.lr))
-    res = prog.run(x0, data, epochs=args.epochs, maxiter=args.maxiter, tol=args.tol, seed=args.seed,
-                   progress=args.progress)
+    args.lazy = None
+    client = None
+    if args.scheduler is not None:
+        if args.data is None:
+            args.notes.append("--scheduler not used: a cost without data runs here")
+        else:  # first: an unreachable address fails before any work
+            client = _connect(args.scheduler, args.scheduler_timeout)
+    try:
+        cost, data, names = _build_cost(args)
+        x0 = _x0(args.x0, names)
+        schedule = None if args.schedule is None else _schedule(args.schedule)
+        prog = generate(cost, method=args.method, schedule=schedule, batch_size=args.batch_size, lr=_lr(args.lr))
+        try:
+            res = prog.run(x0, data, epochs=args.epochs, maxiter=args.maxiter, tol=args.tol, seed=args.seed,
+                           progress=args.progress)
+        except CalcmlError as exc:
+            if args.lazy is not None and ("take Dask data" in str(exc) or "needs the data in memory" in str(exc)):
+                raise CommandError(f"{exc}; on the command line, one CSV file without --scheduler is read into "
+                                   "memory") from None
+            raise
+        except Exception as exc:  # noqa: BLE001 - over Dask: a reader's or the cluster's error, in one line
+            if args.lazy is None or os.environ.get("CALCML_TRACEBACK"):
+                raise
+            raise CommandError(f"reading {args.data} with Dask failed: {type(exc).__name__}: {_one_line(exc)}") \
+                from None
+        return _report_fit(args, out, cost, prog, schedule, res, data)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _report_fit(args, out, cost, prog, schedule, res, data) -> int:
     rate = f"schedule {schedule!r}" if schedule is not None else (f"lr {_fmt(res.lr)}" if isinstance(res.lr, float) else "")
-    rows = [("method", f"{res.method}{', ' + rate if rate else ''}"),
-            ("cost", f"{cost.reduce} over {len(next(iter(data.values())))} rows of {args.data}" if data else "no data")]
+    if data is None:
+        over = "no data"
+    elif args.lazy is None:
+        over = f"{cost.reduce} over {len(next(iter(data.values())))} rows of {args.data}"
+    else:
+        n = args.lazy.n_rows()
+        over = f"{cost.reduce} over {f'{n} rows' if n is not None else 'the rows'} of {args.data}"
+    rows = [("method", f"{res.method}{', ' + rate if rate else ''}")]
+    if args.lazy is not None:
+        where = f"the cluster at {args.scheduler}" if args.scheduler else "Dask's default scheduler (this machine)"
+        rows.append(("data", f"{args.lazy.describe()} read lazily by Dask, on {where}"))
+    rows.append(("cost", over))
     rows += [(f"  {n}", _fmt(v)) for n, v in res.params.items()]
     rows += [("value", _fmt(res.fun)), ("gradient norm", f"{res.grad_norm:.3g}"), ("iterations", str(res.nit)),
              ("success", str(res.success)), ("message", res.message)]

@@ -79,7 +79,10 @@ def _is_dask_array(x) -> bool:
 
 
 def _numeric(name_or_what: str, dtype):
-    kind = np.dtype(dtype).kind if dtype is not None else "O"
+    try:
+        kind = np.dtype(dtype).kind if dtype is not None else "O"
+    except TypeError:  # a pandas extension dtype (string, category, Int64, ...): its own kind
+        kind = getattr(dtype, "kind", "O")
     if kind not in "biuf":
         what = f"data column {name_or_what!r}" if not name_or_what.startswith("the ") else name_or_what
         raise DataError(f"{what} must be numeric, got dtype {dtype}")

@@ -199,6 +199,11 @@ def test_wrong_columns_are_named(linreg):
         k.value(THETA, {n: (X[:, q] if n != "x2" else np.zeros(N)) for q, n in enumerate(NAMES)})
     with pytest.raises(DataError, match=r"this call needs the data in memory: compute them first"):
         k.prepare(X)
+    # a column of text (a pandas extension dtype, which NumPy cannot interpret) is named, not a TypeError
+    text = dd.from_pandas(pd.DataFrame({"x0": [1.0, 2.0], "x1": [0.0, 1.0], "x2": [2.0, 3.0],
+                                        "y": pd.array(["a", "b"], dtype="string")}), npartitions=1)
+    with pytest.raises(DataError, match="data column 'y' must be numeric, got dtype string"):
+        k.value(THETA, text)
 
 
 def test_no_client_nan_in_chunk_3_names_column_and_global_row(linreg):
@@ -302,6 +307,137 @@ def test_no_client_fit_errors(linreg):
         cm.minimize(cost, np.zeros(4), data=frame, method="lbfgs")
 
 
+# -- the command line over files read lazily by Dask (calcml fit --data 'rows/*.parquet') ---------
+
+CLI_PARAMS = ["w0", "w1", "w2", "b"]
+CLI_EXPR = "(w0*x0 + w1*x1 + w2*x2 + b - y)**2"
+CLI_SIZES = {"part.0": 2_000, "part.2": 1_500, "part.10": 2_500}  # their natural order: 0, 2, 10
+
+
+def _cli(*argv):
+    """calcml's command line in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from calcml.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _fit_table(text: str) -> dict:
+    """{row name: text} of `calcml fit`'s table (parameters by their names)."""
+    rows = {}
+    for line in text.splitlines():
+        key, _sep, value = line.strip().partition("  ")
+        rows[key] = value.strip()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def cli_rows(tmp_path_factory):
+    """The same rows as three Parquet files and three CSV files (in their names' natural order,
+    not their sorted order), with a column of text no cost reads; the in-memory fit of the rows
+    (one CSV file, by the command line) and NumPy's least squares."""
+    folder = tmp_path_factory.mktemp("cli-rows")
+    frames = []
+    for seed, (stem, rows) in enumerate(CLI_SIZES.items()):
+        frame = pd.DataFrame(_block(100 + seed, rows), columns=NAMES)
+        frame["tag"] = [f"r{i}" for i in range(rows)]
+        frame.to_parquet(folder / f"{stem}.parquet", index=False)
+        frame.to_csv(folder / f"{stem}.csv", index=False)
+        frames.append(frame)
+    whole = pd.concat(frames, ignore_index=True).drop(columns="tag")
+    whole.to_csv(folder / "all.csv", index=False)
+    rc, out, err = _cli("fit", CLI_EXPR, "--params", ",".join(CLI_PARAMS), "--data", str(folder / "all.csv"),
+                        "--method", "lbfgs")
+    assert rc == 0, err
+    mem = whole.to_numpy()
+    A = np.column_stack([mem[:, :D], np.ones(len(mem))])
+    return folder, _fit_table(out), np.linalg.lstsq(A, mem[:, D], rcond=None)[0]
+
+
+def _assert_same_fit(out: str, want: dict, lstsq: np.ndarray):
+    got = _fit_table(out)
+    assert got["success"] == "True" and got["iterations"] == want["iterations"], (got, want)
+    for q, name in enumerate(CLI_PARAMS):  # printed to 10 digits: the same to rounding
+        assert abs(float(got[name]) - float(want[name])) <= 2e-9 * abs(float(want[name])), (name, got, want)
+        assert abs(float(got[name]) - lstsq[q]) <= 1e-6 * abs(lstsq[q]), (name, got, lstsq)
+    assert abs(float(got["value"]) - float(want["value"])) <= 2e-9 * float(want["value"])
+    return got
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.reset_index")  # in Dask's Parquet reader
+def test_cli_parquet_glob_fits_out_of_core_like_memory(cli_rows):
+    folder, want, lstsq = cli_rows
+    rc, out, err = _cli("fit", CLI_EXPR, "--params", ",".join(CLI_PARAMS), "--data", str(folder / "part.*.parquet"),
+                        "--method", "lbfgs")
+    assert rc == 0 and err == "", err
+    got = _assert_same_fit(out, want, lstsq)
+    assert got["cost"] == f"mean over 6000 rows of {folder / 'part.*.parquet'}"
+    assert got["data"] == "3 Parquet files read lazily by Dask, on Dask's default scheduler (this machine)"
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.reset_index")  # in Dask's Parquet reader
+def test_cli_csv_glob_fits_out_of_core_like_memory(cli_rows):
+    folder, want, lstsq = cli_rows
+    rc, out, err = _cli("fit", CLI_EXPR, "--params", ",".join(CLI_PARAMS), "--data", str(folder / "part.*.csv"),
+                        "--method", "lbfgs")
+    assert rc == 0 and err == "", err
+    got = _assert_same_fit(out, want, lstsq)
+    assert got["data"].startswith("3 CSV files read lazily by Dask")
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.reset_index")  # in Dask's Parquet reader
+def test_cli_dask_errors_name_the_problem(cli_rows, tmp_path):
+    folder, _want, _lstsq = cli_rows
+    params = ("--params", ",".join(CLI_PARAMS))
+
+    def error(*argv):
+        rc, out, err = _cli("fit", *argv)
+        assert rc == 1 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (rc, out, err)
+        assert err.startswith("calcml fit: error: "), err
+        return err
+
+    assert f"no file matches {folder / 'rows' / '*.parquet'}" in error(
+        CLI_EXPR, *params, "--data", str(folder / "rows" / "*.parquet"), "--method", "lbfgs")
+    assert "matches both Parquet and CSV files" in error(CLI_EXPR, *params, "--data", str(folder / "part.*"))
+    assert ("'z' in the expression is neither a parameter (--params) nor a column of "
+            f"{folder / 'part.*.parquet'} (columns: x0, x1, x2, y, tag)") in error(
+        "(w0*x0 + w1*x1 + w2*z + b - y)**2", *params, "--data", str(folder / "part.*.parquet"))
+    assert "data column 'tag' must be numeric, got dtype string" in error(
+        "(w0*x0 + w1*x1 + w2*x2 + b - tag)**2", *params, "--data", str(folder / "part.*.parquet"), "--method", "lbfgs")
+    err = error(CLI_EXPR, *params, "--data", str(folder / "part.*.parquet"), "--method", "adam", "--lr", "0.01",
+                "--batch-size", "64")
+    assert "adam with batch_size=64 draws minibatches: minibatch methods do not take Dask data yet" in err
+    assert "one CSV file without --scheduler is read into memory" in err
+    # a NaN in the third file (part.10, after part.2): named by column and row in the files' natural order
+    for stem, rows in CLI_SIZES.items():
+        frame = pd.DataFrame(_block(7, rows), columns=NAMES)
+        if stem == "part.10":
+            frame.loc[7, "x1"] = np.nan
+        frame.to_parquet(tmp_path / f"{stem}.parquet", index=False)
+    assert "data column 'x1' holds a non-finite value (nan) at row 3507" in error(
+        CLI_EXPR, *params, "--data", str(tmp_path / "*.parquet"), "--method", "lbfgs")
+
+
+def test_cli_unreachable_scheduler_is_named(cli_rows):
+    import socket
+
+    folder, _want, _lstsq = cli_rows
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    rc, out, err = _cli("fit", CLI_EXPR, "--params", ",".join(CLI_PARAMS), "--data", str(folder / "part.*.parquet"),
+                        "--method", "lbfgs", "--scheduler", address, "--scheduler-timeout", "0.5")
+    assert rc == 1 and out == ""
+    assert err.startswith(f"calcml fit: error: cannot connect to the Dask scheduler at {address} (--scheduler): "), err
+    assert dask_data._client() is None
+
+
 def test_in_memory_use_never_imports_dask():
     script = textwrap.dedent("""
         import sys
@@ -312,6 +448,14 @@ def test_in_memory_use_never_imports_dask():
         X = np.random.default_rng(0).standard_normal((50, 3))
         res = cm.minimize(cost, np.zeros(4), data=np.column_stack([X, X @ [1.0, 2.0, 3.0] + 4.0]), method="lbfgs")
         assert np.allclose(res.x, [1.0, 2.0, 3.0, 4.0], atol=1e-6), res
+        # the command line, on one CSV file (read into memory)
+        import os, tempfile
+        from calcml.cli import main
+        path = os.path.join(tempfile.mkdtemp(), "rows.csv")
+        np.savetxt(path, np.column_stack([X, X @ [1.0, 2.0, 3.0] + 4.0]), delimiter=",", header="x0,x1,x2,y",
+                   comments="")
+        assert main(["fit", "(w0*x0 + w1*x1 + w2*x2 + b - y)**2", "--params", "w0,w1,w2,b", "--data", path,
+                     "--method", "lbfgs"]) == 0
         print(sorted(m for m in sys.modules if m == "dask" or m.startswith(("dask.", "distributed"))))
     """)
     # the session's kernel cache (the fits above compiled this cost's L-BFGS), in a new process
@@ -434,3 +578,24 @@ def test_cluster_tensor_softmax(client):
         got = k.value_and_grad(theta, d)
         assert_close(got[0], want[0])
         assert_close(got[1], want[1])
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.reset_index")  # in Dask's Parquet reader
+def test_cluster_cli_scheduler_fits_on_the_cluster_and_closes_its_client(client, cli_rows):
+    folder, want, lstsq = cli_rows
+
+    def calcml_tasks(dask_scheduler, prefix=dask_data._PREFIX):  # the keys of calcml's chunk-sum tasks
+        return {str(entry[0]) for entry in dask_scheduler.transition_log if str(entry[0]).startswith(prefix)}
+
+    tasks = client.run_on_scheduler(calcml_tasks)
+    n_clients = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.clients))
+    rc, out, err = _cli("fit", CLI_EXPR, "--params", ",".join(CLI_PARAMS), "--data", str(folder / "part.*.parquet"),
+                        "--method", "lbfgs", "--scheduler", client.scheduler.address)
+    assert rc == 0, err
+    got = _assert_same_fit(out, want, lstsq)
+    assert got["data"] == f"3 Parquet files read lazily by Dask, on the cluster at {client.scheduler.address}"
+    # each pass's chunk sums were tasks of the cluster (3 files: 3 tasks a pass)
+    assert len(client.run_on_scheduler(calcml_tasks) - tasks) >= 3 * int(got["iterations"])
+    # the command line's client is closed; this module's client is the default again
+    assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.clients)) == n_clients
+    assert dask_data._client() is client
