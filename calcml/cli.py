@@ -103,10 +103,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "descent loop. The CSV header (or the Parquet schema) names the columns; the names of EXPR\n"
         "that are not parameters are columns. A CSV file is read into memory. A glob of Parquet or\n"
         "CSV files ('rows/*.parquet', 'rows/part-*.csv'; quote it), a Parquet file or a folder of\n"
-        "Parquet files is read lazily by Dask, chunk by chunk, and fitted out of core with a full-batch\n"
-        "method (gd, momentum, nesterov, lbfgs): each pass over the rows is one Dask computation, on\n"
-        "Dask's default scheduler (this machine's threads) or, with --scheduler, on a running cluster,\n"
-        "whose workers then read the files (they must see the same paths). Dask data need\n"
+        "Parquet files is read lazily by Dask, chunk by chunk, and fitted out of core: a full-batch\n"
+        "method's passes over the rows are one Dask computation each; a minibatch method (--batch-size)\n"
+        "visits the chunks in a seeded random order each epoch, one at a time. On Dask's default\n"
+        "scheduler (this machine's threads) or, with --scheduler, on a running cluster, whose workers\n"
+        "then read the files (they must see the same paths). Dask data need\n"
         "pip install 'calcml[dask]'. Exit status 0 when the fit succeeded, 3 when it did not\n"
         "(divergence, iteration limit, Ctrl-C): the table then says why.",
         ['calcml fit "(w*x + b - y)**2" --params w,b --data data.csv --method adam --lr 0.1',

@@ -598,6 +598,14 @@ def _tensor_chunks(cost, data, items) -> list:
     return [dict(zip(names, parts)) for parts in zip(*(blocks[n] for n in names))]
 
 
+def tensor_chunks(cost, data, lift=None, items=None) -> list:
+    """The delayed chunks of rows of a tensor cost's Dask data (of a scalar cost's forms where
+    ``lift`` is given), after the client-side checks."""
+    if lift is not None:
+        return _scalar_chunks(data, lift[0])
+    return _tensor_chunks(cost, data, items if items is not None else _tensor_items(cost))
+
+
 def _frame_dict(frame, names):
     return {n: frame[n].to_numpy() for n in names}
 
@@ -613,20 +621,22 @@ def tensor_spec(tkernels, kind: str, lift=None) -> TensorSpec:
     return spec
 
 
-def tensor_run(tkernels, kind: str, theta: np.ndarray, v: np.ndarray, data, lift=None) -> np.ndarray:
+def tensor_run(tkernels, kind: str, theta: np.ndarray, v: np.ndarray, data, lift=None, counts=None,
+               chunks=None) -> np.ndarray:
     """Kernel ``kind`` ("value", "vg", "hvp") of a tensor cost over Dask data: the outputs,
     from the chunks' row sums added in order, divided once, and the module's ``finish``.
     ``lift``: (scalar column names, restated columns) for a scalar cost in index notation;
-    then ``data`` takes the scalar cost's Dask forms."""
+    then ``data`` takes the scalar cost's Dask forms. ``counts``: a list to append the row
+    count to; ``chunks``: the delayed chunks, if made already (:func:`tensor_chunks`)."""
     spec = tensor_spec(tkernels, kind, lift)
-    if lift is None:
-        chunks = _tensor_chunks(tkernels.cost, data, spec.items)
-    else:
-        chunks = _scalar_chunks(data, lift[0])
+    if chunks is None:
+        chunks = tensor_chunks(tkernels.cost, data, lift, spec.items)
     results = _evaluate(_tensor_chunk_sums, (spec, theta, v), data, lambda _d: chunks)
     n = sum(r[0] for r in results)
     if n == 0:
         raise DataError("the data have no rows")
+    if counts is not None:
+        counts.append(n)
     offsets = _offsets(results)
     problems = [(r[2], at) for r, at in zip(results, offsets) if r[2] is not None]
     if problems:
@@ -772,33 +782,43 @@ def _located(spec: TensorSpec, ds, arrays) -> list:
 
 # -- fits: cm.minimize and prog.run over Dask data -----------------------------------------------
 
-# Optimizers whose every pass over the data is the module's full-batch value and gradient
-# (``_fg``), which a run's registered pass replaces: these run over Dask data.
-FIT_METHODS = ("first_order", "lbfgs")
+# Optimizers of the scalar loop whose every pass over the data is one of the module's
+# full-batch passes (``_fg``, and Newton's ``_f`` and ``_hess``), which the run's registered
+# passes replace: these run over Dask data in the scalar loop. Every other fit over Dask data
+# (minibatches, Newton without an inline Hessian) runs on the tensor path (:class:`DaskFit`).
+FIT_METHODS = ("first_order", "lbfgs", "newton")
+
+
+def scalar_loop_takes(prog) -> bool:
+    """Whether ``prog`` (a scalar loop) runs a fit over Dask data with each pass one Dask
+    computation; else the fit goes to the tensor path (:func:`calcml.minimize` does that)."""
+    from .codegen import HESSIAN_INLINE_MAX
+
+    opt = prog.optimizer
+    if prog.batch_size is not None or opt.kind not in FIT_METHODS or not getattr(prog.module, "THREADED", False):
+        return False
+    return opt.kind != "newton" or len(prog.cost.params) <= HESSIAN_INLINE_MAX
 
 
 class DaskRows:
     """The data of a fit over Dask data, where the compiled loop expects a Dataset.
 
     The loop is handed stand-in columns just long enough (``PARALLEL_MIN_ROWS``) that every
-    full-batch pass goes through ``_fg`` to the pass registered for them, which is one Dask
-    computation of the chunks' sums (:func:`scalar_run`). The stand-ins are NaN: a pass that
-    read them instead (none does) could only make the fit fail, never return a wrong
-    minimum. A data error found by a pass is kept here and raised once the loop has stopped."""
+    full-batch pass goes through ``_fg`` (``_f``, ``_hess``) to the pass registered for them,
+    which is one Dask computation of the chunks' sums (:func:`scalar_run`). The stand-ins are
+    NaN: a pass that read them instead (none does) could only make the fit fail, never return
+    a wrong minimum. A data error found by a pass is kept here and raised once the loop has
+    stopped."""
 
     def __init__(self, prog, data):
         cost, opt = prog.cost, prog.optimizer
-        if prog.batch_size is not None:
-            raise OptimizeError(f"{opt.name} with batch_size={prog.batch_size} draws minibatches: minibatch methods "
-                                "do not take Dask data yet; full-batch gd, momentum, nesterov and lbfgs do "
-                                "(batch_size=None), or compute the data into memory (data.compute())")
-        if opt.kind not in FIT_METHODS or not getattr(prog.module, "THREADED", False):
-            raise OptimizeError(f"{opt.name} does not take Dask data yet (its passes over the rows are not all one "
-                                "value and gradient); gd, momentum, nesterov and lbfgs do, or compute the data into "
-                                "memory (data.compute())")
+        if not scalar_loop_takes(prog):
+            raise OptimizeError(f"{opt.name} does not run over Dask data in the scalar loop; calcml.minimize "
+                                "runs it on the tensor path")
         from .compile import compile as compile_cost
 
         self.kernels = compile_cost(cost)
+        self.newton = opt.kind == "newton"
         self.data = data
         _scalar_chunks(data, cost.data_names)  # the columns' checks, now, by name
         self._n = None
@@ -826,27 +846,45 @@ class DaskRows:
         return counts[-1]
 
     def pass_factory(self, _cols):
-        """drive's ``passes``: (theta, g) -> the full-batch cost at theta, its gradient into g."""
+        """drive's ``passes``: (theta, g) -> the full-batch cost at theta, its gradient into g;
+        for Newton also theta -> the cost, and (theta, H) -> the Hessian into H."""
         n = len(self.kernels.cost.params)
         counts: list = []
 
-        def full(theta, g):
+        def run(kind, theta):
+            """The kernel's outputs, or None (a data error, kept; a non-finite theta)."""
             if self.errors or not np.all(np.isfinite(theta)):
-                g[:] = math.nan
-                return math.nan
+                return None
             try:
-                out = scalar_run(self.kernels, "value_and_grad", np.ascontiguousarray(theta, dtype=np.float64),
-                                 self.data, counts)
+                out = scalar_run(self.kernels, kind, np.ascontiguousarray(theta, dtype=np.float64), self.data,
+                                 counts)
             except DataError as exc:  # names the column and global row: raised when the loop stops
                 self.errors.append(exc)
-                g[:] = math.nan
-                return math.nan
+                return None
             if self._n is None and counts:
                 self._n = counts[-1]
+            return out
+
+        def full(theta, g):
+            out = run("value_and_grad", theta)
+            if out is None:
+                g[:] = math.nan
+                return math.nan
             g[:] = out[1:n + 1]
             return float(out[0])
 
-        return full
+        if not self.newton:
+            return full
+
+        def value(theta):
+            out = run("value", theta)
+            return math.nan if out is None else float(out[0])
+
+        def hess(theta, H):
+            out = run("hessian", theta)
+            H[:] = math.nan if out is None else out[:n * n].reshape(n, n)
+
+        return (full, value, hess)
 
     def raise_found(self):
         """The data error a pass found, if any."""
@@ -892,13 +930,229 @@ class DaskRows:
     def _rows(self, rows) -> tuple:
         """The data's rows ``rows`` (sorted global numbers) as in-memory columns, cost order."""
         names = self.kernels.cost.data_names
-        data = self.data
-        if _is_dask_frame(data):
-            data = data[list(names)].to_dask_array(lengths=True)
-        if isinstance(data, dict):
-            got = _dask().compute(*[data[n][rows] for n in names])
-            return tuple(np.ascontiguousarray(np.asarray(c, dtype=np.float64).reshape(-1)) for c in got)
-        if data.ndim == 1:
-            data = data[:, None]
-        block = np.asarray(data[rows].compute(), dtype=np.float64)
-        return tuple(np.ascontiguousarray(block[:, q]) for q in range(len(names)))
+        chunks = _scalar_chunks(self.data, names)
+        parts = [_chunk_dataset(p, names, False).columns for p in take_rows(chunks, chunk_sizes(self.data, chunks),
+                                                                             rows)]
+        return tuple(np.ascontiguousarray(np.concatenate(cols)) for cols in zip(*parts))
+
+
+class DaskFit:
+    """Dask data of a fit on the tensor path (tensor costs; scalar costs restated in index
+    notation, ``lift`` then naming their columns): each evaluation the fit makes is one Dask
+    computation of the chunks' row sums (:func:`tensor_run`). The methods are those of the
+    in-memory evaluations (:class:`calcml.tensor.optimize.Evaluations`); a minibatch fit
+    fetches one chunk at a time (:meth:`chunk`)."""
+
+    is_dask_fit = True
+
+    def __init__(self, cost, data, scalar_names=None, columns=None):
+        from .tensor.kernels import compile_tensor
+
+        self.cost, self.data = cost, data
+        self.lift = None
+        if scalar_names is not None:
+            columns = columns if columns is not None else [(n, None) for n in scalar_names]
+            self.lift = (tuple(scalar_names), tuple((n, None if m is None else tuple(m)) for n, m in columns))
+        self.kernels = compile_tensor(cost)
+        self.items = _tensor_items(cost)
+        self.chunks = tensor_chunks(cost, data, self.lift, self.items)  # the checks by name, now
+        self._counts: list = []
+        self._sizes = None
+
+    # -- evaluations -----------------------------------------------------------------------
+    def _run(self, kind, theta, v=None):
+        k = self.kernels
+        return tensor_run(k, kind, k._theta(theta), k._empty if v is None else k._theta(v, "v"), self.data,
+                          self.lift, self._counts, self.chunks)
+
+    def value(self, theta) -> float:
+        return float(self._run("value", theta)[0])
+
+    def value_and_grad(self, theta) -> tuple:
+        out = self._run("vg", theta)
+        return float(out[0]), out[1:].copy()
+
+    def hvp(self, theta, v) -> np.ndarray:
+        return self._run("hvp", theta, v)
+
+    def hvp_at(self, theta):
+        t = np.array(theta, dtype=np.float64)
+        return lambda v: self._run("hvp", t, v)
+
+    def hessian(self, theta) -> np.ndarray:
+        """Column by column from exact Hessian-vector products, one Dask computation each."""
+        n = self.cost.n_params
+        hv = self.hvp_at(theta)
+        H, e = np.empty((n, n)), np.zeros(n)
+        for i in range(n):
+            e[i] = 1.0
+            H[:, i] = hv(e)
+            e[i] = 0.0
+        return 0.5 * (H + H.T)
+
+    def full(self, theta, _cols, g) -> float:
+        """The generated driver's ``full``: the full-data cost at theta, its gradient into g."""
+        out = self._run("vg", theta)
+        g[:] = out[1:]
+        return float(out[0])
+
+    # -- rows --------------------------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        if not self._counts:
+            sizes = self.chunk_rows()
+            return int(sum(sizes))
+        return self._counts[-1]
+
+    def chunk_rows(self) -> list:
+        """The rows of each chunk, in chunk order (from the chunks' sizes where Dask knows
+        them, else counted: one pass over the data)."""
+        if self._sizes is None:
+            self._sizes = chunk_sizes(self.data, self.chunks)
+        return self._sizes
+
+    def chunk(self, i: int) -> tuple:
+        """Chunk ``i`` of rows, fetched to this process, as the tensor cost's arrays."""
+        return chunk_arrays(self.items, self.lift, _dask().compute(self.chunks[i])[0])
+
+    def epoch(self, prog, carry, order, seeds, batch_size, budget, hyper, sa, blowup):
+        """One epoch of minibatches, the chunks visited in ``order`` (the rows of the j-th
+        shuffled by a generator seeded with ``seeds[j]``) where each chunk is: one chain of Dask
+        tasks, each running the module's ``_epoch`` over its chunk and handing the parameters
+        and the optimizer's state to the next. ``carry``: (theta, state, steps, sum of the
+        minibatch costs, updates, status), the epoch's start; returns its end."""
+        dask = _dask()
+        spec = self._loop_spec(prog)
+        task = dask.delayed(_epoch_on_chunk, pure=False)
+        sizes = self.chunk_rows()
+        n_rows = sum(sizes)
+        out = carry
+        for c, seed in zip(order, seeds):
+            if sizes[c]:
+                out = task(spec, out, self.chunks[c], int(seed), batch_size, budget, hyper, sa, n_rows, blowup)
+        return dask.compute(out)[0] if out is not carry else carry
+
+    def _loop_spec(self, prog):
+        spec = prog.__dict__.get("_dask_loop_spec")
+        if spec is None:
+            mod = prog.module
+            spec = prog._dask_loop_spec = LoopSpec(prog.module_key, prog.source, self.items, self.lift,
+                                                   mod.RUNNING)
+        return spec
+
+    def take(self, rows) -> tuple:
+        """The rows ``rows`` (sorted global numbers), fetched, as the tensor cost's arrays."""
+        parts = [chunk_arrays(self.items, self.lift, p) for p in take_rows(self.chunks, self.chunk_rows(), rows)]
+        return tuple(np.concatenate(cols) for cols in zip(*parts))
+
+
+def chunk_sizes(data, chunks) -> list:
+    """The rows of each of ``chunks`` (the delayed chunks of ``data``): from the chunks' sizes
+    where Dask knows them, else counted (one pass over the data)."""
+    sizes = _known_chunk_rows(data)
+    if sizes is None:
+        dask = _dask()
+        sizes = dask.compute(*[dask.delayed(_rows)(c) for c in chunks])
+    return [int(n) for n in sizes]
+
+
+def take_rows(chunks, sizes, rows) -> list:
+    """The rows ``rows`` (sorted global numbers) of the delayed ``chunks`` of ``sizes`` rows,
+    fetched: one in-memory piece (of the chunks' form) per chunk holding any of them, in order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = np.cumsum([0] + list(sizes))
+    dask = _dask()
+    picks = []
+    for i in range(len(sizes)):
+        local = rows[(rows >= starts[i]) & (rows < starts[i + 1])] - starts[i]
+        if local.size:
+            picks.append(dask.delayed(_pick, pure=True)(chunks[i], local))
+    return list(dask.compute(*picks))
+
+
+def _pick(chunk, local):
+    if isinstance(chunk, dict):
+        return {k: np.asarray(v)[local] for k, v in chunk.items()}
+    if isinstance(chunk, np.ndarray):
+        return chunk[local]
+    return chunk.iloc[local]  # a DataFrame partition
+
+
+def _known_chunk_rows(data):
+    """The rows of each chunk where Dask knows them (arrays of known chunks), else None."""
+    if _is_dask_frame(data):
+        return None
+    sizes = next(iter(data.values())).chunks[0] if isinstance(data, dict) else data.chunks[0]
+    return None if any(math.isnan(c) for c in sizes) else list(sizes)
+
+
+def chunk_arrays(items, lift, chunk) -> tuple:
+    """A chunk of rows (or a sample of rows) in memory as a tensor cost's arrays, DATA_NAMES
+    order: labels as int64, the rest as float64, C-contiguous (restated first where ``lift``).
+    (The data were checked by the fit's first full pass.)"""
+    if lift is not None:
+        from .tensor.lift import lifted_data
+
+        chunk = lifted_data(lift[1], _chunk_dataset(chunk, lift[0], False))
+    elif not isinstance(chunk, dict):
+        chunk = _frame_dict(chunk, [name for name, _s, _c in items])
+    return tuple(np.ascontiguousarray(chunk[name], dtype=np.int64 if classes is not None else np.float64)
+                 for name, _shape, classes in items)
+
+
+class LoopSpec:
+    """What a worker needs to run a tensor program's minibatch epochs on a chunk: the module's
+    cache key and text, the data items, the restatement (``lift``), the RUNNING status."""
+
+    __slots__ = ("key", "source", "items", "lift", "running")
+
+    def __init__(self, key, source, items, lift, running):
+        self.key, self.source, self.items, self.lift, self.running = key, source, items, lift, running
+
+    def __getstate__(self):
+        return (self.key, self.source, self.items, self.lift, self.running)
+
+    def __setstate__(self, state):
+        self.key, self.source, self.items, self.lift, self.running = state
+
+
+def _worker_loop(spec: LoopSpec):
+    """The program's module in this process (built or loaded once, from the shipped source)."""
+    found = _worker_modules.get(("loop", spec.key))
+    if found is None:
+        with _worker_lock:
+            found = _worker_modules.get(("loop", spec.key))
+            if found is None:
+                from .compile import load_or_build
+
+                found, _text, _path = load_or_build(spec.key, lambda: _source_body(spec.key, spec.source))
+                _worker_modules[("loop", spec.key)] = found
+    return found
+
+
+def _epoch_on_chunk(spec: LoopSpec, carry, chunk, seed, batch_size, budget, hyper, sa, n_rows, blowup):
+    """On a worker: the module's ``_epoch`` over one chunk, its rows in the order of a
+    generator seeded with ``seed``, from ``carry`` (theta, state, steps, cost sum, updates,
+    status); returns the carry for the next chunk."""
+    theta, state, nit, total, done, code = carry
+    if code != spec.running or nit >= budget:
+        return carry
+    mod = _worker_loop(spec)
+    arrays = chunk_arrays(spec.items, spec.lift, chunk)
+    n = arrays[0].shape[0] if arrays else 0
+    theta = theta.copy()
+    state = tuple(a.copy() for a in state)
+    k, part, code = run_chunk(mod, theta, state, arrays, n, seed, batch_size, nit, budget, hyper, sa, n_rows, blowup)
+    return (theta, state, nit + k, total + part, done + k, code)
+
+
+def run_chunk(mod, theta, state, arrays, n, seed, batch_size, nit, budget, hyper, sa, n_rows, blowup):
+    """The module's ``_epoch`` over one chunk of ``n`` rows in memory (theta and the state
+    updated in place): (updates, sum of the minibatch costs, status)."""
+    perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    bufs = tuple(np.empty((batch_size,) + a.shape[1:], dtype=a.dtype) for a in arrays)
+    cols = mod.columns(arrays, n, mod.REDUCE_MEAN)
+    g = np.empty(mod.N_PARAMS)
+    code, k, part = mod._epoch(theta, g, perm, batch_size, nit, budget - nit, hyper, sa, cols, bufs,
+                               mod.REDUCE_MEAN, n_rows, blowup, *state)
+    return k, part, code

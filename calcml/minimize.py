@@ -14,11 +14,11 @@ from . import optim as _optim
 from . import result as _result
 from .cost import Cost
 from .tensor.statement import is_tensor_cost
-from .dataset import as_dataset
 from .errors import OptimizeError
 from . import loop as _loop
-from .program import Program, _as_x0, program_for
+from .program import Program, program_for
 from .schedules import Schedule, as_schedule, constant
+from .tensor.front import lifted as _lifted, tensor_program as _tensor_program
 
 __all__ = ["minimize", "generate"]
 
@@ -115,65 +115,6 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     """
     prog = _program(cost, method, lr, schedule, batch_size)
     return prog.run(x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed, progress=progress)
-
-
-def _lifted(cost):
-    from .tensor.statement import LIFT_MIN_PARAMS
-
-    if is_tensor_cost(cost) or len(cost.params) < LIFT_MIN_PARAMS:
-        return None
-    from .tensor.lift import lifted_for
-
-    return lifted_for(cost)
-
-
-def _tensor_program(cost, opt, sched, batch, batch_size):
-    """The tensor path's program: index-notation costs, and methods only it has (newton-cg)
-    for scalar costs, restated as a tensor cost of scalar parameters."""
-    from .tensor.optimize import program_for_tensor
-
-    from .tensor.model import TensorCost
-
-    if not isinstance(cost, TensorCost):
-        lifted = _lifted(cost)
-        if lifted is not None:  # numbered families restated in index notation
-            tcost, columns = lifted
-        else:
-            tcost, columns = TensorCost(cost.expr, list(cost.params), list(cost.data), cost.reduce), None
-        prog = program_for_tensor(tcost, opt, sched, batch)
-        prog.scalar_cost = cost
-        return _ScalarFront(prog, columns)
-    prog = program_for_tensor(cost, opt, sched, batch)
-    prog.notes_batch_default = batch_size is None and batch is not None
-    return prog
-
-
-class _ScalarFront:
-    """A tensor program run on a scalar cost's data forms (dict, 2-D array, DataFrame)."""
-
-    def __init__(self, prog, columns=None):
-        self.prog = prog
-        self.cost = prog.scalar_cost
-        self.optimizer = prog.optimizer
-        self.columns = columns  # the restated cost's data from the scalar columns (tensor/lift.py)
-
-    def __getattr__(self, name):
-        return getattr(self.prog, name)
-
-    def run(self, x0, data=None, **kw):
-        if self.cost.data:
-            ds = as_dataset(data, self.cost.data_names)
-            if self.columns is not None:
-                from .tensor.lift import lifted_data
-
-                data = lifted_data(self.columns, ds)
-            else:
-                data = dict(zip(self.cost.data_names, ds.columns))
-        if not isinstance(x0, dict):
-            x0 = _as_x0(self.cost, x0)
-        res = self.prog.run(x0, data, **kw)
-        res.params = dict(zip(self.cost.param_names, res.x.tolist()))  # the scalar names
-        return res
 
 
 # minimize's programs by (cost, method name, lr, batch size, what the module depends on): a call

@@ -261,8 +261,11 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     if prog.has_data or data is not None or opt.lr == "auto":
         x0 = _as_x0(cost, x0, prog.param_names)  # before the data's checks; lr="auto" reads x0
     if prog.has_data and is_dask(data):  # each pass one Dask computation (calcml.dask_data)
-        from .dask_data import DaskRows
+        from .dask_data import DaskRows, scalar_loop_takes
 
+        if not scalar_loop_takes(prog):  # minibatches over chunks, and the rest: the tensor path's loops
+            return _on_tensor_path(prog, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed,
+                                   progress=progress)
         ds = DaskRows(prog, data)
         columns = ds.columns
     elif prog.has_data:
@@ -328,6 +331,22 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
 
 
 _BUDGET_SPENT = (_result.MAXITER, _result.EPOCHS_DONE)
+
+
+def _on_tensor_path(prog: Program, x0, data, **kw):
+    """A fit over Dask data that this program's loop does not run (minibatches, visited chunk
+    by chunk; Newton beyond the inline Hessian): the same cost and method on the tensor path,
+    whose loops take Dask data (calcml.tensor.front)."""
+    from .tensor.front import tensor_program
+
+    front = prog.__dict__.get("_tensor_front")
+    if front is None:
+        front = prog._tensor_front = tensor_program(prog.cost, prog.optimizer, prog.schedule, prog.batch_size,
+                                                    prog.batch_size)
+    res = front.run(x0, data, **kw)
+    if prog.notes:
+        res.notes[:0] = prog.notes
+    return res
 
 
 def _scalar_noise(prog, columns, x, n_rows, reduce_mean) -> float:

@@ -21,7 +21,8 @@ from functools import partial
 import numpy as np
 
 from .. import result as _result
-from ..errors import OptimizeError, ParamError
+from ..dataset import is_dask
+from ..errors import DataError, OptimizeError, ParamError
 from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from ..printing import NumbaPrinter
 from ..schedules import Schedule
@@ -517,6 +518,7 @@ class TensorProgram:
                 f"tensor-opt|{_fingerprint()}|{self.cost.key}|{self.optimizer.structure()}|{sched}|"
                 f"{self.minibatch}".encode()).hexdigest()
             self._module, self._text, self.path = load_or_build(key, self._build)
+            self.module_key = key
         return self._module
 
     @property
@@ -556,15 +558,37 @@ def _x0(cost: TensorCost, x0) -> np.ndarray:
     return x
 
 
-def _auto_rate(prog: TensorProgram, x, td, notes) -> float:
+class Evaluations:
+    """A fit's full-data evaluations in memory: the cost's compiled, threaded kernels over the
+    validated data (calcml.dask_data.DaskFit has the same methods over Dask data)."""
+
+    def __init__(self, cost: TensorCost, td):
+        self.k, self.td = compile_tensor(cost), td
+
+    def value(self, theta) -> float:
+        return self.k.value(theta, self.td)
+
+    def value_and_grad(self, theta) -> tuple:
+        return self.k.value_and_grad(theta, self.td)
+
+    def hvp(self, theta, v):
+        return self.k.hvp(theta, v, self.td)
+
+    def hvp_at(self, theta):
+        return self.k.hvp_at(theta, self.td)
+
+    def hessian(self, theta):
+        return self.k.hessian(theta, self.td)
+
+
+def _auto_rate(prog: TensorProgram, x, ev, notes) -> float:
     """lr="auto": 1/L, L the Hessian's largest eigenvalue at x0 by power iteration on exact
     Hessian-vector products."""
-    k = compile_tensor(prog.cost)
     v = np.random.default_rng(0).standard_normal(prog.cost.n_params)
     v /= np.linalg.norm(v)
     lam = 0.0
     for _ in range(100):
-        hv = k.hvp(x, v, td)
+        hv = ev.hvp(x, v)
         new = float(np.linalg.norm(hv))
         if not (new > 0.0 and math.isfinite(new)):
             break
@@ -594,15 +618,20 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         raise OptimizeError(f"seed must be an integer in [0, 2**64), got seed={seed!r}")
     if progress not in (True, False):
         raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
-    td = as_tensor_data(cost, data, check_finite=True) if cost.has_data or data is not None else None
-    arrays, n_rows = (td.arrays, td.n_rows) if td is not None else ((), 0)
+    over = _over_dask(cost, data)  # Dask data: each evaluation one Dask computation
+    if over is not None:
+        ev, arrays, n_rows = over, (), over.n_rows
+    else:
+        td = as_tensor_data(cost, data, check_finite=True) if cost.has_data or data is not None else None
+        ev = Evaluations(cost, td)
+        arrays, n_rows = (td.arrays, td.n_rows) if td is not None else ((), 0)
     if prog.batch_size is not None and prog.batch_size > n_rows:
         raise OptimizeError(f"batch_size={prog.batch_size} is larger than the data ({n_rows} rows)")
     notes = []
     lr_used = opt.lr
     sched_values = prog.schedule.values() if prog.schedule is not None else []
     if lr_used == "auto":
-        lr_used = _auto_rate(prog, x, td, notes)
+        lr_used = _auto_rate(prog, x, ev, notes)
         sched_values = [lr_used]
     bar = None
     if progress:
@@ -610,13 +639,17 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
 
         bar = _ProgressBar(opt.name)
     try:
-        if opt.kind == "first_order":
+        hyper = [float(v) for v in opt.hyper.values()]
+        if opt.kind == "first_order" and over is not None and prog.minibatch:
+            rep = _chunked_minibatch(prog, x, over, hyper, sched_values or [0.0], prog.batch_size, epochs,
+                                     maxiter, float(tol), int(seed), bar)
+        elif opt.kind == "first_order":
             with _SingleThreadedBlas():
-                rep = prog.module.drive(x, arrays, n_rows, [float(v) for v in opt.hyper.values()], sched_values or [0.0],
+                rep = prog.module.drive(x, arrays, n_rows, hyper, sched_values or [0.0],
                                         prog.batch_size, epochs, maxiter, float(tol), int(seed), bar,
-                                        full=_threaded_full(prog.module, n_rows))
+                                        full=over.full if over is not None else _threaded_full(prog.module, n_rows))
         else:
-            rep = _search(prog, x, td, epochs, maxiter, float(tol), bar)
+            rep = _search(prog, x, ev, epochs, maxiter, float(tol), bar)
         if bar is not None:
             bar.finish(rep["nit"], rep["fun"], rep["status"])
     finally:
@@ -630,10 +663,11 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         lr = lr_used if isinstance(lr_used, float) else prog.schedule.initial
         rate_hint = f" (lr was {lr:g}; try lr={lr / 10:g})"
     if status == _result.CONVERGED and rep["nit"]:
-        status = _result.unbounded(status, rep["x"], x, rep["fun"], lambda t: compile_tensor(cost).value(t, td))
+        status = _result.unbounded(status, rep["x"], x, rep["fun"], ev.value)
     noise = None
     if n_rows and cost.has_data:
-        noise = partial(_tensor_noise, prog, arrays, n_rows, rep["x"])
+        noise = partial(_dask_noise, cost, over, rep["x"]) if over is not None else \
+            partial(_tensor_noise, prog, arrays, n_rows, rep["x"])
     status, level = _result.within_noise(status, rep["grad_norm"], noise)
     success, message = _result.message(
         status, grad_norm=rep["grad_norm"], tol=tol, nit=rep["nit"], epochs=rep["epochs"],
@@ -691,18 +725,141 @@ def _threaded_full(mod, n_rows):
     return full
 
 
-def _search(prog: TensorProgram, x, td, epochs, maxiter, tol, bar):
-    """Line-search and trust-region methods: NumPy steps over the compiled, threaded kernels."""
+def _search(prog: TensorProgram, x, ev, epochs, maxiter, tol, bar):
+    """Line-search and trust-region methods: NumPy steps over the full-data evaluations ``ev``
+    (the compiled, threaded kernels; Dask computations over Dask data)."""
     from .search import run_search
 
-    k = compile_tensor(prog.cost)
     opt = prog.optimizer
     budget = maxiter if maxiter is not None else (epochs if epochs is not None else opt.default_maxiter)
     hyper = dict(opt.hyper, **opt.extra)
-    return run_search(
-        opt.kind, lambda t: k.value_and_grad(t, td), x, maxiter=budget, tol=tol,
-        value=lambda t: k.value(t, td), hvp=lambda t: k.hvp_at(t, td), hess=lambda t: k.hessian(t, td),
-        callback=bar, hyper=hyper)
+    return run_search(opt.kind, ev.value_and_grad, x, maxiter=budget, tol=tol, value=ev.value, hvp=ev.hvp_at,
+                      hess=ev.hessian, callback=bar, hyper=hyper)
+
+
+def _over_dask(cost: TensorCost, data):
+    """calcml.dask_data.DaskFit for Dask data (made by a scalar cost's front, or here), else None."""
+    if getattr(data, "is_dask_fit", False):
+        return data
+    if not is_dask(data):
+        return None
+    from ..dask_data import DaskFit
+
+    if not cost.has_data:
+        raise DataError("this cost has no data; call minimize without data")
+    return DaskFit(cost, data)
+
+
+def _dask_noise(cost: TensorCost, over, x) -> float:
+    """_tensor_noise over Dask data: the same sample of rows, fetched."""
+    n = over.n_rows
+    if n < 2:
+        return float("nan")
+    rows = np.arange(n) if n <= _result.NOISE_SAMPLE else \
+        np.sort(np.random.default_rng(0).choice(n, size=_result.NOISE_SAMPLE, replace=False))
+    arrays = over.take(rows)
+    where = {int(r): j for j, r in enumerate(rows)}
+    k = compile_tensor(cost)
+
+    def row(i):
+        j = where[i]
+        return k.value_and_grad(x, TensorData(tuple(a[j:j + 1] for a in arrays), 1, True))[1]
+
+    return _result.gradient_noise(row, n, cost.reduce == "mean")
+
+
+# Where a minibatch fit over Dask data runs its epochs: "chunks" (a chain of tasks, each where
+# its chunk is: only the parameters and the optimizer's state travel) or "client" (each chunk
+# fetched to this process). The same bits either way; benchmarks/w8_minibatch.py measures them.
+MINIBATCH_WHERE = "chunks"
+
+
+def _chunked_minibatch(prog, x0, over, hyper, sched, batch_size, epochs, maxiter, tol, seed, callback):
+    """The module's minibatch epochs over Dask data, one chunk of rows at a time: each epoch
+    visits the chunks in a seeded random order and shuffles the rows within each chunk (the
+    same seed, the same bits), running the compiled ``_epoch`` over each where the chunk is
+    (MINIBATCH_WHERE; minibatches do not cross chunks: a chunk's last one may be short).
+    The first and last evaluations, and ``tol``'s test at each epoch's end, are full passes,
+    one Dask computation each. Returns drive's report."""
+    mod = prog.module
+    theta = np.array(x0, dtype=np.float64)
+    g = np.empty(mod.N_PARAMS)
+    hyper = np.asarray(hyper, dtype=np.float64).reshape(-1)
+    sa = np.asarray(sched, dtype=np.float64).reshape(-1)
+    value = over.full(theta, None, g)  # (names a bad datum by its column and global row)
+    blowup = 1e10 * max(1.0, abs(value))
+    state = mod.new_state()
+    best = theta.copy()
+    best_value, best_step = value, 0
+    history = [value]
+    status, nit, epochs_done, diverged_at = mod.RUNNING, 0, 0, -1
+    gnorm = math.sqrt(float(g @ g))
+    sizes = over.chunk_rows()
+    n_rows = sum(sizes)
+    per_epoch = sum(-(-s // batch_size) for s in sizes)
+    if not math.isfinite(value) or not math.isfinite(gnorm):
+        status, diverged_at = mod.DIVERGED, 0
+    elif gnorm <= tol:
+        status = mod.CONVERGED
+    if epochs is None and maxiter is None:
+        epochs = mod.DEFAULT_EPOCHS
+    budget = min(s for s in (maxiter, None if epochs is None else epochs * per_epoch) if s is not None)
+    rng = np.random.default_rng(seed)
+    best_epoch_cost = math.inf
+    try:
+        while nit < budget and status == mod.RUNNING:
+            order = rng.permutation(len(sizes))
+            seeds = rng.integers(0, 2**63, size=len(sizes))  # the j-th visited chunk's row order
+            if MINIBATCH_WHERE == "chunks":  # one chain of tasks, each where its chunk is
+                theta[:], st, nit, total, done, code = over.epoch(
+                    prog, (theta, state, nit, 0.0, 0, mod.RUNNING), order, seeds, batch_size, budget, hyper, sa,
+                    blowup)
+                for a, b in zip(state, st):
+                    a[:] = b
+            else:  # each chunk fetched here
+                from ..dask_data import run_chunk
+
+                total, done, code = 0.0, 0, mod.RUNNING
+                for c, chunk_seed in zip(order, seeds):
+                    if nit >= budget or not sizes[c]:
+                        continue
+                    k, part, code = run_chunk(mod, theta, state, over.chunk(int(c)), sizes[c], int(chunk_seed),
+                                              batch_size, nit, budget, hyper, sa, n_rows, blowup)
+                    nit, done, total = nit + k, done + k, total + part
+                    if code == mod.DIVERGED:
+                        break
+            if code == mod.DIVERGED:
+                status, diverged_at = mod.DIVERGED, nit
+            if status == mod.DIVERGED:
+                break
+            epochs_done += 1
+            mean_cost = total / max(done, 1)
+            history.append(mean_cost)
+            if mean_cost < best_epoch_cost:
+                best_epoch_cost = mean_cost
+                best[:] = theta
+                best_value, best_step = mean_cost, nit
+            if callback is not None:
+                callback(nit, budget, mean_cost)
+            if tol > 0.0:
+                over.full(theta, None, g)
+                if math.sqrt(float(g @ g)) <= tol:
+                    status = mod.CONVERGED
+        if status == mod.RUNNING:
+            status = mod.EPOCHS_DONE
+    except KeyboardInterrupt:
+        status = mod.INTERRUPTED
+    x = best.copy() if status in (mod.DIVERGED, mod.INTERRUPTED) else theta.copy()
+    fun = over.full(x, None, g)
+    grad_norm = math.sqrt(float(g @ g))
+    if status not in (mod.DIVERGED, mod.INTERRUPTED) and not (abs(fun) <= blowup and math.isfinite(grad_norm)):
+        status, diverged_at = mod.DIVERGED, nit
+        x = best.copy()
+        fun = over.full(x, None, g)
+        grad_norm = math.sqrt(float(g @ g))
+    return {"x": x, "fun": fun, "grad": g.copy(), "grad_norm": grad_norm, "nit": nit, "nfev": 0,
+            "status": status, "history": np.array(history), "epochs": epochs_done, "best_step": best_step,
+            "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup}
 
 
 _PROGRAMS: dict = {}
@@ -719,5 +876,6 @@ def program_for_tensor(cost: TensorCost, opt: Optimizer, schedule, batch_size) -
     # the same compiled module serves other numbers (rates, hyperparameters): a fresh front object
     out = TensorProgram(cost, opt, schedule, batch_size)
     out._module, out._text = prog.module, prog._text
+    out.module_key = prog.module_key
     out.path = getattr(prog, "path", None)
     return out
