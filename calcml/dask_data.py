@@ -256,11 +256,12 @@ def _direct(fn, args, data):
     # The module's source goes only to workers that have not loaded it yet (they answer None)
     lite = (args[0].without_source(),) + tuple(args[1:])
     try:
-        found = client.run(_run_held, fn, lite, plan)
+        found = _run_on_workers(client, _run_held, (fn, lite, plan))
         again = [w for w, r in found.items() if r is None]
         if again:
-            found.update(client.run(_run_held, fn, args, plan, workers=again))
+            found.update(_run_on_workers(client, _run_held, (fn, args, plan), again))
     except Exception as exc:  # noqa: BLE001 - a calcml error is the answer; anything else: the task path
+        _addresses.pop(id(client), None)
         if isinstance(exc, DataError):
             raise
         return None
@@ -269,6 +270,50 @@ def _direct(fn, args, data):
         for i, r in found[worker].items():
             if out[i] is None:
                 out[i] = r
+    if any(r is None for r in out):  # held by a worker not asked: ask for the workers again next time
+        _addresses.pop(id(client), None)
+    return out
+
+
+_addresses: dict = {}  # id(client) -> (client, its workers' addresses when last asked)
+
+
+def _run_on_workers(client, fn, args: tuple, workers=None) -> dict:
+    """{worker address: fn(*args, dask_worker=worker)} from every worker (or ``workers``): the
+    workers' own "run" handler called directly from this process, as ``Client.run`` does
+    through the scheduler (one hop less: about 0.4 ms a call of the 1.5-2 ms round trip on a
+    LocalCluster); ``Client.run`` itself where that is not possible. The workers' addresses are
+    asked once and kept; a worker that joins later holds chunks the answer lacks, which are then
+    evaluated by tasks (and the addresses asked again)."""
+    if workers is None:
+        known = _addresses.get(id(client))
+        if known is None or known[0] is not client:
+            known = _addresses[id(client)] = (client, tuple(client.scheduler_info()["workers"]))
+        workers = known[1]
+    try:
+        from distributed.protocol.pickle import dumps
+
+        return client.sync(_rpc_run, client, dumps(fn), dumps(args), tuple(workers))
+    except DataError:
+        raise
+    except Exception:  # noqa: BLE001 - the handler is distributed's internal API: then Client.run
+        _addresses.pop(id(client), None)
+        return client.run(fn, *args, workers=list(workers))
+
+
+async def _rpc_run(client, fn, args, workers) -> dict:
+    import asyncio
+
+    replies = await asyncio.gather(*[client.rpc(w).run(function=fn, args=args, kwargs=None, wait=True)
+                                     for w in workers])
+    out = {}
+    for w, reply in zip(workers, replies):
+        if reply.get("status") != "OK":
+            from distributed.core import clean_exception
+
+            _t, exc, tb = clean_exception(**reply)
+            raise exc.with_traceback(tb)
+        out[w] = reply["result"]
     return out
 
 

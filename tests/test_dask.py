@@ -362,6 +362,9 @@ def test_no_client_minibatch_fits_visit_chunks_in_a_seeded_order(linreg):
     finally:
         optimize.MINIBATCH_WHERE = "chunks"
     assert np.array_equal(here.x, got.x) and here.fun == got.fun
+    # a rate that blows up: the run stops, says so, and returns its best point (finite)
+    wild = cm.minimize(cost, np.zeros(4), data=X, method="sgd", lr=50.0, batch_size=500, epochs=2, seed=3)
+    assert not wild.success and wild.message.startswith("Diverged") and np.all(np.isfinite(wild.x))
     # adam, stopped by tol at an epoch's end (one full pass, as in memory), well before 20 epochs
     adam = cm.minimize(cost, np.zeros(4), data=X, method="adam", lr=0.01, batch_size=256, epochs=20, tol=0.05)
     per_epoch = sum(-(-s // 256) for s in SIZES)
