@@ -619,8 +619,8 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     if progress not in (True, False):
         raise OptimizeError(f"progress must be True or False, got progress={progress!r}")
     over = _over_dask(cost, data)  # Dask data: each evaluation one Dask computation
-    if over is not None:
-        ev, arrays, n_rows = over, (), over.n_rows
+    if over is not None:  # (the row count: from the first pass, except for minibatches, which need it first)
+        ev, arrays, n_rows = over, (), over.n_rows if prog.minibatch else 0
     else:
         td = as_tensor_data(cost, data, check_finite=True) if cost.has_data or data is not None else None
         ev = Evaluations(cost, td)
@@ -655,6 +655,8 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     finally:
         if bar is not None:
             bar.close()
+    if over is not None:
+        n_rows = over.n_rows
     status = rep["status"]
     if status == _result.DIVERGED and rep["nit"] == 0 and not math.isfinite(rep["fun"]):
         raise ParamError(f"the cost at x0 is {rep['fun']}: start from a point where it is finite")
