@@ -27,6 +27,7 @@ pd = pytest.importorskip("pandas")
 import calcml as cm  # noqa: E402
 from calcml import dask_data  # noqa: E402
 from calcml.errors import DataError, OptimizeError  # noqa: E402
+from calcml.result import INTERRUPTED  # noqa: E402
 
 D = 3  # features of the linear regression: x0, x1, x2, then y
 CHUNK = 12_000
@@ -371,6 +372,29 @@ def test_no_client_minibatch_fits_visit_chunks_in_a_seeded_order(linreg):
     assert adam.success and adam.nit % per_epoch == 0 and adam.nit < 20 * per_epoch and adam.grad_norm <= 0.05
     A = np.column_stack([mem[:, :D], np.ones(len(mem))])
     assert_close(adam.x, np.linalg.lstsq(A, mem[:, D], rcond=None)[0], 0.02)
+
+
+def test_no_client_ctrl_c_and_progress_in_a_minibatch_fit(linreg, capsys):
+    """A real KeyboardInterrupt during a long minibatch fit over Dask data: the run stops as
+    interrupted and returns its best epoch's point; the progress bar is drawn per epoch."""
+    import _thread
+    import threading
+
+    cost, k = linreg
+    X = lazy_rows()
+    cm.minimize(cost, np.zeros(4), data=X, method="sgd", lr=0.01, batch_size=64, epochs=1)  # compiled first
+    timer = threading.Timer(1.5, _thread.interrupt_main)
+    timer.start()
+    try:
+        res = cm.minimize(cost, np.zeros(4), data=X, method="sgd", lr=0.01, batch_size=64, epochs=10**6, tol=0.0,
+                          progress=True)
+    finally:
+        timer.cancel()
+    assert res.status == INTERRUPTED and not res.success and "Interrupted" in res.message
+    assert 0 < res.nit < 10**6 * 782
+    assert_close(res.fun, k.value(res.x, X.compute()), 1e-12)
+    assert res.fun < k.value(np.zeros(4), X.compute())
+    assert "sgd [" in capsys.readouterr().err
 
 
 def test_no_client_fit_errors(linreg):
