@@ -9,6 +9,7 @@ checked, the compiled loop driven in segments of steps, the result reported).
 from __future__ import annotations
 
 import numbers
+from functools import partial
 
 from . import optim as _optim
 from . import result as _result
@@ -87,6 +88,8 @@ def generate(cost: Cost, method="gd", schedule=None, batch_size=None, lr=None) -
         return _tensor_program(cost, opt, sched, batch, batch_size)
     prog = program_for(cost, opt, sched, batch)
     prog.notes_batch_default = batch_size is None and batch is not None
+    # the fits over Dask data its loop does not run (minibatches: chunk by chunk) run on the tensor path
+    prog.tensor_twin = partial(_tensor_program, cost, opt, sched, batch, batch_size)
     return prog
 
 

@@ -49,6 +49,7 @@ class Program:
         self.path = path
         self.notes: list = []
         self.notes_batch_default = False  # batch_size chosen for the user (sgd's default)
+        self.tensor_twin = None  # () -> the same fit on the tensor path (fits over Dask data; calcml.generate)
         # what every run checks or passes to the module, made once
         self.param_names = cost.param_names
         self.x_shape = (len(self.param_names),)
@@ -263,7 +264,8 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     if prog.has_data and is_dask(data):  # each pass one Dask computation (calcml.dask_data)
         from .dask_data import DaskRows, scalar_loop_takes
 
-        if not scalar_loop_takes(prog):  # minibatches over chunks, and the rest: the tensor path's loops
+        if not scalar_loop_takes(prog) and prog.tensor_twin is not None:  # minibatches over chunks, and
+            # the rest: the same fit on the tensor path, whose loops take Dask data
             return _on_tensor_path(prog, x0, data, epochs=epochs, maxiter=maxiter, tol=tol, seed=seed,
                                    progress=progress)
         ds = DaskRows(prog, data)
@@ -336,13 +338,10 @@ _BUDGET_SPENT = (_result.MAXITER, _result.EPOCHS_DONE)
 def _on_tensor_path(prog: Program, x0, data, **kw):
     """A fit over Dask data that this program's loop does not run (minibatches, visited chunk
     by chunk; Newton beyond the inline Hessian): the same cost and method on the tensor path,
-    whose loops take Dask data (calcml.tensor.front)."""
-    from .tensor.front import tensor_program
-
+    whose loops take Dask data (``prog.tensor_twin``, set by calcml.generate)."""
     front = prog.__dict__.get("_tensor_front")
     if front is None:
-        front = prog._tensor_front = tensor_program(prog.cost, prog.optimizer, prog.schedule, prog.batch_size,
-                                                    prog.batch_size)
+        front = prog._tensor_front = prog.tensor_twin()
     res = front.run(x0, data, **kw)
     if prog.notes:
         res.notes[:0] = prog.notes
