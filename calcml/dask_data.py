@@ -762,14 +762,11 @@ def _nonfinite(item: int, a: np.ndarray):
     return ("data", item, int(pos[0]), tuple(int(p) for p in pos[1:]), float(a[pos]))
 
 
-def _tensor_chunk_sums(spec: TensorSpec, theta: np.ndarray, v: np.ndarray, chunk, keep: bool = False):
-    """On a worker: (rows, the chunk's row sums, None), or (rows, None, [problems]) where a
-    label is out of range or a datum is not finite (positions within the chunk)."""
-    from .tensor.kernels import run_striped, stripes, sum_in_order
-
+def _chunk_inputs(spec: TensorSpec, chunk, keep: bool):
+    """(rows, the module, its native entry points, the chunk's arrays, its scalar Dataset when
+    lifted, problems or None): a chunk read for the kernels, labels and data checked as the
+    outputs' test does not cover them."""
     n = _rows(chunk)
-    if n == 0:
-        return (0, None, None)
     mod, native_fns = _worker_module(spec)
     ds = None
     if spec.lift is not None:
@@ -788,13 +785,26 @@ def _tensor_chunk_sums(spec: TensorSpec, theta: np.ndarray, v: np.ndarray, chunk
             a = np.ascontiguousarray(raw, dtype=np.float64)
         arrays.append(a)
     if problems:
-        return (n, None, problems)
+        return n, mod, native_fns, arrays, ds, problems
     covered = getattr(mod, f"COVERED_{spec.kind.upper()}", ())
     for q, (name, _shape, classes) in enumerate(spec.items):
         if classes is None and name not in covered and not np.isfinite(np.add.reduce(arrays[q], axis=None)):
             found = _nonfinite(q, arrays[q])
             if found is not None:
-                return (n, None, _located(spec, ds, arrays))
+                return n, mod, native_fns, arrays, ds, _located(spec, ds, arrays)
+    return n, mod, native_fns, arrays, ds, None
+
+
+def _tensor_chunk_sums(spec: TensorSpec, theta: np.ndarray, v: np.ndarray, chunk, keep: bool = False):
+    """On a worker: (rows, the chunk's row sums, None), or (rows, None, [problems]) where a
+    label is out of range or a datum is not finite (positions within the chunk)."""
+    from .tensor.kernels import run_striped, stripes, sum_in_order
+
+    if _rows(chunk) == 0:
+        return (0, None, None)
+    n, mod, native_fns, arrays, ds, problems = _chunk_inputs(spec, chunk, keep)
+    if problems:
+        return (n, None, problems)
     parts = stripes(n, mod.BLOCK)
     acc = np.zeros((len(parts), max(mod.ACC_SIZES[spec.kind], 1)))
     rows = native_fns[0](n, arrays) if native_fns is not None else getattr(mod, f"{spec.kind}_rows")
@@ -805,6 +815,75 @@ def _tensor_chunk_sums(spec: TensorSpec, theta: np.ndarray, v: np.ndarray, chunk
         if found:
             return (n, None, found)
     return (n, sums, None)
+
+
+def _tensor_chunk_hessian(spec: TensorSpec, theta: np.ndarray, chunk, keep: bool = False):
+    """On a worker: (rows, the chunk's row sums of H e_i for every unit vector e_i, one row of
+    sums each, None), or (rows, None, [problems]). The rows' tensors that do not depend on the
+    vector (hvp_lin_rows) are computed once, as ``k.hvp_at`` does in memory."""
+    from .tensor.kernels import run_striped, stripes, sum_in_order
+
+    if _rows(chunk) == 0:
+        return (0, None, None)
+    n, mod, native_fns, arrays, ds, problems = _chunk_inputs(spec, chunk, keep)
+    if problems:
+        return (n, None, problems)
+    parts = stripes(n, mod.BLOCK)
+    size = max(mod.ACC_SIZES["hvp"], 1)
+    acc = np.zeros((len(parts), size))
+    empty = np.empty(0)
+    if hasattr(mod, "hvp_lin_rows"):
+        cache = tuple(np.empty((n, *shape)) for _, shape in mod.HVP_CACHE)
+        run_striped(mod.hvp_lin_rows, theta, empty, arrays, parts, 1.0, acc, 1, (cache,))
+        rows, extra = mod.hvp_at_rows, (cache,)
+    else:
+        rows, extra = (native_fns[0](n, arrays) if native_fns is not None else mod.hvp_rows), ()
+    out = np.empty((mod.N_PARAMS, size))
+    e = np.zeros(mod.N_PARAMS)
+    for i in range(mod.N_PARAMS):
+        e[i] = 1.0
+        acc[:] = 0.0
+        run_striped(rows, theta, e, arrays, parts, 1.0, acc, 1, extra)
+        out[i] = sum_in_order(acc)
+        e[i] = 0.0
+    if not np.all(np.isfinite(out)):
+        found = _located(spec, ds, arrays)
+        if found:
+            return (n, None, found)
+    return (n, out, None)
+
+
+def tensor_hessian(tkernels, theta: np.ndarray, data, lift=None, counts=None, chunks=None) -> np.ndarray:
+    """The reduced Hessian of a tensor cost over Dask data in one Dask computation: each chunk
+    makes the row sums of every column's Hessian-vector product, the client adds them in
+    chunk order, divides once and finishes each column (``k.hessian``'s result, to rounding)."""
+    spec = tensor_spec(tkernels, "hvp", lift)
+    if chunks is None:
+        chunks = tensor_chunks(tkernels.cost, data, lift, spec.items)
+    results = _evaluate(_tensor_chunk_hessian, (spec, theta), data, lambda _d: chunks)
+    n = sum(r[0] for r in results)
+    if n == 0:
+        raise DataError("the data have no rows")
+    if counts is not None:
+        counts.append(n)
+    problems = [(r[2], at) for r, at in zip(results, _offsets(results)) if r[2] is not None]
+    if problems:
+        _raise_tensor_problem(spec, problems)
+    total = _sum_in_order(results)
+    if tkernels.cost.reduce == "mean":
+        total /= n
+    mod = tkernels._module("hvp")
+    native_fns = tkernels._native("hvp", mod)
+    finish = native_fns[1] if native_fns is not None else mod.hvp_finish
+    N = tkernels._n
+    H, e = np.empty((N, N)), np.zeros(N)
+    col = np.empty(N)
+    for i in range(N):
+        e[i] = 1.0
+        finish(theta, e, total[i], col)
+        H[:, i] = col
+        e[i] = 0.0
+    return 0.5 * (H + H.T)
 
 
 def _located(spec: TensorSpec, ds, arrays) -> list:
@@ -1025,15 +1104,9 @@ class DaskFit:
         return lambda v: self._run("hvp", t, v)
 
     def hessian(self, theta) -> np.ndarray:
-        """Column by column from exact Hessian-vector products, one Dask computation each."""
-        n = self.cost.n_params
-        hv = self.hvp_at(theta)
-        H, e = np.empty((n, n)), np.zeros(n)
-        for i in range(n):
-            e[i] = 1.0
-            H[:, i] = hv(e)
-            e[i] = 0.0
-        return 0.5 * (H + H.T)
+        """Every column's exact Hessian-vector product in one Dask computation."""
+        k = self.kernels
+        return tensor_hessian(k, k._theta(theta), self.data, self.lift, self._counts, self.chunks)
 
     def full(self, theta, _cols, g) -> float:
         """The generated driver's ``full``: the full-data cost at theta, its gradient into g."""

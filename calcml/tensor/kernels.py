@@ -436,6 +436,10 @@ class TensorKernels:
     def hessian(self, theta, data=None) -> np.ndarray:
         """The reduced Hessian ``(n, n)``, column by column from exact Hessian-vector products."""
         t = self._theta(theta)
+        if data is not None and is_dask(data) and self._n <= 4096:
+            from ..dask_data import tensor_hessian  # every column in one Dask computation
+
+            return tensor_hessian(self, t, data)
         if self._n > 4096:
             raise ParamError(f"the Hessian of {self._n} parameters takes {self._n ** 2 * 8 / 2**30:.1f} GiB; "
                              "use k.hvp(theta, v, data) (exact Hessian-vector products) instead")

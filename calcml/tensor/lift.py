@@ -304,8 +304,11 @@ class LiftedKernels:
 
         t = self.tensor
         return tensor_run(t, kind, t._theta(theta), t._empty if v is None else t._theta(v, "v"), data,
-                          lift=(self.cost.data_names, tuple((n, None if m is None else tuple(m))
-                                                            for n, m in self.columns)))
+                          lift=self._lift())
+
+    def _lift(self):
+        """(the scalar column names, the restated columns): how a chunk is restated."""
+        return (self.cost.data_names, tuple((n, None if m is None else tuple(m)) for n, m in self.columns))
 
     def value(self, theta, data=None):
         if is_dask(data):
@@ -329,14 +332,9 @@ class LiftedKernels:
         return self._named(data, lambda: self.tensor.hvp(theta, v, self._args(data)))
 
     def hessian(self, theta, data=None):
-        if is_dask(data):  # column by column from exact Hessian-vector products, one Dask pass each
-            import numpy as np
+        if is_dask(data):  # every column's Hessian-vector product in one Dask computation
+            from ..dask_data import tensor_hessian
 
-            n = self.tensor._n
-            H, e = np.empty((n, n)), np.zeros(n)
-            for i in range(n):
-                e[i] = 1.0
-                H[:, i] = self._on_dask("hvp", theta, e, data)
-                e[i] = 0.0
-            return 0.5 * (H + H.T)
+            t = self.tensor
+            return tensor_hessian(t, t._theta(theta), data, lift=self._lift())
         return self._named(data, lambda: self.tensor.hessian(theta, self._args(data)))
