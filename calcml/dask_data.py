@@ -359,6 +359,30 @@ async def _run_held(fn, args, plan, dask_worker=None):
     return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
+def _gather(fn, args: tuple, data, chunks, counts=None) -> tuple:
+    """(the chunks' results in chunk order, the row count) of ``fn`` over ``chunks`` of
+    ``data`` (:func:`_evaluate`); the count appended to ``counts`` too."""
+    results = _evaluate(fn, args, data, lambda _d: chunks)
+    n = sum(r[0] for r in results)
+    if n == 0:
+        raise DataError("the data have no rows")
+    if counts is not None:
+        counts.append(n)
+    return results, n
+
+
+def _tensor_total(spec, results, n: int, mean: bool) -> np.ndarray:
+    """The tensor chunks' sums added in chunk order (divided by the rows for a mean), after the
+    first problem a chunk found is raised with its global row."""
+    problems = [(r[2], at) for r, at in zip(results, _offsets(results)) if r[2] is not None]
+    if problems:
+        _raise_tensor_problem(spec, problems)
+    total = _sum_in_order(results)
+    if mean:
+        total /= n
+    return total
+
+
 def _sum_in_order(results):
     """The chunks' sums (``r[1]``, None for an empty chunk) added in chunk order: the same
     bits on every run, whichever worker computed which chunk."""
@@ -428,12 +452,7 @@ def scalar_run(kernels, kind: str, theta: np.ndarray, data, counts=None) -> np.n
     names = kernels.cost.data_names
     spec = scalar_spec(kernels)
     chunks = _scalar_chunks(data, names)  # (the checks of the columns, on the client)
-    results = _evaluate(_scalar_chunk_sums, (spec, kind, theta), data, lambda _d: chunks)
-    n = sum(r[0] for r in results)
-    if n == 0:
-        raise DataError("the data have no rows")
-    if counts is not None:
-        counts.append(n)
+    results, n = _gather(_scalar_chunk_sums, (spec, kind, theta), data, chunks, counts)
     bad = [(r[2], at) for r, at in zip(results, _offsets(results)) if r[2] is not None]
     if bad:
         # the first column (cost order) holding a non-finite value, at its first row: as in memory
@@ -676,19 +695,8 @@ def tensor_run(tkernels, kind: str, theta: np.ndarray, v: np.ndarray, data, lift
     spec = tensor_spec(tkernels, kind, lift)
     if chunks is None:
         chunks = tensor_chunks(tkernels.cost, data, lift, spec.items)
-    results = _evaluate(_tensor_chunk_sums, (spec, theta, v), data, lambda _d: chunks)
-    n = sum(r[0] for r in results)
-    if n == 0:
-        raise DataError("the data have no rows")
-    if counts is not None:
-        counts.append(n)
-    offsets = _offsets(results)
-    problems = [(r[2], at) for r, at in zip(results, offsets) if r[2] is not None]
-    if problems:
-        _raise_tensor_problem(spec, problems)
-    total = _sum_in_order(results)
-    if tkernels.cost.reduce == "mean":
-        total /= n
+    results, n = _gather(_tensor_chunk_sums, (spec, theta, v), data, chunks, counts)
+    total = _tensor_total(spec, results, n, tkernels.cost.reduce == "mean")
     mod = tkernels._module("hvp" if kind == "hvp" else "base")
     nout = {"value": 1, "vg": 1 + tkernels._n, "hvp": tkernels._n}[kind]
     out = np.empty(nout)
@@ -860,18 +868,8 @@ def tensor_hessian(tkernels, theta: np.ndarray, data, lift=None, counts=None, ch
     spec = tensor_spec(tkernels, "hvp", lift)
     if chunks is None:
         chunks = tensor_chunks(tkernels.cost, data, lift, spec.items)
-    results = _evaluate(_tensor_chunk_hessian, (spec, theta), data, lambda _d: chunks)
-    n = sum(r[0] for r in results)
-    if n == 0:
-        raise DataError("the data have no rows")
-    if counts is not None:
-        counts.append(n)
-    problems = [(r[2], at) for r, at in zip(results, _offsets(results)) if r[2] is not None]
-    if problems:
-        _raise_tensor_problem(spec, problems)
-    total = _sum_in_order(results)
-    if tkernels.cost.reduce == "mean":
-        total /= n
+    results, n = _gather(_tensor_chunk_hessian, (spec, theta), data, chunks, counts)
+    total = _tensor_total(spec, results, n, tkernels.cost.reduce == "mean")
     mod = tkernels._module("hvp")
     native_fns = tkernels._native("hvp", mod)
     finish = native_fns[1] if native_fns is not None else mod.hvp_finish

@@ -99,10 +99,13 @@ _DRIVER = '''
 
 # -- the driver: plain Python around the compiled loops ------------------------------------------------
 def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxiter=None, tol=1e-8, seed=0,
-          callback=None, segment_seconds=0.25, full=None):
+          callback=None, segment_seconds=0.25, full=None, epoch=None, per_epoch=None):
     """Minimize from x0 (flat float64); arrays: the data arrays in DATA_NAMES order (validated).
     full: the full-data evaluation, (theta, cols, g) -> value (default full_value_and_grad;
-    calcml passes the same stripes on its threads: the same bits).
+    calcml passes the same stripes on its threads: the same bits). epoch: one epoch of
+    minibatches run elsewhere, (theta, step, budget, hyper, sa, blowup, state) -> (status,
+    updates, sum of the minibatch costs), making per_epoch updates (calcml: over the chunks
+    of Dask data); default: _epoch over a seeded shuffle of all rows.
     Returns a dict: x, fun, grad, grad_norm, nit, nfev, status, history, epochs, best_step,
     best_value, diverged_at, blowup."""
     evaluate = full_value_and_grad if full is None else full
@@ -128,7 +131,8 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
         if status != RUNNING:
             pass
         elif MINIBATCH:
-            per_epoch = -(-n_rows // batch_size)
+            if per_epoch is None:
+                per_epoch = -(-n_rows // batch_size)
             if epochs is None and maxiter is None:
                 epochs = DEFAULT_EPOCHS
             budget = min(s for s in (maxiter, None if epochs is None else epochs * per_epoch) if s is not None)
@@ -137,9 +141,12 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             rng = np.random.default_rng(seed)
             best_epoch_cost = math.inf
             while nit < budget and status == RUNNING:
-                perm = rng.permutation(n_rows).astype(np.int64)
-                code, done, total = _epoch(theta, g, perm, batch_size, nit, budget - nit, hyper, sa, cols, bufs,
-                                           scale_mean, n_rows, blowup, *state)
+                if epoch is None:
+                    perm = rng.permutation(n_rows).astype(np.int64)
+                    code, done, total = _epoch(theta, g, perm, batch_size, nit, budget - nit, hyper, sa, cols, bufs,
+                                               scale_mean, n_rows, blowup, *state)
+                else:
+                    code, done, total = epoch(theta, nit, budget, hyper, sa, blowup, state)
                 nit += done
                 if code == DIVERGED:
                     status, diverged_at = DIVERGED, nit
@@ -640,14 +647,16 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         bar = _ProgressBar(opt.name)
     try:
         hyper = [float(v) for v in opt.hyper.values()]
-        if opt.kind == "first_order" and over is not None and prog.minibatch:
-            rep = _chunked_minibatch(prog, x, over, hyper, sched_values or [0.0], prog.batch_size, epochs,
-                                     maxiter, float(tol), int(seed), bar)
-        elif opt.kind == "first_order":
+        if opt.kind == "first_order":
+            extra = {"full": _threaded_full(prog.module, n_rows)}
+            if over is not None:  # each full pass one Dask computation; minibatches chunk by chunk
+                extra["full"] = over.full
+                if prog.minibatch:
+                    extra["epoch"] = _chunk_epochs(prog, over, int(seed))
+                    extra["per_epoch"] = extra["epoch"].per_epoch
             with _SingleThreadedBlas():
                 rep = prog.module.drive(x, arrays, n_rows, hyper, sched_values or [0.0],
-                                        prog.batch_size, epochs, maxiter, float(tol), int(seed), bar,
-                                        full=over.full if over is not None else _threaded_full(prog.module, n_rows))
+                                        prog.batch_size, epochs, maxiter, float(tol), int(seed), bar, **extra)
         else:
             rep = _search(prog, x, ev, epochs, maxiter, float(tol), bar)
         if bar is not None:
@@ -776,92 +785,41 @@ def _dask_noise(cost: TensorCost, over, x) -> float:
 MINIBATCH_WHERE = "chunks"
 
 
-def _chunked_minibatch(prog, x0, over, hyper, sched, batch_size, epochs, maxiter, tol, seed, callback):
-    """The module's minibatch epochs over Dask data, one chunk of rows at a time: each epoch
-    visits the chunks in a seeded random order and shuffles the rows within each chunk (the
-    same seed, the same bits), running the compiled ``_epoch`` over each where the chunk is
-    (MINIBATCH_WHERE; minibatches do not cross chunks: a chunk's last one may be short).
-    The first and last evaluations, and ``tol``'s test at each epoch's end, are full passes,
-    one Dask computation each. Returns drive's report."""
-    mod = prog.module
-    theta = np.array(x0, dtype=np.float64)
-    g = np.empty(mod.N_PARAMS)
-    hyper = np.asarray(hyper, dtype=np.float64).reshape(-1)
-    sa = np.asarray(sched, dtype=np.float64).reshape(-1)
-    value = over.full(theta, None, g)  # (names a bad datum by its column and global row)
-    blowup = 1e10 * max(1.0, abs(value))
-    state = mod.new_state()
-    best = theta.copy()
-    best_value, best_step = value, 0
-    history = [value]
-    status, nit, epochs_done, diverged_at = mod.RUNNING, 0, 0, -1
-    gnorm = math.sqrt(float(g @ g))
+def _chunk_epochs(prog: TensorProgram, over, seed: int):
+    """The generated driver's ``epoch`` over Dask data: each epoch visits the chunks of rows in
+    a seeded random order, the rows of the j-th visited chunk shuffled by a generator seeded
+    with the j-th of the integers drawn next (the same seed, the same bits), and runs the
+    compiled ``_epoch`` over each where the chunk is (MINIBATCH_WHERE). Minibatches do not
+    cross chunks: a chunk's last one may be short."""
+    from ..dask_data import run_chunk
+
+    mod, batch = prog.module, prog.batch_size
     sizes = over.chunk_rows()
     n_rows = sum(sizes)
-    per_epoch = sum(-(-s // batch_size) for s in sizes)
-    if not math.isfinite(value) or not math.isfinite(gnorm):
-        status, diverged_at = mod.DIVERGED, 0
-    elif gnorm <= tol:
-        status = mod.CONVERGED
-    if epochs is None and maxiter is None:
-        epochs = mod.DEFAULT_EPOCHS
-    budget = min(s for s in (maxiter, None if epochs is None else epochs * per_epoch) if s is not None)
     rng = np.random.default_rng(seed)
-    best_epoch_cost = math.inf
-    try:
-        while nit < budget and status == mod.RUNNING:
-            order = rng.permutation(len(sizes))
-            seeds = rng.integers(0, 2**63, size=len(sizes))  # the j-th visited chunk's row order
-            if MINIBATCH_WHERE == "chunks":  # one chain of tasks, each where its chunk is
-                theta[:], st, nit, total, done, code = over.epoch(
-                    prog, (theta, state, nit, 0.0, 0, mod.RUNNING), order, seeds, batch_size, budget, hyper, sa,
-                    blowup)
-                for a, b in zip(state, st):
-                    a[:] = b
-            else:  # each chunk fetched here
-                from ..dask_data import run_chunk
 
-                total, done, code = 0.0, 0, mod.RUNNING
-                for c, chunk_seed in zip(order, seeds):
-                    if nit >= budget or not sizes[c]:
-                        continue
-                    k, part, code = run_chunk(mod, theta, state, over.chunk(int(c)), sizes[c], int(chunk_seed),
-                                              batch_size, nit, budget, hyper, sa, n_rows, blowup)
-                    nit, done, total = nit + k, done + k, total + part
-                    if code == mod.DIVERGED:
-                        break
+    def epoch(theta, step, budget, hyper, sa, blowup, state):
+        order = rng.permutation(len(sizes))
+        seeds = rng.integers(0, 2**63, size=len(sizes))  # the j-th visited chunk's row order
+        if MINIBATCH_WHERE == "chunks":  # one chain of tasks, each where its chunk is
+            theta[:], after, _step, total, done, code = over.epoch(
+                prog, (theta, state, step, 0.0, 0, mod.RUNNING), order, seeds, batch, budget, hyper, sa, blowup)
+            for a, b in zip(state, after):
+                a[:] = b
+            return code, done, total
+        total, done, code = 0.0, 0, mod.RUNNING  # each chunk fetched here
+        for c, chunk_seed in zip(order, seeds):
+            if step + done >= budget or not sizes[c]:
+                continue
+            k, part, code = run_chunk(mod, theta, state, over.chunk(int(c)), sizes[c], int(chunk_seed), batch,
+                                      step + done, budget, hyper, sa, n_rows, blowup)
+            done, total = done + k, total + part
             if code == mod.DIVERGED:
-                status, diverged_at = mod.DIVERGED, nit
-            if status == mod.DIVERGED:
                 break
-            epochs_done += 1
-            mean_cost = total / max(done, 1)
-            history.append(mean_cost)
-            if mean_cost < best_epoch_cost:
-                best_epoch_cost = mean_cost
-                best[:] = theta
-                best_value, best_step = mean_cost, nit
-            if callback is not None:
-                callback(nit, budget, mean_cost)
-            if tol > 0.0:
-                over.full(theta, None, g)
-                if math.sqrt(float(g @ g)) <= tol:
-                    status = mod.CONVERGED
-        if status == mod.RUNNING:
-            status = mod.EPOCHS_DONE
-    except KeyboardInterrupt:
-        status = mod.INTERRUPTED
-    x = best.copy() if status in (mod.DIVERGED, mod.INTERRUPTED) else theta.copy()
-    fun = over.full(x, None, g)
-    grad_norm = math.sqrt(float(g @ g))
-    if status not in (mod.DIVERGED, mod.INTERRUPTED) and not (abs(fun) <= blowup and math.isfinite(grad_norm)):
-        status, diverged_at = mod.DIVERGED, nit
-        x = best.copy()
-        fun = over.full(x, None, g)
-        grad_norm = math.sqrt(float(g @ g))
-    return {"x": x, "fun": fun, "grad": g.copy(), "grad_norm": grad_norm, "nit": nit, "nfev": 0,
-            "status": status, "history": np.array(history), "epochs": epochs_done, "best_step": best_step,
-            "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup}
+        return code, done, total
+
+    epoch.per_epoch = sum(-(-s // batch) for s in sizes)
+    return epoch
 
 
 _PROGRAMS: dict = {}
