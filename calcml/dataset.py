@@ -22,8 +22,7 @@ __all__ = ["Dataset", "as_dataset", "pack", "is_dask"]
 # What an entry point that needs the data in memory says of Dask data
 DASK_HERE = ("this call needs the data in memory: compute them first (data.compute()). Dask data are taken as "
              "they are, and evaluated chunk by chunk where they live, by the compiled kernels (k.value, k.grad, "
-             "k.value_and_grad, k.hessian; k.hvp of a tensor cost) and by cm.minimize and prog.run with full-batch "
-             "gd, momentum, nesterov or lbfgs for a scalar cost of fewer than 16 parameters")
+             "k.value_and_grad, k.hessian; k.hvp of a tensor cost) and by cm.minimize and prog.run (every method)")
 
 
 def is_dask(data) -> bool:
