@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from calcml import demo
 from calcml.cli import main
@@ -14,10 +15,18 @@ from calcml.datasets import load_linear
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_in_a_fresh_process(fresh_cache):
-    env = {**os.environ, "CALCML_CACHE_DIR": str(fresh_cache), "PYTHONPATH": str(ROOT)}
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """A kernel cache folder that the fresh process's demo fills from empty (the cold path, as
+    on a newcomer's machine) and the in-process demo then reads (its numbers are checked there
+    without compiling everything a second time)."""
+    return tmp_path_factory.mktemp("demo") / "kernel-cache"
+
+
+def test_demo_runs_in_a_fresh_process(demo_cache):
+    env = {**os.environ, "CALCML_CACHE_DIR": str(demo_cache), "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "calcml", "demo"], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=fresh_cache.parent)
+                         timeout=300, cwd=demo_cache.parent)
     assert out.returncode == 0, out.stderr
     assert "2*x*(b + w*x - y)" in out.stdout  # the exact gradient, with the target y
     assert "least-squares" in out.stdout
@@ -26,7 +35,8 @@ def test_demo_runs_in_a_fresh_process(fresh_cache):
         assert f"     {method} " in out.stdout
 
 
-def test_demo_figures_against_numpy(tmp_path):
+def test_demo_figures_against_numpy(tmp_path, demo_cache, monkeypatch):
+    monkeypatch.setenv("CALCML_CACHE_DIR", str(demo_cache))
     figures = demo.run(out=lambda *_: None, plot_path=tmp_path / "demo.png")
     D = load_linear()
     X = np.column_stack([D["x"], np.ones_like(D["x"])])
