@@ -63,6 +63,27 @@ def _chunk(seed: int, rows: int) -> np.ndarray:
     return X
 
 
+def cluster_with_rows(n_rows: int, n_chunks: int, seed0: int, prefix: str):
+    """(client, cluster, X): a LocalCluster of 2 single-threaded worker processes with a kernel
+    cache of their own (they get the module's source, not the client's cache), and W8's rows
+    generated on the workers (a fixed seed per chunk) and persisted there."""
+    import dask
+    import dask.array as da
+    from distributed import Client, LocalCluster, wait
+
+    rows = n_rows // n_chunks
+    worker_cache = tempfile.mkdtemp(prefix=prefix)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                           env={"CALCML_CACHE_DIR": worker_cache, "OMP_WAIT_POLICY": "PASSIVE",
+                                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    client = Client(cluster)
+    blocks = [da.from_delayed(dask.delayed(_chunk)(seed0 + i, rows), shape=(rows, D + 1), dtype=np.float64)
+              for i in range(n_chunks)]
+    X = da.concatenate(blocks, axis=0).persist()
+    wait(X)
+    return client, cluster, X
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -70,27 +91,14 @@ def main():
     args = ap.parse_args()
     n_rows = 400_000 if args.quick else 4_000_000
     n_chunks = 8
-    rows = n_rows // n_chunks
 
     import dask
-    import dask.array as da
-    from distributed import Client, LocalCluster
+    from distributed import wait
 
     import calcml as cm
 
-    # The workers' kernel cache is their own (not the client's): they get the module's source.
-    worker_cache = tempfile.mkdtemp(prefix="calcml-w8-workers-")
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                           env={"CALCML_CACHE_DIR": worker_cache, "OMP_WAIT_POLICY": "PASSIVE",
-                                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
-    client = Client(cluster)
+    client, cluster, X = cluster_with_rows(n_rows, n_chunks, 1000, "calcml-w8-workers-")
     try:
-        blocks = [da.from_delayed(dask.delayed(_chunk)(1000 + i, rows), shape=(rows, D + 1), dtype=np.float64)
-                  for i in range(n_chunks)]
-        X = da.concatenate(blocks, axis=0).persist()
-        from distributed import wait
-
-        wait(X)
         cost = w1_cost()
         k = cm.compile(cost)
         theta = np.linspace(0.3, -0.3, D + 1)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -35,7 +34,7 @@ os.environ.setdefault("CALCML_CACHE_DIR", os.path.join(os.path.dirname(HERE), ".
 import numpy as np  # noqa: E402
 
 from _common import load_avg, machine_line, measure_interleaved, table  # noqa: E402
-from w8_dask import D, _chunk, w1_cost  # noqa: E402
+from w8_dask import D, cluster_with_rows, w1_cost  # noqa: E402
 
 
 def main():
@@ -45,25 +44,12 @@ def main():
     args = ap.parse_args()
     n_rows = 400_000 if args.quick else 4_000_000
     n_chunks = 8
-    rows = n_rows // n_chunks
-
-    import dask
-    import dask.array as da
-    from distributed import Client, LocalCluster, wait
 
     import calcml as cm
     from calcml.tensor import optimize
 
-    worker_cache = tempfile.mkdtemp(prefix="calcml-w8mb-workers-")
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                           env={"CALCML_CACHE_DIR": worker_cache, "OMP_WAIT_POLICY": "PASSIVE",
-                                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
-    client = Client(cluster)
+    client, cluster, X = cluster_with_rows(n_rows, n_chunks, 2000, "calcml-w8mb-workers-")
     try:
-        blocks = [da.from_delayed(dask.delayed(_chunk)(2000 + i, rows), shape=(rows, D + 1), dtype=np.float64)
-                  for i in range(n_chunks)]
-        X = da.concatenate(blocks, axis=0).persist()
-        wait(X)
         cost = w1_cost()
         kw = dict(method="adam", lr=0.01, batch_size=256, epochs=2, seed=1, tol=0.0)
         x0 = np.zeros(D + 1)
