@@ -626,6 +626,19 @@ def test_cluster_lazy_and_persisted_match_memory_bitwise_alike(client, linreg):
     assert direct is not None and len(direct) == 5 and all(r is not None for r in direct)
     assert sum(r[0] for r in direct) == N
     assert dask_data._direct(dask_data._scalar_chunk_sums, args, X) is None
+    # the workers' run handler called directly; where that fails, Client.run: the same bits
+    real = dask_data._rpc_run
+
+    async def broken(*_a):
+        raise OSError("no direct route")
+
+    dask_data._rpc_run = broken
+    try:
+        fallback = dask_data._direct(dask_data._scalar_chunk_sums, args, held)
+    finally:
+        dask_data._rpc_run = real
+    assert fallback is not None and all(r is not None for r in fallback)  # still where the chunks are held
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(fallback, direct))
     # the same chunk sums without a client give the same bits too
     with dask.config.set(scheduler="sync"):
         assert dask_data._client() is None
