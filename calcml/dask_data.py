@@ -729,23 +729,42 @@ def _raise_tensor_problem(spec: TensorSpec, problems):
                     "data must be finite")
 
 
-_worker_modules: dict = {}  # key -> (module, native entry points or None), in this process
+_worker_modules: dict = {}  # what this process made once: shipped modules, their entry points
+
+
+def _kept(key, make):
+    """``make()``, once per process for ``key`` (made under the lock, then kept)."""
+    found = _worker_modules.get(key)
+    if found is None:
+        with _worker_lock:
+            found = _worker_modules.get(key)
+            if found is None:
+                found = _worker_modules[key] = make()
+    return found
+
+
+def _shipped_module(key: str, source):
+    """The generated module ``key`` in this process: its shipped source written into this
+    process's own cache (unless there already), imported once, then kept."""
+    def make():
+        from .compile import load_or_build
+
+        mod, text, path = load_or_build(key, lambda: _source_body(key, source))
+        mod._calcml_text, mod._calcml_path, mod._calcml_key = text, path, key
+        return mod
+
+    return _kept(("module", key), make)
 
 
 def _worker_module(spec: TensorSpec):
-    found = _worker_modules.get((spec.key, spec.kind))
-    if found is None:
-        with _worker_lock:
-            found = _worker_modules.get((spec.key, spec.kind))
-            if found is None:
-                from .compile import load_or_build
-                from .tensor.kernels import _native_entry_points
+    """(the tensor kernels' module, its native entry points for ``spec.kind`` or None)."""
+    def make():
+        from .tensor.kernels import _native_entry_points
 
-                mod, text, path = load_or_build(spec.key, lambda: _source_body(spec.key, spec.source))
-                mod._calcml_text, mod._calcml_path, mod._calcml_key = text, path, spec.key
-                found = (mod, _native_entry_points(mod, spec.kind, True))
-                _worker_modules[(spec.key, spec.kind)] = found
-    return found
+        mod = _shipped_module(spec.key, spec.source)
+        return (mod, _native_entry_points(mod, spec.kind, True))
+
+    return _kept((spec.key, spec.kind), make)
 
 
 def _label_problems(item: int, a: np.ndarray, classes: int) -> list:
@@ -1070,11 +1089,10 @@ class DaskFit:
     def __init__(self, cost, data, scalar_names=None, columns=None):
         from .tensor.kernels import compile_tensor
 
+        from .tensor.lift import lift_spec
+
         self.cost, self.data = cost, data
-        self.lift = None
-        if scalar_names is not None:
-            columns = columns if columns is not None else [(n, None) for n in scalar_names]
-            self.lift = (tuple(scalar_names), tuple((n, None if m is None else tuple(m)) for n, m in columns))
+        self.lift = lift_spec(scalar_names, columns) if scalar_names is not None else None
         self.kernels = compile_tensor(cost)
         self.items = _tensor_items(cost)
         self.chunks = tensor_chunks(cost, data, self.lift, self.items)  # the checks by name, now
@@ -1232,20 +1250,6 @@ class LoopSpec:
         self.key, self.source, self.items, self.lift, self.running = state
 
 
-def _worker_loop(spec: LoopSpec):
-    """The program's module in this process (built or loaded once, from the shipped source)."""
-    found = _worker_modules.get(("loop", spec.key))
-    if found is None:
-        with _worker_lock:
-            found = _worker_modules.get(("loop", spec.key))
-            if found is None:
-                from .compile import load_or_build
-
-                found, _text, _path = load_or_build(spec.key, lambda: _source_body(spec.key, spec.source))
-                _worker_modules[("loop", spec.key)] = found
-    return found
-
-
 def _epoch_on_chunk(spec: LoopSpec, carry, chunk, seed, batch_size, budget, hyper, sa, n_rows, blowup):
     """On a worker: the module's ``_epoch`` over one chunk, its rows in the order of a
     generator seeded with ``seed``, from ``carry`` (theta, state, steps, cost sum, updates,
@@ -1253,7 +1257,7 @@ def _epoch_on_chunk(spec: LoopSpec, carry, chunk, seed, batch_size, budget, hype
     theta, state, nit, total, done, code = carry
     if code != spec.running or nit >= budget:
         return carry
-    mod = _worker_loop(spec)
+    mod = _shipped_module(spec.key, spec.source)
     arrays = chunk_arrays(spec.items, spec.lift, chunk)
     n = arrays[0].shape[0] if arrays else 0
     theta = theta.copy()

@@ -221,6 +221,13 @@ def lifted_data(columns, dataset) -> dict:
     return out
 
 
+def lift_spec(names, columns=None) -> tuple:
+    """(the scalar column names, the restated columns, hashable): how a chunk of a scalar cost's
+    data is restated (calcml.dask_data); ``columns`` None: each column as itself."""
+    columns = columns if columns is not None else [(n, None) for n in names]
+    return (tuple(names), tuple((n, None if m is None else tuple(m)) for n, m in columns))
+
+
 def lifted_for(cost: Cost):
     """``lift(cost)``, made once per cost object."""
     found = cost.__dict__.get("_lifted", False)
@@ -307,8 +314,7 @@ class LiftedKernels:
                           lift=self._lift())
 
     def _lift(self):
-        """(the scalar column names, the restated columns): how a chunk is restated."""
-        return (self.cost.data_names, tuple((n, None if m is None else tuple(m)) for n, m in self.columns))
+        return lift_spec(self.cost.data_names, self.columns)
 
     def value(self, theta, data=None):
         if is_dask(data):
