@@ -1,0 +1,292 @@
+"""Generated code as structure: statements are nodes, printed once.
+
+Every module calcml generates (the scalar kernels, the tensor kernels, the optimizer loops)
+is built from these nodes and printed by :func:`render`, in the manner of SymPy's
+``sympy.codegen.ast`` (``Assignment``, ``AddAugmentedAssignment``, ``For``, ``CodeBlock``):
+
+* a statement is a node, a loop or a branch holds its body as a list of nodes, so a
+  generator says "a loop over 784 features" as ``For("j", range_(784), body)`` and nothing
+  depends on indentation counted by hand;
+* an expression in a node is either a SymPy expression, printed at render time by the
+  printer that prints everything else (its name table decides what each symbol is called,
+  so a rename is a change of table and cannot hit half of a name), or code text that the
+  generator printed already (a name, a subscript, a call);
+* fixed source (the helpers, the driver templates) is :class:`Raw`: verbatim lines that no
+  generator edits.
+
+Bodies may nest lists (a piece that returns a list of statements is spliced in) and may hold
+``None`` (a statement a branch of the generator left out). Rendering is exact and plain:
+four spaces a level, a trailing ``  # comment`` where a node has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+__all__ = [
+    "Node", "Assign", "AugAssign", "Stmt", "Return", "Break", "Continue", "Pass", "Comment", "Blank",
+    "Doc", "For", "While", "If", "Try", "Def", "Raw", "range_", "code", "flatten", "lines", "render",
+]
+
+_INDENT = "    "
+
+
+def code(e, printer=None) -> str:
+    """An expression's code: text as it is, a SymPy expression through ``printer``."""
+    if isinstance(e, str):
+        return e
+    if isinstance(e, bool) or e is None:
+        return repr(e)
+    if isinstance(e, int):
+        return str(e)
+    if isinstance(e, float):
+        return repr(e)
+    if isinstance(e, sp.Basic):
+        if printer is None:
+            from .printing import NumbaPrinter
+
+            printer = NumbaPrinter({})
+        return printer.doprint_expr(e)
+    if isinstance(e, (tuple, list)):
+        return ", ".join(code(x, printer) for x in e)
+    raise TypeError(f"calcml.ir: no code for {type(e).__name__} {e!r}")
+
+
+def range_(*args) -> str:
+    """``range(...)`` of the arguments (numbers, names or SymPy expressions of them)."""
+    return "range(" + ", ".join(code(a) for a in args) + ")"
+
+
+def flatten(body) -> list:
+    """The statements of ``body``: nested lists spliced, ``None`` dropped."""
+    out = []
+    if body is None:
+        return out
+    if isinstance(body, Node):
+        return [body]
+    for item in body:
+        if item is None:
+            continue
+        if isinstance(item, Node):
+            out.append(item)
+        else:
+            out.extend(flatten(item))
+    return out
+
+
+def _tail(comment: str) -> str:
+    return f"  # {comment}" if comment else ""
+
+
+class Node:
+    """A statement. ``emit(out, printer, depth)`` appends its lines."""
+
+    def emit(self, out: list, printer, depth: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _line(out: list, depth: int, text: str):
+    out.append(_INDENT * depth + text if text else "")
+
+
+def _body(out: list, body, printer, depth: int):
+    stmts = flatten(body)
+    if not stmts:
+        _line(out, depth, "pass")
+    for s in stmts:
+        s.emit(out, printer, depth)
+
+
+@dataclass(frozen=True)
+class Assign(Node):
+    """``target = value``"""
+    target: object
+    value: object
+    comment: str = ""
+
+    def emit(self, out, printer, depth):
+        _line(out, depth, f"{code(self.target, printer)} = {code(self.value, printer)}{_tail(self.comment)}")
+
+
+@dataclass(frozen=True)
+class AugAssign(Node):
+    """``target op= value`` (``op``: ``+``, ``-``, ``*``, ``/``)"""
+    target: object
+    op: str
+    value: object
+    comment: str = ""
+
+    def emit(self, out, printer, depth):
+        _line(out, depth,
+              f"{code(self.target, printer)} {self.op}= {code(self.value, printer)}{_tail(self.comment)}")
+
+
+@dataclass(frozen=True)
+class Stmt(Node):
+    """An expression evaluated for its effect (a call)."""
+    value: object
+    comment: str = ""
+
+    def emit(self, out, printer, depth):
+        _line(out, depth, f"{code(self.value, printer)}{_tail(self.comment)}")
+
+
+@dataclass(frozen=True)
+class Return(Node):
+    value: object = None
+    comment: str = ""
+
+    def emit(self, out, printer, depth):
+        what = "" if self.value is None else " " + code(self.value, printer)
+        _line(out, depth, f"return{what}{_tail(self.comment)}")
+
+
+@dataclass(frozen=True)
+class Break(Node):
+    comment: str = ""
+
+    def emit(self, out, printer, depth):
+        _line(out, depth, "break" + _tail(self.comment))
+
+
+@dataclass(frozen=True)
+class Continue(Node):
+    def emit(self, out, printer, depth):
+        _line(out, depth, "continue")
+
+
+@dataclass(frozen=True)
+class Pass(Node):
+    def emit(self, out, printer, depth):
+        _line(out, depth, "pass")
+
+
+@dataclass(frozen=True)
+class Comment(Node):
+    """``# text``, a line of comment for each line of ``text``."""
+    text: str
+
+    def emit(self, out, printer, depth):
+        for part in self.text.split("\n"):
+            _line(out, depth, f"# {part}" if part else "#")
+
+
+@dataclass(frozen=True)
+class Blank(Node):
+    """``n`` empty lines."""
+    n: int = 1
+
+    def emit(self, out, printer, depth):
+        out.extend([""] * self.n)
+
+
+@dataclass(frozen=True)
+class Doc(Node):
+    """A docstring, its lines as given."""
+    text: str
+
+    def emit(self, out, printer, depth):
+        parts = self.text.split("\n")
+        parts[0] = '"""' + parts[0]
+        parts[-1] = parts[-1] + '"""'
+        for part in parts:
+            _line(out, depth, part)
+
+
+@dataclass(frozen=True)
+class For(Node):
+    """``for var in iterable:`` and its body."""
+    var: object
+    iterable: object
+    body: object = ()
+    comment: str = ""
+
+    def emit(self, out, printer, depth):
+        _line(out, depth, f"for {code(self.var, printer)} in {code(self.iterable, printer)}:{_tail(self.comment)}")
+        _body(out, self.body, printer, depth + 1)
+
+
+@dataclass(frozen=True)
+class While(Node):
+    cond: object
+    body: object = ()
+    comment: str = ""
+
+    def emit(self, out, printer, depth):
+        _line(out, depth, f"while {code(self.cond, printer)}:{_tail(self.comment)}")
+        _body(out, self.body, printer, depth + 1)
+
+
+@dataclass(frozen=True)
+class If(Node):
+    """``if cond:`` body, then ``orelse``: a list of statements (``else:``) or another ``If``
+    (``elif``)."""
+    cond: object
+    body: object = ()
+    orelse: object = ()
+    comment: str = ""
+
+    def emit(self, out, printer, depth, word="if"):
+        _line(out, depth, f"{word} {code(self.cond, printer)}:{_tail(self.comment)}")
+        _body(out, self.body, printer, depth + 1)
+        if isinstance(self.orelse, If):
+            self.orelse.emit(out, printer, depth, word="elif")
+        elif flatten(self.orelse):
+            _line(out, depth, "else:")
+            _body(out, self.orelse, printer, depth + 1)
+
+
+@dataclass(frozen=True)
+class Try(Node):
+    """``try:`` body, then ``except <what>:`` handler for each ``(what, handler)``."""
+    body: object
+    handlers: tuple = ()
+
+    def emit(self, out, printer, depth):
+        _line(out, depth, "try:")
+        _body(out, self.body, printer, depth + 1)
+        for what, handler in self.handlers:
+            _line(out, depth, f"except {what}:")
+            _body(out, handler, printer, depth + 1)
+
+
+@dataclass(frozen=True)
+class Def(Node):
+    """A function: ``decorators``, ``def name(params):``, its docstring and body."""
+    name: str
+    params: tuple
+    body: object = ()
+    doc: str | None = None
+    decorators: tuple = ()
+
+    def emit(self, out, printer, depth):
+        for d in self.decorators:
+            _line(out, depth, "@" + d)
+        _line(out, depth, f"def {self.name}({', '.join(self.params)}):")
+        inner = ([Doc(self.doc)] if self.doc is not None else []) + flatten(self.body)
+        _body(out, inner, printer, depth + 1)
+
+
+@dataclass(frozen=True)
+class Raw(Node):
+    """Fixed source, verbatim (each line indented to the node's depth); never edited."""
+    text: str
+
+    def emit(self, out, printer, depth):
+        for part in self.text.split("\n"):
+            _line(out, depth, part)
+
+
+def lines(body, printer=None, depth: int = 0) -> list:
+    """The lines of ``body``'s statements, at ``depth`` levels of indentation."""
+    out: list = []
+    for s in flatten(body):
+        s.emit(out, printer, depth)
+    return out
+
+
+def render(body, printer=None, depth: int = 0) -> str:
+    """``body`` as source text (lines joined, no final newline)."""
+    return "\n".join(lines(body, printer, depth))
