@@ -24,6 +24,7 @@ from .. import result as _result
 from ..dataset import is_dask
 from ..errors import DataError, OptimizeError, ParamError
 from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
+from .. import ir
 from ..printing import NumbaPrinter
 from ..schedules import Schedule
 from .kernels import STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
@@ -267,8 +268,14 @@ def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8):
 '''
 
 
-def _rule_lines(opt: Optimizer, schedule: Schedule | None) -> tuple:
-    """(the rate's code, per-step lines, per-parameter lines, helpers they call) of a
+def _assignments(printer: NumbaPrinter, pairs, names: dict) -> list:
+    """``(target, expression)`` pairs of a rule as assignments, their symbols named by ``names``."""
+    with printer.naming(names):
+        return [ir.Assign(printer.doprint_expr(t), printer.doprint_expr(e)) for t, e in pairs]
+
+
+def _rule(opt: Optimizer, schedule: Schedule | None) -> tuple:
+    """(the rate's code, per-step statements, per-parameter statements, helpers they call) of a
     first-order rule, printed once by one printer: the rate of ``step`` from ``sa``, the rule
     over the parameter array (loop variable ``j``), its symbols named as symbols."""
     printer = NumbaPrinter({})
@@ -278,189 +285,162 @@ def _rule_lines(opt: Optimizer, schedule: Schedule | None) -> tuple:
             rate = printer.doprint_expr(schedule.rate())
     names = {slot(RATE): "lr", slot(STEP): "step", **{slot(h): f"hp_{h}" for h in opt.hyper},
              **{slot(v): f"o_{v}" for v in opt.locals}}
-    per_step = printer.assignments(opt.per_step, names)
+    per_step = _assignments(printer, opt.per_step, names)
     names.update({slot(PARAM): "theta[j]", slot(GRAD): "g[j]", **{slot(s[0]): f"st_{s[0]}[j]" for s in opt.state}})
-    return rate, per_step, printer.assignments(opt.update, names), printer.helpers_used
+    return rate, per_step, _assignments(printer, opt.update, names), printer.helpers_used
+
+
+def _jit(name: str, params: str, doc: str, body) -> list:
+    """A compiled function of the module, and the two blank lines after it."""
+    return [ir.Def(name, (params,), body, doc=doc, decorators=("_jit",)), ir.Blank(2)]
+
+
+def _each(i: str, n: str, *body) -> ir.For:
+    """``for i in range(n):`` (element by element, not a slice: an array setitem costs Numba
+    seconds of compile)."""
+    return ir.For(i, ir.range_(n), list(body))
 
 
 class _Source:
-    """Prints the optimizer part of a tensor optimizer module."""
+    """The optimizer part of a tensor optimizer module, as statements (:mod:`calcml.ir`)."""
 
     def __init__(self, cost: TensorCost, opt: Optimizer, schedule: Schedule | None, minibatch: bool, sizes: dict,
                  rule=None):
         self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
-        self.rule = rule  # first order: _rule_lines(opt, schedule)
+        self.rule = rule  # first order: _rule(opt, schedule)
         self.sizes = sizes
-        self.lines: list[str] = []
         self.state = [f"st_{s[0]}" for s in opt.state]  # the state arrays' names in the loops
-
-    def w(self, indent=0, text=""):
-        self.lines.append("    " * indent + text if text else "")
 
     def data_args(self, cols="cols", first=2):
         n = len(self.cost.data)
         return ", ".join(f"{cols}[{first + i}]" for i in range(n)) if n else "cols[2]"
 
-    def full_batch(self):
-        w = self.w
-        w(0, "@_jit")
-        w(0, "def _fg(theta, cols, g, acc, res, v):")
-        w(1, '"""the full cost at theta; its gradient into g (all rows, in the kernels\' stripes: the same bits).')
-        w(1, 'acc (a row per stripe), res, v (empty): the caller\'s scratch, allocated once per run"""')
-        if self.cost.has_data:
-            w(1, "bounds = cols[0]")
-            w(1, "ns = bounds.shape[0]")
-            w(1, "for k in range(ns):")
-            w(2, "for q in range(acc.shape[1]):")
-            w(3, "acc[k, q] = 0.0")
-            w(2, f"vg_rows(theta, v, {self.data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc[k])")
-            w(1, "for k in range(1, ns):")
-            w(2, "for q in range(acc.shape[1]):")
-            w(3, "acc[0, q] += acc[k, q]")
-        w(1, "vg_finish(theta, v, acc[0], res)")
-        w(1, "for i in range(N_PARAMS):")
-        w(2, "g[i] = res[i + 1]")
-        w(1, "return res[0]")
-        w()
-        w()
+    def full_batch(self) -> list:
+        over_rows = [
+            ir.Assign("bounds", "cols[0]"),
+            ir.Assign("ns", "bounds.shape[0]"),
+            _each("k", "ns", _each("q", "acc.shape[1]", ir.Assign("acc[k, q]", "0.0")),
+                  ir.Stmt(f"vg_rows(theta, v, {self.data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc[k])")),
+            ir.For("k", ir.range_(1, "ns"), [_each("q", "acc.shape[1]", ir.AugAssign("acc[0, q]", "+", "acc[k, q]"))]),
+        ] if self.cost.has_data else []
+        return _jit("_fg", "theta, cols, g, acc, res, v",
+                    "the full cost at theta; its gradient into g (all rows, in the kernels' stripes: the same bits).\n"
+                    "acc (a row per stripe), res, v (empty): the caller's scratch, allocated once per run",
+                    [over_rows,
+                     ir.Stmt("vg_finish(theta, v, acc[0], res)"),
+                     _each("i", "N_PARAMS", ir.Assign("g[i]", "res[i + 1]")),
+                     ir.Return("res[0]")])
 
-    def state_factory(self):
-        w = self.w
-        opt = self.opt
-        w(0, "def new_state():")
-        w(1, '"""the optimizer\'s state arrays, at their initial values"""')
-        items = []
-        for name, shape, init in opt.state:
-            dims = opt.dims(shape, "N_PARAMS")
-            items.append(f"np.full(({', '.join(dims)},), {float(init)!r})")
-        w(1, f"return ({', '.join(items)}{',' if len(items) == 1 else ''})")
-        w()
-        w()
+    def state_factory(self) -> list:
+        items = [f"np.full(({', '.join(self.opt.dims(shape, 'N_PARAMS'))},), {float(init)!r})"
+                 for _, shape, init in self.opt.state]
+        return [ir.Def("new_state", (), [ir.Return(f"({', '.join(items)}{',' if len(items) == 1 else ''})")],
+                       doc="the optimizer's state arrays, at their initial values"),
+                ir.Blank(2)]
 
-    def first_order(self):
-        w = self.w
+    def first_order(self) -> list:
         opt = self.opt
         state = ", ".join(self.state)
-        w(0, "@_jit")
-        w(0, "def _rate(step, sa):")
-        w(1, '"""the learning rate at update step (from 0)"""')
-        rate, per_step, update, _ = self.rule
-        w(1, f"return {rate}")
-        w()
-        w()
-        w(0, "@_jit")
-        w(0, f"def _update(theta, g, lr, step, o_hyper{', ' + state if state else ''}):")
-        w(1, f'"""one {opt.name} update of every parameter ({opt.reference})"""')
-        for k, name in enumerate(opt.hyper):
-            w(1, f"hp_{name} = o_hyper[{k}]")
-        for line in per_step:
-            w(1, line)
-        w(1, "for j in range(theta.shape[0]):")
-        for line in update:
-            w(2, line)
-        w()
-        w()
         tail = f", {state}" if state else ""
-        if self.minibatch:
-            self._epoch(tail)
-        else:
-            w(0, "@_jit")
-            w(0, f"def _full_steps(theta, g, value, o_step0, o_nsteps, o_hyper, o_sa, cols, o_tol, o_blowup, o_best, o_fb, o_hist{tail}):")
-            w(1, '"""nsteps full-batch updates from theta (value, g current). Returns (status, updates, value)"""')
-            size = max(self.sizes["vg"], 1)
-            w(1, f"o_acc = np.empty((cols[0].shape[0], {size}))" if self.cost.has_data else f"o_acc = np.zeros((1, {size}))")
-            w(1, "o_res = np.empty(N_PARAMS + 1)")
-            w(1, "o_v = np.empty(0)")
-            w(1, "for o_it in range(o_nsteps):")
-            w(2, "o_step = o_step0 + o_it")
-            w(2, f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})")
-            w(2, "value = _fg(theta, cols, g, o_acc, o_res, o_v)")
-            w(2, "o_hist[o_it] = value")
-            w(2, "o_gg = 0.0")  # a loop, not np.dot: a BLAS call a step costs more than a small cost's gradient
-            w(2, "for o_i in range(N_PARAMS):")
-            w(3, "o_gg += g[o_i] * g[o_i]")
-            w(2, "o_gn = math.sqrt(o_gg)")
-            w(2, "if not (abs(value) <= o_blowup and o_gn < math.inf):")
-            w(3, "return DIVERGED, o_it + 1, value")
-            w(2, "if value < o_fb[0]:")
-            w(3, "o_fb[0] = value")
-            w(3, "o_fb[1] = o_step + 1")
-            w(3, "for o_i in range(N_PARAMS):")
-            w(4, "o_best[o_i] = theta[o_i]")
-            w(2, "if o_gn <= o_tol:")
-            w(3, "return CONVERGED, o_it + 1, value")
-            w(1, "return RUNNING, o_nsteps, value")
-            w()
-            w()
+        rate, per_step, update, _ = self.rule
+        out = [
+            _jit("_rate", "step, sa", "the learning rate at update step (from 0)", [ir.Return(rate)]),
+            _jit("_update", f"theta, g, lr, step, o_hyper{tail}", f"one {opt.name} update of every parameter ({opt.reference})",
+                 [[ir.Assign(f"hp_{name}", f"o_hyper[{k}]") for k, name in enumerate(opt.hyper)],
+                  per_step,
+                  ir.For("j", ir.range_("theta.shape[0]"), update)]),
+        ]
+        return out + (self._epoch(tail) if self.minibatch else self._full_steps(tail))
 
-    def _epoch(self, tail):
-        w = self.w
-        n = len(self.cost.data)
-        w(0, "@_jit")
-        w(0, f"def _epoch(theta, g, o_perm, o_batch, o_step0, o_max_steps, o_hyper, o_sa, cols, o_bufs, o_mean, o_rows, o_blowup{tail}):")
-        w(1, '"""one epoch of minibatches in the order perm (at most max_steps updates).')
-        w(1, 'Returns (status, updates, sum of the minibatch costs)"""')
-        w(1, "o_v = np.empty(0)")
-        w(1, f"o_acc = np.zeros({max(self.sizes['vg'], 1)})")
-        w(1, "o_res = np.empty(N_PARAMS + 1)")
-        w(1, "o_total = 0.0")
-        w(1, "o_count = 0")
-        w(1, "o_n = o_perm.shape[0]")
-        w(1, "for o_lo in range(0, o_n, o_batch):")
-        w(2, "if o_count >= o_max_steps:")
-        w(3, "break")
-        w(2, "o_hi = min(o_lo + o_batch, o_n)")
-        w(2, "o_nb = o_hi - o_lo")
-        w(2, "for o_i in range(o_nb):")
-        w(3, "o_p = o_perm[o_lo + o_i]")
-        for k in range(n):
-            # element by element: a row assigned as an array compiles Numba's broadcasting
-            # and its error message (str of shapes: 2.6 s of a 5 s first fit, measured)
-            shape = self.cost.data_shapes[self.cost.data_names[k]]
+    def _full_steps(self, tail: str) -> list:
+        size = max(self.sizes["vg"], 1)
+        return _jit(
+            "_full_steps", f"theta, g, value, o_step0, o_nsteps, o_hyper, o_sa, cols, o_tol, o_blowup, o_best, o_fb, o_hist{tail}",
+            "nsteps full-batch updates from theta (value, g current). Returns (status, updates, value)",
+            [ir.Assign("o_acc", f"np.empty((cols[0].shape[0], {size}))" if self.cost.has_data else f"np.zeros((1, {size}))"),
+             ir.Assign("o_res", "np.empty(N_PARAMS + 1)"),
+             ir.Assign("o_v", "np.empty(0)"),
+             ir.For("o_it", ir.range_("o_nsteps"), [
+                 ir.Assign("o_step", "o_step0 + o_it"),
+                 ir.Stmt(f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})"),
+                 ir.Assign("value", "_fg(theta, cols, g, o_acc, o_res, o_v)"),
+                 ir.Assign("o_hist[o_it]", "value"),
+                 # a loop, not np.dot: a BLAS call a step costs more than a small cost's gradient
+                 ir.Assign("o_gg", "0.0"),
+                 _each("o_i", "N_PARAMS", ir.AugAssign("o_gg", "+", "g[o_i] * g[o_i]")),
+                 ir.Assign("o_gn", "math.sqrt(o_gg)"),
+                 ir.If("not (abs(value) <= o_blowup and o_gn < math.inf)", [ir.Return("DIVERGED, o_it + 1, value")]),
+                 ir.If("value < o_fb[0]", [ir.Assign("o_fb[0]", "value"),
+                                           ir.Assign("o_fb[1]", "o_step + 1"),
+                                           _each("o_i", "N_PARAMS", ir.Assign("o_best[o_i]", "theta[o_i]"))]),
+                 ir.If("o_gn <= o_tol", [ir.Return("CONVERGED, o_it + 1, value")]),
+             ]),
+             ir.Return("RUNNING, o_nsteps, value")])
+
+    def _gather(self) -> list:
+        """The minibatch's rows copied into the buffers, element by element (a row assigned as
+        an array compiles Numba's broadcasting and its error message, str of shapes: 2.6 s of a
+        5 s first fit, measured)."""
+        out = []
+        for k, name in enumerate(self.cost.data_names):
+            shape = self.cost.data_shapes[name]
             idx = "".join(f", o_a{a}" for a in range(len(shape)))
-            for a, extent in enumerate(shape):
-                w(3 + a, f"for o_a{a} in range({extent}):")
-            w(3 + len(shape), f"o_bufs[{k}][o_i{idx}] = cols[{2 + k}][o_p{idx}]")
-        w(2, "for o_i in range(o_acc.shape[0]):")
-        w(3, "o_acc[o_i] = 0.0")
-        w(2, "o_scale = 1.0 / o_nb if o_mean else o_rows / o_nb")
-        bufs = ", ".join(f"o_bufs[{k}]" for k in range(n))
-        w(2, f"vg_rows(theta, o_v, {bufs}, o_nb - o_nb, o_nb, o_scale, o_acc)")  # not a literal 0: one signature
-        w(2, "vg_finish(theta, o_v, o_acc, o_res)")
-        w(2, "o_f = o_res[0]")
-        w(2, "if not (abs(o_f) <= o_blowup):")
-        w(3, "return DIVERGED, o_count, o_total")
-        w(2, "for o_i in range(N_PARAMS):")
-        w(3, "g[o_i] = o_res[o_i + 1]")
-        w(2, "o_step = o_step0 + o_count")
-        w(2, f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})")
-        w(2, "o_total += o_f")
-        w(2, "o_count += 1")
-        w(1, "return RUNNING, o_count, o_total")
-        w()
-        w()
+            copy = ir.Assign(f"o_bufs[{k}][o_i{idx}]", f"cols[{2 + k}][o_p{idx}]")
+            for a in reversed(range(len(shape))):
+                copy = _each(f"o_a{a}", str(shape[a]), copy)
+            out.append(copy)
+        return out
+
+    def _epoch(self, tail: str) -> list:
+        bufs = ", ".join(f"o_bufs[{k}]" for k in range(len(self.cost.data)))
+        return _jit(
+            "_epoch", f"theta, g, o_perm, o_batch, o_step0, o_max_steps, o_hyper, o_sa, cols, o_bufs, o_mean, o_rows, o_blowup{tail}",
+            "one epoch of minibatches in the order perm (at most max_steps updates).\n"
+            "Returns (status, updates, sum of the minibatch costs)",
+            [ir.Assign("o_v", "np.empty(0)"),
+             ir.Assign("o_acc", f"np.zeros({max(self.sizes['vg'], 1)})"),
+             ir.Assign("o_res", "np.empty(N_PARAMS + 1)"),
+             ir.Assign("o_total", "0.0"),
+             ir.Assign("o_count", "0"),
+             ir.Assign("o_n", "o_perm.shape[0]"),
+             ir.For("o_lo", ir.range_(0, "o_n", "o_batch"), [
+                 ir.If("o_count >= o_max_steps", [ir.Break()]),
+                 ir.Assign("o_hi", "min(o_lo + o_batch, o_n)"),
+                 ir.Assign("o_nb", "o_hi - o_lo"),
+                 _each("o_i", "o_nb", ir.Assign("o_p", "o_perm[o_lo + o_i]"), self._gather()),
+                 _each("o_i", "o_acc.shape[0]", ir.Assign("o_acc[o_i]", "0.0")),
+                 ir.Assign("o_scale", "1.0 / o_nb if o_mean else o_rows / o_nb"),
+                 # o_nb - o_nb, not a literal 0: one signature
+                 ir.Stmt(f"vg_rows(theta, o_v, {bufs}, o_nb - o_nb, o_nb, o_scale, o_acc)"),
+                 ir.Stmt("vg_finish(theta, o_v, o_acc, o_res)"),
+                 ir.Assign("o_f", "o_res[0]"),
+                 ir.If("not (abs(o_f) <= o_blowup)", [ir.Return("DIVERGED, o_count, o_total")]),
+                 _each("o_i", "N_PARAMS", ir.Assign("g[o_i]", "o_res[o_i + 1]")),
+                 ir.Assign("o_step", "o_step0 + o_count"),
+                 ir.Stmt(f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})"),
+                 ir.AugAssign("o_total", "+", "o_f"),
+                 ir.AugAssign("o_count", "+", "1"),
+             ]),
+             ir.Return("RUNNING, o_count, o_total")])
+
+    def _constants(self, **values) -> list:
+        """The status codes and the module's constants."""
+        return [ir.Raw(_STATUS_LINES.strip())] + [ir.Assign(name, repr(v)) for name, v in values.items()]
 
     def text(self) -> str:
-        opt = self.opt
-        self.w(0, "# -- the optimizer: " + f"{opt!r}" + (f", schedule {self.schedule!r}" if self.schedule else ""))
-        for line in _STATUS_LINES.strip().splitlines():
-            self.w(0, line)
-        self.w(0, f"MINIBATCH = {self.minibatch}")
-        self.w(0, f"REDUCE_MEAN = {self.cost.reduce == 'mean'}")
-        self.w(0, f"STRIPES = {STRIPES}")
-        self.w(0, "DEFAULT_EPOCHS = 10")
-        self.w(0, f"DEFAULT_MAXITER = {opt.default_maxiter}")
-        self.w(0, f"DATA_NAMES = {self.cost.data_names!r}")
-        self.w(0, f"PARAM_NAMES = {self.cost.param_names!r}")
-        self.w(0, f"HYPER_NAMES = {tuple(opt.hyper)!r}")
-        self.w(0, "DUMMY_DATA = (np.zeros(1),)")
-        self.w()
-        self.w()
-        if not self.minibatch:
-            self.full_batch()
-        self.state_factory()
-        self.first_order()
-        return "\n".join(self.lines) + _EVAL + _DRIVER + ("" if self.minibatch else _THREADED_STEPS)
+        opt, cost = self.opt, self.cost
+        body = [
+            ir.Comment(f"-- the optimizer: {opt!r}" + (f", schedule {self.schedule!r}" if self.schedule else "")),
+            self._constants(MINIBATCH=self.minibatch, REDUCE_MEAN=cost.reduce == "mean", STRIPES=STRIPES,
+                            DEFAULT_EPOCHS=10, DEFAULT_MAXITER=opt.default_maxiter, DATA_NAMES=cost.data_names,
+                            PARAM_NAMES=cost.param_names, HYPER_NAMES=tuple(opt.hyper)),
+            ir.Assign("DUMMY_DATA", "(np.zeros(1),)"),
+            ir.Blank(2),
+            None if self.minibatch else self.full_batch(),
+            self.state_factory(),
+            self.first_order(),
+        ]
+        return ir.render(body) + _EVAL + _DRIVER + ("" if self.minibatch else _THREADED_STEPS)
 
     def search_text(self) -> str:
         """A line-search or trust-region program's standalone part: calcml.tensor.search's
@@ -470,20 +450,14 @@ class _Source:
 
         from . import search
 
-        opt = self.opt
-        for line in _STATUS_LINES.strip().splitlines():
-            self.w(0, line)
-        self.w(0, f"REDUCE_MEAN = {self.cost.reduce == 'mean'}")
-        self.w(0, f"STRIPES = {STRIPES}")
-        self.w(0, f"DATA_NAMES = {self.cost.data_names!r}")
-        self.w(0, f"PARAM_NAMES = {self.cost.param_names!r}")
-        self.w(0, f"METHOD = {opt.kind!r}")
-        self.w(0, f"HYPER = {dict(opt.hyper, **opt.extra)!r}")
-        self.w(0, f"DEFAULT_MAXITER = {opt.default_maxiter}")
-        self.w(0, "DUMMY_DATA = (np.zeros(1),)")
+        opt, cost = self.opt, self.cost
+        body = [self._constants(REDUCE_MEAN=cost.reduce == "mean", STRIPES=STRIPES, DATA_NAMES=cost.data_names,
+                                PARAM_NAMES=cost.param_names, METHOD=opt.kind, HYPER=dict(opt.hyper, **opt.extra),
+                                DEFAULT_MAXITER=opt.default_maxiter),
+                ir.Assign("DUMMY_DATA", "(np.zeros(1),)")]
         steps = inspect.getsource(search)
         steps = steps[steps.index("\nRUNNING = -1\n") + 1:]  # the steps, after the file's imports and statuses
-        return "\n".join(self.lines) + _EVAL + "\n\n# -- the steps (calcml/tensor/search.py) --\n" + steps + _SEARCH_DRIVER
+        return ir.render(body) + _EVAL + "\n\n# -- the steps (calcml/tensor/search.py) --\n" + steps + _SEARCH_DRIVER
 
 
 class TensorProgram:
@@ -508,7 +482,7 @@ class TensorProgram:
         return tuple(kinds)
 
     def _build(self) -> str:
-        rule = _rule_lines(self.optimizer, self.schedule) if self.optimizer.kind == "first_order" else None
+        rule = _rule(self.optimizer, self.schedule) if self.optimizer.kind == "first_order" else None
         base, sizes = self.cost.module_source(self._kinds(), helpers=rule[3] if rule else ())
         src = _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes, rule)
         if self.optimizer.kind != "first_order":
