@@ -1,6 +1,7 @@
 """Tensor programs -> a structured kernel (loops, slots, contractions) -> Python source.
 
-A kernel is planned from the tensors its outputs need, then printed once:
+A kernel is planned from the tensors its outputs need, then written as statements
+(:mod:`calcml.ir` nodes, the module printed from them once):
 
 * each derived tensor is *stored* (an array, one row of it per row of a block) or *inlined*
   into the bodies that read it, when that costs no extra work (its readers loop over no
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .. import ir
 from ..errors import CodegenError
 from ..printing import NumbaPrinter
 from .graph import ROW, SCALE, Graph, Tensor
@@ -222,7 +224,7 @@ class _Writer:
         self.has_data = has_data
         self._loopvars: dict = {}
         self.printer = _Printer(self)
-        self.lines: list[str] = []
+        self.blas = False  # whether a matrix product calls BLAS_SOURCE's functions
         roots = [t for _, t, _ in spec.outputs if isinstance(t, Tensor)]
         if spec.rowwise is not None:
             roots.append(spec.rowwise)
@@ -373,15 +375,10 @@ class _Writer:
         trans_second = len(second[1]) == 2 and second[1][1] == s
         return (coeff * sp.Mul(*rest), first[0], second[0], trans_first, trans_second)
 
-    # -- printing -------------------------------------------------------------------------
-    def w(self, indent: int = 0, text: str = ""):
-        """One line; characters that are not printable (a newline in a symbol's name, shown
-        in a comment) are written escaped: a line of text stays one line of code."""
-        if not text.isprintable():
-            text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-        self.lines.append("    " * indent + text if text else "")
-
+    # -- printing: each method returns the statements it makes (calcml.ir nodes) -------------
     def expr(self, e) -> str:
+        """``e`` printed now: the names of loop variables, the fused row loop's locals and
+        its cse temporaries are those of this point of the writing."""
         return self.printer.doprint_expr(e)
 
     def describe(self, t: Tensor) -> str:
@@ -398,118 +395,95 @@ class _Writer:
         note = f"  ({t.note})" if t.note else ""
         return f"{lhs} {'+=' if t.accumulates else '='} {rhs}{note}"
 
-    def _alloc(self, t: Tensor, indent: int, name: str):
+    def _ranges(self, indices) -> list:
+        """(loop variable, its range) of each index but the row."""
+        return [(self.loopvar(i), str(axis_range(i))) for i in indices if i != ROW]
+
+    def _cache_rows(self, t: Tensor) -> str:
+        return f"cache[{self.cached.index(t)}][q0:q1]"
+
+    def _alloc(self, t: Tensor, name: str):
         """Storage of a block's rows of ``t``: fresh, or this block's rows of its cache array."""
         if self.mode is not None and t in self.cached:
-            self.w(indent, f"{name} = cache[{self.cached.index(t)}][q0:q1]")
-            return
+            return ir.Assign(name, self._cache_rows(t))
         shape = (["nb"] if t.row else []) + [str(n) for n in t.shape]
-        self.w(indent, f"{name} = np.empty(({', '.join(shape)},))")
+        return ir.Assign(name, f"np.empty(({', '.join(shape)},))")
 
-    def emit(self, t: Tensor, indent: int, acc_name=None):
+    def emit(self, t: Tensor, acc_name=None) -> list:
         """The code that computes stored tensor ``t`` (into ``acc_name`` for accumulators)."""
         if t in self.fused:
-            return  # computed by its log-sum-exp
-        if self.mode == "read" and t in self.cached:
-            self.w(indent, f"{t.name} = cache[{self.cached.index(t)}][q0:q1]  # {t.note}: computed at this theta")
-            soft = self.fused_softmax.get(t)
-            if soft is not None:
-                self.w(indent, f"{soft.name} = cache[{self.cached.index(soft)}][q0:q1]  # {soft.note}")
-            return
+            return []  # computed by its log-sum-exp
         soft = self.fused_softmax.get(t)
-        if soft is not None:
-            for line in _wrap(self.describe(soft)):
-                self.w(indent, f"# {line}")
-            self._alloc(soft, indent, soft.name)
-        for line in _wrap(self.describe(t)):
-            self.w(indent, f"# {line}")
+        if self.mode == "read" and t in self.cached:
+            out = [ir.Assign(t.name, self._cache_rows(t), comment=_printable(f"{t.note}: computed at this theta"))]
+            if soft is not None:
+                out.append(ir.Assign(soft.name, self._cache_rows(soft), comment=_printable(soft.note)))
+            return out
+        out = [_comment(self.describe(soft)), self._alloc(soft, soft.name)] if soft is not None else []
+        out.append(_comment(self.describe(t)))
         shape = (["nb"] if t.row else []) + [str(n) for n in t.shape]
         name = acc_name or t.name
-        if not t.accumulates:
-            if shape:
-                self._alloc(t, indent, name)
+        if not t.accumulates and shape:
+            out.append(self._alloc(t, name))
         plan = self.gemm.get(t)
         if plan is not None:
-            self._emit_gemm(t, plan, indent, name)
-            return
+            return out + [self._emit_gemm(t, plan, name)]
         body = self.expr(self.body(t))
-        loops = []
-        if t.row or t.accumulates:
-            loops.append(("r", "nb"))
-        loops += [(self.loopvar(i), str(axis_range(i))) for i in t.free]
-        inner = [(self.loopvar(i), str(axis_range(i))) for i in t.over if i != ROW]
+        loops = ([("r", "nb")] if t.row or t.accumulates else []) + self._ranges(t.free)
+        inner = self._ranges(t.over)
         target = self._target(t, name)
         if not shape and not t.accumulates and not loops and not inner:
-            self.w(indent, f"{name} = {body}")
-            return
+            return out + [ir.Assign(name, body)]
         if t.accumulates and not t.free:
-            self.w(indent, "s = 0.0")
-            self.w(self._loops(indent, loops + inner), f"s += {body}")
-            self.w(indent, f"{name} += s")
-            return
-        depth = self._loops(indent, loops)
+            return out + [ir.Assign("s", "0.0"), _loops(loops + inner, [ir.AugAssign("s", "+", body)]),
+                          ir.AugAssign(name, "+", "s")]
         if t.accumulates:
-            self.w(self._loops(depth, inner), f"{target} += {body}")
-        else:
-            self._emit_value(t, body, inner, depth, target)
+            return out + _loops(loops + inner, [ir.AugAssign(target, "+", body)])
+        return out + _loops(loops, self._emit_value(t, body, inner, target))
 
-    def _emit_value(self, t, body, inner, depth, target):
+    def _emit_value(self, t, body, inner, target) -> list:
         """``target`` = t's value (a map, a sum or a log-sum-exp over the ``inner`` loops)."""
         if t.kind == "map":
-            self.w(depth, f"{target} = {body}")
-        elif t.kind == "sum":
-            self.w(depth, "s = 0.0")
-            self.w(self._loops(depth, inner), f"s += {body}")
-            self.w(depth, f"{target} = s")
-        else:
-            self._emit_lse(t, body, inner, depth, target)
+            return [ir.Assign(target, body)]
+        if t.kind == "sum":
+            return [ir.Assign("s", "0.0"), _loops(inner, [ir.AugAssign("s", "+", body)]), ir.Assign(target, "s")]
+        return self._emit_lse(t, body, inner, target)
 
-    def _loops(self, depth: int, loops) -> int:
-        """Opens ``for var in range(n)`` for each (var, n); returns the body's depth."""
-        for var, n in loops:
-            self.w(depth, f"for {var} in range({n}):")
-            depth += 1
-        return depth
-
-    def _emit_lse(self, t, body, inner, depth, target):
+    def _emit_lse(self, t, body, inner, target) -> list:
         """m = the largest term, then m + log(sum exp(term - m)): never overflows. When t's
         softmax is stored too it is made in the same pass: e = exp(term - m) is each softmax
         entry times the sum, so the softmax costs a multiplication, not a second exp."""
         self.printer.helpers_used.add("_max2")
         soft = self.fused_softmax.get(t)
-        self.w(depth, "m = -math.inf")
-        self.w(self._loops(depth, inner), f"m = _max2(m, {body})")
-        self.w(depth, "s = 0.0")
-        d = self._loops(depth, inner)
         if soft is None:
-            self.w(d, f"s += math.exp({body} - m)")
+            terms = [ir.AugAssign("s", "+", f"math.exp({body} - m)")]
         else:
             starget = self._target(soft, soft.name)
-            self.w(d, f"e = math.exp({body} - m)")
-            self.w(d, f"{starget} = e")
-            self.w(d, "s += e")
-        self.w(depth, f"{target} = m + math.log(s) if math.isfinite(m) else m")
+            terms = [ir.Assign("e", f"math.exp({body} - m)"), ir.Assign(starget, "e"), ir.AugAssign("s", "+", "e")]
+        out = [ir.Assign("m", "-math.inf"), _loops(inner, [ir.Assign("m", f"_max2(m, {body})")]),
+               ir.Assign("s", "0.0"), _loops(inner, terms),
+               ir.Assign(target, "m + math.log(s) if math.isfinite(m) else m")]
         if soft is not None:
-            self.w(depth, "inv = 1.0 / s")
-            self.w(self._loops(depth, inner), f"{starget} *= inv")
+            out += [ir.Assign("inv", "1.0 / s"), _loops(inner, [ir.AugAssign(starget, "*", "inv")])]
+        return out
 
     def _target(self, t: Tensor, name: str) -> str:
         idx = (["r"] if t.row else []) + [self.loopvar(i) for i in t.free]
         return f"{name}[{', '.join(idx)}]" if idx else name
 
-    def _emit_gemm(self, t: Tensor, plan, indent: int, name: str):
+    def _emit_gemm(self, t: Tensor, plan, name: str):
         """One BLAS call (BLAS_SOURCE): ``name`` := (or +=, for an accumulator) coeff op(a) op(b)."""
+        self.blas = True
         coeff, a, b, ta, tb = plan
         ca, cb = self.code(self.g.tensor_of(a)), self.code(self.g.tensor_of(b))
         alpha = "1.0" if coeff == 1 else self.expr(coeff)
         beta = "1.0" if t.accumulates else "0.0"
         rank_a, rank_b = (len(getattr(ref, "indices", ())) + (1 if self.g.tensor_of(ref).row else 0) for ref in (a, b))
         if rank_a == 2 and rank_b == 2:
-            self.w(indent, f"_gemm({ta}, {tb}, {alpha}, {ca}, {cb}, {beta}, {name})")
-        elif rank_a == 2:  # matrix . vector
-            self.w(indent, f"_gemv({ta}, {alpha}, {ca}, {cb}, {beta}, {name})")
-        else:  # vector . matrix = matrix.T . vector
-            self.w(indent, f"_gemv({not tb}, {alpha}, {cb}, {ca}, {beta}, {name})")
+            return ir.Stmt(f"_gemm({ta}, {tb}, {alpha}, {ca}, {cb}, {beta}, {name})")
+        if rank_a == 2:  # matrix . vector
+            return ir.Stmt(f"_gemv({ta}, {alpha}, {ca}, {cb}, {beta}, {name})")
+        return ir.Stmt(f"_gemv({not tb}, {alpha}, {cb}, {ca}, {beta}, {name})")  # vector . matrix = matrix.T . vector
 
     # -- the two functions ----------------------------------------------------------------
     def accumulators(self) -> list:
@@ -522,16 +496,13 @@ class _Writer:
             o += t.size
         return out
 
-    def _param_views(self, indent: int, which: set):
+    def _param_views(self, which: set) -> list:
+        out = []
         for t in self.params + self.directions:
-            if t not in which:
-                continue
-            src = "theta" if t.role == "param" else "v"
-            o = self._offset(t)
-            if t.free:
-                self.w(indent, f"{self.code(t)} = {src}[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))")
-            else:
-                self.w(indent, f"{self.code(t)} = {src}[{o}]")
+            if t in which:
+                src, o = ("theta" if t.role == "param" else "v"), self._offset(t)
+                out.append(ir.Assign(self.code(t), _view(src, o, t) if t.free else f"{src}[{o}]"))
+        return out
 
     def _offset(self, t: Tensor) -> int:
         o = 0
@@ -562,7 +533,7 @@ class _Writer:
                        and not t.accumulates and not self.g.depends(t, {"direction"})]
         return self.cached
 
-    def print_rows(self, fname: str, data_args: list[str], mode=None):
+    def print_rows(self, fname: str, data_args: list[str], mode=None) -> list:
         """``<kind>_rows``: phase A, then phase B block by block over rows r0 … r1-1.
         ``mode``: None; "fill" (only the cached tensors, into ``cache``); "read" (they are
         read from ``cache``)."""
@@ -573,46 +544,36 @@ class _Writer:
         need = self._needs(b_tensors + ([self.spec.rowwise] if self.spec.rowwise is not None else []))
         a_tensors = [t for t in self.order if t.kind != "input" and self.phase[t] == "A" and t in need]
         layout = self.acc_layout()
-        self.w(0, "@_jit")
-        tail = ", cache" if mode is not None else ""
-        self.w(0, f"def {fname}(theta, v, {', '.join(data_args)}, r0, r1, scale, acc{tail}):")
         what = "per-row values into acc[r0:r1]" if self.spec.rowwise is not None else "the sums over rows into acc"
         if mode == "fill":
             what = "the rows' tensors that do not depend on v, into cache"
         elif mode == "read":
             what += " (the tensors that do not depend on v read from cache)"
-        self.w(1, f'"""{self.spec.kind}: {what}, rows r0 … r1-1 in blocks of BLOCK"""')
-        self._param_views(1, need)
-        for t in a_tensors:
-            self.emit(t, 1)
-        for t in (self.accumulators() if mode != "fill" else []):
-            if t.free:
-                o = layout[t]
-                self.w(1, f"{t.name} = acc[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))")
-        block_at = len(self.lines)
+        body = [self._param_views(need), [self.emit(t) for t in a_tensors],
+                [ir.Assign(t.name, _view("acc", layout[t], t))
+                 for t in (self.accumulators() if mode != "fill" else []) if t.free]]
         self.n_lanes = 0
-        self.w(1, "for q0 in range(r0, r1, BLOCK):")
-        self.w(2, "q1 = min(q0 + BLOCK, r1)")
-        self.w(2, "nb = q1 - q0")
-        for t in self.data:
-            if t in need:
-                self.w(2, f"{self.code(t)} = data_{t.code}[q0:q1]")
-        self._emit_block(b_tensors, layout)
-        if self.n_lanes:
-            self.lines.insert(block_at, f"    lanes = np.empty(({self.n_lanes}, LANES))  # the fused row loops' sums, lane by lane")
+        block = [ir.Assign("q1", "min(q0 + BLOCK, r1)"), ir.Assign("nb", "q1 - q0"),
+                 [ir.Assign(self.code(t), f"data_{t.code}[q0:q1]") for t in self.data if t in need],
+                 self._emit_block(b_tensors, layout)]
         if self.spec.rowwise is not None:
-            t = self.spec.rowwise
-            self.w(2, "# the values of every row of the block")
-            self.w(2, "for r in range(nb):")
-            depth = 3
-            for i in t.free:
-                self.w(depth, f"for {self.loopvar(i)} in range({axis_range(i)}):")
-                depth += 1
-            idx = [self.loopvar(i) for i in t.free]
-            src = self._target(t, self.code(t))
-            self.w(depth, f"acc[{', '.join(['q0 + r'] + idx)}] = {src}")
-        self.w()
-        self.w()
+            block.append(self._rowwise_values(self.spec.rowwise))
+        if self.n_lanes:
+            body.append(ir.Assign("lanes", f"np.empty(({self.n_lanes}, LANES))",
+                                  comment="the fused row loops' sums, lane by lane"))
+        body.append(ir.For("q0", ir.range_("r0", "r1", "BLOCK"), block))
+        params = ("theta", "v", *data_args, "r0", "r1", "scale", "acc") + (("cache",) if mode is not None else ())
+        return [ir.Def(fname, params, body, doc=f"{self.spec.kind}: {what}, rows r0 … r1-1 in blocks of BLOCK",
+                       decorators=("_jit",)),
+                ir.Blank(2)]
+
+    def _rowwise_values(self, t: Tensor) -> list:
+        """The rowwise tensor's values on the block's rows, into acc[q0:q1]."""
+        loops = self._ranges(t.free)
+        idx = [var for var, _ in loops]
+        return [ir.Comment("the values of every row of the block"),
+                ir.For("r", "range(nb)", _loops(loops, [ir.Assign(f"acc[{', '.join(['q0 + r'] + idx)}]",
+                                                                   self._target(t, self.code(t)))]))]
 
     # -- phase B: a block's tensors, the per-row scalars fused into one loop over its rows ------
     def _row_scalar(self, t: Tensor) -> bool:
@@ -623,7 +584,7 @@ class _Writer:
                 and t not in self.fused and t not in self.fused_softmax
                 and not (self.mode is not None and t in self.cached))
 
-    def _emit_block(self, b_tensors, layout):
+    def _emit_block(self, b_tensors, layout) -> list:
         """Phase B in order, except that the per-row scalars go into one loop over the block's
         rows (closed before a tensor that reads a member): each row's values are computed once
         and read where they are, and each sum over the rows is a local added into acc once a
@@ -632,22 +593,20 @@ class _Writer:
         for t in b_tensors:
             for u, _, _ in self.g.occurrences(self.body(t)):
                 readers.setdefault(u, set()).add(t)
-        group: list = []
+        out, group = [], []
         for t in b_tensors:
             if self._row_scalar(t):
                 group.append(t)
                 continue
             if group and any(u in group for u, _, _ in self.g.occurrences(self.body(t))):
-                self._emit_row_loop(group, layout, readers)
+                out.append(self._emit_row_loop(group, layout, readers))
                 group = []
-            if t.accumulates and not t.free:
-                self.emit(t, 2, acc_name=f"acc[{layout[t]}]")
-            else:
-                self.emit(t, 2)
+            out.append(self.emit(t, acc_name=f"acc[{layout[t]}]" if t.accumulates and not t.free else None))
         if group:
-            self._emit_row_loop(group, layout, readers)
+            out.append(self._emit_row_loop(group, layout, readers))
+        return out
 
-    def _emit_row_loop(self, group, layout, readers):
+    def _emit_row_loop(self, group, layout, readers) -> list:
         """One loop over the block's rows for ``group`` (see _emit_block). When every member is
         a map or a sum over the rows alone, their common subexpressions are computed once a
         row (SymPy's cse of the members' bodies: small, per-row expressions), and the sums
@@ -656,11 +615,7 @@ class _Writer:
         vectorises."""
         members = set(group)
         kept = [t for t in group if t.row and (t is self.spec.rowwise or readers.get(t, set()) - members)]
-        for t in group:
-            for line in _wrap(self.describe(t)):
-                self.w(2, f"# {line}")
-        for t in kept:
-            self._alloc(t, 2, t.name)
+        out = [_comment(self.describe(t)) for t in group] + [self._alloc(t, t.name) for t in kept]
         sums = [t for t in group if t.accumulates]
         flat = all(not [i for i in t.over if i != ROW] and t.kind in ("map", "sum") for t in group)
         temps, bodies = [], {}
@@ -671,35 +626,29 @@ class _Writer:
         if not (flat and sums and all(_vectorises(e) for e in [*reduced, *(e for _, e in temps)])):
             # a libm call or a branch: LLVM keeps the loop scalar, and lanes only cost (the
             # logistic loss ran at half the speed with them: benchmarks/RESULTS.md)
-            for t in sums:
-                self.w(2, f"s_{t.name} = 0.0")
-            self.w(2, "for r in range(nb):")
-            self._row_members(group, kept, 3, bodies, temps)
-            for t in sums:
-                self.w(2, f"acc[{layout[t]}] += s_{t.name}")
-            return
+            return out + [[ir.Assign(f"s_{t.name}", "0.0") for t in sums],
+                          ir.For("r", "range(nb)", self._row_members(group, kept, bodies, temps)),
+                          [ir.AugAssign(f"acc[{layout[t]}]", "+", f"s_{t.name}") for t in sums]]
         lane_of = {t: self.n_lanes + k for k, t in enumerate(sums)}
         self.n_lanes += len(sums)
         first = lane_of[sums[0]]
-        self.w(2, f"for k in range({first}, {first + len(sums)}):")
-        self.w(3, "for lane in range(LANES):")
-        self.w(4, "lanes[k, lane] = 0.0")
-        self.w(2, "for q in range(0, nb - LANES + 1, LANES):")
-        self.w(3, "for lane in range(LANES):")
-        self.w(4, "r = np.uintp(q + lane)")
-        self._row_members(group, kept, 4, bodies, temps, lane_of, "lane")
-        self.w(2, "for r in range(nb - nb % LANES, nb):  # the block's last rows, in lane 0")
-        self._row_members(group, kept, 3, bodies, temps, lane_of, "0")
-        for t in sums:  # the lanes' sums, in lane order
-            self.w(2, f"s = lanes[{lane_of[t]}, 0]")
-            self.w(2, "for lane in range(1, LANES):")
-            self.w(3, f"s += lanes[{lane_of[t]}, lane]")
-            self.w(2, f"acc[{layout[t]}] += s")
+        return out + [
+            ir.For("k", ir.range_(first, first + len(sums)),
+                   [ir.For("lane", "range(LANES)", [ir.Assign("lanes[k, lane]", "0.0")])]),
+            ir.For("q", "range(0, nb - LANES + 1, LANES)",
+                   [ir.For("lane", "range(LANES)", [ir.Assign("r", "np.uintp(q + lane)"),
+                                                    self._row_members(group, kept, bodies, temps, lane_of, "lane")])]),
+            ir.For("r", "range(nb - nb % LANES, nb)", self._row_members(group, kept, bodies, temps, lane_of, "0"),
+                   comment="the block's last rows, in lane 0"),
+            [[ir.Assign("s", f"lanes[{lane_of[t]}, 0]"),  # the lanes' sums, in lane order
+              ir.For("lane", "range(1, LANES)", [ir.AugAssign("s", "+", f"lanes[{lane_of[t]}, lane]")]),
+              ir.AugAssign(f"acc[{layout[t]}]", "+", "s")] for t in sums]]
 
-    def _row_members(self, group, kept, depth, bodies, temps=(), lane_of=None, lane="lane"):
-        """One row's values of the group's members at ``depth`` (r is the row). ``bodies``:
-        the members' bodies after cse (else their own), ``temps``: [(u, expression)]."""
-        done: set = set()
+    def _row_members(self, group, kept, bodies, temps=(), lane_of=None, lane="lane") -> list:
+        """One row's values of the group's members (r is the row). ``bodies``: the members'
+        bodies after cse (else their own), ``temps``: [(u, expression)]. Printed as they are
+        made: the members' values are locals of the loop (local_rows, local_syms) only here."""
+        out, done = [], set()
         pending = list(temps)
         for t in group:
             body = bodies.get(t, self.body(t))
@@ -709,61 +658,78 @@ class _Writer:
                     if u in need:
                         need |= e.free_symbols
                 for u, e in [p for p in pending if p[0] in need and p[0] not in done]:
-                    self.local_syms[u] = f"{u.name}"
-                    self.w(depth, f"{u.name} = {self.expr(e)}")
+                    self.local_syms[u] = u.name
+                    out.append(ir.Assign(u.name, self.expr(e)))
                     done.add(u)
             text = self.expr(body)
-            inner = [(self.loopvar(i), str(axis_range(i))) for i in t.over if i != ROW]
+            inner = self._ranges(t.over)
             local = f"{t.name}_r"
             if t.accumulates:
                 if lane_of is not None:
-                    self.w(depth, f"lanes[{lane_of[t]}, {lane}] += {text}")
+                    out.append(ir.AugAssign(f"lanes[{lane_of[t]}, {lane}]", "+", text))
                 else:
-                    self.w(self._loops(depth, inner), f"s_{t.name} += {text}")
+                    out.append(_loops(inner, [ir.AugAssign(f"s_{t.name}", "+", text)]))
                 continue
-            self._emit_value(t, text, inner, depth, local)
+            out.append(self._emit_value(t, text, inner, local))
             self.local_rows.add(t)
             if t in kept:
-                self.w(depth, f"{t.name}[r] = {local}")
+                out.append(ir.Assign(f"{t.name}[r]", local))
         self.local_rows = set()
         self.local_syms = {}
+        return out
 
-    def print_finish(self, fname: str):
+    def print_finish(self, fname: str) -> list:
         """``<kind>_finish``: phase A and C after the stripes' sums are added; the outputs."""
         roots = [t for _, t, _ in self.spec.outputs if isinstance(t, Tensor)]
         need = self._needs(roots)
         layout = self.acc_layout()
-        self.w(0, "@_jit")
-        self.w(0, f"def {fname}(theta, v, acc, out):")
-        self.w(1, f'"""{self.spec.kind}: the outputs from the sums over rows in acc"""')
-        self._param_views(1, need)
+        body = [self._param_views(need)]
         for t in self.order:
             if t.kind == "input" or t not in need:
                 continue
             if t.accumulates:
                 o = layout[t]
-                if t.free:
-                    self.w(1, f"{t.name} = acc[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))")
-                else:
-                    self.w(1, f"{t.name} = acc[{o}]")
+                body.append(ir.Assign(t.name, _view("acc", o, t) if t.free else f"acc[{o}]"))
             elif self.phase[t] in ("A", "C"):
-                self.emit(t, 1)
+                body.append(self.emit(t))
         o = 0
         for label, t, size in self.spec.outputs:
-            self.w(1, f"# {label}")
+            body.append(ir.Comment(_printable(label)))
             # loops, not slice assignments: Numba takes about 2 s to compile an array setitem
             if not isinstance(t, Tensor):
-                self.w(1, f"for q in range({size}):")
-                self.w(2, f"out[{o} + q] = 0.0")
+                body.append(ir.For("q", ir.range_(size), [ir.Assign(f"out[{o} + q]", "0.0")]))
             elif t.free:
-                self.w(1, f"flat = {self.code(t)}.ravel()")
-                self.w(1, f"for q in range({size}):")
-                self.w(2, f"out[{o} + q] = flat[q]")
+                body += [ir.Assign("flat", f"{self.code(t)}.ravel()"),
+                         ir.For("q", ir.range_(size), [ir.Assign(f"out[{o} + q]", "flat[q]")])]
             else:
-                self.w(1, f"out[{o}] = {self.code(t)}")
+                body.append(ir.Assign(f"out[{o}]", self.code(t)))
             o += size
-        self.w()
-        self.w()
+        return [ir.Def(fname, ("theta", "v", "acc", "out"), body,
+                       doc=f"{self.spec.kind}: the outputs from the sums over rows in acc", decorators=("_jit",)),
+                ir.Blank(2)]
+
+
+def _loops(loops, body) -> list:
+    """``body`` inside ``for var in range(n)`` for each (var, n) of ``loops``, the first outermost."""
+    for var, n in reversed(loops):
+        body = [ir.For(var, ir.range_(n), body)]
+    return body
+
+
+def _view(src: str, o: int, t: Tensor) -> str:
+    """``t``'s entries at offset ``o`` of the flat array ``src``, in t's shape."""
+    return f"{src}[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))"
+
+
+def _printable(text: str) -> str:
+    """``text`` with the characters that are not printable escaped (a newline in a symbol's
+    name, shown in a comment): a line of comment stays one line."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def _comment(text: str):
+    """``text`` as comment lines of at most about 100 characters."""
+    return [ir.Comment(_printable(line)) for line in _wrap(text)]
 
 
 def _vectorises(e) -> bool:
@@ -802,26 +768,26 @@ def _wrap(text: str, width: int = 100) -> list:
 
 
 def write_kernel(g: Graph, spec: KernelSpec, params, data, directions, has_data: bool):
-    """(source lines, helper names used, accumulator size) of one kernel kind."""
+    """(the module-level statements, helper names used, accumulator size, whether they call
+    BLAS_SOURCE's functions) of one kernel kind."""
     wr = _Writer(g, spec, params, data, directions, has_data)
     data_args = [f"data_{t.code}" for t in data] or ["data_none"]
+    out = []
     if has_data:
-        wr.print_rows(f"{spec.kind}_rows", data_args)
+        out += wr.print_rows(f"{spec.kind}_rows", data_args)
         if spec.kind == "hvp" and wr.plan_cache():
             # a point's products share its forward sweep: computed once, then read
-            wr.print_rows(f"{spec.kind}_lin_rows", data_args, mode="fill")
-            wr.print_rows(f"{spec.kind}_at_rows", data_args, mode="read")
-            wr.lines.append(f"HVP_CACHE = {[(t.name, list(t.shape)) for t in wr.cached]!r}")
-            wr.lines.append("")
+            out += wr.print_rows(f"{spec.kind}_lin_rows", data_args, mode="fill")
+            out += wr.print_rows(f"{spec.kind}_at_rows", data_args, mode="read")
+            out += [ir.Assign("HVP_CACHE", repr([(t.name, list(t.shape)) for t in wr.cached])), ir.Blank()]
         wr.mode = None
     if spec.rowwise is None:
-        wr.print_finish(f"{spec.kind}_finish")
+        out += wr.print_finish(f"{spec.kind}_finish")
     size = sum(t.size for t in wr.accumulators())
     # data whose every entry is multiplied into an output's sum (an operand of a contraction
     # summed over the rows): a NaN or infinity there leaves that output non-finite, so the
     # caller's test of the outputs covers it; other data are checked before the call
     covered = sorted({wr.g.tensor_of(ref).name for t, plan in wr.gemm.items() if t.accumulates and t in wr.needed
                       for ref in plan[1:3] if wr.g.tensor_of(ref).role == "data"})
-    wr.lines.append(f"COVERED_{spec.kind.upper()} = {tuple(covered)!r}")
-    wr.lines.append("")
-    return wr.lines, wr.printer.helpers_used, size
+    out += [ir.Assign(f"COVERED_{spec.kind.upper()}", repr(tuple(covered))), ir.Blank()]
+    return out, wr.printer.helpers_used, size, wr.blas

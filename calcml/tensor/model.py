@@ -16,6 +16,7 @@ from functools import cached_property
 import numpy as np
 import sympy as sp
 
+from .. import ir
 from ..codegen import NUMBA_FLAGS
 from ..printing import HELPERS
 from ..cost import Cost
@@ -451,17 +452,18 @@ class TensorCost(Cost):
         if "hvp" in kinds:
             self._hvps  # noqa: B018 - makes the direction inputs
         directions = getattr(self, "_vin", [])
-        lines, helpers, sizes = [], set(helpers), {}
+        body, helpers, sizes, blas = [], set(helpers), {}, False
         for spec in self.kernel_specs(kinds):
-            body, used, size = write_kernel(self._graph, spec, self._pin, self._din, directions, self.has_data)
-            lines += body
+            kernel, used, size, gemm = write_kernel(self._graph, spec, self._pin, self._din, directions, self.has_data)
+            body.append(kernel)
             helpers |= used
             sizes[spec.kind] = size
+            blas |= gemm
         if entry_points:
-            lines += _entry_points(self, sizes)
+            body.append(_entry_points(self, sizes))
         if numba_cache is None:
             numba_cache = not entry_points
-        return _module_text(self, lines, helpers, sizes, numba_cache=numba_cache), sizes
+        return _module_text(self, body, helpers, sizes, blas, numba_cache=numba_cache), sizes
 
 
 def _entry_points(cost, sizes) -> list:
@@ -472,42 +474,36 @@ def _entry_points(cost, sizes) -> list:
     calcml.native): about 40 ms from loading to the first result, instead of about 0.2 s."""
     data = [(f"d{k}_p", "_I64P" if t.role == "label" else "_F64P", ("n",) + tuple(str(m) for m in t.shape))
             for k, t in enumerate(cost._din)]
-    lines = [
-        "",
-        "",
-        "# -- C entry points (numba.cfunc): pointers in, the kernels above on arrays of them ---------",
-        "from numba import carray, types  # noqa: E402",
-        "",
-        "_F64P = types.CPointer(types.float64)",
-        "_I64P = types.CPointer(types.int64)",
-        "# rows: theta, v, the data arrays (n rows each), n, first row, end row, scale, acc",
-        f"SIG_ROWS = types.void(_F64P, _F64P, {''.join(ptr + ', ' for _, ptr, _ in data)}"
-        "types.int64, types.int64, types.int64, types.float64, _F64P)",
-        "# finish: theta, v, the stripes' sums, out",
-        "SIG_FINISH = types.void(_F64P, _F64P, _F64P, _F64P)",
+    rows_sig = ["_F64P", "_F64P", *(ptr for _, ptr, _ in data), "types.int64", "types.int64", "types.int64",
+                "types.float64", "_F64P"]
+    out = [
+        ir.Blank(2),
+        ir.Comment("-- C entry points (numba.cfunc): pointers in, the kernels above on arrays of them ---------"),
+        ir.Raw("from numba import carray, types  # noqa: E402"),
+        ir.Blank(),
+        ir.Assign("_F64P", "types.CPointer(types.float64)"),
+        ir.Assign("_I64P", "types.CPointer(types.int64)"),
+        ir.Comment("rows: theta, v, the data arrays (n rows each), n, first row, end row, scale, acc"),
+        ir.Assign("SIG_ROWS", f"types.void({', '.join(rows_sig)})"),
+        ir.Comment("finish: theta, v, the stripes' sums, out"),
+        ir.Assign("SIG_FINISH", "types.void(_F64P, _F64P, _F64P, _F64P)"),
     ]
+    wrap = "\n        "  # a call's second line, in its parentheses, one level below its def's body
     for kind, size in sizes.items():
         acc = max(size, 1)
         nout = {"value": "1", "hvp": "N_PARAMS"}.get(kind, str(1 + cost.n_params))
         nv = "N_PARAMS" if kind == "hvp" else "0"  # the direction v, for a Hessian-vector product
         if cost.has_data:
-            args = "".join(f"{name}, " for name, _, _ in data)
             arrays = "".join(f"carray({name}, ({', '.join(shape)},)), " for name, _, shape in data)
-            lines += [
-                "",
-                "",
-                f"def {kind}_rows_c(theta_p, v_p, {args}n, r0, r1, scale, acc_p):",
-                f"    {kind}_rows(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), {arrays}r0, r1, scale,",
-                f"        carray(acc_p, ({acc},)))",
-            ]
-        lines += [
-            "",
-            "",
-            f"def {kind}_finish_c(theta_p, v_p, acc_p, out_p):",
-            f"    {kind}_finish(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), carray(acc_p, ({acc},)),",
-            f"        carray(out_p, ({nout},)))",
-        ]
-    return lines
+            out += [ir.Blank(2), ir.Def(
+                f"{kind}_rows_c", ("theta_p", "v_p", *(name for name, _, _ in data), "n", "r0", "r1", "scale", "acc_p"),
+                [ir.Stmt(f"{kind}_rows(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), {arrays}r0, r1, scale,{wrap}"
+                         f"carray(acc_p, ({acc},)))")])]
+        out += [ir.Blank(2), ir.Def(
+            f"{kind}_finish_c", ("theta_p", "v_p", "acc_p", "out_p"),
+            [ir.Stmt(f"{kind}_finish(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), carray(acc_p, ({acc},)),{wrap}"
+                     f"carray(out_p, ({nout},)))")])]
+    return out
 
 
 def _docstring_safe(text: str) -> str:
@@ -517,43 +513,41 @@ def _docstring_safe(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
-def _module_text(cost, lines, helpers, sizes, numba_cache: bool = True) -> str:
-    """The module: header, helpers, ``lines``. ``numba_cache=False`` where calcml keeps the
-    kernels' machine code itself (their C entry points): Numba's own cache of the functions
-    they call would only be written, never read; and the kernels are inlined into the entry
-    points (``inline='always'``, Numba's IR inlining), so each is compiled once, as part of
-    its entry point, not also on its own (that cost the cold build about 0.6 s at W7)."""
+def _module_text(cost, body, helpers, sizes, blas: bool, numba_cache: bool = True) -> str:
+    """The module: header, helpers (BLAS_SOURCE's where ``blas``), the statements ``body``.
+    ``numba_cache=False`` where calcml keeps the kernels' machine code itself (their C entry
+    points): Numba's own cache of the functions they call would only be written, never read;
+    and the kernels are inlined into the entry points (``inline='always'``, Numba's IR
+    inlining), so each is compiled once, as part of its entry point, not also on its own (that
+    cost the cold build about 0.6 s at W7)."""
     flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items() if numba_cache or k != "cache")
     if not numba_cache:
         flags += ", inline='always'"
-    head = [
-        '"""calcml tensor kernels (generated; edit the cost, not this file).',
+    doc = "\n".join([
+        "calcml tensor kernels (generated; edit the cost, not this file).",
         "",
         f"cost: {_docstring_safe(cost._tensor_repr())}",
         "",
         "Row tensors hold one row per row of the current block (index r); accumulators add their",
         "sums over rows into acc, which the caller adds up over stripes of rows in a fixed order.",
-        '"""',
         "",
-        "import math",
-        "import time",
-        "",
-        "import numba",
-        "import numpy as np",
-        "",
-        f"_jit = numba.njit({flags})",
-        f"BLOCK = {cost.block}",
-        f"LANES = {LANES}",
-        f"N_PARAMS = {cost.n_params}",
-        f"ACC_SIZES = {sizes!r}",
-        "",
+    ])
+    head = [
+        ir.Doc(doc),
+        ir.Blank(),
+        ir.Raw("import math\nimport time\n\nimport numba\nimport numpy as np"),
+        ir.Blank(),
+        ir.Assign("_jit", f"numba.njit({flags})"),
+        ir.Assign("BLOCK", cost.block),
+        ir.Assign("LANES", LANES),
+        ir.Assign("N_PARAMS", cost.n_params),
+        ir.Assign("ACC_SIZES", repr(sizes)),
+        ir.Blank(),
     ]
-    out = "\n".join(head) + "\n"
-    if any("_gemm(" in line or "_gemv(" in line for line in lines):
-        out += BLAS_SOURCE
-    for name in sorted(helpers):
-        out += "\n@_jit\n" + HELPERS[name] + "\n"
-    return out + "\n\n" + "\n".join(lines) + "\n"
+    fixed = [ir.Blank(), ir.Raw(BLAS_SOURCE.strip("\n"))] if blas else []
+    for name in sorted(helpers):  # a helper's source ends in a newline: a blank line after it
+        fixed += [ir.Blank(), ir.Raw("@_jit\n" + HELPERS[name])]
+    return ir.render([head, fixed, ir.Blank(2), body]) + "\n"
 
 
 class Rowwise:
@@ -601,8 +595,8 @@ class Rowwise:
 
     def _build(self) -> str:
         spec = KernelSpec("rows", [], rowwise=self.top)
-        lines, helpers, _ = write_kernel(self.graph, spec, self.pin, self.din, [], True)
-        return _module_text(self._probe, lines, helpers, {})
+        body, helpers, _, blas = write_kernel(self.graph, spec, self.pin, self.din, [], True)
+        return _module_text(self._probe, body, helpers, {}, blas)
 
     def __call__(self, theta, data):
         from .kernels import as_tensor_data
