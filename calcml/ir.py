@@ -16,7 +16,8 @@ is built from these nodes and printed by :func:`render`, in the manner of SymPy'
 
 Bodies may nest lists (a piece that returns a list of statements is spliced in) and may hold
 ``None`` (a statement a branch of the generator left out). Rendering is exact and plain:
-four spaces a level, a trailing ``  # comment`` where a node has one.
+four spaces a level, a trailing ``  # comment`` where a node has one; an expression written
+over several lines continues one level below its statement.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ class Node:
 
 
 def _line(out: list, depth: int, text: str):
-    out.append(_INDENT * depth + text if text else "")
+    """``text`` at ``depth``; a statement written over several lines (a long call, in its
+    parentheses) has its further lines one level deeper."""
+    first, *more = text.split("\n")
+    out.append(_INDENT * depth + first if first else "")
+    out.extend(_INDENT * (depth + 1) + part for part in more)
 
 
 def _body(out: list, body, printer, depth: int):
