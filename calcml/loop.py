@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ import sympy as sp
 from sympy.printing.precedence import precedence
 
 from . import result as _result
-from .codegen import KERNEL_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
+from . import ir
+from .codegen import KERNEL_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, chunk_sums
 from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
 from .optim import CALL_ARGS, GRAD, PARAM, RATE, STEP, Optimizer, slot
@@ -476,6 +478,14 @@ class _Generator:
         self.state = [s[0] for s in opt.state]
 
     # -- shared pieces -----------------------------------------------------------------------
+    def _put(self, w, indent, nodes):
+        """Write statements (interim: until this generator builds calcml.ir statements itself)."""
+        for line in ir.lines(nodes, self.mb.printer, indent):
+            w(0, line)
+
+    def _c(self, e):
+        return ir.code(e, self.mb.printer)
+
     def _constant_rate(self) -> bool:
         return self.schedule is not None and self.schedule.is_constant
 
@@ -495,12 +505,9 @@ class _Generator:
         w(indent, f"for i in {rows}:")
         if row_index != "i":
             w(indent + 1, f"r = {row_index}")
-        for line in prog.row_loads:
-            w(indent + 1, line.format(row="r" if row_index != "i" else "i"))
-        for line in prog.row:
-            w(indent + 1, line)
-        for k, (label, code) in enumerate(prog.outputs):
-            w(indent + 1, f"{acc[k]} += {code}  # {label}")
+        self._put(w, indent + 1, [prog.row_loads("r" if row_index != "i" else "i"), prog.row])
+        for k, (label, e) in enumerate(prog.outputs):
+            w(indent + 1, f"{acc[k]} += {self._c(e)}  # {label}")
 
     def _full_batch_functions(self, w, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None):
         """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
@@ -513,21 +520,19 @@ class _Generator:
         w(0, "@_jit")
         w(0, "def _fg_serial(theta, cols, g):" if self.threaded else "def _fg(theta, cols, g, passes=0):")
         w(1, '"""the full-batch cost at theta; its gradient is written into g. NaN when a datum is not finite"""')
-        for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
-            w(1, line)
+        self._put(w, 1, [vg.param_loads, vg.column_loads if self.has_data else [], vg.hoisted])
         if self.has_data:
             w(1, "n_rows = c0.shape[0]")
             # x - x is 0.0 for finite x, NaN otherwise: the data are checked in the same pass
-            prog = RowProgram(vg.kind, vg.param_loads, vg.column_loads, vg.hoisted, vg.row_loads, vg.row,
-                              vg.outputs + [("data finiteness check", vg.check)], vg.check, vg.pairs)
+            prog = replace(vg, outputs=vg.outputs + (("data finiteness check", vg.check),))
             if self.minibatch:
                 # called at each epoch's end for tol: one chunk of all rows, in lanes (vectorised:
-                # 3.5x the serial pass on W3's data; see print_chunk_sums)
+                # 3.5x the serial pass on W3's data; see codegen.chunk_sums)
                 m = len(prog.outputs)
                 w(1, "start, stop, chunk = 0, n_rows, 0  # one chunk: all rows")
                 w(1, f"partial = np.zeros((1, {m}))")
                 w(1, f"acc = np.zeros(({m}, LANES))")
-                print_chunk_sums(w, prog, 1, "LANES", m)
+                self._put(w, 1, chunk_sums(prog, "LANES", m))
                 for k in range(m):
                     w(1, f"a{k} = partial[0, {k}]")
             else:
@@ -538,8 +543,8 @@ class _Generator:
             w(1, f"return a0 * scale + a{n + 1}")
         else:
             for j in range(n):
-                w(1, f"g[{j}] = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
-            w(1, f"return {vg.outputs[0][1]}")
+                w(1, f"g[{j}] = {self._c(vg.outputs[j + 1][1])}  # {vg.outputs[j + 1][0]}")
+            w(1, f"return {self._c(vg.outputs[0][1])}")
         w()
         w()
         if val is not None:
@@ -548,14 +553,13 @@ class _Generator:
             w(0, "@_jit")
             w(0, "def _f_serial(theta, cols):" if self.threaded else "def _f(theta, cols, passes=0):")
             w(1, '"""the full-batch cost at theta"""')
-            for line in val.param_loads + (val.column_loads if self.has_data else []) + val.hoisted:
-                w(1, line)
+            self._put(w, 1, [val.param_loads, val.column_loads if self.has_data else [], val.hoisted])
             if self.has_data:
                 w(1, "n_rows = c0.shape[0]")
                 self._accumulate(w, val, 1, "range(n_rows)", "i")
                 w(1, f"return a0 * ({self._scale()})")
             else:
-                w(1, f"return {val.outputs[0][1]}")
+                w(1, f"return {self._c(val.outputs[0][1])}")
             w()
             w()
         if hess is not None:
@@ -565,15 +569,14 @@ class _Generator:
             w(0, "@_jit")
             w(0, "def _hess_serial(theta, cols, H):" if self.threaded else "def _hess(theta, cols, H, passes=0):")
             w(1, '"""the full-batch Hessian at theta, written into H"""')
-            for line in hess.param_loads + (hess.column_loads if self.has_data else []) + hess.hoisted:
-                w(1, line)
+            self._put(w, 1, [hess.param_loads, hess.column_loads if self.has_data else [], hess.hoisted])
             if self.has_data:
                 w(1, "n_rows = c0.shape[0]")
                 self._accumulate(w, hess, 1, "range(n_rows)", "i")
                 w(1, f"scale = {self._scale()}")
                 codes = [f"a{k} * scale" for k in range(len(hess.outputs))]
             else:
-                codes = [code for _, code in hess.outputs]
+                codes = [self._c(e) for _, e in hess.outputs]
             for (i, j), code in zip(hess.pairs, codes):
                 w(1, f"H[{i}, {j}] = {code}")
                 if i != j:
@@ -674,8 +677,7 @@ class _Generator:
         for k, name in enumerate(self.hyper):
             w(1, f"hp_{name} = hp[{k}]  # {name}")
         if self.has_data:
-            for line in vg.column_loads:
-                w(1, line)
+            self._put(w, 1, vg.column_loads)
             w(1, "n_rows = c0.shape[0]")
         if self.threaded and self.first_order:
             w(1, "threaded = n_rows >= PARALLEL_MIN_ROWS  # large data: each step's pass by _fg, on calcml's threads")
@@ -749,8 +751,7 @@ class _Generator:
 
     def _first_order_body(self, w, vg: RowProgram):
         if not self.unrolled:
-            for line in vg.param_loads:
-                w(2, line)
+            self._put(w, 2, vg.param_loads)
         if self.minibatch:
             w(2, "if pos == 0:  # a new epoch: Fisher-Yates shuffle of the row order")
             w(3, "for i in range(n_rows - 1, 0, -1):")
@@ -806,8 +807,7 @@ class _Generator:
         n = self.n
         if vg.hoisted:
             w(ind, "# parameter-only subexpressions")
-            for line in vg.hoisted:
-                w(ind, line)
+            self._put(w, ind, vg.hoisted)
         gname = (lambda j: f"g{j}") if self.unrolled else (lambda j: f"g[{j}]")
         if self.has_data:
             w(ind, "# the exact gradient, summed over the " + ("minibatch" if self.minibatch else "rows"))
@@ -835,16 +835,16 @@ class _Generator:
                 w(ind, f"{gname(j)} = a{j + 1} * scale  # {vg.outputs[j + 1][0]}")
         elif late is not None:
             for j in range(n):
-                w(ind, f"{gname(j)} = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
+                w(ind, f"{gname(j)} = {self._c(vg.outputs[j + 1][1])}  # {vg.outputs[j + 1][0]}")
             saved = {p: f"q{j}" for j, p in enumerate(self.cost.params)}  # the point before the update
             with self.mb.printer.naming(saved):
-                late.append("value = " + self.mb.printer.doprint_expr(vg.exprs[0][1]))
+                late.append("value = " + self.mb.printer.doprint_expr(vg.outputs[0][1]))
             late.append("gn2 = " + " + ".join(f"g{j} * g{j}" for j in range(n)))
             return
         else:
-            w(ind, f"value = {vg.outputs[0][1]}")
+            w(ind, f"value = {self._c(vg.outputs[0][1])}")
             for j in range(n):
-                w(ind, f"{gname(j)} = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
+                w(ind, f"{gname(j)} = {self._c(vg.outputs[j + 1][1])}  # {vg.outputs[j + 1][0]}")
         if self.unrolled:
             w(ind, "gn2 = " + " + ".join(f"g{j} * g{j}" for j in range(n)))
         else:
@@ -974,7 +974,7 @@ class _Generator:
         body()
         body()
         title = f"the {self.opt.name} descent loop of one cost"
-        head = self.mb.header(header_lines, title=title)
+        head = ir.render(self.mb.header(header_lines, title=title)) + "\n"
         return head + self._constants() + body.text() + self._python_driver()
 
     def _entry_point_args(self) -> list:
