@@ -201,19 +201,6 @@ class RowProgram:
         return [ir.Assign(f"x{k}", f"c{k}[{row}]") for k in range(self.n_cols)]
 
 
-class _Writer:
-    """Accumulates indented lines."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, indent: int = 0, text: str = ""):
-        self.lines.append(("    " * indent + text) if text else "")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
 class ModuleBuilder:
     """Prints the kernels of one cost into one module."""
 
