@@ -1,4 +1,4 @@
-"""Cost -> Python module source for the Numba kernels. Pure text generation: no exec here.
+"""Cost -> Python module source for the Numba kernels: :mod:`calcml.ir` statements, rendered once; no exec here.
 
 The pipeline, run once per cost (the result is cached on disk by :mod:`calcml.compile`):
 
@@ -25,6 +25,7 @@ import sympy as sp
 from .backprop import backprop
 from .cost import Cost
 from .errors import CodegenError
+from . import ir
 from .printing import NumbaPrinter, helper_source
 from .rewrite import stabilize
 
@@ -164,27 +165,27 @@ def _closure(plan_: _Plan, exprs) -> list:
     return [(s, e) for s, e in plan_.temps if s in need]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RowProgram:
-    """Straight-line code for one kernel kind, as lines of Python (see ModuleBuilder.program).
+    """Straight-line code for one kernel kind, as :mod:`calcml.ir` statements (see
+    ModuleBuilder.program), rendered with the builder's printer.
 
     Names: ``theta`` and ``cols`` are the inputs; ``p{j}`` parameters, ``c{k}`` column
-    arrays, ``x{k}`` the current row's values, ``h{i}`` row-independent temporaries,
-    ``t{i}`` per-row temporaries. ``row_loads`` hold a ``{row}`` placeholder for the row
-    index expression. ``outputs`` are (label, code) per accumulated quantity (``exprs`` the
-    same as (label, expression), for a generator that prints them under other names), and
-    ``check`` is 0.0 when the row's data are finite (NaN otherwise).
+    arrays, ``x{k}`` the current row's values (:meth:`row_loads`), ``h{i}`` row-independent
+    temporaries, ``t{i}`` per-row temporaries. ``outputs`` are (label, expression) per
+    accumulated quantity (a SymPy expression, or code), and ``check`` is code that is 0.0
+    when the row's data are finite (NaN otherwise).
     """
 
     kind: str
-    param_loads: list
-    column_loads: list
-    hoisted: list
-    row_loads: list
-    row: list
-    outputs: list
+    param_loads: tuple
+    column_loads: tuple
+    hoisted: tuple
+    n_cols: int
+    row: tuple
+    outputs: tuple
     check: str
-    pairs: list
+    pairs: tuple
     # The kernels' cheaper form of the finiteness check: ``row_check`` tests per row only the
     # columns that no output propagates (None when there are none), and the outputs at
     # ``check_slots`` propagate the rest (see _Plan.strict_in): their sums, tested once at
@@ -192,20 +193,12 @@ class RowProgram:
     row_check: str | None = None
     check_slots: tuple = ()
     slot_checked: tuple = ()  # the columns (indices) those slots check
-    exprs: tuple = ()  # (label, expression) per output: what ``outputs`` print, for printing anew
 
-
-class _Writer:
-    """Accumulates indented lines."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, indent: int = 0, text: str = ""):
-        self.lines.append(("    " * indent + text) if text else "")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+    def row_loads(self, row: str) -> list:
+        """``x{k} = c{k}[row]`` for every column, ``row`` the row index's code. Every column is
+        read, even one the outputs do not need: the finiteness check validates all the data,
+        whichever kernel sees it."""
+        return [ir.Assign(f"x{k}", f"c{k}[{row}]") for k in range(self.n_cols)]
 
 
 class ModuleBuilder:
@@ -262,9 +255,6 @@ class ModuleBuilder:
         return self.plan_vg
 
     # -- pieces ----------------------------------------------------------------------------
-    def _p(self, e) -> str:
-        return self.printer.doprint_expr(e)
-
     def _outputs(self, kind: str) -> list:
         """(label, expr) of what kernel ``kind`` returns, in output-slot order."""
         out = self._plan(kind).outputs
@@ -279,7 +269,7 @@ class ModuleBuilder:
         """The straight-line code that computes ``kind``'s outputs for one row.
 
         The building block of every generated loop: the kernels below and the optimizer
-        loops of :mod:`calcml.loop` place these lines inside their own loops.
+        loops of :mod:`calcml.loop` place these statements inside their own loops.
         """
         outs = self._outputs(kind)
         pl = self._plan(kind)
@@ -298,20 +288,17 @@ class ModuleBuilder:
         row_check = " + ".join(f"(x{k} - x{k})" for k, d in enumerate(data) if d in unchecked) or None
         return RowProgram(
             kind=kind,
-            param_loads=[
-                f"p{j} = theta[{j}]  # {_comment(p.name)}" for j, p in enumerate(self.cost.params) if p in used
-            ],
-            column_loads=[f"c{k} = cols[{k}]  # column {_comment(d.name)}" for k, d in enumerate(self.cost.data)],
-            hoisted=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s not in pl.row_temps],
-            # Every column is read, even one this kernel's outputs do not need: the
-            # finiteness check validates all the data, whichever kernel sees it.
-            row_loads=[f"x{k} = c{k}[{{row}}]" for k in range(len(self.cost.data))],
-            row=[f"{self.names[s]} = {self._p(e)}" for s, e in temps if s in pl.row_temps],
-            outputs=[(label, self._p(e)) for label, e in outs],
-            exprs=tuple(outs),
+            param_loads=tuple(ir.Assign(f"p{j}", f"theta[{j}]", _comment(p.name))
+                              for j, p in enumerate(self.cost.params) if p in used),
+            column_loads=tuple(ir.Assign(f"c{k}", f"cols[{k}]", f"column {_comment(d.name)}")
+                               for k, d in enumerate(data)),
+            hoisted=tuple(ir.Assign(s, e) for s, e in temps if s not in pl.row_temps),
+            n_cols=len(data),
+            row=tuple(ir.Assign(s, e) for s, e in temps if s in pl.row_temps),
+            outputs=tuple(outs),
             # x - x is 0.0 for finite x and NaN for inf/NaN: a free check that the data are finite.
-            check=" + ".join(f"(x{k} - x{k})" for k in range(len(self.cost.data))) or "0.0",
-            pairs=list(self.sym.pairs) if kind == "hessian" else [],
+            check=" + ".join(f"(x{k} - x{k})" for k in range(len(data))) or "0.0",
+            pairs=tuple(self.sym.pairs) if kind == "hessian" else (),
             row_check=row_check,
             check_slots=tuple(check_slots),
             slot_checked=tuple(k for k, d in enumerate(data) if d not in unchecked),
@@ -330,30 +317,24 @@ class ModuleBuilder:
     # Kernels are plain functions over raw pointers, compiled one by one with numba.cfunc
     # when first needed (see calcml.native): the machine code is kept in the cache and a
     # later process loads it without Numba's start-up.
-    def _load_params(self, w: _Writer, prog: "RowProgram"):
-        w(1, "theta = carray(theta_p, N_PARAMS)")
-        for line in prog.param_loads:
-            w(1, line)
+    @staticmethod
+    def _load_params(prog: "RowProgram") -> list:
+        return [ir.Assign("theta", "carray(theta_p, N_PARAMS)"), prog.param_loads]
 
-    def _kernel_nodata(self, w: _Writer, kind: str):
+    def _kernel_nodata(self, kind: str) -> ir.Def:
         prog = self.program(kind)
         size = kernel_slots(kind, self.n, has_data=False)[1]
-        w(0, f"def {kind}(theta_p, out_p):")
-        w(1, f'"""{kind} of the cost at theta, into out[:{size}]"""')
-        self._load_params(w, prog)
-        for line in prog.hoisted:
-            w(1, line)
-        w(1, f"out = carray(out_p, {size})")
-        if kind == "hessian":
-            for (label, code), (i, j) in zip(prog.outputs, prog.pairs):
-                w(1, f"out[{i * self.n + j}] = {code}  # {label}")
-                if i != j:
-                    w(1, f"out[{j * self.n + i}] = out[{i * self.n + j}]")
+        n = self.n
+        if kind == "hessian":  # the upper triangle, mirrored
+            outs = [[ir.Assign(f"out[{i * n + j}]", e, label),
+                     ir.Assign(f"out[{j * n + i}]", f"out[{i * n + j}]") if i != j else None]
+                    for (label, e), (i, j) in zip(prog.outputs, prog.pairs)]
         else:
-            for k, (label, code) in enumerate(prog.outputs):
-                w(1, f"out[{k}] = {code}  # {label}")
+            outs = [ir.Assign(f"out[{k}]", e, label) for k, (label, e) in enumerate(prog.outputs)]
+        body = [self._load_params(prog), prog.hoisted, ir.Assign("out", f"carray(out_p, {size})"), outs]
+        return ir.Def(kind, ("theta_p", "out_p"), body, doc=f"{kind} of the cost at theta, into out[:{size}]")
 
-    def _kernel_rows(self, w: _Writer, kind: str, checked: bool = True):
+    def _kernel_rows(self, kind: str, checked: bool = True) -> ir.Def:
         """A fused pass over the rows: per-chunk partial sums, combined in chunk order.
 
         Any number of threads may run the function at once on the same arguments: each
@@ -361,60 +342,62 @@ class ModuleBuilder:
         to the chunk's own row of ``partial``; the call with ``finalize`` set then adds the
         rows in chunk order, so one thread or many give the same bits.
 
-        Inside a chunk, rows go in blocks of LANES lanes (:func:`print_chunk_sums`).
+        Inside a chunk, rows go in blocks of LANES lanes (:func:`chunk_sums`).
         """
         prog = self.program(kind)
         m = len(prog.outputs)  # accumulated slots (+1 for the finiteness check)
         slots, size = kernel_slots(kind, self.n, has_data=True)
-        name = f"{kind}_rows" + ("" if checked else "_prepared")
-        w(0, f"def {name}(theta_p, cols_p, n, nchunks, next_chunk, partial_p, finalize, out_p, acc_p):")
         what = "data checked in the same pass" if checked else "prepared (validated) data, slot left 0"
         if checked and prog.check_slots:
             what += ", partly through the output sums"
-        w(1, f'"""{kind} of the {self.cost.reduce} over the n rows of the columns at cols_p[k]; slot {m} is the '
-             f'finiteness check ({what})"""')
-        self._load_params(w, prog)
-        for k, d in enumerate(self.cost.data):
-            w(1, f"c{k} = carray(cols_p[{k}], n)  # column {_comment(d.name)}")
-        if prog.hoisted:
-            w(1, "# row-independent subexpressions, computed once")
-            for line in prog.hoisted:
-                w(1, line)
-        w(1, f"partial = carray(partial_p, (nchunks, {slots}))")
-        w(1, f"acc = carray(acc_p, ({slots}, LANES))  # this thread's lane accumulators")
-        w(1, "while True:")
-        w(2, "chunk = _claim(next_chunk)")
-        w(2, "if chunk >= nchunks:")
-        w(3, "break")
-        w(2, "start = chunk * CHUNK")
-        w(2, "stop = min(start + CHUNK, n)")
-        w(2, f"for k in range({slots}):")
-        w(3, "for lane in range(LANES):")
-        w(4, "acc[k, lane] = 0.0")
-        print_chunk_sums(w, prog, 2, "LANES", slots, check=prog.row_check if checked else None)
-        w(1, "if finalize:")
-        w(2, f"total = carray(out_p, {size})" if kind != "hessian" else f"total = carray(acc_p, {slots})")
-        w(2, f"for k in range({slots}):")
-        w(3, "total[k] = 0.0")
-        w(2, "for chunk in range(nchunks):")
-        w(3, f"for k in range({slots}):")
-        w(4, "total[k] += partial[chunk, k]")
+        claim = ir.While("True", [
+            ir.Assign("chunk", "_claim(next_chunk)"),
+            ir.If("chunk >= nchunks", [ir.Break()]),
+            ir.Assign("start", "chunk * CHUNK"),
+            ir.Assign("stop", "min(start + CHUNK, n)"),
+            ir.For("k", ir.range_(slots), [ir.For("lane", ir.range_("LANES"), [ir.Assign("acc[k, lane]", "0.0")])]),
+            chunk_sums(prog, "LANES", slots, check=prog.row_check if checked else None),
+        ])
+        total = [
+            ir.Assign("total", f"carray(out_p, {size})" if kind != "hessian" else f"carray(acc_p, {slots})"),
+            ir.For("k", ir.range_(slots), [ir.Assign("total[k]", "0.0")]),
+            ir.For("chunk", ir.range_("nchunks"), [
+                ir.For("k", ir.range_(slots), [ir.AugAssign("total[k]", "+", "partial[chunk, k]")])]),
+        ]
         if checked and prog.check_slots:
             covered = ", ".join(f"x{k}" for k in prog.slot_checked)
-            w(2, f"# these sums add and multiply {covered}: a NaN or inf there leaves them")
-            w(2, "# non-finite, so testing the sums here checks those columns for free (x - x is 0.0")
-            w(2, "# for finite x, NaN otherwise; finite data that overflow only cost a rescan)")
-            w(2, f"total[{m}] += " + " + ".join(f"(total[{k}] - total[{k}])" for k in prog.check_slots))
+            total += [
+                ir.Comment(f"these sums add and multiply {covered}: a NaN or inf there leaves them\n"
+                           "non-finite, so testing the sums here checks those columns for free (x - x is 0.0\n"
+                           "for finite x, NaN otherwise; finite data that overflow only cost a rescan)"),
+                ir.AugAssign(f"total[{m}]", "+", " + ".join(f"(total[{k}] - total[{k}])" for k in prog.check_slots)),
+            ]
         if self.cost.reduce == "mean":
-            w(2, f"for k in range({m}):")
-            w(3, "total[k] /= n")
+            total.append(ir.For("k", ir.range_(m), [ir.AugAssign("total[k]", "/", "n")]))
         if kind == "hessian":
-            w(2, f"out = carray(out_p, {size})")
-            for k, (i, j) in enumerate(prog.pairs):
-                w(2, f"out[{i * self.n + j}] = total[{k}]")
-                if i != j:
-                    w(2, f"out[{j * self.n + i}] = total[{k}]")
-            w(2, f"out[{self.n * self.n}] = total[{m}]")
+            total += [
+                ir.Assign("out", f"carray(out_p, {size})"),
+                [[ir.Assign(f"out[{i * self.n + j}]", f"total[{k}]"),
+                  ir.Assign(f"out[{j * self.n + i}]", f"total[{k}]") if i != j else None]
+                 for k, (i, j) in enumerate(prog.pairs)],
+                ir.Assign(f"out[{self.n * self.n}]", f"total[{m}]"),
+            ]
+        return ir.Def(
+            f"{kind}_rows" + ("" if checked else "_prepared"),
+            ("theta_p", "cols_p", "n", "nchunks", "next_chunk", "partial_p", "finalize", "out_p", "acc_p"),
+            [
+                self._load_params(prog),
+                [ir.Assign(f"c{k}", f"carray(cols_p[{k}], n)", f"column {_comment(d.name)}")
+                 for k, d in enumerate(self.cost.data)],
+                [ir.Comment("row-independent subexpressions, computed once"), prog.hoisted] if prog.hoisted else None,
+                ir.Assign("partial", f"carray(partial_p, (nchunks, {slots}))"),
+                ir.Assign("acc", f"carray(acc_p, ({slots}, LANES))", "this thread's lane accumulators"),
+                claim,
+                ir.If("finalize", total),
+            ],
+            doc=f"{kind} of the {self.cost.reduce} over the n rows of the columns at cols_p[k]; slot {m} is the "
+                f"finiteness check ({what})",
+        )
 
     # -- the module ------------------------------------------------------------------------
     def kinds(self) -> list:
@@ -426,79 +409,64 @@ class ModuleBuilder:
         return kinds
 
     def source(self, header_lines=()) -> str:
-        body = _Writer()
+        kernels = []
         for kind in self.kinds():
             if self.has_data:
-                for checked in (True, False):
-                    self._kernel_rows(body, kind, checked=checked)
-                    body()
-                    body()
+                kernels += [[self._kernel_rows(kind, checked), ir.Blank(2)] for checked in (True, False)]
             else:
-                self._kernel_nodata(body, kind)
-            body()
-            body()
-        return self.header(header_lines, kernels=True) + body.text()
+                kernels.append(self._kernel_nodata(kind))
+            kernels.append(ir.Blank(2))
+        body = ir.render(kernels, self.printer)  # printed first: the header lists the helpers it used
+        return ir.render(self.header(header_lines, kernels=True)) + "\n" + body + "\n"
 
-    def header(self, header_lines=(), title="the compiled kernels of one cost", kernels: bool = False) -> str:
-        """Comments, imports, the Numba flags and the helpers the printed code used so far.
+    def header(self, header_lines=(), title="the compiled kernels of one cost", kernels: bool = False) -> list:
+        """Comments, imports, the Numba flags and the helpers the printed code used so far
+        (so made after the module's statements are rendered).
 
         ``kernels``: the header of the kernel module (C signatures and the chunk counter for
         ``numba.cfunc``); otherwise that of an optimizer module (``njit``).
         """
-        head = _Writer()
-        for line in header_lines:
-            head(0, f"# {line}")
-        head(0, f"# Generated by calcml: {title}. Regenerated, never edited.")
-        head(0, f"# cost ({self.cost.reduce} over rows): {_comment(self.cost.expr, 2000)}")
-        head(0, "# parameters (theta slots):")
-        for j, p in enumerate(self.cost.params):
-            head(0, f"#   p{j} = theta[{j}]: {_comment(p.name)}")
-        if self.has_data:
-            head(0, "# data columns:")
-            for k, d in enumerate(self.cost.data):
-                head(0, f"#   c{k} = cols[{k}]: {_comment(d.name)}")
-        if kernels:
-            head(0, "#")
-            head(0, "# Each kernel is compiled on first use with numba.cfunc(SIG_ROWS or SIG_THETA, **CFUNC_FLAGS);")
-            head(0, "# calcml keeps its machine code beside this file (<this file>.<kernel>.<cpu>.o).")
-        head(0, "import math")
-        head()
-        head(0, "import numba")
-        head(0, "import numpy as np")
-        if kernels:
-            head(0, "from llvmlite import ir")
-            head(0, "from numba import carray, types")
-            head(0, "from numba.core.extending import intrinsic")
-        head()
         flags = ", ".join(f"{k}={v!r}" for k, v in (KERNEL_FLAGS if kernels else NUMBA_FLAGS).items())
-        head(0, f"_jit = numba.njit({flags})")
-        if kernels:
-            head(0, f"CFUNC_FLAGS = {KERNEL_FLAGS!r}")
-            head(0, "_F64P = types.CPointer(types.float64)")
-            head(0, "# value, gradient, Hessian of a cost without data: f(theta, out)")
-            head(0, "SIG_THETA = types.void(_F64P, _F64P)")
-            head(0, "# a pass over rows: f(theta, cols, n, nchunks, next_chunk, partial, finalize, out, acc)")
-            head(0, "SIG_ROWS = types.void(_F64P, types.CPointer(_F64P), types.int64, types.int64,")
-            head(0, "                      types.CPointer(types.int64), _F64P, types.int64, _F64P, _F64P)")
-        if self.has_data:
-            head(0, f"CHUNK = {CHUNK}")
-            head(0, f"LANES = {LANES}")
-        head(0, f"N_PARAMS = {self.n}")
-        head()
-        if kernels and self.has_data:
-            head()
-            for line in _CLAIM_SOURCE.strip("\n").split("\n"):
-                head(0, line)
-            head()
-        for name in sorted(self.printer.helpers_used):
-            head()
-            head(0, "@_jit")
-            for line in helper_source([name]).rstrip("\n").split("\n"):
-                head(0, line)
-        head()
-        head()
-        return head.text()
+        return [
+            [ir.Comment(line) for line in header_lines],
+            ir.Comment(f"Generated by calcml: {title}. Regenerated, never edited."),
+            ir.Comment(f"cost ({self.cost.reduce} over rows): {_comment(self.cost.expr, 2000)}"),
+            ir.Comment("parameters (theta slots):"),
+            [ir.Comment(f"  p{j} = theta[{j}]: {_comment(p.name)}") for j, p in enumerate(self.cost.params)],
+            [ir.Comment("data columns:"),
+             [ir.Comment(f"  c{k} = cols[{k}]: {_comment(d.name)}") for k, d in enumerate(self.cost.data)]]
+            if self.has_data else None,
+            ir.Comment("\nEach kernel is compiled on first use with numba.cfunc(SIG_ROWS or SIG_THETA, "
+                       "**CFUNC_FLAGS);\n"
+                       "calcml keeps its machine code beside this file (<this file>.<kernel>.<cpu>.o).")
+            if kernels else None,
+            ir.Raw("import math"),
+            ir.Blank(),
+            ir.Raw("import numba\nimport numpy as np"),
+            ir.Raw(_KERNEL_IMPORTS) if kernels else None,
+            ir.Blank(),
+            ir.Assign("_jit", f"numba.njit({flags})"),
+            [ir.Assign("CFUNC_FLAGS", repr(KERNEL_FLAGS)), ir.Raw(_SIGNATURES)] if kernels else None,
+            [ir.Assign("CHUNK", CHUNK), ir.Assign("LANES", LANES)] if self.has_data else None,
+            ir.Assign("N_PARAMS", self.n),
+            ir.Blank(),
+            [ir.Blank(), ir.Raw(_CLAIM_SOURCE.strip("\n")), ir.Blank()] if kernels and self.has_data else None,
+            [[ir.Blank(), ir.Raw("@_jit\n" + helper_source([name]).rstrip("\n"))]
+             for name in sorted(self.printer.helpers_used)],
+            ir.Blank(2),
+        ]
 
+
+_KERNEL_IMPORTS = '''from llvmlite import ir
+from numba import carray, types
+from numba.core.extending import intrinsic'''
+
+_SIGNATURES = '''_F64P = types.CPointer(types.float64)
+# value, gradient, Hessian of a cost without data: f(theta, out)
+SIG_THETA = types.void(_F64P, _F64P)
+# a pass over rows: f(theta, cols, n, nchunks, next_chunk, partial, finalize, out, acc)
+SIG_ROWS = types.void(_F64P, types.CPointer(_F64P), types.int64, types.int64,
+                      types.CPointer(types.int64), _F64P, types.int64, _F64P, _F64P)'''
 
 _CLAIM_SOURCE = '''
 @intrinsic
@@ -522,8 +490,8 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the kernels run as Python, 
 '''
 
 
-def print_chunk_sums(w: _Writer, prog: RowProgram, indent: int, lanes: str, slots: int, check=None):
-    """Print the sums of one chunk of rows ``[start, stop)`` into ``partial[chunk, :slots]``.
+def chunk_sums(prog: RowProgram, lanes: str, slots: int, check=None) -> list:
+    """The sums of one chunk of rows ``[start, stop)`` into ``partial[chunk, :slots]``.
 
     The rows go in blocks of ``lanes``: row ``base + l`` adds into lane ``l`` of each
     accumulator ``acc[k, :]`` (zeroed by the caller). The lane loop carries no dependence, so
@@ -535,30 +503,31 @@ def print_chunk_sums(w: _Writer, prog: RowProgram, indent: int, lanes: str, slot
     """
     m = len(prog.outputs)
 
-    def row_body(ind, lane):
-        for line in prog.row_loads:
-            w(ind, line.format(row="i"))
-        for line in prog.row:
-            w(ind, line)
-        for k, (label, code) in enumerate(prog.outputs):
-            w(ind, f"acc[{k}, {lane}] += {code}  # {label}")
-        if check is not None:
-            w(ind, f"acc[{m}, {lane}] += {check}")
+    def row_body(lane):
+        return [
+            prog.row_loads("i"),
+            prog.row,
+            [ir.AugAssign(f"acc[{k}, {lane}]", "+", e, label) for k, (label, e) in enumerate(prog.outputs)],
+            ir.AugAssign(f"acc[{m}, {lane}]", "+", check) if check is not None else None,
+        ]
 
-    w(indent, f"nblocks = (stop - start) // {lanes}")
-    w(indent, "for block in range(nblocks):")
-    w(indent + 1, f"base = start + block * {lanes}")
-    w(indent + 1, f"for lane in range({lanes}):")
-    w(indent + 2, "i = np.uintp(base + lane)  # unsigned: no negative-index wraparound test")
-    row_body(indent + 2, "lane")
-    w(indent, f"for r in range(start + nblocks * {lanes}, stop):  # the rows after the last full block")
-    w(indent + 1, "i = np.uintp(r)")
-    row_body(indent + 1, "0")
-    w(indent, f"for k in range({slots}):")
-    w(indent + 1, "s = 0.0")
-    w(indent + 1, f"for lane in range({lanes}):")
-    w(indent + 2, "s += acc[k, lane]")
-    w(indent + 1, "partial[chunk, k] = s")
+    return [
+        ir.Assign("nblocks", f"(stop - start) // {lanes}"),
+        ir.For("block", ir.range_("nblocks"), [
+            ir.Assign("base", f"start + block * {lanes}"),
+            ir.For("lane", ir.range_(lanes), [
+                ir.Assign("i", "np.uintp(base + lane)", "unsigned: no negative-index wraparound test"),
+                row_body("lane"),
+            ]),
+        ]),
+        ir.For("r", ir.range_(f"start + nblocks * {lanes}", "stop"), [ir.Assign("i", "np.uintp(r)"), row_body("0")],
+               comment="the rows after the last full block"),
+        ir.For("k", ir.range_(slots), [
+            ir.Assign("s", "0.0"),
+            ir.For("lane", ir.range_(lanes), [ir.AugAssign("s", "+", "acc[k, lane]")]),
+            ir.Assign("partial[chunk, k]", "s"),
+        ]),
+    ]
 
 
 def kernel_slots(kind: str, n_params: int, has_data: bool) -> tuple:

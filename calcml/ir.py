@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 __all__ = [
-    "Node", "Assign", "AugAssign", "Stmt", "Return", "Break", "Continue", "Pass", "Comment", "Blank",
+    "Node", "Assign", "AugAssign", "Stmt", "Return", "Raise", "Break", "Continue", "Pass", "Comment", "Blank",
     "Doc", "For", "While", "If", "Try", "Def", "Raw", "range_", "code", "flatten", "lines", "render",
 ]
 
@@ -149,6 +149,15 @@ class Return(Node):
 
 
 @dataclass(frozen=True)
+class Raise(Node):
+    """``raise value``"""
+    value: object
+
+    def emit(self, out, printer, depth):
+        _line(out, depth, f"raise {code(self.value, printer)}")
+
+
+@dataclass(frozen=True)
 class Break(Node):
     comment: str = ""
 
@@ -226,12 +235,13 @@ class While(Node):
 
 @dataclass(frozen=True)
 class If(Node):
-    """``if cond:`` body, then ``orelse``: a list of statements (``else:``) or another ``If``
-    (``elif``)."""
+    """``if cond:`` body, then ``orelse``: a list of statements (``else:``, with
+    ``else_comment``) or another ``If`` (``elif``)."""
     cond: object
     body: object = ()
     orelse: object = ()
     comment: str = ""
+    else_comment: str = ""
 
     def emit(self, out, printer, depth, word="if"):
         _line(out, depth, f"{word} {code(self.cond, printer)}:{_tail(self.comment)}")
@@ -239,7 +249,7 @@ class If(Node):
         if isinstance(self.orelse, If):
             self.orelse.emit(out, printer, depth, word="elif")
         elif flatten(self.orelse):
-            _line(out, depth, "else:")
+            _line(out, depth, "else:" + _tail(self.else_comment))
             _body(out, self.orelse, printer, depth + 1)
 
 
@@ -259,7 +269,8 @@ class Try(Node):
 
 @dataclass(frozen=True)
 class Def(Node):
-    """A function: ``decorators``, ``def name(params):``, its docstring and body."""
+    """A function: ``decorators``, ``def name(params):``, its docstring and body. ``params``:
+    names, or lines of them (tuples of names), each further line under the first parameter."""
     name: str
     params: tuple
     body: object = ()
@@ -269,7 +280,11 @@ class Def(Node):
     def emit(self, out, printer, depth):
         for d in self.decorators:
             _line(out, depth, "@" + d)
-        _line(out, depth, f"def {self.name}({', '.join(self.params)}):")
+        rows = [self.params] if all(isinstance(p, str) for p in self.params) else self.params
+        head = f"def {self.name}("
+        for k, row in enumerate(rows):
+            end = "):" if k == len(rows) - 1 else ","
+            _line(out, depth, (head if k == 0 else " " * len(head)) + ", ".join(row) + end)
         inner = ([Doc(self.doc)] if self.doc is not None else []) + flatten(self.body)
         _body(out, inner, printer, depth + 1)
 

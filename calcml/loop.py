@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ import sympy as sp
 from sympy.printing.precedence import precedence
 
 from . import result as _result
-from .codegen import KERNEL_FLAGS, ModuleBuilder, RowProgram, _comment, _Writer, print_chunk_sums
+from . import ir
+from .codegen import KERNEL_FLAGS, ModuleBuilder, RowProgram, _comment, chunk_sums
 from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
 from .optim import CALL_ARGS, GRAD, PARAM, RATE, STEP, Optimizer, slot
@@ -88,17 +90,15 @@ _KEEPS_GRADIENT = frozenset({"lbfgs"})
 # threshold, since they are the kernels' own passes.
 PARALLEL_MIN_ROWS = _PARALLEL_MIN_ROWS
 
-_STATUS_LINES = [
-    "RUNNING = -1",
-    f"CONVERGED = {_result.CONVERGED}",
-    f"MAXITER = {_result.MAXITER}",
-    f"EPOCHS_DONE = {_result.EPOCHS_DONE}",
-    f"DIVERGED = {_result.DIVERGED}",
-    f"INTERRUPTED = {_result.INTERRUPTED}",
-    f"LINE_SEARCH_FAILED = {_result.LINE_SEARCH_FAILED}",
-    "STATUS_NAMES = {-1: 'running', 0: 'converged', 1: 'maxiter', 2: 'epochs done', 3: 'diverged', "
-    "4: 'interrupted', 5: 'line search failed'}",
-]
+_STATUS_SOURCE = f"""RUNNING = -1
+CONVERGED = {_result.CONVERGED}
+MAXITER = {_result.MAXITER}
+EPOCHS_DONE = {_result.EPOCHS_DONE}
+DIVERGED = {_result.DIVERGED}
+INTERRUPTED = {_result.INTERRUPTED}
+LINE_SEARCH_FAILED = {_result.LINE_SEARCH_FAILED}
+STATUS_NAMES = {{-1: 'running', 0: 'converged', 1: 'maxiter', 2: 'epochs done', 3: 'diverged', \
+4: 'interrupted', 5: 'line search failed'}}"""
 
 # Slots of the two small arrays that carry the run's counters between segments (`ints`, and
 # the head of `work`).
@@ -458,7 +458,8 @@ def _latency_printer(mb: ModuleBuilder) -> _LatencyPrinter:
 
 
 class _Generator:
-    """Prints one optimizer module."""
+    """Builds one optimizer module as :mod:`calcml.ir` statements. Code that spans lines (a long
+    call or tuple) holds its further lines as they stand in the module (a def's body: 4 spaces in)."""
 
     def __init__(self, cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool):
         self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
@@ -479,163 +480,156 @@ class _Generator:
     def _constant_rate(self) -> bool:
         return self.schedule is not None and self.schedule.is_constant
 
+    def _n_sched(self) -> int:
+        return len(self.schedule.values()) if self.schedule is not None else 0
+
     def _rate(self) -> str:
         """The schedule's rate at ``step``, its numbers read from ``sa``."""
         with self.mb.printer.naming(self.schedule.names("sa", "step")) as printer:
             return printer.doprint_expr(self.schedule.rate())
 
+    def _assign(self, pairs, names: dict) -> list:
+        """``(target, expression)`` pairs as assignments, their symbols named by ``names``."""
+        with self.mb.printer.naming(names) as printer:
+            return [ir.Assign(printer.doprint_expr(t), printer.doprint_expr(e)) for t, e in pairs]
+
     def _scale(self) -> str:
         return "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
 
-    def _accumulate(self, w, prog: RowProgram, indent: int, rows: str, row_index: str, acc=None):
-        """The fused pass over rows ``rows`` (a range expression), summing prog's outputs."""
-        acc = acc or [f"a{k}" for k in range(len(prog.outputs))]
-        for k in range(len(prog.outputs)):
-            w(indent, f"{acc[k]} = 0.0")
-        w(indent, f"for i in {rows}:")
-        if row_index != "i":
-            w(indent + 1, f"r = {row_index}")
-        for line in prog.row_loads:
-            w(indent + 1, line.format(row="r" if row_index != "i" else "i"))
-        for line in prog.row:
-            w(indent + 1, line)
-        for k, (label, code) in enumerate(prog.outputs):
-            w(indent + 1, f"{acc[k]} += {code}  # {label}")
-
-    def _full_batch_functions(self, w, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None):
-        """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
-        n = self.n
-        if self.threaded:
-            for line in _THREADED_PASS_SOURCE.strip("\n").split("\n"):
-                w(0, line)
-            w()
-            w()
-        w(0, "@_jit")
-        w(0, "def _fg_serial(theta, cols, g):" if self.threaded else "def _fg(theta, cols, g, passes=0):")
-        w(1, '"""the full-batch cost at theta; its gradient is written into g. NaN when a datum is not finite"""')
-        for line in vg.param_loads + (vg.column_loads if self.has_data else []) + vg.hoisted:
-            w(1, line)
-        if self.has_data:
-            w(1, "n_rows = c0.shape[0]")
-            # x - x is 0.0 for finite x, NaN otherwise: the data are checked in the same pass
-            prog = RowProgram(vg.kind, vg.param_loads, vg.column_loads, vg.hoisted, vg.row_loads, vg.row,
-                              vg.outputs + [("data finiteness check", vg.check)], vg.check, vg.pairs)
-            if self.minibatch:
-                # called at each epoch's end for tol: one chunk of all rows, in lanes (vectorised:
-                # 3.5x the serial pass on W3's data; see print_chunk_sums)
-                m = len(prog.outputs)
-                w(1, "start, stop, chunk = 0, n_rows, 0  # one chunk: all rows")
-                w(1, f"partial = np.zeros((1, {m}))")
-                w(1, f"acc = np.zeros(({m}, LANES))")
-                print_chunk_sums(w, prog, 1, "LANES", m)
-                for k in range(m):
-                    w(1, f"a{k} = partial[0, {k}]")
-            else:
-                self._accumulate(w, prog, 1, "range(n_rows)", "i")
-            w(1, f"scale = {self._scale()}")
-            for j in range(n):
-                w(1, f"g[{j}] = a{j + 1} * scale")
-            w(1, f"return a0 * scale + a{n + 1}")
-        else:
-            for j in range(n):
-                w(1, f"g[{j}] = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
-            w(1, f"return {vg.outputs[0][1]}")
-        w()
-        w()
-        if val is not None:
-            if self.threaded:
-                self._threaded_wrapper(w, "_f", "theta, cols", "P_F", "theta, theta", "the full-batch cost at theta")
-            w(0, "@_jit")
-            w(0, "def _f_serial(theta, cols):" if self.threaded else "def _f(theta, cols, passes=0):")
-            w(1, '"""the full-batch cost at theta"""')
-            for line in val.param_loads + (val.column_loads if self.has_data else []) + val.hoisted:
-                w(1, line)
-            if self.has_data:
-                w(1, "n_rows = c0.shape[0]")
-                self._accumulate(w, val, 1, "range(n_rows)", "i")
-                w(1, f"return a0 * ({self._scale()})")
-            else:
-                w(1, f"return {val.outputs[0][1]}")
-            w()
-            w()
-        if hess is not None:
-            if self.threaded:
-                self._threaded_wrapper(w, "_hess", "theta, cols, H", "P_HESS", "theta, H",
-                                       "the full-batch Hessian at theta, written into H")
-            w(0, "@_jit")
-            w(0, "def _hess_serial(theta, cols, H):" if self.threaded else "def _hess(theta, cols, H, passes=0):")
-            w(1, '"""the full-batch Hessian at theta, written into H"""')
-            for line in hess.param_loads + (hess.column_loads if self.has_data else []) + hess.hoisted:
-                w(1, line)
-            if self.has_data:
-                w(1, "n_rows = c0.shape[0]")
-                self._accumulate(w, hess, 1, "range(n_rows)", "i")
-                w(1, f"scale = {self._scale()}")
-                codes = [f"a{k} * scale" for k in range(len(hess.outputs))]
-            else:
-                codes = [code for _, code in hess.outputs]
-            for (i, j), code in zip(hess.pairs, codes):
-                w(1, f"H[{i}, {j}] = {code}")
-                if i != j:
-                    w(1, f"H[{j}, {i}] = H[{i}, {j}]")
-            w()
-            w()
+    @staticmethod
+    def _norm2(name: str) -> list:
+        """``name`` := the squared norm of the gradient array ``g``."""
+        return [ir.Assign(name, "0.0"), ir.For("j", ir.range_("N_PARAMS"), [ir.AugAssign(name, "+", "g[j] * g[j]")])]
 
     @staticmethod
-    def _threaded_wrapper(w, name: str, args: str, slot: str, call: str, what: str):
-        """A full-batch function of a threaded module: the pass calcml made, else the serial one."""
-        w(0, "@_jit")
-        w(0, f"def {name}({args}, passes=0):")
-        w(1, f'"""{what}: the pass calcml made (its threads), if any"""')
-        w(1, f"if passes != 0 and _pass_at(passes, {slot}) != 0:")
-        w(2, f"{'return ' if name == '_f' else ''}_call_pass(passes, {slot}, {call})")
-        if name == "_f":
-            w(1, f"return {name}_serial({args})")
-        else:
-            w(2, "return")
-            w(1, f"{name}_serial({args})")
-        w()
-        w()
+    def _accumulate(prog: RowProgram, rows: str, row_index: str) -> list:
+        """The fused pass over rows ``rows`` (a range expression), summing prog's outputs
+        into ``a{k}``."""
+        row = "r" if row_index != "i" else "i"
+        return [
+            [ir.Assign(f"a{k}", "0.0") for k in range(len(prog.outputs))],
+            ir.For("i", rows, [
+                ir.Assign("r", row_index) if row_index != "i" else None,
+                prog.row_loads(row),
+                prog.row,
+                [ir.AugAssign(f"a{k}", "+", e, label) for k, (label, e) in enumerate(prog.outputs)],
+            ]),
+        ]
 
-    def _stopping(self, w, indent: int, param, restore=()):
+    def _full_batch_functions(self, vg: RowProgram, val: RowProgram | None, hess: RowProgram | None) -> list:
+        """_fg (value, gradient into g), and when needed _f (value) and _hess (Hessian into H)."""
+        n, threaded = self.n, self.threaded
+
+        def loads(prog):
+            return [prog.param_loads, prog.column_loads if self.has_data else (), prog.hoisted]
+
+        def fn(name, params, prog, body, doc):
+            return ir.Def(name + "_serial" if threaded else name, params if threaded else params + ("passes=0",),
+                          [loads(prog), body], doc=doc, decorators=("_jit",))
+
+        if self.has_data:
+            # x - x is 0.0 for finite x, NaN otherwise: the data are checked in the same pass
+            prog = replace(vg, outputs=vg.outputs + (("data finiteness check", vg.check),))
+            if self.minibatch:
+                # called at each epoch's end for tol: one chunk of all rows, in lanes (vectorised:
+                # 3.5x the serial pass on W3's data; see codegen.chunk_sums)
+                m = len(prog.outputs)
+                sums = [
+                    ir.Assign("start, stop, chunk", "0, n_rows, 0", "one chunk: all rows"),
+                    ir.Assign("partial", f"np.zeros((1, {m}))"),
+                    ir.Assign("acc", f"np.zeros(({m}, LANES))"),
+                    chunk_sums(prog, "LANES", m),
+                    [ir.Assign(f"a{k}", f"partial[0, {k}]") for k in range(m)],
+                ]
+            else:
+                sums = self._accumulate(prog, "range(n_rows)", "i")
+            fg = [ir.Assign("n_rows", "c0.shape[0]"), sums, ir.Assign("scale", self._scale()),
+                  [ir.Assign(f"g[{j}]", f"a{j + 1} * scale") for j in range(n)],
+                  ir.Return(f"a0 * scale + a{n + 1}")]
+        else:
+            fg = [[ir.Assign(f"g[{j}]", e, label) for j, (label, e) in enumerate(vg.outputs[1:])],
+                  ir.Return(vg.outputs[0][1])]
+        out = [
+            [ir.Raw(_THREADED_PASS_SOURCE.strip("\n")), ir.Blank(2)] if threaded else None,
+            fn("_fg", ("theta", "cols", "g"), vg, fg,
+               "the full-batch cost at theta; its gradient is written into g. NaN when a datum is not finite"),
+            ir.Blank(2),
+        ]
+        if val is not None:
+            if self.has_data:
+                body = [ir.Assign("n_rows", "c0.shape[0]"), self._accumulate(val, "range(n_rows)", "i"),
+                        ir.Return(f"a0 * ({self._scale()})")]
+            else:
+                body = [ir.Return(val.outputs[0][1])]
+            out += [
+                self._threaded_wrapper("_f", "theta, cols", "P_F", "theta, theta", "the full-batch cost at theta")
+                if threaded else None,
+                fn("_f", ("theta", "cols"), val, body, "the full-batch cost at theta"),
+                ir.Blank(2),
+            ]
+        if hess is not None:
+            if self.has_data:
+                body = [ir.Assign("n_rows", "c0.shape[0]"), self._accumulate(hess, "range(n_rows)", "i"),
+                        ir.Assign("scale", self._scale())]
+                codes = [f"a{k} * scale" for k in range(len(hess.outputs))]
+            else:
+                body, codes = [], [e for _, e in hess.outputs]
+            body += [[ir.Assign(f"H[{i}, {j}]", c), ir.Assign(f"H[{j}, {i}]", f"H[{i}, {j}]") if i != j else None]
+                     for (i, j), c in zip(hess.pairs, codes)]
+            what = "the full-batch Hessian at theta, written into H"
+            out += [
+                self._threaded_wrapper("_hess", "theta, cols, H", "P_HESS", "theta, H", what) if threaded else None,
+                fn("_hess", ("theta", "cols", "H"), hess, body, what),
+                ir.Blank(2),
+            ]
+        return out
+
+    @staticmethod
+    def _threaded_wrapper(name: str, args: str, slot: str, call: str, what: str) -> list:
+        """A full-batch function of a threaded module: the pass calcml made, else the serial one."""
+        made, serial = f"_call_pass(passes, {slot}, {call})", f"{name}_serial({args})"
+        if name == "_f":
+            hit, miss = [ir.Return(made)], ir.Return(serial)
+        else:
+            hit, miss = [ir.Stmt(made), ir.Return()], ir.Stmt(serial)
+        return [
+            ir.Def(name, (args, "passes=0"), [ir.If(f"passes != 0 and _pass_at(passes, {slot}) != 0", hit), miss],
+                   doc=f"{what}: the pass calcml made (its threads), if any", decorators=("_jit",)),
+            ir.Blank(2),
+        ]
+
+    def _stopping(self, param, restore=()) -> list:
         """History, then one rarely taken exit for divergence and (full batch) the tolerance
         test, then the best point. (Two separate exits cost W4's loop about 40% per step.)
-        ``restore``: lines that undo an update already made, run before the exit."""
-        if not self.minibatch:
-            w(indent, "if step == hist_next:")
-            w(indent + 1, "history[hist_i] = value")
-            self._record_path(w, indent + 1, "hist_i", param)
-            w(indent + 1, "hist_i += 1")
-            w(indent + 1, "hist_next += hist_every")
+        ``restore``: statements that undo an update already made, run before the exit."""
         finite = "abs(value) <= blowup and gn2 < math.inf"
         if self.minibatch:
-            w(indent, f"if not ({finite}):  # non-finite or blown up: stop at once")
-            w(indent + 1, "status = DIVERGED")
-            w(indent + 1, "break")
-            return
-        w(indent, f"if not ({finite}) or gn2 <= tol2:  # diverged (stop at once), or |g| <= tol")
-        w(indent + 1, f"status = CONVERGED if ({finite}) else DIVERGED")
-        for line in restore:
-            w(indent + 1, line)
-        w(indent + 1, "break")
-        w(indent, "if value < best_value:")
-        w(indent + 1, "best_value = value")
-        w(indent + 1, "best_step = step")
-        self._copy_best(w, indent + 1, param)
+            return [ir.If(f"not ({finite})", [ir.Assign("status", "DIVERGED"), ir.Break()],
+                          comment="non-finite or blown up: stop at once")]
+        return [
+            ir.If("step == hist_next", [
+                ir.Assign("history[hist_i]", "value"),
+                self._record_path("hist_i", param),
+                ir.AugAssign("hist_i", "+", 1),
+                ir.AugAssign("hist_next", "+", "hist_every"),
+            ]),
+            ir.If(f"not ({finite}) or gn2 <= tol2",
+                  [ir.Assign("status", f"CONVERGED if ({finite}) else DIVERGED"), restore, ir.Break()],
+                  comment="diverged (stop at once), or |g| <= tol"),
+            ir.If("value < best_value",
+                  [ir.Assign("best_value", "value"), ir.Assign("best_step", "step"), self._copy_best(param)]),
+        ]
 
-    def _record_path(self, w, indent, row, param):
+    def _record_path(self, row, param) -> list:
         """Two-parameter costs keep their iterates beside the history (for cm.plot_path)."""
-        if self.n <= PATH_MAX_PARAMS:
-            for j in range(self.n):
-                w(indent, f"path[{row}, {j}] = {param(j)}")
+        if self.n > PATH_MAX_PARAMS:
+            return []
+        return [ir.Assign(f"path[{row}, {j}]", param(j)) for j in range(self.n)]
 
-    def _copy_best(self, w, indent, param):
+    def _copy_best(self, param) -> list:
         if self.unrolled:
-            for j in range(self.n):
-                w(indent, f"best[{j}] = {param(j)}")
-        else:
-            w(indent, "for j in range(N_PARAMS):")
-            w(indent + 1, f"best[j] = {param('j')}")
+            return [ir.Assign(f"best[{j}]", param(j)) for j in range(self.n)]
+        return [ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("best[j]", param("j"))])]
 
     # -- run_segment ---------------------------------------------------------------------------
     def _segment_params(self) -> list:
@@ -649,208 +643,167 @@ class _Generator:
             names.append("state")
         return names + ["xout", "gout"]
 
-    def _run_segment(self, w, vg: RowProgram):
-        w(0, "@_jit")
-        w(0, f"def run_segment({', '.join(self._segment_params())}):")
-        w(1, '"""Run the descent from the state in the arrays until step ints[I_STOP] or a stopping')
-        w(1, "test; every counter is written back, so the next call resumes exactly. Returns the status:")
-        w(1, "RUNNING, or the final one once the run has ended (then the report is written: _end).")
-        w(1, 'The first call evaluates the cost at x0 (_begin)."""')
-        w(1, "# views of `work` (see O_THETA)")
-        w(1, "floats = work")
-        w(1, "theta = work[O_THETA:O_G]")
-        w(1, "g = work[O_G:O_BEST]")
-        w(1, "best = work[O_BEST:O_HP]")
-        if self.hyper:
-            w(1, "hp = work[O_HP:O_SA]")
-        if self.schedule is not None:
-            w(1, "sa = work[O_SA:O_END]")
-        if not self.has_data:
-            w(1, "cols = (work,)  # no data: _fg reads no column")
-        w(1, "if ints[I_BEGUN] == 0 and not _begin(xout, theta, best, g, cols, ints, floats):")
-        w(2, "return _end(theta, best, cols, ints, floats, xout, gout, DIVERGED)  # not finite at x0")
-        if self.state:
-            w(1, f"{', '.join('st_' + s for s in self.state)}, = state")
-        for k, name in enumerate(self.hyper):
-            w(1, f"hp_{name} = hp[{k}]  # {name}")
-        if self.has_data:
-            for line in vg.column_loads:
-                w(1, line)
-            w(1, "n_rows = c0.shape[0]")
-        if self.threaded and self.first_order:
-            w(1, "threaded = n_rows >= PARALLEL_MIN_ROWS  # large data: each step's pass by _fg, on calcml's threads")
-        w(1, "step = ints[I_STEP]")
-        w(1, "stop_step = ints[I_STOP]")
-        w(1, "hist_i = ints[I_HIST_I]")
-        w(1, "hist_next = ints[I_HIST_NEXT]")
-        w(1, "hist_every = ints[I_HIST_EVERY]")
-        w(1, "best_step = ints[I_BEST_STEP]")
-        w(1, "fresh = ints[I_FRESH]")
-        w(1, "nfev = ints[I_NFEV]")
-        if self.threaded or self.opt.call:
-            w(1, "passes = ints[I_PASSES]  # the passes calcml made for these columns (0: serial)")
-        w(1, "best_value = floats[F_BEST]")
-        w(1, "blowup = floats[F_BLOWUP]")
-        w(1, "tol = floats[F_TOL]")
-        w(1, "tol2 = tol * tol")
-        w(1, "value = floats[F_VALUE]")
-        w(1, "gnorm = floats[F_GNORM]")
-        w(1, "gn2 = gnorm * gnorm")
-        if self.minibatch:
-            w(1, "epoch = ints[I_EPOCH]")
-            w(1, "pos = ints[I_POS]")
-            w(1, "batch = ints[I_BATCH]")
-            w(1, "epoch_sum = floats[F_EPOCH_SUM]")
-        if self.unrolled:
-            w(1, "# parameters, gradient and optimizer state live in local scalars during the segment")
-            for j, p in enumerate(self.cost.params):
-                w(1, f"p{j} = theta[{j}]  # {_comment(p.name)}")
-            for j in range(self.n):
-                w(1, f"g{j} = g[{j}]")
-            for s in self.state:
-                for j in range(self.n):
-                    w(1, f"st_{s}_{j} = st_{s}[{j}]")
-        if self.first_order and self._constant_rate():
-            w(1, f"lr = {self._rate()}  # schedule {self.schedule.structure()}: the same every step")
-        w(1, "status = RUNNING")
+    def _run_segment(self, vg: RowProgram) -> ir.Def:
+        n, unrolled = self.n, self.unrolled
+
+        def end(status, comment=""):
+            return ir.Return(f"_end(theta, best, cols, ints, floats, xout, gout, {status})", comment)
+
+        begin = [
+            ir.Comment("views of `work` (see O_THETA)"),
+            ir.Assign("floats", "work"),
+            ir.Assign("theta", "work[O_THETA:O_G]"),
+            ir.Assign("g", "work[O_G:O_BEST]"),
+            ir.Assign("best", "work[O_BEST:O_HP]"),
+            ir.Assign("hp", "work[O_HP:O_SA]") if self.hyper else None,
+            ir.Assign("sa", "work[O_SA:O_END]") if self.schedule is not None else None,
+            ir.Assign("cols", "(work,)", "no data: _fg reads no column") if not self.has_data else None,
+            ir.If("ints[I_BEGUN] == 0 and not _begin(xout, theta, best, g, cols, ints, floats)",
+                  [end("DIVERGED", "not finite at x0")]),
+            ir.Assign(f"{', '.join('st_' + s for s in self.state)},", "state") if self.state else None,
+            [ir.Assign(f"hp_{name}", f"hp[{k}]", name) for k, name in enumerate(self.hyper)],
+            [vg.column_loads, ir.Assign("n_rows", "c0.shape[0]")] if self.has_data else None,
+            ir.Assign("threaded", "n_rows >= PARALLEL_MIN_ROWS",
+                      "large data: each step's pass by _fg, on calcml's threads")
+            if self.threaded and self.first_order else None,
+            [ir.Assign(local, slot_) for local, slot_ in (
+                ("step", "ints[I_STEP]"), ("stop_step", "ints[I_STOP]"), ("hist_i", "ints[I_HIST_I]"),
+                ("hist_next", "ints[I_HIST_NEXT]"), ("hist_every", "ints[I_HIST_EVERY]"),
+                ("best_step", "ints[I_BEST_STEP]"), ("fresh", "ints[I_FRESH]"), ("nfev", "ints[I_NFEV]"))],
+            ir.Assign("passes", "ints[I_PASSES]", "the passes calcml made for these columns (0: serial)")
+            if self.threaded or self.opt.call else None,
+            ir.Assign("best_value", "floats[F_BEST]"),
+            ir.Assign("blowup", "floats[F_BLOWUP]"),
+            ir.Assign("tol", "floats[F_TOL]"),
+            ir.Assign("tol2", "tol * tol"),
+            ir.Assign("value", "floats[F_VALUE]"),
+            ir.Assign("gnorm", "floats[F_GNORM]"),
+            ir.Assign("gn2", "gnorm * gnorm"),
+            [ir.Assign("epoch", "ints[I_EPOCH]"), ir.Assign("pos", "ints[I_POS]"), ir.Assign("batch", "ints[I_BATCH]"),
+             ir.Assign("epoch_sum", "floats[F_EPOCH_SUM]")] if self.minibatch else None,
+            [ir.Comment("parameters, gradient and optimizer state live in local scalars during the segment"),
+             [ir.Assign(f"p{j}", f"theta[{j}]", _comment(p.name)) for j, p in enumerate(self.cost.params)],
+             [ir.Assign(f"g{j}", f"g[{j}]") for j in range(n)],
+             [ir.Assign(f"st_{s}_{j}", f"st_{s}[{j}]") for s in self.state for j in range(n)]] if unrolled else None,
+            ir.Assign("lr", self._rate(), f"schedule {self.schedule.structure()}: the same every step")
+            if self.first_order and self._constant_rate() else None,
+            ir.Assign("status", "RUNNING"),
+        ]
         if self.delayed:
-            self._delayed_body(w, vg)
+            loop = self._delayed_body(vg)
         else:
-            w(1, "while step < stop_step:")
-            if self.first_order:
-                self._first_order_body(w, vg)
-            else:
-                self._line_search_body(w)
-            w(2, "step += 1")
+            step = self._first_order_body(vg) if self.first_order else self._line_search_body()
+            loop = [ir.While("step < stop_step", [step, ir.AugAssign("step", "+", 1)])]
         # write everything back
-        if self.unrolled:
-            for j in range(self.n):
-                w(1, f"theta[{j}] = p{j}")
-                w(1, f"g[{j}] = g{j}")
-            for s in self.state:
-                for j in range(self.n):
-                    w(1, f"st_{s}[{j}] = st_{s}_{j}")
-        w(1, "ints[I_STEP] = step")
-        w(1, "ints[I_HIST_I] = hist_i")
-        w(1, "ints[I_HIST_NEXT] = hist_next")
-        w(1, "ints[I_BEST_STEP] = best_step")
-        w(1, "ints[I_FRESH] = fresh")
-        w(1, "ints[I_NFEV] = nfev")
-        w(1, "floats[F_BEST] = best_value")
-        w(1, "floats[F_VALUE] = value")
-        w(1, "floats[F_GNORM] = math.sqrt(gn2)")
-        if self.minibatch:
-            w(1, "ints[I_EPOCH] = epoch")
-            w(1, "ints[I_POS] = pos")
-            w(1, "floats[F_EPOCH_SUM] = epoch_sum")
-        w(1, "if status != RUNNING or step >= ints[I_MAX_STEPS]:  # the run is over: the report")
-        w(2, "return _end(theta, best, cols, ints, floats, xout, gout, status)")
-        w(1, "return status")
+        finish = [
+            [[[ir.Assign(f"theta[{j}]", f"p{j}"), ir.Assign(f"g[{j}]", f"g{j}")] for j in range(n)],
+             [ir.Assign(f"st_{s}[{j}]", f"st_{s}_{j}") for s in self.state for j in range(n)]] if unrolled else None,
+            [ir.Assign(slot_, local) for slot_, local in (
+                ("ints[I_STEP]", "step"), ("ints[I_HIST_I]", "hist_i"), ("ints[I_HIST_NEXT]", "hist_next"),
+                ("ints[I_BEST_STEP]", "best_step"), ("ints[I_FRESH]", "fresh"), ("ints[I_NFEV]", "nfev"),
+                ("floats[F_BEST]", "best_value"), ("floats[F_VALUE]", "value"), ("floats[F_GNORM]", "math.sqrt(gn2)"))],
+            [ir.Assign("ints[I_EPOCH]", "epoch"), ir.Assign("ints[I_POS]", "pos"),
+             ir.Assign("floats[F_EPOCH_SUM]", "epoch_sum")] if self.minibatch else None,
+            ir.If("status != RUNNING or step >= ints[I_MAX_STEPS]", [end("status")],
+                  comment="the run is over: the report"),
+            ir.Return("status"),
+        ]
+        return ir.Def("run_segment", tuple(self._segment_params()), [begin, loop, finish], decorators=("_jit",), doc=(
+            "Run the descent from the state in the arrays until step ints[I_STOP] or a stopping\n"
+            "test; every counter is written back, so the next call resumes exactly. Returns the status:\n"
+            "RUNNING, or the final one once the run has ended (then the report is written: _end).\n"
+            "The first call evaluates the cost at x0 (_begin)."))
 
-    def _first_order_body(self, w, vg: RowProgram):
-        if not self.unrolled:
-            for line in vg.param_loads:
-                w(2, line)
-        if self.minibatch:
-            w(2, "if pos == 0:  # a new epoch: Fisher-Yates shuffle of the row order")
-            w(3, "for i in range(n_rows - 1, 0, -1):")
-            w(4, "k = _randbelow(rng, i + 1)")
-            w(4, "r = perm[i]")
-            w(4, "perm[i] = perm[k]")
-            w(4, "perm[k] = r")
-            w(2, "stop = min(pos + batch, n_rows)")
-        self._gradient(w, 2, vg)
+    def _first_order_body(self, vg: RowProgram) -> list:
         param = (lambda j: f"p{j}") if self.unrolled else (lambda j: f"theta[{j}]")
-        self._stopping(w, 2, param)
+        body = [None if self.unrolled else vg.param_loads]
         if self.minibatch:
-            w(2, "epoch_sum += a0")
-        self._update(w, 2)
+            body += [
+                ir.If("pos == 0", [ir.For("i", ir.range_("n_rows - 1", 0, -1), [
+                    ir.Assign("k", "_randbelow(rng, i + 1)"),
+                    ir.Assign("r", "perm[i]"),
+                    ir.Assign("perm[i]", "perm[k]"),
+                    ir.Assign("perm[k]", "r"),
+                ])], comment="a new epoch: Fisher-Yates shuffle of the row order"),
+                ir.Assign("stop", "min(pos + batch, n_rows)"),
+            ]
+        body += [
+            self._gradient(vg),
+            self._stopping(param),
+            ir.AugAssign("epoch_sum", "+", "a0") if self.minibatch else None,
+            self._update(),
+        ]
         if self.minibatch:
-            w(2, "pos = stop")
-            w(2, "if pos >= n_rows:  # end of an epoch")
-            mean_scale = "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
-            w(3, f"epoch_value = epoch_sum * {mean_scale}")
-            w(3, "history[epoch] = epoch_value")
-            self._record_path(w, 3, "epoch", param)
-            w(3, "if epoch_value < best_value:")
-            w(4, "best_value = epoch_value")
-            w(4, "best_step = step + 1")
-            self._copy_best(w, 4, param)
-            w(3, "epoch += 1")
-            w(3, "pos = 0")
-            w(3, "epoch_sum = 0.0")
-            self._epoch_tolerance(w, 3)
+            body += [
+                ir.Assign("pos", "stop"),
+                ir.If("pos >= n_rows", [
+                    ir.Assign("epoch_value", f"epoch_sum * {self._scale()}"),
+                    ir.Assign("history[epoch]", "epoch_value"),
+                    self._record_path("epoch", param),
+                    ir.If("epoch_value < best_value", [
+                        ir.Assign("best_value", "epoch_value"),
+                        ir.Assign("best_step", "step + 1"),
+                        self._copy_best(param),
+                    ]),
+                    ir.AugAssign("epoch", "+", 1),
+                    ir.Assign("pos", 0),
+                    ir.Assign("epoch_sum", "0.0"),
+                    self._epoch_tolerance(),
+                ], comment="end of an epoch"),
+            ]
+        return body
 
-    def _epoch_tolerance(self, w, ind: int):
+    def _epoch_tolerance(self) -> ir.If:
         """Minibatch runs: ``tol`` on the full gradient at each epoch's end, by ``_fg`` (one
         vectorised pass over all rows, in order; skipped when tol is 0: on W3 the pass costs
         about 10% of the fit). A minibatch gradient is a noisy estimate that need not shrink
         at a minimum: it is not tested."""
-        w(ind, "if tol2 > 0.0:  # tol: the full gradient's norm at the epoch's end (_fg: one pass)")
-        if self.unrolled:
-            for j in range(self.n):
-                w(ind + 1, f"theta[{j}] = p{j}")
-        w(ind + 1, "_fg(theta, cols, g)  # g: scratch here (the next step writes it)")
-        w(ind + 1, "full2 = 0.0")
-        w(ind + 1, "for j in range(N_PARAMS):")
-        w(ind + 2, "full2 += g[j] * g[j]")
-        w(ind + 1, "if full2 <= tol2:")
-        w(ind + 2, "step += 1  # this update is done")
-        w(ind + 2, "status = CONVERGED")
-        w(ind + 2, "break")
+        return ir.If("tol2 > 0.0", [
+            [ir.Assign(f"theta[{j}]", f"p{j}") for j in range(self.n)] if self.unrolled else None,
+            ir.Stmt("_fg(theta, cols, g)", "g: scratch here (the next step writes it)"),
+            self._norm2("full2"),
+            ir.If("full2 <= tol2", [
+                ir.AugAssign("step", "+", 1, "this update is done"),
+                ir.Assign("status", "CONVERGED"),
+                ir.Break(),
+            ]),
+        ], comment="tol: the full gradient's norm at the epoch's end (_fg: one pass)")
 
-    def _gradient(self, w, ind: int, vg: RowProgram, late=None):
+    def _gradient(self, vg: RowProgram, late=None) -> list:
         """value, the gradient (g{j} or g[j]) and its squared norm gn2 at the parameters.
-        ``late`` (a list; no data, unrolled): the value and gn2 lines are not written but put
-        there, for after the update, with the point's names p{j} read as its saved copy q{j}."""
+        ``late`` (a list; no data, unrolled): the value and gn2 statements are not returned but
+        put there, for after the update, with the point's names p{j} read as its saved copy q{j}."""
         n = self.n
-        if vg.hoisted:
-            w(ind, "# parameter-only subexpressions")
-            for line in vg.hoisted:
-                w(ind, line)
         gname = (lambda j: f"g{j}") if self.unrolled else (lambda j: f"g[{j}]")
+        out = [[ir.Comment("parameter-only subexpressions"), vg.hoisted] if vg.hoisted else None]
         if self.has_data:
-            w(ind, "# the exact gradient, summed over the " + ("minibatch" if self.minibatch else "rows"))
+            out.append(ir.Comment("the exact gradient, summed over the " + ("minibatch" if self.minibatch else "rows")))
             if self.minibatch:
-                self._accumulate(w, vg, ind, "range(pos, stop)", "perm[i]")
                 mean = self.cost.reduce == "mean"
-                w(ind, "scale = 1.0 / (stop - pos)" if mean else "scale = n_rows / (stop - pos)")
-            elif self.threaded:
-                w(ind, "if threaded:")
-                if self.unrolled:
-                    for j in range(n):
-                        w(ind + 1, f"theta[{j}] = p{j}")
-                w(ind + 1, "a0 = _fg(theta, cols, g, passes)  # the pass on calcml's threads (value, g scaled)")
-                for j in range(n):
-                    w(ind + 1, f"a{j + 1} = g[{j}]")
-                w(ind + 1, "scale = 1.0")
-                w(ind, "else:")
-                self._accumulate(w, vg, ind + 1, "range(n_rows)", "i")
-                w(ind + 1, f"scale = {self._scale()}")
+                out += [self._accumulate(vg, "range(pos, stop)", "perm[i]"),
+                        ir.Assign("scale", "1.0 / (stop - pos)" if mean else "n_rows / (stop - pos)")]
             else:
-                self._accumulate(w, vg, ind, "range(n_rows)", "i")
-                w(ind, f"scale = {self._scale()}")
-            w(ind, "value = a0 * scale")
-            for j in range(n):
-                w(ind, f"{gname(j)} = a{j + 1} * scale  # {vg.outputs[j + 1][0]}")
-        elif late is not None:
-            for j in range(n):
-                w(ind, f"{gname(j)} = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
-            saved = {p: f"q{j}" for j, p in enumerate(self.cost.params)}  # the point before the update
-            with self.mb.printer.naming(saved):
-                late.append("value = " + self.mb.printer.doprint_expr(vg.exprs[0][1]))
-            late.append("gn2 = " + " + ".join(f"g{j} * g{j}" for j in range(n)))
-            return
+                rows = [self._accumulate(vg, "range(n_rows)", "i"), ir.Assign("scale", self._scale())]
+                out.append(ir.If("threaded", [
+                    [ir.Assign(f"theta[{j}]", f"p{j}") for j in range(n)] if self.unrolled else None,
+                    ir.Assign("a0", "_fg(theta, cols, g, passes)", "the pass on calcml's threads (value, g scaled)"),
+                    [ir.Assign(f"a{j + 1}", f"g[{j}]") for j in range(n)],
+                    ir.Assign("scale", "1.0"),
+                ], rows) if self.threaded else rows)
+            out += [ir.Assign("value", "a0 * scale"),
+                    [ir.Assign(gname(j), f"a{j + 1} * scale", vg.outputs[j + 1][0]) for j in range(n)]]
         else:
-            w(ind, f"value = {vg.outputs[0][1]}")
-            for j in range(n):
-                w(ind, f"{gname(j)} = {vg.outputs[j + 1][1]}  # {vg.outputs[j + 1][0]}")
+            grad = [ir.Assign(gname(j), e, label) for j, (label, e) in enumerate(vg.outputs[1:])]
+            if late is not None:
+                saved = {p: f"q{j}" for j, p in enumerate(self.cost.params)}  # the point before the update
+                with self.mb.printer.naming(saved) as printer:
+                    late.append(ir.Assign("value", printer.doprint_expr(vg.outputs[0][1])))
+                late.append(ir.Assign("gn2", " + ".join(f"g{j} * g{j}" for j in range(n))))
+                return out + grad
+            out += [ir.Assign("value", vg.outputs[0][1]), grad]
         if self.unrolled:
-            w(ind, "gn2 = " + " + ".join(f"g{j} * g{j}" for j in range(n)))
-        else:
-            w(ind, "gn2 = 0.0")
-            w(ind, "for j in range(N_PARAMS):")
-            w(ind + 1, "gn2 += g[j] * g[j]")
+            return out + [ir.Assign("gn2", " + ".join(f"g{j} * g{j}" for j in range(n)))]
+        return out + self._norm2("gn2")
 
     def _names(self, j=None) -> dict:
         """The code names of the rule's symbols: for parameter ``j`` (unrolled: local
@@ -867,25 +820,20 @@ class _Generator:
             names.update({slot(s): f"st_{s}_{j}" for s in self.state})
         return names
 
-    def _update(self, w, ind: int):
+    def _update(self) -> list:
         """The optimizer's update of the parameters (and its state) by the gradient: its
         rule printed for each parameter, its symbols named by :meth:`_names`."""
-        opt, printer = self.opt, self.mb.printer
-        if not self._constant_rate():
-            w(ind, f"lr = {self._rate()}  # schedule {self.schedule.structure()}")
-        for line in printer.assignments(opt.per_step, self._names("step")):
-            w(ind, line)
-        w(ind, f"# {opt.name} update ({_comment(opt.reference)})")
+        opt = self.opt
+        out = [
+            None if self._constant_rate() else ir.Assign("lr", self._rate(), f"schedule {self.schedule.structure()}"),
+            self._assign(opt.per_step, self._names("step")),
+            ir.Comment(f"{opt.name} update ({_comment(opt.reference)})"),
+        ]
         if self.unrolled:
-            for j in range(self.n):
-                for line in printer.assignments(opt.update, self._names(j)):
-                    w(ind, line)
-        else:
-            w(ind, "for j in range(N_PARAMS):")
-            for line in printer.assignments(opt.update, self._names()):
-                w(ind + 1, line)
+            return out + [self._assign(opt.update, self._names(j)) for j in range(self.n)]
+        return out + [ir.For("j", ir.range_("N_PARAMS"), self._assign(opt.update, self._names()))]
 
-    def _delayed_body(self, w, vg: RowProgram):
+    def _delayed_body(self, vg: RowProgram) -> list:
         """The loop of cheap steps: each step's gradient and update run first, in one block
         with no branch between them, and its bookkeeping (history, stopping tests, best
         point) opens the next pass, on the point saved before the update; a stop undoes the
@@ -900,82 +848,69 @@ class _Generator:
         saved = [(f"p{j}", f"q{j}") for j in range(self.n)]
         saved += [(f"st_{s}_{j}", f"q_{s}_{j}") for s in self.state for j in range(self.n)]
 
-        def step(ind):
-            for live, keep in saved:
-                w(ind, f"{keep} = {live}")
+        def step():
             late = []
-            self._gradient(w, ind, vg, late=late)
-            self._update(w, ind)
-            w(ind, "# the cost at q and the gradient's norm, after the update that does not need them")
-            for line in late:
-                w(ind, line)
+            return [
+                [ir.Assign(keep, live) for live, keep in saved],
+                self._gradient(vg, late=late),
+                self._update(),
+                ir.Comment("the cost at q and the gradient's norm, after the update that does not need them"),
+                late,
+            ]
 
-        w(1, "if step < stop_step:")
-        w(2, "# the first step: its gradient and update here, its bookkeeping at the loop's top")
-        step(2)
-        w(2, "while True:")
-        w(3, "# bookkeeping of step `step`, at its point q (already updated: a stop undoes it)")
-        self._stopping(w, 3, lambda j: f"q{j}", restore=[f"{live} = {keep}" for live, keep in saved])
-        w(3, "step += 1")
-        w(3, "if step >= stop_step:")
-        w(4, "break")
-        step(3)
+        return [ir.If("step < stop_step", [
+            ir.Comment("the first step: its gradient and update here, its bookkeeping at the loop's top"),
+            step(),
+            ir.While("True", [
+                ir.Comment("bookkeeping of step `step`, at its point q (already updated: a stop undoes it)"),
+                self._stopping(lambda j: f"q{j}", restore=[ir.Assign(live, keep) for live, keep in saved]),
+                ir.AugAssign("step", "+", 1),
+                ir.If("step >= stop_step", [ir.Break()]),
+                step(),
+            ]),
+        ])]
 
-    def _line_search_body(self, w):
-        w(2, "if fresh == 0:")
-        w(3, "value = _fg(theta, cols, g, passes)")
-        w(3, "nfev += 1")
-        w(2, "fresh = 0")
-        w(2, "gn2 = 0.0")
-        w(2, "for j in range(N_PARAMS):")
-        w(3, "gn2 += g[j] * g[j]")
-        self._stopping(w, 2, lambda j: f"theta[{j}]")
-        w(2, f"# {self.opt.name} step ({_comment(self.opt.reference)})")
+    def _line_search_body(self) -> list:
         helper, args = self.opt.call
         names = {**{a: a for a in CALL_ARGS}, **{h: f"hp_{h}" for h in self.hyper}, **{s: f"st_{s}" for s in self.state}}
-        w(2, f"ok, fnew, nf = {helper}({', '.join(names[a] for a in args)})")
-        w(2, "nfev += nf")
-        w(2, "if not ok:")
-        w(3, "status = LINE_SEARCH_FAILED")
-        w(3, "break")
-        w(2, "value = fnew")
-        if self.opt.kind in _KEEPS_GRADIENT:
-            w(2, "fresh = 1  # the step left the gradient at the new point in g")
+        return [
+            ir.If("fresh == 0", [ir.Assign("value", "_fg(theta, cols, g, passes)"), ir.AugAssign("nfev", "+", 1)]),
+            ir.Assign("fresh", 0),
+            self._norm2("gn2"),
+            self._stopping(lambda j: f"theta[{j}]"),
+            ir.Comment(f"{self.opt.name} step ({_comment(self.opt.reference)})"),
+            ir.Assign("ok, fnew, nf", f"{helper}({', '.join(names[a] for a in args)})"),
+            ir.AugAssign("nfev", "+", "nf"),
+            ir.If("not ok", [ir.Assign("status", "LINE_SEARCH_FAILED"), ir.Break()]),
+            ir.Assign("value", "fnew"),
+            ir.Assign("fresh", 1, "the step left the gradient at the new point in g")
+            if self.opt.kind in _KEEPS_GRADIENT else None,
+        ]
 
     # -- the module ----------------------------------------------------------------------------
     def source(self, header_lines=()) -> str:
         vg = self.mb.program("value_and_grad")
         val = self.mb.program("value") if self.opt.kind == "newton" else None
         hess = self.mb.program("hessian") if self.opt.kind == "newton" else None
-        body = _Writer()
-        body(0, "# -- machine-level pieces: the C entry point and (threaded modules) calcml's passes --------")
-        if self.threaded:
-            body(0, "import ctypes  # noqa: E402")
-        body(0, "from llvmlite import ir  # noqa: E402")
-        body(0, "from numba import carray, types  # noqa: E402")
-        body(0, "from numba.extending import intrinsic  # noqa: E402")
-        body()
-        body()
-        self._full_batch_functions(body, vg, val, hess)
-        for line in _BEGIN_END_SOURCE.strip("\n").split("\n"):
-            body(0, line)
-        body()
-        body()
-        if self.opt.helpers:
-            for line in self.opt.helpers.strip("\n").split("\n"):
-                body(0, line)
-            body()
-            body()
-        self._run_segment(body, vg)
-        body()
-        body()
-        self._entry_point(body)
-        body(0, "_segment = run_segment  # what the driver calls (calcml: run_segment_c's machine code, if any)")
-        body()
-        body()
-        title = f"the {self.opt.name} descent loop of one cost"
-        head = self.mb.header(header_lines, title=title)
-        return head + self._constants() + body.text() + self._python_driver()
+        body = [
+            ir.Comment("-- machine-level pieces: the C entry point and (threaded modules) calcml's passes --------"),
+            ir.Raw("import ctypes  # noqa: E402") if self.threaded else None,
+            ir.Raw(_MACHINE_IMPORTS),
+            ir.Blank(2),
+            self._full_batch_functions(vg, val, hess),
+            ir.Raw(_BEGIN_END_SOURCE.strip("\n")),
+            ir.Blank(2),
+            [ir.Raw(self.opt.helpers.strip("\n")), ir.Blank(2)] if self.opt.helpers else None,
+            self._run_segment(vg),
+            ir.Blank(2),
+            self._entry_point(),
+            ir.Assign("_segment", "run_segment",
+                      "what the driver calls (calcml: run_segment_c's machine code, if any)"),
+            ir.Blank(2),
+        ]
+        text = ir.render(body, self.mb.printer)  # printed first: the header lists the helpers it used
+        head = self.mb.header(header_lines, title=f"the {self.opt.name} descent loop of one cost")
+        return ir.render([head, self._constants()]) + "\n" + text + "\n" + self._python_driver()
 
     def _entry_point_args(self) -> list:
         """run_segment's C entry point: per argument of run_segment (SEGMENT_ARGS), the C
@@ -996,8 +931,7 @@ class _Generator:
                 out.append(([("path_o", obj), ("path_rows", "types.int64"), ("path_cols", "types.int64")],
                             "carray(_data(off, path_o), (path_rows, path_cols), np.float64)"))
             elif name == "cols":  # a table of the columns' data addresses (made once a run)
-                cols = "".join(f"carray(cols_p[{k}], (n_rows,)), " for k in range(len(self.cost.data)))
-                out.append(([("cols_p", "_F64PP"), ("n_rows", "types.int64")], f"({cols.rstrip(' ')})"))
+                out.append(([("cols_p", "_F64PP"), ("n_rows", "types.int64")], self._column_arrays()))
             elif name == "state":
                 params, arrays = [], []
                 for k, (_, shape, _) in enumerate(self.opt.state):
@@ -1008,7 +942,12 @@ class _Generator:
                 raise AssertionError(f"run_segment's argument {name!r} has no C form")
         return out
 
-    def _entry_point(self, w):
+    def _column_arrays(self) -> str:
+        """The tuple of the columns as arrays over the table ``cols_p`` of their addresses."""
+        cols = "".join(f"carray(cols_p[{k}], (n_rows,)), " for k in range(len(self.cost.data)))
+        return f"({cols.rstrip(' ')})"
+
+    def _entry_point(self) -> list:
         """run_segment_c: run_segment over raw addresses, which calcml compiles with
         numba.cfunc and keeps as machine code beside this file (calcml.native): a later
         process runs the loop without loading Numba's cache of it (its typing and target
@@ -1016,257 +955,217 @@ class _Generator:
         calcml sets it to the machine code's caller."""
         args = self._entry_point_args()
         params = [("off", "types.int64")] + [p for ps, _ in args for p in ps]
-        for line in _ENTRY_SOURCE.strip("\n").split("\n"):
-            w(0, line)
-        w(0, f"SIG_SEGMENT = types.int64({', '.join(t for _, t in params)})")
-        w(0, f"CFUNC_FLAGS = {KERNEL_FLAGS!r}")
-        w()
-        w()
-        w(0, f"def run_segment_c({', '.join(n for n, _ in params)}):")
-        w(1, '"""run_segment on the arrays at these addresses (SEGMENT_ARGS order; sizes beside them)"""')
-        w(1, "return run_segment(")
-        for _, made in args:
-            w(2, f"{made},")
-        w(1, ")")
-        w()
-        w()
+        out = [
+            ir.Raw(_ENTRY_SOURCE.strip("\n")),
+            ir.Assign("SIG_SEGMENT", f"types.int64({', '.join(t for _, t in params)})"),
+            ir.Assign("CFUNC_FLAGS", repr(KERNEL_FLAGS)),
+            ir.Blank(2),
+            ir.Def("run_segment_c", tuple(name for name, _ in params),
+                   [ir.Return("run_segment(\n" + "".join(f"        {made},\n" for _, made in args) + "    )")],
+                   doc="run_segment on the arrays at these addresses (SEGMENT_ARGS order; sizes beside them)"),
+            ir.Blank(2),
+        ]
         if self.has_data:  # the rows' own gradients (their spread: a spent budget's test), by _fg
-            cols = "".join(f"carray(cols_p[{k}], (n_rows,)), " for k in range(len(self.cost.data)))
-            w(0, "SIG_FG = types.float64(types.int64, types.int64, _F64PP, types.int64, types.int64)")
-            w()
-            w()
-            w(0, "def fg_c(off, theta_o, cols_p, n_rows, g_o):")
-            w(1, '"""_fg (the serial pass) on the arrays at these addresses: the cost, the gradient into g"""')
-            w(1, "return _fg(carray(_data(off, theta_o), (N_PARAMS,), np.float64),")
-            w(1, f"           ({cols.rstrip(' ')}),")
-            w(1, "           carray(_data(off, g_o), (N_PARAMS,), np.float64))")
-            w()
-            w()
+            out += [
+                ir.Assign("SIG_FG", "types.float64(types.int64, types.int64, _F64PP, types.int64, types.int64)"),
+                ir.Blank(2),
+                ir.Def("fg_c", ("off", "theta_o", "cols_p", "n_rows", "g_o"), [ir.Return(
+                    "_fg(carray(_data(off, theta_o), (N_PARAMS,), np.float64),\n"
+                    f"               {self._column_arrays()},\n"
+                    "               carray(_data(off, g_o), (N_PARAMS,), np.float64))")],
+                    doc="_fg (the serial pass) on the arrays at these addresses: the cost, the gradient into g"),
+                ir.Blank(2),
+            ]
+        return out
 
-    def _constants(self) -> str:
-        w = _Writer()
-        w(0, "# -- the descent loop ------------------------------------------------------------------")
-        w(0, "import time  # noqa: E402 - the driver below times its segments")
-        w()
-        for line in _STATUS_LINES:
-            w(0, line)
-        for k, name in enumerate(_INTS):
-            w(0, f"I_{name} = {k}")
-        w(0, f"N_INTS = {len(_INTS)}")
-        for k, name in enumerate(_FLOATS):
-            w(0, f"F_{name} = {k}")
-        w(0, f"N_FLOATS = {len(_FLOATS)}")
-        w(0, "# run_segment's float64 array `work`: the slots F_* above, then the parameters, their")
-        w(0, "# gradient, the best point seen, the hyperparameters and the schedule's numbers")
-        w(0, "O_THETA = N_FLOATS")
-        w(0, "O_G = O_THETA + N_PARAMS")
-        w(0, "O_BEST = O_G + N_PARAMS")
-        w(0, "O_HP = O_BEST + N_PARAMS")
-        w(0, f"O_SA = O_HP + {len(self.hyper)}")
-        n_sched = len(self.schedule.values()) if self.schedule is not None else 0
-        w(0, f"O_END = O_SA + {n_sched}")
-        w(0, f"SEGMENT_ARGS = {tuple(self._segment_params())!r}  # run_segment's parameters")
-        w(0, f"FIRST_ORDER = {self.first_order}")
-        w(0, f"MINIBATCH = {self.minibatch}")
-        w(0, f"PARAM_NAMES = ({''.join(ascii(p.name) + ', ' for p in self.cost.params)})")
-        w(0, f"COLUMN_NAMES = ({''.join(ascii(d.name) + ', ' for d in self.cost.data)})")
-        w(0, f"HYPER_NAMES = ({''.join(repr(h) + ', ' for h in self.hyper)})")
-        # The numbers are run-time arguments (one compiled loop serves them all); an exported
-        # module gets its program's numbers written here as the defaults of run().
-        w(0, "HYPER_DEFAULTS = None")
-        sched = self.schedule
-        w(0, f"SCHEDULE = {sched.structure()!r}" if sched is not None else "SCHEDULE = None")
-        w(0, "SCHEDULE_DEFAULTS = None")
-        w(0, "BATCH_SIZE = None")
-        w(0, f"DEFAULT_EPOCHS = {DEFAULT_EPOCHS}")
-        w(0, f"DEFAULT_MAXITER = {self.opt.default_maxiter}")
-        w(0, f"BLOWUP = {BLOWUP!r}")
-        w(0, f"HISTORY_MAX = {HISTORY_MAX}")
-        w(0, f"SEGMENT_SECONDS = {SEGMENT_SECONDS}")
-        if self.threaded:
-            w(0, f"PARALLEL_MIN_ROWS = {PARALLEL_MIN_ROWS}  # calcml's threads from this many rows on")
-        w(0, f"THREADED = {self.threaded}  # full-batch passes over large data may run on calcml's threads")
-        w()
-        w()
-        w(0, "def new_optimizer_state(n):")
-        w(1, f'"""the {self.opt.name} state arrays, initialized"""')
-        shapes = []
-        for name, shape, init in self.opt.state:
-            dims = self.opt.dims(shape, "n")
-            shapes.append(f"np.full(({', '.join(dims)},), {float(init)!r}),  # {name}")
-        if shapes:
-            w(1, "return (")
-            for line in shapes:
-                w(2, line)
-            w(1, ")")
-        else:
-            w(1, "return ()")
-        w()
-        if self.minibatch:
-            for line in _RNG_SOURCE.strip("\n").split("\n"):
-                w(0, line)
-        w()
-        w()
-        return w.text()
+    def _constants(self) -> list:
+        opt, sched = self.opt, self.schedule
+        states = "".join(f"        np.full(({', '.join(opt.dims(shape, 'n'))},), {float(init)!r}),  # {name}\n"
+                         for name, shape, init in opt.state)
+        return [
+            ir.Comment("-- the descent loop ------------------------------------------------------------------"),
+            ir.Raw("import time  # noqa: E402 - the driver below times its segments"),
+            ir.Blank(),
+            ir.Raw(_STATUS_SOURCE),
+            [ir.Assign(f"I_{name}", k) for k, name in enumerate(_INTS)],
+            ir.Assign("N_INTS", len(_INTS)),
+            [ir.Assign(f"F_{name}", k) for k, name in enumerate(_FLOATS)],
+            ir.Assign("N_FLOATS", len(_FLOATS)),
+            ir.Comment("run_segment's float64 array `work`: the slots F_* above, then the parameters, their\n"
+                       "gradient, the best point seen, the hyperparameters and the schedule's numbers"),
+            ir.Assign("O_THETA", "N_FLOATS"),
+            ir.Assign("O_G", "O_THETA + N_PARAMS"),
+            ir.Assign("O_BEST", "O_G + N_PARAMS"),
+            ir.Assign("O_HP", "O_BEST + N_PARAMS"),
+            ir.Assign("O_SA", f"O_HP + {len(self.hyper)}"),
+            ir.Assign("O_END", f"O_SA + {self._n_sched()}"),
+            ir.Assign("SEGMENT_ARGS", repr(tuple(self._segment_params())), "run_segment's parameters"),
+            ir.Assign("FIRST_ORDER", self.first_order),
+            ir.Assign("MINIBATCH", self.minibatch),
+            ir.Assign("PARAM_NAMES", f"({''.join(ascii(p.name) + ', ' for p in self.cost.params)})"),
+            ir.Assign("COLUMN_NAMES", f"({''.join(ascii(d.name) + ', ' for d in self.cost.data)})"),
+            ir.Assign("HYPER_NAMES", f"({''.join(repr(h) + ', ' for h in self.hyper)})"),
+            # The numbers are run-time arguments (one compiled loop serves them all); an exported
+            # module gets its program's numbers written here as the defaults of run().
+            ir.Assign("HYPER_DEFAULTS", "None"),
+            ir.Assign("SCHEDULE", repr(sched.structure()) if sched is not None else "None"),
+            ir.Assign("SCHEDULE_DEFAULTS", "None"),
+            ir.Assign("BATCH_SIZE", "None"),
+            ir.Assign("DEFAULT_EPOCHS", DEFAULT_EPOCHS),
+            ir.Assign("DEFAULT_MAXITER", opt.default_maxiter),
+            ir.Assign("BLOWUP", BLOWUP),
+            ir.Assign("HISTORY_MAX", HISTORY_MAX),
+            ir.Assign("SEGMENT_SECONDS", SEGMENT_SECONDS),
+            ir.Assign("PARALLEL_MIN_ROWS", PARALLEL_MIN_ROWS, "calcml's threads from this many rows on")
+            if self.threaded else None,
+            ir.Assign("THREADED", self.threaded, "full-batch passes over large data may run on calcml's threads"),
+            ir.Blank(2),
+            ir.Def("new_optimizer_state", ("n",), [ir.Return(f"(\n{states}    )" if states else "()")],
+                   doc=f"the {opt.name} state arrays, initialized"),
+            ir.Blank(),
+            ir.Raw(_RNG_SOURCE.strip("\n")) if self.minibatch else None,
+            ir.Blank(2),
+        ]
 
     def _python_driver(self) -> str:
         """columns_of, plan, new_state, drive, run. new_state and drive are written for this
         module (only the branches it takes: a short run spends more time in this Python than
         in its steps, and each line counts)."""
-        w = _Writer()
-        alloc = self._state_lines()
+        alloc = self._state()
         call = f"_segment({', '.join(self._segment_params())})"
-        w(0, "def new_state(x0, cols, hyper, schedule_args, batch_size, max_steps, max_epochs, tol, seed):")
-        w(1, '"""run_segment\'s arguments, in SEGMENT_ARGS order. Its first call evaluates the cost at x0')
-        w(1, '(_begin: x0 waits in xout), the call that ends the run writes the report (_end)."""')
-        for line in alloc:
-            w(1, line)
-        w(1, f"return [{', '.join(self._segment_params())}]")
-        w()
-        w()
-        if self.threaded:
-            self._threaded_drive(w)
-        name = "_drive" if self.threaded else "drive"
-        w(0, f"def {name}(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
-        w(0, f"{' ' * len(name)}     segment_seconds=SEGMENT_SECONDS, first_segment=None{', passes=None' if self.threaded else ''}):")
-        w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
-        w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
-        w(1, 'its order, without status_name). The arguments are run()\'s, hyper and schedule_args given."""')
-        if self.has_data:
-            w(1, "cols = columns_of(data)")
-            w(1, "n_rows = cols[0].shape[0]")
-        else:
-            w(1, "cols = _NO_COLUMNS")
+        check = ir.If("passes is not None", [ir.Stmt("passes.check()")]) if self.threaded else None
         if self.minibatch:
-            w(1, "max_steps, max_epochs, per_epoch = plan(n_rows, batch_size, epochs, maxiter)")
-        else:
-            w(1, "max_steps = maxiter if maxiter is not None else epochs if epochs is not None else DEFAULT_MAXITER")
-            w(1, "max_epochs = 0")
-        for line in alloc:
-            w(1, line)
-        if self.threaded:
-            w(1, "if passes is not None:")
-            w(2, "ints[I_PASSES] = passes.address")
-        if self.minibatch:
-            w(1, "segment = first_segment or max(1, 1_000_000 // batch_size)")
+            segment = "first_segment or max(1, 1_000_000 // batch_size)"
         elif self.has_data:
-            w(1, "segment = first_segment or max(1, 1_000_000 // max(1, n_rows))")
+            segment = "first_segment or max(1, 1_000_000 // max(1, n_rows))"
         else:
-            w(1, "segment = first_segment or 1_000_000")
-        w(1, "try:")
-        w(2, "if callback is None and max_steps <= segment:  # one segment holds the run: one call")
-        w(3, "ints[I_STOP] = max_steps")
-        w(3, f"status = {call}")
-        if self.threaded:
-            w(3, "if passes is not None:")
-            w(4, "passes.check()")
-        w(2, "else:  # segments until run_segment ends the run (its status is then no longer RUNNING)")
-        w(3, "step = 0")
-        w(3, "while True:")
-        w(4, "ints[I_STOP] = min(step + segment, max_steps)")
-        w(4, "t0 = time.perf_counter()")
-        w(4, f"status = {call}")
-        if self.threaded:
-            w(4, "if passes is not None:")
-            w(5, "passes.check()")
-        w(4, "if callback is not None and max_steps > 0 and math.isfinite(work[F_F0]):")
-        w(5, "callback(int(ints[I_STEP]), max_steps, float(work[F_VALUE]))")
-        w(4, "if status != RUNNING:")
-        w(5, "break")
-        w(4, "dt = time.perf_counter() - t0")
-        w(4, "done = int(ints[I_STEP]) - step")
-        w(4, "step += done")
-        w(4, "if first_segment is None and done > 0 and dt > 0:")
-        w(5, "segment = max(1, min(int(done * segment_seconds / dt), 100 * segment))")
-        w(1, "except KeyboardInterrupt:")
-        w(2, "status = INTERRUPTED")
-        w(1, "i = ints.tolist()")
-        w(1, "if status == INTERRUPTED:  # the report is written here, at the best point")
-        w(2, "theta, g, best = work[O_THETA:O_G], work[O_G:O_BEST], work[O_BEST:O_HP]")
-        w(2, "if not i[I_BEGUN]:")
-        w(3, "_begin(xout, theta, best, g, cols, ints, work)")
-        w(2, "_end(theta, best, cols, ints, work, xout, gout, status)")
-        w(2, "i = ints.tolist()")
-        if self.has_data:
-            w(1, "elif status == DIVERGED and not i[I_STEP] and not math.isfinite(work[F_F0]):")
-            w(2, "if not all(np.isfinite(c).all() for c in cols):")
-            w(3, 'raise NonFiniteData("the data hold a non-finite value (NaN or inf)")')
-        w(1, f"f = {'work' if self._work_size() <= 64 else 'work[:N_FLOATS]'}.tolist()")
-        w(1, f"n_hist = i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]")
-        w(1, "full = n_hist == i[I_HIST_LEN]  # the arrays are the report's as they are")
+            segment = "first_segment or 1_000_000"
         path = "path if full else path[:n_hist].copy()" if self.n <= PATH_MAX_PARAMS else "None"
-        w(1, "return (xout, f[F_FUN], gout, f[F_FUN_GNORM], i[I_STEP], i[I_NFEV], i[I_STATUS],")
-        w(1, "        history if full else history[:n_hist].copy(), i[I_HIST_EVERY],")
-        w(1, f"        {path},")
-        w(1, "        i[I_EPOCH], i[I_BEST_STEP], f[F_BEST], i[I_DIVERGED_AT], f[F_BLOWUP])")
-        return _DRIVER_HEAD + "\n\n" + w.text() + _DRIVER_TAIL
+        drive = [
+            [ir.Assign("cols", "columns_of(data)"), ir.Assign("n_rows", "cols[0].shape[0]")]
+            if self.has_data else ir.Assign("cols", "_NO_COLUMNS"),
+            ir.Assign("max_steps, max_epochs, per_epoch", "plan(n_rows, batch_size, epochs, maxiter)")
+            if self.minibatch else
+            [ir.Assign("max_steps",
+                       "maxiter if maxiter is not None else epochs if epochs is not None else DEFAULT_MAXITER"),
+             ir.Assign("max_epochs", 0)],
+            alloc,
+            ir.If("passes is not None", [ir.Assign("ints[I_PASSES]", "passes.address")]) if self.threaded else None,
+            ir.Assign("segment", segment),
+            ir.Try([
+                ir.If("callback is None and max_steps <= segment",
+                      [ir.Assign("ints[I_STOP]", "max_steps"), ir.Assign("status", call), check],
+                      [ir.Assign("step", 0), ir.While("True", [
+                          ir.Assign("ints[I_STOP]", "min(step + segment, max_steps)"),
+                          ir.Assign("t0", "time.perf_counter()"),
+                          ir.Assign("status", call),
+                          check,
+                          ir.If("callback is not None and max_steps > 0 and math.isfinite(work[F_F0])",
+                                [ir.Stmt("callback(int(ints[I_STEP]), max_steps, float(work[F_VALUE]))")]),
+                          ir.If("status != RUNNING", [ir.Break()]),
+                          ir.Assign("dt", "time.perf_counter() - t0"),
+                          ir.Assign("done", "int(ints[I_STEP]) - step"),
+                          ir.AugAssign("step", "+", "done"),
+                          ir.If("first_segment is None and done > 0 and dt > 0",
+                                [ir.Assign("segment", "max(1, min(int(done * segment_seconds / dt), 100 * segment))")]),
+                      ])],
+                      comment="one segment holds the run: one call",
+                      else_comment="segments until run_segment ends the run (its status is then no longer RUNNING)"),
+            ], handlers=(("KeyboardInterrupt", [ir.Assign("status", "INTERRUPTED")]),)),
+            ir.Assign("i", "ints.tolist()"),
+            ir.If("status == INTERRUPTED", [
+                ir.Assign("theta, g, best", "work[O_THETA:O_G], work[O_G:O_BEST], work[O_BEST:O_HP]"),
+                ir.If("not i[I_BEGUN]", [ir.Stmt("_begin(xout, theta, best, g, cols, ints, work)")]),
+                ir.Stmt("_end(theta, best, cols, ints, work, xout, gout, status)"),
+                ir.Assign("i", "ints.tolist()"),
+            ], ir.If("status == DIVERGED and not i[I_STEP] and not math.isfinite(work[F_F0])", [
+                ir.If("not all(np.isfinite(c).all() for c in cols)",
+                      [ir.Raise('NonFiniteData("the data hold a non-finite value (NaN or inf)")')]),
+            ]) if self.has_data else (), comment="the report is written here, at the best point"),
+            ir.Assign("f", f"{'work' if self._work_size() <= 64 else 'work[:N_FLOATS]'}.tolist()"),
+            ir.Assign("n_hist", f"i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]"),
+            ir.Assign("full", "n_hist == i[I_HIST_LEN]", "the arrays are the report's as they are"),
+            ir.Return("(xout, f[F_FUN], gout, f[F_FUN_GNORM], i[I_STEP], i[I_NFEV], i[I_STATUS],\n"
+                      "            history if full else history[:n_hist].copy(), i[I_HIST_EVERY],\n"
+                      f"            {path},\n"
+                      "            i[I_EPOCH], i[I_BEST_STEP], f[F_BEST], i[I_DIVERGED_AT], f[F_BLOWUP])"),
+        ]
+        nodes = [
+            ir.Def("new_state", ("x0", "cols", "hyper", "schedule_args", "batch_size", "max_steps", "max_epochs", "tol",
+                                 "seed"),
+                   [alloc, ir.Return(f"[{', '.join(self._segment_params())}]")],
+                   doc="run_segment's arguments, in SEGMENT_ARGS order. Its first call evaluates the cost at x0\n"
+                       "(_begin: x0 waits in xout), the call that ends the run writes the report (_end)."),
+            ir.Blank(2),
+            self._threaded_drive() if self.threaded else None,
+            ir.Def("_drive" if self.threaded else "drive",
+                   (_DRIVE_PARAMS, _DRIVE_KEYWORDS + (("passes=None",) if self.threaded else ())),
+                   drive, doc=_DRIVE_DOC + " given."),
+        ]
+        return _DRIVER_HEAD + "\n\n" + ir.render(nodes) + "\n" + _DRIVER_TAIL
 
-    def _threaded_drive(self, w):
+    @staticmethod
+    def _threaded_drive() -> list:
         """drive for a module whose passes may run on calcml's threads: _drive with the passes
         calcml made for the run's columns in the table the loop reads (_Passes)."""
-        w(0, "def drive(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback=None,")
-        w(0, "          segment_seconds=SEGMENT_SECONDS, first_segment=None, passes=None):")
-        w(1, '"""The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,')
-        w(1, "history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in")
-        w(1, "its order, without status_name). The arguments are run()'s, hyper and schedule_args given;")
-        w(1, "passes(cols), if given, makes the full-batch passes on calcml's threads (see _Passes): the")
-        w(1, 'passes over PARALLEL_MIN_ROWS rows or more use them."""')
-        w(1, "args = (x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback, segment_seconds,")
-        w(1, "        first_segment)")
-        w(1, "if passes is None:")
-        w(2, "return _drive(*args)")
-        w(1, "cols = columns_of(data)")
-        w(1, "if cols[0].shape[0] < PARALLEL_MIN_ROWS:")
-        w(2, "return _drive(*args)")
-        w(1, "return _drive(x0, cols, *args[2:], passes=_Passes(passes(cols)))")
-        w()
-        w()
+        return [
+            ir.Def("drive", (_DRIVE_PARAMS, _DRIVE_KEYWORDS + ("passes=None",)), [
+                ir.Assign("args", "(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback, "
+                                  "segment_seconds,\n            first_segment)"),
+                ir.If("passes is None", [ir.Return("_drive(*args)")]),
+                ir.Assign("cols", "columns_of(data)"),
+                ir.If("cols[0].shape[0] < PARALLEL_MIN_ROWS", [ir.Return("_drive(*args)")]),
+                ir.Return("_drive(x0, cols, *args[2:], passes=_Passes(passes(cols)))"),
+            ], doc=_DRIVE_DOC + " given;\npasses(cols), if given, makes the full-batch passes on calcml's threads "
+                                "(see _Passes): the\npasses over PARALLEL_MIN_ROWS rows or more use them."),
+            ir.Blank(2),
+        ]
 
     def _work_size(self) -> int:
-        n_sched = len(self.schedule.values()) if self.schedule is not None else 0
-        return len(_FLOATS) + 3 * self.n + len(self.hyper) + n_sched
+        return len(_FLOATS) + 3 * self.n + len(self.hyper) + self._n_sched()
 
-    def _state_lines(self) -> list:
-        """The lines that make run_segment's arguments (new_state's body, also inlined in drive)."""
-        lines = [
-            "if type(x0) is np.ndarray and x0.dtype is _F64 and x0.shape == (N_PARAMS,):",
-            "    xout = x0.copy()  # the report's x, in the end",
-            "else:",
-            "    xout = np.array(x0, dtype=np.float64).reshape(N_PARAMS)",
-            "work = np.zeros(O_END)",
-            "work[F_TOL] = tol",
+    def _state(self) -> list:
+        """The statements that make run_segment's arguments (new_state's body, also inlined in drive)."""
+        mb = self.minibatch
+        return [
+            ir.If("type(x0) is np.ndarray and x0.dtype is _F64 and x0.shape == (N_PARAMS,)",
+                  [ir.Assign("xout", "x0.copy()", "the report's x, in the end")],
+                  [ir.Assign("xout", "np.array(x0, dtype=np.float64).reshape(N_PARAMS)")]),
+            ir.Assign("work", "np.zeros(O_END)"),
+            ir.Assign("work[F_TOL]", "tol"),
+            [ir.Assign(f"work[O_HP + {k}]", f"hyper[{name!r}]") for k, name in enumerate(self.hyper)],
+            [ir.Assign(f"work[O_SA + {k}]", f"schedule_args[{k}]") for k in range(self._n_sched())],
+            [ir.Assign("n_hist", "max(1, max_epochs)"), ir.Assign("hist_every", 1)] if mb else
+            [ir.Assign("hist_every", "-(-(max_steps + 1) // HISTORY_MAX)"),
+             ir.Assign("n_hist", "max_steps // hist_every + 1")],
+            ir.Assign("ints", "np.zeros(N_INTS, dtype=np.int64)"),
+            ir.Assign("ints[I_HIST_EVERY]", "hist_every"),
+            ir.Assign("ints[I_HIST_LEN]", "n_hist"),
+            ir.Assign("ints[I_MAX_STEPS]", "max_steps"),
+            [ir.Assign("ints[I_BATCH]", "batch_size"),
+             ir.Assign("ints[I_MAX_EPOCHS]", "max_epochs"),
+             ir.Assign("perm", "np.arange(cols[0].shape[0], dtype=np.int64)"),
+             ir.Assign("rng", "np.array([seed], dtype=np.uint64)")] if mb else None,
+            ir.Assign("history", "np.empty(n_hist)", "not filled: the report reads only the entries the loop wrote"),
+            ir.Assign("path", "np.empty((n_hist, N_PARAMS))", "the iterates beside the history entries")
+            if self.n <= PATH_MAX_PARAMS else ir.Assign("path", "_NO_PATH"),
+            ir.Assign("state", "new_optimizer_state(N_PARAMS)") if self.state else None,
+            ir.Assign("gout", "np.empty(N_PARAMS)"),
         ]
-        for k, name in enumerate(self.hyper):
-            lines.append(f"work[O_HP + {k}] = hyper[{name!r}]")
-        n_sched = len(self.schedule.values()) if self.schedule is not None else 0
-        for k in range(n_sched):
-            lines.append(f"work[O_SA + {k}] = schedule_args[{k}]")
-        if self.minibatch:
-            lines += ["n_hist = max(1, max_epochs)", "hist_every = 1"]
-        else:
-            lines += ["hist_every = -(-(max_steps + 1) // HISTORY_MAX)", "n_hist = max_steps // hist_every + 1"]
-        lines += [
-            "ints = np.zeros(N_INTS, dtype=np.int64)",
-            "ints[I_HIST_EVERY] = hist_every",
-            "ints[I_HIST_LEN] = n_hist",
-            "ints[I_MAX_STEPS] = max_steps",
-        ]
-        if self.minibatch:
-            lines += [
-                "ints[I_BATCH] = batch_size",
-                "ints[I_MAX_EPOCHS] = max_epochs",
-                "perm = np.arange(cols[0].shape[0], dtype=np.int64)",
-                "rng = np.array([seed], dtype=np.uint64)",
-            ]
-        lines.append("history = np.empty(n_hist)  # not filled: the report reads only the entries the loop wrote")
-        if self.n <= PATH_MAX_PARAMS:
-            lines.append("path = np.empty((n_hist, N_PARAMS))  # the iterates beside the history entries")
-        else:
-            lines.append("path = _NO_PATH")
-        if self.state:
-            lines.append("state = new_optimizer_state(N_PARAMS)")
-        lines.append("gout = np.empty(N_PARAMS)")
-        return lines
+
+
+# drive's parameters (two lines) and the head of its docstring.
+_DRIVE_PARAMS = ("x0", "data", "hyper", "schedule_args", "batch_size", "epochs", "maxiter", "tol", "seed",
+                 "callback=None")
+_DRIVE_KEYWORDS = ("segment_seconds=SEGMENT_SECONDS", "first_segment=None")
+_DRIVE_DOC = """The run, its report as a tuple: x, fun, grad, grad_norm, nit, nfev, status, history,
+history_every, path, epochs, best_step, best_value, diverged_at, blowup (run()'s dict, in
+its order, without status_name). The arguments are run()'s, hyper and schedule_args"""
+
+# The imports of the module's machine-level pieces (after its header's).
+_MACHINE_IMPORTS = """from llvmlite import ir  # noqa: E402
+from numba import carray, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402"""
 
 
 def generate_source(cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool, header_lines=()) -> str:
