@@ -16,8 +16,9 @@ is built from these nodes and printed by :func:`render`, in the manner of SymPy'
 
 Bodies may nest lists (a piece that returns a list of statements is spliced in) and may hold
 ``None`` (a statement a branch of the generator left out). Rendering is exact and plain:
-four spaces a level, a trailing ``  # comment`` where a node has one; an expression written
-over several lines continues one level below its statement.
+four spaces a level, a trailing ``  # comment`` where a node has one. Code text written over
+several lines is written as if its statement stood at column 0: every line of it is
+indented to the statement's depth.
 """
 
 from __future__ import annotations
@@ -89,11 +90,9 @@ class Node:
 
 
 def _line(out: list, depth: int, text: str):
-    """``text`` at ``depth``; a statement written over several lines (a long call, in its
-    parentheses) has its further lines one level deeper."""
-    first, *more = text.split("\n")
-    out.append(_INDENT * depth + first if first else "")
-    out.extend(_INDENT * (depth + 1) + part for part in more)
+    """``text`` at ``depth``. Code written over several lines (a long call, in its
+    parentheses) is written as at column 0: each line is indented to the statement's depth."""
+    out.extend(_INDENT * depth + part if part else "" for part in text.split("\n"))
 
 
 def _body(out: list, body, printer, depth: int):

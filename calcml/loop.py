@@ -961,7 +961,7 @@ class _Generator:
             ir.Assign("CFUNC_FLAGS", repr(KERNEL_FLAGS)),
             ir.Blank(2),
             ir.Def("run_segment_c", tuple(name for name, _ in params),
-                   [ir.Return("run_segment(\n" + "".join(f"        {made},\n" for _, made in args) + "    )")],
+                   [ir.Return("run_segment(\n" + "".join(f"    {made},\n" for _, made in args) + ")")],
                    doc="run_segment on the arrays at these addresses (SEGMENT_ARGS order; sizes beside them)"),
             ir.Blank(2),
         ]
@@ -971,8 +971,8 @@ class _Generator:
                 ir.Blank(2),
                 ir.Def("fg_c", ("off", "theta_o", "cols_p", "n_rows", "g_o"), [ir.Return(
                     "_fg(carray(_data(off, theta_o), (N_PARAMS,), np.float64),\n"
-                    f"               {self._column_arrays()},\n"
-                    "               carray(_data(off, g_o), (N_PARAMS,), np.float64))")],
+                    f"           {self._column_arrays()},\n"
+                    "           carray(_data(off, g_o), (N_PARAMS,), np.float64))")],
                     doc="_fg (the serial pass) on the arrays at these addresses: the cost, the gradient into g"),
                 ir.Blank(2),
             ]
@@ -980,7 +980,7 @@ class _Generator:
 
     def _constants(self) -> list:
         opt, sched = self.opt, self.schedule
-        states = "".join(f"        np.full(({', '.join(opt.dims(shape, 'n'))},), {float(init)!r}),  # {name}\n"
+        states = "".join(f"    np.full(({', '.join(opt.dims(shape, 'n'))},), {float(init)!r}),  # {name}\n"
                          for name, shape, init in opt.state)
         return [
             ir.Comment("-- the descent loop ------------------------------------------------------------------"),
@@ -1020,7 +1020,7 @@ class _Generator:
             if self.threaded else None,
             ir.Assign("THREADED", self.threaded, "full-batch passes over large data may run on calcml's threads"),
             ir.Blank(2),
-            ir.Def("new_optimizer_state", ("n",), [ir.Return(f"(\n{states}    )" if states else "()")],
+            ir.Def("new_optimizer_state", ("n",), [ir.Return(f"(\n{states})" if states else "()")],
                    doc=f"the {opt.name} state arrays, initialized"),
             ir.Blank(),
             ir.Raw(_RNG_SOURCE.strip("\n")) if self.minibatch else None,
@@ -1086,9 +1086,9 @@ class _Generator:
             ir.Assign("n_hist", f"i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]"),
             ir.Assign("full", "n_hist == i[I_HIST_LEN]", "the arrays are the report's as they are"),
             ir.Return("(xout, f[F_FUN], gout, f[F_FUN_GNORM], i[I_STEP], i[I_NFEV], i[I_STATUS],\n"
-                      "            history if full else history[:n_hist].copy(), i[I_HIST_EVERY],\n"
-                      f"            {path},\n"
-                      "            i[I_EPOCH], i[I_BEST_STEP], f[F_BEST], i[I_DIVERGED_AT], f[F_BLOWUP])"),
+                      "        history if full else history[:n_hist].copy(), i[I_HIST_EVERY],\n"
+                      f"        {path},\n"
+                      "        i[I_EPOCH], i[I_BEST_STEP], f[F_BEST], i[I_DIVERGED_AT], f[F_BLOWUP])"),
         ]
         nodes = [
             ir.Def("new_state", ("x0", "cols", "hyper", "schedule_args", "batch_size", "max_steps", "max_epochs", "tol",
@@ -1111,7 +1111,7 @@ class _Generator:
         return [
             ir.Def("drive", (_DRIVE_PARAMS, _DRIVE_KEYWORDS + ("passes=None",)), [
                 ir.Assign("args", "(x0, data, hyper, schedule_args, batch_size, epochs, maxiter, tol, seed, callback, "
-                                  "segment_seconds,\n            first_segment)"),
+                                  "segment_seconds,\n        first_segment)"),
                 ir.If("passes is None", [ir.Return("_drive(*args)")]),
                 ir.Assign("cols", "columns_of(data)"),
                 ir.If("cols[0].shape[0] < PARALLEL_MIN_ROWS", [ir.Return("_drive(*args)")]),

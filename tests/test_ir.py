@@ -85,7 +85,7 @@ def test_loop_nests_match_the_count_of_their_iterations(spec):
     assert f() == expect
 
 
-def test_a_statement_over_two_lines_continues_one_level_deeper():
+def test_code_over_two_lines_is_indented_to_its_statement():
     f, text = _function([ir.If("n > 0", [ir.Return("max(a[0],\nn)")]), ir.Return(0)])
-    assert "        return max(a[0],\n            n)" in text
+    assert "        return max(a[0],\n        n)" in text
     assert f(np.array([5.0]), 2) == 5.0 and f(np.array([5.0]), 0) == 0

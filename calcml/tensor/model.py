@@ -488,7 +488,7 @@ def _entry_points(cost, sizes) -> list:
         ir.Comment("finish: theta, v, the stripes' sums, out"),
         ir.Assign("SIG_FINISH", "types.void(_F64P, _F64P, _F64P, _F64P)"),
     ]
-    wrap = "\n"  # a long call goes on over a second line (ir indents it one level below the call)
+    wrap = "\n    "  # a long call's second line, one level in
     for kind, size in sizes.items():
         acc = max(size, 1)
         nout = {"value": "1", "hvp": "N_PARAMS"}.get(kind, str(1 + cost.n_params))
