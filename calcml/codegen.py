@@ -243,7 +243,7 @@ class ModuleBuilder:
                     names[s] = f"h{hoist_i}"
                     hoist_i += 1
         self.names = names
-        self.printer = NumbaPrinter(names)
+        self.printer = NumbaPrinter(names, memo=True)
         self.n = len(cost.params)
         self.has_data = bool(cost.data)
 

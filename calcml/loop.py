@@ -401,7 +401,7 @@ class _LatencyPrinter(NumbaPrinter):
     _SLOW = 20  # a function call (exp, log, sqrt...) against 1 for an add or a multiply
 
     def __init__(self, names: dict, depth: dict):
-        super().__init__(names)
+        super().__init__(names, memo=True)
         self.depth = depth
         self._memo: dict = {}
 

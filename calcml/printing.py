@@ -147,31 +147,45 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
     printmethod = "_numbacode"
     language = "Python (Numba nopython)"
 
-    def __init__(self, names: dict, settings=None):
+    def __init__(self, names: dict, settings=None, memo: bool = False):
         base = {"strict": True, "fully_qualified_modules": True, "allow_unknown_functions": False}
         base.update(settings or {})
         super().__init__(base)
         self.known_functions = dict(_MATH_FUNCTIONS)
         self.names = names
         self.helpers_used: set[str] = set()
+        # memo: each expression printed once per name table (a module renders the same
+        # statements in several kernels); only for printers whose output depends on nothing
+        # but the expression and the names
+        self._printed = {} if memo else None
 
     # -- entry point ---------------------------------------------------------------------
     def doprint_expr(self, expr) -> str:
+        memo = self._printed
+        if memo is not None:
+            found = memo.get(expr)
+            if found is not None:
+                return found
         try:
-            return self._print(expr)
+            text = self._print(expr)
         except PrintMethodNotImplementedError as exc:
             raise CodegenError(f"cannot compile {expr}: {exc.args[0].splitlines()[0]}") from None
+        if memo is not None:
+            memo[expr] = text
+        return text
 
     @contextmanager
     def naming(self, extra: dict):
         """Print with the symbols of ``extra`` under its names (over the table's own): how a
         statement is renamed, symbol by symbol, never by editing its text."""
-        saved = self.names
+        saved, saved_memo = self.names, self._printed
         self.names = {**saved, **extra}
+        if saved_memo is not None:
+            self._printed = {}
         try:
             yield self
         finally:
-            self.names = saved
+            self.names, self._printed = saved, saved_memo
 
     def assignments(self, pairs, extra: dict) -> list:
         """``(target, expression)`` pairs as lines ``target = code``, named by ``extra``."""
