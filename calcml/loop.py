@@ -90,16 +90,6 @@ _KEEPS_GRADIENT = frozenset({"lbfgs"})
 # threshold, since they are the kernels' own passes.
 PARALLEL_MIN_ROWS = _PARALLEL_MIN_ROWS
 
-_STATUS_SOURCE = f"""RUNNING = -1
-CONVERGED = {_result.CONVERGED}
-MAXITER = {_result.MAXITER}
-EPOCHS_DONE = {_result.EPOCHS_DONE}
-DIVERGED = {_result.DIVERGED}
-INTERRUPTED = {_result.INTERRUPTED}
-LINE_SEARCH_FAILED = {_result.LINE_SEARCH_FAILED}
-STATUS_NAMES = {{-1: 'running', 0: 'converged', 1: 'maxiter', 2: 'epochs done', 3: 'diverged', \
-4: 'interrupted', 5: 'line search failed'}}"""
-
 # Slots of the two small arrays that carry the run's counters between segments (`ints`, and
 # the head of `work`).
 _INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_EVERY", "BEST_STEP", "FRESH", "NFEV",
@@ -459,7 +449,7 @@ def _latency_printer(mb: ModuleBuilder) -> _LatencyPrinter:
 
 class _Generator:
     """Builds one optimizer module as :mod:`calcml.ir` statements. Code that spans lines (a long
-    call or tuple) holds its further lines as they stand in the module (a def's body: 4 spaces in)."""
+    call or tuple) is written as at column 0: ir indents it to its statement."""
 
     def __init__(self, cost: Cost, opt: Optimizer, schedule: Schedule | None, minibatch: bool):
         self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
@@ -487,11 +477,6 @@ class _Generator:
         """The schedule's rate at ``step``, its numbers read from ``sa``."""
         with self.mb.printer.naming(self.schedule.names("sa", "step")) as printer:
             return printer.doprint_expr(self.schedule.rate())
-
-    def _assign(self, pairs, names: dict) -> list:
-        """``(target, expression)`` pairs as assignments, their symbols named by ``names``."""
-        with self.mb.printer.naming(names) as printer:
-            return [ir.Assign(printer.doprint_expr(t), printer.doprint_expr(e)) for t, e in pairs]
 
     def _scale(self) -> str:
         return "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
@@ -826,12 +811,12 @@ class _Generator:
         opt = self.opt
         out = [
             None if self._constant_rate() else ir.Assign("lr", self._rate(), f"schedule {self.schedule.structure()}"),
-            self._assign(opt.per_step, self._names("step")),
+            self.mb.printer.assignments(opt.per_step, self._names("step")),
             ir.Comment(f"{opt.name} update ({_comment(opt.reference)})"),
         ]
         if self.unrolled:
-            return out + [self._assign(opt.update, self._names(j)) for j in range(self.n)]
-        return out + [ir.For("j", ir.range_("N_PARAMS"), self._assign(opt.update, self._names()))]
+            return out + [self.mb.printer.assignments(opt.update, self._names(j)) for j in range(self.n)]
+        return out + [ir.For("j", ir.range_("N_PARAMS"), self.mb.printer.assignments(opt.update, self._names()))]
 
     def _delayed_body(self, vg: RowProgram) -> list:
         """The loop of cheap steps: each step's gradient and update run first, in one block
@@ -986,7 +971,7 @@ class _Generator:
             ir.Comment("-- the descent loop ------------------------------------------------------------------"),
             ir.Raw("import time  # noqa: E402 - the driver below times its segments"),
             ir.Blank(),
-            ir.Raw(_STATUS_SOURCE),
+            _result.status_statements(with_names=True),
             [ir.Assign(f"I_{name}", k) for k, name in enumerate(_INTS)],
             ir.Assign("N_INTS", len(_INTS)),
             [ir.Assign(f"F_{name}", k) for k, name in enumerate(_FLOATS)],

@@ -188,9 +188,12 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
             self.names, self._printed = saved, saved_memo
 
     def assignments(self, pairs, extra: dict) -> list:
-        """``(target, expression)`` pairs as lines ``target = code``, named by ``extra``."""
+        """``(target, expression)`` pairs as assignments (:mod:`calcml.ir`), their symbols
+        named by ``extra``, printed now (under that naming)."""
+        from .ir import Assign
+
         with self.naming(extra):
-            return [f"{self._print(t)} = {self.doprint_expr(e)}" for t, e in pairs]
+            return [Assign(self.doprint_expr(t), self.doprint_expr(e)) for t, e in pairs]
 
     def _print_not_supported(self, expr):
         raise CodegenError(

@@ -29,6 +29,22 @@ LINE_SEARCH_FAILED = 5
 NO_MINIMUM = 6  # set after a run (see unbounded), never by a generated loop
 WITHIN_NOISE = 7  # set after a run that spent its budget (see within_noise), never by a loop
 
+# The codes a generated loop returns under the names it uses for them (RUNNING: not yet ended).
+LOOP_STATUSES = {"RUNNING": -1, "CONVERGED": CONVERGED, "MAXITER": MAXITER, "EPOCHS_DONE": EPOCHS_DONE,
+                 "DIVERGED": DIVERGED, "INTERRUPTED": INTERRUPTED, "LINE_SEARCH_FAILED": LINE_SEARCH_FAILED}
+
+
+def status_statements(with_names: bool = False) -> list:
+    """The loop's codes as statements of a generated module (:mod:`calcml.ir`); ``with_names``:
+    and ``STATUS_NAMES``, code -> readable name, for a module's own report."""
+    from . import ir
+
+    out = [ir.Assign(name, code) for name, code in LOOP_STATUSES.items()]
+    if with_names:
+        out.append(ir.Assign("STATUS_NAMES", repr({c: n.lower().replace("_", " ") for n, c in LOOP_STATUSES.items()})))
+    return out
+
+
 # status -> (success, message template). Templates may use the fields of ``_message``.
 STATUS = {
     CONVERGED: (True, "Converged: the gradient norm {grad_norm:.3g} is at most tol={tol:g} after {nit} iterations."),

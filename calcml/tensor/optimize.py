@@ -32,15 +32,6 @@ from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
 
-_STATUS_LINES = f"""RUNNING = -1
-CONVERGED = {_result.CONVERGED}
-MAXITER = {_result.MAXITER}
-EPOCHS_DONE = {_result.EPOCHS_DONE}
-DIVERGED = {_result.DIVERGED}
-INTERRUPTED = {_result.INTERRUPTED}
-LINE_SEARCH_FAILED = {_result.LINE_SEARCH_FAILED}
-"""
-
 _EVAL = '''
 
 # -- full-data evaluations: the compiled kernels stripe by stripe ------------------------------------
@@ -268,12 +259,6 @@ def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8):
 '''
 
 
-def _assignments(printer: NumbaPrinter, pairs, names: dict) -> list:
-    """``(target, expression)`` pairs of a rule as assignments, their symbols named by ``names``."""
-    with printer.naming(names):
-        return [ir.Assign(printer.doprint_expr(t), printer.doprint_expr(e)) for t, e in pairs]
-
-
 def _rule(opt: Optimizer, schedule: Schedule | None) -> tuple:
     """(the rate's code, per-step statements, per-parameter statements, helpers they call) of a
     first-order rule, printed once by one printer: the rate of ``step`` from ``sa``, the rule
@@ -285,9 +270,9 @@ def _rule(opt: Optimizer, schedule: Schedule | None) -> tuple:
             rate = printer.doprint_expr(schedule.rate())
     names = {slot(RATE): "lr", slot(STEP): "step", **{slot(h): f"hp_{h}" for h in opt.hyper},
              **{slot(v): f"o_{v}" for v in opt.locals}}
-    per_step = _assignments(printer, opt.per_step, names)
+    per_step = printer.assignments(opt.per_step, names)
     names.update({slot(PARAM): "theta[j]", slot(GRAD): "g[j]", **{slot(s[0]): f"st_{s[0]}[j]" for s in opt.state}})
-    return rate, per_step, _assignments(printer, opt.update, names), printer.helpers_used
+    return rate, per_step, printer.assignments(opt.update, names), printer.helpers_used
 
 
 def _jit(name: str, params: str, doc: str, body) -> list:
@@ -425,7 +410,7 @@ class _Source:
 
     def _constants(self, **values) -> list:
         """The status codes and the module's constants."""
-        return [ir.Raw(_STATUS_LINES.strip())] + [ir.Assign(name, repr(v)) for name, v in values.items()]
+        return _result.status_statements() + [ir.Assign(name, repr(v)) for name, v in values.items()]
 
     def text(self) -> str:
         opt, cost = self.opt, self.cost
