@@ -644,7 +644,7 @@ class _Generator:
             ir.Assign("sa", "work[O_SA:O_END]") if self.schedule is not None else None,
             ir.Assign("cols", "(work,)", "no data: _fg reads no column") if not self.has_data else None,
             ir.If("ints[I_BEGUN] == 0 and not _begin(xout, theta, best, g, cols, ints, floats)",
-                  [end("DIVERGED", "not finite at x0")]),
+                  [end("np.int64(DIVERGED)", "not finite at x0 (an int64, as below: _end compiled once)")]),
             ir.Assign(f"{', '.join('st_' + s for s in self.state)},", "state") if self.state else None,
             [ir.Assign(f"hp_{name}", f"hp[{k}]", name) for k, name in enumerate(self.hyper)],
             [vg.column_loads, ir.Assign("n_rows", "c0.shape[0]")] if self.has_data else None,
@@ -745,7 +745,9 @@ class _Generator:
         at a minimum: it is not tested."""
         return ir.If("tol2 > 0.0", [
             [ir.Assign(f"theta[{j}]", f"p{j}") for j in range(self.n)] if self.unrolled else None,
-            ir.Stmt("_fg(theta, cols, g)", "g: scratch here (the next step writes it)"),
+            # ints[I_PASSES] (0 here), not an omitted or literal argument: the signature of
+            # _begin's and _end's calls, so _fg is compiled once
+            ir.Stmt("_fg(theta, cols, g, ints[I_PASSES])", "g: scratch here (the next step writes it)"),
             self._norm2("full2"),
             ir.If("full2 <= tol2", [
                 ir.AugAssign("step", "+", 1, "this update is done"),
