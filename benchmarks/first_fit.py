@@ -9,7 +9,9 @@ CALCML_CACHE_DIR (the imports are timed apart and not counted):
   the scalar path) and ``index`` (``cm.params("w", shape=(30,))``: the tensor path);
 - the Hessian kernel of that cost (``k.hessian`` first value): under 5 s;
 - softmax regression on the digits (650 parameters), ``lbfgs``: under 10 s, index form
-  (and scalar symbols with ``--scalar-digits``: expect minutes).
+  (and scalar symbols with ``--scalar-digits``: expect minutes);
+- with ``--small``: the same logistic regression on the first 4 features (5 parameters), whose
+  scalar statement (under 16 parameters) runs calcml's compiled scalar loops.
 
 Run:  .venv/bin/python benchmarks/first_fit.py [--methods gd,adam,...] [--forms scalar,index]
 """
@@ -45,6 +47,8 @@ if task == "digits":
     X, labels = load_digits(return_X_y=True); X = X / 16.0
 else:
     X, labels = load_breast_cancer(return_X_y=True); X = (X - X.mean(0)) / X.std(0)
+    if task == "small":
+        X = X[:, :4]
 N, d = X.shape
 t2 = time.perf_counter()
 if task == "digits":
@@ -118,6 +122,9 @@ def main(argv=None):
     ap.add_argument("--forms", default="index,scalar")
     ap.add_argument("--digits", action="store_true", help="also the digits softmax (lbfgs)")
     ap.add_argument("--scalar-digits", action="store_true", help="the digits softmax in scalar symbols too")
+    ap.add_argument("--small", action="store_true",
+                    help="breast cancer's first 4 features only (5 parameters: a scalar statement stays on the "
+                         "scalar path, its compiled loops)")
     ap.add_argument("--timeout", type=float, default=600.0)
     a = ap.parse_args(argv)
     print(f"Command: .venv/bin/python benchmarks/first_fit.py {' '.join(argv or sys.argv[1:])}\n")
@@ -125,17 +132,19 @@ def main(argv=None):
     print(f"\n### First fit, fresh process, empty cache (load avg at start {load_avg()})\n")
     print("| task | statement | method | Cost → first result | import calcml | result |")
     print("|---|---|---|---:|---:|---:|")
-    rows = [("breast cancer", f, m) for f in a.forms.split(",") for m in a.methods.split(",")]
+    task = "small" if a.small else "cancer"
+    label = "breast cancer, 4 features" if a.small else "breast cancer"
+    rows = [(label, f, m) for f in a.forms.split(",") for m in a.methods.split(",")]
     if a.digits:
         rows.append(("digits", "index", "lbfgs"))
     if a.scalar_digits:
         rows.append(("digits", "scalar", "lbfgs"))
-    for task, form, method in rows:
-        r = run("digits" if task == "digits" else "cancer", form, method, a.timeout)
+    for name, form, method in rows:
+        r = run("digits" if name == "digits" else task, form, method, a.timeout)
         if "error" in r:
-            print(f"| {task} | {form} | {method} | {r['error']} | | |")
+            print(f"| {name} | {form} | {method} | {r['error']} | | |")
         else:
-            print(f"| {task} | {form} | {method} | {r['cost'] + r['first']:.2f} s | {r['import_calcml']:.2f} s | "
+            print(f"| {name} | {form} | {method} | {r['cost'] + r['first']:.2f} s | {r['import_calcml']:.2f} s | "
                   f"{r['result']:.6g} |", flush=True)
 
 
