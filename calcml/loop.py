@@ -475,8 +475,7 @@ class _Generator:
 
     def _rate(self) -> str:
         """The schedule's rate at ``step``, its numbers read from ``sa``."""
-        with self.mb.printer.naming(self.schedule.names("sa", "step")) as printer:
-            return printer.doprint_expr(self.schedule.rate())
+        return self.schedule.code(self.mb.printer)
 
     def _scale(self) -> str:
         return "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"

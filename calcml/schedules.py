@@ -97,6 +97,12 @@ class Schedule:
         """How a generator names the rate's symbols: ``array[k]`` and its step counter."""
         return {T: step, **{arg(k): f"{array}[{k}]" for k in range(len(self.values()))}}
 
+    def code(self, printer, array: str = "sa", step: str = "step") -> str:
+        """The rate at ``step`` as code, its numbers read from ``array``, printed by ``printer``
+        (what both loop generators write)."""
+        with printer.naming(self.names(array, step)):
+            return printer.doprint_expr(self.rate())
+
     @property
     def is_constant(self) -> bool:
         """Whether the rate is the same at every step."""

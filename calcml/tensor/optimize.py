@@ -264,10 +264,7 @@ def _rule(opt: Optimizer, schedule: Schedule | None) -> tuple:
     first-order rule, printed once by one printer: the rate of ``step`` from ``sa``, the rule
     over the parameter array (loop variable ``j``), its symbols named as symbols."""
     printer = NumbaPrinter({})
-    rate = None
-    if schedule is not None:
-        with printer.naming(schedule.names("sa", "step")):
-            rate = printer.doprint_expr(schedule.rate())
+    rate = schedule.code(printer) if schedule is not None else None
     names = {slot(RATE): "lr", slot(STEP): "step", **{slot(h): f"hp_{h}" for h in opt.hyper},
              **{slot(v): f"o_{v}" for v in opt.locals}}
     per_step = printer.assignments(opt.per_step, names)
