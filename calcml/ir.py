@@ -103,6 +103,12 @@ def _body(out: list, body, printer, depth: int):
         s.emit(out, printer, depth)
 
 
+def _block(out: list, printer, depth: int, head: str, comment: str, body):
+    """``head:`` (and its comment), then ``body`` one level in."""
+    _line(out, depth, f"{head}:{_tail(comment)}")
+    _body(out, body, printer, depth + 1)
+
+
 @dataclass(frozen=True)
 class Assign(Node):
     """``target = value``"""
@@ -217,8 +223,8 @@ class For(Node):
     comment: str = ""
 
     def emit(self, out, printer, depth):
-        _line(out, depth, f"for {code(self.var, printer)} in {code(self.iterable, printer)}:{_tail(self.comment)}")
-        _body(out, self.body, printer, depth + 1)
+        _block(out, printer, depth, f"for {code(self.var, printer)} in {code(self.iterable, printer)}", self.comment,
+               self.body)
 
 
 @dataclass(frozen=True)
@@ -228,8 +234,7 @@ class While(Node):
     comment: str = ""
 
     def emit(self, out, printer, depth):
-        _line(out, depth, f"while {code(self.cond, printer)}:{_tail(self.comment)}")
-        _body(out, self.body, printer, depth + 1)
+        _block(out, printer, depth, f"while {code(self.cond, printer)}", self.comment, self.body)
 
 
 @dataclass(frozen=True)
@@ -243,13 +248,11 @@ class If(Node):
     else_comment: str = ""
 
     def emit(self, out, printer, depth, word="if"):
-        _line(out, depth, f"{word} {code(self.cond, printer)}:{_tail(self.comment)}")
-        _body(out, self.body, printer, depth + 1)
+        _block(out, printer, depth, f"{word} {code(self.cond, printer)}", self.comment, self.body)
         if isinstance(self.orelse, If):
             self.orelse.emit(out, printer, depth, word="elif")
         elif flatten(self.orelse):
-            _line(out, depth, "else:" + _tail(self.else_comment))
-            _body(out, self.orelse, printer, depth + 1)
+            _block(out, printer, depth, "else", self.else_comment, self.orelse)
 
 
 @dataclass(frozen=True)
@@ -259,11 +262,9 @@ class Try(Node):
     handlers: tuple = ()
 
     def emit(self, out, printer, depth):
-        _line(out, depth, "try:")
-        _body(out, self.body, printer, depth + 1)
+        _block(out, printer, depth, "try", "", self.body)
         for what, handler in self.handlers:
-            _line(out, depth, f"except {what}:")
-            _body(out, handler, printer, depth + 1)
+            _block(out, printer, depth, f"except {what}", "", handler)
 
 
 @dataclass(frozen=True)
