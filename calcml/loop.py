@@ -643,7 +643,7 @@ class _Generator:
             ir.Assign("sa", "work[O_SA:O_END]") if self.schedule is not None else None,
             ir.Assign("cols", "(work,)", "no data: _fg reads no column") if not self.has_data else None,
             ir.If("ints[I_BEGUN] == 0 and not _begin(xout, theta, best, g, cols, ints, floats)",
-                  [end("np.int64(DIVERGED)", "not finite at x0 (an int64, as below: _end compiled once)")]),
+                  [end("np.int64(DIVERGED)", "not finite at x0 (an int64: one compile of _end)")]),
             ir.Assign(f"{', '.join('st_' + s for s in self.state)},", "state") if self.state else None,
             [ir.Assign(f"hp_{name}", f"hp[{k}]", name) for k, name in enumerate(self.hyper)],
             [vg.column_loads, ir.Assign("n_rows", "c0.shape[0]")] if self.has_data else None,
@@ -966,8 +966,7 @@ class _Generator:
 
     def _constants(self) -> list:
         opt, sched = self.opt, self.schedule
-        states = "".join(f"    np.full(({', '.join(opt.dims(shape, 'n'))},), {float(init)!r}),  # {name}\n"
-                         for name, shape, init in opt.state)
+        states = "".join(f"    {made},  # {name}\n" for name, made in opt.state_arrays("n"))
         return [
             ir.Comment("-- the descent loop ------------------------------------------------------------------"),
             ir.Raw("import time  # noqa: E402 - the driver below times its segments"),

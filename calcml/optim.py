@@ -219,6 +219,12 @@ class Optimizer:
         """A state array's shape as code: ``n`` for the parameter count, the memory's size."""
         return [n if d == "n" else str(self.extra[d]) if d == "memory" else str(d) for d in shape]
 
+    def state_arrays(self, n: str) -> list:
+        """``(name, code)`` of each state array at its initial value, ``n`` the parameter count's
+        code (what both loop generators allocate)."""
+        return [(name, f"np.full(({', '.join(self.dims(shape, n))},), {float(init)!r})")
+                for name, shape, init in self.state]
+
     @property
     def locals(self) -> list:
         """The names the rules assign besides theta and the state (in order)."""

@@ -314,8 +314,7 @@ class _Source:
                      ir.Return("res[0]")])
 
     def state_factory(self) -> list:
-        items = [f"np.full(({', '.join(self.opt.dims(shape, 'N_PARAMS'))},), {float(init)!r})"
-                 for _, shape, init in self.opt.state]
+        items = [made for _, made in self.opt.state_arrays("N_PARAMS")]
         return [ir.Def("new_state", (), [ir.Return(f"({', '.join(items)}{',' if len(items) == 1 else ''})")],
                        doc="the optimizer's state arrays, at their initial values"),
                 ir.Blank(2)]
