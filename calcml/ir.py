@@ -29,7 +29,7 @@ import sympy as sp
 
 __all__ = [
     "Node", "Assign", "AugAssign", "Stmt", "Return", "Raise", "Break", "Continue", "Pass", "Comment", "Blank",
-    "Doc", "For", "While", "If", "Try", "Def", "Raw", "range_", "code", "flatten", "lines", "render",
+    "Doc", "For", "While", "If", "Try", "Def", "Raw", "range_", "code", "flatten", "lines", "render", "printable",
 ]
 
 _INDENT = "    "
@@ -78,8 +78,17 @@ def flatten(body) -> list:
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with the characters that are not printable escaped (a newline or a carriage
+    return in a symbol's name): text from a user that goes into a comment stays one line of
+    comment, never a line of code."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _tail(comment: str) -> str:
-    return f"  # {comment}" if comment else ""
+    return f"  # {printable(comment)}" if comment else ""
 
 
 class Node:
@@ -103,6 +112,10 @@ def _body(out: list, body, printer, depth: int):
         s.emit(out, printer, depth)
 
 
+def _assign(out: list, printer, depth: int, target, op: str, value, comment: str):
+    _line(out, depth, f"{code(target, printer)} {op} {code(value, printer)}{_tail(comment)}")
+
+
 def _block(out: list, printer, depth: int, head: str, comment: str, body):
     """``head:`` (and its comment), then ``body`` one level in."""
     _line(out, depth, f"{head}:{_tail(comment)}")
@@ -117,7 +130,7 @@ class Assign(Node):
     comment: str = ""
 
     def emit(self, out, printer, depth):
-        _line(out, depth, f"{code(self.target, printer)} = {code(self.value, printer)}{_tail(self.comment)}")
+        _assign(out, printer, depth, self.target, "=", self.value, self.comment)
 
 
 @dataclass(frozen=True)
@@ -129,8 +142,7 @@ class AugAssign(Node):
     comment: str = ""
 
     def emit(self, out, printer, depth):
-        _line(out, depth,
-              f"{code(self.target, printer)} {self.op}= {code(self.value, printer)}{_tail(self.comment)}")
+        _assign(out, printer, depth, self.target, self.op + "=", self.value, self.comment)
 
 
 @dataclass(frozen=True)
@@ -184,12 +196,13 @@ class Pass(Node):
 
 @dataclass(frozen=True)
 class Comment(Node):
-    """``# text``, a line of comment for each line of ``text``."""
+    """``# text``, a line of comment for each line of ``text`` (other characters that are not
+    printable escaped: see :func:`printable`)."""
     text: str
 
     def emit(self, out, printer, depth):
         for part in self.text.split("\n"):
-            _line(out, depth, f"# {part}" if part else "#")
+            _line(out, depth, f"# {printable(part)}" if part else "#")
 
 
 @dataclass(frozen=True)

@@ -89,3 +89,12 @@ def test_code_over_two_lines_is_indented_to_its_statement():
     f, text = _function([ir.If("n > 0", [ir.Return("max(a[0],\nn)")]), ir.Return(0)])
     assert "        return max(a[0],\n        n)" in text
     assert f(np.array([5.0]), 2) == 5.0 and f(np.array([5.0]), 0) == 0
+
+
+def test_user_text_in_comments_never_becomes_code():
+    # a name with a newline or a carriage return (Python ends a line at either) stays comment
+    evil = "w\rraise SystemExit\nraise SystemExit"
+    f, text = _function([ir.Comment(evil), ir.Assign("s", 1.0, comment=evil), ir.Return("s")], params=())
+    assert f() == 1.0
+    assert "\r" not in text
+    assert all(line.strip().startswith(("#", "def", '"""', "s =", "return")) for line in text.splitlines())

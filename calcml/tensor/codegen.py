@@ -415,9 +415,9 @@ class _Writer:
             return []  # computed by its log-sum-exp
         soft = self.fused_softmax.get(t)
         if self.mode == "read" and t in self.cached:
-            out = [ir.Assign(t.name, self._cache_rows(t), comment=_printable(f"{t.note}: computed at this theta"))]
+            out = [ir.Assign(t.name, self._cache_rows(t), comment=f"{t.note}: computed at this theta")]
             if soft is not None:
-                out.append(ir.Assign(soft.name, self._cache_rows(soft), comment=_printable(soft.note)))
+                out.append(ir.Assign(soft.name, self._cache_rows(soft), comment=soft.note))
             return out
         out = [_comment(self.describe(soft)), self._alloc(soft, soft.name)] if soft is not None else []
         out.append(_comment(self.describe(t)))
@@ -694,7 +694,7 @@ class _Writer:
                 body.append(self.emit(t))
         o = 0
         for label, t, size in self.spec.outputs:
-            body.append(ir.Comment(_printable(label)))
+            body.append(ir.Comment(ir.printable(label)))
             # loops, not slice assignments: Numba takes about 2 s to compile an array setitem
             if not isinstance(t, Tensor):
                 body.append(ir.For("q", ir.range_(size), [ir.Assign(f"out[{o} + q]", "0.0")]))
@@ -721,15 +721,9 @@ def _view(src: str, o: int, t: Tensor) -> str:
     return f"{src}[{o}:{o + t.size}].reshape(({', '.join(map(str, t.shape))},))"
 
 
-def _printable(text: str) -> str:
-    """``text`` with the characters that are not printable escaped (a newline in a symbol's
-    name, shown in a comment): a line of comment stays one line."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-
-
 def _comment(text: str):
     """``text`` as comment lines of at most about 100 characters."""
-    return [ir.Comment(_printable(line)) for line in _wrap(text)]
+    return [ir.Comment(ir.printable(line)) for line in _wrap(text)]
 
 
 def _vectorises(e) -> bool:
