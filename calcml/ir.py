@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 __all__ = [
-    "Node", "Assign", "AugAssign", "Stmt", "Return", "Raise", "Break", "Continue", "Pass", "Comment", "Blank",
+    "Node", "Assign", "AugAssign", "Stmt", "Return", "Raise", "Break", "Comment", "Blank",
     "Doc", "For", "While", "If", "Try", "Def", "Raw", "range_", "code", "flatten", "lines", "render", "printable",
 ]
 
@@ -180,18 +180,6 @@ class Break(Node):
 
     def emit(self, out, printer, depth):
         _line(out, depth, "break" + _tail(self.comment))
-
-
-@dataclass(frozen=True)
-class Continue(Node):
-    def emit(self, out, printer, depth):
-        _line(out, depth, "continue")
-
-
-@dataclass(frozen=True)
-class Pass(Node):
-    def emit(self, out, printer, depth):
-        _line(out, depth, "pass")
 
 
 @dataclass(frozen=True)
