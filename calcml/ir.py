@@ -37,7 +37,7 @@ _INDENT = "    "
 
 def code(e, printer=None) -> str:
     """An expression's code: text as it is, a SymPy expression through ``printer``."""
-    if isinstance(e, str):
+    if type(e) is str or isinstance(e, str):
         return e
     if isinstance(e, bool) or e is None:
         return repr(e)
@@ -101,6 +101,9 @@ class Node:
 def _line(out: list, depth: int, text: str):
     """``text`` at ``depth``. Code written over several lines (a long call, in its
     parentheses) is written as at column 0: each line is indented to the statement's depth."""
+    if "\n" not in text:  # (most statements: no split)
+        out.append(_INDENT * depth + text if text else "")
+        return
     out.extend(_INDENT * depth + part if part else "" for part in text.split("\n"))
 
 
