@@ -60,7 +60,7 @@ from sympy.printing.precedence import precedence
 
 from . import result as _result
 from . import ir
-from .codegen import KERNEL_FLAGS, ModuleBuilder, RowProgram, _comment, chunk_sums
+from .codegen import KERNEL_FLAGS, NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, chunk_sums
 from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
 from .optim import CALL_ARGS, GRAD, PARAM, RATE, STEP, Optimizer, slot
@@ -89,6 +89,7 @@ _KEEPS_GRADIENT = frozenset({"lbfgs"})
 # Full-batch passes over at least this many rows run on calcml's threads: the kernels' own
 # threshold, since they are the kernels' own passes.
 PARALLEL_MIN_ROWS = _PARALLEL_MIN_ROWS
+_NJIT_FLAGS = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
 
 # Slots of the two small arrays that carry the run's counters between segments (`ints`, and
 # the head of `work`).
@@ -100,15 +101,15 @@ _FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", 
 # compiled code does a whole short run), the driver only after a Ctrl-C.
 _BEGIN_END_SOURCE = '''
 @_jit
-def _begin(x0, theta, best, g, cols, ints, floats):
-    """The parameters and the best point so far := x0; the cost at x0 and the divergence
-    threshold. Returns whether x0 and the cost at x0 are finite."""
+def _begin(x0, f0, theta, best, g, ints, floats):
+    """The parameters and the best point so far := x0, whose cost f0 and gradient g the caller
+    evaluated (_fg: only callers of _fg compile it into their code); the divergence threshold.
+    Returns whether x0 and the cost at x0 are finite."""
     finite = True
     for j in range(N_PARAMS):
         theta[j] = x0[j]
         best[j] = x0[j]
         finite = finite and math.isfinite(x0[j])
-    f0 = _fg(theta, cols, g, ints[I_PASSES])
     gn2 = 0.0
     for j in range(N_PARAMS):
         gn2 += g[j] * g[j]
@@ -642,7 +643,7 @@ class _Generator:
             ir.Assign("hp", "work[O_HP:O_SA]") if self.hyper else None,
             ir.Assign("sa", "work[O_SA:O_END]") if self.schedule is not None else None,
             ir.Assign("cols", "(work,)", "no data: _fg reads no column") if not self.has_data else None,
-            ir.If("ints[I_BEGUN] == 0 and not _begin(xout, theta, best, g, cols, ints, floats)",
+            ir.If("ints[I_BEGUN] == 0 and not _begin(xout, _fg(xout, cols, g, ints[I_PASSES]), theta, best, g, ints, floats)",
                   [end("np.int64(DIVERGED)", "not finite at x0 (an int64: one compile of _end)")]),
             ir.Assign(f"{', '.join('st_' + s for s in self.state)},", "state") if self.state else None,
             [ir.Assign(f"hp_{name}", f"hp[{k}]", name) for k, name in enumerate(self.hyper)],
@@ -692,7 +693,7 @@ class _Generator:
                   comment="the run is over: the report"),
             ir.Return("status"),
         ]
-        return ir.Def("run_segment", tuple(self._segment_params()), [begin, loop, finish], decorators=("_jit",), doc=(
+        return ir.Def("run_segment", tuple(self._segment_params()), [begin, loop, finish], decorators=("_jit_inline",), doc=(
             "Run the descent from the state in the arrays until step ints[I_STOP] or a stopping\n"
             "test; every counter is written back, so the next call resumes exactly. Returns the status:\n"
             "RUNNING, or the final one once the run has ended (then the report is written: _end).\n"
@@ -882,6 +883,10 @@ class _Generator:
             ir.Comment("-- machine-level pieces: the C entry point and (threaded modules) calcml's passes --------"),
             ir.Raw("import ctypes  # noqa: E402") if self.threaded else None,
             ir.Raw(_MACHINE_IMPORTS),
+            ir.Blank(),
+            ir.Comment("run_segment's code goes into its one compiled caller, run_segment_c (Numba's inline=\"always\"):\n"
+                       "one compile of the loop, not a dispatcher's and then the C entry's over it again"),
+            ir.Assign("_jit_inline", f"numba.njit(inline='always', {_NJIT_FLAGS})"),
             ir.Blank(2),
             self._full_batch_functions(vg, val, hess),
             ir.Raw(_BEGIN_END_SOURCE.strip("\n")),
@@ -958,7 +963,8 @@ class _Generator:
                 ir.Def("fg_c", ("off", "theta_o", "cols_p", "n_rows", "g_o"), [ir.Return(
                     "_fg(carray(_data(off, theta_o), (N_PARAMS,), np.float64),\n"
                     f"           {self._column_arrays()},\n"
-                    "           carray(_data(off, g_o), (N_PARAMS,), np.float64))")],
+                    "           carray(_data(off, g_o), (N_PARAMS,), np.float64),\n"
+                    "           np.int64(0))")],  # the serial pass; int64 as in the loop's calls: one compile of _fg
                     doc="_fg (the serial pass) on the arrays at these addresses: the cost, the gradient into g"),
                 ir.Blank(2),
             ]
@@ -1060,7 +1066,7 @@ class _Generator:
             ir.Assign("i", "ints.tolist()"),
             ir.If("status == INTERRUPTED", [
                 ir.Assign("theta, g, best", "work[O_THETA:O_G], work[O_G:O_BEST], work[O_BEST:O_HP]"),
-                ir.If("not i[I_BEGUN]", [ir.Stmt("_begin(xout, theta, best, g, cols, ints, work)")]),
+                ir.If("not i[I_BEGUN]", [ir.Stmt("_begin(xout, _fg(xout, cols, g, ints[I_PASSES]), theta, best, g, ints, work)")]),
                 ir.Stmt("_end(theta, best, cols, ints, work, xout, gout, status)"),
                 ir.Assign("i", "ints.tolist()"),
             ], ir.If("status == DIVERGED and not i[I_STEP] and not math.isfinite(work[F_F0])", [

@@ -311,7 +311,7 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
         if not math.isfinite(fun):
             raise ParamError(f"the cost at x0 is {fun}: start from a point where it is finite")
     if status == _result.CONVERGED and nit:
-        status = _result.unbounded(status, x, x0, fun, partial(_value_at, cost, ds))
+        status = _result.unbounded(status, x, x0, fun, partial(_value_at, prog, ds, columns))
     fields = {
         "x": x, "fun": fun, "grad_norm": grad_norm, "jac": grad, "nit": nit, "nfev": nfev, "history": history,
         "history_every": history_every, "method": opt.name, "lr": lr_used if opt.lr is not None else None,
@@ -387,12 +387,19 @@ def _threaded_passes(cost, cols):
     return full
 
 
-def _value_at(cost, ds, theta) -> float:
-    """The cost at theta (a kernel compiled only when a result needs it: see result.unbounded)."""
+def _value_at(prog, ds, columns, theta) -> float:
+    """The cost at theta, when a result needs it (see result.unbounded): over data in memory,
+    the loop module's own full-batch pass (its machine code, compiled with the loop's or loaded:
+    loop.native_fg), else the cost's value kernel (compiled then)."""
     from .compile import compile as compile_cost
 
     if ds is not None and type(ds) is not Dataset:
         return ds.value(theta)
+    if ds is not None and hasattr(prog.module, "fg_c"):
+        from .loop import native_fg
+
+        return float(native_fg(prog.module, prog.path)(theta, prog.module.columns_of(columns), np.empty(theta.shape[0])))
+    cost = prog.cost
     return compile_cost(cost).value(theta, ds) if ds is not None else compile_cost(cost).value(theta)
 
 
