@@ -806,7 +806,8 @@ z = cm.dot(w, x) + b
 cost = cm.Cost(cm.softplus(z) - yy * z, params=[w, b], data=[x, yy])
 out = {}
 for name, kw in [("lbfgs", dict(method="lbfgs")), ("lbfgs-spent", dict(method="lbfgs", maxiter=3)),
-                 ("newton-cg", dict(method="newton-cg"))]:
+                 ("newton-cg", dict(method="newton-cg")), ("gd-spent", dict(method="gd", lr="auto", maxiter=20)),
+                 ("adam", dict(method="adam", lr=0.01, batch_size=32, epochs=2))]:
     r = cm.minimize(cost, np.zeros(6), data={"x": X, "y": y}, **kw)
     out[name] = [list(map(float.hex, map(float, r.x))), r.nit, int(r.status), bool(r.success)]
 out["compiles"] = sum(1 for _, e in recorded.buffer if e.is_start)
@@ -815,10 +816,10 @@ print(json.dumps(out))
 
 
 def test_a_warm_process_runs_tensor_fits_from_machine_code(fresh_cache):
-    """A tensor cost's line-searched and trust-region fits (their kernels, Hessian-vector
-    products, and a spent budget's noise test) run, in a process after the first, from the
-    machine code calcml kept: no Numba compile and no load of Numba's cache, and the same bits
-    as the first process."""
+    """A tensor cost's fits (line-searched and trust-region: their kernels, Hessian-vector
+    products; first-order, full-batch and minibatch: their compiled loops; a spent budget's
+    noise test) run, in a process after the first, from the machine code calcml kept: no
+    Numba compile and no load of Numba's cache, and the same bits as the first process."""
     import json
     import os
     import subprocess
@@ -839,5 +840,30 @@ def test_a_warm_process_runs_tensor_fits_from_machine_code(fresh_cache):
     warm = child()
     assert cold.pop("compiles") > 0 and warm.pop("compiles") == 0
     assert warm == cold
-    assert cold["lbfgs-spent"][2] in (R.MAXITER, R.WITHIN_NOISE)  # a spent budget: the noise was tested
+    for spent in ("lbfgs-spent", "gd-spent"):  # a spent budget: the noise was tested
+        assert cold[spent][2] in (R.MAXITER, R.WITHIN_NOISE)
+
+
+@pytest.mark.parametrize("method, kw", [("nesterov", dict(lr=0.05, maxiter=40)),
+                                        ("adam", dict(lr=0.01, batch_size=32, epochs=2))])
+def test_tensor_loops_machine_code_gives_the_dispatchers_bits(small, method, kw):
+    """A first-order tensor fit run by the module's C entry point (loop_c's machine code:
+    its evaluations and its steps) gives the bits of the module's own Numba dispatchers
+    (full_value_and_grad, _full_steps or _epoch) that the exported module runs."""
+    from calcml.tensor.optimize import native_loop
+
+    cost, _, _, X, labels, K, d, N = small
+    batch = kw.pop("batch_size", None)
+    prog = cm.generate(cost, method, batch_size=batch, lr=kw.pop("lr"))
+    native = native_loop(prog)
+    assert native is not None
+    mod = prog.module
+    x0 = np.random.default_rng(5).standard_normal(cost.n_params) * 0.1
+    runs = [mod.drive(x0, (X, labels.astype(np.int64)), N, [float(v) for v in prog.optimizer.hyper.values()],
+                      prog.schedule.values(), batch, kw.get("epochs"), kw.get("maxiter"), **extra)
+            for extra in ({}, {"full": native.full, "loop": native.run})]
+    assert runs[0]["nit"] == runs[1]["nit"] > 0
+    for key in ("x", "grad", "history"):
+        assert runs[0][key].tobytes() == runs[1][key].tobytes(), key
+    assert runs[0]["fun"] == runs[1]["fun"]
 

@@ -26,11 +26,14 @@ from ..errors import DataError, OptimizeError, ParamError
 from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from .. import ir
 from ..printing import NumbaPrinter
+from ..codegen import KERNEL_FLAGS, NUMBA_FLAGS
 from ..schedules import Schedule
 from .kernels import STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
 from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
+
+_NJIT_FLAGS = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
 
 _EVAL = '''
 
@@ -91,13 +94,14 @@ _DRIVER = '''
 
 # -- the driver: plain Python around the compiled loops ------------------------------------------------
 def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxiter=None, tol=1e-8, seed=0,
-          callback=None, segment_seconds=0.25, full=None, epoch=None, per_epoch=None):
+          callback=None, segment_seconds=0.25, full=None, epoch=None, per_epoch=None, loop=None):
     """Minimize from x0 (flat float64); arrays: the data arrays in DATA_NAMES order (validated).
     full: the full-data evaluation, (theta, cols, g) -> value (default full_value_and_grad;
     calcml passes the same stripes on its threads: the same bits). epoch: one epoch of
     minibatches run elsewhere, (theta, step, budget, hyper, sa, blowup, state) -> (status,
     updates, sum of the minibatch costs), making per_epoch updates (calcml: over the chunks
-    of Dask data); default: _epoch over a seeded shuffle of all rows.
+    of Dask data); default: _epoch over a seeded shuffle of all rows. loop: what runs in place
+    of _full_steps or _epoch, with its arguments (calcml: loop_c's machine code).
     Returns a dict: x, fun, grad, grad_norm, nit, nfev, status, history, epochs, best_step,
     best_value, diverged_at, blowup."""
     evaluate = full_value_and_grad if full is None else full
@@ -135,8 +139,8 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             while nit < budget and status == RUNNING:
                 if epoch is None:
                     perm = rng.permutation(n_rows).astype(np.int64)
-                    code, done, total = _epoch(theta, g, perm, batch_size, nit, budget - nit, hyper, sa, cols, bufs,
-                                               scale_mean, n_rows, blowup, *state)
+                    code, done, total = (loop or _epoch)(theta, g, perm, batch_size, nit, budget - nit, hyper, sa,
+                                                         cols, bufs, scale_mean, n_rows, blowup, *state)
                 else:
                     code, done, total = epoch(theta, nit, budget, hyper, sa, blowup, state)
                 nit += done
@@ -166,7 +170,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             while nit < budget and status == RUNNING:
                 k = min(segment, budget - nit)
                 start = time.perf_counter()
-                steps = _full_steps if full is None else _threaded_steps(full)
+                steps = loop or (_full_steps if full is None else _threaded_steps(full))
                 code, done, value = steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
                                           hist[nit:], *state)
                 nit += done
@@ -272,9 +276,9 @@ def _rule(opt: Optimizer, schedule: Schedule | None) -> tuple:
     return rate, per_step, printer.assignments(opt.update, names), printer.helpers_used
 
 
-def _jit(name: str, params: str, doc: str, body) -> list:
+def _jit(name: str, params: str, doc: str, body, decorator: str = "_jit") -> list:
     """A compiled function of the module, and the two blank lines after it."""
-    return [ir.Def(name, (params,), body, doc=doc, decorators=("_jit",)), ir.Blank(2)]
+    return [ir.Def(name, (params,), body, doc=doc, decorators=(decorator,)), ir.Blank(2)]
 
 
 def _each(i: str, n: str, *body) -> ir.For:
@@ -300,18 +304,20 @@ class _Source:
     def full_batch(self) -> list:
         over_rows = [
             ir.Assign("bounds", "cols[0]"),
-            ir.Assign("ns", "bounds.shape[0]"),
-            _each("k", "ns", _each("q", "acc.shape[1]", ir.Assign("acc[k, q]", "0.0")),
-                  ir.Stmt(f"vg_rows(theta, v, {self.data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc[k])")),
-            ir.For("k", ir.range_(1, "ns"), [_each("q", "acc.shape[1]", ir.AugAssign("acc[0, q]", "+", "acc[k, q]"))]),
+            _each("k", "bounds.shape[0]",
+                  _each("q", "acc.shape[0]", ir.Assign("acc[q]", "0.0")),
+                  ir.Stmt(f"vg_rows(theta, v, {self.data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc)"),
+                  _each("q", "acc.shape[0]", ir.Assign("total[q]", "acc[q] if k == 0 else total[q] + acc[q]"))),
         ] if self.cost.has_data else []
-        return _jit("_fg", "theta, cols, g, acc, res, v",
-                    "the full cost at theta; its gradient into g (all rows, in the kernels' stripes: the same bits).\n"
-                    "acc (a row per stripe), res, v (empty): the caller's scratch, allocated once per run",
+        return _jit("_fg", "theta, cols, g, acc, total, res, v",
+                    "the full cost at theta; its gradient into g (all rows, in the kernels' stripes, their sums added\n"
+                    "in stripe order: the same bits as the kernels). acc, total (zeros, ACC_SIZES['vg'] each), res,\n"
+                    "v (empty): the caller's scratch, allocated once per run",
                     [over_rows,
-                     ir.Stmt("vg_finish(theta, v, acc[0], res)"),
+                     ir.Stmt("vg_finish(theta, v, total, res)"),
                      _each("i", "N_PARAMS", ir.Assign("g[i]", "res[i + 1]")),
-                     ir.Return("res[0]")])
+                     ir.Return("res[0]")],
+                    "_jit_inline")
 
     def state_factory(self) -> list:
         items = [made for _, made in self.opt.state_arrays("N_PARAMS")]
@@ -325,11 +331,12 @@ class _Source:
         tail = f", {state}" if state else ""
         rate, per_step, update, _ = self.rule
         out = [
-            _jit("_rate", "step, sa", "the learning rate at update step (from 0)", [ir.Return(rate)]),
+            _jit("_rate", "step, sa", "the learning rate at update step (from 0)", [ir.Return(rate)], "_jit_inline"),
             _jit("_update", f"theta, g, lr, step, o_hyper{tail}", f"one {opt.name} update of every parameter ({opt.reference})",
                  [[ir.Assign(f"hp_{name}", f"o_hyper[{k}]") for k, name in enumerate(opt.hyper)],
                   per_step,
-                  ir.For("j", ir.range_("theta.shape[0]"), update)]),
+                  ir.For("j", ir.range_("theta.shape[0]"), update)],
+                 "_jit_inline"),
         ]
         return out + (self._epoch(tail) if self.minibatch else self._full_steps(tail))
 
@@ -338,13 +345,14 @@ class _Source:
         return _jit(
             "_full_steps", f"theta, g, value, o_step0, o_nsteps, o_hyper, o_sa, cols, o_tol, o_blowup, o_best, o_fb, o_hist{tail}",
             "nsteps full-batch updates from theta (value, g current). Returns (status, updates, value)",
-            [ir.Assign("o_acc", f"np.empty((cols[0].shape[0], {size}))" if self.cost.has_data else f"np.zeros((1, {size}))"),
+            [ir.Assign("o_acc", f"np.zeros({size})"),
+             ir.Assign("o_total", f"np.zeros({size})"),
              ir.Assign("o_res", "np.empty(N_PARAMS + 1)"),
              ir.Assign("o_v", "np.empty(0)"),
              ir.For("o_it", ir.range_("o_nsteps"), [
                  ir.Assign("o_step", "o_step0 + o_it"),
                  ir.Stmt(f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})"),
-                 ir.Assign("value", "_fg(theta, cols, g, o_acc, o_res, o_v)"),
+                 ir.Assign("value", "_fg(theta, cols, g, o_acc, o_total, o_res, o_v)"),
                  ir.Assign("o_hist[o_it]", "value"),
                  # a loop, not np.dot: a BLAS call a step costs more than a small cost's gradient
                  ir.Assign("o_gg", "0.0"),
@@ -356,7 +364,8 @@ class _Source:
                                            _each("o_i", "N_PARAMS", ir.Assign("o_best[o_i]", "theta[o_i]"))]),
                  ir.If("o_gn <= o_tol", [ir.Return("CONVERGED, o_it + 1, value")]),
              ]),
-             ir.Return("RUNNING, o_nsteps, value")])
+             ir.Return("RUNNING, o_nsteps, value")],
+            "_jit_inline")
 
     def _gather(self) -> list:
         """The minibatch's rows copied into the buffers, element by element (a row assigned as
@@ -402,7 +411,87 @@ class _Source:
                  ir.AugAssign("o_total", "+", "o_f"),
                  ir.AugAssign("o_count", "+", "1"),
              ]),
-             ir.Return("RUNNING, o_count, o_total")])
+             ir.Return("RUNNING, o_count, o_total")],
+            "_jit_inline")
+
+    def _entry_point(self) -> list:
+        """loop_c: the module's one C entry point, over raw pointers (``numba.cfunc``). Mode
+        EVALUATE: the full cost and gradient (``_fg``); mode STEPS: ``_full_steps`` or
+        ``_epoch``, whose code is compiled into it (Numba's inline="always"). calcml compiles
+        it and keeps its machine code beside this file (calcml.native), so a later process
+        runs a fit without loading Numba's cache of this module (about 0.3 s)."""
+        cost, opt = self.cost, self.opt
+        params = [("mode", "types.int64"), ("theta_p", "_F64P"), ("g_p", "_F64P"), ("hyper_p", "_F64P"),
+                  ("n_hyper", "types.int64"), ("sa_p", "_F64P"), ("n_sa", "types.int64"), ("bounds_p", "_I64P"),
+                  ("n_stripes", "types.int64"), ("scale", "types.float64")]
+        data = []
+        for k, t in enumerate(cost._din):  # in DATA_NAMES order; labels are int64
+            params.append((f"d{k}_p", "_I64P" if t.role == "label" else "_F64P"))
+            data.append((f"d{k}_p", "".join(f", {m}" for m in t.shape) or ","))
+        if not data:  # DUMMY_DATA's one float
+            params.append(("d0_p", "_F64P"))
+        params.append(("n", "types.int64"))
+        cols = "".join(f"carray({p}, (n{shape})), " for p, shape in data) or "carray(d0_p, (1,)), "
+        if self.minibatch:
+            params += [("perm_p", "_I64P"), ("n_perm", "types.int64"), ("batch", "types.int64"),
+                       ("step0", "types.int64"), ("max_steps", "types.int64"), ("mean", "types.int64"),
+                       ("rows", "types.int64"), ("blowup", "types.float64")]
+            params += [(f"b{k}_p", t) for k, (p, t) in enumerate(params[10:10 + len(data)])]
+        else:
+            params += [("best_p", "_F64P"), ("fb_p", "_F64P"), ("hist_p", "_F64P"), ("n_hist", "types.int64"),
+                       ("step0", "types.int64"), ("nsteps", "types.int64"), ("tol", "types.float64"),
+                       ("blowup", "types.float64")]
+        state = []
+        for k, (_, shape, _) in enumerate(opt.state):
+            params.append((f"st{k}_p", "_F64P"))
+            state.append(f"carray(st{k}_p, ({', '.join(opt.dims(shape, 'N_PARAMS'))},))")
+        params.append(("io_p", "_F64P"))
+        tail = "".join(f", {a}" for a in state)
+        if self.minibatch:
+            bufs = "".join(f"carray(b{k}_p, (batch{shape})), " for k, (_, shape) in enumerate(data))
+            run = [ir.Assign("status, done, value",
+                             f"_epoch(theta, g, carray(perm_p, (n_perm,)), batch, step0, max_steps, hyper, sa, cols,\n"
+                             f"       ({bufs.rstrip(' ')}), mean != 0, rows, blowup{tail})")]
+        else:
+            run = [ir.Assign("status, done, value",
+                             "_full_steps(theta, g, io[0], step0, nsteps, hyper, sa, cols, tol, blowup,\n"
+                             "            carray(best_p, (N_PARAMS,)), carray(fb_p, (2,)), carray(hist_p, (n_hist,))"
+                             f"{tail})")]
+        size = max(self.sizes["vg"], 1)
+        return [
+            ir.Comment("-- the C entry point (numba.cfunc): pointers in, the loop above on arrays of them -----------"),
+            ir.Raw("from numba import carray, types  # noqa: E402"),
+            ir.Blank(),
+            ir.Assign("_F64P", "types.CPointer(types.float64)"),
+            ir.Assign("_I64P", "types.CPointer(types.int64)"),
+            ir.Assign("EVALUATE", "0"),
+            ir.Assign("STEPS", "1"),
+            ir.Assign("LOOP_ARGS", repr(tuple(name for name, _ in params))),
+            ir.Assign("SIG_LOOP", f"types.void({', '.join(t for _, t in params)})"),
+            ir.Assign("CFUNC_FLAGS", repr(KERNEL_FLAGS)),
+            ir.Blank(2),
+            ir.Def("loop_c", tuple(name for name, _ in params), [
+                ir.Assign("theta", "carray(theta_p, (N_PARAMS,))"),
+                ir.Assign("g", "carray(g_p, (N_PARAMS,))"),
+                ir.Assign("hyper", "carray(hyper_p, (n_hyper,))"),
+                ir.Assign("sa", "carray(sa_p, (n_sa,))"),
+                ir.Assign("io", "carray(io_p, (3,))"),
+                ir.Assign("cols", f"(carray(bounds_p, (n_stripes, 2)), scale, {cols.rstrip(', ')})"),
+                ir.If("mode == EVALUATE", [
+                    ir.Assign("io[0]", f"_fg(theta, cols, g, np.zeros({size}), np.zeros({size}), np.empty(N_PARAMS + 1), "
+                                       "np.empty(0))"),
+                    ir.Return(None)]),
+                run,
+                ir.Assign("io[0]", "value"),
+                ir.Assign("io[1]", "status"),
+                ir.Assign("io[2]", "done"),
+            ], doc="EVALUATE: io[0] = the full cost at theta, its gradient into g.\nSTEPS: "
+                   + ("one epoch of minibatches (_epoch)" if self.minibatch else
+                      "nsteps full-batch updates (_full_steps) from io[0] = the cost at theta")
+                   + "; io = [value" + (" (the sum of the minibatch costs)" if self.minibatch else "")
+                   + ", status, updates].\nArrays as pointers, their sizes beside them."),
+            ir.Blank(),
+        ]
 
     def _constants(self, **values) -> list:
         """The status codes and the module's constants."""
@@ -416,10 +505,14 @@ class _Source:
                             DEFAULT_EPOCHS=10, DEFAULT_MAXITER=opt.default_maxiter, DATA_NAMES=cost.data_names,
                             PARAM_NAMES=cost.param_names, HYPER_NAMES=tuple(opt.hyper)),
             ir.Assign("DUMMY_DATA", "(np.zeros(1),)"),
+            ir.Comment("the optimizer's functions go into their one compiled caller, loop_c (Numba's inline=\"always\"):\n"
+                       "compiled once, there, not also each on its own (the kernels above stay functions of their own)"),
+            ir.Assign("_jit_inline", f"numba.njit(inline='always', {_NJIT_FLAGS})"),
             ir.Blank(2),
-            None if self.minibatch else self.full_batch(),
+            self.full_batch(),
             self.state_factory(),
             self.first_order(),
+            self._entry_point(),
         ]
         return ir.render(body) + _EVAL + _DRIVER + ("" if self.minibatch else _THREADED_STEPS)
 
@@ -609,6 +702,10 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
                 if prog.minibatch:
                     extra["epoch"] = _chunk_epochs(prog, over, int(seed))
                     extra["per_epoch"] = extra["epoch"].per_epoch
+            elif (extra["full"] is None or prog.minibatch) and (native := native_loop(prog)) is not None:
+                extra["loop"] = native.run  # the loop's machine code; threaded passes stay on the threads
+                if extra["full"] is None:
+                    extra["full"] = native.full
             with _SingleThreadedBlas():
                 rep = prog.module.drive(x, arrays, n_rows, hyper, sched_values or [0.0],
                                         prog.batch_size, epochs, maxiter, float(tol), int(seed), bar, **extra)
@@ -657,9 +754,13 @@ def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
         mod = prog.module
         cols = mod.columns(arrays, n_rows, cost.reduce == "mean")
         g = np.empty(x.shape[0])
+        native = native_loop(prog)
 
         def row(i):
-            mod.row_gradient(x, cols, i, g)
+            if native is None:
+                mod.row_gradient(x, cols, i, g)
+            else:  # the full pass over the one stripe [i, i + 1), unscaled: row_gradient's sums
+                native.full(x, (np.array([[i, i + 1]], dtype=np.int64), 1.0) + cols[2:], g)
             return g.copy()
     else:
         k = compile_tensor(cost)
@@ -668,6 +769,83 @@ def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
             return k.value_and_grad(x, TensorData(tuple(a[i:i + 1] for a in arrays), 1, True))[1]
 
     return _result.gradient_noise(row, n_rows, cost.reduce == "mean")
+
+
+class NativeLoop:
+    """A tensor optimizer module's ``loop_c`` as machine code: loaded from beside the module,
+    else compiled with ``numba.cfunc`` and kept there (:func:`calcml.native.load_or_compile`),
+    and called through ctypes with the arrays' addresses. ``full`` and ``run`` take the
+    arguments of the module's ``_fg``-based ``full_value_and_grad`` and of its ``_full_steps``
+    or ``_epoch``: a warm process so runs a fit without loading Numba's cache of the module."""
+
+    def __init__(self, mod, address, keep):
+        import ctypes
+
+        from numba import types
+
+        self.mod, self.keep, self.minibatch = mod, keep, mod.MINIBATCH
+        argtypes = [ctypes.c_void_p if isinstance(t, types.CPointer) else
+                    ctypes.c_double if t == types.float64 else ctypes.c_int64 for t in mod.SIG_LOOP.args]
+        self.fn = ctypes.CFUNCTYPE(None, *argtypes)(address)
+        self.n_args = len(argtypes)
+        self.io = np.zeros(3)
+
+    def _head(self, mode, theta, g, hyper, sa, cols):
+        """The arguments up to the data's row count."""
+        bounds = cols[0]
+        return [mode, theta.ctypes.data, g.ctypes.data, hyper.ctypes.data, hyper.shape[0], sa.ctypes.data,
+                sa.shape[0], bounds.ctypes.data, bounds.shape[0], cols[1],
+                *(a.ctypes.data for a in cols[2:]), cols[2].shape[0]]
+
+    def full(self, theta, cols, g):
+        """the full cost at theta, its gradient into g (the module's _fg: its stripes, the same bits)"""
+        empty = self.io[:0]
+        args = self._head(self.mod.EVALUATE, theta, g, empty, empty, cols)
+        self.fn(*args, *([0] * (self.n_args - len(args) - 1)), self.io.ctypes.data)
+        return float(self.io[0])
+
+    def run(self, theta, g, *rest):
+        """_full_steps(theta, g, value, step0, nsteps, hyper, sa, cols, tol, blowup, best, fb,
+        hist, *state) or _epoch(theta, g, perm, batch, step0, max_steps, hyper, sa, cols, bufs,
+        mean, rows, blowup, *state), as the module's loop_c"""
+        io = self.io
+        if self.minibatch:
+            perm, batch, step0, max_steps, hyper, sa, cols, bufs, mean, rows, blowup, *state = rest
+            args = self._head(self.mod.STEPS, theta, g, hyper, sa, cols)
+            args += [perm.ctypes.data, perm.shape[0], batch, step0, max_steps, int(bool(mean)), rows, blowup,
+                     *(b.ctypes.data for b in bufs)]
+        else:
+            value, step0, nsteps, hyper, sa, cols, tol, blowup, best, fb, hist, *state = rest
+            io[0] = value
+            args = self._head(self.mod.STEPS, theta, g, hyper, sa, cols)
+            args += [best.ctypes.data, fb.ctypes.data, hist.ctypes.data, hist.shape[0], step0, nsteps, tol, blowup]
+        self.fn(*args, *(s.ctypes.data for s in state), io.ctypes.data)
+        return int(io[1]), int(io[2]), float(io[0])
+
+
+def native_loop(prog: TensorProgram) -> NativeLoop | None:
+    """The program's module's NativeLoop (one per module and process), or None where the
+    machine code is out of reach (NUMBA_DISABLE_JIT; a compile error: the module's dispatchers
+    run the fit, after a warning)."""
+    from ..compile import _jit_disabled
+    from .. import native
+
+    mod = prog.module
+    found = getattr(mod, "_calcml_loop", None)
+    if found is not None or not hasattr(mod, "loop_c") or _jit_disabled():
+        return found or None
+    try:
+        address, keep, _ = native.load_or_compile(prog.path, "loop_c", lambda: (mod.loop_c, mod.SIG_LOOP,
+                                                                               mod.CFUNC_FLAGS))
+        found = NativeLoop(mod, address, keep)
+    except Exception as exc:  # noqa: BLE001 - the dispatchers still run the loop
+        import warnings
+
+        warnings.warn(f"calcml could not compile the loop's machine code ({type(exc).__name__}: {exc}); "
+                      f"Numba's dispatchers run it", RuntimeWarning, stacklevel=3)
+        found = False
+    mod._calcml_loop = found
+    return found or None
 
 
 def _threaded_full(mod, n_rows):
