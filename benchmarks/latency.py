@@ -16,7 +16,13 @@ Each measurement is a new Python process (the same interpreter as this script):
 Targets (../shared/BENCHMARKS.md): warm under 0.3 s beyond the imports; cold under 2 s
 for W1's cost. JAX's first call is reported when JAX is installed.
 
-Run:  python benchmarks/latency.py [--quick] [--repeat 3] [--workloads W1,W2]
+Run:  python benchmarks/latency.py [--quick] [--repeat 3] [--workloads W1,W2] [--first-fits]
+
+``--first-fits`` adds issue 11's build targets (``first_fit.py``, run here with its defaults
+and ``--digits --warm``): breast cancer's logistic regression (31 parameters), in scalar symbols
+and in index form, from stating the cost to the first result of ``cm.minimize`` with each
+method, and its Hessian kernel, in a fresh process with an empty cache (target: under 5 s
+each); the digits softmax (650 parameters), ``lbfgs`` (target: under 10 s).
 
 The trivial-function row's "Cost → first gradient" column is the first call of a
 one-line njit function: Numba's one-time start-up (typing and target contexts) plus a
@@ -186,6 +192,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="2 repeats, W1 only")
     ap.add_argument("--repeat", type=int, default=3, help="processes per row (default 3)")
     ap.add_argument("--workloads", default="W1,W2")
+    ap.add_argument("--first-fits", action="store_true",
+                    help="also issue 11's first fits (first_fit.py --digits --warm): each method, fresh process")
     a = ap.parse_args(argv)
     repeat = 2 if a.quick else a.repeat
     workloads = ["W1"] if a.quick else [w.strip().upper() for w in a.workloads.split(",")]
@@ -273,6 +281,11 @@ def main(argv=None):
               "first gradient (import calcml, stating the Cost, compile, first call).\n")
     for n in notes:
         print(f"- {n}")
+    if a.first_fits:
+        import first_fit
+
+        print()
+        first_fit.main(["--digits", "--warm"])
 
 
 def _file_runner(path: str) -> str:

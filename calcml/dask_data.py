@@ -756,15 +756,18 @@ def _shipped_module(key: str, source):
     return _kept(("module", key), make)
 
 
-def _worker_module(spec: TensorSpec):
-    """(the tensor kernels' module, its native entry points for ``spec.kind`` or None)."""
+def _worker_module(spec: TensorSpec, kind: str | None = None):
+    """(the tensor kernels' module, its native entry points for ``kind`` (default
+    ``spec.kind``) or None)."""
+    kind = kind or spec.kind
+
     def make():
         from .tensor.kernels import _native_entry_points
 
         mod = _shipped_module(spec.key, spec.source)
-        return (mod, _native_entry_points(mod, spec.kind, True))
+        return (mod, _native_entry_points(mod, kind, True))
 
-    return _kept((spec.key, spec.kind), make)
+    return _kept((spec.key, kind), make)
 
 
 def _label_problems(item: int, a: np.ndarray, classes: int) -> list:
@@ -860,9 +863,14 @@ def _tensor_chunk_hessian(spec: TensorSpec, theta: np.ndarray, chunk, keep: bool
     acc = np.zeros((len(parts), size))
     empty = np.empty(0)
     if hasattr(mod, "hvp_lin_rows"):
-        cache = tuple(np.empty((n, *shape)) for _, shape in mod.HVP_CACHE)
-        run_striped(mod.hvp_lin_rows, theta, empty, arrays, parts, 1.0, acc, 1, (cache,))
-        rows, extra = mod.hvp_at_rows, (cache,)
+        kept = tuple(np.empty((n, *shape)) for _, shape in mod.HVP_CACHE)
+        lin, at = _worker_module(spec, "hvp_lin")[1], _worker_module(spec, "hvp_at")[1]
+        if lin is not None and at is not None:
+            run_striped(lin[0](n, arrays, kept), theta, theta, arrays, parts, 1.0, acc, 1)
+            rows, extra = at[0](n, arrays, kept), ()
+        else:
+            run_striped(mod.hvp_lin_rows, theta, empty, arrays, parts, 1.0, acc, 1, (kept,))
+            rows, extra = mod.hvp_at_rows, (kept,)
     else:
         rows, extra = (native_fns[0](n, arrays) if native_fns is not None else mod.hvp_rows), ()
     out = np.empty((mod.N_PARAMS, size))

@@ -161,14 +161,11 @@ def _auto_rate(prog: Program, x, ds, notes) -> float:
     return lr
 
 
-def _power_iteration(prog: Program, x, ds, iterations: int = 100) -> float:
+def _power_iteration(prog: Program, x, ds) -> float:
     module = prog.module
     n = x.shape[0]
-    v = np.random.default_rng(0).standard_normal(n)
-    v /= np.linalg.norm(v)
     gp, gm = np.zeros(n), np.zeros(n)
     h = 1e-5 * max(1.0, float(np.linalg.norm(x)))
-    lam = 0.0
     if ds is not None and type(ds) is not Dataset:  # Dask data: each gradient one Dask computation
         def fg(theta, _cols, g):
             g[:] = ds.grad(theta)
@@ -176,13 +173,26 @@ def _power_iteration(prog: Program, x, ds, iterations: int = 100) -> float:
     else:
         fg = module._fg
         cols = module.columns_of(None if ds is None else ds.columns)
-    for _ in range(iterations):
+
+    def hvp(v):
         fg(x + h * v, cols, gp)
         fg(x - h * v, cols, gm)
-        hv = (gp - gm) / (2 * h)
+        return (gp - gm) / (2 * h)
+    return largest_eigenvalue(hvp, n)
+
+
+def largest_eigenvalue(hvp, n: int, iterations: int = 100) -> float:
+    """The largest eigenvalue of a Hessian H, by power iteration from a seeded start until two
+    estimates agree to 1e-4 (``lr="auto"``'s L); ``hvp(v)`` gives H v for a unit v. A product
+    that is zero or not finite ends it with the estimate so far (0 at the first)."""
+    v = np.random.default_rng(0).standard_normal(n)
+    v /= np.linalg.norm(v)
+    lam = 0.0
+    for _ in range(iterations):
+        hv = hvp(v)
         new = float(np.linalg.norm(hv))
         if not (new > 0.0 and math.isfinite(new)):
-            return new
+            return lam
         v = hv / new
         if abs(new - lam) <= 1e-4 * new:
             return new

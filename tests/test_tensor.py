@@ -133,6 +133,36 @@ def test_hvp_and_hessian_match_central_differences_of_the_gradient(small):
     np.testing.assert_allclose(H @ v, hv, rtol=1e-10, atol=1e-12)
 
 
+def test_prepared_kernels_give_the_per_call_paths_bits(small, monkeypatch):
+    """TensorKernels.prepared (one thread, checked data, every address taken once: what a
+    fit's evaluations and Newton-CG's products run on) and the per-call path: the same bits,
+    and so the same fits."""
+    cost, _, kern, X, labels, K, d, N = small
+    td = kern.prepare({"x": X, "c": labels})
+    rng = np.random.default_rng(11)
+    theta, v = rng.standard_normal(cost.n_params), rng.standard_normal(cost.n_params)
+    for kind in ("value", "vg", "hvp"):
+        f = kern.prepared(kind, td)
+        assert f is not None
+        for t in (theta, -0.5 * theta):
+            direction = v if kind == "hvp" else np.zeros(0)
+            np.testing.assert_array_equal(f(t, v if kind == "hvp" else None), kern._run(kind, t, direction, td))
+    hv = kern.hvp_at(theta, td)  # prepared: the kept rows' entry points
+    np.testing.assert_array_equal(hv(v), kern.hvp(theta, v, td))
+    np.testing.assert_array_equal(hv(3 * v), kern.hvp_at(theta, {"x": X, "c": labels})(3 * v))  # per call
+    with pytest.raises(cm.ParamError, match="v must have shape"):
+        hv(v[:-1])
+    fits = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(type(kern), "prepared", lambda *a, **k: None)
+        fits += [[cm.minimize(cost, np.zeros(cost.n_params), data={"x": X, "c": labels}, method=m, maxiter=15)
+                  for m in ("newton-cg", "lbfgs", "newton")]]
+    for a, b in zip(*fits):
+        np.testing.assert_array_equal(a.x, b.x)
+        assert a.fun == b.fun and a.nit == b.nit and a.status == b.status
+
+
 def test_same_cost_in_scalar_symbols_agrees(small):
     """The scalar path (one symbol per weight, its own code generator) is an independent engine."""
     cost, _, kern, X, labels, K, d, N = small
@@ -333,6 +363,26 @@ def test_first_order_methods_descend_and_minibatches_repeat(digits_like):
     np.testing.assert_array_equal(a1.x, a2.x)
     assert a1.fun - ref.fun < 0.02
     assert len(a1.history) == 31
+
+
+def test_auto_rate_from_gradient_differences_matches_exact_products(digits_like, monkeypatch):
+    """lr="auto" in memory: power iteration on central differences of the loop's exact
+    gradient (no Hessian kernel to build); the same L as on exact Hessian-vector products,
+    and both the largest eigenvalue of NumPy's Hessian of the closed form."""
+    import calcml.tensor.optimize as topt
+
+    cost, X, labels, _ref = digits_like
+    D = {"x": X, "c": labels}
+    x0 = 0.3 * np.random.default_rng(5).standard_normal(cost.n_params)
+    diff = cm.minimize(cost, x0, data=D, method="gd", lr="auto", maxiter=3)
+    assert any("differences of exact gradients" in n for n in diff.notes), diff.notes
+    monkeypatch.setattr(topt, "_differences", lambda *a: None)
+    exact = cm.minimize(cost, x0, data=D, method="gd", lr="auto", maxiter=3)
+    assert any("exact Hessian-vector products" in n for n in exact.notes), exact.notes
+    assert diff.lr == pytest.approx(exact.lr, rel=1e-7)
+    H = cm.compile(cost).hessian(x0, D)
+    lam = np.linalg.eigvalsh(H).max()
+    assert 1 / diff.lr == pytest.approx(lam, rel=1e-3)  # (power iteration stops at 1e-4 between estimates)
 
 
 def softmax_row_gradients(theta, X, labels, K):

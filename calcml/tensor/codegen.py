@@ -763,17 +763,19 @@ def _wrap(text: str, width: int = 100) -> list:
 
 def write_kernel(g: Graph, spec: KernelSpec, params, data, directions, has_data: bool):
     """(the module-level statements, helper names used, accumulator size, whether they call
-    BLAS_SOURCE's functions) of one kernel kind."""
+    BLAS_SOURCE's functions, the row tensors a Hessian-vector product keeps per point as
+    [(name, per-row shape)]) of one kernel kind."""
     wr = _Writer(g, spec, params, data, directions, has_data)
     data_args = [f"data_{t.code}" for t in data] or ["data_none"]
-    out = []
+    out, cached = [], []
     if has_data:
         out += wr.print_rows(f"{spec.kind}_rows", data_args)
         if spec.kind == "hvp" and wr.plan_cache():
             # a point's products share its forward sweep: computed once, then read
             out += wr.print_rows(f"{spec.kind}_lin_rows", data_args, mode="fill")
             out += wr.print_rows(f"{spec.kind}_at_rows", data_args, mode="read")
-            out += [ir.Assign("HVP_CACHE", repr([(t.name, list(t.shape)) for t in wr.cached])), ir.Blank()]
+            cached = [(t.name, [int(m) for m in t.shape]) for t in wr.cached]
+            out += [ir.Assign("HVP_CACHE", repr(cached)), ir.Blank()]
         wr.mode = None
     if spec.rowwise is None:
         out += wr.print_finish(f"{spec.kind}_finish")
@@ -784,4 +786,4 @@ def write_kernel(g: Graph, spec: KernelSpec, params, data, directions, has_data:
     covered = sorted({wr.g.tensor_of(ref).name for t, plan in wr.gemm.items() if t.accumulates and t in wr.needed
                       for ref in plan[1:3] if wr.g.tensor_of(ref).role == "data"})
     out += [ir.Assign(f"COVERED_{spec.kind.upper()}", repr(tuple(covered))), ir.Blank()]
-    return out, wr.printer.helpers_used, size, wr.blas
+    return out, wr.printer.helpers_used, size, wr.blas, cached

@@ -83,19 +83,26 @@ def _numba_blas() -> list:
     return _BLAS
 
 
+_held = threading.local()  # .depth: how many _SingleThreadedBlas this thread is inside
+
+
 class _SingleThreadedBlas:
     """While a kernel runs, each BLAS call runs on the calling thread: BLAS threads of their own
     would compete with calcml's for the cores (OpenBLAS spins while it waits: measured 25x
     slower on a loaded two-core machine), and a block's products are too small to share. The
-    count is restored afterwards."""
+    count is restored afterwards. Inside another one on the same thread it does nothing: a
+    fit holds one around all its evaluations (setting the count costs about 10 us a call)."""
 
     def __enter__(self):
-        self.saved = [(lib, lib.num_threads) for lib in _numba_blas()]
+        depth = getattr(_held, "depth", 0)
+        _held.depth = depth + 1
+        self.saved = [(lib, lib.num_threads) for lib in _numba_blas()] if depth == 0 else []
         for lib, n in self.saved:
             if n != 1:
                 lib.set_num_threads(1)
 
     def __exit__(self, *exc):
+        _held.depth -= 1
         for lib, n in self.saved:
             if n != 1:
                 lib.set_num_threads(n)
@@ -236,17 +243,22 @@ _D = ctypes.c_double
 
 def _native_entry_points(mod, kind: str, has_data: bool):
     """(rows maker, finish) over the machine code of ``mod``'s ``<kind>_rows_c`` and
-    ``<kind>_finish_c`` (see ``_native``), or None."""
+    ``<kind>_finish_c`` (see ``_native``), or None. ``kind`` "hvp_lin" and "hvp_at": the
+    Hessian-vector product's parts that keep a point's row tensors (``hvp_lin_rows_c``,
+    ``hvp_at_rows_c``, finished by ``hvp_finish_c``); their rows maker takes the kept arrays
+    too: ``rows_for(n, arrays, kept)``."""
     from ..compile import _jit_disabled
     from ..codegen import KERNEL_FLAGS
 
-    if _jit_disabled() or not hasattr(mod, f"{kind}_finish_c"):
+    kept = kind in ("hvp_lin", "hvp_at")
+    base = "hvp" if kept else kind
+    if _jit_disabled() or not hasattr(mod, f"{base}_finish_c") or (kept and not hasattr(mod, f"{kind}_rows_c")):
         return None
     fns = {}
-    for part, sig in (("rows", mod.SIG_ROWS), ("finish", mod.SIG_FINISH)):
+    for part, name, sig in (("rows", f"{kind}_rows_c", mod.SIG_ROWS_KEPT if kept else mod.SIG_ROWS),
+                            ("finish", f"{base}_finish_c", mod.SIG_FINISH)):
         if part == "rows" and not has_data:
             continue
-        name = f"{kind}_{part}_c"
         try:
             address, keep, _ = native.load_or_compile(mod._calcml_path, name,
                                                       lambda: (getattr(mod, name), sig, KERNEL_FLAGS))
@@ -258,21 +270,26 @@ def _native_entry_points(mod, kind: str, has_data: bool):
 
     def finish(theta, v, acc, out):
         finish_fn(theta.ctypes.data, v.ctypes.data, acc.ctypes.data, out.ctypes.data)
+    finish.raw = finish_fn  # on addresses: (theta, v, the stripes' sums, out)
 
     if not has_data:
         return (None, finish)
     n_data = len(mod.SIG_ROWS.args) - 7  # theta, v, the data, n, r0, r1, scale, acc
-    rows_fn = ctypes.CFUNCTYPE(None, _P, _P, *([_P] * n_data), _I, _I, _I, _D, _P)(fns["rows"][0])
+    n_kept = len(mod.HVP_CACHE) if kept else 0
+    rows_fn = ctypes.CFUNCTYPE(None, _P, _P, *([_P] * n_data), _I, _I, _I, _D, _P, *([_P] * n_kept))(fns["rows"][0])
     rows_fn._calcml_keep = fns["rows"][1]
 
-    def rows_for(n, arrays):
-        """rows(theta, v, *arrays, lo, hi, scale, acc) over these arrays (addresses taken once)"""
+    def rows_for(n, arrays, kept_arrays=()):
+        """rows(theta, v, *arrays, lo, hi, scale, acc) over these arrays (and the kept row
+        tensors: addresses taken once)"""
         addresses = [a.ctypes.data for a in arrays]
+        tail = [a.ctypes.data for a in kept_arrays]
 
         def rows(theta, v, *rest):
-            lo, hi, scale, acc = rest[-4:]
-            rows_fn(theta.ctypes.data, v.ctypes.data, *addresses, n, lo, hi, scale, acc.ctypes.data)
+            lo, hi, scale, acc = rest[len(addresses):len(addresses) + 4]
+            rows_fn(theta.ctypes.data, v.ctypes.data, *addresses, n, lo, hi, scale, acc.ctypes.data, *tail)
         return rows
+    rows_for.raw = rows_fn  # on addresses: (theta, v, the data, n, r0, r1, scale, acc, the kept arrays)
 
     return (rows_for, finish)
 
@@ -310,8 +327,7 @@ class TensorKernels:
 
             kinds = ("value", "vg") if group == "base" else ("hvp",)
             key = hashlib.sha256(f"tensor-{group}|{_fingerprint()}|{self.cost.key}".encode()).hexdigest()
-            mod, text, path = load_or_build(
-                key, lambda: self.cost.module_source(kinds, entry_points=True, numba_cache=group != "base")[0])
+            mod, text, path = load_or_build(key, lambda: self.cost.module_source(kinds, entry_points=True)[0])
             mod._calcml_text, mod._calcml_path, mod._calcml_key = text, path, key
             self._modules[group] = mod
         return mod
@@ -350,10 +366,12 @@ class TensorKernels:
         return t
 
     # -- running ----------------------------------------------------------------------------
-    def _run(self, kind: str, theta, v, data, rows_name=None, extra=(), finish=True) -> np.ndarray:
-        """Run ``<kind>_rows`` (or ``rows_name``) over the stripes, add the stripes' sums in
-        order, and ``<kind>_finish`` them into the outputs. ``extra``: arguments after acc."""
-        if data is not None and rows_name is None and is_dask(data):
+    def _run(self, kind: str, theta, v, data, part=None, kept=None) -> np.ndarray:
+        """Run ``<kind>_rows`` over the stripes, add the stripes' sums in order, and
+        ``<kind>_finish`` them into the outputs. ``part`` "lin" or "at" (kind "hvp"): the rows'
+        tensors that do not depend on v into the arrays ``kept`` (``hvp_lin_rows``; nothing is
+        returned), or the product that reads them (``hvp_at_rows``)."""
+        if data is not None and part is None and is_dask(data):
             from ..dask_data import tensor_run  # one task per chunk of rows where it lives
 
             return tensor_run(self, kind, theta, v, data)
@@ -362,8 +380,8 @@ class TensorKernels:
         nout = {"value": 1, "vg": 1 + self._n, "hvp": self._n}[kind]
         out = np.empty(nout)
         acc_size = mod.ACC_SIZES[kind]
-        finish = getattr(mod, f"{kind}_finish") if finish else None
-        native_fns = self._native(kind, mod) if rows_name is None and not extra else None
+        finish = getattr(mod, f"{kind}_finish") if part != "lin" else None
+        native_fns = self._native(kind if part is None else f"{kind}_{part}", mod)
         if native_fns is not None and finish is not None:
             finish = native_fns[1]
         if not self.cost.has_data:
@@ -375,9 +393,12 @@ class TensorKernels:
             check_data(self.cost, td, skip=covered)
         parts = stripes(n, mod.BLOCK)
         acc = np.zeros((len(parts), max(acc_size, 1)))
-        rows = getattr(mod, rows_name or f"{kind}_rows")
+        extra = ()
         if native_fns is not None:
-            rows = native_fns[0](n, td.arrays)
+            rows = native_fns[0](n, td.arrays, kept or ())
+        else:
+            rows = getattr(mod, f"{kind}_rows" if part is None else f"{kind}_{part}_rows")
+            extra = (kept,) if part is not None else ()
         scale = 1.0 / n if self.cost.reduce == "mean" else 1.0
         run_striped(rows, theta, v, td.arrays, parts, scale, acc, thread_count(self.parallel, n), extra)
         if not finish:
@@ -429,9 +450,61 @@ class TensorKernels:
         mod = self._module("hvp")
         if not self.cost.has_data or not hasattr(mod, "hvp_lin_rows"):
             return lambda v: self._run("hvp", t, self._theta(v, "v"), td)
-        cache = tuple(np.empty((td.n_rows, *shape)) for _, shape in mod.HVP_CACHE)
-        self._run("hvp", t, self._empty, td, rows_name="hvp_lin_rows", extra=(cache,), finish=False)
-        return lambda v: self._run("hvp", t, self._theta(v, "v"), td, rows_name="hvp_at_rows", extra=(cache,))
+        kept = tuple(np.empty((td.n_rows, *shape)) for _, shape in mod.HVP_CACHE)
+        self._run("hvp", t, t, td, part="lin", kept=kept)  # (v unread: theta stands in, N_PARAMS long)
+        fast = self.prepared("hvp", td, theta=t, part="at", kept=kept)
+        if fast is not None:
+            return lambda v: fast(None, v)
+        return lambda v: self._run("hvp", t, self._theta(v, "v"), td, part="at", kept=kept)
+
+    def prepared(self, kind: str, data, theta=None, part=None, kept=()):
+        """``f(theta, v) -> outputs`` (a new array) of kernel ``kind`` over ``data``, as
+        :meth:`_run` computes them (the same bits), for repeated calls on one thread over
+        checked data: every address is taken once, ``theta`` and ``v`` are copied into buffers,
+        each stripe is one call of the C entry, the stripes' sums are added in order into one
+        buffer and finished there. A call costs a few microseconds beyond its pass over the
+        rows, where :meth:`_run` costs tens: Newton-CG takes thousands of products on a small
+        cost. ``theta``: fixed (f's theta is then ignored); ``part``, ``kept``: as for
+        :meth:`_run` ("at" only). None where that does not apply (threads, Dask data, data not
+        checked, no data, no machine code)."""
+        if data is None or is_dask(data) or not self.cost.has_data:
+            return None
+        td = as_tensor_data(self.cost, data)
+        mod = self._module("hvp" if kind == "hvp" else "base")
+        fns = self._native(kind if part is None else f"{kind}_{part}", mod)
+        if fns is None or not td.checked or thread_count(self.parallel, td.n_rows) > 1:
+            return None
+        n, size = td.n_rows, max(mod.ACC_SIZES[kind], 1)
+        parts = stripes(n, mod.BLOCK)
+        acc, total = np.zeros((len(parts), size)), np.empty(size)
+        tbuf = np.array(theta, dtype=np.float64) if theta is not None else np.empty(self._n)
+        vbuf = np.empty(self._n if kind == "hvp" else 0)
+        out = np.empty({"value": 1, "vg": 1 + self._n, "hvp": self._n}[kind])
+        rows_fn, finish_fn = fns[0].raw, fns[1].raw
+        head = (tbuf.ctypes.data, vbuf.ctypes.data, *(a.ctypes.data for a in td.arrays), n)
+        tail = tuple(a.ctypes.data for a in kept)
+        scale = 1.0 / n if self.cost.reduce == "mean" else 1.0
+        calls = [(lo, hi, acc[k].ctypes.data) for k, (lo, hi) in enumerate(parts)]
+        ends = (tbuf.ctypes.data, vbuf.ctypes.data, total.ctypes.data, out.ctypes.data)
+        fixed = theta is not None
+        check = self._theta
+
+        def f(theta=None, v=None):
+            if not fixed:
+                tbuf[:] = check(theta)
+            if v is not None:
+                vbuf[:] = check(v, "v")
+            acc[:] = 0.0
+            with _SingleThreadedBlas():
+                for lo, hi, a in calls:
+                    rows_fn(*head, lo, hi, scale, a, *tail)
+            total[:] = acc[0]
+            for k in range(1, acc.shape[0]):
+                np.add(total, acc[k], out=total)
+            finish_fn(*ends)
+            return out.copy()
+        f.buffers = (td, kept, acc, total, tbuf, vbuf, out)  # alive while f is: the calls use their addresses
+        return f
 
     def hessian(self, theta, data=None) -> np.ndarray:
         """The reduced Hessian ``(n, n)``, column by column from exact Hessian-vector products."""

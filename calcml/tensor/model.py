@@ -447,31 +447,35 @@ class TensorCost(Cost):
         """(source text, {kind: accumulator size}) of the kernels' module; ``entry_points``:
         with each kernel's C entry point too (see :func:`_entry_points`); ``helpers``: the
         printer's helpers that code to be added after the kernels calls; ``numba_cache``:
-        whether Numba caches the module's functions (default: where there are no entry points;
-        the hvp group has both: newton-cg's Hessian at a point runs on the dispatcher)."""
+        whether Numba caches the module's functions (default: where there are no entry points)."""
         if "hvp" in kinds:
             self._hvps  # noqa: B018 - makes the direction inputs
         directions = getattr(self, "_vin", [])
-        body, helpers, sizes, blas = [], set(helpers), {}, False
+        body, helpers, sizes, blas, cached = [], set(helpers), {}, False, []
         for spec in self.kernel_specs(kinds):
-            kernel, used, size, gemm = write_kernel(self._graph, spec, self._pin, self._din, directions, self.has_data)
+            kernel, used, size, gemm, kept = write_kernel(self._graph, spec, self._pin, self._din, directions,
+                                                          self.has_data)
             body.append(kernel)
             helpers |= used
             sizes[spec.kind] = size
             blas |= gemm
+            cached += kept
         if entry_points:
-            body.append(_entry_points(self, sizes))
+            body.append(_entry_points(self, sizes, cached))
         if numba_cache is None:
             numba_cache = not entry_points
         return _module_text(self, body, helpers, sizes, blas, numba_cache=numba_cache), sizes
 
 
-def _entry_points(cost, sizes) -> list:
+def _entry_points(cost, sizes, cached=()) -> list:
     """Each kernel of ``sizes`` (value, vg; hvp) over raw pointers: ``<kind>_rows_c`` and
     ``<kind>_finish_c`` call ``<kind>_rows`` and ``<kind>_finish`` on arrays made from the
     pointers (``numba.carray``). calcml compiles them with ``numba.cfunc`` and keeps their
     machine code beside this file, so a later process runs them without starting Numba (see
-    calcml.native): about 40 ms from loading to the first result, instead of about 0.2 s."""
+    calcml.native): about 40 ms from loading to the first result, instead of about 0.2 s.
+    ``cached``: the row tensors [(name, per-row shape)] that a Hessian-vector product keeps
+    per point; then ``hvp_lin_rows_c`` and ``hvp_at_rows_c`` too, with one pointer each
+    after ``acc`` (``n`` rows of that shape)."""
     data = [(f"d{k}_p", "_I64P" if t.role == "label" else "_F64P", ("n",) + tuple(str(m) for m in t.shape))
             for k, t in enumerate(cost._din)]
     rows_sig = ["_F64P", "_F64P", *(ptr for _, ptr, _ in data), "types.int64", "types.int64", "types.int64",
@@ -488,6 +492,10 @@ def _entry_points(cost, sizes) -> list:
         ir.Comment("finish: theta, v, the stripes' sums, out"),
         ir.Assign("SIG_FINISH", "types.void(_F64P, _F64P, _F64P, _F64P)"),
     ]
+    if cached:
+        out += [ir.Comment("a point's kept row tensors (hvp_lin_rows, hvp_at_rows): the rows' arguments, then "
+                           "one array each"),
+                ir.Assign("SIG_ROWS_KEPT", f"types.void({', '.join(rows_sig + ['_F64P'] * len(cached))})")]
     wrap = "\n    "  # a long call's second line, one level in
     for kind, size in sizes.items():
         acc = max(size, 1)
@@ -499,6 +507,15 @@ def _entry_points(cost, sizes) -> list:
                 f"{kind}_rows_c", ("theta_p", "v_p", *(name for name, _, _ in data), "n", "r0", "r1", "scale", "acc_p"),
                 [ir.Stmt(f"{kind}_rows(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), {arrays}r0, r1, scale,{wrap}"
                          f"carray(acc_p, ({acc},)))")])]
+        if kind == "hvp" and cached and cost.has_data:
+            kept = [f"k{q}_p" for q in range(len(cached))]
+            tup = ", ".join(f"carray({k}, ({', '.join(['n', *map(str, shape)])},))" for k, (_, shape) in zip(kept, cached))
+            for part in ("lin", "at"):
+                out += [ir.Blank(2), ir.Def(
+                    f"hvp_{part}_rows_c",
+                    ("theta_p", "v_p", *(name for name, _, _ in data), "n", "r0", "r1", "scale", "acc_p", *kept),
+                    [ir.Stmt(f"hvp_{part}_rows(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), {arrays}r0, r1, "
+                             f"scale,{wrap}carray(acc_p, ({acc},)), ({tup},))")])]
         out += [ir.Blank(2), ir.Def(
             f"{kind}_finish_c", ("theta_p", "v_p", "acc_p", "out_p"),
             [ir.Stmt(f"{kind}_finish(carray(theta_p, (N_PARAMS,)), carray(v_p, ({nv},)), carray(acc_p, ({acc},)),{wrap}"
@@ -595,7 +612,7 @@ class Rowwise:
 
     def _build(self) -> str:
         spec = KernelSpec("rows", [], rowwise=self.top)
-        body, helpers, _, blas = write_kernel(self.graph, spec, self.pin, self.din, [], True)
+        body, helpers, _, blas, _ = write_kernel(self.graph, spec, self.pin, self.din, [], True)
         return _module_text(self._probe, body, helpers, {}, blas)
 
     def __call__(self, theta, data):

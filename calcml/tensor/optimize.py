@@ -619,15 +619,27 @@ class Evaluations:
 
     def __init__(self, cost: TensorCost, td):
         self.k, self.td = compile_tensor(cost), td
+        self._fast = {}  # kind -> the kernel prepared for this data (TensorKernels.prepared), or None
+
+    def _prepared(self, kind):
+        if kind not in self._fast:
+            self._fast[kind] = self.k.prepared(kind, self.td)
+        return self._fast[kind]
 
     def value(self, theta) -> float:
-        return self.k.value(theta, self.td)
+        fast = self._prepared("value")
+        return float(fast(theta)[0]) if fast is not None else self.k.value(theta, self.td)
 
     def value_and_grad(self, theta) -> tuple:
-        return self.k.value_and_grad(theta, self.td)
+        fast = self._prepared("vg")
+        if fast is None:
+            return self.k.value_and_grad(theta, self.td)
+        out = fast(theta)
+        return float(out[0]), out[1:]
 
     def hvp(self, theta, v):
-        return self.k.hvp(theta, v, self.td)
+        fast = self._prepared("hvp")
+        return fast(theta, v) if fast is not None else self.k.hvp(theta, v, self.td)
 
     def hvp_at(self, theta):
         return self.k.hvp_at(theta, self.td)
@@ -636,27 +648,46 @@ class Evaluations:
         return self.k.hessian(theta, self.td)
 
 
-def _auto_rate(prog: TensorProgram, x, ev, notes) -> float:
-    """lr="auto": 1/L, L the Hessian's largest eigenvalue at x0 by power iteration on exact
-    Hessian-vector products."""
-    v = np.random.default_rng(0).standard_normal(prog.cost.n_params)
-    v /= np.linalg.norm(v)
-    lam = 0.0
-    for _ in range(100):
-        hv = ev.hvp(x, v)
-        new = float(np.linalg.norm(hv))
-        if not (new > 0.0 and math.isfinite(new)):
-            break
-        v = hv / new
-        if abs(new - lam) <= 1e-4 * new:
-            lam = new
-            break
-        lam = new
+_H_DIFF = float(np.finfo(np.float64).eps) ** (1 / 3)  # central differences' step, relative to max(1, |x|)
+
+
+def _differences(full, cols, n: int):
+    """``hvp(x, v)``: H(x) v for a unit v from central differences of the exact gradient,
+    (g(x + h v) - g(x - h v)) / 2h, by the fit's own evaluation ``full(theta, cols, g)``;
+    None where the cost is not finite at x +- h v."""
+    g1, g2 = np.empty(n), np.empty(n)
+
+    def hvp(x, v):
+        h = _H_DIFF * max(1.0, float(np.linalg.norm(x)))
+        if not (math.isfinite(full(x + h * v, cols, g1)) and math.isfinite(full(x - h * v, cols, g2))):
+            return None
+        return (g1 - g2) / (2.0 * h)
+    return hvp
+
+
+def _auto_rate(prog: TensorProgram, x, ev, notes, differences=None) -> float:
+    """lr="auto": 1/L, L the Hessian's largest eigenvalue at x0 by power iteration
+    (:func:`calcml.program.largest_eigenvalue`, as for a scalar cost beyond 16 parameters).
+    Its products H v: in memory, central differences of the exact gradient by the loop's own
+    evaluation (``differences``, :func:`_differences`: within about 1e-9 of L, measured, far
+    inside the iteration's 1e-4, and no Hessian kernel to build for a first fit: about 1.9 s of
+    a cold one); over Dask data, or where the cost is not finite a step away, exact products."""
+    from ..program import largest_eigenvalue
+
+    how = ["differences of exact gradients" if differences is not None else "exact Hessian-vector products"]
+
+    def hvp(v):
+        hv = differences(x, v) if differences is not None and how[0].startswith("differences") else None
+        if hv is None:
+            how[0] = "exact Hessian-vector products"
+            hv = ev.hvp(x, v)
+        return hv
+    lam = largest_eigenvalue(hvp, prog.cost.n_params)
     if not (lam > 0.0 and math.isfinite(lam)):
         notes.append("lr='auto' chose lr=1: the Hessian at x0 is zero, so it bounds no step")
         return 1.0
-    notes.append(f"lr='auto' chose lr={1.0 / lam:.6g} = 1/L, L={lam:.6g} the largest eigenvalue of the exact Hessian "
-                 "at x0 (power iteration on exact Hessian-vector products)")
+    notes.append(f"lr='auto' chose lr={1.0 / lam:.6g} = 1/L, L={lam:.6g} the largest eigenvalue of the Hessian "
+                 f"at x0, estimated by power iteration on {how[0]}")
     return 1.0 / lam
 
 
@@ -685,8 +716,25 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     notes = []
     lr_used = opt.lr
     sched_values = prog.schedule.values() if prog.schedule is not None else []
+    extra = {}
+    if opt.kind == "first_order":
+        extra["full"] = _threaded_full(prog.module, n_rows)
+        if over is not None:  # each full pass one Dask computation; minibatches chunk by chunk
+            extra["full"] = over.full
+            if prog.minibatch:
+                extra["epoch"] = _chunk_epochs(prog, over, int(seed))
+                extra["per_epoch"] = extra["epoch"].per_epoch
+        elif (extra["full"] is None or prog.minibatch) and (native := native_loop(prog)) is not None:
+            extra["loop"] = native.run  # the loop's machine code; threaded passes stay on the threads
+            if extra["full"] is None:
+                extra["full"] = native.full
     if lr_used == "auto":
-        lr_used = _auto_rate(prog, x, ev, notes)
+        differences = None
+        if over is None and extra.get("full") is not None:
+            differences = _differences(extra["full"], prog.module.columns(arrays, n_rows, cost.reduce == "mean"),
+                                       cost.n_params)
+        with _SingleThreadedBlas():
+            lr_used = _auto_rate(prog, x, ev, notes, differences)
         sched_values = [lr_used]
     bar = None
     if progress:
@@ -696,16 +744,6 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     try:
         hyper = [float(v) for v in opt.hyper.values()]
         if opt.kind == "first_order":
-            extra = {"full": _threaded_full(prog.module, n_rows)}
-            if over is not None:  # each full pass one Dask computation; minibatches chunk by chunk
-                extra["full"] = over.full
-                if prog.minibatch:
-                    extra["epoch"] = _chunk_epochs(prog, over, int(seed))
-                    extra["per_epoch"] = extra["epoch"].per_epoch
-            elif (extra["full"] is None or prog.minibatch) and (native := native_loop(prog)) is not None:
-                extra["loop"] = native.run  # the loop's machine code; threaded passes stay on the threads
-                if extra["full"] is None:
-                    extra["full"] = native.full
             with _SingleThreadedBlas():
                 rep = prog.module.drive(x, arrays, n_rows, hyper, sched_values or [0.0],
                                         prog.batch_size, epochs, maxiter, float(tol), int(seed), bar, **extra)
@@ -877,8 +915,9 @@ def _search(prog: TensorProgram, x, ev, epochs, maxiter, tol, bar):
     opt = prog.optimizer
     budget = maxiter if maxiter is not None else (epochs if epochs is not None else opt.default_maxiter)
     hyper = dict(opt.hyper, **opt.extra)
-    return run_search(opt.kind, ev.value_and_grad, x, maxiter=budget, tol=tol, value=ev.value, hvp=ev.hvp_at,
-                      hess=ev.hessian, callback=bar, hyper=hyper)
+    with _SingleThreadedBlas():  # SciPy's BLAS on one thread for the whole fit, not set per evaluation
+        return run_search(opt.kind, ev.value_and_grad, x, maxiter=budget, tol=tol, value=ev.value, hvp=ev.hvp_at,
+                          hess=ev.hessian, callback=bar, hyper=hyper)
 
 
 def _over_dask(cost: TensorCost, data):
