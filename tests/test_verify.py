@@ -543,3 +543,57 @@ def test_a_verdict_by_sign_cases_names_the_points_it_leaves_out(f, border):
     assert f"Not proven where {border}" in v.detail and f"Not proven where {border}" in str(cm.verify_derivative(f, x))
     smooth = cm.verify_derivative(sp.sin(x), x)[0]
     assert smooth.status == "verified" and "except" not in smooth.method and "Not proven" not in smooth.detail
+
+
+_UNGUARDED = '''
+import sympy as sp, calcml as cm
+x = sp.Symbol("x")
+print("the script ran")
+print(cm.verify_derivative(sp.sin(x) ** 2, x, timeout=60)[0].status)
+'''
+
+_GUARDED_OWN_FUNCTION = '''
+import sympy as sp, calcml as cm
+
+
+class square(sp.Function):
+    """a function of the script's own: only a worker that imports this script can read it"""
+
+    def fdiff(self, argindex=1):
+        return 2 * self.args[0]
+
+    @classmethod
+    def eval(cls, a):
+        if a.is_Number:
+            return a ** 2
+
+
+x = sp.Symbol("x")
+print("the script ran")
+if __name__ == "__main__":
+    print(cm.verify_derivative(sp.sin(x) + square(x), x, at=1, timeout=60)[0].status)
+'''
+
+
+@pytest.mark.parametrize("script, parent_runs, verdict", [(_UNGUARDED, 1, "verified"),
+                                                          (_GUARDED_OWN_FUNCTION, 2, "verified")])
+def test_a_script_without_a_main_guard_runs_once(tmp_path, script, parent_runs, verdict):
+    """A student's script that calls cm.verify at its top level, without an
+    ``if __name__ == "__main__":`` guard, runs once: the workers start without importing it
+    (they used to run it again, fail in its cm.verify and leave the verdict inconclusive).
+    A check that refers to a function the script defines still goes to a worker that imports
+    the script (whose guarded part does not run there)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = dict(os.environ, CALCML_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bootstrapping" not in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines.count("the script ran") == parent_runs
+    assert lines[-1] == verdict

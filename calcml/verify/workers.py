@@ -9,9 +9,11 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from multiprocessing.connection import wait as _wait_for
 
 from .checks import _check
@@ -50,12 +52,49 @@ def _default_jobs() -> int:
     return max(1, min(n, 8))
 
 
+@contextmanager
+def _main_unseen():
+    """The parent's ``__main__`` hidden from multiprocessing while a worker starts. A spawned
+    or fork-server child imports the parent's main module first (to find what was pickled
+    there): a user's script without an ``if __name__ == "__main__":`` guard would run again
+    in every worker, fits and prints included, and its call of ``cm.verify`` would fail there
+    (the child is still starting). Checks of calcml's and SymPy's own objects need nothing
+    from it."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    names = main.__dict__
+    saved = {k: names[k] for k in ("__file__", "__spec__") if k in names}
+    names.pop("__file__", None)
+    names["__spec__"] = None
+    try:
+        yield
+    finally:
+        names.pop("__spec__", None)
+        names.update(saved)
+
+
+def _needs_main(spec) -> bool:
+    """Whether the check refers to something defined in the parent's ``__main__`` (a SymPy
+    function class of the user's script, say): only a worker that imported it can read it."""
+    try:
+        return b"__main__" in pickle.dumps(spec)
+    except Exception:  # noqa: BLE001 - it will not travel at all: the send says so
+        return False
+
+
 class _Worker:
-    def __init__(self):
+    def __init__(self, main: bool = False):
         ctx = _context()
+        self.main = main  # whether this worker imported the parent's __main__
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, args=(child, None), daemon=True)
-        self.proc.start()
+        if main:
+            self.proc.start()
+        else:
+            with _main_unseen():
+                self.proc.start()
         child.close()
 
     def alive(self) -> bool:
@@ -180,8 +219,9 @@ def _schedule(specs, timeout, jobs, queue, active, results, evidence):
 
 
 def _dispatch(tid, spec) -> _Worker:
-    while _IDLE:
-        w = _IDLE.pop()
+    main = _needs_main(spec)
+    for w in [w for w in reversed(_IDLE) if w.main == main]:
+        _IDLE.remove(w)
         if not w.alive():
             w.stop()
             continue
@@ -194,7 +234,7 @@ def _dispatch(tid, spec) -> _Worker:
         except (pickle.PicklingError, TypeError, AttributeError):
             _IDLE.append(w)  # the worker is fine; the check cannot travel (the caller says so)
             raise
-    w = _Worker()
+    w = _Worker(main)
     try:
         w.conn.send((tid, spec))
     except BaseException:
