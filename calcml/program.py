@@ -65,21 +65,29 @@ class Program:
         """Write the module as a standalone file (imports only numpy and numba; no sympy, no
         calcml) whose ``run(x0, data, ...)`` does the whole fit. Its defaults are this
         program's hyperparameters, schedule numbers and batch size."""
-        lines = [ln for ln in self.source.split("\n") if not ln.startswith("# calcml-sha256: ")]
-        hyper = {k: float(v) for k, v in self.optimizer.hyper.items()}
-        values = self.schedule.values() if self.schedule is not None else []
-        # the module as generated (it serves every program of its structure), then this
-        # program's numbers, which run() reads when it is called
-        text = "\n".join(lines).rstrip("\n") + "\n\n\n" + "\n".join([
-            "# -- this program's numbers: run()'s defaults (written by Program.export) --",
-            f"HYPER_DEFAULTS = {hyper!r}",
-            f"SCHEDULE_DEFAULTS = {values!r}",
-            f"BATCH_SIZE = {self.batch_size!r}",
-        ]) + "\n"
         # numba's cache=True needs a writable __pycache__ beside the file; keep it, it is harmless
         p = Path(path)
-        p.write_text(text, encoding="utf-8")
+        p.write_text(export_text(self.source, self), encoding="utf-8")
         return p
+
+
+def export_text(source: str, prog) -> str:
+    """An optimizer module as exported: the module as generated (it serves every program of
+    its structure), then this program's numbers, which its run() reads when it is called."""
+    opt = prog.optimizer
+    if opt.lr == "auto":
+        raise OptimizeError(f"lr='auto' is chosen by each run from its data and x0 (the exact Hessian's scale "
+                            f"there); an exported module has no such estimate. Export a program with a number: "
+                            f"cm.generate(cost, method={opt.name!r}, lr=res.lr), res.lr the rate a run chose")
+    lines = [ln for ln in source.split("\n") if not ln.startswith("# calcml-sha256: ")]
+    hyper = {k: float(v) for k, v in opt.hyper.items()}
+    values = prog.schedule.values() if prog.schedule is not None else []
+    return "\n".join(lines).rstrip("\n") + "\n\n\n" + "\n".join([
+        "# -- this program's numbers: run()'s defaults (written by Program.export) --",
+        f"HYPER_DEFAULTS = {hyper!r}",
+        f"SCHEDULE_DEFAULTS = {values!r}",
+        f"BATCH_SIZE = {prog.batch_size!r}",
+    ]) + "\n"
 
 
 def program_for(cost: Cost, opt: Optimizer, schedule: Schedule | None, batch_size) -> Program:

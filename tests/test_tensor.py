@@ -570,16 +570,17 @@ def test_a_family_member_used_alone_keeps_the_scalar_path():
     assert lift(cost) is None
 
 
-@pytest.mark.parametrize("method", ["lbfgs", "adam"])
+@pytest.mark.parametrize("method", ["lbfgs", "adam", "newton-cg", "gd"])
 def test_exported_tensor_program_runs_alone_and_agrees(digits_like, tmp_path, method):
-    """prog.export writes a module that imports only math, time, numpy and numba and gives
-    calcml's own result, bit for bit."""
+    """prog.export writes a module that imports only math, time, numpy and numba, whose
+    run(x0, data, ...) (data a dict of arrays, as cm.minimize takes them; the program's
+    numbers its defaults) gives calcml's own result, bit for bit, and names bad data."""
     import importlib.util
     import re
     import sys
 
     cost, X, labels, ref = digits_like
-    kw = {"lr": 0.05, "batch_size": 32} if method == "adam" else {}
+    kw = {"lr": 0.05, "batch_size": 32} if method == "adam" else {"lr": 0.5} if method == "gd" else {}
     prog = cm.generate(cost, method=method, **kw)
     path = tmp_path / f"fit_{method}.py"
     prog.export(path)
@@ -592,13 +593,34 @@ def test_exported_tensor_program_runs_alone_and_agrees(digits_like, tmp_path, me
     spec.loader.exec_module(mod)
     x0 = np.zeros(cost.n_params)
     res = cm.minimize(cost, x0, data={"x": X, "c": labels}, method=method, tol=1e-9, epochs=3, **kw)
-    arrays = (X, labels.astype(np.int64))
-    if method == "adam":
-        rep = mod.drive(x0, arrays, len(X), [0.9, 0.999, 1e-8], [0.05], 32, 3, None, 1e-9, 0)
-    else:
-        rep = mod.minimize(x0, arrays, len(X), maxiter=3, tol=1e-9)
+    data = {"x": X, "c": labels}
+    rep = mod.run(x0, data, epochs=3, tol=1e-9) if method == "adam" else mod.run(x0, data, maxiter=3, tol=1e-9)
     np.testing.assert_array_equal(rep["x"], res.x)
-    assert rep["fun"] == res.fun
+    assert rep["fun"] == res.fun and rep["nit"] == res.nit
+    assert rep["status_name"] in ("maxiter", "epochs done", "converged")
+    with pytest.raises(ValueError, match="labels 'c' must be a 1-D array of class numbers 0 … 3"):
+        mod.run(x0, {"x": X, "c": labels + 1})
+    with pytest.raises(ValueError, match=r"data 'x' must have shape \(N, 6\)"):
+        mod.run(x0, {"x": X[:, :5], "c": labels})
+    bad = X.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(ValueError, match="data 'x' holds NaN or inf at row 7"):
+        mod.run(x0, {"x": bad, "c": labels})
+    with pytest.raises(ValueError, match="data is missing 'c'"):
+        mod.run(x0, {"x": X})
+
+
+def test_a_program_whose_rate_each_run_chooses_is_not_exported(tmp_path):
+    """lr='auto' is estimated by each run from its data: an exported module cannot, so export
+    says so (it used to write lr = 1.0, a placeholder, as the module's rate)."""
+    a, b = cm.params("a b")
+    scalar = cm.Cost((a - 1) ** 2 + 3 * b ** 2, params=[a, b])
+    w = cm.params("w", shape=(3,)); j = cm.index("j", 3)
+    tensor = cm.Cost(cm.sum((w[j] - 1) ** 2, j), params=[w])
+    for cost in (scalar, tensor):
+        with pytest.raises(cm.OptimizeError, match=r"lr='auto' is chosen by each run.*lr=res.lr"):
+            cm.generate(cost, method="gd", lr="auto").export(tmp_path / "auto.py")
+        assert not (tmp_path / "auto.py").exists()
 
 
 def test_per_class_weight_families_are_restated_as_a_matrix():

@@ -263,6 +263,100 @@ def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8):
 '''
 
 
+# The standalone entry of every tensor optimizer module: run() over a dict of data arrays,
+# as an exported module's user calls it (calcml itself validates the data and calls drive
+# or minimize).
+_DATA_ARRAYS = '''
+
+# -- run(): the fit over a dict of data arrays (what an exported module's user calls) ------------
+def data_arrays(data):
+    """The data in DATA_NAMES order, checked against DATA_LAYOUT ((name, shape of a row, number
+    of classes for labels, else None)), and their row count."""
+    if not DATA_LAYOUT:
+        if data is not None:
+            raise ValueError("this cost reads no data: leave data out")
+        return (), 0
+    if not isinstance(data, dict):
+        raise ValueError(f"data is a dict {{name: array}} with {list(DATA_NAMES)}, got {type(data).__name__}")
+    missing = [name for name in DATA_NAMES if name not in data]
+    if missing:
+        raise ValueError(f"data is missing {', '.join(map(repr, missing))}; the cost reads {list(DATA_NAMES)}")
+    arrays, n = [], None
+    for name, shape, classes in DATA_LAYOUT:
+        if classes is None:
+            a = np.ascontiguousarray(data[name], dtype=np.float64)
+            if a.ndim != 1 + len(shape) or a.shape[1:] != shape:
+                raise ValueError(f"data {name!r} must have shape (N{''.join(f', {s}' for s in shape)}), got {a.shape}")
+            bad = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(1))
+            if bad.size:
+                raise ValueError(f"data {name!r} holds NaN or inf at row {int(bad[0])}")
+        else:
+            raw = np.asarray(data[name])
+            a = np.ascontiguousarray(raw, dtype=np.int64)
+            if a.ndim != 1 or (a != raw).any() or (a.size and (a.min() < 0 or a.max() >= classes)):
+                raise ValueError(f"labels {name!r} must be a 1-D array of class numbers 0 … {classes - 1}")
+        if n is not None and a.shape[0] != n:
+            raise ValueError(f"data {name!r} has {a.shape[0]} rows but {DATA_NAMES[0]!r} has {n}")
+        n = a.shape[0]
+        arrays.append(a)
+    if n == 0:
+        raise ValueError("the data have no rows")
+    return tuple(arrays), n
+
+
+def _flat_x0(x0):
+    x = np.array(x0, dtype=np.float64).reshape(-1)
+    if x.shape != (N_PARAMS,):
+        raise ValueError(f"x0 must hold the {N_PARAMS} parameters {list(PARAM_NAMES)} flat (C order), got {x.size}")
+    return x
+'''
+
+_RUN = _DATA_ARRAYS + '''
+
+# this program's numbers, run()'s defaults (Program.export writes them; None: pass them to run)
+HYPER_DEFAULTS = None
+SCHEDULE_DEFAULTS = None
+BATCH_SIZE = None
+
+
+def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=None, epochs=None, maxiter=None, tol=1e-8,
+        seed=0, callback=None):
+    """Minimize from x0 (flat: PARAM_NAMES in order, each in C order) over data, a dict
+    {name: array} with DATA_NAMES ((N, *shape of a row) each; labels as class numbers).
+    hyper: dict of HYPER_NAMES values (default HYPER_DEFAULTS); schedule_args: the schedule's
+    numbers (default SCHEDULE_DEFAULTS); batch_size: default BATCH_SIZE (None: full batch).
+    callback(step, max_steps, value), if given, is called between segments; Ctrl-C stops the
+    run at its best point. Returns the report: a dict with x, fun, grad, nit, status,
+    status_name, history and the bookkeeping."""
+    hyper = HYPER_DEFAULTS if hyper is None else hyper
+    sched = SCHEDULE_DEFAULTS if schedule_args is None else schedule_args
+    if hyper is None or sched is None:
+        raise ValueError("this module holds no program's numbers: pass hyper={...} and schedule_args=[...] "
+                         "(a module written by Program.export has them)")
+    batch_size = BATCH_SIZE if batch_size is None else batch_size
+    if (batch_size is not None) != MINIBATCH:
+        raise ValueError(f"this module runs {'minibatches: give batch_size' if MINIBATCH else 'full batches: no batch_size'}")
+    arrays, n_rows = data_arrays(data)
+    rep = drive(_flat_x0(x0), arrays, n_rows, [float(hyper[k]) for k in HYPER_NAMES], list(sched) or [0.0],
+                batch_size, epochs, maxiter, tol, seed, callback)
+    rep["status_name"] = STATUS_NAMES[rep["status"]]
+    return rep
+'''
+
+_SEARCH_RUN = _DATA_ARRAYS + '''
+
+def run(x0, data=None, *, maxiter=None, tol=1e-8):
+    """Minimize from x0 (flat: PARAM_NAMES in order, each in C order) over data, a dict
+    {name: array} with DATA_NAMES ((N, *shape of a row) each; labels as class numbers), with
+    METHOD and its numbers HYPER. Returns the report: a dict with x, fun, grad, nit, status,
+    status_name, history and the bookkeeping."""
+    arrays, n_rows = data_arrays(data)
+    rep = minimize(_flat_x0(x0), arrays, n_rows, maxiter, tol)
+    rep["status_name"] = STATUS_NAMES[rep["status"]]
+    return rep
+'''
+
+
 def _rule(opt: Optimizer, schedule: Schedule | None) -> tuple:
     """(the rate's code, per-step statements, per-parameter statements, helpers they call) of a
     first-order rule, printed once by one printer: the rate of ``step`` from ``sa``, the rule
@@ -285,6 +379,14 @@ def _each(i: str, n: str, *body) -> ir.For:
     """``for i in range(n):`` (element by element, not a slice: an array setitem costs Numba
     seconds of compile)."""
     return ir.For(i, ir.range_(n), list(body))
+
+
+def _layout(cost: TensorCost) -> tuple:
+    """(name, shape of a row, number of classes for labels, else None) per datum, in order."""
+    from .statement import Label
+
+    return tuple((name, tuple(shape), item.classes if isinstance(item, Label) else None)
+                 for item, (name, shape) in zip(cost.data, cost.data_shapes.items()))
 
 
 class _Source:
@@ -495,7 +597,7 @@ class _Source:
 
     def _constants(self, **values) -> list:
         """The status codes and the module's constants."""
-        return _result.status_statements() + [ir.Assign(name, repr(v)) for name, v in values.items()]
+        return _result.status_statements(with_names=True) + [ir.Assign(name, repr(v)) for name, v in values.items()]
 
     def text(self) -> str:
         opt, cost = self.opt, self.cost
@@ -503,7 +605,7 @@ class _Source:
             ir.Comment(f"-- the optimizer: {opt!r}" + (f", schedule {self.schedule!r}" if self.schedule else "")),
             self._constants(MINIBATCH=self.minibatch, REDUCE_MEAN=cost.reduce == "mean", STRIPES=STRIPES,
                             DEFAULT_EPOCHS=10, DEFAULT_MAXITER=opt.default_maxiter, DATA_NAMES=cost.data_names,
-                            PARAM_NAMES=cost.param_names, HYPER_NAMES=tuple(opt.hyper)),
+                            PARAM_NAMES=cost.param_names, HYPER_NAMES=tuple(opt.hyper), DATA_LAYOUT=_layout(cost)),
             ir.Assign("DUMMY_DATA", "(np.zeros(1),)"),
             ir.Comment("the optimizer's functions go into their one compiled caller, loop_c (Numba's inline=\"always\"):\n"
                        "compiled once, there, not also each on its own (the kernels above stay functions of their own)"),
@@ -514,7 +616,7 @@ class _Source:
             self.first_order(),
             self._entry_point(),
         ]
-        return ir.render(body) + _EVAL + _DRIVER + ("" if self.minibatch else _THREADED_STEPS)
+        return ir.render(body) + _EVAL + _DRIVER + ("" if self.minibatch else _THREADED_STEPS) + _RUN
 
     def search_text(self) -> str:
         """A line-search or trust-region program's standalone part: calcml.tensor.search's
@@ -527,11 +629,13 @@ class _Source:
         opt, cost = self.opt, self.cost
         body = [self._constants(REDUCE_MEAN=cost.reduce == "mean", STRIPES=STRIPES, DATA_NAMES=cost.data_names,
                                 PARAM_NAMES=cost.param_names, METHOD=opt.kind, HYPER=dict(opt.hyper, **opt.extra),
+                                DATA_LAYOUT=_layout(cost),
                                 DEFAULT_MAXITER=opt.default_maxiter),
                 ir.Assign("DUMMY_DATA", "(np.zeros(1),)")]
         steps = inspect.getsource(search)
         steps = steps[steps.index("\nRUNNING = -1\n") + 1:]  # the steps, after the file's imports and statuses
-        return ir.render(body) + _EVAL + "\n\n# -- the steps (calcml/tensor/search.py) --\n" + steps + _SEARCH_DRIVER
+        return (ir.render(body) + _EVAL + "\n\n# -- the steps (calcml/tensor/search.py) --\n" + steps + _SEARCH_DRIVER
+                + _SEARCH_RUN)
 
 
 class TensorProgram:
@@ -583,8 +687,16 @@ class TensorProgram:
         return self._text
 
     def export(self, path):
-        """Write the module as a standalone file (it needs only NumPy and Numba)."""
+        """Write the module as a standalone file (it needs only NumPy and Numba) whose
+        ``run(x0, data, ...)`` does the whole fit, data a dict of arrays; its defaults are this
+        program's hyperparameters, schedule numbers and batch size."""
+        from ..program import export_text
+
         text = self.source
+        if self.optimizer.kind == "first_order":
+            text = export_text(text, self)
+        else:
+            text = "\n".join(ln for ln in text.split("\n") if not ln.startswith("# calcml-sha256: "))
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path
