@@ -939,3 +939,24 @@ def test_tensor_loops_machine_code_gives_the_dispatchers_bits(small, method, kw)
         assert runs[0][key].tobytes() == runs[1][key].tobytes(), key
     assert runs[0]["fun"] == runs[1]["fun"]
 
+
+
+def test_rowwise_with_several_free_indices_takes_their_order():
+    """Several free indices: indices= gives the output's axes (SymPy's own order of the product's
+    factors is no order a user wrote); without it, an error names them; a wrong list is named."""
+    H, d = 5, 4
+    W = cm.params("W", shape=(H, d)); x = cm.data("x", shape=(d,))
+    h = cm.index("h", H); j = cm.index("j", d)
+    rng = np.random.default_rng(3)
+    theta, X = rng.standard_normal(H * d), rng.standard_normal((7, d))
+    terms = np.einsum("hj,nj->nhj", theta.reshape(H, d), X)  # W[h, j] * x[j] per row
+    hj = cm.rowwise(W[h, j] * x[j], params=[W], data=[x], indices=(h, j))
+    jh = cm.rowwise(W[h, j] * x[j], params=[W], data=[x], indices=(j, h))
+    np.testing.assert_array_equal(hj(theta, {"x": X}), terms)
+    np.testing.assert_array_equal(jh(theta, {"x": X}), terms.transpose(0, 2, 1))
+    with pytest.raises(cm.CostError, match=r"free indices .*give the output's axes in order, indices="):
+        cm.rowwise(W[h, j] * x[j], params=[W], data=[x])
+    with pytest.raises(cm.CostError, match=r"indices=\(h\) must name each free index"):
+        cm.rowwise(W[h, j] * x[j], params=[W], data=[x], indices=(h,))
+    one = cm.rowwise(cm.sum(W[h, j] * x[j], j), params=[W], data=[x])  # one free index: no list needed
+    np.testing.assert_allclose(one(theta, {"x": X}), terms.sum(2), rtol=1e-14)

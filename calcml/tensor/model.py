@@ -567,11 +567,35 @@ def _module_text(cost, body, helpers, sizes, blas: bool, numba_cache: bool = Tru
     return ir.render([head, fixed, ir.Blank(2), body]) + "\n"
 
 
+def _output_axes(free: tuple, indices) -> tuple:
+    """The output's axes of a rowwise expression with free indices ``free``: ``indices`` (which
+    must name each exactly once), or the one free index; several need ``indices``."""
+    def names(seq):
+        return ", ".join(str(i) for i in seq)
+
+    if indices is None:
+        if len(free) > 1:
+            raise CostError(f"the expression has free indices {names(free)}: give the output's axes in order, "
+                            f"indices=({names(free)}) or another order of them")
+        return free
+    if isinstance(indices, sp.Idx):
+        indices = (indices,)
+    indices = tuple(indices)
+    bad = [i for i in indices if not isinstance(i, sp.Idx)]
+    if bad:
+        raise CostError(f"indices= takes calcml indices (cm.index), got {bad[0]!r}")
+    if len(set(indices)) != len(indices) or set(indices) != set(free):
+        raise CostError(f"indices=({names(indices)}) must name each free index of the expression once: "
+                        f"{names(free) or 'it has none'}")
+    return indices
+
+
 class Rowwise:
     """``cm.rowwise(expr, params=[...], data=[...])``: ``f(theta, data)`` -> the value of ``expr``
-    on every row, shape ``(N,)``, or ``(N, n1, ...)`` for free indices (in order of appearance)."""
+    on every row, shape ``(N,)``, or ``(N, n1, ...)`` for its free indices: the one there is, or
+    ``indices`` in their order."""
 
-    def __init__(self, expr, params, data=None):
+    def __init__(self, expr, params, data=None, indices=None):
         plist = [_check_item(p, "params") for p in _items(params)]
         dlist = [_check_item(d, "data") for d in _items(data)]
         if isinstance(expr, str):
@@ -584,11 +608,11 @@ class Rowwise:
         self.pin = [g.add_input(p, "param") for p in plist]
         self.din = [g.add_input(d, "label" if isinstance(d, Label) else "data") for d in dlist]
         body = Lowering(g, {t.placeholder: t for t in self.pin + self.din}).lower(self.expr)
-        self.free = tuple(g.free_indices(body))
+        self.free = _output_axes(tuple(g.free_indices(body)), indices)
         self.top = g.derived("map", body, self.free, note="the value per row")
         self.shape = tuple(axis_range(i) for i in self.free)
         h = hashlib.sha256(("rowwise|" + sp.srepr(self.expr) + "|" + "|".join(
-            sp.srepr(x) + str(getattr(x, "classes", "")) for x in plist + dlist)).encode())
+            sp.srepr(x) + str(getattr(x, "classes", "")) for x in plist + dlist) + "|axes=" + sp.srepr(self.free)).encode())
         self.key = h.hexdigest()
         self._module = None
 

@@ -207,9 +207,11 @@ def is_tensor_cost(cost) -> bool:
     return model is not None and isinstance(cost, model.TensorCost)
 
 
-def rowwise(expr, params, data=None):
+def rowwise(expr, params, data=None, indices=None):
     """Compile ``expr`` (free indices allowed) into ``f(theta, data)`` returning its value on every
     row: ``(N,)``, or ``(N, K)`` for one free index of range K (predicted probabilities, margins).
+    With several free indices, ``indices=(i, j, ...)`` names them in the order of the output's
+    axes, ``(N, range of i, range of j, ...)``; SymPy keeps no order of its own to go by.
 
     >>> import calcml as cm, numpy as np
     >>> w = cm.params("w", shape=(2,)); x = cm.data("x", shape=(2,))
@@ -219,4 +221,4 @@ def rowwise(expr, params, data=None):
     """
     from .model import Rowwise
 
-    return Rowwise(expr, params, data)
+    return Rowwise(expr, params, data, indices)
