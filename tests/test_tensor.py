@@ -960,3 +960,55 @@ def test_rowwise_with_several_free_indices_takes_their_order():
         cm.rowwise(W[h, j] * x[j], params=[W], data=[x], indices=(h,))
     one = cm.rowwise(cm.sum(W[h, j] * x[j], j), params=[W], data=[x])  # one free index: no list needed
     np.testing.assert_allclose(one(theta, {"x": X}), terms.sum(2), rtol=1e-14)
+
+
+def test_fixed_entries_are_read_exactly():
+    """a[0] * a[3] and W[k, 2] in a statement: each fixed entry becomes the sum that picks it
+    (KroneckerDelta with the entry's number), so value, gradient, Hessian and fits follow
+    from the same calculus; checked against the closed form. An entry off its axis is named."""
+    a = cm.params("a", shape=(4,)); W = cm.params("W", shape=(2, 3))
+    k = cm.index("k", 4); r = cm.index("r", 2)
+    x = cm.data("x", shape=(3,))
+    cost = cm.Cost(cm.sum(a[k] ** 2, k) + a[0] * a[3] - a[2] + cm.sum(W[r, 2] * x[2] * W[r, 0], r),
+                   params=[a, W], data=[x], penalty=0.5 * a[1] ** 4 + cm.sum(W[r, 0] ** 2, r))
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((50, 3))
+    t = rng.standard_normal(cost.n_params)
+    av, Wv = t[:4], t[4:].reshape(2, 3)
+    m = X[:, 2].mean()
+    value = (av ** 2).sum() + av[0] * av[3] - av[2] + m * (Wv[:, 2] * Wv[:, 0]).sum() + 0.5 * av[1] ** 4 \
+        + (Wv[:, 0] ** 2).sum()
+    ga = 2 * av + np.array([av[3], 2 * av[1] ** 3, -1.0, av[0]])
+    gW = np.zeros((2, 3))
+    gW[:, 2] = m * Wv[:, 0]
+    gW[:, 0] = m * Wv[:, 2] + 2 * Wv[:, 0]
+    k_ = cm.compile(cost)
+    v, g = k_.value_and_grad(t, {"x": X})
+    assert v == pytest.approx(value, rel=1e-14)
+    np.testing.assert_allclose(g, np.concatenate([ga, gW.ravel()]), rtol=1e-13, atol=1e-15)
+    H = k_.hessian(t, {"x": X})
+    Hfd = np.column_stack([(k_.grad(t + h, {"x": X}) - k_.grad(t - h, {"x": X})) / 2e-6
+                           for h in 1e-6 * np.eye(cost.n_params)])
+    np.testing.assert_allclose(H, Hfd, atol=1e-7)
+    with pytest.raises(cm.CostError, match=r"a\[4\]: entry 4 is outside axis 0 of a, which runs over 0 … 3"):
+        cm.Cost(a[4] + cm.sum(a[k] ** 2, k), params=[a])
+
+
+def test_verification_instance_keeps_fixed_entries_and_the_penalty():
+    """The instance that verify proves keeps every range a fixed entry needs (a[3] keeps a's
+    range 4, not 2) and holds the penalty: its claimed derivatives are calcml's derivative of
+    the per-row cost plus that of the penalty (the penalty used to be left out of the proof)."""
+    from calcml.tensor.verify import instance, instance_range
+
+    a = cm.params("a", shape=(5,)); k = cm.index("k", 5)
+    cost = cm.Cost(cm.sum(a[k] ** 2, k) + a[0] * a[3], params=[a], penalty=a[1] ** 4)
+    assert instance_range(cost) == 4
+    small, scalar_cost, claimed, names = instance(cost)
+    assert names == ["a[0]", "a[1]", "a[2]", "a[3]"]
+    syms = scalar_cost.params
+    f = scalar_cost.expr
+    for s, c in zip(syms, claimed):
+        assert sp.simplify(sp.diff(f, s) - c) == 0
+    assert sp.diff(f, syms[1]).has(syms[1] ** 3)  # the penalty's term is in the proven function
+    report = cm.verify(cost, timeout=60)
+    assert report.ok and all("the per-row cost plus the penalty" in v.detail for v in report)

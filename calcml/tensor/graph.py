@@ -320,6 +320,36 @@ def check_index(i, where: str, n_expected=None, axis_of=None) -> sp.Idx:
     return i
 
 
+def entries_as_sums(e):
+    """Each fixed entry of a tensor (``a[0]``, ``W[k, 2]``) as the sum that picks it,
+    ``Sum(KroneckerDelta(a_e0, 0)*a[a_e0], a_e0)`` over an index of that axis: calcml's calculus
+    reads tensors through indices, and the adjoint of that sum is the one-hot that sends the
+    gradient to that entry alone. An entry outside its axis is named."""
+    def fixed(x):
+        return isinstance(x, sp.Indexed) and any(isinstance(i, sp.Integer) for i in x.indices)
+
+    def as_sum(x):
+        base, shape = x.base, x.base.shape
+        if shape is None or len(shape) != len(x.indices):
+            return x  # the lowering names the problem
+        new, picks = [], []
+        for a, (i, n) in enumerate(zip(x.indices, shape)):
+            if isinstance(i, sp.Integer):
+                if not 0 <= int(i) < int(n):
+                    raise CostError(f"{x}: entry {i} is outside axis {a} of {base.label}, which runs over 0 … {int(n) - 1}")
+                ax = sp.Idx(f"{base.label}_e{a}", int(n))  # not <name>_<axis>: the generic entry's index
+                new.append(ax)
+                picks.append((ax, i))
+            else:
+                new.append(i)
+        body = base[tuple(new)] * sp.Mul(*[sp.KroneckerDelta(ax, i) for ax, i in picks])
+        return sp.Sum(body, *[(ax, 0, int(ax.upper)) for ax, _ in picks])
+
+    if not isinstance(e, sp.Basic) or not e.has(sp.Indexed):
+        return e
+    return e.replace(fixed, as_sum)
+
+
 class Lowering:
     """A user's index-notation expression -> tensors of a :class:`Graph`, validated."""
 
@@ -348,8 +378,9 @@ class Lowering:
             raise CostError(f"index {e} is used as a number; calcml indices only select entries")
         if isinstance(e, sp.KroneckerDelta):
             for a in e.args:
-                if not isinstance(a, (sp.Idx, Label)):
-                    raise CostError(f"KroneckerDelta{e.args}: each argument must be an index or a class label")
+                if not isinstance(a, (sp.Idx, Label, sp.Integer)):
+                    raise CostError(f"KroneckerDelta{e.args}: each argument must be an index, a class label or "
+                                    f"an entry number")
                 if isinstance(a, Label) and a not in self.known:
                     raise CostError(f"class label {a.name!r} in {e} is not in the cost's data")
                 if isinstance(a, sp.Idx):
@@ -436,9 +467,9 @@ class Lowering:
             raise CostError(f"{e}: {base.label} has {len(t.free)} ax{'is' if len(t.free) == 1 else 'es'} "
                             f"(shape {t.shape}) but is indexed with {len(e.indices)}")
         for a, (i, n) in enumerate(zip(e.indices, t.shape)):
-            if isinstance(i, sp.Integer):
+            if isinstance(i, sp.Integer):  # entries_as_sums wrote fixed entries as sums before
                 raise CostError(f"{e}: a fixed entry ({i}) of {base.label}; calcml reads entries through indices "
-                                f"only (use cm.onehot or KroneckerDelta to pick one)")
+                                f"only: write cm.sum(KroneckerDelta(k, {i}) * {base.label}[k], k)")
             check_index(i, f"{e}", n, f"axis {a} of {base.label}")
         if len(set(e.indices)) != len(e.indices):
             raise CostError(f"{e}: the same index twice (a diagonal); write it with KroneckerDelta instead")

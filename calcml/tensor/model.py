@@ -22,7 +22,7 @@ from ..printing import HELPERS
 from ..cost import Cost
 from ..errors import CostError, ParamError
 from .codegen import BLAS_SOURCE, LANES, KernelSpec, block_rows, write_kernel
-from .graph import ROW, SCALE, Graph, Lowering, Tensor
+from .graph import ROW, SCALE, Graph, Lowering, Tensor, entries_as_sums
 from .statement import Label, LogSumExp, _items, axis_range, is_tensor_statement  # noqa: F401
 
 __all__ = ["TensorCost", "is_tensor_statement"]
@@ -106,7 +106,7 @@ class TensorCost(Cost):
             pen = None if penalty is None else sp.sympify(penalty, strict=True)
         except (sp.SympifyError, TypeError):
             raise CostError(f"the cost expression must be a SymPy expression, got {type(expr).__name__}") from None
-        self._expr, self._penalty = e, pen
+        self._expr, self._penalty = entries_as_sums(e), None if pen is None else entries_as_sums(pen)
         self._params, self._data, self._reduce = tuple(plist), tuple(dlist), reduce
         # the statement's checks now (a bad statement fails here, naming the problem); the
         # graph that derivations and code read, stabilized, when first needed: a process
@@ -600,7 +600,7 @@ class Rowwise:
         dlist = [_check_item(d, "data") for d in _items(data)]
         if isinstance(expr, str):
             raise CostError("rowwise takes a SymPy expression, not a string; calcml never evaluates strings")
-        self.expr = sp.sympify(expr, strict=True)
+        self.expr = entries_as_sums(sp.sympify(expr, strict=True))
         self._probe = TensorCost.__new__(TensorCost)
         self._probe._params, self._probe._data = tuple(plist), tuple(dlist)
         self._probe._reduce, self._probe._penalty, self._probe._expr = "mean", None, self.expr

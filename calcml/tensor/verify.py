@@ -23,28 +23,37 @@ __all__ = ["verify_tensor", "instance"]
 INSTANCE_RANGE = 2
 
 
-def _small(n: int) -> int:
-    return min(int(n), INSTANCE_RANGE)
+def instance_range(cost: TensorCost) -> int:
+    """The instance's largest range: INSTANCE_RANGE, or more where the statement names a fixed
+    entry (``KroneckerDelta(k, 3)``, a cost's ``a[3]``): an instance must still hold it."""
+    entries = [int(a) for part in (cost.expr, cost.penalty) if part is not None
+               for d in part.atoms(sp.KroneckerDelta) for a in d.args if isinstance(a, sp.Integer)]
+    return max([INSTANCE_RANGE] + [i + 1 for i in entries])
 
 
 class _Shrink:
-    """Maps every index, tensor and label of a statement to its small twin."""
+    """Maps every index, tensor and label of a statement to its small twin (ranges at most
+    ``reach``)."""
 
-    def __init__(self):
+    def __init__(self, reach: int = INSTANCE_RANGE):
         self.map: dict = {}
+        self.reach = reach
+
+    def small(self, n) -> int:
+        return min(int(n), self.reach)
 
     def idx(self, i: sp.Idx) -> sp.Idx:
         if i not in self.map:
-            self.map[i] = sp.Idx(str(i.label), _small(axis_range(i)))
+            self.map[i] = sp.Idx(str(i.label), self.small(axis_range(i)))
         return self.map[i]
 
     def item(self, x):
         if x in self.map:
             return self.map[x]
         if isinstance(x, sp.IndexedBase):
-            new = sp.IndexedBase(str(x.label), shape=tuple(_small(n) for n in x.shape), real=True)
+            new = sp.IndexedBase(str(x.label), shape=tuple(self.small(n) for n in x.shape), real=True)
         elif isinstance(x, Label):
-            new = Label(x.name, _small(x.classes))
+            new = Label(x.name, self.small(x.classes))
         else:
             new = x
         self.map[x] = new
@@ -108,26 +117,31 @@ def _expand(e, scalars: dict):
 
 def instance(cost: TensorCost):
     """(small tensor cost, scalar cost of its expression, claimed derivatives in the scalar
-    symbols, flat names) for the instance with every range at most ``INSTANCE_RANGE``."""
+    symbols, flat names) for the instance with every range at most :func:`instance_range`.
+    A penalty is part of it: the scalar cost is ``expr + penalty`` (per row), each claimed
+    derivative calcml's derivative of ``expr`` plus its derivative of the penalty; the sum or
+    mean over rows is linear and needs no proof."""
     from ..cost import Cost
 
-    sh = _Shrink()
+    sh = _Shrink(instance_range(cost))
     params = [sh.item(p) for p in cost.params]
     data = [sh.item(d) for d in cost.data]
-    small = TensorCost(sh.expr(cost.expr), params, data, cost.reduce)
+    penalty = None if cost.penalty is None else sh.expr(cost.penalty)
+    small = TensorCost(sh.expr(cost.expr), params, data, cost.reduce, penalty=penalty)
     scalars: dict = {}
-    expr = _expand(small.expr, scalars)
+    expr = _expand(small.expr + (penalty if penalty is not None else 0), scalars)
     claimed, entries, names = [], [], []
     for p, grad in zip(small._params, small.gradient):
         if isinstance(p, sp.IndexedBase):
             axes = [sp.Idx(f"{p.label}_{a}", int(n)) for a, n in enumerate(p.shape)]
+            pen = small.penalty_diff(p[tuple(axes)])
             for ix in np.ndindex(*[int(n) for n in p.shape]):
-                e = grad.xreplace({ax: sp.Integer(v) for ax, v in zip(axes, ix)})
+                e = (grad + pen).xreplace({ax: sp.Integer(v) for ax, v in zip(axes, ix)})
                 claimed.append(_expand(e, scalars))
                 entries.append(p[tuple(int(v) for v in ix)])
                 names.append(f"{p.label}[{', '.join(map(str, ix))}]")
         else:
-            claimed.append(_expand(grad, scalars))
+            claimed.append(_expand(grad + small.penalty_diff(p), scalars))
             entries.append(p)
             names.append(p.name)
     param_syms = [scalars.setdefault(e, sp.Symbol(f"{e.base.label}[{','.join(str(i) for i in e.indices)}]", real=True))
@@ -169,13 +183,15 @@ def verify_tensor(cost: TensorCost, timeout: float):
     from ..verify import Report, Verdict, verify
 
     small, scalar_cost, claimed, names = instance(cost)
+    reach = instance_range(cost)
     report = verify(scalar_cost, gradient=claimed, timeout=timeout)
     full = _full_size_check(cost)
     ranges = ", ".join(f"{_name(p)}{tuple(int(n) for n in p.shape)}" for p in small.params if isinstance(p, sp.IndexedBase))
+    with_penalty = " (the per-row cost plus the penalty)" if cost.penalty is not None else ""
     verdicts = []
     for v, name in zip(report, names):
-        where = (f"proven on the instance with every index range at most {INSTANCE_RANGE} ({ranges}); "
-                 if v.status == "verified" else f"on the instance with index ranges at most {INSTANCE_RANGE}: ")
+        where = (f"proven on the instance{with_penalty} with every index range at most {reach} ({ranges}); "
+                 if v.status == "verified" else f"on the instance{with_penalty} with index ranges at most {reach}: ")
         verdicts.append(Verdict(name=f"d/d{name}", status=v.status, method=f"{v.method}, small instance",
                                 detail=f"{where}{v.detail}; {full}", point=v.point, expected=v.expected,
                                 actual=v.actual))
