@@ -1012,3 +1012,18 @@ def test_verification_instance_keeps_fixed_entries_and_the_penalty():
     assert sp.diff(f, syms[1]).has(syms[1] ** 3)  # the penalty's term is in the proven function
     report = cm.verify(cost, timeout=60)
     assert report.ok and all("the per-row cost plus the penalty" in v.detail for v in report)
+
+
+def test_newton_beyond_the_dense_hessians_size_says_to_use_newton_cg():
+    """method='newton' builds the dense Hessian; past HESSIAN_MAX parameters it is refused
+    with the way out named (it used to fail inside k.hessian, pointing at k.hvp)."""
+    from calcml.tensor.kernels import HESSIAN_MAX
+
+    d = HESSIAN_MAX // 2 + 1
+    W = cm.params("W", shape=(2, d)); x = cm.data("x", shape=(d,)); c = cm.data("c", classes=2)
+    k = cm.index("k", 2); j = cm.index("j", d)
+    z = cm.sum(W[k, j] * x[j], j)
+    cost = cm.Cost(cm.logsumexp(z, k) - cm.sum(cm.onehot(c, k) * z, k), params=[W], data=[x, c])
+    data = {"x": np.ones((3, d)), "c": np.array([0, 1, 0])}
+    with pytest.raises(cm.OptimizeError, match=r"method='newton' solves with the dense Hessian.*use method='newton-cg'"):
+        cm.minimize(cost, np.zeros(cost.n_params), data=data, method="newton")

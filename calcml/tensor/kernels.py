@@ -302,6 +302,11 @@ def sum_in_order(acc) -> np.ndarray:
     return total
 
 
+# The most parameters k.hessian builds a dense Hessian for (n passes over the data, n**2 floats:
+# 128 MiB at 4096); beyond, Hessian-vector products (k.hvp, method="newton-cg").
+HESSIAN_MAX = 4096
+
+
 class TensorKernels:
     """Compiled kernels of one :class:`~calcml.tensor.model.TensorCost` (see :func:`calcml.compile`)."""
 
@@ -509,11 +514,11 @@ class TensorKernels:
     def hessian(self, theta, data=None) -> np.ndarray:
         """The reduced Hessian ``(n, n)``, column by column from exact Hessian-vector products."""
         t = self._theta(theta)
-        if data is not None and is_dask(data) and self._n <= 4096:
+        if data is not None and is_dask(data) and self._n <= HESSIAN_MAX:
             from ..dask_data import tensor_hessian  # every column in one Dask computation
 
             return tensor_hessian(self, t, data)
-        if self._n > 4096:
+        if self._n > HESSIAN_MAX:
             raise ParamError(f"the Hessian of {self._n} parameters takes {self._n ** 2 * 8 / 2**30:.1f} GiB; "
                              "use k.hvp(theta, v, data) (exact Hessian-vector products) instead")
         hv = self.hvp_at(t, data)

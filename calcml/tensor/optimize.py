@@ -28,7 +28,7 @@ from .. import ir
 from ..printing import NumbaPrinter
 from ..codegen import KERNEL_FLAGS, NUMBA_FLAGS
 from ..schedules import Schedule
-from .kernels import STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
+from .kernels import HESSIAN_MAX, STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
 from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
@@ -825,6 +825,11 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         arrays, n_rows = (td.arrays, td.n_rows) if td is not None else ((), 0)
     if prog.batch_size is not None and prog.batch_size > n_rows:
         raise OptimizeError(f"batch_size={prog.batch_size} is larger than the data ({n_rows} rows)")
+    if opt.kind == "newton" and cost.n_params > HESSIAN_MAX:
+        raise OptimizeError(f"method='newton' solves with the dense Hessian, {cost.n_params} x {cost.n_params} here "
+                            f"({cost.n_params ** 2 * 8 / 2**30:.1f} GiB, {cost.n_params} passes over the data a step); "
+                            f"for more than {HESSIAN_MAX} parameters use method='newton-cg' (exact Hessian-vector "
+                            f"products, no dense Hessian) or 'lbfgs'")
     notes = []
     lr_used = opt.lr
     sched_values = prog.schedule.values() if prog.schedule is not None else []
