@@ -118,11 +118,10 @@ def plot_path(cost: Cost, res, data=None, *, path=None, ax=None, levels: int = 3
     """
     if not isinstance(cost, Cost):
         raise TypeError(f"plot_path takes a cm.Cost, got {type(cost).__name__}")
-    if len(cost.params) != 2:
-        raise ValueError(
-            f"plot_path draws costs of two parameters; this one has {len(cost.params)} "
-            f"({', '.join(cost.param_names)})"
-        )
+    names = list(cost.flat_names() if hasattr(cost, "flat_names") else cost.param_names)  # tensors: w[0], w[1]
+    if cost.n_params != 2:
+        shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
+        raise ValueError(f"plot_path draws costs of two parameters; this one has {cost.n_params} ({shown})")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or not 2 <= resolution <= 1000:
         raise ValueError(f"resolution must be an integer from 2 to 1000, got {resolution!r}")
     ax = _axes(ax, "plot_path")
@@ -139,7 +138,6 @@ def plot_path(cost: Cost, res, data=None, *, path=None, ax=None, levels: int = 3
         ax.plot(p[:, 0], p[:, 1], "-o", color="tab:red", ms=2.5, lw=1.2, label="path")
         ax.plot(p[0, 0], p[0, 1], "s", color="black", ms=6, label="start")
     ax.plot(x_end[0], x_end[1], "*", color="gold", mec="black", ms=12, label="result")
-    names = cost.param_names
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.set_title(f"{getattr(res, 'method', '')} path over the cost".strip())

@@ -147,3 +147,28 @@ def test_fit_writes_the_plot(tmp_path, capsys):
     assert rc == 0, err
     assert f"plot written to {png}" in out
     assert_drawn(plt.imread(str(png)))
+
+
+def test_path_of_a_tensor_cost_counts_its_entries():
+    """A tensor cost's parameters are its entries: w of shape (2,) is two parameters, drawn
+    with axes w[0] and w[1], its contours the compiled cost's values (checked at a grid
+    point); W of shape (3, 4) is twelve, refused with the entries named."""
+    w = cm.params("w", shape=(2,)); j = cm.index("j", 2)
+    cost = cm.Cost(cm.sum((w[j] - 1) ** 2, j) + w[0] ** 4, params=[w])
+    res = cm.minimize(cost, np.zeros(2), method="lbfgs")
+    fig, ax = plt.subplots()
+    try:
+        cm.plot_path(cost, res, path=[[0.0, 0.0], [0.5, 0.8], list(res.x)], ax=ax, resolution=15)
+        assert ax.get_xlabel() == "w[0]" and ax.get_ylabel() == "w[1]"
+        assert_drawn(drawn_pixels(fig))
+    finally:
+        plt.close(fig)
+    from calcml.plot import _grid_values
+
+    Z = _grid_values(cost, None, np.array([0.0, 2.0]), np.array([-1.0, 3.0]))
+    assert Z[1, 0] == pytest.approx((0 - 1) ** 2 + (3 - 1) ** 2 + 0.0, rel=1e-15)  # a = 0, b = 3
+    assert Z[0, 1] == pytest.approx((2 - 1) ** 2 + (-1 - 1) ** 2 + 2.0 ** 4, rel=1e-15)
+    W = cm.params("W", shape=(3, 4)); a = cm.index("a", 3); b = cm.index("b", 4)
+    twelve = cm.Cost(cm.sum(W[a, b] ** 2, a, b), params=[W])
+    with pytest.raises(ValueError, match=r"two parameters; this one has 12 \(W\[0, 0\], W\[0, 1\]"):
+        cm.plot_path(twelve, res, path=[[0.0, 0.0]])
