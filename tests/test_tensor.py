@@ -1027,3 +1027,22 @@ def test_newton_beyond_the_dense_hessians_size_says_to_use_newton_cg():
     data = {"x": np.ones((3, d)), "c": np.array([0, 1, 0])}
     with pytest.raises(cm.OptimizeError, match=r"method='newton' solves with the dense Hessian.*use method='newton-cg'"):
         cm.minimize(cost, np.zeros(cost.n_params), data=data, method="newton")
+
+
+def test_verify_a_cost_with_scalar_data_beside_tensors():
+    """Logistic regression in index form: a tensor datum x, a scalar datum y and a scalar
+    parameter b. verify used to fail on it ('symbol y is neither a parameter nor data': the
+    instance's scalar cost left scalar data out); now every derivative is proven, the scalar
+    datum a free symbol of the proven function."""
+    d = 3
+    w = cm.params("w", shape=(d,)); b = cm.params("b"); x = cm.data("x", shape=(d,)); y = cm.data("y")
+    j = cm.index("j", d)
+    z = cm.sum(w[j] * x[j], j) + b
+    cost = cm.Cost(cm.softplus(z) - y * z, params=[w, b], data=[x, y])
+    report = cm.verify(cost, timeout=60)
+    assert report.ok and [v.name for v in report] == ["d/dw[0]", "d/dw[1]", "d/db"]
+    from calcml.tensor.verify import instance
+
+    _, scalar_cost, claimed, _ = instance(cost)
+    assert y in scalar_cost.data
+    assert sp.simplify(sp.diff(scalar_cost.expr, scalar_cost.params[-1]) - claimed[-1]) == 0

@@ -147,6 +147,8 @@ def instance(cost: TensorCost):
     param_syms = [scalars.setdefault(e, sp.Symbol(f"{e.base.label}[{','.join(str(i) for i in e.indices)}]", real=True))
                   if isinstance(e, sp.Indexed) else e for e in entries]
     data_syms = sorted((s for k, s in scalars.items() if s not in param_syms), key=lambda s: s.name)
+    # scalar data (a label y, a weight) stay symbols of their own: free reals, as every datum is
+    data_syms += [d for d in small.data if isinstance(d, sp.Symbol) and not isinstance(d, Label)]
     scalar_cost = Cost(expr, params=param_syms, data=data_syms or None)
     return small, scalar_cost, claimed, names
 
