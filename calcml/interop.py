@@ -13,7 +13,12 @@ __all__ = ["to_scipy"]
 
 class _ValueAndGrad:
     """One fused pass gives the value and the gradient; ``jac`` at the point ``fun`` was last
-    asked about reuses that gradient (what scipy's ``MemoizeJac`` does for ``jac=True``)."""
+    asked about reuses that gradient (what scipy's ``MemoizeJac`` does for ``jac=True``).
+
+    A point or direction that is not finite gives NaNs, as a NumPy objective would (the
+    kernels themselves refuse it, naming the entry): scipy decides what a NaN means for its
+    method (trust-krylov, for one, hands over a NaN direction when its Krylov basis
+    degenerates at a minimum)."""
 
     def __init__(self, kernels, data):
         self.kernels = kernels
@@ -25,6 +30,8 @@ class _ValueAndGrad:
         return (x,) if self.data is None else (x, self.data)
 
     def fun(self, x) -> float:
+        if not np.isfinite(x).all():
+            return np.nan
         value, g = self.kernels.value_and_grad(*self._args(x))
         self.x = np.array(x, dtype=np.float64, copy=True)
         self.g = g
@@ -33,20 +40,33 @@ class _ValueAndGrad:
     def jac(self, x) -> np.ndarray:
         if self.x is not None and np.shape(x) == self.x.shape and np.array_equal(x, self.x):
             return self.g.copy()
+        if not np.isfinite(x).all():
+            return np.full(np.shape(x), np.nan)
         return self.kernels.grad(*self._args(x))
 
     def hess(self, x) -> np.ndarray:
+        if not np.isfinite(x).all():
+            return np.full((np.size(x), np.size(x)), np.nan)
         return self.kernels.hessian(*self._args(x))
 
+    def hessp(self, x, p) -> np.ndarray:
+        """The exact Hessian-vector product (tensor costs: one pass over the data)."""
+        if not (np.isfinite(x).all() and np.isfinite(p).all()):
+            return np.full(np.shape(p), np.nan)
+        return self.kernels.hvp(x, p, self.data)
 
-def to_scipy(cost: Cost, data=None, *, hessian: bool = True) -> dict:
+
+def to_scipy(cost: Cost, data=None, *, hessian: bool | str = True) -> dict:
     """``{"fun", "jac", "hess"}`` for ``scipy.optimize.minimize``, from compiled exact kernels.
 
     ``fun(x)`` is the reduced cost, ``jac(x)`` its exact gradient and ``hess(x)`` its exact
     Hessian, each a Numba kernel from :func:`calcml.compile`. ``data`` (a dict of columns,
     a 2-D array or a DataFrame) is validated and laid out once, here; omit it for a cost
     without data columns. ``hessian=False`` leaves ``hess`` out, for methods that do not use
-    it (BFGS, L-BFGS-B, CG), which scipy otherwise warns about.
+    it (BFGS, L-BFGS-B, CG), which scipy otherwise warns about. For a tensor cost,
+    ``hessian="products"`` gives ``hessp(x, p)`` instead, the exact Hessian-vector product
+    (Newton-CG, trust-krylov, trust-ncg), and so does the default past the dense Hessian's
+    size (more than 4,096 parameters), where ``hess`` could not be built.
 
     >>> import calcml as cm, numpy as np
     >>> from scipy.optimize import minimize
@@ -70,8 +90,20 @@ def to_scipy(cost: Cost, data=None, *, hessian: bool = True) -> dict:
         if data is not None:
             raise DataError("this cost has no data columns; call cm.to_scipy(cost) without data")
         prepared = None
+    if hessian not in (True, False, "products"):
+        raise ValueError(f"hessian must be True, False or 'products', got {hessian!r}")
     f = _ValueAndGrad(kernels, prepared)
-    out = {"fun": f.fun, "jac": f.jac, "hess": f.hess}
-    if not hessian:
-        del out["hess"]
+    out = {"fun": f.fun, "jac": f.jac}
+    products = hasattr(kernels, "hvp")  # tensor costs' kernels
+    if hessian == "products" and not products:
+        raise ValueError("hessian='products' takes tensor costs (their kernels have exact Hessian-vector "
+                         "products); a scalar cost's hess is its exact Hessian matrix")
+    if products and hessian is True:
+        from .tensor.kernels import HESSIAN_MAX  # (loaded already: the kernels are its)
+
+        hessian = "products" if cost.n_params > HESSIAN_MAX else True
+    if hessian == "products":
+        out["hessp"] = f.hessp
+    elif hessian:
+        out["hess"] = f.hess
     return out
