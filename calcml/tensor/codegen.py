@@ -238,6 +238,7 @@ class _Writer:
             self.phase[t] = self._phase(t)
         self.mode = None
         self.cached: list = []
+        self.out_views: dict = {}  # finish: output tensor -> its offset in out (computed there, in place)
         self.local_rows: set = set()
         self.local_syms: dict = {}  # cse temporaries of a fused row loop -> their names
         self.n_lanes = 0
@@ -406,6 +407,8 @@ class _Writer:
         """Storage of a block's rows of ``t``: fresh, or this block's rows of its cache array."""
         if self.mode is not None and t in self.cached:
             return ir.Assign(name, self._cache_rows(t))
+        if t in self.out_views and not t.row:
+            return ir.Assign(name, _view("out", self.out_views[t], t), comment="written in place in out")
         shape = (["nb"] if t.row else []) + [str(n) for n in t.shape]
         return ir.Assign(name, f"np.empty(({', '.join(shape)},))")
 
@@ -683,6 +686,20 @@ class _Writer:
         roots = [t for _, t, _ in self.spec.outputs if isinstance(t, Tensor)]
         need = self._needs(roots)
         layout = self.acc_layout()
+        # An output tensor this function computes is computed in its place in out (a view):
+        # no temporary array and no copy (np.empty of a shape and ravel each cost Numba about
+        # 0.1-0.3 s of compile, in every cold process)
+        o, seen = 0, set()
+        self.out_views = {}
+        for _, t, size in self.spec.outputs:
+            if isinstance(t, Tensor) and t.free and t not in seen and t.kind != "input" and not t.accumulates \
+                    and not t.row and t not in self.fused and self.phase.get(t) in ("A", "C"):
+                self.out_views[t] = o
+            if isinstance(t, Tensor):
+                seen.add(t)
+            o += size
+        for t in [t for t in self.out_views if list(roots).count(t) > 1]:
+            del self.out_views[t]
         body = [self._param_views(need)]
         for t in self.order:
             if t.kind == "input" or t not in need:
@@ -698,12 +715,17 @@ class _Writer:
             # loops, not slice assignments: Numba takes about 2 s to compile an array setitem
             if not isinstance(t, Tensor):
                 body.append(ir.For("q", ir.range_(size), [ir.Assign(f"out[{o} + q]", "0.0")]))
+            elif t in self.out_views:
+                body.append(ir.Comment("(computed in place above)"))
+            elif t.free and t.accumulates:  # the sums themselves: their slots of acc, in order
+                body.append(ir.For("q", ir.range_(size), [ir.Assign(f"out[{o} + q]", f"acc[{layout[t]} + q]")]))
             elif t.free:
                 body += [ir.Assign("flat", f"{self.code(t)}.ravel()"),
                          ir.For("q", ir.range_(size), [ir.Assign(f"out[{o} + q]", "flat[q]")])]
             else:
                 body.append(ir.Assign(f"out[{o}]", self.code(t)))
             o += size
+        self.out_views = {}
         return [ir.Def(fname, ("theta", "v", "acc", "out"), body,
                        doc=f"{self.spec.kind}: the outputs from the sums over rows in acc", decorators=("_jit",)),
                 ir.Blank(2)]
