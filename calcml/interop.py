@@ -11,6 +11,10 @@ from .errors import DataError
 __all__ = ["to_scipy"]
 
 
+def _finite(*arrays) -> bool:
+    return all(np.isfinite(a).all() for a in arrays)
+
+
 class _ValueAndGrad:
     """One fused pass gives the value and the gradient; ``jac`` at the point ``fun`` was last
     asked about reuses that gradient (what scipy's ``MemoizeJac`` does for ``jac=True``).
@@ -30,7 +34,7 @@ class _ValueAndGrad:
         return (x,) if self.data is None else (x, self.data)
 
     def fun(self, x) -> float:
-        if not np.isfinite(x).all():
+        if not _finite(x):
             return np.nan
         value, g = self.kernels.value_and_grad(*self._args(x))
         self.x = np.array(x, dtype=np.float64, copy=True)
@@ -40,18 +44,18 @@ class _ValueAndGrad:
     def jac(self, x) -> np.ndarray:
         if self.x is not None and np.shape(x) == self.x.shape and np.array_equal(x, self.x):
             return self.g.copy()
-        if not np.isfinite(x).all():
+        if not _finite(x):
             return np.full(np.shape(x), np.nan)
         return self.kernels.grad(*self._args(x))
 
     def hess(self, x) -> np.ndarray:
-        if not np.isfinite(x).all():
+        if not _finite(x):
             return np.full((np.size(x), np.size(x)), np.nan)
         return self.kernels.hessian(*self._args(x))
 
     def hessp(self, x, p) -> np.ndarray:
         """The exact Hessian-vector product (tensor costs: one pass over the data)."""
-        if not (np.isfinite(x).all() and np.isfinite(p).all()):
+        if not _finite(x, p):
             return np.full(np.shape(p), np.nan)
         return self.kernels.hvp(x, p, self.data)
 
@@ -94,7 +98,8 @@ def to_scipy(cost: Cost, data=None, *, hessian: bool | str = True) -> dict:
         raise ValueError(f"hessian must be True, False or 'products', got {hessian!r}")
     f = _ValueAndGrad(kernels, prepared)
     out = {"fun": f.fun, "jac": f.jac}
-    products = hasattr(kernels, "hvp")  # tensor costs' kernels
+    products = hasattr(kernels, "hvp")  # exact Hessian-vector products: the index form's kernels (also
+    # those of a scalar cost that calcml compiles in its index form)
     if hessian == "products" and not products:
         raise ValueError("hessian='products' takes tensor costs (their kernels have exact Hessian-vector "
                          "products); a scalar cost's hess is its exact Hessian matrix")

@@ -71,15 +71,18 @@ class Program:
         return p
 
 
-def export_text(source: str, prog) -> str:
+def export_text(source: str, prog, numbers: bool = True) -> str:
     """An optimizer module as exported: the module as generated (it serves every program of
-    its structure), then this program's numbers, which its run() reads when it is called."""
+    its structure), then (``numbers``) this program's numbers, which its run() reads when it
+    is called; a module whose numbers are in its text (a tensor search's HYPER) takes none."""
+    lines = [ln for ln in source.split("\n") if not ln.startswith("# calcml-sha256: ")]
+    if not numbers:
+        return "\n".join(lines)
     opt = prog.optimizer
     if opt.lr == "auto":
         raise OptimizeError(f"lr='auto' is chosen by each run from its data and x0 (the exact Hessian's scale "
                             f"there); an exported module has no such estimate. Export a program with a number: "
                             f"cm.generate(cost, method={opt.name!r}, lr=res.lr), res.lr the rate a run chose")
-    lines = [ln for ln in source.split("\n") if not ln.startswith("# calcml-sha256: ")]
     hyper = {k: float(v) for k, v in opt.hyper.items()}
     values = prog.schedule.values() if prog.schedule is not None else []
     return "\n".join(lines).rstrip("\n") + "\n\n\n" + "\n".join([

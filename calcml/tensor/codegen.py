@@ -689,17 +689,13 @@ class _Writer:
         # An output tensor this function computes is computed in its place in out (a view):
         # no temporary array and no copy (np.empty of a shape and ravel each cost Numba about
         # 0.1-0.3 s of compile, in every cold process)
-        o, seen = 0, set()
-        self.out_views = {}
+        # (a tensor output twice keeps its own array: each copy is written from it)
+        o, self.out_views = 0, {}
         for _, t, size in self.spec.outputs:
-            if isinstance(t, Tensor) and t.free and t not in seen and t.kind != "input" and not t.accumulates \
+            if isinstance(t, Tensor) and t.free and roots.count(t) == 1 and t.kind != "input" and not t.accumulates \
                     and not t.row and t not in self.fused and self.phase.get(t) in ("A", "C"):
                 self.out_views[t] = o
-            if isinstance(t, Tensor):
-                seen.add(t)
             o += size
-        for t in [t for t in self.out_views if list(roots).count(t) > 1]:
-            del self.out_views[t]
         body = [self._param_views(need)]
         for t in self.order:
             if t.kind == "input" or t not in need:

@@ -692,11 +692,7 @@ class TensorProgram:
         program's hyperparameters, schedule numbers and batch size."""
         from ..program import export_text
 
-        text = self.source
-        if self.optimizer.kind == "first_order":
-            text = export_text(text, self)
-        else:
-            text = "\n".join(ln for ln in text.split("\n") if not ln.startswith("# calcml-sha256: "))
+        text = export_text(self.source, self, numbers=self.optimizer.kind == "first_order")
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path

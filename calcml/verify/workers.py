@@ -15,6 +15,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from multiprocessing.connection import wait as _wait_for
+from multiprocessing.reduction import ForkingPickler
 
 from .checks import _check
 from .report import Verdict
@@ -73,15 +74,6 @@ def _main_unseen():
     finally:
         names.pop("__spec__", None)
         names.update(saved)
-
-
-def _needs_main(spec) -> bool:
-    """Whether the check refers to something defined in the parent's ``__main__`` (a SymPy
-    function class of the user's script, say): only a worker that imported it can read it."""
-    try:
-        return b"__main__" in pickle.dumps(spec)
-    except Exception:  # noqa: BLE001 - it will not travel at all: the send says so
-        return False
 
 
 class _Worker:
@@ -219,24 +211,26 @@ def _schedule(specs, timeout, jobs, queue, active, results, evidence):
 
 
 def _dispatch(tid, spec) -> _Worker:
-    main = _needs_main(spec)
+    """A worker holding check ``tid``: an idle one, else a fresh one. The check is pickled
+    once, here (what ``conn.send`` would do); a check whose pickle names the parent's
+    ``__main__`` (a SymPy function class of the user's script, say) goes to a worker that
+    imported it, every other one to a worker that did not (:func:`_main_unseen`)."""
+    message = bytes(ForkingPickler.dumps((tid, spec)))  # (a buffer); a pickling error: the caller says so
+    main = b"__main__" in message
     for w in [w for w in reversed(_IDLE) if w.main == main]:
         _IDLE.remove(w)
         if not w.alive():
             w.stop()
             continue
         try:
-            w.conn.send((tid, spec))
+            w.conn.send_bytes(message)
             return w
         except OSError:  # the worker is gone: a fresh one
             w.stop()
             break
-        except (pickle.PicklingError, TypeError, AttributeError):
-            _IDLE.append(w)  # the worker is fine; the check cannot travel (the caller says so)
-            raise
     w = _Worker(main)
     try:
-        w.conn.send((tid, spec))
+        w.conn.send_bytes(message)
     except BaseException:
         w.stop()
         raise
