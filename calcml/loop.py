@@ -75,7 +75,7 @@ BLOWUP = 1e10
 # array per run, and touching a large one costs page faults (W4: 100,000 steps, +50%).
 HISTORY_MAX = 10_000
 # Costs with at most this many parameters record the iterates beside the history entries.
-PATH_MAX_PARAMS = 2
+PATH_MAX_PARAMS = _result.PATH_MAX_PARAMS
 DEFAULT_EPOCHS = 10
 # Chunks of about this long (seconds): how often Python sees Ctrl-C and redraws progress.
 SEGMENT_SECONDS = 0.25

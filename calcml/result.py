@@ -100,6 +100,10 @@ def unbounded(status: int, x, x0, fun, value) -> int:
     return NO_MINIMUM if further < fun else status
 
 
+# Costs with at most this many parameters record the iterates beside the history entries
+# (OptimizeResult.path: what plot_path draws).
+PATH_MAX_PARAMS = 2
+
 # Rows drawn (with a fixed seed) to estimate the spread of the per-row gradients: the standard
 # error of a variance estimated from m draws is about sqrt(2/m) of it, 9% at 256.
 NOISE_SAMPLE = 256
@@ -160,7 +164,9 @@ class OptimizeResult:
     iteration, or per epoch for minibatch runs: the mean of the epoch's minibatch costs),
     ``history_every`` (full batch: the history holds every k-th iteration's cost, k = 1 up to
     10,000 iterations), ``method``, ``lr`` (the rate used, when one), ``notes`` (choices made
-    for the user, e.g. by ``lr="auto"``).
+    for the user, e.g. by ``lr="auto"``), ``path`` (a cost of at most two parameters, a
+    tensor's entries counted: the iterates beside ``history``, what :func:`calcml.plot_path`
+    draws; else None).
     """
 
     x: np.ndarray

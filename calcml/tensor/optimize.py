@@ -117,6 +117,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     best = theta.copy()
     best_value, best_step = value, 0
     history = [value]
+    path = [theta.copy()] if PATH_COLS else None  # the iterates beside the history (PATH_COLS parameters)
     status, nit, nfev, epochs_done, diverged_at = RUNNING, 0, 0, 0, -1
     gnorm = math.sqrt(float(g @ g))
     if not math.isfinite(value) or not math.isfinite(gnorm):
@@ -150,6 +151,8 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                 epochs_done += 1
                 mean_cost = total / max(done, 1)
                 history.append(mean_cost)
+                if path is not None:
+                    path.append(theta.copy())
                 if mean_cost < best_epoch_cost:
                     best_epoch_cost = mean_cost
                     best[:] = theta
@@ -165,14 +168,14 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
         else:
             budget = maxiter if maxiter is not None else (epochs if epochs is not None else DEFAULT_MAXITER)
             segment = 1
-            hist = np.empty(max(1, budget))
+            hist = np.empty(max(1, budget) * HIST_STRIDE)  # each step's cost, then its iterate (PATH_COLS)
             fb = np.array([best_value, 0.0])
             while nit < budget and status == RUNNING:
                 k = min(segment, budget - nit)
                 start = time.perf_counter()
                 steps = loop or (_full_steps if full is None else _threaded_steps(full))
                 code, done, value = steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
-                                          hist[nit:], *state)
+                                          hist[nit * HIST_STRIDE:], *state)
                 nit += done
                 best_value, best_step = fb[0], int(fb[1])
                 if code != RUNNING:
@@ -183,7 +186,10 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                     callback(nit, budget, value)
                 elapsed = time.perf_counter() - start
                 segment = max(1, min(1_000_000, int(segment * min(4.0, segment_seconds / max(elapsed, 1e-6)))))
-            history.extend(hist[:nit].tolist())
+            steps_made = hist[:nit * HIST_STRIDE].reshape(nit, HIST_STRIDE)
+            history.extend(steps_made[:, 0].tolist())
+            if path is not None:
+                path.extend(steps_made[:, 1:])
             if status == RUNNING:
                 status = MAXITER
     except KeyboardInterrupt:
@@ -198,7 +204,8 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
         grad_norm = math.sqrt(float(g @ g))
     return {"x": x, "fun": fun, "grad": g.copy(), "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
             "status": status, "history": np.array(history), "epochs": epochs_done, "best_step": best_step,
-            "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup}
+            "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup,
+            "path": None if path is None else np.array(path)}
 '''
 
 
@@ -211,7 +218,8 @@ def _threaded_steps(full):
             step = step0 + it
             _update(theta, g, _rate(step, sa), step, hyper, *state)
             value = full(theta, cols, g)
-            hist[it] = value
+            hist[it * HIST_STRIDE] = value
+            hist[it * HIST_STRIDE + 1:(it + 1) * HIST_STRIDE] = theta[:PATH_COLS]
             gn = math.sqrt(float(g @ g))
             if not (abs(value) <= blowup and gn < math.inf):
                 return DIVERGED, it + 1, value
@@ -455,7 +463,7 @@ class _Source:
                  ir.Assign("o_step", "o_step0 + o_it"),
                  ir.Stmt(f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})"),
                  ir.Assign("value", "_fg(theta, cols, g, o_acc, o_total, o_res, o_v)"),
-                 ir.Assign("o_hist[o_it]", "value"),
+                 self._record("o_hist", "o_it", "value"),
                  # a loop, not np.dot: a BLAS call a step costs more than a small cost's gradient
                  ir.Assign("o_gg", "0.0"),
                  _each("o_i", "N_PARAMS", ir.AugAssign("o_gg", "+", "g[o_i] * g[o_i]")),
@@ -468,6 +476,21 @@ class _Source:
              ]),
              ir.Return("RUNNING, o_nsteps, value")],
             "_jit_inline")
+
+    @property
+    def path_cols(self) -> int:
+        """The parameters recorded beside each history entry (calcml.result.PATH_MAX_PARAMS): all
+        of a cost that has that few, else none."""
+        n = self.cost.n_params
+        return n if n <= _result.PATH_MAX_PARAMS else 0
+
+    def _record(self, hist: str, it: str, value: str) -> list:
+        """A step's record in the history buffer: its cost, then (HIST_STRIDE > 1) its iterate."""
+        stride = 1 + self.path_cols
+        if stride == 1:
+            return [ir.Assign(f"{hist}[{it}]", value)]
+        return [ir.Assign(f"{hist}[{it} * HIST_STRIDE]", value)] + [
+            ir.Assign(f"{hist}[{it} * HIST_STRIDE + {1 + j}]", f"theta[{j}]") for j in range(self.path_cols)]
 
     def _gather(self) -> list:
         """The minibatch's rows copied into the buffers, element by element (a row assigned as
@@ -604,6 +627,7 @@ class _Source:
         body = [
             ir.Comment(f"-- the optimizer: {opt!r}" + (f", schedule {self.schedule!r}" if self.schedule else "")),
             self._constants(MINIBATCH=self.minibatch, REDUCE_MEAN=cost.reduce == "mean", STRIPES=STRIPES,
+                            PATH_COLS=self.path_cols, HIST_STRIDE=1 + self.path_cols,
                             DEFAULT_EPOCHS=10, DEFAULT_MAXITER=opt.default_maxiter, DATA_NAMES=cost.data_names,
                             PARAM_NAMES=cost.param_names, HYPER_NAMES=tuple(opt.hyper), DATA_LAYOUT=_layout(cost)),
             ir.Assign("DUMMY_DATA", "(np.zeros(1),)"),
@@ -891,7 +915,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         x=rep["x"], params=cost.unpack(rep["x"]), fun=float(rep["fun"]), grad_norm=float(rep["grad_norm"]),
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
         history=rep["history"], history_every=1, method=opt.name, lr=lr_used if opt.lr is not None else None,
-        notes=notes, path=None)
+        notes=notes, path=rep.get("path"))
 
 
 def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:

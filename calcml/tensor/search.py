@@ -26,6 +26,7 @@ CONVERGED, MAXITER, DIVERGED = _result.CONVERGED, _result.MAXITER, _result.DIVER
 INTERRUPTED, LINE_SEARCH_FAILED = _result.INTERRUPTED, _result.LINE_SEARCH_FAILED
 
 RUNNING = -1
+PATH_MAX_PARAMS = 2  # calcml.result.PATH_MAX_PARAMS (an exported module has no calcml): iterates kept
 
 
 def _cubicmin(a, fa, da, b, fb, db):
@@ -274,6 +275,7 @@ def run_search(method, fg, x0, *, maxiter, tol, value=None, hvp=None, hess=None,
     blowup = 1e10 * max(1.0, abs(f))
     best, best_value, best_step = x.copy(), f, 0
     history = [f]
+    path = [x.copy()] if x.shape[0] <= PATH_MAX_PARAMS else None
     nit = nfev = 0
     status, diverged_at = RUNNING, -1
     gnorm = math.sqrt(float(g @ g))
@@ -289,10 +291,11 @@ def run_search(method, fg, x0, *, maxiter, tol, value=None, hvp=None, hess=None,
                 status = LINE_SEARCH_FAILED
                 break
             nit += 1
-            if ok is None:  # a refused trust-region step: the radius shrank
-                history.append(f)
-                continue
             history.append(f)
+            if path is not None:
+                path.append(x.copy())
+            if ok is None:  # a refused trust-region step: the radius shrank
+                continue
             gnorm = math.sqrt(float(g @ g))
             if not (abs(f) <= blowup and math.isfinite(gnorm)):
                 status, diverged_at = DIVERGED, nit
@@ -312,4 +315,5 @@ def run_search(method, fg, x0, *, maxiter, tol, value=None, hvp=None, hess=None,
     f, g = fg(x)
     return {"x": x, "fun": f, "grad": g, "grad_norm": math.sqrt(float(g @ g)), "nit": nit, "nfev": nfev,
             "status": status, "history": np.array(history), "epochs": 0, "best_step": best_step,
-            "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup}
+            "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup,
+            "path": None if path is None else np.array(path)}
