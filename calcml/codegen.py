@@ -26,7 +26,7 @@ from .backprop import backprop
 from .cost import Cost
 from .errors import CodegenError
 from . import ir
-from .printing import NumbaPrinter, helper_source
+from .printing import NumbaPrinter, dirac_products, helper_source
 from .rewrite import stabilize
 
 # Rows per chunk: the unit of parallel work and of the two-level (chunk, total) summation.
@@ -74,9 +74,9 @@ def derive(cost: Cost, with_hessian: bool) -> _Symbolic:
     else:
         grad = [sp.diff(stable, p) for p in cost.params]
         hess = [sp.diff(grad[i], cost.params[j]) for i, j in pairs]
-    grad = [stabilize(g) for g in grad]
-    hess = [stabilize(h) for h in hess]
-    return _Symbolic(stable, grad, hess, pairs)
+    grad = [dirac_products(stabilize(g)) for g in grad]
+    hess = [dirac_products(stabilize(h)) for h in hess]
+    return _Symbolic(dirac_products(stable), grad, hess, pairs)
 
 
 @dataclass
@@ -135,7 +135,8 @@ def plan(sym: _Symbolic, data_symbols) -> _Plan:
 def plan_backprop(cost: Cost) -> _Plan:
     """Value and gradient by reverse-mode sweeps over the stable expression (no CSE needed)."""
     temps, value, grads = backprop(stabilize(cost.expr), cost.params)
-    return _classify(temps, [value, *grads], cost.data)
+    temps = [(s, dirac_products(e)) for s, e in temps]
+    return _classify(temps, [dirac_products(e) for e in (value, *grads)], cost.data)
 
 
 def _classify(temps, outputs, data_symbols) -> _Plan:

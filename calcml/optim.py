@@ -302,26 +302,34 @@ def _newton_step(theta, value, g, cols, passes, H, L, d, xt, c1):
     n = theta.shape[0]
     _hess(theta, cols, H, passes)
     scale = 0.0
+    finite = True
     for i in range(n):
         scale = max(scale, abs(H[i, i]))
-    mu = 0.0
-    tau = 1e-10 * max(1.0, scale)
-    # smallest mu in {0, tau, 10 tau, ...} making H + mu I positive definite (N&W 3.4)
-    while not _cholesky(H, L, mu):
-        mu = tau if mu == 0.0 else 10.0 * mu
-        if not (mu < 1e300):
-            return False, value, 0
-    # solve L L^T d = -g
-    for i in range(n):
-        s = -g[i]
-        for k in range(i):
-            s -= L[i, k] * d[k]
-        d[i] = s / L[i, i]
-    for i in range(n - 1, -1, -1):
-        s = d[i]
-        for k in range(i + 1, n):
-            s -= L[k, i] * d[k]
-        d[i] = s / L[i, i]
+        for j in range(n):
+            finite = finite and abs(H[i, j]) < math.inf
+    if not finite:
+        # no Hessian here (a kink's DiracDelta, an overflow): a steepest-descent step
+        for i in range(n):
+            d[i] = -g[i]
+    else:
+        mu = 0.0
+        tau = 1e-10 * max(1.0, scale)
+        # smallest mu in {0, tau, 10 tau, ...} making H + mu I positive definite (N&W 3.4)
+        while not _cholesky(H, L, mu):
+            mu = tau if mu == 0.0 else 10.0 * mu
+            if not (mu < 1e300):
+                return False, value, 0
+        # solve L L^T d = -g
+        for i in range(n):
+            s = -g[i]
+            for k in range(i):
+                s -= L[i, k] * d[k]
+            d[i] = s / L[i, i]
+        for i in range(n - 1, -1, -1):
+            s = d[i]
+            for k in range(i + 1, n):
+                s -= L[k, i] * d[k]
+            d[i] = s / L[i, i]
     slope = 0.0
     for i in range(n):
         slope += g[i] * d[i]

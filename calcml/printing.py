@@ -28,6 +28,35 @@ from .errors import CodegenError
 
 _pycode = importlib.import_module("sympy.printing.pycode")
 
+
+class DiracTimes(sp.Function):
+    """``DiracTimes(z, r)``: the product ``r * DiracDelta(z)`` as the kernels compute it
+    (``_dirac_times``): 0 where z != 0, and at z = 0 also 0 when r is 0 there. A derivative
+    of a step times what vanishes with its argument (``u**2 * DiracDelta(u)`` in the gradient
+    of ``Heaviside(u) * u**2``, ``relu(u) * DiracDelta(u)`` in the Hessian of ``relu(u)**2``)
+    is 0 at the kink, not 0 * NaN. Made by :func:`dirac_products` just before printing."""
+
+    nargs = 2
+
+
+def _is_delta(f) -> bool:
+    return isinstance(f, sp.DiracDelta) and len(f.args) == 1  # order 0: DiracDelta(z, 1) keeps NaN at 0
+
+
+def dirac_products(e):
+    """``e`` with each product that has a factor ``DiracDelta(z)`` written as ``DiracTimes(z,
+    the other factors)`` (see :class:`DiracTimes`); ``e`` itself when it has no DiracDelta."""
+    if not isinstance(e, sp.Basic) or not e.has(sp.DiracDelta):
+        return e
+
+    def rule(m):
+        args = list(m.args)
+        k = next(i for i, f in enumerate(args) if _is_delta(f))
+        delta = args.pop(k)
+        return DiracTimes(delta.args[0], dirac_products(sp.Mul(*args)))
+
+    return e.replace(lambda m: m.is_Mul and any(_is_delta(f) for f in m.args), rule)
+
 # Helper functions the printed code may call. Each is emitted into the generated module
 # only when used, compiled with the module's Numba flags.
 HELPERS = {
@@ -95,6 +124,15 @@ def _dirac(z):
     if z != 0.0:
         return 0.0 if z == z else z
     return math.nan
+''',
+    "_dirac_times": '''\
+def _dirac_times(z, r):
+    """r * DiracDelta(z): 0 away from z = 0; at z = 0, 0 when r is 0 there (f(x) DiracDelta(x)
+    is f(0) DiracDelta(x) for a continuous f: u**2 DiracDelta(u), relu(u) DiracDelta(u) vanish),
+    else NaN, where it has no value"""
+    if z != 0.0:
+        return r * 0.0 if z == z else z
+    return 0.0 if r == 0.0 else math.nan
 ''',
     "_max2": '''\
 def _max2(a, b):
@@ -304,6 +342,9 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
         # The derivative of a step (sign, Heaviside, Abs'), and its derivatives
         # DiracDelta(z, k): zero away from 0.
         return self._helper("_dirac", expr.args[0])
+
+    def _print_DiracTimes(self, expr):
+        return self._helper("_dirac_times", *expr.args)
 
     def _print_sign(self, expr):
         return self._helper("_sign", expr.args[0])

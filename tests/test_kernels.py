@@ -753,3 +753,56 @@ def test_numba_disable_jit_runs_the_same_kernels_as_python():
         np.testing.assert_allclose(got, want, rtol=4.5e-16, atol=0, err_msg=name)
         if name in ("linreg", "rosenbrock"):  # + and * only: the very same bits
             assert np.array_equal(got, want), name
+
+
+def test_a_step_times_what_vanishes_with_it_is_zero_at_the_kink():
+    """Squared hinge stated with a step: the gradient of Heaviside(u)*u**2 has the term
+    u**2 * DiracDelta(u), which is 0 at u = 0 (f(u) DiracDelta(u) = f(0) DiracDelta(u)), not
+    0 * NaN; relu(u)**2's Hessian has relu(u) * DiracDelta(u), likewise 0. Data with rows on
+    the kink: the kernels against the closed forms (relu's derivative 0 at 0), and Newton on
+    each statement at the minimum of the Piecewise statement."""
+    w, b = cm.params("w b")
+    x, y = cm.data("x y")
+    xs = np.linspace(-1.0, 1.0, 41)
+    D = {"x": xs, "y": np.sign(xs)}
+    u = 1 - y * (w * x + b)
+    theta = np.array([1.0, 0.0])  # rows x = +-1 sit on the kink u = 0
+    U = 1 - D["y"] * (theta[0] * xs + theta[1])
+    assert (U == 0).sum() == 2
+    J = np.column_stack([-D["y"] * xs, -D["y"]])  # du/dtheta per row
+    g_ref = (2 * np.maximum(U, 0)[:, None] * J).mean(0)
+    H_ref = 2 * np.einsum("n,ni,nj->ij", (U > 0).astype(float), J, J) / len(xs)
+    heaviside = cm.Cost(sp.Heaviside(u) * u**2, params=[w, b], data=[x, y])
+    np.testing.assert_allclose(cm.compile(heaviside).grad(theta, D), g_ref, rtol=1e-14, atol=1e-15)
+    k = cm.compile(cm.Cost(cm.relu(u) ** 2, params=[w, b], data=[x, y]))
+    np.testing.assert_allclose(k.hessian(theta, D), H_ref, rtol=1e-14, atol=1e-15)
+    piecewise = cm.Cost(sp.Piecewise((u**2, u > 0), (0, True)), params=[w, b], data=[x, y])
+    best = cm.minimize(piecewise, theta, data=D, method="newton")
+    assert best.success
+    for c in (heaviside, cm.Cost(cm.relu(u) ** 2, params=[w, b], data=[x, y])):
+        # Heaviside(u)*u**2's Hessian has u**2 * DiracDelta(u, 1): no value at the kink, so
+        # Newton takes a steepest-descent step there, not a NaN one
+        res = cm.minimize(c, theta, data=D, method="newton")
+        assert res.success, res.message
+        np.testing.assert_allclose(res.x, best.x, atol=1e-9)
+    # the same in index form (the tensor kernels print through the same rewrite)
+    wv, xv = cm.params("wv", shape=(1,)), cm.data("xv", shape=(1,))
+    ut = 1 - y * (cm.dot(wv, xv) + b)
+    Dt = {"xv": xs[:, None], "y": D["y"]}
+    kt = cm.compile(cm.Cost(sp.Heaviside(ut) * ut**2, params=[wv, b], data=[xv, y]))
+    np.testing.assert_allclose(kt.grad(theta, Dt), g_ref, rtol=1e-14, atol=1e-15)
+    kt = cm.compile(cm.Cost(cm.relu(ut) ** 2, params=[wv, b], data=[xv, y]))
+    np.testing.assert_allclose(kt.hessian(theta, Dt), H_ref, rtol=1e-14, atol=1e-15)
+
+
+def test_dirac_times_helper_values():
+    from calcml.printing import DiracTimes, dirac_products, helper_source
+
+    z, r = sp.symbols("z r")
+    assert dirac_products(r * z**2 * sp.DiracDelta(z)) == DiracTimes(z, r * z**2)
+    assert dirac_products(sp.DiracDelta(z, 1) * z) == sp.DiracDelta(z, 1) * z  # order 1 keeps NaN at 0
+    ns: dict = {"math": math}
+    exec(helper_source(["_dirac_times"]), ns)
+    f = ns["_dirac_times"]
+    assert f(0.0, 0.0) == 0.0 and math.isnan(f(0.0, 1.0)) and f(2.0, 5.0) == 0.0
+    assert math.isnan(f(math.nan, 0.0)) and math.isnan(f(1.0, math.inf))

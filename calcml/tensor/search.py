@@ -169,17 +169,20 @@ class Newton:
     def step(self, fg, x, f, g, k, hess=None, value=None):
         H = hess(x)
         n = H.shape[0]
-        tau = 1e-10 * max(1.0, float(np.max(np.abs(np.diag(H)))) if n else 1.0)
-        mu = 0.0
-        while True:
-            try:
-                L = np.linalg.cholesky(H + mu * np.eye(n))
-                break
-            except np.linalg.LinAlgError:
-                mu = tau if mu == 0.0 else 10.0 * mu
-                if not mu < 1e300:
-                    return False, x, f, g, 0
-        d = -np.linalg.solve(L.T, np.linalg.solve(L, g))
+        if not np.isfinite(H).all():  # no Hessian here (a kink's DiracDelta, an overflow): steepest descent
+            d = -g
+        else:
+            tau = 1e-10 * max(1.0, float(np.max(np.abs(np.diag(H)))) if n else 1.0)
+            mu = 0.0
+            while True:
+                try:
+                    L = np.linalg.cholesky(H + mu * np.eye(n))
+                    break
+                except np.linalg.LinAlgError:
+                    mu = tau if mu == 0.0 else 10.0 * mu
+                    if not mu < 1e300:
+                        return False, x, f, g, 0
+            d = -np.linalg.solve(L.T, np.linalg.solve(L, g))
         slope = float(g @ d)
         alpha = 1.0
         for ls in range(60):
