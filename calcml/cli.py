@@ -520,7 +520,7 @@ def _build_cost(args):
     columns read from a CSV file, a Dask DataFrame of the used columns (``args.lazy``, read
     lazily), or None."""
     from .cost import Cost, data as data_symbols, params as param_symbols
-    from .parse import CONSTANTS, FUNCTIONS, parse
+    from .parse import CONSTANTS, FUNCTIONS, names_in, parse
 
     names = _names(args.params, "--params")
     for n in names:
@@ -542,6 +542,14 @@ def _build_cost(args):
         return Cost(expr, params=psyms, reduce=args.reduce), None, names
     args.lazy = lazy_files(args.data, args.scheduler)
     table = read_csv(args.data) if args.lazy is None else args.lazy.columns()
+    clash = [n for n in table if n in CONSTANTS and n not in names]
+    if clash:  # a column named as a constant: does the expression mean it? (it would read the constant)
+        used = sorted(set(clash) & names_in(args.expr))
+        if used:
+            raise CommandError(
+                f"{', '.join(repr(n) for n in used)} in the expression {'is' if len(used) == 1 else 'are'} both a "
+                f"column of {args.data} and a constant ({', '.join(f'{n} = {float(CONSTANTS[n]):.6g}' for n in used)}); "
+                "rename the column to fit with it")
     unknown = [n for n in others if n not in table]
     if unknown:
         raise CommandError(

@@ -410,6 +410,12 @@ def _check_symbols(symbols) -> dict:
     return out
 
 
+def names_in(text: str) -> set:
+    """The names ``text`` (an expression :func:`parse` accepts) uses, constants and functions
+    included: ``"e**(-x)"`` gives ``{"e", "x"}``. Nothing in the text is executed."""
+    return {n.id for n in ast.walk(_syntax_tree(_check_text(text))) if isinstance(n, ast.Name)}
+
+
 def parse(text: str, symbols: dict | None = None) -> sp.Expr:
     """Parse an expression string into a SymPy expression, safely.
 

@@ -183,6 +183,13 @@ def test_fit_notes_a_column_named_like_a_parameter(capsys, tmp_path):
     assert "column 'b' of" in out and "not used: a parameter" in out
 
 
+def test_fit_with_an_unused_column_named_as_a_constant(capsys, tmp_path):
+    data = _csv(tmp_path, "x,y,E\n0,1,9\n1,3,9\n2,5,9\n")
+    rc, out, _ = run(capsys, "fit", "(w*x + b - y)**2", "--params", "w,b", "--data", data, "--method", "lbfgs")
+    rows = table_values(out)
+    assert rc == 0 and float(rows["w"]) == pytest.approx(2) and float(rows["b"]) == pytest.approx(1)
+
+
 def test_fit_without_data(capsys):
     rc, out, _ = run(capsys, "fit", "(1 - a)**2 + 100*(b - a**2)**2", "--params", "a,b", "--method", "lbfgs",
                      "--x0=-1.2,1")
@@ -228,6 +235,9 @@ def _csv(tmp_path, text, name="d.csv"):
     ("x,y\n1,2\n", ["--method", "sgd", "--batch-size", "0"], ["batch_size"]),
     ("x,y\n1,2\n3,4\n5,nan\n", [], ["line 4", "'y'", "'nan' is not finite"]),  # the file's line, as above
     ("x,y\n1,2\n-inf,4\n", [], ["line 3", "'x'", "'-inf' is not finite"]),
+    # a column named as a constant: the expression would read the constant (b = 2.718... fitted)
+    ("x,e\n1,2\n2,3\n", ["--expr", "(w*x + b - e)**2"], ["'e'", "both a column", "constant (e = 2.71828)"]),
+    ("x,pi,y\n1,2,3\n", ["--expr", "(w*x + b - y)**2 + pi"], ["'pi'", "rename the column"]),
 ])
 def test_fit_errors_are_one_line(capsys, tmp_path, monkeypatch, csv_text, extra, words):
     monkeypatch.chdir(tmp_path)
