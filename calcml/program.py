@@ -329,8 +329,9 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
         ds.raise_found()  # a Dask pass found a bad datum: named by column and global row
     if status == _result.DIVERGED and nit == 0:
         _as_x0(cost, x0, prog.param_names)  # a non-finite entry of x0: says which
-        if not math.isfinite(fun):
-            raise ParamError(f"the cost at x0 is {fun}: start from a point where it is finite")
+        problem = _result.start_error(fun, grad, prog.param_names)
+        if problem:
+            raise ParamError(problem)
     if status == _result.CONVERGED and nit:
         status = _result.unbounded(status, x, x0, fun, partial(_value_at, prog, ds, columns))
     fields = {

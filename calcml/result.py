@@ -12,6 +12,7 @@ no success, however many epochs it completed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,6 +104,21 @@ def unbounded(status: int, x, x0, fun, value) -> int:
 # Costs with at most this many parameters record the iterates beside the history entries
 # (OptimizeResult.path: what plot_path draws).
 PATH_MAX_PARAMS = 2
+
+def start_error(fun: float, grad, names) -> str | None:
+    """What is wrong at x0 when a run stopped there (cost or gradient not finite), or None: the
+    message of the ParamError that calcml raises instead of calling the run diverged (a smaller
+    rate cannot help). ``names``: the parameters' names, in x order."""
+    if not math.isfinite(fun):
+        return f"the cost at x0 is {fun}: start from a point where it is finite"
+    g = np.asarray(grad, dtype=float).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(g))
+    if not bad.size:
+        return None
+    shown = ", ".join(f"{names[i]} ({g[i]})" for i in bad[:6]) + (f" and {bad.size - 6} more" if bad.size > 6 else "")
+    return (f"the gradient at x0 is not finite in {shown}: the cost has no derivative there (a kink, sqrt or abs of 0, "
+            f"or an overflow); start from another point")
+
 
 # Rows drawn (with a fixed seed) to estimate the spread of the per-row gradients: the standard
 # error of a variance estimated from m draws is about sqrt(2/m) of it, 9% at 256.

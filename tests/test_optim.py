@@ -1143,3 +1143,20 @@ def test_the_loops_machine_code_gives_the_dispatchers_bits(linreg_data):
         np.testing.assert_array_equal(native.x, jitted.x)
         np.testing.assert_array_equal(native.history, jitted.history)
         assert native.nit == jitted.nit and native.status == jitted.status
+
+
+@pytest.mark.parametrize("method,kw", [("gd", {"lr": 0.1}), ("lbfgs", {}), ("newton", {}), ("adam", {"lr": 0.1})])
+def test_a_gradient_without_a_value_at_x0_is_named_not_called_divergence(method, kw):
+    """sqrt(w**2 + b**2) has no gradient at 0 (NaN): a ParamError that names the entries, not
+    "diverged at iteration 0 ... try a smaller learning rate"; from another point the fit runs."""
+    w, b = cm.params("w b")
+    cost = cm.Cost(sp.sqrt(w**2 + b**2) + (w - 1) ** 2, params=[w, b])
+    with pytest.raises(cm.ParamError, match=r"gradient at x0 is not finite in w \(nan\), b \(nan\)"):
+        cm.minimize(cost, np.zeros(2), method=method, **kw)
+    v = cm.params("v", shape=(2,))
+    j = cm.index("j", 2)
+    tensor = cm.Cost(sp.sqrt(cm.sum(v[j] ** 2, j)) + (v[0] - 1) ** 2, params=[v])
+    with pytest.raises(cm.ParamError, match=r"not finite in v\[0\] \(nan\), v\[1\] \(nan\)"):
+        cm.minimize(tensor, np.zeros(2), method=method, **kw)
+    if method == "lbfgs":  # the minimum (1/2, 0): |v| + (v0 - 1)^2, d/dv0 = 1 + 2 (v0 - 1) = 0
+        np.testing.assert_allclose(cm.minimize(cost, np.array([0.5, 0.5]), method=method).x, [0.5, 0.0], atol=1e-6)

@@ -894,8 +894,10 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     if over is not None:
         n_rows = over.n_rows
     status = rep["status"]
-    if status == _result.DIVERGED and rep["nit"] == 0 and not math.isfinite(rep["fun"]):
-        raise ParamError(f"the cost at x0 is {rep['fun']}: start from a point where it is finite")
+    if status == _result.DIVERGED and rep["nit"] == 0:
+        problem = _result.start_error(rep["fun"], rep["grad"], cost.flat_names())
+        if problem:
+            raise ParamError(problem)
     rate_hint = ""
     if prog.schedule is not None and opt.lr is not None:
         lr = lr_used if isinstance(lr_used, float) else prog.schedule.initial
