@@ -60,7 +60,7 @@ from sympy.printing.precedence import precedence
 
 from . import result as _result
 from . import ir
-from .codegen import KERNEL_FLAGS, NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, chunk_sums
+from .codegen import KERNEL_FLAGS, NUMBA_FLAGS, ModuleBuilder, RowProgram, _comment, chunk_sums, njit_flags
 from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
 from .optim import CALL_ARGS, GRAD, PARAM, RATE, STEP, Optimizer, slot
@@ -89,7 +89,7 @@ _KEEPS_GRADIENT = frozenset({"lbfgs"})
 # Full-batch passes over at least this many rows run on calcml's threads: the kernels' own
 # threshold, since they are the kernels' own passes.
 PARALLEL_MIN_ROWS = _PARALLEL_MIN_ROWS
-_NJIT_FLAGS = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
+_NJIT_FLAGS = njit_flags(NUMBA_FLAGS)
 
 # Slots of the two small arrays that carry the run's counters between segments (`ints`, and
 # the head of `work`).

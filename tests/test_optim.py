@@ -746,6 +746,49 @@ def test_export_runs_standalone(tmp_path, linreg_data):
     assert got["full_x"] == full.run(np.zeros(4), data, maxiter=50, tol=0.0).x.tolist()
 
 
+_RUN_PATH_SCRIPT = r"""
+import json, runpy, sys
+import numpy as np
+data = dict(np.load(sys.argv[2]))
+out = {}
+for name in ("fit_scalar", "fit_tensor"):
+    g = runpy.run_path(sys.argv[1] + "/" + name + ".py")  # not importable by name afterwards
+    d = data if name == "fit_scalar" else {"X": np.column_stack([data["x"], np.ones(len(data["x"]))]), "y": data["y"]}
+    out[name] = g["run"](np.zeros(2), d, maxiter=40)["x"].tolist()
+print(json.dumps(out))
+"""
+
+
+def test_an_export_run_by_path_runs_again_in_a_later_process(tmp_path):
+    """An exported module loaded with runpy.run_path (or a spec left out of sys.modules) is not
+    importable by name when Numba compiles it: Numba's cache, written under the name
+    "<dynamic>", broke every later process (ModuleNotFoundError deep in Numba). Such a module
+    compiles without the cache; a second process gets the first one's answer."""
+    import json
+    import subprocess
+    import sys
+
+    w, b = cm.params("w b")
+    x, y = cm.data("x y")
+    cm.generate(cm.Cost((w * x + b - y) ** 2, params=[w, b], data=[x, y]), method="gd", lr=0.3).export(
+        tmp_path / "fit_scalar.py")
+    W, X = cm.params("W", shape=(2,)), cm.data("X", shape=(2,))
+    cm.generate(cm.Cost((cm.dot(W, X) - y) ** 2, params=[W], data=[X, y]), method="adam", lr=0.1).export(
+        tmp_path / "fit_tensor.py")
+    xs = np.linspace(0.0, 1.0, 50)
+    np.savez(tmp_path / "d.npz", x=xs, y=2 * xs + 1)
+    script = tmp_path / "check.py"
+    script.write_text(_RUN_PATH_SCRIPT)
+    got = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "d.npz")],
+                              capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert got[0] == got[1]
+    assert np.abs(np.array(got[0]["fit_scalar"]) - [2.0, 1.0]).max() < 0.5
+
+
 def test_array_path_matches_unrolled_path(linreg_data, fresh_cache, monkeypatch):
     """Costs with more than UNROLL_MAX parameters keep them in arrays: same arithmetic, same bits."""
     import calcml.loop as loop

@@ -17,7 +17,7 @@ import numpy as np
 import sympy as sp
 
 from .. import ir
-from ..codegen import NUMBA_FLAGS
+from ..codegen import NUMBA_FLAGS, cache_statements, njit_flags
 from ..printing import HELPERS
 from ..cost import Cost
 from ..errors import CostError, ParamError
@@ -537,7 +537,7 @@ def _module_text(cost, body, helpers, sizes, blas: bool, numba_cache: bool = Tru
     and the kernels are inlined into the entry points (``inline='always'``, Numba's IR
     inlining), so each is compiled once, as part of its entry point, not also on its own (that
     cost the cold build about 0.6 s at W7)."""
-    flags = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items() if numba_cache or k != "cache")
+    flags = njit_flags({k: v for k, v in NUMBA_FLAGS.items() if numba_cache or k != "cache"})
     if not numba_cache:
         flags += ", inline='always'"
     doc = "\n".join([
@@ -554,6 +554,7 @@ def _module_text(cost, body, helpers, sizes, blas: bool, numba_cache: bool = Tru
         ir.Blank(),
         ir.Raw("import math\nimport time\n\nimport numba\nimport numpy as np"),
         ir.Blank(),
+        cache_statements(),
         ir.Assign("_jit", f"numba.njit({flags})"),
         ir.Assign("BLOCK", cost.block),
         ir.Assign("LANES", LANES),

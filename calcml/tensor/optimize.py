@@ -26,14 +26,14 @@ from ..errors import DataError, OptimizeError, ParamError
 from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from .. import ir
 from ..printing import NumbaPrinter
-from ..codegen import KERNEL_FLAGS, NUMBA_FLAGS
+from ..codegen import KERNEL_FLAGS, NUMBA_FLAGS, njit_flags
 from ..schedules import Schedule
 from .kernels import HESSIAN_MAX, STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
 from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
 
-_NJIT_FLAGS = ", ".join(f"{k}={v!r}" for k, v in NUMBA_FLAGS.items())
+_NJIT_FLAGS = njit_flags(NUMBA_FLAGS)
 
 _EVAL = '''
 
