@@ -32,7 +32,7 @@ import numpy as np
 from . import _version, native
 from .codegen import CHUNK, HESSIAN_INLINE_MAX, LANES, kernel_slots
 from .cost import Cost
-from .dataset import Dataset, address, as_dataset, is_dask, pack
+from .dataset import Dataset, address, as_dataset, is_dask, pack, real_array
 from .errors import CacheError, CodegenError, ParamError
 
 __all__ = ["compile", "Kernels", "cache_dir"]
@@ -240,10 +240,9 @@ class Kernels:
             # the common case: a finite dot product proves every entry finite
             if math.isfinite(theta.dot(theta)):
                 return theta
-        try:
-            t = np.asarray(theta, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ParamError(f"theta must be a 1-D array of {self._n} floats, got {type(theta).__name__}") from None
+        if isinstance(theta, (str, bytes)) or theta is None:
+            raise ParamError(f"theta must be a 1-D array of {self._n} floats, got {type(theta).__name__}")
+        t = real_array(theta, "theta", ParamError)
         if t.ndim != 1 or t.shape[0] != self._n:
             raise ParamError(
                 f"theta must have shape ({self._n},) in the order {list(self.cost.param_names)}; got shape {t.shape}"

@@ -92,6 +92,32 @@ def address(a: np.ndarray) -> int:
         return a.ctypes.data
 
 
+_KINDS = {"c": "complex numbers", "U": "strings", "S": "bytes", "O": "Python objects", "M": "dates",
+          "m": "time spans", "V": "records"}
+
+
+def real_array(values, what: str, error=DataError, copy: bool = False) -> np.ndarray:
+    """``values`` as a float64 array (a new one with ``copy``); complex numbers, strings or
+    objects (None among numbers) are an ``error`` naming ``what``: NumPy's conversion would drop
+    an imaginary part with no more than a warning, and read strings as numbers."""
+    try:
+        a = np.asarray(values)
+    except Exception:  # noqa: BLE001 - ragged nested lists, and the like
+        raise error(f"{what} cannot be read as an array of numbers") from None
+    if a.dtype.kind not in "biuf":
+        raise error(f"{what} must be real numbers, got {_KINDS.get(a.dtype.kind, 'dtype ' + str(a.dtype))}")
+    return np.array(a, dtype=np.float64) if copy else np.asarray(a, dtype=np.float64)
+
+
+def by_name(d: dict) -> dict:
+    """``d`` with SymPy keys (a parameter's or a datum's symbol, an ``IndexedBase``) as their
+    names, as a SymPy user keys ``subs``: ``{w: 1.0}`` for ``{"w": 1.0}``."""
+    if all(type(k) is str for k in d):
+        return d
+    return {(k.name if type(k).__module__.startswith("sympy") and isinstance(getattr(k, "name", None), str) else k): v
+            for k, v in d.items()}
+
+
 def _column(name: str, values) -> np.ndarray:
     if type(values) is np.ndarray and values.dtype == np.float64 and values.ndim == 1 and values.flags.c_contiguous:
         return values  # already the kernels' layout
@@ -148,6 +174,8 @@ def as_dataset(data, names: tuple, packed: bool = False) -> Dataset:
         if data.names != names:
             raise DataError(f"the prepared dataset has columns {list(data.names)}, but this cost needs {list(names)}")
         return data
+    if isinstance(data, dict):
+        data = by_name(data)
     if isinstance(data, dict) or _is_dataframe(data):
         present = list(data.keys()) if isinstance(data, dict) else list(data.columns)
         missing = [n for n in names if n not in present]

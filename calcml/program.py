@@ -23,7 +23,7 @@ from . import loop as _loop
 from . import result as _result
 from .codegen import HESSIAN_INLINE_MAX
 from .cost import Cost
-from .dataset import Dataset, as_dataset, is_dask
+from .dataset import Dataset, as_dataset, by_name, is_dask, real_array
 from .errors import DataError, OptimizeError, ParamError
 from .optim import Optimizer
 from .schedules import Schedule, constant
@@ -110,6 +110,7 @@ def _as_x0(cost: Cost, x0, names=None) -> np.ndarray:
         if math.isfinite(sum(x0.tolist()) if len(names) <= 64 else float(np.sum(x0))):
             return x0
     if isinstance(x0, dict):
+        x0 = by_name(x0)
         unknown = [k for k in x0 if k not in names]
         if unknown:
             raise ParamError(f"x0 names {', '.join(repr(str(k)) for k in unknown)}, not parameters of this cost; "
@@ -119,10 +120,9 @@ def _as_x0(cost: Cost, x0, names=None) -> np.ndarray:
             raise ParamError(f"x0 is missing parameter{'s' if len(missing) > 1 else ''} "
                              f"{', '.join(repr(m) for m in missing)}")
         x0 = [x0[k] for k in names]
-    try:
-        x = np.array(x0, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ParamError(f"x0 must be a 1-D array of {len(names)} floats or a dict of them, got {type(x0).__name__}") from None
+    if isinstance(x0, (str, bytes)) or x0 is None:
+        raise ParamError(f"x0 must be a 1-D array of {len(names)} floats or a dict of them, got {type(x0).__name__}")
+    x = real_array(x0, "x0", ParamError, copy=True)
     if x.ndim != 1 or x.shape[0] != len(names):
         raise ParamError(f"x0 must have shape ({len(names)},) in the order {list(names)}; got shape {x.shape}")
     if not np.all(np.isfinite(x)):

@@ -1046,3 +1046,53 @@ def test_verify_a_cost_with_scalar_data_beside_tensors():
     _, scalar_cost, claimed, _ = instance(cost)
     assert y in scalar_cost.data
     assert sp.simplify(sp.diff(scalar_cost.expr, scalar_cost.params[-1]) - claimed[-1]) == 0
+
+
+def test_complex_strings_and_objects_are_refused_not_truncated():
+    """NumPy's float64 conversion drops an imaginary part (a ComplexWarning at most) and parses
+    strings: a tensor cost fitted y + 5j as y. Data, theta, x0 and pack refuse them by name,
+    on the tensor path and the scalar one."""
+    w = cm.params("w", shape=(1,))
+    yt = cm.data("yt", shape=(1,))
+    ct = cm.Cost((w[0] - yt[0]) ** 2, params=[w], data=[yt])
+    kt = cm.compile(ct)
+    a, y = cm.params("a"), cm.data("y")
+    cs = cm.Cost((a - y) ** 2, params=[a], data=[y])
+    Y = np.array([1.0, 2.0, 3.0])
+    with pytest.raises(cm.DataError, match="data 'yt' must be real numbers, got complex numbers"):
+        kt.value(np.zeros(1), {"yt": (Y + 1j)[:, None]})
+    with pytest.raises(cm.DataError, match="data 'yt' must be real numbers, got complex numbers"):
+        cm.minimize(ct, np.zeros(1), data={"yt": (Y + 5j)[:, None]}, method="lbfgs")
+    with pytest.raises(cm.DataError, match="data 'yt' must be real numbers, got strings"):
+        kt.value(np.zeros(1), {"yt": np.array([["1"], ["2"]])})
+    with pytest.raises(cm.ParamError, match="theta must be real numbers, got complex numbers"):
+        kt.value(np.zeros(1) + 1j, {"yt": Y[:, None]})
+    with pytest.raises(cm.ParamError, match="theta must be real numbers"):
+        cm.compile(cs).value(np.zeros(1) + 1j, {"y": Y})
+    for cost, data in ((ct, {"yt": Y[:, None]}), (cs, {"y": Y})):
+        with pytest.raises(cm.ParamError, match="x0 must be real numbers, got complex numbers"):
+            cm.minimize(cost, np.zeros(1) + 1j, data=data, method="lbfgs")
+    with pytest.raises(cm.ParamError, match="parameter 'w' must be real numbers, got Python objects"):
+        ct.pack({"w": [None]})
+
+
+def test_sympy_symbols_key_x0_data_and_pack():
+    """A SymPy user keys by symbol, as subs does: {w: ...} is {"w": ...} for x0, data and pack;
+    the fits and values are those of the string keys."""
+    w = cm.params("w", shape=(2,))
+    xv, y = cm.data("xv", shape=(2,)), cm.data("y")
+    ct = cm.Cost((cm.dot(w, xv) - y) ** 2, params=[w], data=[xv, y])
+    X = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    Y = np.array([1.0, 2.0, 3.0])
+    by_str = cm.minimize(ct, {"w": np.zeros(2)}, data={"xv": X, "y": Y}, method="lbfgs")
+    by_sym = cm.minimize(ct, {w: np.zeros(2)}, data={xv: X, y: Y}, method="lbfgs")
+    assert by_sym.x.tobytes() == by_str.x.tobytes()
+    np.testing.assert_array_equal(ct.pack({w: [1.0, 2.0]}), [1.0, 2.0])
+    a, b = cm.params("a b")
+    x = cm.data("x")
+    cs = cm.Cost((a * x + b - y) ** 2, params=[a, b], data=[x, y])
+    r1 = cm.minimize(cs, {"a": 0.0, "b": 0.0}, data={"x": X[:, 0], "y": Y}, method="lbfgs")
+    r2 = cm.minimize(cs, {a: 0.0, b: 0.0}, data={x: X[:, 0], y: Y}, method="lbfgs")
+    assert r1.x.tobytes() == r2.x.tobytes()
+    k = cm.compile(cs)
+    assert k.value(np.array([1.0, 0.5]), {x: X[:, 0], y: Y}) == k.value(np.array([1.0, 0.5]), {"x": X[:, 0], "y": Y})

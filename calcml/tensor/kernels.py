@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from .. import native
-from ..dataset import DASK_HERE, is_dask
+from ..dataset import DASK_HERE, by_name, is_dask, real_array
 from ..errors import DataError, ParamError
 from .model import TensorCost
 from .statement import Label
@@ -137,6 +137,7 @@ def as_tensor_data(cost: TensorCost, data, check_finite: bool = False) -> Tensor
     if not isinstance(data, dict):
         raise DataError(f"data for a tensor cost is a dict {{name: array}} with {list(cost.data_names)}, "
                         f"got {type(data).__name__}")
+    data = by_name(data)
     missing = [n for n in cost.data_names if n not in data]
     if missing:
         raise DataError(f"data is missing {', '.join(map(repr, missing))}; the cost reads {list(cost.data_names)}")
@@ -160,10 +161,9 @@ def as_tensor_data(cost: TensorCost, data, check_finite: bool = False) -> Tensor
                     r = int(np.flatnonzero((a < 0) | (a >= item.classes))[0])
                     raise DataError(f"labels {name!r}: row {r} holds class {int(a[r])}, outside 0 … {item.classes - 1}")
         else:
-            try:
-                a = np.ascontiguousarray(raw, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise DataError(f"data {name!r} must be numbers, got {type(raw).__name__}") from None
+            if raw is None or isinstance(raw, (str, bytes)):
+                raise DataError(f"data {name!r} must be an array of numbers, got {type(raw).__name__}")
+            a = np.ascontiguousarray(real_array(raw, f"data {name!r}"))
             if a.shape[1:] != shape or a.ndim != 1 + len(shape):
                 want = "(N,)" if not shape else f"(N, {', '.join(map(str, shape))})"
                 raise DataError(f"data {name!r} must have shape {want} (one row per data row), got {a.shape}")
@@ -358,10 +358,9 @@ class TensorKernels:
     def _theta(self, theta, what="theta") -> np.ndarray:
         if isinstance(theta, dict):
             return self.cost.pack(theta)
-        try:
-            t = np.ascontiguousarray(theta, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ParamError(f"{what} must be a 1-D array of {self._n} floats, got {type(theta).__name__}") from None
+        if isinstance(theta, (str, bytes)) or theta is None:
+            raise ParamError(f"{what} must be a 1-D array of {self._n} floats, got {type(theta).__name__}")
+        t = np.ascontiguousarray(real_array(theta, what, ParamError))
         if t.shape != (self._n,):
             raise ParamError(f"{what} must have shape ({self._n},) (parameters {list(self.cost.param_names)} in C "
                              f"order) or be a dict of arrays; got shape {t.shape}")

@@ -20,6 +20,7 @@ from .. import ir
 from ..codegen import NUMBA_FLAGS, cache_statements, njit_flags
 from ..printing import HELPERS
 from ..cost import Cost
+from ..dataset import by_name, real_array
 from ..errors import CostError, ParamError
 from .codegen import BLAS_SOURCE, LANES, KernelSpec, block_rows, write_kernel
 from .graph import ROW, SCALE, Graph, Lowering, Tensor, entries_as_sums
@@ -235,6 +236,7 @@ class TensorCost(Cost):
         """A dict ``{name: array}`` (each of its parameter's shape) -> the flat ``theta``."""
         if not isinstance(values, dict):
             raise ParamError(f"pack takes a dict {{name: array}}, got {type(values).__name__}")
+        values = by_name(values)
         names = self.param_names
         unknown = [k for k in values if k not in names]
         if unknown:
@@ -244,10 +246,9 @@ class TensorCost(Cost):
             raise ParamError(f"missing parameter{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
         parts = []
         for name, shape in self.param_shapes.items():
-            try:
-                a = np.asarray(values[name], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ParamError(f"parameter {name!r} must be numbers of shape {shape}, got {type(values[name]).__name__}") from None
+            if values[name] is None or isinstance(values[name], (str, bytes)):
+                raise ParamError(f"parameter {name!r} must be numbers of shape {shape}, got {type(values[name]).__name__}")
+            a = real_array(values[name], f"parameter {name!r}", ParamError)
             if a.shape != shape:
                 raise ParamError(f"parameter {name!r} has shape {shape}, got an array of shape {a.shape}")
             parts.append(a.reshape(-1))

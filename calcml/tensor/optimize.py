@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 
 from .. import result as _result
-from ..dataset import is_dask
+from ..dataset import is_dask, real_array
 from ..errors import DataError, OptimizeError, ParamError
 from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from .. import ir
@@ -731,11 +731,10 @@ class TensorProgram:
 def _x0(cost: TensorCost, x0) -> np.ndarray:
     if isinstance(x0, dict):
         return cost.pack(x0)
-    try:
-        x = np.array(x0, dtype=np.float64)
-    except (TypeError, ValueError):
+    if x0 is None or isinstance(x0, (str, bytes)):
         raise ParamError(f"x0 must be a 1-D array of {cost.n_params} floats or a dict of arrays, got "
-                         f"{type(x0).__name__}") from None
+                         f"{type(x0).__name__}")
+    x = real_array(x0, "x0", ParamError, copy=True)
     if x.shape != (cost.n_params,):
         raise ParamError(f"x0 must have shape ({cost.n_params},) (parameters {list(cost.param_names)} flat, in C "
                          f"order) or be a dict {{name: array}}; got shape {x.shape}")
