@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from .cost import Cost
+from .dataset import by_name, real_array
 from .errors import DataError, ParamError
 from .verify.report import Report, Verdict, _short
 
@@ -85,7 +86,16 @@ def check_gradient(cost: Cost, grad_fn, data=None, points=None, *, rtol: float =
 
     def user(theta):
         out = grad_fn(theta.copy(), {k: v.copy() for k, v in ds.as_dict().items()}) if ds is not None else grad_fn(theta.copy())
-        arr = np.asarray(out, dtype=np.float64)
+        if isinstance(out, dict):  # {name: value}
+            out = by_name(out)
+            if set(out) != set(cost.param_names):
+                raise ParamError(f"grad_fn returned a dict with {sorted(map(str, out))}; expected the parameters "
+                                 f"{list(cost.param_names)}")
+            out = [out[name] for name in cost.param_names]
+        if out is None or isinstance(out, (str, bytes)):
+            raise ParamError(f"grad_fn returned {type(out).__name__}; expected one value per parameter in the order "
+                             f"{list(cost.param_names)}")
+        arr = real_array(out, "grad_fn's gradient", ParamError)
         if arr.shape != (n,):
             raise ParamError(f"grad_fn returned shape {arr.shape}; expected ({n},), one value per parameter "
                              f"in the order {list(cost.param_names)}")

@@ -522,6 +522,29 @@ def test_check_gradient_of_a_tensor_cost(small):
     bad = cm.check_gradient(cost, wrong, data=D)
     assert [v.status for v in bad] == ["verified", "refuted"]
     assert "b[1]" in list(bad)[1].detail
+    # the gradient as a dict {name: array} (unpack's form), right and wrong
+    as_dict = cm.check_gradient(cost, lambda t, d: cost.unpack(mine(t, d)), data=D)
+    assert [v.status for v in as_dict] == ["verified", "verified"]
+    bad = cm.check_gradient(cost, lambda t, d: cost.unpack(wrong(t, d)), data=D)
+    assert [v.status for v in bad] == ["verified", "refuted"]
+    with pytest.raises(cm.ParamError, match="grad_fn's gradient must be real numbers, got complex"):
+        cm.check_gradient(cost, lambda t, d: mine(t, d) + 0j, data=D)
+
+
+def test_check_gradient_of_a_scalar_cost_takes_a_dict():
+    a, b = cm.params("a b")
+    x, y = cm.data("x y")
+    cost = cm.Cost((a * x + b - y) ** 2, params=[a, b], data=[x, y])
+    D = {"x": np.array([0.0, 1.0, 2.0]), "y": np.array([1.0, 2.0, 4.0])}
+
+    def right(t, d):
+        r = t[0] * d["x"] + t[1] - d["y"]
+        return {"a": float(np.mean(2 * r * d["x"])), b: float(np.mean(2 * r))}  # a name and a symbol
+
+    assert cm.check_gradient(cost, right, data=D).ok
+    assert not cm.check_gradient(cost, lambda t, d: {"a": right(t, d)["a"], "b": 0.5}, data=D).ok
+    with pytest.raises(cm.ParamError, match=r"a dict with \['a'\]; expected the parameters \['a', 'b'\]"):
+        cm.check_gradient(cost, lambda t, d: {"a": 1.0}, data=D)
 
 
 def test_scalar_statement_with_many_parameters_is_restated_in_index_notation():

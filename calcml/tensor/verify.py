@@ -204,6 +204,7 @@ def check_gradient_tensor(cost: TensorCost, grad_fn, data, points, rtol: float, 
     """:func:`calcml.check_gradient` for a tensor cost: ``grad_fn(theta, data)`` (flat, in
     ``theta`` order) against the compiled exact gradient; one verdict per parameter tensor,
     naming the entry that disagrees most."""
+    from ..dataset import real_array
     from ..errors import ParamError
     from ..verify import Report, Verdict
     from .kernels import as_tensor_data, compile_tensor
@@ -231,7 +232,13 @@ def check_gradient_tensor(cost: TensorCost, grad_fn, data, points, rtol: float, 
         e = k.grad(theta, td) if td is not None else k.grad(theta)
         out = grad_fn(theta.copy(), {a: b.copy() for a, b in user_data.items()}) if td is not None \
             else grad_fn(theta.copy())
-        a = np.asarray(out, dtype=np.float64).reshape(-1)
+        if isinstance(out, dict):  # {name: array}, as unpack gives and res.params holds
+            a = cost.pack(out)
+        else:
+            if out is None or isinstance(out, (str, bytes)):
+                raise ParamError(f"grad_fn returned {type(out).__name__}; expected the flat gradient in theta order "
+                                 f"or a dict {{name: array}}")
+            a = real_array(out, "grad_fn's gradient", ParamError).reshape(-1)
         if a.shape != (n,):
             raise ParamError(f"grad_fn returned {a.shape[0]} values; expected {n}, the flat gradient in theta order "
                              f"({', '.join(f'{nm}{tuple(s)}' for nm, s in cost.param_shapes.items())}, C order)")
