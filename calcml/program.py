@@ -427,17 +427,22 @@ def _value_at(prog, ds, columns, theta) -> float:
 
 def _finish(prog, lr_used, status, noise, grad_norm, tol, nit, epochs, diverged_at, blowup, best_step, best_value,
             x, n_rows) -> dict:
-    status, level = _result.within_noise(status, grad_norm, noise)
+    status, level = _result.within_noise(status, grad_norm, noise, nit)
     success, message = _result.message(
         status, grad_norm=grad_norm, tol=tol, nit=nit, epochs=epochs, diverged_at=diverged_at, blowup=blowup,
         best_step=best_step, best_value=best_value, rate_hint=_rate_hint(prog, lr_used), x=x, noise=level,
-        n_rows=n_rows,
+        n_rows=n_rows, method=prog.optimizer.name, decaying=_decaying(prog.schedule),
     )
     return {"status": status, "success": success, "message": message}
 
 
 # Program.run is _run_program itself (one Python call less per run than a method calling it)
 Program.run = _run_program
+
+
+def _decaying(schedule) -> bool:
+    """Whether ``schedule`` (or None) lowers the rate as the steps go."""
+    return schedule is not None and not isinstance(schedule, constant)
 
 
 def _rate_hint(prog: Program, lr_used) -> str:

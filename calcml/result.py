@@ -52,14 +52,12 @@ STATUS = {
     MAXITER: (False, "Maximum number of iterations reached ({nit}) before the gradient norm ({grad_norm:.3g}) fell "
                      "to tol={tol:g}{noise_or}: not yet at a minimum."),
     EPOCHS_DONE: (False, "Completed {epochs} epochs ({nit} updates) with the gradient norm ({grad_norm:.3g}) above "
-                         "tol={tol:g}{noise_and}: not yet at a minimum. Minibatch steps at a constant rate keep "
-                         "moving by their own noise: a decaying schedule (cm.schedules.inverse_time) or a "
-                         "smaller rate goes closer, or a full-batch method."),
+                         "tol={tol:g}{noise_and}: not yet at a minimum. {minibatch_advice}"),
     WITHIN_NOISE: (
         True,
         "The gradient norm {grad_norm:.3g} is within its sampling noise after {nit} updates: the standard error "
         "of the gradient as an estimate from the {n_rows} rows is {noise:.3g}, so x is the minimum to the precision "
-        "that the data determine it (tol={tol:g} was not reached; lbfgs or newton go further).",
+        "that the data determine it (tol={tol:g} was not reached; {further}).",
     ),
     DIVERGED: (
         False,
@@ -146,23 +144,32 @@ def gradient_noise(row_gradient, n_rows: int, reduce_mean: bool, sample: int = N
     return float(np.sqrt(spread / n_rows if reduce_mean else spread * n_rows))
 
 
-def within_noise(status: int, grad_norm: float, noise) -> tuple:
+def within_noise(status: int, grad_norm: float, noise, nit: int | None = None) -> tuple:
     """(status, noise level or None): WITHIN_NOISE for a run that spent its budget (MAXITER,
     EPOCHS_DONE) with its full gradient no larger than ``noise()`` (a callable, or None for a
     cost without data: estimated only when needed); else ``status`` unchanged."""
-    if status not in (MAXITER, EPOCHS_DONE) or noise is None or not grad_norm < float("inf"):
-        return status, None
+    if status not in (MAXITER, EPOCHS_DONE) or noise is None or not grad_norm < float("inf") or nit == 0:
+        return status, None  # (a run of no updates left x0 as it was: no success to report)
     level = noise()
     return (WITHIN_NOISE if grad_norm <= level else status), level
 
 
 def message(status: int, **fields) -> tuple:
-    """(success, message) for a status code, filled from ``fields``."""
+    """(success, message) for a status code, filled from ``fields`` (``method``, the method's
+    name, and ``decaying``, whether a schedule that decays ran, choose the advice given)."""
     success, template = STATUS[status]
     if status == NO_MINIMUM and "size" not in fields:
         fields["size"] = float(np.max(np.abs(fields["x"]))) if "x" in fields else float("nan")
     noise = fields.get("noise")
     fields.setdefault("n_rows", 0)
+    # advice that does not name what the run already did
+    searched = fields.get("method") in ("lbfgs", "newton", "newton-cg")
+    fields["further"] = "more iterations go further than the data determine" if searched else "lbfgs or newton go further"
+    fields["minibatch_advice"] = (
+        "Minibatch steps keep moving by their own noise: a schedule that decays faster, a smaller rate, or a "
+        "full-batch method goes closer." if fields.get("decaying") else
+        "Minibatch steps at a constant rate keep moving by their own noise: a decaying schedule "
+        "(cm.schedules.inverse_time) or a smaller rate goes closer, or a full-batch method.")
     known = noise is not None and noise == noise
     fields["noise_or"] = f" or to its sampling noise ({noise:.3g})" if known else ""
     fields["noise_and"] = f" and above its sampling noise ({noise:.3g})" if known else ""

@@ -1203,3 +1203,28 @@ def test_a_gradient_without_a_value_at_x0_is_named_not_called_divergence(method,
         cm.minimize(tensor, np.zeros(2), method=method, **kw)
     if method == "lbfgs":  # the minimum (1/2, 0): |v| + (v0 - 1)^2, d/dv0 = 1 + 2 (v0 - 1) = 0
         np.testing.assert_allclose(cm.minimize(cost, np.array([0.5, 0.5]), method=method).x, [0.5, 0.0], atol=1e-6)
+
+
+def test_advice_does_not_name_what_the_run_did():
+    """A run that spent its budget is told what goes further, not what it already did: lbfgs
+    within the data's noise is not told "lbfgs or newton go further"; minibatches under a
+    decaying schedule are not told to use one. A run of no updates reports no success."""
+    a, b = cm.params("a b")
+    x, y = cm.data("x y")
+    cost = cm.Cost((a * x + b - y) ** 2, params=[a, b], data=[x, y])
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=200)
+    D = {"x": X, "y": 2 * X + 1 + rng.normal(size=200)}
+    res = cm.minimize(cost, np.zeros(2), data=D, method="lbfgs", maxiter=3, tol=1e-14)
+    assert res.status == cm.result.WITHIN_NOISE and "lbfgs or newton" not in res.message
+    res = cm.minimize(cost, np.zeros(2), data=D, method="gd", lr=0.1, maxiter=40, tol=1e-14)
+    assert res.status == cm.result.WITHIN_NOISE and "lbfgs or newton go further" in res.message
+    res = cm.minimize(cost, np.zeros(2), data=D, method="sgd", lr=0.01, batch_size=10, epochs=2,
+                      schedule=cm.schedules.inverse_time(0.01, 0.1))
+    assert res.status == cm.result.EPOCHS_DONE and "a decaying schedule" not in res.message
+    assert "decays faster" in res.message
+    res = cm.minimize(cost, np.zeros(2), data=D, method="sgd", lr=0.01, batch_size=10, epochs=2)
+    assert "a decaying schedule (cm.schedules.inverse_time)" in res.message
+    for method in ("lbfgs", "gd"):
+        res = cm.minimize(cost, np.zeros(2), data=D, method=method, maxiter=0, **({"lr": 0.1} if method == "gd" else {}))
+        assert res.status == cm.result.MAXITER and not res.success

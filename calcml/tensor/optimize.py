@@ -825,7 +825,7 @@ def _auto_rate(prog: TensorProgram, x, ev, notes, differences=None) -> float:
 def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
     cost, opt = prog.cost, prog.optimizer
     x = _x0(cost, x0)
-    from ..program import _count  # the scalar path's check of a count: one message for both
+    from ..program import _count, _decaying  # the scalar path's check of a count: one message for both
 
     epochs = _count("epochs", epochs)
     maxiter = _count("maxiter", maxiter, minimum=0)
@@ -907,11 +907,12 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     if n_rows and cost.has_data:
         noise = partial(_dask_noise, cost, over, rep["x"]) if over is not None else \
             partial(_tensor_noise, prog, arrays, n_rows, rep["x"])
-    status, level = _result.within_noise(status, rep["grad_norm"], noise)
+    status, level = _result.within_noise(status, rep["grad_norm"], noise, rep["nit"])
     success, message = _result.message(
         status, grad_norm=rep["grad_norm"], tol=tol, nit=rep["nit"], epochs=rep["epochs"],
         diverged_at=rep["diverged_at"], blowup=rep["blowup"], best_step=rep["best_step"],
-        best_value=rep["best_value"], rate_hint=rate_hint, x=rep["x"], noise=level, n_rows=n_rows)
+        best_value=rep["best_value"], rate_hint=rate_hint, x=rep["x"], noise=level, n_rows=n_rows,
+        method=opt.name, decaying=_decaying(prog.schedule))
     return _result.OptimizeResult(
         x=rep["x"], params=cost.unpack(rep["x"]), fun=float(rep["fun"]), grad_norm=float(rep["grad_norm"]),
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
