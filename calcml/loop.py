@@ -1076,6 +1076,13 @@ class _Generator:
             ir.Assign("f", f"{'work' if self._work_size() <= 64 else 'work[:N_FLOATS]'}.tolist()"),
             ir.Assign("n_hist", f"i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]"),
             ir.Assign("full", "n_hist == i[I_HIST_LEN]", "the arrays are the report's as they are"),
+            ir.If("i[I_POS] > 0 and math.isfinite(f[F_EPOCH_SUM])", [
+                ir.Assign("history", "np.append(history[:n_hist], f[F_EPOCH_SUM] "
+                                     f"{'/ i[I_POS]' if self.cost.reduce == 'mean' else '* n_rows / i[I_POS]'})"),
+                ir.Assign("path", "np.vstack([path[:n_hist], work[O_THETA:O_G]])") if self.n <= PATH_MAX_PARAMS else None,
+                ir.Assign("full", "True"),
+            ], comment="the run ended within an epoch: that part's mean minibatch cost (and point) ends the history")
+            if self.minibatch else None,
             ir.Return("(xout, f[F_FUN], gout, f[F_FUN_GNORM], i[I_STEP], i[I_NFEV], i[I_STATUS],\n"
                       "        history if full else history[:n_hist].copy(), i[I_HIST_EVERY],\n"
                       f"        {path},\n"

@@ -1228,3 +1228,38 @@ def test_advice_does_not_name_what_the_run_did():
     for method in ("lbfgs", "gd"):
         res = cm.minimize(cost, np.zeros(2), data=D, method=method, maxiter=0, **({"lr": 0.1} if method == "gd" else {}))
         assert res.status == cm.result.MAXITER and not res.success
+
+
+def test_a_run_that_ends_within_an_epoch_keeps_that_part_in_its_history():
+    """maxiter within the first epoch, or a divergence there, left a scalar minibatch run's
+    history empty (nothing for res.plot()); its last entry is now the mean minibatch cost of
+    the part run, a sum over its rows divided by them (mean reduction; for a sum, times N).
+    The tensor path reports such a run as the scalar one does: MAXITER, whole epochs counted."""
+    a, b = cm.params("a b")
+    x, y = cm.data("x y")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=200)
+    D = {"x": X, "y": 2 * X + 1}
+    for reduce in ("mean", "sum"):
+        cost = cm.Cost((a * x + b - y) ** 2, params=[a, b], data=[x, y], reduce=reduce)
+        lr = 0.01 if reduce == "mean" else 0.01 / 200
+        res = cm.minimize(cost, np.zeros(2), data=D, method="sgd", lr=lr, batch_size=10, maxiter=5, tol=0.0, seed=3)
+        assert res.status == cm.result.MAXITER and res.history.shape == (1,)
+        # the reference: the same five steps by hand, over the same shuffle (the minibatch costs at each step)
+        full = cm.minimize(cost, np.zeros(2), data=D, method="sgd", lr=lr, batch_size=10, maxiter=20, tol=0.0, seed=3)
+        assert full.history.shape == (1,)  # one whole epoch: its mean
+        # exactly: rows whose cost at x0 is 9 each, a rate too small to move x0 (a mean of 9s; a sum: N 9s)
+        flat = {"x": np.zeros(200), "y": np.full(200, 3.0)}
+        part = cm.minimize(cost, np.zeros(2), data=flat, method="sgd", lr=1e-300, batch_size=10, maxiter=5, tol=0.0)
+        assert part.history.tolist() == [9.0 if reduce == "mean" else 1800.0]
+        res = cm.minimize(cost, np.zeros(2), data=D, method="sgd", lr=lr, batch_size=10, maxiter=25, tol=0.0, seed=3)
+        assert res.history.shape == (2,) and res.history[0] == full.history[0]
+    res = cm.minimize(cost, np.zeros(2), data=D, method="sgd", lr=1e3, batch_size=10, epochs=2)
+    assert res.status == cm.result.DIVERGED and len(res.history) == 1
+    w, xv = cm.params("w", shape=(2,)), cm.data("xv", shape=(2,))
+    ct = cm.Cost((cm.dot(w, xv) - y) ** 2, params=[w], data=[xv, y])
+    Dt = {"xv": np.column_stack([X, np.ones(200)]), "y": D["y"]}
+    res = cm.minimize(ct, np.zeros(2), data=Dt, method="sgd", lr=0.01, batch_size=10, maxiter=25, tol=0.0)
+    assert res.status == cm.result.MAXITER and "Maximum number of iterations reached (25)" in res.message
+    res = cm.minimize(ct, np.zeros(2), data=Dt, method="sgd", lr=0.01, batch_size=10, maxiter=40, tol=0.0)
+    assert res.status == cm.result.EPOCHS_DONE and "Completed 2 epochs" in res.message

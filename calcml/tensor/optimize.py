@@ -148,7 +148,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                 if code == DIVERGED:
                     status, diverged_at = DIVERGED, nit
                     break
-                epochs_done += 1
+                epochs_done += done == per_epoch  # (a run's budget may end it within an epoch)
                 mean_cost = total / max(done, 1)
                 history.append(mean_cost)
                 if path is not None:
@@ -163,8 +163,8 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                     value = evaluate(theta, cols, g)
                     if math.sqrt(float(g @ g)) <= tol:
                         status = CONVERGED
-            if status == RUNNING:
-                status = EPOCHS_DONE
+            if status == RUNNING:  # maxiter ended it within an epoch, or its epochs are done
+                status = EPOCHS_DONE if nit % per_epoch == 0 else MAXITER
         else:
             budget = maxiter if maxiter is not None else (epochs if epochs is not None else DEFAULT_MAXITER)
             segment = 1
