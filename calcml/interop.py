@@ -85,10 +85,11 @@ def to_scipy(cost: Cost, data=None, *, hessian: bool | str = True) -> dict:
     kernels = _compile(cost)
     if cost.data:
         if data is None:
-            raise DataError(
-                f"this cost has data columns {list(cost.data_names)}; pass data=... "
-                "(a dict of 1-D arrays, a 2-D array or a DataFrame)"
-            )
+            from .tensor.statement import is_tensor_cost
+
+            form = ("a dict {name: array of shape (N, *shape of a row)}" if is_tensor_cost(cost) else
+                    "a dict of 1-D arrays, a 2-D array or a DataFrame")
+            raise DataError(f"this cost has data {list(cost.data_names)}; pass data=... ({form})")
         prepared = kernels.prepare(data)
     else:
         if data is not None:

@@ -97,8 +97,11 @@ def test_without_hessian_bfgs_runs_without_warnings(rosenbrock, recwarn):
 
 def test_data_mistakes_are_named(rosenbrock, regression):
     cost = regression[0]
-    with pytest.raises(DataError, match="data columns"):
+    with pytest.raises(DataError, match=r"this cost has data \['x0', 'x1', 'y'\]; pass data=.*a 2-D array"):
         cm.to_scipy(cost)
+    w, x = cm.params("w", shape=(2,)), cm.data("x", shape=(2,))
+    with pytest.raises(DataError, match=r"pass data=\.\.\. \(a dict \{name: array of shape \(N, \*shape of a row\)\}\)"):
+        cm.to_scipy(cm.Cost(cm.dot(w, x) ** 2, params=[w], data=[x]))
     with pytest.raises(DataError, match="no data columns"):
         cm.to_scipy(rosenbrock, {"x": np.ones(3)})
     with pytest.raises(DataError, match="x1"):

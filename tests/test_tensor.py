@@ -261,6 +261,12 @@ def test_rowwise_probabilities_and_margins(small):
     ref /= ref.sum(1, keepdims=True)
     assert P.shape == (700, 3)
     np.testing.assert_allclose(P, ref, rtol=1e-13, atol=1e-15)
+    # a fitted model's params may hold more than the expression reads, as the data may: the bias alone
+    bias = cm.rowwise(b[k] + 0 * x[0], params=[b], data=[x])
+    fitted = {"W": theta[:15].reshape(3, 5), "b": theta[15:]}
+    np.testing.assert_array_equal(bias(fitted, {"x": X, "c": np.zeros(700, dtype=int)}), np.tile(theta[15:], (700, 1)))
+    with pytest.raises(cm.ParamError, match="missing parameter 'b'"):
+        bias({"W": fitted["W"]}, {"x": X})
 
 
 def test_cost_without_data_of_a_vector_parameter():
@@ -609,7 +615,7 @@ def test_exported_tensor_program_runs_alone_and_agrees(digits_like, tmp_path, me
     prog.export(path)
     text = path.read_text()
     imports = set(re.findall(r"^(?:import|from) (\w+)", text, re.M))
-    assert imports <= {"math", "time", "numpy", "numba", "llvmlite"}, imports  # llvmlite: Numba's own
+    assert imports <= {"math", "sys", "time", "numpy", "numba", "llvmlite"}, imports  # llvmlite: Numba's own
     spec = importlib.util.spec_from_file_location(f"exported_{method}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -631,6 +637,11 @@ def test_exported_tensor_program_runs_alone_and_agrees(digits_like, tmp_path, me
         mod.run(x0, {"x": bad, "c": labels})
     with pytest.raises(ValueError, match="data is missing 'c'"):
         mod.run(x0, {"x": X})
+    if method == "lbfgs":  # x0 as a dict, as cm.minimize takes it
+        again = mod.run(cost.unpack(x0), data, maxiter=3, tol=1e-9)
+        np.testing.assert_array_equal(again["x"], res.x)
+        with pytest.raises(ValueError, match=r"x0\['W'\] must have shape \(4, 6\)"):
+            mod.run({**cost.unpack(x0), "W": np.zeros((6, 4))}, data)
 
 
 def test_a_program_whose_rate_each_run_chooses_is_not_exported(tmp_path):
@@ -781,7 +792,7 @@ def test_symbol_names_never_reach_tensor_code_as_code(tmp_path):
     tree = ast.parse(k.source)  # the name is in strings and comments only: no import, no call of it
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert {m.split(".")[0] for m in imported} <= {"math", "time", "numba", "numpy", "llvmlite"}, imported
+    assert {m.split(".")[0] for m in imported} <= {"math", "sys", "time", "numba", "numpy", "llvmlite"}, imported
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "system"]
 
 

@@ -645,9 +645,9 @@ class Rowwise:
         from .kernels import as_tensor_data
 
         probe = self._probe
-        if isinstance(theta, dict):
-            theta = probe.pack(theta)
-        t = np.ascontiguousarray(theta, dtype=np.float64)
+        if isinstance(theta, dict):  # a fitted model's res.params may hold more than expr reads, as data may
+            theta = probe.pack({k: v for k, v in by_name(theta).items() if k in probe.param_names})
+        t = np.ascontiguousarray(real_array(theta, "theta", ParamError))
         if t.shape != (probe.n_params,):
             raise ParamError(f"theta must have shape ({probe.n_params},) or be a dict of arrays; got {t.shape}")
         if not self.din:

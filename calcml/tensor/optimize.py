@@ -313,6 +313,17 @@ def data_arrays(data):
 
 
 def _flat_x0(x0):
+    """x0 flat (PARAM_NAMES in order, each in C order), or a dict {name: array of its PARAM_SHAPES shape}."""
+    if isinstance(x0, dict):
+        if sorted(x0) != sorted(PARAM_NAMES):
+            raise ValueError(f"x0 as a dict names the parameters {list(PARAM_NAMES)}, got {sorted(x0)}")
+        parts = []
+        for name, shape in zip(PARAM_NAMES, PARAM_SHAPES):
+            a = np.asarray(x0[name], dtype=np.float64)
+            if a.shape != shape:
+                raise ValueError(f"x0[{name!r}] must have shape {shape}, got {a.shape}")
+            parts.append(a.reshape(-1))
+        x0 = np.concatenate(parts) if parts else np.zeros(0)
     x = np.array(x0, dtype=np.float64).reshape(-1)
     if x.shape != (N_PARAMS,):
         raise ValueError(f"x0 must hold the {N_PARAMS} parameters {list(PARAM_NAMES)} flat (C order), got {x.size}")
@@ -329,7 +340,7 @@ BATCH_SIZE = None
 
 def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=None, epochs=None, maxiter=None, tol=1e-8,
         seed=0, callback=None):
-    """Minimize from x0 (flat: PARAM_NAMES in order, each in C order) over data, a dict
+    """Minimize from x0 (flat: PARAM_NAMES in order, each in C order; or a dict {name: array}) over data, a dict
     {name: array} with DATA_NAMES ((N, *shape of a row) each; labels as class numbers).
     hyper: dict of HYPER_NAMES values (default HYPER_DEFAULTS); schedule_args: the schedule's
     numbers (default SCHEDULE_DEFAULTS); batch_size: default BATCH_SIZE (None: full batch).
@@ -354,7 +365,7 @@ def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=None, epoch
 _SEARCH_RUN = _DATA_ARRAYS + '''
 
 def run(x0, data=None, *, maxiter=None, tol=1e-8):
-    """Minimize from x0 (flat: PARAM_NAMES in order, each in C order) over data, a dict
+    """Minimize from x0 (flat: PARAM_NAMES in order, each in C order; or a dict {name: array}) over data, a dict
     {name: array} with DATA_NAMES ((N, *shape of a row) each; labels as class numbers), with
     METHOD and its numbers HYPER. Returns the report: a dict with x, fun, grad, nit, status,
     status_name, history and the bookkeeping."""
@@ -629,7 +640,8 @@ class _Source:
             self._constants(MINIBATCH=self.minibatch, REDUCE_MEAN=cost.reduce == "mean", STRIPES=STRIPES,
                             PATH_COLS=self.path_cols, HIST_STRIDE=1 + self.path_cols,
                             DEFAULT_EPOCHS=10, DEFAULT_MAXITER=opt.default_maxiter, DATA_NAMES=cost.data_names,
-                            PARAM_NAMES=cost.param_names, HYPER_NAMES=tuple(opt.hyper), DATA_LAYOUT=_layout(cost)),
+                            PARAM_NAMES=cost.param_names, PARAM_SHAPES=tuple(cost.param_shapes.values()),
+                            HYPER_NAMES=tuple(opt.hyper), DATA_LAYOUT=_layout(cost)),
             ir.Assign("DUMMY_DATA", "(np.zeros(1),)"),
             ir.Comment("the optimizer's functions go into their one compiled caller, loop_c (Numba's inline=\"always\"):\n"
                        "compiled once, there, not also each on its own (the kernels above stay functions of their own)"),
@@ -652,7 +664,8 @@ class _Source:
 
         opt, cost = self.opt, self.cost
         body = [self._constants(REDUCE_MEAN=cost.reduce == "mean", STRIPES=STRIPES, DATA_NAMES=cost.data_names,
-                                PARAM_NAMES=cost.param_names, METHOD=opt.kind, HYPER=dict(opt.hyper, **opt.extra),
+                                PARAM_NAMES=cost.param_names, PARAM_SHAPES=tuple(cost.param_shapes.values()),
+                                METHOD=opt.kind, HYPER=dict(opt.hyper, **opt.extra),
                                 DATA_LAYOUT=_layout(cost),
                                 DEFAULT_MAXITER=opt.default_maxiter),
                 ir.Assign("DUMMY_DATA", "(np.zeros(1),)")]
