@@ -51,7 +51,7 @@ STATUS = {
     CONVERGED: (True, "Converged: the gradient norm {grad_norm:.3g} is at most tol={tol:g} after {nit} iterations."),
     MAXITER: (False, "Maximum number of iterations reached ({nit}) before the gradient norm ({grad_norm:.3g}) fell "
                      "to tol={tol:g}{noise_or}: not yet at a minimum."),
-    EPOCHS_DONE: (False, "Completed {epochs} epochs ({nit} updates) with the gradient norm ({grad_norm:.3g}) above "
+    EPOCHS_DONE: (False, "Completed {epochs} epoch{epochs_s} ({nit} update{nit_s}) with the gradient norm ({grad_norm:.3g}) above "
                          "tol={tol:g}{noise_and}: not yet at a minimum. {minibatch_advice}"),
     WITHIN_NOISE: (
         True,
@@ -162,6 +162,8 @@ def message(status: int, **fields) -> tuple:
         fields["size"] = float(np.max(np.abs(fields["x"]))) if "x" in fields else float("nan")
     noise = fields.get("noise")
     fields.setdefault("n_rows", 0)
+    fields["epochs_s"] = "" if fields.get("epochs") == 1 else "s"
+    fields["nit_s"] = "" if fields.get("nit") == 1 else "s"
     # advice that does not name what the run already did
     searched = fields.get("method") in ("lbfgs", "newton", "newton-cg")
     fields["further"] = "more iterations go further than the data determine" if searched else "lbfgs or newton go further"
