@@ -31,7 +31,8 @@ def check_gradient(cost: Cost, grad_fn, data=None, points=None, *, rtol: float =
     grad_fn : callable
         ``grad_fn(theta, data) -> array`` of the reduced gradient (mean or sum over rows, as
         ``cost.reduce`` says), with ``data`` a dict ``{name: 1-D array}``; ``grad_fn(theta)``
-        for a cost without data.
+        for a cost without data. It may return a dict ``{name: value}`` instead (a tensor
+        cost's ``{name: array}``, as ``cost.unpack`` gives).
     data : dict, 2-D array or DataFrame
         The rows, for a cost with data columns.
     points : array, optional
