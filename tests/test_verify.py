@@ -597,3 +597,16 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path, script, parent_runs, 
     lines = done.stdout.splitlines()
     assert lines.count("the script ran") == parent_runs
     assert lines[-1] == verdict
+
+
+def test_a_wrong_case_beyond_the_fixed_samples_is_refuted():
+    """2x + [x > 5] is wrong for x > 5, where none of the fixed sample points lies (they are
+    within about 4 of 0): the case that could not be proven equal is sampled inside itself,
+    and the difference quotient there refutes it, with the point."""
+    x = sp.Symbol("x", real=True)
+    (v,) = cm.verify_derivative(x**2, x, derivative=2 * x + sp.Piecewise((1, x > 5), (0, True)))
+    assert v.status == "refuted" and v.method == "mpmath difference quotients"
+    at = float(sp.Rational(v.detail.split("at x = ")[1].split(":")[0]))
+    assert at > 5
+    (v,) = cm.verify_derivative(x**2 * sp.Heaviside(x - 5), x, derivative=2 * x * sp.Heaviside(x - 5))
+    assert v.status == "verified"

@@ -20,6 +20,7 @@ from .numeric import (
     _numeric_point_refutation,
     _point_repr,
     _point_text,
+    _region_points,
     _sample_points,
     _sides_summary,
 )
@@ -78,6 +79,12 @@ def _check_general(spec, f, x, d, exact, emit) -> Verdict:
                     return exact
             where = "" if not keys else " in the case " + ", ".join(
                 f"{_short(k, 30)} {'>' if s > 0 else '<'} 0" for k, s in signs.items())
+            if signs:  # difference quotients at points of this case, which the fixed samples may miss
+                inside = _region_points(f.free_symbols | d.free_symbols | {x}, signs)
+                if inside:
+                    found = _numeric_general(spec, f, x, d, exact, want=len(inside), envs=inside)
+                    if found.refutation is not None:
+                        return found.refutation
             return undecided(f"the limit{where} is {_short(L)}, which could not be proven equal to {_short(dc)}")
     if num.conflict:
         return Verdict(name, "inconclusive", "symbolic limit", f"exact proof found but {num.conflict}")

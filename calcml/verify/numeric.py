@@ -156,13 +156,37 @@ def _refutation(name, method, env, v, dv, extra="") -> Verdict:
                    float(dv) if isinstance(dv, mpmath.mpf) else dv)
 
 
-def _numeric_general(spec, f, x, d, exact, want: int = 3) -> _Numeric:
-    """Difference quotients at sample points; refute when they clearly disagree with ``d``."""
+def _region_points(symbols, keys: dict, n: int = 8) -> list:
+    """Up to ``n`` sample points (``_sample_points`` scaled by up to 256, either sign) where
+    every expression of ``keys`` has its sign (``{expr: +1 or -1}``): points in one case of a
+    non-smooth function, such as ``x - 5 > 0``, which the fixed samples may all miss."""
+    found = []
+    with mp.workdps(30):
+        for base in _sample_points(symbols):
+            for factor in (1, 4, -4, 16, -16, 64, -64, 256, -256, -1):
+                env = {s: v * factor for s, v in base.items()}
+                menv = {s: _mp_eval(v, {}) for s, v in env.items()}
+                try:
+                    ok = all(mpmath.sign(_mp_real(k, menv)) == sgn for k, sgn in keys.items())
+                except (_Undefined, _NotReal):
+                    ok = False
+                if ok:
+                    found.append(env)
+                    break
+            if len(found) >= n:
+                break
+    return found
+
+
+def _numeric_general(spec, f, x, d, exact, want: int = 3, envs=None) -> _Numeric:
+    """Difference quotients at sample points (``envs``, else the fixed ones); refute when they
+    clearly disagree with ``d``."""
     out = _Numeric()
     symbols = f.free_symbols | d.free_symbols | {x}
     digits = []
-    for env in _sample_points(symbols):
-        if out.agree >= want or out.tried >= len(_SAMPLES):
+    envs = list(_sample_points(symbols)) if envs is None else envs
+    for env in envs:
+        if out.agree >= want or out.tried >= len(envs):
             break
         out.tried += 1
         others = {s: v for s, v in env.items() if s != x}
