@@ -336,7 +336,7 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
         status = _result.unbounded(status, x, x0, fun, partial(_value_at, prog, ds, columns))
     fields = {
         "x": x, "fun": fun, "grad_norm": grad_norm, "jac": grad, "nit": nit, "nfev": nfev, "history": history,
-        "history_every": history_every, "method": opt.name, "lr": lr_used if opt.lr is not None else None,
+        "history_every": history_every, "method": opt.name, "lr": _rate_reported(opt, prog.schedule, lr_used),
         "notes": notes, "path": path,
     }
     noise = None
@@ -438,6 +438,17 @@ def _finish(prog, lr_used, status, noise, grad_norm, tol, nit, epochs, diverged_
 
 # Program.run is _run_program itself (one Python call less per run than a method calling it)
 Program.run = _run_program
+
+
+def _rate_reported(opt, schedule, lr_used):
+    """res.lr: the one rate the run took: lr="auto"'s choice, a constant schedule's (the
+    method's lr by default); None for a schedule whose rate changes, and for a method without
+    a rate (a schedule replaces lr: minimize(lr=0.3, schedule=constant(0.1)) steps by 0.1)."""
+    if opt.lr is None:
+        return None
+    if opt.lr == "auto" or schedule is None:
+        return lr_used
+    return float(schedule.initial) if isinstance(schedule, constant) else None
 
 
 def _decaying(schedule) -> bool:

@@ -188,7 +188,8 @@ class OptimizeResult:
     first-order methods), ``success``, ``status``, ``message``, ``history`` (the cost per
     iteration, or per epoch for minibatch runs: the mean of the epoch's minibatch costs),
     ``history_every`` (full batch: the history holds every k-th iteration's cost, k = 1 up to
-    10,000 iterations), ``method``, ``lr`` (the rate used, when one), ``notes`` (choices made
+    10,000 iterations), ``method``, ``lr`` (the rate used, when one: None for a method without one or a schedule
+    whose rate changes), ``notes`` (choices made
     for the user, e.g. by ``lr="auto"``), ``path`` (a cost of at most two parameters, a
     tensor's entries counted: the iterates beside ``history``, what :func:`calcml.plot_path`
     draws; else None).

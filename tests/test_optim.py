@@ -1263,3 +1263,20 @@ def test_a_run_that_ends_within_an_epoch_keeps_that_part_in_its_history():
     assert res.status == cm.result.MAXITER and "Maximum number of iterations reached (25)" in res.message
     res = cm.minimize(ct, np.zeros(2), data=Dt, method="sgd", lr=0.01, batch_size=10, maxiter=40, tol=0.0)
     assert res.status == cm.result.EPOCHS_DONE and "Completed 2 epochs" in res.message
+
+
+def test_res_lr_is_the_rate_the_run_took():
+    """A schedule replaces lr: with constant(0.1) the steps are 0.1 and res.lr says so (it said
+    the lr argument, 0.3, or the method's default); a decaying schedule has no one rate (None)."""
+    a = cm.params("a")
+    cost = cm.Cost((a - 1) ** 2, params=[a])
+    res = cm.minimize(cost, np.zeros(1), method="gd", lr=0.3, schedule=cm.schedules.constant(0.1), maxiter=1)
+    assert res.lr == 0.1 and res.x[0] == pytest.approx(0.2)  # one step: 0 - 0.1 * 2 * (0 - 1)
+    assert cm.minimize(cost, np.zeros(1), method="gd", schedule=cm.schedules.exponential(0.1, 0.9), maxiter=3).lr is None
+    assert cm.minimize(cost, np.zeros(1), method="gd", lr=0.2, maxiter=3).lr == 0.2
+    v = cm.params("v", shape=(2,))
+    j = cm.index("j", 2)
+    tensor = cm.Cost(cm.sum((v[j] - 1) ** 2, j), params=[v])
+    res = cm.minimize(tensor, np.zeros(2), method="gd", lr=0.3, schedule=cm.schedules.constant(0.1), maxiter=1)
+    assert res.lr == 0.1 and res.x == pytest.approx([0.2, 0.2])
+    assert cm.minimize(tensor, np.zeros(2), method="gd", schedule=cm.schedules.cosine(0.1, 10), maxiter=3).lr is None

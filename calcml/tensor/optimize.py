@@ -838,7 +838,7 @@ def _auto_rate(prog: TensorProgram, x, ev, notes, differences=None) -> float:
 def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, progress=False):
     cost, opt = prog.cost, prog.optimizer
     x = _x0(cost, x0)
-    from ..program import _count, _decaying  # the scalar path's check of a count: one message for both
+    from ..program import _count, _decaying, _rate_reported  # the scalar path's check of a count: one message for both
 
     epochs = _count("epochs", epochs)
     maxiter = _count("maxiter", maxiter, minimum=0)
@@ -929,7 +929,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     return _result.OptimizeResult(
         x=rep["x"], params=cost.unpack(rep["x"]), fun=float(rep["fun"]), grad_norm=float(rep["grad_norm"]),
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
-        history=rep["history"], history_every=1, method=opt.name, lr=lr_used if opt.lr is not None else None,
+        history=rep["history"], history_every=1, method=opt.name, lr=_rate_reported(opt, prog.schedule, lr_used),
         notes=notes, path=rep.get("path"))
 
 
