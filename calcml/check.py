@@ -93,9 +93,6 @@ def check_gradient(cost: Cost, grad_fn, data=None, points=None, *, rtol: float =
                 raise ParamError(f"grad_fn returned a dict with {sorted(map(str, out))}; expected the parameters "
                                  f"{list(cost.param_names)}")
             out = [out[name] for name in cost.param_names]
-        if out is None or isinstance(out, (str, bytes)):
-            raise ParamError(f"grad_fn returned {type(out).__name__}; expected one value per parameter in the order "
-                             f"{list(cost.param_names)}")
         arr = real_array(out, "grad_fn's gradient", ParamError)
         if arr.shape != (n,):
             raise ParamError(f"grad_fn returned shape {arr.shape}; expected ({n},), one value per parameter "

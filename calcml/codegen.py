@@ -92,6 +92,8 @@ def derive(cost: Cost, with_hessian: bool) -> _Symbolic:
     else:
         grad = [sp.diff(stable, p) for p in cost.params]
         hess = [sp.diff(grad[i], cost.params[j]) for i, j in pairs]
+    # products with DiracDelta become DiracTimes before the CSE, which could part them (the printer
+    # makes the same rewrite of every expression it prints: the backprop path, the tensor kernels)
     grad = [dirac_products(stabilize(g)) for g in grad]
     hess = [dirac_products(stabilize(h)) for h in hess]
     return _Symbolic(dirac_products(stable), grad, hess, pairs)
@@ -153,8 +155,7 @@ def plan(sym: _Symbolic, data_symbols) -> _Plan:
 def plan_backprop(cost: Cost) -> _Plan:
     """Value and gradient by reverse-mode sweeps over the stable expression (no CSE needed)."""
     temps, value, grads = backprop(stabilize(cost.expr), cost.params)
-    temps = [(s, dirac_products(e)) for s, e in temps]
-    return _classify(temps, [dirac_products(e) for e in (value, *grads)], cost.data)
+    return _classify(temps, [value, *grads], cost.data)
 
 
 def _classify(temps, outputs, data_symbols) -> _Plan:

@@ -240,8 +240,6 @@ class Kernels:
             # the common case: a finite dot product proves every entry finite
             if math.isfinite(theta.dot(theta)):
                 return theta
-        if isinstance(theta, (str, bytes)) or theta is None:
-            raise ParamError(f"theta must be a 1-D array of {self._n} floats, got {type(theta).__name__}")
         t = real_array(theta, "theta", ParamError)
         if t.ndim != 1 or t.shape[0] != self._n:
             raise ParamError(

@@ -98,8 +98,11 @@ _KINDS = {"c": "complex numbers", "U": "strings", "S": "bytes", "O": "Python obj
 
 def real_array(values, what: str, error=DataError, copy: bool = False) -> np.ndarray:
     """``values`` as a float64 array (a new one with ``copy``); complex numbers, strings or
-    objects (None among numbers) are an ``error`` naming ``what``: NumPy's conversion would drop
-    an imaginary part with no more than a warning, and read strings as numbers."""
+    objects (None among numbers), and None or a string itself, are an ``error`` naming ``what``:
+    NumPy's conversion would drop an imaginary part with no more than a warning, and read strings
+    as numbers."""
+    if values is None or isinstance(values, (str, bytes)):
+        raise error(f"{what} must be an array of numbers, got {type(values).__name__}")
     try:
         a = np.asarray(values)
     except Exception:  # noqa: BLE001 - ragged nested lists, and the like

@@ -34,7 +34,9 @@ class DiracTimes(sp.Function):
     (``_dirac_times``): 0 where z != 0, and at z = 0 also 0 when r is 0 there. A derivative
     of a step times what vanishes with its argument (``u**2 * DiracDelta(u)`` in the gradient
     of ``Heaviside(u) * u**2``, ``relu(u) * DiracDelta(u)`` in the Hessian of ``relu(u)**2``)
-    is 0 at the kink, not 0 * NaN. Made by :func:`dirac_products` just before printing."""
+    is 0 at the kink, not 0 * NaN. Made by :func:`dirac_products`: in ``doprint_expr`` for
+    every expression printed, and before the scalar kernels' CSE, which could otherwise take
+    ``DiracDelta(u)`` into a temporary of its own, away from its factor."""
 
     nargs = 2
 
@@ -205,7 +207,7 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
             if found is not None:
                 return found
         try:
-            text = self._print(expr)
+            text = self._print(dirac_products(expr))
         except PrintMethodNotImplementedError as exc:
             raise CodegenError(f"cannot compile {expr}: {exc.args[0].splitlines()[0]}") from None
         if memo is not None:

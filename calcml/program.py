@@ -120,8 +120,6 @@ def _as_x0(cost: Cost, x0, names=None) -> np.ndarray:
             raise ParamError(f"x0 is missing parameter{'s' if len(missing) > 1 else ''} "
                              f"{', '.join(repr(m) for m in missing)}")
         x0 = [x0[k] for k in names]
-    if isinstance(x0, (str, bytes)) or x0 is None:
-        raise ParamError(f"x0 must be a 1-D array of {len(names)} floats or a dict of them, got {type(x0).__name__}")
     x = real_array(x0, "x0", ParamError, copy=True)
     if x.ndim != 1 or x.shape[0] != len(names):
         raise ParamError(f"x0 must have shape ({len(names)},) in the order {list(names)}; got shape {x.shape}")

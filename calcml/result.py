@@ -103,6 +103,7 @@ def unbounded(status: int, x, x0, fun, value) -> int:
 # (OptimizeResult.path: what plot_path draws).
 PATH_MAX_PARAMS = 2
 
+
 def start_error(fun: float, grad, names) -> str | None:
     """What is wrong at x0 when a run stopped there (cost or gradient not finite), or None: the
     message of the ParamError that calcml raises instead of calling the run diverged (a smaller
@@ -188,11 +189,10 @@ class OptimizeResult:
     first-order methods), ``success``, ``status``, ``message``, ``history`` (the cost per
     iteration, or per epoch for minibatch runs: the mean of the epoch's minibatch costs),
     ``history_every`` (full batch: the history holds every k-th iteration's cost, k = 1 up to
-    10,000 iterations), ``method``, ``lr`` (the rate used, when one: None for a method without one or a schedule
-    whose rate changes), ``notes`` (choices made
-    for the user, e.g. by ``lr="auto"``), ``path`` (a cost of at most two parameters, a
-    tensor's entries counted: the iterates beside ``history``, what :func:`calcml.plot_path`
-    draws; else None).
+    10,000 iterations), ``method``, ``lr`` (the rate used, when one: None for a method without
+    one or a schedule whose rate changes), ``notes`` (choices made for the user, e.g. by
+    ``lr="auto"``), ``path`` (a cost of at most two parameters, a tensor's entries counted: the
+    iterates beside ``history``, what :func:`calcml.plot_path` draws; else None).
     """
 
     x: np.ndarray

@@ -25,7 +25,7 @@ import sympy as sp
 
 from .. import ir
 from ..errors import CodegenError
-from ..printing import NumbaPrinter, dirac_products
+from ..printing import NumbaPrinter
 from .graph import ROW, SCALE, Graph, Tensor
 from .statement import axis_range
 
@@ -380,7 +380,7 @@ class _Writer:
     def expr(self, e) -> str:
         """``e`` printed now: the names of loop variables, the fused row loop's locals and
         its cse temporaries are those of this point of the writing."""
-        return self.printer.doprint_expr(dirac_products(e))
+        return self.printer.doprint_expr(e)
 
     def describe(self, t: Tensor) -> str:
         axes = (["r"] if t.row else []) + [str(i.label) for i in t.free]

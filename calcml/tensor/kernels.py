@@ -161,8 +161,6 @@ def as_tensor_data(cost: TensorCost, data, check_finite: bool = False) -> Tensor
                     r = int(np.flatnonzero((a < 0) | (a >= item.classes))[0])
                     raise DataError(f"labels {name!r}: row {r} holds class {int(a[r])}, outside 0 … {item.classes - 1}")
         else:
-            if raw is None or isinstance(raw, (str, bytes)):
-                raise DataError(f"data {name!r} must be an array of numbers, got {type(raw).__name__}")
             a = np.ascontiguousarray(real_array(raw, f"data {name!r}"))
             if a.shape[1:] != shape or a.ndim != 1 + len(shape):
                 want = "(N,)" if not shape else f"(N, {', '.join(map(str, shape))})"
@@ -358,8 +356,6 @@ class TensorKernels:
     def _theta(self, theta, what="theta") -> np.ndarray:
         if isinstance(theta, dict):
             return self.cost.pack(theta)
-        if isinstance(theta, (str, bytes)) or theta is None:
-            raise ParamError(f"{what} must be a 1-D array of {self._n} floats, got {type(theta).__name__}")
         t = np.ascontiguousarray(real_array(theta, what, ParamError))
         if t.shape != (self._n,):
             raise ParamError(f"{what} must have shape ({self._n},) (parameters {list(self.cost.param_names)} in C "

@@ -246,8 +246,6 @@ class TensorCost(Cost):
             raise ParamError(f"missing parameter{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
         parts = []
         for name, shape in self.param_shapes.items():
-            if values[name] is None or isinstance(values[name], (str, bytes)):
-                raise ParamError(f"parameter {name!r} must be numbers of shape {shape}, got {type(values[name]).__name__}")
             a = real_array(values[name], f"parameter {name!r}", ParamError)
             if a.shape != shape:
                 raise ParamError(f"parameter {name!r} has shape {shape}, got an array of shape {a.shape}")

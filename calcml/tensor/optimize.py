@@ -744,9 +744,6 @@ class TensorProgram:
 def _x0(cost: TensorCost, x0) -> np.ndarray:
     if isinstance(x0, dict):
         return cost.pack(x0)
-    if x0 is None or isinstance(x0, (str, bytes)):
-        raise ParamError(f"x0 must be a 1-D array of {cost.n_params} floats or a dict of arrays, got "
-                         f"{type(x0).__name__}")
     x = real_array(x0, "x0", ParamError, copy=True)
     if x.shape != (cost.n_params,):
         raise ParamError(f"x0 must have shape ({cost.n_params},) (parameters {list(cost.param_names)} flat, in C "

@@ -235,9 +235,6 @@ def check_gradient_tensor(cost: TensorCost, grad_fn, data, points, rtol: float, 
         if isinstance(out, dict):  # {name: array}, as unpack gives and res.params holds
             a = cost.pack(out)
         else:
-            if out is None or isinstance(out, (str, bytes)):
-                raise ParamError(f"grad_fn returned {type(out).__name__}; expected the flat gradient in theta order "
-                                 f"or a dict {{name: array}}")
             a = real_array(out, "grad_fn's gradient", ParamError).reshape(-1)
         if a.shape != (n,):
             raise ParamError(f"grad_fn returned {a.shape[0]} values; expected {n}, the flat gradient in theta order "
