@@ -1162,7 +1162,7 @@ class DaskFit:
         shuffled by a generator seeded with ``seeds[j]``) where each chunk is: one chain of Dask
         tasks, each running the module's ``_epoch`` over its chunk and handing the parameters
         and the optimizer's state to the next. ``carry``: (theta, state, steps, sum of the
-        minibatch costs, updates, status), the epoch's start; returns its end."""
+        minibatch costs weighted by their rows, rows, updates, status), the epoch's start; returns its end."""
         dask = _dask()
         spec = self._loop_spec(prog)
         task = dask.delayed(_epoch_on_chunk, pure=False)
@@ -1260,9 +1260,9 @@ class LoopSpec:
 
 def _epoch_on_chunk(spec: LoopSpec, carry, chunk, seed, batch_size, budget, hyper, sa, n_rows, blowup):
     """On a worker: the module's ``_epoch`` over one chunk, its rows in the order of a
-    generator seeded with ``seed``, from ``carry`` (theta, state, steps, cost sum, updates,
+    generator seeded with ``seed``, from ``carry`` (theta, state, steps, row-weighted cost sum, rows, updates,
     status); returns the carry for the next chunk."""
-    theta, state, nit, total, done, code = carry
+    theta, state, nit, total, rows, done, code = carry
     if code != spec.running or nit >= budget:
         return carry
     mod = _shipped_module(spec.key, spec.source)
@@ -1271,12 +1271,12 @@ def _epoch_on_chunk(spec: LoopSpec, carry, chunk, seed, batch_size, budget, hype
     theta = theta.copy()
     state = tuple(a.copy() for a in state)
     k, part, code = run_chunk(mod, theta, state, arrays, n, seed, batch_size, nit, budget, hyper, sa, n_rows, blowup)
-    return (theta, state, nit + k, total + part, done + k, code)
+    return (theta, state, nit + k, total + part, rows + min(k * batch_size, n), done + k, code)
 
 
 def run_chunk(mod, theta, state, arrays, n, seed, batch_size, nit, budget, hyper, sa, n_rows, blowup):
     """The module's ``_epoch`` over one chunk of ``n`` rows in memory (theta and the state
-    updated in place): (updates, sum of the minibatch costs, status)."""
+    updated in place): (updates, the minibatch costs' sum weighted by their rows, status)."""
     perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
     bufs = tuple(np.empty((batch_size,) + a.shape[1:], dtype=a.dtype) for a in arrays)
     cols = mod.columns(arrays, n, mod.REDUCE_MEAN)

@@ -73,7 +73,7 @@ __all__ = ["generate_source", "load_module"]
 BLOWUP = 1e10
 # Full-batch history keeps at most this many entries (every k-th iteration beyond): a fresh
 # array per run, and touching a large one costs page faults (W4: 100,000 steps, +50%).
-HISTORY_MAX = 10_000
+HISTORY_MAX = _result.HISTORY_MAX
 # Costs with at most this many parameters record the iterates beside the history entries.
 PATH_MAX_PARAMS = _result.PATH_MAX_PARAMS
 DEFAULT_EPOCHS = 10
@@ -1075,6 +1075,14 @@ class _Generator:
             ]) if self.has_data else (), comment="the report is written here, at the best point"),
             ir.Assign("f", f"{'work' if self._work_size() <= 64 else 'work[:N_FLOATS]'}.tolist()"),
             ir.Assign("n_hist", f"i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]"),
+            None if self.minibatch else ir.If(
+                "i[I_STATUS] != DIVERGED and i[I_STATUS] != INTERRUPTED and (n_hist == 0 or i[I_HIST_NEXT] - "
+                "i[I_HIST_EVERY] != i[I_STEP])", [
+                    ir.Assign("history[n_hist]", "f[F_FUN]"),
+                    ir.Assign("path[n_hist]", "xout") if self.n <= PATH_MAX_PARAMS else None,
+                    ir.AugAssign("n_hist", "+", 1),
+                ], comment="the run's last iterate, off the history's stride (or maxiter=0's x0): its cost, the "
+                           "report's, ends the history"),
             ir.Assign("full", "n_hist == i[I_HIST_LEN]", "the arrays are the report's as they are"),
             ir.If("i[I_POS] > 0 and math.isfinite(f[F_EPOCH_SUM])", [
                 ir.Assign("history", "np.append(history[:n_hist], f[F_EPOCH_SUM] "
@@ -1135,7 +1143,7 @@ class _Generator:
             [ir.Assign(f"work[O_SA + {k}]", f"schedule_args[{k}]") for k in range(self._n_sched())],
             [ir.Assign("n_hist", "max(1, max_epochs)"), ir.Assign("hist_every", 1)] if mb else
             [ir.Assign("hist_every", "-(-(max_steps + 1) // HISTORY_MAX)"),
-             ir.Assign("n_hist", "max_steps // hist_every + 1")],
+             ir.Assign("n_hist", "max_steps // hist_every + 2", "every hist_every-th step's, then the last's")],
             ir.Assign("ints", "np.zeros(N_INTS, dtype=np.int64)"),
             ir.Assign("ints[I_HIST_EVERY]", "hist_every"),
             ir.Assign("ints[I_HIST_LEN]", "n_hist"),

@@ -102,6 +102,9 @@ def unbounded(status: int, x, x0, fun, value) -> int:
 # Costs with at most this many parameters record the iterates beside the history entries
 # (OptimizeResult.path: what plot_path draws).
 PATH_MAX_PARAMS = 2
+# A full-batch history keeps at most about this many entries: every k-th iteration's beyond
+# (OptimizeResult.history_every), and always the last one.
+HISTORY_MAX = 10_000
 
 
 def start_error(fun: float, grad, names) -> str | None:
@@ -186,9 +189,11 @@ class OptimizeResult:
     ``x`` (array, ``cost.params`` order), ``params`` (name -> float), ``fun`` (the full cost
     at ``x``), ``grad_norm`` (Euclidean norm of the full gradient at ``x``), ``jac`` (that
     gradient), ``nit`` (optimizer updates), ``nfev`` (cost evaluations by line searches, 0 for
-    first-order methods), ``success``, ``status``, ``message``, ``history`` (the cost per
-    iteration, or per epoch for minibatch runs: the mean of the epoch's minibatch costs),
-    ``history_every`` (full batch: the history holds every k-th iteration's cost, k = 1 up to
+    first-order methods), ``success``, ``status``, ``message``, ``history`` (full batch: the
+    cost at each iterate, x0's first and the last one's last, so ``history[-1] == fun`` unless
+    the run diverged or was stopped; minibatch runs: per epoch, the mean of its minibatch costs
+    weighted by their rows, and the same for an unfinished last epoch), ``history_every``
+    (full batch: the history holds every k-th iterate's cost and the last one's, k = 1 up to
     10,000 iterations), ``method``, ``lr`` (the rate used, when one: None for a method without
     one or a schedule whose rate changes), ``notes`` (choices made for the user, e.g. by
     ``lr="auto"``), ``path`` (a cost of at most two parameters, a tensor's entries counted: the

@@ -150,8 +150,8 @@ def test_update_rule_step_by_step(rosen_programs, name):
         res = prog.run(x0, maxiter=k, tol=0.0)
         assert res.nit == k
         np.testing.assert_allclose(res.x, want[k], rtol=1e-12, atol=1e-14, err_msg=f"{name} step {k}")
-    # the history holds the cost at each iterate before its update
-    np.testing.assert_allclose(res.history, [rosen_f(x) for x in want[:20]], rtol=1e-12)
+    # the history holds the cost at each iterate, x0's first, the last one's last
+    np.testing.assert_allclose(res.history, [rosen_f(x) for x in want[:21]], rtol=1e-12)
 
 
 def splitmix_shuffles(seed, n, epochs):
@@ -468,8 +468,9 @@ def test_divergence_stops_at_once_with_the_best_point(name, lr):
 
 def test_long_history_is_subsampled(rosen_programs):
     res = rosen_programs["gd"].run([-1.2, 1.0], maxiter=25_000, tol=0.0)
-    assert res.history_every == 3 and len(res.history) == 25_000 // 3 + 1
+    assert res.history_every == 3 and len(res.history) == 25_000 // 3 + 2  # steps 0, 3, …, 24_999 and the last
     assert res.history[1] == pytest.approx(rosen_f(numpy_trajectory("gd", {}, lambda t: 1e-3, [-1.2, 1.0], 3)[3]), rel=1e-12)
+    assert res.history[-1] == res.fun
 
 
 def test_divergence_minibatch(linreg_data):

@@ -99,10 +99,10 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     full: the full-data evaluation, (theta, cols, g) -> value (default full_value_and_grad;
     calcml passes the same stripes on its threads: the same bits). epoch: one epoch of
     minibatches run elsewhere, (theta, step, budget, hyper, sa, blowup, state) -> (status,
-    updates, sum of the minibatch costs), making per_epoch updates (calcml: over the chunks
+    updates, the minibatch costs' sum weighted by their rows, the rows), making per_epoch updates (calcml: over the chunks
     of Dask data); default: _epoch over a seeded shuffle of all rows. loop: what runs in place
     of _full_steps or _epoch, with its arguments (calcml: loop_c's machine code).
-    Returns a dict: x, fun, grad, grad_norm, nit, nfev, status, history, epochs, best_step,
+    Returns a dict: x, fun, grad, grad_norm, nit, nfev, status, history, history_every, epochs, best_step,
     best_value, diverged_at, blowup."""
     evaluate = full_value_and_grad if full is None else full
     theta = np.array(x0, dtype=np.float64)
@@ -116,8 +116,10 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     state = new_state()
     best = theta.copy()
     best_value, best_step = value, 0
-    history = [value]
-    path = [theta.copy()] if PATH_COLS else None  # the iterates beside the history (PATH_COLS parameters)
+    history_every = 1
+    # full batch: the cost at each iterate, x0 first; minibatches: each epoch's mean minibatch cost
+    history = [] if MINIBATCH else [value]
+    path = ([] if MINIBATCH else [theta.copy()]) if PATH_COLS else None  # the iterates beside the history
     status, nit, nfev, epochs_done, diverged_at = RUNNING, 0, 0, 0, -1
     gnorm = math.sqrt(float(g @ g))
     if not math.isfinite(value) or not math.isfinite(gnorm):
@@ -142,14 +144,15 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                     perm = rng.permutation(n_rows).astype(np.int64)
                     code, done, total = (loop or _epoch)(theta, g, perm, batch_size, nit, budget - nit, hyper, sa,
                                                          cols, bufs, scale_mean, n_rows, blowup, *state)
+                    rows = min(done * batch_size, n_rows)
                 else:
-                    code, done, total = epoch(theta, nit, budget, hyper, sa, blowup, state)
+                    code, done, total, rows = epoch(theta, nit, budget, hyper, sa, blowup, state)
                 nit += done
                 if code == DIVERGED:
                     status, diverged_at = DIVERGED, nit
                     break
                 epochs_done += done == per_epoch  # (a run's budget may end it within an epoch)
-                mean_cost = total / max(done, 1)
+                mean_cost = total / max(rows, 1)  # weighted by the minibatches' rows (a short last one weighs less)
                 history.append(mean_cost)
                 if path is not None:
                     path.append(theta.copy())
@@ -190,6 +193,14 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             history.extend(steps_made[:, 0].tolist())
             if path is not None:
                 path.extend(steps_made[:, 1:])
+            history_every = -(-(budget + 1) // HISTORY_MAX)
+            if history_every > 1:  # every history_every-th iterate's cost (x0's first), and the last one's
+                kept = list(range(0, len(history), history_every))
+                if kept[-1] != len(history) - 1:
+                    kept.append(len(history) - 1)
+                history = [history[k] for k in kept]
+                if path is not None:
+                    path = [path[k] for k in kept]
             if status == RUNNING:
                 status = MAXITER
     except KeyboardInterrupt:
@@ -203,7 +214,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
         fun = evaluate(x, cols, g)
         grad_norm = math.sqrt(float(g @ g))
     return {"x": x, "fun": fun, "grad": g.copy(), "grad_norm": grad_norm, "nit": nit, "nfev": nfev,
-            "status": status, "history": np.array(history), "epochs": epochs_done, "best_step": best_step,
+            "status": status, "history": np.array(history), "history_every": history_every, "epochs": epochs_done, "best_step": best_step,
             "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup,
             "path": None if path is None else np.array(path)}
 '''
@@ -522,7 +533,7 @@ class _Source:
         return _jit(
             "_epoch", f"theta, g, o_perm, o_batch, o_step0, o_max_steps, o_hyper, o_sa, cols, o_bufs, o_mean, o_rows, o_blowup{tail}",
             "one epoch of minibatches in the order perm (at most max_steps updates).\n"
-            "Returns (status, updates, sum of the minibatch costs)",
+            "Returns (status, updates, the minibatch costs' sum, each weighted by its rows)",
             [ir.Assign("o_v", "np.empty(0)"),
              ir.Assign("o_acc", f"np.zeros({max(self.sizes['vg'], 1)})"),
              ir.Assign("o_res", "np.empty(N_PARAMS + 1)"),
@@ -544,7 +555,7 @@ class _Source:
                  _each("o_i", "N_PARAMS", ir.Assign("g[o_i]", "o_res[o_i + 1]")),
                  ir.Assign("o_step", "o_step0 + o_count"),
                  ir.Stmt(f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})"),
-                 ir.AugAssign("o_total", "+", "o_f"),
+                 ir.AugAssign("o_total", "+", "o_f * o_nb"),
                  ir.AugAssign("o_count", "+", "1"),
              ]),
              ir.Return("RUNNING, o_count, o_total")],
@@ -639,6 +650,7 @@ class _Source:
             ir.Comment(f"-- the optimizer: {opt!r}" + (f", schedule {self.schedule!r}" if self.schedule else "")),
             self._constants(MINIBATCH=self.minibatch, REDUCE_MEAN=cost.reduce == "mean", STRIPES=STRIPES,
                             PATH_COLS=self.path_cols, HIST_STRIDE=1 + self.path_cols,
+                            HISTORY_MAX=_result.HISTORY_MAX,
                             DEFAULT_EPOCHS=10, DEFAULT_MAXITER=opt.default_maxiter, DATA_NAMES=cost.data_names,
                             PARAM_NAMES=cost.param_names, PARAM_SHAPES=tuple(cost.param_shapes.values()),
                             HYPER_NAMES=tuple(opt.hyper), DATA_LAYOUT=_layout(cost)),
@@ -926,7 +938,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     return _result.OptimizeResult(
         x=rep["x"], params=cost.unpack(rep["x"]), fun=float(rep["fun"]), grad_norm=float(rep["grad_norm"]),
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
-        history=rep["history"], history_every=1, method=opt.name, lr=_rate_reported(opt, prog.schedule, lr_used),
+        history=rep["history"], history_every=rep.get("history_every", 1), method=opt.name, lr=_rate_reported(opt, prog.schedule, lr_used),
         notes=notes, path=rep.get("path"))
 
 
@@ -1123,21 +1135,21 @@ def _chunk_epochs(prog: TensorProgram, over, seed: int):
         order = rng.permutation(len(sizes))
         seeds = rng.integers(0, 2**63, size=len(sizes))  # the j-th visited chunk's row order
         if MINIBATCH_WHERE == "chunks":  # one chain of tasks, each where its chunk is
-            theta[:], after, _step, total, done, code = over.epoch(
-                prog, (theta, state, step, 0.0, 0, mod.RUNNING), order, seeds, batch, budget, hyper, sa, blowup)
+            theta[:], after, _step, total, rows, done, code = over.epoch(
+                prog, (theta, state, step, 0.0, 0, 0, mod.RUNNING), order, seeds, batch, budget, hyper, sa, blowup)
             for a, b in zip(state, after):
                 a[:] = b
-            return code, done, total
-        total, done, code = 0.0, 0, mod.RUNNING  # each chunk fetched here
+            return code, done, total, rows
+        total, rows, done, code = 0.0, 0, 0, mod.RUNNING  # each chunk fetched here
         for c, chunk_seed in zip(order, seeds):
             if step + done >= budget or not sizes[c]:
                 continue
             k, part, code = run_chunk(mod, theta, state, over.chunk(int(c)), sizes[c], int(chunk_seed), batch,
                                       step + done, budget, hyper, sa, n_rows, blowup)
-            done, total = done + k, total + part
+            done, total, rows = done + k, total + part, rows + min(k * batch, sizes[c])
             if code == mod.DIVERGED:
                 break
-        return code, done, total
+        return code, done, total, rows
 
     epoch.per_epoch = sum(-(-s // batch) for s in sizes)
     return epoch
