@@ -582,13 +582,12 @@ def _fmt(v) -> str:
 
 def _write_history(path, res, minibatch: bool):
     unit = "epoch" if minibatch else "iteration"  # minibatch runs keep one mean cost per epoch
-    every = getattr(res, "history_every", 1) or 1  # long full-batch runs keep every k-th cost
     try:
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow([unit, "cost"])
-            for i, v in enumerate(res.history):
-                w.writerow([i * every, repr(float(v))])
+            for i, v in zip(res.history_steps.tolist(), res.history.tolist()):
+                w.writerow([i, repr(v)])
     except OSError as exc:
         raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
 

@@ -42,12 +42,14 @@ def plot_history(res, ax=None):
     when every cost is positive. Returns the axes."""
     ax = _axes(ax, "plot_history")
     h = np.asarray(res.history, dtype=float)
-    every = getattr(res, "history_every", 1) or 1
-    ax.plot(np.arange(len(h)) * every, h, lw=1.5)
+    steps = getattr(res, "history_steps", None)
+    if steps is None:  # a result of another library: one entry per iteration
+        steps = np.arange(len(h)) * (getattr(res, "history_every", 1) or 1)
+    ax.plot(steps, h, lw=1.5)
     finite = h[np.isfinite(h)]
     if finite.size and np.all(finite > 0):
         ax.set_yscale("log")
-    ax.set_xlabel("epoch" if getattr(res, "status", None) == 2 else "iteration")
+    ax.set_xlabel("epoch" if getattr(res, "minibatch", False) else "iteration")
     ax.set_ylabel("cost")
     ax.set_title(f"{getattr(res, 'method', '')}: {str(getattr(res, 'message', '')).split(':')[0]}".strip(": "))
     return ax

@@ -335,7 +335,7 @@ def _run_program(prog: Program, x0, data=None, *, epochs=None, maxiter=None, tol
     fields = {
         "x": x, "fun": fun, "grad_norm": grad_norm, "jac": grad, "nit": nit, "nfev": nfev, "history": history,
         "history_every": history_every, "method": opt.name, "lr": _rate_reported(opt, prog.schedule, lr_used),
-        "notes": notes, "path": path,
+        "notes": notes, "path": path, "minibatch": prog.batch_size is not None,
     }
     noise = None
     if ds is not None and status in _BUDGET_SPENT:

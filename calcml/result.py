@@ -197,7 +197,9 @@ class OptimizeResult:
     10,000 iterations), ``method``, ``lr`` (the rate used, when one: None for a method without
     one or a schedule whose rate changes), ``notes`` (choices made for the user, e.g. by
     ``lr="auto"``), ``path`` (a cost of at most two parameters, a tensor's entries counted: the
-    iterates beside ``history``, what :func:`calcml.plot_path` draws; else None).
+    iterates beside ``history``, what :func:`calcml.plot_path` draws; else None),
+    ``minibatch`` (whether the run took minibatches); ``history_steps`` numbers the history's
+    entries.
     """
 
     x: np.ndarray
@@ -218,6 +220,20 @@ class OptimizeResult:
     # two-parameter costs: the iterates beside ``history`` (full batch: the point whose cost
     # is history[i]; minibatch: the parameters at the end of each epoch); else None
     path: np.ndarray | None = None
+    minibatch: bool = False  # a minibatch run: its history holds one cost per epoch
+
+    @property
+    def history_steps(self) -> np.ndarray:
+        """What each ``history`` entry belongs to: full batch, its iteration (0 for x0, every
+        ``history_every``-th, and ``nit`` for the last iterate of a run that was not stopped by a
+        divergence or Ctrl-C); minibatch, its epoch, from 1 (an unfinished last one counts)."""
+        n = len(self.history)
+        if self.minibatch:
+            return np.arange(1, n + 1)
+        steps = np.arange(n) * max(1, int(self.history_every))
+        if n and self.status not in (DIVERGED, INTERRUPTED):
+            steps[-1] = self.nit
+        return steps
 
     # -- calcml's own runs: the message and params written on first use ------------------------
     @classmethod

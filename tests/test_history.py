@@ -92,6 +92,44 @@ def test_a_long_run_keeps_every_kth_iterate_and_the_last(logistic):
         assert res.history_every == 3 and res.nit == 25_000
         assert len(res.history) == 25_000 // 3 + 2  # steps 0, 3, …, 24_999, then 25_000
         assert res.history[-1] == pytest.approx(res.fun, rel=1e-12)
+        assert res.history_steps.tolist() == [*range(0, 25_000, 3), 25_000] and not res.minibatch
+
+
+def test_history_steps_number_the_entries_in_the_plot_and_the_command_lines_csv(logistic, tmp_path):
+    """res.history_steps: the iteration of each entry (the last one's is nit, off the stride),
+    or the epoch, from 1; what plot_history draws against and `calcml fit --history` writes."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calcml.plot import plot_history
+
+    cost, data = logistic["tensor"]
+    res = cm.minimize(cost, np.zeros(D + 1), data=data, method="gd", lr=0.5, maxiter=30_000, tol=1e-3)
+    assert res.history_every == 4 and res.nit % 4 != 0
+    assert res.history_steps.tolist() == [*range(0, res.nit, 4), res.nit]
+    mb = cm.minimize(cost, np.zeros(D + 1), data=data, method="adam", lr=0.05, batch_size=50, maxiter=12)
+    assert mb.minibatch and mb.history_steps.tolist() == [1, 2, 3]  # two epochs of 5 updates, then 2 of a third
+    fig, ax = plt.subplots()
+    try:
+        line = plot_history(res, ax=ax).get_lines()[0]
+        np.testing.assert_array_equal(line.get_xdata(), res.history_steps)
+        assert plot_history(mb, ax=ax).get_xlabel() == "epoch"
+    finally:
+        plt.close(fig)
+    from calcml.cli import main
+
+    X, y = logistic["X"], logistic["y"]
+    csv = tmp_path / "rows.csv"
+    np.savetxt(csv, np.column_stack([X[:, 0], y]), delimiter=",", header="x,y", comments="")
+    hist = tmp_path / "h.csv"
+    assert main(["fit", "log(1 + exp(w*x + b)) - y*(w*x + b)", "--params", "w,b", "--data", str(csv),
+                 "--method", "gd", "--lr", "0.5", "--maxiter", "30000", "--tol", "1e-3", "--history", str(hist)]) == 0
+    rows = [line.split(",") for line in hist.read_text().splitlines()[1:]]
+    steps = [int(r[0]) for r in rows]
+    assert steps[0] == 0 and steps[1] == 4 and steps[-1] % 4 != 0 and steps[-2] == 4 * (len(rows) - 2)
 
 
 @settings(max_examples=6, deadline=None)

@@ -939,7 +939,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         x=rep["x"], params=cost.unpack(rep["x"]), fun=float(rep["fun"]), grad_norm=float(rep["grad_norm"]),
         jac=rep["grad"], nit=int(rep["nit"]), nfev=int(rep["nfev"]), success=success, status=status, message=message,
         history=rep["history"], history_every=rep.get("history_every", 1), method=opt.name, lr=_rate_reported(opt, prog.schedule, lr_used),
-        notes=notes, path=rep.get("path"))
+        notes=notes, path=rep.get("path"), minibatch=prog.batch_size is not None)
 
 
 def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
