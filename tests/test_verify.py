@@ -610,3 +610,76 @@ def test_a_wrong_case_beyond_the_fixed_samples_is_refuted():
     assert at > 5
     (v,) = cm.verify_derivative(x**2 * sp.Heaviside(x - 5), x, derivative=2 * x * sp.Heaviside(x - 5))
     assert v.status == "verified"
+
+
+def test_large_magnitudes_keep_their_digits():
+    """A difference quotient of f = x**2 + exp(300 y) (|f| about 1e404) or at x = 1e200 needs
+    the working precision to span |f| down to h |f'|: with a fixed precision both quotients
+    were exactly 0 and SymPy's own, correct 2x was refuted. The point prints short."""
+    x, y = sp.symbols("x y", real=True)
+    (v,) = cm.verify_derivative(x**2 + sp.exp(300 * y), x)
+    assert v.status == "verified"
+    (v,) = cm.verify_derivative(x**2, x, at=1e200)
+    assert v.status == "verified" and len(v.detail) < 200 and "~1.9999999999999999e+200" in v.detail
+    (v,) = cm.verify_derivative(x**2, x, at=1e80)
+    assert v.status == "verified"
+
+
+def test_wrong_derivatives_in_a_sign_case_are_refuted_and_empty_cases_skipped():
+    x, y = sp.symbols("x y", real=True)
+    # wrong where 2y < x < y (y < 0): a region the scaled sample points all miss
+    (v,) = cm.verify_derivative(sp.Max(x, 2 * y), x, derivative=sp.Heaviside(x - y))
+    assert v.status == "refuted"
+    pt = {k: float(sp.Rational(val)) for k, val in v.point.items()}
+    assert 2 * pt["y"] < pt["x"] < pt["y"]
+    # right: the case x*y > 0, y > 0, x < 0 cannot happen and no longer leaves it unproven
+    (v,) = cm.verify_derivative(sp.Abs(x * y), x, derivative=sp.sign(x) * sp.Abs(y))
+    assert v.status == "verified"
+    # off by exactly 1/1000 where a > 3: below what difference quotients resolve, proven exactly
+    a, b = cm.params("a b")
+    ros = cm.Cost((1 - a) ** 2 + 100 * (b - a**2) ** 2, params=[a, b])
+    rep = cm.verify(ros, gradient=[-2 * (1 - a) - 400 * a * (b - a**2),
+                                   200 * (b - a**2) + sp.Piecewise((sp.Rational(1, 1000), a > 3), (0, True))])
+    assert [v.status for v in rep] == ["verified", "refuted"] and rep[1].method == "exact limit in a case"
+    at = {k: sp.Rational(val) for k, val in rep[1].point.items()}
+    assert at["a"] > 3 and rep[1].expected - rep[1].actual == sp.Rational(-1, 1000)
+    assert rep[1].expected == 200 * (at["b"] - at["a"] ** 2)
+    # wrong only on 1/1000 < x < 1/500: a point between the conditions' roots, shortly written
+    (v,) = cm.verify_derivative(x**2, x, derivative=2 * x + sp.Piecewise(
+        (1, (x > sp.Rational(1, 1000)) & (x < sp.Rational(2, 1000))), (0, True)))
+    assert v.status == "refuted"
+    assert sp.Rational(1, 1000) < sp.Rational(v.detail.split("at x = ")[1].split(":")[0]) < sp.Rational(1, 500)
+
+
+def test_what_the_check_cannot_handle_is_said_plainly():
+    x = sp.Symbol("x", real=True)
+    (v,) = cm.verify_derivative(x**2, x, derivative=2 * x + sp.KroneckerDelta(x, 5))
+    assert v.status == "inconclusive" and "KroneckerDelta is not handled" in v.detail and "Error" not in v.detail
+    (v,) = cm.verify_derivative(sp.floor(x), x, at=sp.Rational(1, 2))  # SymPy has no formula: no refutation
+    assert v.status == "inconclusive"
+    (v,) = cm.verify_derivative(sp.floor(x), x)
+    assert v.status == "inconclusive" and "unevaluated Derivative" in v.detail
+
+
+def test_check_gradient_tolerance_is_rounding_not_the_row_terms_size():
+    """Large centred data (per-row terms about 1e6, their mean about 1): a gradient 0.1% off is
+    refuted (the old tolerance, 1e-3 of the row terms, let it pass), the exact one computed in
+    another order is not, and the verdict names the points it checked."""
+    w, yd = cm.params("w"), cm.data("y")
+    cost = cm.Cost((w - yd) ** 2, params=[w], data=[yd])
+    rng = np.random.default_rng(0)
+    ys = rng.standard_normal(100) * 1e6
+    ys -= ys.mean()
+    D = {"y": ys}
+    bad = cm.check_gradient(cost, lambda t, d: np.array([2 * np.mean(t[0] - d["y"]) + 1e-3]), data=D)
+    assert not bad.ok and "relative error 0.00" in bad[0].detail
+    good = cm.check_gradient(cost, lambda t, d: np.array([2 * np.mean((t[0] - d["y"])[::-1])]), data=D)
+    assert good.ok and "20 points: (w = " in good[0].detail and "not a proof" in good[0].detail
+    W, Y = cm.params("W", shape=(2,)), cm.data("Y", shape=(2,))
+    j = cm.index("j", 2)
+    tcost = cm.Cost(cm.sum((W[j] - Y[j]) ** 2, j), params=[W], data=[Y])
+    TY = np.column_stack([ys, ys[::-1]])
+    tbad = cm.check_gradient(tcost, lambda t, d: 2 * np.mean(t - d["Y"], axis=0) + np.array([1e-3, 0.0]), data={"Y": TY})
+    assert not tbad.ok
+    tgood = cm.check_gradient(tcost, lambda t, d: 2 * np.mean((t - d["Y"])[::-1], axis=0), data={"Y": TY})
+    assert tgood.ok

@@ -12,7 +12,7 @@ import sympy as sp
 from ..cost import Cost
 from ..errors import CostError
 from .checks import _Spec
-from .report import Report, _short
+from .report import Report, _fmt_coord, _short
 from .workers import _run_specs
 
 
@@ -168,7 +168,7 @@ def _make_spec(f, x, at=None, derivative=None, name=None) -> _Spec:
     if name is None:
         name = f"d/d{x.name} {_short(f, 40)}"
         if point is not None:
-            name += " at " + ", ".join(f"{s.name} = {sp.sstr(v)}" for s, v in point.items())
+            name += " at " + ", ".join(f"{s.name} = {_fmt_coord(v)}" for s, v in point.items())
     return _Spec(name=name, f=f, x=x, point=point, claimed=d)
 
 

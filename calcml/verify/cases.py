@@ -18,7 +18,7 @@ class _Undecided(Exception):
 _KINKED = tuple(cls for cls in ACTIVATIONS if not cls.smooth)  # relu
 _SIGNED = (sp.Abs, sp.sign, sp.Heaviside, *_KINKED)
 _NONSMOOTH = (sp.Abs, sp.sign, sp.Heaviside, *_KINKED, sp.Max, sp.Min, sp.Piecewise, sp.DiracDelta)
-_UNSUPPORTED = (sp.floor, sp.ceiling, sp.frac, sp.Mod)
+_UNSUPPORTED = (sp.floor, sp.ceiling, sp.frac, sp.Mod, sp.KroneckerDelta)
 
 
 def _up_to_sign(g):
@@ -176,7 +176,8 @@ def _smooth_cases(f, d):
     cases, seen = [], set()
 
     def split(fc, dc, signs):
-        keys = _sign_keys(fc, dc)
+        keys = [k for k in _sign_keys(fc, dc) if k not in signs]  # (a condition kept whole, such as
+        # an And whose other part is undecided, still names the keys already split on)
         if not keys:
             if fc.has(*_NONSMOOTH) or dc.has(*_NONSMOOTH):
                 raise _Undecided(f"could not resolve the non-smooth parts of {_short(fc, 50)}")
@@ -203,9 +204,37 @@ def _smooth_cases(f, d):
     return [k for k in _all_keys(cases)], cases
 
 
+def _product_signs_agree(signs: dict) -> bool:
+    """False when a key that is a product has a sign its factors' signs contradict: with
+    ``x < 0`` and ``y > 0``, ``x*y > 0`` is no case. A factor's sign is known when it is a
+    number, an even power, or a key itself (up to a positive factor and a flip)."""
+    for k, s in signs.items():
+        if not k.is_Mul:
+            continue
+        product = 1
+        for factor in k.args:
+            if factor.is_number:
+                fs = 1 if factor.is_positive else -1 if factor.is_negative else 0
+            elif factor.is_Pow and factor.exp.is_Integer and factor.exp.is_even:
+                fs = 1
+            else:
+                base, flip = _canon(factor)
+                fs = signs[base] * flip if base in signs else 0
+            if fs == 0:
+                break
+            product *= fs
+        else:
+            if product != s:
+                return False
+    return True
+
+
 def _realizable(signs: dict) -> bool:
-    """False only when no real x gives these signs to the keys that are polynomials in one
-    symbol x (decided exactly: between consecutive real roots every sign is constant)."""
+    """False only when no real x gives these signs: a product key whose factors' signs
+    contradict it, or keys that are polynomials in one symbol x (decided exactly: between
+    consecutive real roots every sign is constant)."""
+    if not _product_signs_agree(signs):
+        return False
     by_symbol: dict = {}
     for k, s in signs.items():
         syms = k.free_symbols
@@ -225,28 +254,46 @@ def _realizable(signs: dict) -> bool:
 
 
 def _realizable_1d(v, items) -> bool:
+    for p in _cut_points(v, [k for k, _ in items]):
+        if all(sp.sign(k.subs(v, p)) == s for k, s in items):
+            return True
+    return False
+
+
+def _cut_points(v, keys) -> list:
+    """One exact, short rational in each interval of the real line that the real roots of the
+    polynomials ``keys`` (in ``v`` alone) cut it into: every combination of their signs off
+    the roots is taken at one of these points."""
     roots = set()
-    for k, _ in items:
+    for k in keys:
         roots.update(sp.Poly(k, v).real_roots())
     ordered = sorted(roots, key=lambda r: sp.N(r, 50))
     for a, b in zip(ordered, ordered[1:]):
         if not bool(a < b):  # numeric order confirmed exactly, else give up
             raise _Undecided("root order")
-    points = []
     if not ordered:
-        points = [sp.Integer(0)]
-    else:
-        points.append(sp.floor(ordered[0]) - 1)
-        points.append(sp.ceiling(ordered[-1]) + 1)
-        for a, b in zip(ordered, ordered[1:]):
-            p = sp.Rational(sp.N((a + b) / 2, 60))
-            if not (bool(a < p) and bool(p < b)):
-                raise _Undecided("test point")
-            points.append(p)
-    for p in points:
-        if all(sp.sign(k.subs(v, p)) == s for k, s in items):
-            return True
-    return False
+        return [sp.Integer(0)]
+    points = [sp.floor(ordered[0]) - 1, sp.ceiling(ordered[-1]) + 1]
+    for a, b in zip(ordered, ordered[1:]):
+        points.append(_simple_between(a, b))
+    return points
+
+
+def _simple_between(a, b):
+    """A rational strictly between the real numbers a < b, of small denominator (what a
+    message shows): the first of the midpoint's continued-fraction approximations inside."""
+    from fractions import Fraction
+
+    mid = Fraction(str(sp.N((a + b) / 2, 60)))
+    limit = 1
+    while True:
+        q = mid.limit_denominator(limit)
+        p = sp.Rational(q.numerator, q.denominator)
+        if bool(a < p) and bool(p < b):
+            return p
+        if limit > 10**60:
+            raise _Undecided("test point")
+        limit *= 10
 
 
 def _all_keys(cases):

@@ -24,7 +24,7 @@ from .numeric import (
     _sample_points,
     _sides_summary,
 )
-from .report import Verdict, _short
+from .report import Verdict, _fmt_coord, _fmt_num, _short
 
 
 @dataclass
@@ -85,6 +85,9 @@ def _check_general(spec, f, x, d, exact, emit) -> Verdict:
                     found = _numeric_general(spec, f, x, d, exact, want=len(inside), envs=inside)
                     if found.refutation is not None:
                         return found.refutation
+                    refuted = _case_refutation(name, L, dc, signs, inside, where)
+                    if refuted is not None:
+                        return refuted
             return undecided(f"the limit{where} is {_short(L)}, which could not be proven equal to {_short(dc)}")
     if num.conflict:
         return Verdict(name, "inconclusive", "symbolic limit", f"exact proof found but {num.conflict}")
@@ -122,13 +125,35 @@ def _exact_refutation(name, x, L, d):
 # -- at a point ---------------------------------------------------------------------------
 
 
+def _case_refutation(name, L, dc, signs, points, where):
+    """The case's limit L and the derivative under test dc evaluated exactly at a point inside
+    the case (every sign key's sign checked exactly there): a proven difference refutes, such
+    as a derivative off by exactly 1/1000 where a > 3, below what difference quotients tell."""
+    for env in points:
+        try:
+            if any(sp.sign(k.subs(env)) != s for k, s in signs.items()):
+                continue
+            Lv, dv = L.subs(env), dc.subs(env)
+            if not (_value_status(Lv) == "real" and _value_status(dv) == "real"):
+                continue
+            if (Lv - dv).is_zero is False:
+                point = {s.name: v for s, v in sorted(env.items(), key=lambda kv: kv[0].name)}
+                text = ", ".join(f"{s.name} = {_fmt_coord(v)}" for s, v in sorted(env.items(), key=lambda kv: kv[0].name))
+                return Verdict(name, "refuted", "exact limit in a case",
+                               f"at {text}{where}: the limit of the difference quotient is exactly {_fmt_num(Lv)}, "
+                               f"the derivative under test gives {_fmt_num(dv)}", point, Lv, dv)
+        except (TypeError, ValueError, AttributeError, RecursionError):
+            continue
+    return None
+
+
 def _check_point(spec, f, x, d, exact, emit) -> Verdict:
     name = spec.name
     a = spec.point[x]
     others = {s: v for s, v in spec.point.items() if s != x}
     if others:
         f, d, exact = f.subs(others), d.subs(others), exact.subs(others)
-    where = f"{x.name} = {sp.sstr(a)}"
+    where = f"{x.name} = {_fmt_coord(a)}"
     fa = f.subs(x, a)
     status = _value_status(fa)
     if status == "undefined":
@@ -156,7 +181,7 @@ def _check_point(spec, f, x, d, exact, emit) -> Verdict:
 
 
 def _point_symbolic(name, point, f, x, a, fa, d, sides, env) -> Verdict:
-    where = f"{x.name} = {sp.sstr(a)}"
+    where = f"{x.name} = {_fmt_coord(a)}"
     pt = _point_repr(point)
     method = "one-sided limits"
     limits = {}
@@ -212,7 +237,7 @@ def _point_symbolic(name, point, f, x, a, fa, d, sides, env) -> Verdict:
                        f"test is {_short(da)} there", pt, Lr, da)
     if _proven_zero(Lr - da):
         return Verdict(name, "verified", method,
-                       f"both one-sided limits at {where} equal {_short(Lr)}, the value of {_short(d, 50)}", pt)
+                       f"both one-sided limits at {where} equal {_fmt_num(Lr)}, the value of {_short(d, 50)}", pt)
     diff_env, diff = _numeric_difference(Lr - da, (Lr - da).free_symbols)
     if diff is not None and abs(diff) > 1e-20:
         full = {**point, **(diff_env or {})}

@@ -9,7 +9,7 @@ import mpmath
 import sympy as sp
 
 from .mpeval import _NotReal, _Undefined, _mp_eval, _mp_real, _value_status, mp
-from .report import Verdict, _fmt_num, _short
+from .report import Verdict, _fmt_coord, _fmt_num, _short
 
 
 _GENERAL_KS = (6, 8, 10, 12, 14, 16, 18, 20)
@@ -68,10 +68,12 @@ def _side_quotients(f, x, a, env, sign, ks) -> _Side:
     """q(h) = (f(a + s h) - f(a)) / (s h) for h = 10**-k, at an exact point.
 
     Each ladder is computed at two working precisions (with room for the cancellation of
-    squares of h); where the two disagree the digits are not trustworthy and the side is
-    marked ``"unreliable"``, which neither refutes nor supports anything.
+    squares of h, and for the magnitudes of the point and of f there: f(a + h) - f(a) keeps
+    its digits only when the working precision spans |f(a)| down to h |f'(a)|); where the
+    two disagree the digits are not trustworthy and the side is marked ``"unreliable"``,
+    which neither refutes nor supports anything.
     """
-    base = 30 + 2 * max(ks)
+    base = 30 + 2 * max(ks) + _magnitude_digits(f, x, a, env)
     runs = []
     for dps in (base, base + 40):
         with mp.workdps(dps):
@@ -84,6 +86,26 @@ def _side_quotients(f, x, a, env, sign, ks) -> _Side:
         if abs(ql - qh) > 1e-15 * max(mpmath.mpf(1), abs(qh)):
             return _Side(hi.qs, "unreliable")
     return hi
+
+
+def _magnitude_digits(f, x, a, env) -> int:
+    """Decimal digits that the sizes of f(a) and of the point's coordinates add to the
+    precision a difference quotient needs (f(a) = 1e400 leaves a step of 1e-20 no digit at
+    40 digits; neither does x = 1e200 + 1e-50): their decimal exponents, when above 1."""
+    extra = 0
+    with mp.workdps(30):
+        try:
+            menv = {s: _mp_eval(v, {}) for s, v in env.items()}
+            point = _mp_eval(a, {})
+            for v in [point, *menv.values()]:
+                if isinstance(v, mpmath.mpf) and mpmath.isfinite(v) and abs(v) > 1:
+                    extra = max(extra, int(mpmath.log10(abs(v))) + 1)
+            fa = _mp_real(f, {**menv, x: point})
+            if mpmath.isfinite(fa) and abs(fa) > 1:
+                extra += int(mpmath.log10(abs(fa))) + 1
+        except (_NotReal, _Undefined, ValueError, TypeError, ZeroDivisionError, OverflowError):
+            pass
+    return min(extra, 4000)
 
 
 def _ladder(f, x, a, env, sign, ks) -> _Side:
@@ -131,9 +153,14 @@ class _Numeric:
     conflict: str = ""
     tried: int = 0
 
+    unevaluated: bool = False  # the derivative under test is an unevaluated Derivative
+
     def summary(self) -> str:
         if self.conflict:
             return self.conflict
+        if self.unevaluated and not self.agree:
+            return ("the derivative under test is an unevaluated Derivative (SymPy has no formula for it): "
+                    "there is nothing to compare the difference quotients with")
         if self.agree:
             return (f"difference quotients agree with the derivative at {self.agree} sample point"
                     f"{'s' if self.agree > 1 else ''} (to {self.digits:.0f} digits)")
@@ -145,7 +172,7 @@ def _point_repr(env: dict) -> dict:
 
 
 def _point_text(env: dict) -> str:
-    return ", ".join(f"{s.name} = {sp.sstr(v)}" for s, v in sorted(env.items(), key=lambda kv: kv[0].name))
+    return ", ".join(f"{s.name} = {_fmt_coord(v)}" for s, v in sorted(env.items(), key=lambda kv: kv[0].name))
 
 
 def _refutation(name, method, env, v, dv, extra="") -> Verdict:
@@ -161,20 +188,44 @@ def _region_points(symbols, keys: dict, n: int = 8) -> list:
     every expression of ``keys`` has its sign (``{expr: +1 or -1}``): points in one case of a
     non-smooth function, such as ``x - 5 > 0``, which the fixed samples may all miss."""
     found = []
+
+    def inside(env):
+        menv = {s: _mp_eval(v, {}) for s, v in env.items()}
+        try:
+            return all(mpmath.sign(_mp_real(k, menv)) == sgn for k, sgn in keys.items())
+        except (_Undefined, _NotReal):
+            return False
+
     with mp.workdps(30):
         for base in _sample_points(symbols):
             for factor in (1, 4, -4, 16, -16, 64, -64, 256, -256, -1):
                 env = {s: v * factor for s, v in base.items()}
-                menv = {s: _mp_eval(v, {}) for s, v in env.items()}
-                try:
-                    ok = all(mpmath.sign(_mp_real(k, menv)) == sgn for k, sgn in keys.items())
-                except (_Undefined, _NotReal):
-                    ok = False
-                if ok:
+                if inside(env):
                     found.append(env)
                     break
             if len(found) >= n:
                 break
+        if not found and len(symbols) == 1:  # one variable: a point between the keys' real roots
+            (v,) = symbols
+            if all(k.free_symbols <= {v} and k.is_polynomial(v) for k in keys):
+                from .cases import _Undecided, _cut_points
+
+                try:
+                    found = [{v: p} for p in _cut_points(v, list(keys)) if inside({v: p})][:n]
+                except (_Undecided, ValueError, TypeError, sp.PolynomialError):
+                    found = []
+        if not found:  # a region the scaled samples miss (y < x < 2y): seeded random rationals
+            import random
+
+            rng = random.Random(20261204)
+            syms = sorted(symbols, key=lambda s: s.name)
+            for trial in range(400):
+                size = (1, 4, 32, 256)[trial // 100]
+                env = {s: sp.Rational(rng.randint(-40 * size, 40 * size), 40) for s in syms}
+                if inside(env):
+                    found.append(env)
+                    if len(found) >= n:
+                        break
     return found
 
 
@@ -206,6 +257,7 @@ def _numeric_general(spec, f, x, d, exact, want: int = 3, envs=None) -> _Numeric
             except _NotReal:
                 dv = _mp_eval(d, {**menv, x: a})
             except _Undefined:
+                out.unevaluated = out.unevaluated or d.has(sp.Derivative)
                 continue
             ev = None
             if exact is not d:
@@ -300,6 +352,8 @@ def _numeric_point_refutation(name, point, env, sides, d, exact, x, a):
     if ev is not None and not _close(ev, vr, 1e-8):
         return None  # the numbers and SymPy's derivative disagree: no refutation on numbers
     full = {**point, **env}
+    if dv is None and d.has(sp.Derivative):
+        return None  # SymPy's derivative is itself unevaluated (floor, a user's function): not a wrong value
     if dv is None:
         return Verdict(name, "refuted", "mpmath difference quotients",
                        f"at {_point_text(full)}: the difference quotient tends to {_fmt_num(vr)} from both sides "

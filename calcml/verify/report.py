@@ -120,9 +120,22 @@ def _short(e, n: int = 70) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+def _fmt_coord(v) -> str:
+    """A point's coordinate for a message: exact as it prints when short (``23/10``,
+    ``pi/6``); a long exact number (a float's binary value, 1e200's 200 digits) to 17
+    significant digits, marked ``~`` (the verdict's ``point`` keeps it exact)."""
+    s = sp.sstr(v)
+    if len(s) <= 24 or not (isinstance(v, sp.Basic) and v.is_number and v.is_real):
+        return s
+    return "~" + mpmath.nstr(mpmath.mpf(sp.N(v, 20)), 17)
+
+
 def _fmt_num(v) -> str:
-    """A number for a message: exact SymPy numbers as they print, floats to 12 digits."""
+    """A number for a message: exact SymPy numbers as they print (a long exact real number
+    as :func:`_fmt_coord` gives it), floats to 12 digits."""
     if isinstance(v, sp.Basic):
+        if v.is_Rational and len(sp.sstr(v)) > 24:
+            return _fmt_coord(v)
         return _short(v, 60)
     if isinstance(v, (mpmath.mpf, mpmath.mpc)):
         return mpmath.nstr(v, 12)

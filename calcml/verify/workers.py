@@ -251,8 +251,15 @@ def _drain(w: _Worker, tid, spec, results, evidence):
             elif kind == "final":
                 results[tid] = payload
                 return True, False
-            elif kind == "error":
-                results[tid] = Verdict(spec.name, "inconclusive", "error", f"the check failed: {payload}")
+            elif kind == "error":  # a step of the check raised: what the numbers said before it, if anything
+                found = evidence.get(tid) or {}
+                if found.get("refutation") is not None:
+                    results[tid] = found["refutation"]
+                else:
+                    detail = f"the symbolic check could not handle this expression (it raised {payload})"
+                    if found.get("summary"):
+                        detail += f"; numeric evidence: {found['summary']}"
+                    results[tid] = Verdict(spec.name, "inconclusive", "error", detail)
                 return True, False
     except (EOFError, OSError, pickle.UnpicklingError) as exc:
         w.stop()
