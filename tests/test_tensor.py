@@ -644,6 +644,53 @@ def test_exported_tensor_program_runs_alone_and_agrees(digits_like, tmp_path, me
             mod.run({**cost.unpack(x0), "W": np.zeros((6, 4))}, data)
 
 
+_NO_SCIPY_RUN = """
+import importlib.abc, importlib.util, json, sys
+import numpy as np
+
+
+class NoScipy(importlib.abc.MetaPathFinder):  # a machine with NumPy and Numba only
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "scipy":
+            raise ModuleNotFoundError("No module named 'scipy'")
+
+
+sys.meta_path.insert(0, NoScipy())
+spec = importlib.util.spec_from_file_location("exported", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+sys.modules["exported"] = mod
+spec.loader.exec_module(mod)
+data = np.load(sys.argv[2])
+rep = mod.run(np.zeros(int(sys.argv[3])), {"x": data["x"], "c": data["c"]}, epochs=3, seed=0)
+assert "scipy" not in sys.modules
+print(json.dumps([float(v) for v in rep["x"]]))
+"""
+
+
+@pytest.mark.parametrize("method", ["gd", "lbfgs"])
+def test_exported_tensor_program_runs_without_scipy(digits_like, tmp_path, method):
+    """Numba's BLAS is SciPy's: an exported module on a machine without SciPy makes its
+    matrix products as loops (the same values, to rounding), as API.md promises a module that
+    needs only NumPy and Numba. run() takes every program's keywords (epochs, seed) too."""
+    import json
+    import subprocess
+    import sys
+
+    cost, X, labels, _ref = digits_like
+    kw = {"lr": 0.5} if method == "gd" else {}
+    prog = cm.generate(cost, method=method, **kw)
+    path = tmp_path / f"fit_{method}.py"
+    prog.export(path)
+    assert "_gemm(" in path.read_text()  # the kernels make matrix products
+    np.savez(tmp_path / "data.npz", x=X, c=labels)
+    out = subprocess.run([sys.executable, "-c", _NO_SCIPY_RUN, str(path), str(tmp_path / "data.npz"), str(cost.n_params)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    res = cm.minimize(cost, np.zeros(cost.n_params), data={"x": X, "c": labels}, method=method, maxiter=3, **kw)
+    np.testing.assert_allclose(got, res.x, rtol=1e-9, atol=1e-12)
+
+
 def test_a_program_whose_rate_each_run_chooses_is_not_exported(tmp_path):
     """lr='auto' is estimated by each run from its data: an exported module cannot, so export
     says so (it used to write lr = 1.0, a placeholder, as the module's rate)."""
@@ -1130,3 +1177,16 @@ def test_sympy_symbols_key_x0_data_and_pack():
     assert r1.x.tobytes() == r2.x.tobytes()
     k = cm.compile(cs)
     assert k.value(np.array([1.0, 0.5]), {x: X[:, 0], y: Y}) == k.value(np.array([1.0, 0.5]), {"x": X[:, 0], "y": Y})
+
+
+def test_diff_names_an_entry_off_its_axis():
+    """cost.diff(w[5]) of a 3-vector: the error cm.Cost gives for that entry, not a formula
+    reading x[5], which does not exist; an index of the wrong range is named too."""
+    w = cm.params("w", shape=(3,)); x = cm.data("x", shape=(3,))
+    j, k = cm.index("j", 3), cm.index("k", 4)
+    cost = cm.Cost(cm.dot(w, x) ** 2, params=[w], data=[x])
+    assert cost.diff(w[2]) == cost.diff(w[j]).subs(j, 2)
+    for bad, says in ((w[5], "entry 5 is outside axis 0 of w"), (w[-1], "entry -1 is outside axis 0 of w"),
+                      (w[k], "index k runs over 0 … 3 but axis 0 of w has length 3")):
+        with pytest.raises(cm.CostError, match=says):
+            cost.diff(bad)

@@ -131,6 +131,15 @@ def _gemv(typingctx, ta, alpha, a, x, beta, y):
     return types.void(types.boolean, types.float64, a, x, types.float64, y), codegen
 
 
+def _scipy_missing():
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("scipy") is None
+    except ImportError:
+        return True
+
+
 if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same products, by NumPy
     def _gemm(ta, tb, alpha, a, b, beta, c):
         p = alpha * np.dot(a.T if ta else a, b.T if tb else b)
@@ -139,6 +148,28 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same products, by NumPy
     def _gemv(ta, alpha, a, x, beta, y):
         p = alpha * np.dot(a.T if ta else a, x)
         y[...] = p if beta == 0.0 else p + beta * y
+elif _scipy_missing():
+    # No SciPy, whose BLAS Numba calls (an exported module on a machine with NumPy and Numba
+    # only): the same products as loops, slower on large blocks, to rounding the same values.
+    @numba.njit(cache=_CACHE, fastmath=False, error_model="numpy", nogil=True)
+    def _gemm(ta, tb, alpha, a, b, beta, c):
+        m, n = c.shape
+        k = a.shape[0] if ta else a.shape[1]
+        for i in range(m):
+            for j in range(n):
+                s = 0.0
+                for p in range(k):
+                    s += (a[p, i] if ta else a[i, p]) * (b[j, p] if tb else b[p, j])
+                c[i, j] = alpha * s + (beta * c[i, j] if beta != 0.0 else 0.0)
+
+    @numba.njit(cache=_CACHE, fastmath=False, error_model="numpy", nogil=True)
+    def _gemv(ta, alpha, a, x, beta, y):
+        rows, cols = a.shape
+        for i in range(cols if ta else rows):
+            s = 0.0
+            for p in range(rows if ta else cols):
+                s += (a[p, i] if ta else a[i, p]) * x[p]
+            y[i] = alpha * s + (beta * y[i] if beta != 0.0 else 0.0)
 '''
 
 

@@ -366,6 +366,13 @@ class TensorCost(Cost):
                 raise CostError(f"{entry}: {entry.base.label} is not a parameter of this cost")
             if len(entry.indices) != len(entry.base.shape):
                 raise CostError(f"{entry}: {entry.base.label} has shape {tuple(entry.base.shape)}")
+            for a, (i, n) in enumerate(zip(entry.indices, entry.base.shape)):
+                if i.is_number and not (i.is_Integer and 0 <= int(i) < int(n)):
+                    raise CostError(f"{entry}: entry {i} is outside axis {a} of {entry.base.label}, which runs over "
+                                    f"0 … {int(n) - 1}")
+                if isinstance(i, sp.Idx) and i.upper is not None and int(i.upper) + 1 != int(n):
+                    raise CostError(f"{entry}: index {i} runs over 0 … {i.upper} but axis {a} of {entry.base.label} "
+                                    f"has length {int(n)}")
             return entry.base, tuple(entry.indices)
         if isinstance(entry, sp.Symbol) and entry in self._params:
             return entry, ()

@@ -261,7 +261,7 @@ def _hvp_at(theta, cols):
     return hv
 
 
-def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8):
+def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8, callback=None):
     """Minimize from x0 (flat, PARAM_NAMES order) with METHOD; arrays: the data in DATA_NAMES
     order, (N, ...) each. Returns the report dict (x, fun, grad, grad_norm, nit, status, ...)."""
     cols = columns(tuple(np.ascontiguousarray(a) for a in arrays), n_rows, REDUCE_MEAN)
@@ -278,7 +278,7 @@ def minimize(x0, arrays=(), n_rows=0, maxiter=None, tol=1e-8):
 
     return run_search(METHOD, fg, np.asarray(x0, dtype=np.float64), tol=tol, hyper=HYPER,
                       maxiter=DEFAULT_MAXITER if maxiter is None else maxiter,
-                      value=lambda t: fg(t)[0], hvp=lambda t: _hvp_at(t, cols), hess=hess)
+                      value=lambda t: fg(t)[0], hvp=lambda t: _hvp_at(t, cols), hess=hess, callback=callback)
 '''
 
 
@@ -375,13 +375,16 @@ def run(x0, data=None, *, hyper=None, schedule_args=None, batch_size=None, epoch
 
 _SEARCH_RUN = _DATA_ARRAYS + '''
 
-def run(x0, data=None, *, maxiter=None, tol=1e-8):
+def run(x0, data=None, *, epochs=None, maxiter=None, tol=1e-8, seed=0, callback=None):
     """Minimize from x0 (flat: PARAM_NAMES in order, each in C order; or a dict {name: array}) over data, a dict
     {name: array} with DATA_NAMES ((N, *shape of a row) each; labels as class numbers), with
-    METHOD and its numbers HYPER. Returns the report: a dict with x, fun, grad, nit, status,
-    status_name, history and the bookkeeping."""
+    METHOD and its numbers HYPER. The keywords are those of every calcml program: a full-batch
+    method counts its iterations in maxiter (or epochs, when maxiter is None); seed does not
+    change it. callback(iteration, max_iterations, value), if given, is called after each
+    iteration. Returns the report: a dict with x, fun, grad, nit, status, status_name,
+    history and the bookkeeping."""
     arrays, n_rows = data_arrays(data)
-    rep = minimize(_flat_x0(x0), arrays, n_rows, maxiter, tol)
+    rep = minimize(_flat_x0(x0), arrays, n_rows, epochs if maxiter is None else maxiter, tol, callback)
     rep["status_name"] = STATUS_NAMES[rep["status"]]
     return rep
 '''
