@@ -342,10 +342,11 @@ class CalcmlEpoch:
         self.step = 0
 
     def epoch(self, perm) -> float:
-        code, done, total = self.mod._epoch(self.theta, self.g, perm, BATCH, self.step, 1 << 60, self.hyper, self.sa,
-                                            self.cols, self.bufs, True, self.X.shape[0], 1e300, *self.state)
+        no_rng = np.zeros(1, dtype=np.uint64)  # the order given: no shuffle of calcml's
+        code, done, total = self.mod._epoch(self.theta, self.g, perm, no_rng, 0, BATCH, self.step, 1 << 60, self.hyper,
+                                            self.sa, self.cols, self.bufs, True, self.X.shape[0], 1e300, *self.state)
         self.step += done
-        return total / done
+        return total / min(done * BATCH, self.X.shape[0])  # (minibatch costs weighted by their rows)
 
 
 # ======================================================================================

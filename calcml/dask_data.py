@@ -1281,6 +1281,6 @@ def run_chunk(mod, theta, state, arrays, n, seed, batch_size, nit, budget, hyper
     bufs = tuple(np.empty((batch_size,) + a.shape[1:], dtype=a.dtype) for a in arrays)
     cols = mod.columns(arrays, n, mod.REDUCE_MEAN)
     g = np.empty(mod.N_PARAMS)
-    code, k, part = mod._epoch(theta, g, perm, batch_size, nit, budget - nit, hyper, sa, cols, bufs,
-                               mod.REDUCE_MEAN, n_rows, blowup, *state)
+    code, k, part = mod._epoch(theta, g, perm, np.zeros(1, dtype=np.uint64), 0, batch_size, nit, budget - nit, hyper,
+                               sa, cols, bufs, mod.REDUCE_MEAN, n_rows, blowup, *state)  # (the order given: shuffle 0)
     return k, part, code

@@ -169,3 +169,19 @@ def test_dask_minibatch_epochs_weigh_short_chunk_batches_by_their_rows(logistic)
     res = cm.minimize(cost, x0, data=data, method="sgd", lr=1e-300, batch_size=32, epochs=2, seed=2)
     assert len(res.history) == 2
     np.testing.assert_allclose(res.history, _cost(x0, X, y), rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sgd", "adam"])
+def test_both_statements_draw_the_same_minibatches_from_a_seed(logistic, method):
+    """A cost stated with scalar symbols (the compiled scalar loop) and in index notation (the
+    tensor loop) shuffle their rows alike (Fisher-Yates from SplitMix64, docs/optimizers.md):
+    the same seed gives the same minibatches, hence the same fit to rounding; another seed,
+    another fit."""
+    (s, sdata), (t, tdata) = logistic["scalar"], logistic["tensor"]
+    kw = dict(method=method, lr=0.05, batch_size=7, epochs=3)
+    a = cm.minimize(s, np.zeros(D + 1), data=sdata, seed=5, **kw)
+    b = cm.minimize(t, np.zeros(D + 1), data=tdata, seed=5, **kw)
+    np.testing.assert_allclose(b.x, a.x, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b.history, a.history, rtol=1e-12)
+    c = cm.minimize(t, np.zeros(D + 1), data=tdata, seed=6, **kw)
+    assert np.max(np.abs(c.x - b.x)) > 1e-6

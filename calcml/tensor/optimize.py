@@ -27,6 +27,7 @@ from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from .. import ir
 from ..printing import NumbaPrinter
 from ..codegen import KERNEL_FLAGS, NUMBA_FLAGS, njit_flags
+from ..loop import _RNG_SOURCE
 from ..schedules import Schedule
 from .kernels import HESSIAN_MAX, STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
 from .model import TensorCost
@@ -137,13 +138,15 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             budget = min(s for s in (maxiter, None if epochs is None else epochs * per_epoch) if s is not None)
             bufs = tuple(np.empty((batch_size,) + a.shape[1:], dtype=a.dtype) for a in arrays)
             scale_mean = REDUCE_MEAN
-            rng = np.random.default_rng(seed)
+            # the row order: Fisher-Yates shuffles of one permutation, epoch after epoch, drawn from
+            # SplitMix64 seeded by seed (the scalar loops' shuffles: the same rows in each minibatch)
+            perm = np.arange(n_rows, dtype=np.int64)
+            rng = np.array([seed], dtype=np.uint64)
             best_epoch_cost = math.inf
             while nit < budget and status == RUNNING:
                 if epoch is None:
-                    perm = rng.permutation(n_rows).astype(np.int64)
-                    code, done, total = (loop or _epoch)(theta, g, perm, batch_size, nit, budget - nit, hyper, sa,
-                                                         cols, bufs, scale_mean, n_rows, blowup, *state)
+                    code, done, total = (loop or _epoch)(theta, g, perm, rng, 1, batch_size, nit, budget - nit, hyper,
+                                                         sa, cols, bufs, scale_mean, n_rows, blowup, *state)
                     rows = min(done * batch_size, n_rows)
                 else:
                     code, done, total, rows = epoch(theta, nit, budget, hyper, sa, blowup, state)
@@ -534,8 +537,10 @@ class _Source:
     def _epoch(self, tail: str) -> list:
         bufs = ", ".join(f"o_bufs[{k}]" for k in range(len(self.cost.data)))
         return _jit(
-            "_epoch", f"theta, g, o_perm, o_batch, o_step0, o_max_steps, o_hyper, o_sa, cols, o_bufs, o_mean, o_rows, o_blowup{tail}",
-            "one epoch of minibatches in the order perm (at most max_steps updates).\n"
+            "_epoch", f"theta, g, o_perm, o_rng, o_shuffle, o_batch, o_step0, o_max_steps, o_hyper, o_sa, cols, o_bufs, o_mean, "
+                      f"o_rows, o_blowup{tail}",
+            "one epoch of minibatches in the order perm (at most max_steps updates), perm first shuffled\n"
+            "in place (Fisher-Yates, SplitMix64 state rng) where shuffle is set.\n"
             "Returns (status, updates, the minibatch costs' sum, each weighted by its rows)",
             [ir.Assign("o_v", "np.empty(0)"),
              ir.Assign("o_acc", f"np.zeros({max(self.sizes['vg'], 1)})"),
@@ -543,6 +548,12 @@ class _Source:
              ir.Assign("o_total", "0.0"),
              ir.Assign("o_count", "0"),
              ir.Assign("o_n", "o_perm.shape[0]"),
+             ir.If("o_shuffle != 0", [ir.For("o_i", ir.range_("o_n - 1", 0, -1), [
+                 ir.Assign("o_k", "_randbelow(o_rng, o_i + 1)"),
+                 ir.Assign("o_p", "o_perm[o_i]"),
+                 ir.Assign("o_perm[o_i]", "o_perm[o_k]"),
+                 ir.Assign("o_perm[o_k]", "o_p"),
+             ])], comment="a new epoch's row order (the scalar loops' shuffle)"),
              ir.For("o_lo", ir.range_(0, "o_n", "o_batch"), [
                  ir.If("o_count >= o_max_steps", [ir.Break()]),
                  ir.Assign("o_hi", "min(o_lo + o_batch, o_n)"),
@@ -583,7 +594,8 @@ class _Source:
         params.append(("n", "types.int64"))
         cols = "".join(f"carray({p}, (n{shape})), " for p, shape in data) or "carray(d0_p, (1,)), "
         if self.minibatch:
-            params += [("perm_p", "_I64P"), ("n_perm", "types.int64"), ("batch", "types.int64"),
+            params += [("perm_p", "_I64P"), ("n_perm", "types.int64"), ("rng_p", "types.CPointer(types.uint64)"),
+                       ("shuffle", "types.int64"), ("batch", "types.int64"),
                        ("step0", "types.int64"), ("max_steps", "types.int64"), ("mean", "types.int64"),
                        ("rows", "types.int64"), ("blowup", "types.float64")]
             params += [(f"b{k}_p", t) for k, (p, t) in enumerate(params[10:10 + len(data)])]
@@ -600,7 +612,8 @@ class _Source:
         if self.minibatch:
             bufs = "".join(f"carray(b{k}_p, (batch{shape})), " for k, (_, shape) in enumerate(data))
             run = [ir.Assign("status, done, value",
-                             f"_epoch(theta, g, carray(perm_p, (n_perm,)), batch, step0, max_steps, hyper, sa, cols,\n"
+                             f"_epoch(theta, g, carray(perm_p, (n_perm,)), carray(rng_p, (1,)), shuffle, batch, step0,\n"
+                             f"       max_steps, hyper, sa, cols,\n"
                              f"       ({bufs.rstrip(' ')}), mean != 0, rows, blowup{tail})")]
         else:
             run = [ir.Assign("status, done, value",
@@ -664,6 +677,8 @@ class _Source:
             ir.Blank(2),
             self.full_batch(),
             self.state_factory(),
+            ir.Raw(_RNG_SOURCE.strip("\n").replace("@_jit\n", "@_jit_inline\n")) if self.minibatch else None,
+            ir.Blank(2) if self.minibatch else None,
             self.first_order(),
             self._entry_point(),
         ]
@@ -1008,13 +1023,14 @@ class NativeLoop:
 
     def run(self, theta, g, *rest):
         """_full_steps(theta, g, value, step0, nsteps, hyper, sa, cols, tol, blowup, best, fb,
-        hist, *state) or _epoch(theta, g, perm, batch, step0, max_steps, hyper, sa, cols, bufs,
-        mean, rows, blowup, *state), as the module's loop_c"""
+        hist, *state) or _epoch(theta, g, perm, rng, shuffle, batch, step0, max_steps, hyper, sa,
+        cols, bufs, mean, rows, blowup, *state), as the module's loop_c"""
         io = self.io
         if self.minibatch:
-            perm, batch, step0, max_steps, hyper, sa, cols, bufs, mean, rows, blowup, *state = rest
+            perm, rng, shuffle, batch, step0, max_steps, hyper, sa, cols, bufs, mean, rows, blowup, *state = rest
             args = self._head(self.mod.STEPS, theta, g, hyper, sa, cols)
-            args += [perm.ctypes.data, perm.shape[0], batch, step0, max_steps, int(bool(mean)), rows, blowup,
+            args += [perm.ctypes.data, perm.shape[0], rng.ctypes.data, int(shuffle), batch, step0, max_steps,
+                     int(bool(mean)), rows, blowup,
                      *(b.ctypes.data for b in bufs)]
         else:
             value, step0, nsteps, hyper, sa, cols, tol, blowup, best, fb, hist, *state = rest
