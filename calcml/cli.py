@@ -226,6 +226,8 @@ def _point(text: str, expr, x):
             raise CommandError(f"--at: expected NAME=VALUE, got {item.strip()!r}")
         if name not in present:
             raise CommandError(f"--at: {name!r} does not appear in the expression")
+        if present[name] in point:
+            raise CommandError(f"--at: {name!r} is given twice")
         point[present[name]] = _number(value.strip(), f"--at {name}")
     return point
 
@@ -316,6 +318,12 @@ class LazyFiles:
     def __init__(self, path: str, kind: str, files: list):
         self.path, self.kind, self.files = path, kind, files
         self._columns = None  # {name as the expression writes it: the file's column label}
+        if kind == "csv":  # Dask's reader would fail on the first one, vaguely, and skip the others
+            for f in files:
+                with open(f, "rb") as fh:
+                    head = fh.read(4096)
+                if not head.lstrip(b"\xef\xbb\xbf").strip():
+                    raise CommandError(f"{f} is empty; every CSV file needs a header row")
 
     def describe(self) -> str:
         n = len(self.files)
@@ -328,11 +336,19 @@ class LazyFiles:
             raise CommandError(f"reading {self.path} lazily needs Dask: pip install 'calcml[dask]' "
                                "(or give one CSV file, read into memory)") from None
         try:
-            if self.kind == "parquet":
-                return dd.read_parquet(self.files, columns=columns)
             options = {"encoding": "utf-8-sig", "skipinitialspace": True}
             if columns is not None:
                 options.update(usecols=columns, dtype={c: "float64" for c in columns})
+            if any(_GLOB.search(f) for f in self.files):
+                # Dask's readers match each path as a pattern again: a file named [a].csv would
+                # match nothing, silently. Such names are read one partition per file, as named.
+                import pandas as pd
+
+                if self.kind == "parquet":
+                    return dd.from_map(pd.read_parquet, self.files, columns=columns)
+                return dd.from_map(pd.read_csv, self.files, **options)
+            if self.kind == "parquet":
+                return dd.read_parquet(self.files, columns=columns)
             return dd.read_csv(self.files, **options)
         except CalcmlError:
             raise
@@ -372,7 +388,7 @@ class LazyFiles:
 def lazy_files(path: str, scheduler=None):
     """The files Dask reads for ``--data PATH`` (a glob, a Parquet file, a folder of Parquet files;
     with ``--scheduler``, a CSV file too), or None for a CSV file read into memory."""
-    if _GLOB.search(path):
+    if _GLOB.search(path) and not os.path.exists(path):  # (a file named [a].csv is that file)
         found = glob.glob(path)
         files = sorted((f for f in found if os.path.isfile(f)), key=_natural)
         if not files:
@@ -493,6 +509,8 @@ def _x0(text, names):
                 raise CommandError(f"--x0: give every value as NAME=VALUE or none, got {s!r}")
             if name not in names:
                 raise CommandError(f"--x0: {name!r} is not one of the parameters {', '.join(names)}")
+            if name in x0:
+                raise CommandError(f"--x0: {name!r} is given twice")
             x0[name] = num(v.strip(), f"the value of {name}")
         missing = [n for n in names if n not in x0]
         if missing:
@@ -540,6 +558,7 @@ def _build_cost(args):
                 "parameters (--params); give --data with a column of that name, or list it in --params"
             )
         return Cost(expr, params=psyms, reduce=args.reduce), None, names
+    args.data = os.path.expanduser(args.data)  # a quoted '~/rows/*.csv' reaches calcml unexpanded
     args.lazy = lazy_files(args.data, args.scheduler)
     table = read_csv(args.data) if args.lazy is None else args.lazy.columns()
     clash = [n for n in table if n in CONSTANTS and n not in names]

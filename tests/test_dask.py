@@ -542,6 +542,51 @@ def test_cli_dask_errors_name_the_problem(cli_rows, tmp_path):
         CLI_EXPR, *params, "--data", str(tmp_path / "*.parquet"), "--method", "lbfgs")
 
 
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_cli_files_named_like_patterns_are_all_read(tmp_path, kind, monkeypatch):
+    """A file named [a].csv matched by a glob: Dask's reader matched its name as a pattern
+    again and read nothing of it, silently (the fit was that of the other file). Now both are
+    read; the name alone is that file; '~' expands; an empty CSV file is named."""
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal(400)
+    ys = np.where(np.arange(400) < 200, 3.0, -1.0) * xs + 1
+    a, b = pd.DataFrame({"x": xs[:200], "y": ys[:200]}), pd.DataFrame({"x": xs[200:], "y": ys[200:]})
+    for frame, name in ((a, "[a]"), (b, "b")):
+        if kind == "csv":
+            frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        else:
+            frame.to_parquet(tmp_path / f"{name}.parquet", index=False)
+    want = np.linalg.lstsq(np.column_stack([xs, np.ones(400)]), ys, rcond=None)[0]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for data in (str(tmp_path / f"*.{kind}"), f"~/*.{kind}"):
+        rc, out, err = _cli("fit", "(w*x + c - y)**2", "--params", "w,c", "--data", data, "--method", "lbfgs")
+        assert rc == 0, err
+        got = _fit_table(out)
+        np.testing.assert_allclose([float(got["w"]), float(got["c"])], want, rtol=1e-8)
+    rc, out, err = _cli("fit", "(w*x + c - y)**2", "--params", "w,c", "--data", str(tmp_path / f"[a].{kind}"),
+                        "--method", "lbfgs")
+    assert rc == 0, err
+    one = np.linalg.lstsq(np.column_stack([xs[:200], np.ones(200)]), ys[:200], rcond=None)[0]
+    np.testing.assert_allclose([float(_fit_table(out)["w"]), float(_fit_table(out)["c"])], one, rtol=1e-8)
+    if kind == "csv":
+        (tmp_path / "c.csv").write_text("")
+        rc, out, err = _cli("fit", "(w*x + c - y)**2", "--params", "w,c", "--data", str(tmp_path / "*.csv"))
+        assert rc != 0 and f"{tmp_path / 'c.csv'} is empty" in err
+
+
+def test_cli_a_name_given_twice_is_named():
+    rc, _out, err = _cli("fit", "(1 - w)**2 + (2 - b)**2", "--params", "w,b", "--x0", "w=1,w=2")
+    assert rc != 0 and "--x0: 'w' is given twice" in err
+    rc, _out, err = _cli("verify", "x**2", "--wrt", "x", "--at", "x=1,x=2")
+    assert rc != 0 and "--at: 'x' is given twice" in err
+
+
+def test_no_rows_for_minibatches_over_dask_says_so(linreg):
+    cost, _k = linreg
+    with pytest.raises(DataError, match="the data have no rows"):
+        cm.minimize(cost, np.zeros(4), data=da.zeros((0, 4), chunks=(10, 4)), method="adam", lr=0.1, batch_size=10)
+
+
 def test_cli_unreachable_scheduler_is_named(cli_rows):
     import socket
 

@@ -882,6 +882,8 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         td = as_tensor_data(cost, data, check_finite=True) if cost.has_data or data is not None else None
         ev = Evaluations(cost, td)
         arrays, n_rows = (td.arrays, td.n_rows) if td is not None else ((), 0)
+    if prog.batch_size is not None and over is not None and n_rows == 0:
+        raise DataError("the data have no rows")
     if prog.batch_size is not None and prog.batch_size > n_rows:
         raise OptimizeError(f"batch_size={prog.batch_size} is larger than the data ({n_rows} rows)")
     if opt.kind == "newton" and cost.n_params > HESSIAN_MAX:
