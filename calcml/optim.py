@@ -278,8 +278,9 @@ def _unit(name: str, what: str, value) -> float:
 
 _NEWTON_HELPERS = '''
 @_jit
-def _cholesky(A, L, mu):
-    """L L^T = A + mu I (lower triangle of L); False when not positive definite"""
+def _cholesky(A, L, mu, floor):
+    """L L^T = A + mu I (lower triangle of L); False when not positive definite, or when a
+    pivot is at most floor (numerically singular: a step along that direction is noise)"""
     n = A.shape[0]
     for i in range(n):
         for j in range(i + 1):
@@ -287,7 +288,7 @@ def _cholesky(A, L, mu):
             for k in range(j):
                 s -= L[i, k] * L[j, k]
             if i == j:
-                if not (s > 0.0):
+                if not (s > floor):
                     return False
                 L[i, i] = math.sqrt(s)
             else:
@@ -314,8 +315,10 @@ def _newton_step(theta, value, g, cols, passes, H, L, d, xt, c1):
     else:
         mu = 0.0
         tau = 1e-10 * max(1.0, scale)
-        # smallest mu in {0, tau, 10 tau, ...} making H + mu I positive definite (N&W 3.4)
-        while not _cholesky(H, L, mu):
+        # smallest mu in {0, tau, 10 tau, ...} making H + mu I positive definite (N&W 3.4), its
+        # pivots above 1e-12 max(1, |H_ii|): a Hessian singular to rounding (a direction the
+        # cost does not change along) would send the step along that direction by its noise
+        while not _cholesky(H, L, mu, 1e-12 * max(1.0, scale)):
             mu = tau if mu == 0.0 else 10.0 * mu
             if not (mu < 1e300):
                 return False, value, 0

@@ -1190,3 +1190,38 @@ def test_diff_names_an_entry_off_its_axis():
                       (w[k], "index k runs over 0 … 3 but axis 0 of w has length 3")):
         with pytest.raises(cm.CostError, match=says):
             cost.diff(bad)
+
+
+def test_newton_on_a_hessian_singular_to_rounding_takes_no_step_along_its_null_direction():
+    """Softmax with its intercepts unpenalised: the cost does not change when every b_k moves
+    by the same amount, so the Hessian is singular (its smallest eigenvalue about 1e-16).
+    Cholesky succeeded with a pivot of that size and the step went along the null direction
+    by its noise: b about 100 in memory, -0.2 over Dask, for the same cost. A pivot at most
+    1e-12 max(1, |H_ii|) now counts as singular (damped as N&W 3.4), in both Newton loops."""
+    K, d, N = 3, 5, 2000
+    W = cm.params("W", shape=(K, d)); b = cm.params("b", shape=(K,))
+    x = cm.data("x", shape=(d,)); c = cm.data("c", classes=K)
+    k = cm.index("k", K); j = cm.index("j", d)
+    z = cm.sum(W[k, j] * x[j], j) + b[k]
+    pen = cm.sum(W[k, j] ** 2, k, j) / 20
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((N, d)); C = rng.integers(0, K, N)
+    x0 = {"W": np.zeros((K, d)), "b": np.zeros(K)}
+    cost = cm.Cost(cm.logsumexp(z, k) - cm.sum(cm.onehot(c, k) * z, k), params=[W, b], data=[x, c], penalty=pen)
+    H = cm.compile(cost).hessian(np.zeros(cost.n_params), {"x": X, "c": C})
+    assert np.linalg.eigvalsh(H)[0] < 1e-12  # the case
+    newton = cm.minimize(cost, x0, data={"x": X, "c": C}, method="newton")
+    lbfgs = cm.minimize(cost, x0, data={"x": X, "c": C}, method="lbfgs")
+    assert newton.success and newton.fun == pytest.approx(lbfgs.fun, rel=1e-12)
+    assert np.max(np.abs(newton.params["b"])) < 0.1 and abs(np.sum(newton.params["b"]) - np.sum(lbfgs.params["b"])) < 1e-3
+    # the scalar loops' Newton: the same statement with scalar symbols (9 parameters, compiled loop)
+    w = cm.params("w", 3); bb = cm.params("bb", 3); xs = cm.data("xs", 2); cs = cm.data("cs", 3)
+    zs = [w[q] * xs[0] + bb[q] + (q - 1) * xs[1] for q in range(3)]
+    import sympy as sp
+    scost = cm.Cost(sp.log(sum(sp.exp(zq) for zq in zs)) - sum(cs[q] * zs[q] for q in range(3)),
+                    params=[*w, *bb], data=[*xs, *cs], penalty=sum(wq ** 2 for wq in w) / 20)
+    onehot = np.eye(3)[C]
+    sdata = {"xs0": X[:, 0], "xs1": X[:, 1], "cs0": onehot[:, 0], "cs1": onehot[:, 1], "cs2": onehot[:, 2]}
+    sn = cm.minimize(scost, np.zeros(6), data=sdata, method="newton")
+    sl = cm.minimize(scost, np.zeros(6), data=sdata, method="lbfgs")
+    assert sn.success and sn.fun == pytest.approx(sl.fun, rel=1e-12) and np.max(np.abs(sn.x[3:])) < 1.0

@@ -172,11 +172,14 @@ class Newton:
         if not np.isfinite(H).all():  # no Hessian here (a kink's DiracDelta, an overflow): steepest descent
             d = -g
         else:
-            tau = 1e-10 * max(1.0, float(np.max(np.abs(np.diag(H)))) if n else 1.0)
+            scale = max(1.0, float(np.max(np.abs(np.diag(H)))) if n else 1.0)
+            tau, floor = 1e-10 * scale, 1e-12 * scale
             mu = 0.0
-            while True:
-                try:
+            while True:  # pivots above floor: as calcml.optim's _newton_step (a Hessian singular to
+                try:  # rounding would send the step along its null direction by the noise there)
                     L = np.linalg.cholesky(H + mu * np.eye(n))
+                    if n and not float(np.min(np.diag(L))) ** 2 > floor:
+                        raise np.linalg.LinAlgError("numerically singular")
                     break
                 except np.linalg.LinAlgError:
                     mu = tau if mu == 0.0 else 10.0 * mu
