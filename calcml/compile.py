@@ -372,6 +372,19 @@ class Kernels:
         out, ds = self._run("hessian", theta, data)
         return out[: self._n * self._n].reshape(self._n, self._n).copy()
 
+    def hvp(self, theta, v, data=None) -> np.ndarray:
+        """The exact Hessian-vector product ``H(theta) v`` (the Hessian kernel's, then the
+        product: a scalar cost's parameters are few; a tensor cost's kernels make it in one
+        pass without the Hessian)."""
+        vv = real_array(v, "v", ParamError)
+        if vv.shape != (self._n,):
+            raise ParamError(f"v must have shape ({self._n},), one entry per parameter in the order "
+                             f"{list(self.cost.param_names)}; got shape {np.shape(v)}")
+        vv = np.asarray(vv, dtype=np.float64)
+        if not np.all(np.isfinite(vv)):
+            raise ParamError("v must be finite")
+        return self.hessian(theta, data) @ vv
+
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64

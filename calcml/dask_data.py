@@ -407,50 +407,69 @@ def _offsets(results) -> list:
 
 class ScalarSpec:
     """What a worker needs to run the chunk-sum kernels of a scalar cost: the cache key and
-    the text of the generated module of the cost's ``reduce="sum"`` twin, and its shape."""
+    the text of the generated module of the cost's ``reduce="sum"`` twin, and its shape;
+    ``hessian_only``: the module is the twin's Hessian module (a cost of more parameters than
+    the kernels module's inline Hessian takes)."""
 
-    __slots__ = ("key", "source", "n_params", "data_names")
+    __slots__ = ("key", "source", "n_params", "data_names", "hessian_only")
 
-    def __init__(self, key: str, source: str, n_params: int, data_names: tuple):
+    def __init__(self, key: str, source: str, n_params: int, data_names: tuple, hessian_only: bool = False):
         self.key, self.source, self.n_params, self.data_names = key, source, n_params, data_names
+        self.hessian_only = hessian_only
 
     def __getstate__(self):
-        return (self.key, self.source, self.n_params, self.data_names)
+        return (self.key, self.source, self.n_params, self.data_names, self.hessian_only)
 
     def without_source(self) -> "ScalarSpec":
         """The same spec without the module's text, for a worker that has loaded it."""
-        return ScalarSpec(self.key, None, self.n_params, self.data_names)
+        return ScalarSpec(self.key, None, self.n_params, self.data_names, self.hessian_only)
 
     def __setstate__(self, state):
-        self.key, self.source, self.n_params, self.data_names = state
+        self.key, self.source, self.n_params, self.data_names, self.hessian_only = state
 
 
-def scalar_spec(kernels) -> ScalarSpec:
-    """The spec of ``kernels`` (a :class:`calcml.Kernels`), made once per kernels object."""
+def scalar_spec(kernels, hessian_only: bool = False) -> ScalarSpec:
+    """The spec of ``kernels`` (a :class:`calcml.Kernels`), made once per kernels object;
+    ``hessian_only``: of its sum twin's Hessian module instead."""
+    if hessian_only:
+        spec = kernels.__dict__.get("_dask_hessian_spec")
+        if spec is None:
+            from .codegen import kernel_module_source
+            from .compile import _kernel_key, load_or_build
+
+            twin = _sum_twin(kernels.cost)
+            key = _kernel_key(twin, "hessian-module")
+            _module, text, _path = load_or_build(key, lambda: kernel_module_source(twin, hessian_only=True),
+                                                 import_module=False)
+            spec = kernels.__dict__["_dask_hessian_spec"] = ScalarSpec(key, text, len(twin.params), twin.data_names,
+                                                                       hessian_only=True)
+        return spec
     spec = kernels.__dict__.get("_dask_spec")
     if spec is None:
         from .codegen import kernel_module_source
         from .compile import _kernel_key, load_or_build
-        from .cost import Cost
 
         cost = kernels.cost
-        twin = cost if cost.reduce == "sum" else Cost(cost.expr, params=list(cost.params), data=list(cost.data),
-                                                      reduce="sum")
+        twin = _sum_twin(cost)
         key = _kernel_key(twin, "kernels")
         _module, text, _path = load_or_build(key, lambda: kernel_module_source(twin), import_module=False)
         spec = kernels.__dict__["_dask_spec"] = ScalarSpec(key, text, len(cost.params), cost.data_names)
     return spec
 
 
+def _sum_twin(cost):
+    from .cost import Cost
+
+    return cost if cost.reduce == "sum" else Cost(cost.expr, params=list(cost.params), data=list(cost.data),
+                                                  reduce="sum")
+
+
 def scalar_run(kernels, kind: str, theta: np.ndarray, data, counts=None) -> np.ndarray:
     """Kernel ``kind`` of a scalar cost over Dask data: the outputs in the in-memory kernels'
     layout (the reduced outputs, then the finiteness slot). ``counts``: a list to append the
     row count to."""
-    if kind == "hessian" and not kernels._inline_hessian:
-        raise DataError(f"k.hessian of {kernels._n} parameters does not take Dask data; use k.grad, or compute "
-                        "the data into memory")
     names = kernels.cost.data_names
-    spec = scalar_spec(kernels)
+    spec = scalar_spec(kernels, hessian_only=kind == "hessian" and not kernels._inline_hessian)
     chunks = _scalar_chunks(data, names)  # (the checks of the columns, on the client)
     results, n = _gather(_scalar_chunk_sums, (spec, kind, theta), data, chunks, counts)
     bad = [(r[2], at) for r, at in zip(results, _offsets(results)) if r[2] is not None]
@@ -517,6 +536,8 @@ def worker_kernels(spec: ScalarSpec):
                                                import_module=False)
                 k = _worker_kernels[spec.key] = Kernels(_Shape(spec.n_params, spec.data_names), None, text, path,
                                                         parallel=False)
+                if spec.hessian_only:  # the module is the Hessian module: k.hessian's, not built here
+                    k._hessian_path = path
     return k
 
 
