@@ -924,10 +924,26 @@ def test_kernels_machine_code_gives_the_dispatchers_bits(small, monkeypatch):
     assert got[True, True][0] == pytest.approx(ref_f, rel=1e-13)
 
 
+def _splitmix_shuffles(n, seed, epochs):
+    """Each epoch's row order: one permutation shuffled in place, epoch after epoch, by
+    Fisher-Yates (i from n-1 down to 1, k uniform in 0..i) drawing from SplitMix64 (Steele,
+    Lea & Flood 2014) seeded by seed."""
+    mask, state, perm = 2**64 - 1, seed, list(range(n))
+    for _ in range(epochs):
+        for i in range(n - 1, 0, -1):
+            state = (state + 0x9E3779B97F4A7C15) & mask
+            z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+            k = (z ^ (z >> 31)) % (i + 1)
+            perm[i], perm[k] = perm[k], perm[i]
+        yield np.array(perm)
+
+
 def test_minibatches_of_matrix_data_against_numpy():
     """Minibatch SGD over data of shape (N, 2, 3) (the epoch loop copies each row of the
     batch element by element) against a NumPy transcription of the same epochs: the same
-    permutations (NumPy's generator, seeded), batches of 7 with a short last one."""
+    permutations (docs/optimizers.md's Fisher-Yates from SplitMix64, transcribed in Python
+    integers), batches of 7 with a short last one."""
     W = cm.params("W", shape=(2, 3)); x = cm.data("x", shape=(2, 3)); y = cm.data("y")
     i, j = cm.index("i", 2), cm.index("j", 3)
     cost = cm.Cost((cm.sum(W[i, j] * x[i, j], i, j) - y) ** 2, params=[W], data=[x, y])
@@ -936,9 +952,7 @@ def test_minibatches_of_matrix_data_against_numpy():
     res = cm.minimize(cost, np.zeros(6), data={"x": X, "y": Y}, method="sgd", lr=0.05, batch_size=7, epochs=3,
                       seed=11)
     t = np.zeros((2, 3))
-    order = np.random.default_rng(11)
-    for _ in range(3):
-        perm = order.permutation(len(Y))
+    for perm in _splitmix_shuffles(len(Y), 11, 3):
         for lo in range(0, len(Y), 7):
             rows = perm[lo:lo + 7]
             r = np.einsum("nij,ij->n", X[rows], t) - Y[rows]
