@@ -248,10 +248,46 @@ def _cmd_verify(args, out) -> int:
 
 
 # -- fit -------------------------------------------------------------------------------------------
-def read_csv(path: str) -> dict:
-    """``{column name: 1-D float array}`` from a CSV file with a header row of names."""
-    import numpy as np
+class CsvTable:
+    """A CSV file's columns by name (the header's, stripped), each read as numbers when first
+    asked for: a column the expression does not use may hold anything, as in files that Dask
+    reads (docs/dask.md)."""
 
+    def __init__(self, path: str, names: list, rows: list):
+        self.path, self.names, self._rows, self._done = path, names, rows, {}
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __contains__(self, name) -> bool:
+        return name in self.names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, name):
+        found = self._done.get(name)
+        if found is None:
+            import numpy as np
+
+            j = self.names.index(name)
+            found = np.empty(len(self._rows))
+            for i, (line, row) in enumerate(self._rows):
+                cell = row[j]
+                try:
+                    found[i] = float(cell)
+                except ValueError:
+                    raise CommandError(f"{self.path} line {line}, column {name!r}: {cell.strip()!r} is not a number") \
+                        from None
+                if not math.isfinite(found[i]):  # here, with the file's line, before any compile
+                    raise CommandError(f"{self.path} line {line}, column {name!r}: {cell.strip()!r} is not finite; "
+                                       "data must be finite numbers")
+            self._done[name] = found
+        return found
+
+
+def read_csv(path: str) -> CsvTable:
+    """A CSV file with a header row of names: its columns by name (:class:`CsvTable`)."""
     from .parse import check_name
 
     try:
@@ -276,19 +312,10 @@ def read_csv(path: str) -> dict:
         raise CommandError(f"{path}: the header names the column {dup!r} twice")
     if len(rows) == 1:
         raise CommandError(f"{path} has a header but no data rows")
-    values = np.empty((len(rows) - 1, len(names)))
-    for i, (line, row) in enumerate(rows[1:]):
+    for line, row in rows[1:]:
         if len(row) != len(names):
             raise CommandError(f"{path} line {line}: {len(row)} fields, but the header has {len(names)}")
-        for j, cell in enumerate(row):
-            try:
-                values[i, j] = float(cell)
-            except ValueError:
-                raise CommandError(f"{path} line {line}, column {names[j]!r}: {cell.strip()!r} is not a number") from None
-            if not math.isfinite(values[i, j]):  # here, with the file's line, before any compile
-                raise CommandError(f"{path} line {line}, column {names[j]!r}: {cell.strip()!r} is not finite; "
-                                   "data must be finite numbers")
-    return {name: values[:, j].copy() for j, name in enumerate(names)}
+    return CsvTable(path, names, rows[1:])
 
 
 # -- files read lazily by Dask ----------------------------------------------------------------------

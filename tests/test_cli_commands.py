@@ -304,3 +304,15 @@ def test_fit_in_a_fresh_process(tmp_path, linear_csv):
     assert bad.returncode == 1 and bad.stdout == ""
     one_error_line(bad.stderr, "attribute access")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_a_csv_column_the_expression_does_not_use_may_hold_text(capsys, tmp_path):
+    """As in files read by Dask (docs/dask.md: other columns of any type): one CSV file read
+    into memory with a column of labels that no term reads fits; the same text in a column the
+    expression reads is named, with its line."""
+    data = _csv(tmp_path, "x,y,tag\n1,3,u\n2,5,v\n3,7,w\n")
+    rc, out, _ = run(capsys, "fit", "(w*x + c - y)**2", "--params", "w,c", "--data", data, "--method", "lbfgs")
+    rows = table_values(out)
+    assert rc == 0 and abs(float(rows["w"]) - 2) < 1e-6 and abs(float(rows["c"]) - 1) < 1e-6
+    rc, out, err = run(capsys, "fit", "(w*x + c - tag)**2", "--params", "w,c", "--data", data, "--method", "lbfgs")
+    assert rc != 0 and "line 2, column 'tag': 'u' is not a number" in err
