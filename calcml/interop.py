@@ -67,10 +67,11 @@ def to_scipy(cost: Cost, data=None, *, hessian: bool | str = True) -> dict:
     Hessian, each a Numba kernel from :func:`calcml.compile`. ``data`` (a dict of columns,
     a 2-D array or a DataFrame) is validated and laid out once, here; omit it for a cost
     without data columns. ``hessian=False`` leaves ``hess`` out, for methods that do not use
-    it (BFGS, L-BFGS-B, CG), which scipy otherwise warns about. For a tensor cost,
-    ``hessian="products"`` gives ``hessp(x, p)`` instead, the exact Hessian-vector product
-    (Newton-CG, trust-krylov, trust-ncg), and so does the default past the dense Hessian's
-    size (more than 4,096 parameters), where ``hess`` could not be built.
+    it (BFGS, L-BFGS-B, CG), which scipy otherwise warns about. ``hessian="products"`` gives
+    ``hessp(x, p)`` instead, the exact Hessian-vector product (Newton-CG, trust-krylov,
+    trust-ncg): a tensor cost's in one pass over the data without the Hessian, a scalar
+    cost's as its Hessian times p. For a tensor cost so does the default past the dense
+    Hessian's size (more than 4,096 parameters), where ``hess`` could not be built.
 
     >>> import calcml as cm, numpy as np
     >>> from scipy.optimize import minimize
@@ -99,11 +100,9 @@ def to_scipy(cost: Cost, data=None, *, hessian: bool | str = True) -> dict:
         raise ValueError(f"hessian must be True, False or 'products', got {hessian!r}")
     f = _ValueAndGrad(kernels, prepared)
     out = {"fun": f.fun, "jac": f.jac}
-    products = hasattr(kernels, "hvp")  # exact Hessian-vector products: the index form's kernels (also
-    # those of a scalar cost that calcml compiles in its index form)
-    if hessian == "products" and not products:
-        raise ValueError("hessian='products' takes tensor costs (their kernels have exact Hessian-vector "
-                         "products); a scalar cost's hess is its exact Hessian matrix")
+    products = hasattr(kernels, "hvp_at")  # products in one pass, no Hessian: the index form's kernels
+    # (also those of a scalar cost that calcml compiles in its index form); a scalar cost's
+    # kernels make hessian="products" from the Hessian
     if products and hessian is True:
         from .tensor.kernels import HESSIAN_MAX  # (loaded already: the kernels are its)
 

@@ -132,7 +132,7 @@ def test_history_steps_number_the_entries_in_the_plot_and_the_command_lines_csv(
     assert steps[0] == 0 and steps[1] == 4 and steps[-1] % 4 != 0 and steps[-2] == 4 * (len(rows) - 2)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(batch=st.integers(7, 120), epochs=st.integers(1, 3), form=st.sampled_from(["scalar", "tensor"]),
        method=st.sampled_from(["sgd", "adam"]))
 def test_epoch_means_weigh_each_minibatch_by_its_rows(logistic, batch, epochs, form, method):

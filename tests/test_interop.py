@@ -146,6 +146,7 @@ def test_tensor_costs_give_scipy_exact_hessian_vector_products():
     assert mine.success == theirs.success and mine.nit == theirs.nit
     np.testing.assert_allclose(mine.x, theirs.x, rtol=1e-12)
     assert set(cm.to_scipy(cost, D)) == {"fun", "jac", "hess"}
-    a, c = cm.params("a c")
-    with pytest.raises(ValueError, match="hessian='products' takes tensor costs"):
-        cm.to_scipy(cm.Cost(a ** 2 + c ** 2, params=[a, c]), hessian="products")
+    a, c = cm.params("a c")  # a scalar cost's products: its exact Hessian times p
+    hessp = cm.to_scipy(cm.Cost(a ** 2 * c + c ** 3, params=[a, c]), hessian="products")["hessp"]
+    t, q = np.array([0.5, -2.0]), np.array([3.0, 1.0])
+    np.testing.assert_allclose(hessp(t, q), np.array([[2 * t[1], 2 * t[0]], [2 * t[0], 6 * t[1]]]) @ q, rtol=1e-14)

@@ -667,7 +667,7 @@ print(json.dumps([float(v) for v in rep["x"]]))
 """
 
 
-@pytest.mark.parametrize("method", ["gd", "lbfgs"])
+@pytest.mark.parametrize("method", ["lbfgs"])
 def test_exported_tensor_program_runs_without_scipy(digits_like, tmp_path, method):
     """Numba's BLAS is SciPy's: an exported module on a machine without SciPy makes its
     matrix products as loops (the same values, to rounding), as API.md promises a module that
