@@ -202,23 +202,26 @@ def _gradient_points(points, n, n_points, seed, scale, exact, cost) -> list:
     return thetas
 
 
-def _row_scale(cost, kernels, ds, thetas, rows: int = 32) -> np.ndarray:
+def _row_scale(cost, kernels, ds, thetas) -> np.ndarray:
     """Typical |per-row gradient term| (times the row count for a sum), from a few rows."""
-    n = len(cost.params)
     if ds is None:
-        return np.zeros(n)
-    idx = np.linspace(0, ds.n_rows - 1, min(rows, ds.n_rows)).astype(int)
-    total = np.zeros(n)
-    count = 0
-    for i in idx:
-        one = {name: col[i : i + 1].copy() for name, col in ds.as_dict().items()}
-        for t in thetas[:3]:
+        return np.zeros(len(cost.params))
+    return typical_row_gradient(len(cost.params), cost.reduce, kernels.grad, ds.as_dict(), thetas[:3])
+
+
+def typical_row_gradient(n: int, reduce: str, grad, arrays: dict, thetas, rows: int = 32) -> np.ndarray:
+    """The mean |gradient| over up to ``rows`` single rows of ``arrays`` (``{name: rows}``)
+    at ``thetas``, times the row count for a sum: the scale of the rounding that a
+    reduction of the rows may carry. ``grad(theta, one_row)`` is the kernels' gradient."""
+    n_rows = len(next(iter(arrays.values())))
+    total, count = np.zeros(n), 0
+    for i in np.linspace(0, n_rows - 1, min(rows, n_rows)).astype(int):
+        one = {name: col[i:i + 1].copy() for name, col in arrays.items()}
+        for t in thetas:
             with np.errstate(all="ignore"):
-                g = np.abs(kernels.grad(t, one))
+                g = np.abs(grad(t, one))
             if np.all(np.isfinite(g)):
                 total += g
                 count += 1
-    if not count:
-        return np.zeros(n)
-    typical = total / count
-    return typical * (ds.n_rows if cost.reduce == "sum" else 1.0)
+    typical = total / max(count, 1)
+    return typical * (n_rows if reduce == "sum" else 1.0)

@@ -309,6 +309,19 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: NumPy's uint64 wraps as com
             return _randbelow_compiled(rng, n)
 '''
 
+def fisher_yates(perm: str, rng: str, n: str, prefix: str = "") -> ir.For:
+    """The loop that shuffles ``perm`` (n entries) in place, Fisher-Yates from its end, drawing
+    from SplitMix64 (``_randbelow``, state ``rng``): every calcml minibatch loop's row order.
+    ``prefix``: of its variables' names."""
+    i, k, r = f"{prefix}i", f"{prefix}k", f"{prefix}r"
+    return ir.For(i, ir.range_(f"{n} - 1", 0, -1), [
+        ir.Assign(k, f"_randbelow({rng}, {i} + 1)"),
+        ir.Assign(r, f"{perm}[{i}]"),
+        ir.Assign(f"{perm}[{i}]", f"{perm}[{k}]"),
+        ir.Assign(f"{perm}[{k}]", r),
+    ])
+
+
 _DRIVER_HEAD = '''
 
 class NonFiniteData(ValueError):
@@ -704,12 +717,8 @@ class _Generator:
         body = [None if self.unrolled else vg.param_loads]
         if self.minibatch:
             body += [
-                ir.If("pos == 0", [ir.For("i", ir.range_("n_rows - 1", 0, -1), [
-                    ir.Assign("k", "_randbelow(rng, i + 1)"),
-                    ir.Assign("r", "perm[i]"),
-                    ir.Assign("perm[i]", "perm[k]"),
-                    ir.Assign("perm[k]", "r"),
-                ])], comment="a new epoch: Fisher-Yates shuffle of the row order"),
+                ir.If("pos == 0", [fisher_yates("perm", "rng", "n_rows")],
+                      comment="a new epoch: Fisher-Yates shuffle of the row order"),
                 ir.Assign("stop", "min(pos + batch, n_rows)"),
             ]
         body += [

@@ -27,7 +27,7 @@ from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from .. import ir
 from ..printing import NumbaPrinter
 from ..codegen import KERNEL_FLAGS, NUMBA_FLAGS, njit_flags
-from ..loop import _RNG_SOURCE
+from ..loop import _RNG_SOURCE, fisher_yates
 from ..schedules import Schedule
 from .kernels import HESSIAN_MAX, STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
 from .model import TensorCost
@@ -548,12 +548,8 @@ class _Source:
              ir.Assign("o_total", "0.0"),
              ir.Assign("o_count", "0"),
              ir.Assign("o_n", "o_perm.shape[0]"),
-             ir.If("o_shuffle != 0", [ir.For("o_i", ir.range_("o_n - 1", 0, -1), [
-                 ir.Assign("o_k", "_randbelow(o_rng, o_i + 1)"),
-                 ir.Assign("o_p", "o_perm[o_i]"),
-                 ir.Assign("o_perm[o_i]", "o_perm[o_k]"),
-                 ir.Assign("o_perm[o_k]", "o_p"),
-             ])], comment="a new epoch's row order (the scalar loops' shuffle)"),
+             ir.If("o_shuffle != 0", [fisher_yates("o_perm", "o_rng", "o_n", "o_")],
+                   comment="a new epoch's row order (the scalar loops' shuffle)"),
              ir.For("o_lo", ir.range_(0, "o_n", "o_batch"), [
                  ir.If("o_count >= o_max_steps", [ir.Break()]),
                  ir.Assign("o_hi", "min(o_lo + o_batch, o_n)"),

@@ -200,30 +200,11 @@ def verify_tensor(cost: TensorCost, timeout: float):
     return Report(verdicts, title=f"verify (index form, instance and full size): {str(cost.expr)[:60]}")
 
 
-def _row_scale(cost: TensorCost, k, user_data, thetas, rows: int = 16) -> np.ndarray:
-    """Typical |per-row gradient| of each entry (times the row count for a sum), from up to
-    ``rows`` rows at the first points: the scale of the rounding a reduction may carry."""
-    if user_data is None:
-        return np.zeros(cost.n_params)
-    n_rows = len(next(iter(user_data.values())))
-    total, count = np.zeros(cost.n_params), 0
-    for i in np.linspace(0, n_rows - 1, min(rows, n_rows)).astype(int):
-        one = {name: arr[i:i + 1] for name, arr in user_data.items()}
-        for theta in thetas[:2]:
-            with np.errstate(all="ignore"):
-                g = np.abs(k.grad(theta, one))
-            if np.all(np.isfinite(g)):
-                total += g
-                count += 1
-    typical = total / max(count, 1)
-    return typical * (n_rows if cost.reduce == "sum" else 1.0)
-
-
 def check_gradient_tensor(cost: TensorCost, grad_fn, data, points, rtol: float, n_points: int, seed: int):
     """:func:`calcml.check_gradient` for a tensor cost: ``grad_fn(theta, data)`` (flat, in
     ``theta`` order) against the compiled exact gradient; one verdict per parameter tensor,
     naming the entry that disagrees most."""
-    from ..check import _allowance_text, compare, rounding_allowance
+    from ..check import _allowance_text, compare, rounding_allowance, typical_row_gradient
     from ..dataset import real_array
     from ..errors import ParamError
     from ..verify import Report, Verdict
@@ -247,7 +228,8 @@ def check_gradient_tensor(cost: TensorCost, grad_fn, data, points, rtol: float, 
         size = int(np.prod(shape)) if shape else 1
         bounds.append((name, o, o + size))
         o += size
-    allowance = rounding_allowance(_row_scale(cost, k, user_data, thetas), td.n_rows if td is not None else 0)
+    scale = np.zeros(n) if user_data is None else typical_row_gradient(n, cost.reduce, k.grad, user_data, thetas[:2])
+    allowance = rounding_allowance(scale, td.n_rows if td is not None else 0)
     worst = {name: (-1.0, None, None, None, None, None) for name, _, _ in bounds}
     for theta in thetas:
         e = k.grad(theta, td) if td is not None else k.grad(theta)
