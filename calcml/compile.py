@@ -380,7 +380,6 @@ class Kernels:
         if vv.shape != (self._n,):
             raise ParamError(f"v must have shape ({self._n},), one entry per parameter in the order "
                              f"{list(self.cost.param_names)}; got shape {np.shape(v)}")
-        vv = np.asarray(vv, dtype=np.float64)
         if not np.all(np.isfinite(vv)):
             raise ParamError("v must be finite")
         return self.hessian(theta, data) @ vv

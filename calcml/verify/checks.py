@@ -137,11 +137,9 @@ def _case_refutation(name, L, dc, signs, points, where):
             if not (_value_status(Lv) == "real" and _value_status(dv) == "real"):
                 continue
             if (Lv - dv).is_zero is False:
-                point = {s.name: v for s, v in sorted(env.items(), key=lambda kv: kv[0].name)}
-                text = ", ".join(f"{s.name} = {_fmt_coord(v)}" for s, v in sorted(env.items(), key=lambda kv: kv[0].name))
                 return Verdict(name, "refuted", "exact limit in a case",
-                               f"at {text}{where}: the limit of the difference quotient is exactly {_fmt_num(Lv)}, "
-                               f"the derivative under test gives {_fmt_num(dv)}", point, Lv, dv)
+                               f"at {_point_text(env)}{where}: the limit of the difference quotient is exactly "
+                               f"{_fmt_num(Lv)}, the derivative under test gives {_fmt_num(dv)}", _point_repr(env), Lv, dv)
         except (TypeError, ValueError, AttributeError, RecursionError):
             continue
     return None
