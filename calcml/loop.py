@@ -702,8 +702,17 @@ class _Generator:
                 ("floats[F_BEST]", "best_value"), ("floats[F_VALUE]", "value"), ("floats[F_GNORM]", "math.sqrt(gn2)"))],
             [ir.Assign("ints[I_EPOCH]", "epoch"), ir.Assign("ints[I_POS]", "pos"),
              ir.Assign("floats[F_EPOCH_SUM]", "epoch_sum")] if self.minibatch else None,
-            ir.If("status != RUNNING or step >= ints[I_MAX_STEPS]", [end("status")],
-                  comment="the run is over: the report"),
+            ir.If("status != RUNNING or step >= ints[I_MAX_STEPS]", [
+                ir.Assign("status", "_end(theta, best, cols, ints, floats, xout, gout, status)"),
+                None if self.minibatch else ir.If(
+                    "status != DIVERGED and (hist_i == 0 or hist_next - hist_every != step)", [
+                        ir.Assign("history[hist_i]", "floats[F_FUN]"),
+                        [ir.Assign(f"path[hist_i, {j}]", f"xout[{j}]") for j in range(n)]
+                        if n <= PATH_MAX_PARAMS else None,
+                        ir.Assign("ints[I_HIST_I]", "hist_i + 1"),
+                    ], comment="the last iterate, off the history's stride (or maxiter=0's x0): its cost, the "
+                               "report's, ends the history"),
+            ], comment="the run is over: the report"),
             ir.Return("status"),
         ]
         return ir.Def("run_segment", tuple(self._segment_params()), [begin, loop, finish], decorators=("_jit_inline",), doc=(
@@ -1084,14 +1093,6 @@ class _Generator:
             ]) if self.has_data else (), comment="the report is written here, at the best point"),
             ir.Assign("f", f"{'work' if self._work_size() <= 64 else 'work[:N_FLOATS]'}.tolist()"),
             ir.Assign("n_hist", f"i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]"),
-            None if self.minibatch else ir.If(
-                "i[I_STATUS] != DIVERGED and i[I_STATUS] != INTERRUPTED and (n_hist == 0 or i[I_HIST_NEXT] - "
-                "i[I_HIST_EVERY] != i[I_STEP])", [
-                    ir.Assign("history[n_hist]", "f[F_FUN]"),
-                    ir.Assign("path[n_hist]", "xout") if self.n <= PATH_MAX_PARAMS else None,
-                    ir.AugAssign("n_hist", "+", 1),
-                ], comment="the run's last iterate, off the history's stride (or maxiter=0's x0): its cost, the "
-                           "report's, ends the history"),
             ir.Assign("full", "n_hist == i[I_HIST_LEN]", "the arrays are the report's as they are"),
             ir.If("i[I_POS] > 0 and math.isfinite(f[F_EPOCH_SUM])", [
                 ir.Assign("history", "np.append(history[:n_hist], f[F_EPOCH_SUM] "
