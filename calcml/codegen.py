@@ -466,7 +466,11 @@ class ModuleBuilder:
             ir.Raw(_KERNEL_IMPORTS) if kernels else None,
             ir.Blank(),
             cache_statements() if "_CACHE" in flags else None,
-            ir.Assign("_jit", f"numba.njit({flags})"),
+            ir.Assign("_jit", f"numba.njit({flags})") if kernels else [
+                ir.Assign("_PYTHON_TIER", 'bool(globals().get("_PYTHON_TIER"))',
+                          "calcml's Python tier: this source run as Python, its data passes machine code, until "
+                          "the loop is worth compiling (calcml.loop._NativeSegment); never set otherwise"),
+                ir.Assign("_jit", f"numba.njit({flags}) if not _PYTHON_TIER else (lambda f: f)")],
             [ir.Assign("CFUNC_FLAGS", repr(KERNEL_FLAGS)), ir.Raw(_SIGNATURES)] if kernels else None,
             [ir.Assign("CHUNK", CHUNK), ir.Assign("LANES", LANES)] if self.has_data else None,
             ir.Assign("N_PARAMS", self.n),

@@ -204,7 +204,7 @@ def _call_pass(typingctx, table, slot, theta, out):
     return types.float64(types.int64, types.int64, theta, out), codegen
 
 
-if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same calls, from Python
+if numba.config.DISABLE_JIT or _PYTHON_TIER:  # NUMBA_DISABLE_JIT=1 or the Python tier: the same calls, from Python
     def _pass_at(table, slot):
         return ctypes.c_int64.from_address(int(table) + 8 * int(slot)).value
 
@@ -904,7 +904,7 @@ class _Generator:
             ir.Blank(),
             ir.Comment("run_segment's code goes into its one compiled caller, run_segment_c (Numba's inline=\"always\"):\n"
                        "one compile of the loop, not a dispatcher's and then the C entry's over it again"),
-            ir.Assign("_jit_inline", f"numba.njit(inline='always', {_NJIT_FLAGS})"),
+            ir.Assign("_jit_inline", f"numba.njit(inline='always', {_NJIT_FLAGS}) if not _PYTHON_TIER else _jit"),
             ir.Blank(2),
             self._full_batch_functions(vg, val, hess),
             ir.Raw(_BEGIN_END_SOURCE.strip("\n")),
@@ -986,6 +986,22 @@ class _Generator:
                     doc="_fg (the serial pass) on the arrays at these addresses: the cost, the gradient into g"),
                 ir.Blank(2),
             ]
+        if self.has_data and self.opt.kind == "newton":  # the Python tier's other passes (see _PYTHON_TIER)
+            theta = "carray(_data(off, theta_o), (N_PARAMS,), np.float64)"
+            out += [
+                ir.Assign("SIG_F", "types.float64(types.int64, types.int64, _F64PP, types.int64)"),
+                ir.Def("f_c", ("off", "theta_o", "cols_p", "n_rows"), [ir.Return(
+                    f"_f({theta}, {self._column_arrays()}, np.int64(0))")],
+                    doc="_f (the serial pass) on the arrays at these addresses: the cost"),
+                ir.Blank(2),
+                ir.Assign("SIG_HESS", "types.float64(types.int64, types.int64, _F64PP, types.int64, types.int64)"),
+                ir.Def("hess_c", ("off", "theta_o", "cols_p", "n_rows", "h_o"), [
+                    ir.Stmt(f"_hess({theta}, {self._column_arrays()},\n"
+                            "      carray(_data(off, h_o), (N_PARAMS, N_PARAMS), np.float64), np.int64(0))"),
+                    ir.Return("0.0")],
+                    doc="_hess (the serial pass) on the arrays at these addresses: the Hessian into H"),
+                ir.Blank(2),
+            ]
         return out
 
     def _constants(self) -> list:
@@ -1010,6 +1026,9 @@ class _Generator:
             ir.Assign("O_END", f"O_SA + {self._n_sched()}"),
             ir.Assign("SEGMENT_ARGS", repr(tuple(self._segment_params())), "run_segment's parameters"),
             ir.Assign("FIRST_ORDER", self.first_order),
+            ir.Assign("PYTHON_TIER", not self.first_order and (self.has_data or not self.mb.printer.pow_printed),
+                      "a line search's loop, whose source run as Python (its data passes machine code) gives its "
+                      "machine code's bits: calcml runs it so until compiling it pays (_NativeSegment)"),
             ir.Assign("MINIBATCH", self.minibatch),
             ir.Assign("PARAM_NAMES", f"({''.join(ascii(p.name) + ', ' for p in self.cost.params)})"),
             ir.Assign("COLUMN_NAMES", f"({''.join(ascii(d.name) + ', ' for d in self.cost.data)})"),
@@ -1258,6 +1277,19 @@ def _data_offset() -> int | None:
     return None
 
 
+# The Python tier (a module's PYTHON_TIER): a line search's loop runs as the Python it is, its
+# data passes machine code, until its Python time in this process passes TIER_UP_SECONDS; then
+# its machine code is compiled (3-6 s for lbfgs or newton) and runs the rest of the run, from
+# the state the Python left (the same bits: see PYTHON_TIER). Machine code already cached is
+# loaded at once. So a first fit costs the passes' compile (about 0.5 s), not the loop's, and
+# a loop that runs long is compiled after all: at most TIER_UP_SECONDS more than compiling first.
+TIER_UP_SECONDS = 2.0
+# The Python tier runs in slices of about this long: each begins from a copy of the state, so that
+# a Ctrl-C or a Python float error (an overflow, a division by zero, where machine code gives inf
+# or NaN) leaves the state whole; after an error the slice runs again as machine code.
+_SLICE_SECONDS = 0.02
+
+
 class _NativeSegment:
     """What a module's driver calls for run_segment: its C entry point's machine code
     (``run_segment_c``), loaded from beside the module on the first call, else compiled with
@@ -1265,13 +1297,17 @@ class _NativeSegment:
     ctypes with the arrays' addresses. A warm process so runs a fit without loading Numba's
     cache of the loop (its typing and target contexts: about 0.7 s). Should the machine code
     be out of reach (a Numba release that moved what calcml.native reads), the module's own
-    dispatcher runs, after a warning."""
+    dispatcher runs, after a warning. A line search's loop not yet compiled runs in the Python
+    tier first (TIER_UP_SECONDS)."""
 
     def __init__(self, module, path):
         self.module, self.path = module, Path(path)
         self.names = module.SEGMENT_ARGS
         self.fn = None
         self.keep = None
+        self.python = None  # the module run as Python (the Python tier), while it is
+        self.python_seconds = 0.0
+        self.slice_steps = 8
 
     def _load(self):
         import ctypes
@@ -1284,9 +1320,15 @@ class _NativeSegment:
         if config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the loop runs as the Python it is
             mod._segment = mod.run_segment
             return mod.run_segment
+        address = None
+        if getattr(mod, "PYTHON_TIER", False) and self.python_seconds < TIER_UP_SECONDS:
+            address = native.load(native.object_path(self.path, "run_segment_c"))
+            if address is None and self._python_tier() is not None:
+                return self
         try:
-            address, self.keep, _ = native.load_or_compile(
-                self.path, "run_segment_c", lambda: (mod.run_segment_c, mod.SIG_SEGMENT, mod.CFUNC_FLAGS))
+            if address is None:
+                address, self.keep, _ = native.load_or_compile(
+                    self.path, "run_segment_c", lambda: (mod.run_segment_c, mod.SIG_SEGMENT, mod.CFUNC_FLAGS))
         except Exception as exc:  # noqa: BLE001 - the dispatcher still runs the loop
             import warnings
 
@@ -1296,11 +1338,81 @@ class _NativeSegment:
             return mod.run_segment
         ctypes_of = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_int64 for t in mod.SIG_SEGMENT.args]
         self.fn = ctypes.CFUNCTYPE(ctypes.c_int64, *ctypes_of)(address)
+        self.python = None
         return self
 
+    def _python_tier(self):
+        """The module's source run again as Python (``_PYTHON_TIER``), its serial data passes
+        the machine code of their C entries: ``self.python``, or None where that cannot be."""
+        import importlib.util
+
+        mod = self.module
+        try:
+            spec = importlib.util.spec_from_file_location(f"{mod.__name__}_python", self.path)
+            py = importlib.util.module_from_spec(spec)
+            py._PYTHON_TIER = True
+            spec.loader.exec_module(py)
+            if mod.COLUMN_NAMES:  # the passes over rows: machine code (without data: Python's, exact)
+                py._fg_serial = native_pass(mod, self.path, "fg")
+                if hasattr(mod, "f_c"):
+                    py._f_serial = native_pass(mod, self.path, "f")
+                    py._hess_serial = native_pass(mod, self.path, "hess")
+        except Exception:  # noqa: BLE001 - the machine code runs the loop instead
+            return None
+        self.python = py
+        return py
+
+    def _run_python(self, args):
+        """run_segment's call in the Python tier: slices of about _SLICE_SECONDS up to the
+        call's stop, each from a copy of the state; past TIER_UP_SECONDS (or after a Python
+        float error) the rest as machine code."""
+        import time
+
+        mod, py = self.module, self.python
+        ints = args[1]
+        stop = int(ints[mod.I_STOP])
+        kept = [a for name, a in zip(self.names, args) if name in ("work", "ints", "xout", "gout")]
+        kept += list(args[self.names.index("state")]) if "state" in self.names else []
+        try:
+            while True:
+                if self.python_seconds >= TIER_UP_SECONDS:  # compile the loop; it resumes the run
+                    ints[mod.I_STOP] = stop
+                    self.python = None
+                    if self._load() is not self:
+                        return mod.run_segment(*args)
+                    return self(*args)
+                step = int(ints[mod.I_STEP])
+                ints[mod.I_STOP] = min(stop, step + self.slice_steps)
+                copies = [a.copy() for a in kept]
+                t0 = time.perf_counter()
+                try:
+                    with np.errstate(all="ignore"):
+                        status = py.run_segment(*args)
+                except (ArithmeticError, ValueError, TypeError):  # Python's float rules: the slice again, compiled
+                    for a, c in zip(kept, copies):
+                        a[...] = c
+                    self.python_seconds = TIER_UP_SECONDS
+                    continue
+                except KeyboardInterrupt:  # the run stops at the slice's start, its state whole
+                    for a, c in zip(kept, copies):
+                        a[...] = c
+                    raise
+                dt = time.perf_counter() - t0
+                self.python_seconds += dt
+                done = int(ints[mod.I_STEP]) - step
+                if done > 0:
+                    self.slice_steps = max(1, min(4 * self.slice_steps, int(done * _SLICE_SECONDS / max(dt, 1e-6))))
+                if status != mod.RUNNING or int(ints[mod.I_STEP]) >= stop:
+                    return status
+        finally:
+            ints[mod.I_STOP] = stop
+
     def __call__(self, *args):
-        if self.fn is None and (_OFFSET is None or self._load() is not self):
-            return self.module.run_segment(*args)
+        if self.fn is None:
+            if self.python is None and (_OFFSET is None or self._load() is not self):
+                return self.module.run_segment(*args)
+            if self.python is not None:
+                return self._run_python(args)
         c_args = [_OFFSET]
         table = None
         for name, a in zip(self.names, args):
@@ -1326,31 +1438,54 @@ def native_fg(module, path):
     compiled and kept there): what a warm process calls for the rows' own gradients without
     loading Numba's cache of the module (about 0.4 s). The module's ``_fg`` where that is out of
     reach (NUMBA_DISABLE_JIT, a compile error)."""
-    found = getattr(module, "_fg_native", None)
+    return native_pass(module, path, "fg")
+
+
+# the serial passes' C entries: (module function where out of reach, its machine code's
+# arguments after theta's and the columns' (the out array's), whether it returns the value)
+_PASSES = {"fg": ("_fg", 1, True), "f": ("_f", 0, True), "hess": ("_hess", 1, False)}
+
+
+def native_pass(module, path, name):
+    """The module's serial pass ``name`` ("fg": (theta, cols, g) -> the cost, its gradient into
+    g; "f": (theta, cols) -> the cost; "hess": (theta, cols, H), the Hessian into H) as the
+    machine code of its C entry ``<name>_c`` (loaded from beside the module or compiled and kept
+    there); the module's own function where that is out of reach (NUMBA_DISABLE_JIT, a compile
+    error). Made once a module."""
+    attr = f"_{name}_native"
+    found = getattr(module, attr, None)
     if found is not None:
         return found
-    found = module._fg
+    fallback, n_out, returns = _PASSES[name]
+    found = getattr(module, fallback)
     from numba import config
 
-    if _OFFSET is not None and hasattr(module, "fg_c") and not config.DISABLE_JIT:
+    if _OFFSET is not None and hasattr(module, f"{name}_c") and not config.DISABLE_JIT:
         import ctypes
 
         from . import native
 
+        sig = getattr(module, "SIG_FG" if name == "fg" else f"SIG_{name.upper()}")
         try:
-            address, keep, _ = native.load_or_compile(Path(path), "fg_c", lambda: (module.fg_c, module.SIG_FG,
-                                                                                module.CFUNC_FLAGS))
+            address, keep, _ = native.load_or_compile(Path(path), f"{name}_c", lambda: (getattr(module, f"{name}_c"),
+                                                                                     sig, module.CFUNC_FLAGS))
         except Exception:  # noqa: BLE001 - the dispatcher still makes the pass
             address = None
         if address is not None:
             fn = ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                  ctypes.c_int64)(address)
+                                  *[ctypes.c_int64] * n_out)(address)
 
-            def found(theta, cols, g, keep=keep):
-                table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
-                return fn(_OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(g))
+            if n_out:
+                def found(theta, cols, out, keep=keep):
+                    table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
+                    value = fn(_OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(out))
+                    return value if returns else None
+            else:
+                def found(theta, cols, keep=keep):
+                    table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
+                    return fn(_OFFSET, id(theta), table.ctypes.data, cols[0].shape[0])
 
-    module._fg_native = found
+    setattr(module, attr, found)
     return found
 
 

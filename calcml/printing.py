@@ -194,6 +194,9 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
         self.known_functions = dict(_MATH_FUNCTIONS)
         self.names = names
         self.helpers_used: set[str] = set()
+        # a ** was printed: Python's float power (libm's pow) may round otherwise than Numba's
+        # (products for integer exponents), so such code run as Python is not the machine code
+        self.pow_printed = False
         # memo: each expression printed once per name table (a module renders the same
         # statements in several kernels); only for printers whose output depends on nothing
         # but the expression and the names
@@ -320,6 +323,7 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
         if exp == -sp.S.Half:
             return f"(1.0/math.sqrt({self._print(base)}))"
         e = self.parenthesize(exp, sp.printing.precedence.PRECEDENCE["Pow"] + 1)
+        self.pow_printed = True
         return f"({b}**{e})"
 
     # -- functions -----------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""The Python tier of the line searches' loops (calcml.loop.TIER_UP_SECONDS): a first fit runs
+the generated loop as Python, its data passes machine code, and gets the very bits the
+loop's machine code gets; the loop is compiled once its Python time passes the threshold, from
+the state the Python left; a Ctrl-C or a Python float error leaves that state whole."""
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import calcml as cm
+from calcml import loop
+from calcml import result as R
+
+a, b = sp.symbols("a b")
+_rng = np.random.default_rng(0)
+_X = _rng.standard_normal((300, 3))
+_Y = (_X @ [1.0, -2.0, 0.5] + _rng.standard_normal(300) > 0).astype(float)
+_w = cm.params("w", 3)
+_b0 = cm.params("b")
+_x = cm.data("x", 3)
+_y = cm.data("y")
+_z = cm.dot(_w, _x) + _b0
+LOGISTIC = cm.Cost(cm.softplus(_z) - _y * _z, params=[*_w, _b0], data=[*_x, _y])
+DATA = {"x0": _X[:, 0], "x1": _X[:, 1], "x2": _X[:, 2], "y": _Y}
+ROSEN = cm.Cost((1 - a) ** 2 + 100 * (b - a**2) ** 2, params=[a, b])
+# exp(10 a) from a = 60: the first trial steps overflow, which Python's math.exp raises (the
+# slice then runs again as machine code, where it is inf)
+STEEP = cm.Cost(sp.exp(10 * a) + (b - 1) ** 2 + a**2, params=[a, b])
+
+CASES = {
+    "rosenbrock": (ROSEN, [-1.2, 1.0], None),
+    "overflow": (STEEP, [60.0, 0.0], None),
+    "logistic": (LOGISTIC, np.zeros(4), DATA),
+}
+
+
+def _segment(cost, method):
+    """The driver's segment caller of the module minimize runs for cost and method."""
+    return cm.generate(cost, method=method).module._segment
+
+
+def _same(r1, r2):
+    assert r1.x.tobytes() == r2.x.tobytes() and r1.jac.tobytes() == r2.jac.tobytes()
+    assert (r1.fun, r1.nit, r1.nfev, r1.status) == (r2.fun, r2.nit, r2.nfev, r2.status)
+    np.testing.assert_array_equal(r1.history, r2.history)
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "newton"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_python_tier_gives_the_machine_codes_bits(fresh_cache, monkeypatch, case, method):
+    cost, x0, data = CASES[case]
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    first = cm.minimize(cost, x0, data=data, method=method, maxiter=500)
+    seg = _segment(cost, method)
+    assert seg.python is not None and seg.fn is None
+    assert not list(fresh_cache.glob("*.run_segment_c.*.o"))  # the loop was not compiled
+    assert bool(list(fresh_cache.glob("*.fg_c.*.o"))) == (data is not None)  # its passes over rows were
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    again = cm.minimize(cost, x0, data=data, method=method, maxiter=500)
+    assert seg.fn is not None and list(fresh_cache.glob("*.run_segment_c.*.o"))
+    _same(first, again)
+    if case != "overflow":
+        assert first.success
+
+
+def test_passes_on_calcmls_threads_give_the_same_bits_in_both_tiers(fresh_cache, monkeypatch):
+    n = loop.PARALLEL_MIN_ROWS + 7
+    X = np.random.default_rng(3).standard_normal((n, 3))
+    data = {"x0": X[:, 0], "x1": X[:, 1], "x2": X[:, 2], "y": (X[:, 0] - X[:, 2] > 0.3).astype(float)}
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    first = cm.minimize(LOGISTIC, np.zeros(4), data=data, method="lbfgs")
+    assert _segment(LOGISTIC, "lbfgs").python is not None
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    _same(first, cm.minimize(LOGISTIC, np.zeros(4), data=data, method="lbfgs"))
+
+
+def test_a_long_python_run_is_compiled_midway_and_resumes_to_the_same_bits(fresh_cache, monkeypatch):
+    """Past TIER_UP_SECONDS of Python the loop is compiled and the run goes on from the state
+    the Python left: the first slice in Python, the rest machine code, the bits of a run
+    wholly in machine code."""
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 1e-12)
+    mixed = cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs")
+    seg = _segment(ROSEN, "lbfgs")
+    assert seg.fn is not None and seg.python is None and 0 < seg.python_seconds
+    assert mixed.nit > seg.slice_steps  # the Python tier ran a slice, the machine code the rest
+    _same(mixed, cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs"))
+
+
+def test_ctrl_c_in_the_python_tier_returns_an_iterate_of_the_run(fresh_cache, monkeypatch):
+    """A Ctrl-C inside a Python slice: the state goes back to the slice's start, the run stops
+    there and reports its best point, one of the uninterrupted run's iterates."""
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    full = cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs", tol=0.0, maxiter=30)
+    seg = _segment(ROSEN, "lbfgs")
+    seg.slice_steps = 4
+    monkeypatch.setattr(loop, "_SLICE_SECONDS", 0.0)  # slices of one step after the first
+    step = seg.python._lbfgs_step
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return step(*args)
+
+    monkeypatch.setattr(seg.python, "_lbfgs_step", interrupted)
+    res = cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs", tol=0.0, maxiter=30)
+    assert res.status == R.INTERRUPTED and not res.success
+    assert 0 < res.nit < 10 and res.fun in set(full.history.tolist())
+    assert res.fun == pytest.approx(float((1 - res.x[0]) ** 2 + 100 * (res.x[1] - res.x[0] ** 2) ** 2), rel=1e-15)
