@@ -27,8 +27,13 @@ ROSEN = cm.Cost((1 - a) ** 2 + 100 * (b - a**2) ** 2, params=[a, b])
 # slice then runs again as machine code, where it is inf)
 STEEP = cm.Cost(sp.exp(10 * a) + (b - 1) ** 2 + a**2, params=[a, b])
 
+# functions run as Python in the tier (no data): exp, log, sin, calcml's softplus, |u|**3's sign
+u, v = sp.symbols("u v")
+MIXED = cm.Cost(sp.exp(u * v / 4) + sp.log(2 + sp.sin(u)) + cm.softplus(u - v) + sp.Abs(u) ** 3, params=[u, v])
+
 CASES = {
     "rosenbrock": (ROSEN, [-1.2, 1.0], None),
+    "mixed functions": (MIXED, [0.7, -0.4], None),
     "overflow": (STEEP, [60.0, 0.0], None),
     "logistic": (LOGISTIC, np.zeros(4), DATA),
 }
