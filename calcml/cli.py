@@ -338,6 +338,24 @@ def _natural(path: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path)]
 
 
+def _strict_csv_reader():
+    """pandas' read_csv with its warning that a row's fields outnumber the header's (data it
+    would drop) raised as an error. Made here, so that Dask ships it to its workers by value:
+    they need not have calcml installed."""
+    def read_csv(*args, **kwargs):
+        import warnings
+
+        import pandas as pd
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            try:
+                return pd.read_csv(*args, **kwargs)
+            except pd.errors.ParserWarning:
+                raise ValueError("a row has more fields than the header has names") from None
+    return read_csv
+
+
 class LazyFiles:
     """What ``--data`` names when Dask reads it: ``kind`` ("parquet" or "csv") and the files,
     in natural order of their names (the order of the rows)."""
@@ -363,20 +381,29 @@ class LazyFiles:
             raise CommandError(f"reading {self.path} lazily needs Dask: pip install 'calcml[dask]' "
                                "(or give one CSV file, read into memory)") from None
         try:
-            options = {"encoding": "utf-8-sig", "skipinitialspace": True}
+            # Every field of a CSV row is read and counted, as in memory (pandas' usecols would
+            # drop a row's extra fields silently, and its implicit index shift a row with one
+            # more field than the header): the columns not used are read as text.
+            options = {"encoding": "utf-8-sig", "skipinitialspace": True, "index_col": False}
             if columns is not None:
-                options.update(usecols=columns, dtype={c: "float64" for c in columns})
-            if any(_GLOB.search(f) for f in self.files):
+                options["dtype"] = {label: "float64" if label in columns else "object"
+                                    for label in self._columns.values()}
+            named = any(_GLOB.search(f) for f in self.files)
+            if self.kind == "parquet":
                 # Dask's readers match each path as a pattern again: a file named [a].csv would
                 # match nothing, silently. Such names are read one partition per file, as named.
-                import pandas as pd
+                if named:
+                    import pandas as pd
 
-                if self.kind == "parquet":
                     return dd.from_map(pd.read_parquet, self.files, columns=columns)
-                return dd.from_map(pd.read_csv, self.files, **options)
-            if self.kind == "parquet":
                 return dd.read_parquet(self.files, columns=columns)
-            return dd.read_csv(self.files, **options)
+            if named:
+                frame = dd.from_map(_strict_csv_reader(), self.files, **options)
+            else:
+                from dask.dataframe.io.csv import read_pandas
+
+                frame = read_pandas(_strict_csv_reader(), self.files, **options)
+            return frame if columns is None else frame[columns]
         except CalcmlError:
             raise
         except Exception as exc:  # noqa: BLE001 - a reader's error, one line, naming the files

@@ -574,6 +574,25 @@ def test_cli_files_named_like_patterns_are_all_read(tmp_path, kind, monkeypatch)
         assert rc != 0 and f"{tmp_path / 'c.csv'} is empty" in err
 
 
+@pytest.mark.parametrize("named", ["b", "[b]"])
+def test_cli_a_csv_row_with_more_fields_than_the_header_is_an_error(tmp_path, named):
+    """pandas' usecols dropped a row's extra field silently, and a first row with one more field
+    than the header shifted every column by one (pandas' implicit index): the fit was that of
+    other numbers. One CSV file read into memory names the line; files read by Dask are refused
+    too. A column the expression does not use still may hold text."""
+    (tmp_path / "a.csv").write_text("x,y,tag\n1,3,u\n2,5,v\n")
+    for rows in ("7,15,w\n3,7,w,9\n", "3,7,9,11\n7,15,w\n"):
+        (tmp_path / f"{named}.csv").write_text("x,y,tag\n" + rows)
+        rc, _out, err = _cli("fit", "(w*x + c - y)**2", "--params", "w,c", "--data", str(tmp_path / "*.csv"),
+                             "--method", "lbfgs")
+        assert rc != 0 and str(tmp_path / "*.csv") in err and "fields" in err, err
+    (tmp_path / f"{named}.csv").write_text("x,y,tag\n7,15,w\n3,7,w\n")
+    rc, out, err = _cli("fit", "(w*x + c - y)**2", "--params", "w,c", "--data", str(tmp_path / "*.csv"),
+                        "--method", "lbfgs")
+    assert rc == 0, err
+    np.testing.assert_allclose([float(_fit_table(out)["w"]), float(_fit_table(out)["c"])], [2.0, 1.0], rtol=1e-8)
+
+
 def test_cli_a_name_given_twice_is_named():
     rc, _out, err = _cli("fit", "(1 - w)**2 + (2 - b)**2", "--params", "w,b", "--x0", "w=1,w=2")
     assert rc != 0 and "--x0: 'w' is given twice" in err
