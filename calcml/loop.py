@@ -986,20 +986,22 @@ class _Generator:
                     doc="_fg (the serial pass) on the arrays at these addresses: the cost, the gradient into g"),
                 ir.Blank(2),
             ]
-        if self.has_data and self.opt.kind == "newton":  # the Python tier's other passes (see _PYTHON_TIER)
+        if self.has_data and self.opt.kind == "newton":  # the Python tier's passes (see _PYTHON_TIER)
             theta = "carray(_data(off, theta_o), (N_PARAMS,), np.float64)"
             out += [
-                ir.Assign("SIG_F", "types.float64(types.int64, types.int64, _F64PP, types.int64)"),
-                ir.Def("f_c", ("off", "theta_o", "cols_p", "n_rows"), [ir.Return(
-                    f"_f({theta}, {self._column_arrays()}, np.int64(0))")],
-                    doc="_f (the serial pass) on the arrays at these addresses: the cost"),
-                ir.Blank(2),
-                ir.Assign("SIG_HESS", "types.float64(types.int64, types.int64, _F64PP, types.int64, types.int64)"),
-                ir.Def("hess_c", ("off", "theta_o", "cols_p", "n_rows", "h_o"), [
-                    ir.Stmt(f"_hess({theta}, {self._column_arrays()},\n"
-                            "      carray(_data(off, h_o), (N_PARAMS, N_PARAMS), np.float64), np.int64(0))"),
+                ir.Assign("SIG_PASSES", "types.float64(types.int64, types.int64, types.int64, _F64PP, types.int64, "
+                                        "types.int64)"),
+                ir.Def("passes_c", ("kind", "off", "theta_o", "cols_p", "n_rows", "out_o"), [
+                    ir.Assign("theta", theta),
+                    ir.Assign("cols", self._column_arrays()),
+                    ir.If("kind == 0", [ir.Return(
+                        "_fg_serial(theta, cols, carray(_data(off, out_o), (N_PARAMS,), np.float64))")]),
+                    ir.If("kind == 1", [ir.Return("_f_serial(theta, cols)")]),
+                    ir.Stmt("_hess_serial(theta, cols, carray(_data(off, out_o), (N_PARAMS, N_PARAMS), np.float64))"),
                     ir.Return("0.0")],
-                    doc="_hess (the serial pass) on the arrays at these addresses: the Hessian into H"),
+                    doc="the serial passes on the arrays at these addresses, one compile for the three: kind 0\n"
+                        "the cost and its gradient into out (_fg_serial), 1 the cost (_f_serial), 2 the Hessian\n"
+                        "into out (_hess_serial)"),
                 ir.Blank(2),
             ]
         return out
@@ -1353,10 +1355,10 @@ class _NativeSegment:
             py._PYTHON_TIER = True
             spec.loader.exec_module(py)
             if mod.COLUMN_NAMES:  # the passes over rows: machine code (without data: Python's, exact)
-                py._fg_serial = native_pass(mod, self.path, "fg")
-                if hasattr(mod, "f_c"):
-                    py._f_serial = native_pass(mod, self.path, "f")
-                    py._hess_serial = native_pass(mod, self.path, "hess")
+                if hasattr(mod, "passes_c"):
+                    py._fg_serial, py._f_serial, py._hess_serial = _native_passes(mod, self.path)
+                else:
+                    py._fg_serial = native_fg(mod, self.path)
         except Exception:  # noqa: BLE001 - the machine code runs the loop instead
             return None
         self.python = py
@@ -1438,55 +1440,73 @@ def native_fg(module, path):
     compiled and kept there): what a warm process calls for the rows' own gradients without
     loading Numba's cache of the module (about 0.4 s). The module's ``_fg`` where that is out of
     reach (NUMBA_DISABLE_JIT, a compile error)."""
-    return native_pass(module, path, "fg")
-
-
-# the serial passes' C entries: (module function where out of reach, its machine code's
-# arguments after theta's and the columns' (the out array's), whether it returns the value)
-_PASSES = {"fg": ("_fg", 1, True), "f": ("_f", 0, True), "hess": ("_hess", 1, False)}
-
-
-def native_pass(module, path, name):
-    """The module's serial pass ``name`` ("fg": (theta, cols, g) -> the cost, its gradient into
-    g; "f": (theta, cols) -> the cost; "hess": (theta, cols, H), the Hessian into H) as the
-    machine code of its C entry ``<name>_c`` (loaded from beside the module or compiled and kept
-    there); the module's own function where that is out of reach (NUMBA_DISABLE_JIT, a compile
-    error). Made once a module."""
-    attr = f"_{name}_native"
-    found = getattr(module, attr, None)
+    found = getattr(module, "_fg_native", None)
     if found is not None:
         return found
-    fallback, n_out, returns = _PASSES[name]
-    found = getattr(module, fallback)
-    from numba import config
+    if hasattr(module, "passes_c"):  # Newton's: the same pass in the entry of its three (one compile)
+        module._fg_native = _native_passes(module, path)[0]
+        return module._fg_native
+    found = module._fg
+    fn, keep = _native_entry(module, path, "fg_c", "SIG_FG")
+    if fn is not None:
+        def found(theta, cols, g, keep=keep):
+            table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
+            return fn(_OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(g))
 
-    if _OFFSET is not None and hasattr(module, f"{name}_c") and not config.DISABLE_JIT:
-        import ctypes
-
-        from . import native
-
-        sig = getattr(module, "SIG_FG" if name == "fg" else f"SIG_{name.upper()}")
-        try:
-            address, keep, _ = native.load_or_compile(Path(path), f"{name}_c", lambda: (getattr(module, f"{name}_c"),
-                                                                                     sig, module.CFUNC_FLAGS))
-        except Exception:  # noqa: BLE001 - the dispatcher still makes the pass
-            address = None
-        if address is not None:
-            fn = ctypes.CFUNCTYPE(ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                  *[ctypes.c_int64] * n_out)(address)
-
-            if n_out:
-                def found(theta, cols, out, keep=keep):
-                    table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
-                    value = fn(_OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(out))
-                    return value if returns else None
-            else:
-                def found(theta, cols, keep=keep):
-                    table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
-                    return fn(_OFFSET, id(theta), table.ctypes.data, cols[0].shape[0])
-
-    setattr(module, attr, found)
+    module._fg_native = found
     return found
+
+
+def _native_passes(module, path):
+    """A Newton module's serial passes (_fg_serial, _f_serial, _hess_serial), as the machine code
+    of its C entry ``passes_c`` (loaded or compiled and kept; one compile for the three), or the
+    module's own functions where that is out of reach."""
+    found = getattr(module, "_passes_native", None)
+    if found is not None:
+        return found
+    found = module._fg_serial, module._f_serial, module._hess_serial
+    fn, keep = _native_entry(module, path, "passes_c", "SIG_PASSES")
+    if fn is not None:
+        def columns(cols):
+            return np.array([c.ctypes.data for c in cols], dtype=np.uint64)
+
+        def fg(theta, cols, g, keep=keep):
+            table = columns(cols)
+            return fn(0, _OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(g))
+
+        def f(theta, cols, keep=keep):
+            table = columns(cols)
+            return fn(1, _OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(theta))
+
+        def hess(theta, cols, H, keep=keep):
+            table = columns(cols)
+            fn(2, _OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(H))
+        found = fg, f, hess
+    module._passes_native = found
+    return found
+
+
+def _native_entry(module, path, name, signature):
+    """(ctypes function, keepalive) of the module's C entry ``name`` (Numba signature
+    ``signature``, a module constant), loaded from beside the module or compiled with
+    numba.cfunc and kept there; (None, None) where out of reach (NUMBA_DISABLE_JIT, no such
+    entry, a compile error)."""
+    from numba import config, types
+
+    if _OFFSET is None or not hasattr(module, name) or config.DISABLE_JIT:
+        return None, None
+    import ctypes
+
+    from . import native
+
+    sig = getattr(module, signature)
+    try:
+        address, keep, _ = native.load_or_compile(Path(path), name, lambda: (getattr(module, name), sig,
+                                                                          module.CFUNC_FLAGS))
+    except Exception:  # noqa: BLE001 - the dispatcher still makes the pass
+        return None, None
+    c_types = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_int64 for t in sig.args]
+    return ctypes.CFUNCTYPE(ctypes.c_double, *c_types)(address), keep
 
 
 _OFFSET = _data_offset()
