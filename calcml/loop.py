@@ -1028,9 +1028,11 @@ class _Generator:
             ir.Assign("O_END", f"O_SA + {self._n_sched()}"),
             ir.Assign("SEGMENT_ARGS", repr(tuple(self._segment_params())), "run_segment's parameters"),
             ir.Assign("FIRST_ORDER", self.first_order),
-            ir.Assign("PYTHON_TIER", not self.first_order and (self.has_data or not self.mb.printer.pow_printed),
-                      "a line search's loop, whose source run as Python (its data passes machine code) gives its "
-                      "machine code's bits: calcml runs it so until compiling it pays (_NativeSegment)"),
+            ir.Assign("PYTHON_TIER", (self.has_data and not self.first_order)
+                      or (not self.has_data and not self.mb.printer.pow_printed),
+                      "a loop whose source run as Python (a line search's passes over rows machine code) gives its "
+                      "machine code's bits: calcml runs it so until compiling it pays (_NativeSegment). Not a\n"
+                      "first-order loop over data (its steps' passes are inline: Python would crawl), nor code with a **"),
             ir.Assign("MINIBATCH", self.minibatch),
             ir.Assign("PARAM_NAMES", f"({''.join(ascii(p.name) + ', ' for p in self.cost.params)})"),
             ir.Assign("COLUMN_NAMES", f"({''.join(ascii(d.name) + ', ' for d in self.cost.data)})"),

@@ -114,3 +114,34 @@ def test_ctrl_c_in_the_python_tier_returns_an_iterate_of_the_run(fresh_cache, mo
     assert res.status == R.INTERRUPTED and not res.success
     assert 0 < res.nit < 10 and res.fun in set(full.history.tolist())
     assert res.fun == pytest.approx(float((1 - res.x[0]) ** 2 + 100 * (res.x[1] - res.x[0] ** 2) ** 2), rel=1e-15)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("gd", dict(lr=1e-3)),
+    ("nesterov", dict(lr=1e-3)),
+    ("rmsprop", dict(lr=1e-3)),
+    ("gd", dict(schedule=cm.schedules.cosine(1e-3, 3000))),
+])
+@pytest.mark.parametrize("case", ["rosenbrock", "mixed functions"])
+def test_first_order_loops_without_data_run_in_the_python_tier_to_the_same_bits(fresh_cache, monkeypatch, case,
+                                                                                method, options):
+    """Without data a first-order step is a few lines of arithmetic: such a loop starts in the
+    Python tier too (a first fit in well under a second), to the machine code's bits."""
+    cost, x0, _ = CASES[case]
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    first = cm.minimize(cost, x0, method=method, maxiter=3000, **options)
+    prog = cm.generate(cost, method=method, **options)
+    assert prog.module._segment.python is not None and not list(fresh_cache.glob("*.run_segment_c.*.o"))
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    _same(first, cm.minimize(cost, x0, method=method, maxiter=3000, **options))
+    assert prog.module._segment.fn is not None
+
+
+def test_loops_the_python_tier_would_not_match_or_would_crawl_are_compiled():
+    """A first-order loop over data computes each step's gradient inline over the rows (Python
+    would crawl), and code with a ** may round otherwise in Python (libm's pow against Numba's
+    products): their modules compile at once."""
+    assert not cm.generate(LOGISTIC, method="gd", lr=0.1).module.PYTHON_TIER
+    assert not cm.generate(ROSEN, method="adam", lr=0.01).module.PYTHON_TIER  # its bias correction's b1**t
+    assert not cm.generate(cm.Cost(a ** 2.5 + b ** 2, params=[a, b]), method="lbfgs").module.PYTHON_TIER
+    assert cm.generate(LOGISTIC, method="lbfgs").module.PYTHON_TIER and cm.generate(ROSEN, method="gd").module.PYTHON_TIER
