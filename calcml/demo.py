@@ -84,7 +84,8 @@ def run(out=print, plot_path="calcml-demo.png") -> dict:
         out(f"     {v.name}: {v.status}: {v.detail}")
     out("")
 
-    out("7. fits from w = b = 0 with compiled descent loops (the whole loop is machine code):")
+    out("7. fits from w = b = 0 with the generated descent loops (machine code, or at first, for a short run,\n"
+        "   the same source run as Python to the same bits):")
     runs = {}
     fits = [
         ("gd", dict(method="gd", lr="auto", maxiter=3000)),

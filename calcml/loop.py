@@ -1028,11 +1028,10 @@ class _Generator:
             ir.Assign("O_END", f"O_SA + {self._n_sched()}"),
             ir.Assign("SEGMENT_ARGS", repr(tuple(self._segment_params())), "run_segment's parameters"),
             ir.Assign("FIRST_ORDER", self.first_order),
-            ir.Assign("PYTHON_TIER", (self.has_data and not self.first_order)
-                      or (not self.has_data and not self.mb.printer.pow_printed),
+            ir.Assign("PYTHON_TIER", (self.has_data and not self.first_order) or not self.mb.printer.pow_printed,
                       "a loop whose source run as Python (a line search's passes over rows machine code) gives its "
-                      "machine code's bits: calcml runs it so until compiling it pays (_NativeSegment). Not a\n"
-                      "first-order loop over data (its steps' passes are inline: Python would crawl), nor code with a **"),
+                      "machine code's bits: calcml runs it so, where its run is short, until compiling it pays\n"
+                      "(calcml.loop._NativeSegment); not code with a ** in what runs as Python"),
             ir.Assign("MINIBATCH", self.minibatch),
             ir.Assign("PARAM_NAMES", f"({''.join(ascii(p.name) + ', ' for p in self.cost.params)})"),
             ir.Assign("COLUMN_NAMES", f"({''.join(ascii(d.name) + ', ' for d in self.cost.data)})"),
@@ -1292,6 +1291,9 @@ TIER_UP_SECONDS = 2.0
 # a Ctrl-C or a Python float error (an overflow, a division by zero, where machine code gives inf
 # or NaN) leaves the state whole; after an error the slice runs again as machine code.
 _SLICE_SECONDS = 0.02
+# What a first-order step over data costs in the Python tier, a row and a parameter (measured:
+# about 0.4 µs; the estimate that decides whether a run is short enough for the tier, _short).
+_PYTHON_ROW_SECONDS = 0.5e-6
 
 
 class _NativeSegment:
@@ -1313,7 +1315,7 @@ class _NativeSegment:
         self.python_seconds = 0.0
         self.slice_steps = 8
 
-    def _load(self):
+    def _load(self, args=None):
         import ctypes
 
         from numba import config, types
@@ -1325,7 +1327,7 @@ class _NativeSegment:
             mod._segment = mod.run_segment
             return mod.run_segment
         address = None
-        if getattr(mod, "PYTHON_TIER", False) and self.python_seconds < TIER_UP_SECONDS:
+        if getattr(mod, "PYTHON_TIER", False) and self.python_seconds < TIER_UP_SECONDS and self._short(args):
             address = native.load(native.object_path(self.path, "run_segment_c"))
             if address is None and self._python_tier() is not None:
                 return self
@@ -1344,6 +1346,22 @@ class _NativeSegment:
         self.fn = ctypes.CFUNCTYPE(ctypes.c_int64, *ctypes_of)(address)
         self.python = None
         return self
+
+    def _short(self, args) -> bool:
+        """Whether this run is short enough for the Python tier: a first-order step over data
+        runs its rows in Python (the passes of calcml's threads aside), about _PYTHON_ROW_SECONDS
+        a row; at most TIER_UP_SECONDS of that, or the loop is compiled at once."""
+        mod = self.module
+        if args is None or not mod.FIRST_ORDER or not mod.COLUMN_NAMES:
+            return True  # a line search's passes, a cost without data: machine code or a few lines a step
+        ints, n_rows = args[1], args[self.names.index("cols")][0].shape[0]
+        if mod.MINIBATCH:
+            rows = int(ints[mod.I_MAX_STEPS]) * int(ints[mod.I_BATCH]) + int(ints[mod.I_MAX_EPOCHS]) * n_rows
+        elif n_rows >= getattr(mod, "PARALLEL_MIN_ROWS", n_rows + 1):
+            rows = int(ints[mod.I_MAX_STEPS])  # each step's pass on calcml's threads
+        else:
+            rows = int(ints[mod.I_MAX_STEPS]) * n_rows
+        return rows * _PYTHON_ROW_SECONDS * max(1, len(mod.PARAM_NAMES)) <= TIER_UP_SECONDS
 
     def _python_tier(self):
         """The module's source run again as Python (``_PYTHON_TIER``), its serial data passes
@@ -1375,13 +1393,14 @@ class _NativeSegment:
         mod, py = self.module, self.python
         ints = args[1]
         stop = int(ints[mod.I_STOP])
-        kept = [a for name, a in zip(self.names, args) if name in ("work", "ints", "xout", "gout")]
+        kept = [a for name, a in zip(self.names, args) if name in ("work", "ints", "xout", "gout", "perm", "rng")]
         kept += list(args[self.names.index("state")]) if "state" in self.names else []
         try:
             while True:
-                if self.python_seconds >= TIER_UP_SECONDS:  # compile the loop; it resumes the run
+                if self.python_seconds >= TIER_UP_SECONDS or not self._short(args):  # compile; it resumes the run
                     ints[mod.I_STOP] = stop
                     self.python = None
+                    self.python_seconds = max(self.python_seconds, TIER_UP_SECONDS)
                     if self._load() is not self:
                         return mod.run_segment(*args)
                     return self(*args)
@@ -1413,7 +1432,7 @@ class _NativeSegment:
 
     def __call__(self, *args):
         if self.fn is None:
-            if self.python is None and (_OFFSET is None or self._load() is not self):
+            if self.python is None and (_OFFSET is None or self._load(args) is not self):
                 return self.module.run_segment(*args)
             if self.python is not None:
                 return self._run_python(args)

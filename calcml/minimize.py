@@ -107,10 +107,10 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     ``tol`` stops the run when the full gradient's norm is at most ``tol`` (full batch:
     tested every step; minibatch: at each epoch's end, by one more pass over the rows).
     ``progress=True`` draws a progress bar on stderr. Ctrl-C returns the best point so far.
-    ``lbfgs`` and ``newton`` on a scalar cost, and first-order methods on a scalar cost without
-    data, run their loop as Python first (its passes over rows machine code, the bits the same),
-    and compile it once it has run ``calcml.loop.TIER_UP_SECONDS`` (2 s) in the process (0: at
-    once).
+    ``lbfgs`` and ``newton`` on a scalar cost, and first-order methods on one where the run is
+    short, run their loop as Python first (passes over rows by line searches in machine code,
+    the bits the same), and compile it once it has run ``calcml.loop.TIER_UP_SECONDS`` (2 s)
+    in the process (0: at once).
 
     >>> import calcml as cm, numpy as np
     >>> w, b = cm.params("w b"); x, y = cm.data("x y")

@@ -137,11 +137,27 @@ def test_first_order_loops_without_data_run_in_the_python_tier_to_the_same_bits(
     assert prog.module._segment.fn is not None
 
 
-def test_loops_the_python_tier_would_not_match_or_would_crawl_are_compiled():
-    """A first-order loop over data computes each step's gradient inline over the rows (Python
-    would crawl), and code with a ** may round otherwise in Python (libm's pow against Numba's
-    products): their modules compile at once."""
-    assert not cm.generate(LOGISTIC, method="gd", lr=0.1).module.PYTHON_TIER
+@pytest.mark.parametrize("method, options", [("gd", dict(lr=0.1, maxiter=100)),
+                                             ("sgd", dict(lr=0.05, batch_size=16, epochs=3, seed=4))])
+def test_short_first_order_runs_over_data_run_in_the_python_tier_to_the_same_bits(fresh_cache, monkeypatch, method,
+                                                                                   options):
+    """A short first-order run over data (its rows' work, estimated, within TIER_UP_SECONDS of
+    Python) starts in the Python tier, minibatch shuffles included, to the machine code's bits."""
+    first = cm.minimize(LOGISTIC, np.zeros(4), data=DATA, method=method, **options)
+    seg = cm.generate(LOGISTIC, method=method, lr=options["lr"], batch_size=options.get("batch_size")).module._segment
+    assert seg.python is not None and not list(fresh_cache.glob("*.run_segment_c.*.o"))
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    _same(first, cm.minimize(LOGISTIC, np.zeros(4), data=DATA, method=method, **options))
+    assert seg.fn is not None
+
+
+def test_loops_the_python_tier_would_not_match_or_would_crawl_are_compiled(fresh_cache):
+    """A long first-order run over data (300 rows, 100,000 steps: about 60 s of Python, by the
+    estimate) compiles its loop at once; code with a ** may round otherwise in Python (libm's
+    pow against Numba's products): such modules never run as Python."""
+    res = cm.minimize(LOGISTIC, np.zeros(4), data=DATA, method="gd", lr=0.1, maxiter=100_000, tol=0.0)
+    seg = cm.generate(LOGISTIC, method="gd", lr=0.1).module._segment
+    assert res.nit == 100_000 and seg.fn is not None and seg.python_seconds == 0.0
     assert not cm.generate(ROSEN, method="adam", lr=0.01).module.PYTHON_TIER  # its bias correction's b1**t
     assert not cm.generate(cm.Cost(a ** 2.5 + b ** 2, params=[a, b]), method="lbfgs").module.PYTHON_TIER
     assert cm.generate(LOGISTIC, method="lbfgs").module.PYTHON_TIER and cm.generate(ROSEN, method="gd").module.PYTHON_TIER
