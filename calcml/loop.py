@@ -1281,7 +1281,7 @@ def _data_offset() -> int | None:
 
 
 # The Python tier (a module's PYTHON_TIER): a line search's loop runs as the Python it is, its
-# data passes machine code, until its Python time in this process passes TIER_UP_SECONDS; then
+# data passes machine code, until its Python time (in all processes) passes TIER_UP_SECONDS; then
 # its machine code is compiled (3-6 s for lbfgs or newton) and runs the rest of the run, from
 # the state the Python left (the same bits: see PYTHON_TIER). Machine code already cached is
 # loaded at once. So a first fit costs the passes' compile (about 0.5 s), not the loop's, and
@@ -1312,7 +1312,13 @@ class _NativeSegment:
         self.fn = None
         self.keep = None
         self.python = None  # the module run as Python (the Python tier), while it is
-        self.python_seconds = 0.0
+        # the loop's Python time so far, in every process (kept beside the module: a script run
+        # again and again compiles the loop once its runs have spent TIER_UP_SECONDS in all)
+        self.seconds_file = Path(f"{path}.python-seconds")
+        try:
+            self.python_seconds = float(self.seconds_file.read_text())
+        except (OSError, ValueError):
+            self.python_seconds = 0.0
         self.slice_steps = 8
 
     def _load(self, args=None):
@@ -1429,6 +1435,10 @@ class _NativeSegment:
                     return status
         finally:
             ints[mod.I_STOP] = stop
+            try:  # best effort: a read-only cache only leaves each process its own count
+                self.seconds_file.write_text(repr(self.python_seconds))
+            except OSError:
+                pass
 
     def __call__(self, *args):
         if self.fn is None:

@@ -110,7 +110,7 @@ def minimize(cost: Cost, x0, data=None, method="gd", lr=None, schedule=None, bat
     ``lbfgs`` and ``newton`` on a scalar cost, and first-order methods on one where the run is
     short, run their loop as Python first (passes over rows by line searches in machine code,
     the bits the same), and compile it once it has run ``calcml.loop.TIER_UP_SECONDS`` (2 s)
-    in the process (0: at once).
+    in all processes together (0: at once).
 
     >>> import calcml as cm, numpy as np
     >>> w, b = cm.params("w b"); x, y = cm.data("x y")

@@ -161,3 +161,12 @@ def test_loops_the_python_tier_would_not_match_or_would_crawl_are_compiled(fresh
     assert not cm.generate(ROSEN, method="adam", lr=0.01).module.PYTHON_TIER  # its bias correction's b1**t
     assert not cm.generate(cm.Cost(a ** 2.5 + b ** 2, params=[a, b]), method="lbfgs").module.PYTHON_TIER
     assert cm.generate(LOGISTIC, method="lbfgs").module.PYTHON_TIER and cm.generate(ROSEN, method="gd").module.PYTHON_TIER
+
+
+def test_the_python_time_counts_across_processes(fresh_cache):
+    """A loop's Python time is kept beside its module: a script run again and again (each run
+    short) compiles the loop once its runs have spent TIER_UP_SECONDS in all."""
+    cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs")
+    seg = _segment(ROSEN, "lbfgs")
+    assert seg.python is not None and seg.python_seconds > 0
+    assert loop._NativeSegment(seg.module, seg.path).python_seconds == seg.python_seconds  # a later process's
