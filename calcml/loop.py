@@ -1324,7 +1324,7 @@ class _NativeSegment:
     def _load(self, args=None):
         import ctypes
 
-        from numba import config, types
+        from numba import config
 
         from . import native
 
@@ -1348,8 +1348,7 @@ class _NativeSegment:
                           f"Numba's dispatcher runs it", RuntimeWarning, stacklevel=3)
             mod._segment = mod.run_segment
             return mod.run_segment
-        ctypes_of = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_int64 for t in mod.SIG_SEGMENT.args]
-        self.fn = ctypes.CFUNCTYPE(ctypes.c_int64, *ctypes_of)(address)
+        self.fn = _c_function(address, mod.SIG_SEGMENT, ctypes.c_int64)
         self.python = None
         return self
 
@@ -1522,7 +1521,7 @@ def _native_entry(module, path, name, signature):
     ``signature``, a module constant), loaded from beside the module or compiled with
     numba.cfunc and kept there; (None, None) where out of reach (NUMBA_DISABLE_JIT, no such
     entry, a compile error)."""
-    from numba import config, types
+    from numba import config
 
     if _OFFSET is None or not hasattr(module, name) or config.DISABLE_JIT:
         return None, None
@@ -1536,8 +1535,18 @@ def _native_entry(module, path, name, signature):
                                                                           module.CFUNC_FLAGS))
     except Exception:  # noqa: BLE001 - the dispatcher still makes the pass
         return None, None
-    c_types = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_int64 for t in sig.args]
-    return ctypes.CFUNCTYPE(ctypes.c_double, *c_types)(address), keep
+    return _c_function(address, sig, ctypes.c_double), keep
+
+
+def _c_function(address, signature, restype):
+    """The machine code at ``address`` as a ctypes function of a C entry's Numba signature:
+    pointers as void*, the rest (addresses, sizes) as int64."""
+    import ctypes
+
+    from numba import types
+
+    args = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_int64 for t in signature.args]
+    return ctypes.CFUNCTYPE(restype, *args)(address)
 
 
 _OFFSET = _data_offset()
