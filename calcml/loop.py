@@ -1028,10 +1028,11 @@ class _Generator:
             ir.Assign("O_END", f"O_SA + {self._n_sched()}"),
             ir.Assign("SEGMENT_ARGS", repr(tuple(self._segment_params())), "run_segment's parameters"),
             ir.Assign("FIRST_ORDER", self.first_order),
-            ir.Assign("PYTHON_TIER", (self.has_data and not self.first_order) or not self.mb.printer.pow_printed,
-                      "a loop whose source run as Python (a line search's passes over rows machine code) gives its "
-                      "machine code's bits: calcml runs it so, where its run is short, until compiling it pays\n"
-                      "(calcml.loop._NativeSegment); not code with a ** in what runs as Python"),
+            ir.Assign("PYTHON_TIER", True,
+                      "the loop's source run as Python (a line search's passes over rows machine code) gives its "
+                      "machine code's bits\n(the same IEEE operations; powers by libm's pow in both, see "
+                      "calcml.printing): calcml runs it so, where its run is short,\nuntil compiling it pays "
+                      "(calcml.loop._NativeSegment)"),
             ir.Assign("MINIBATCH", self.minibatch),
             ir.Assign("PARAM_NAMES", f"({''.join(ascii(p.name) + ', ' for p in self.cost.params)})"),
             ir.Assign("COLUMN_NAMES", f"({''.join(ascii(d.name) + ', ' for d in self.cost.data)})"),

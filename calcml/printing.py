@@ -194,9 +194,6 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
         self.known_functions = dict(_MATH_FUNCTIONS)
         self.names = names
         self.helpers_used: set[str] = set()
-        # a ** was printed: Python's float power (libm's pow) may round otherwise than Numba's
-        # (products for integer exponents), so such code run as Python is not the machine code
-        self.pow_printed = False
         # memo: each expression printed once per name table (a module renders the same
         # statements in several kernels); only for printers whose output depends on nothing
         # but the expression and the names
@@ -311,6 +308,10 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
         base, exp = expr.base, expr.exp
         if base is sp.E:
             return f"math.exp({self._print(exp)})"
+        if exp.is_Float and (float(exp).is_integer() or abs(float(exp)) == 0.5):
+            # 2.0, 0.5, -1.0, ...: as the integer or half they are (LLVM makes pow(x, 0.5) a sqrt,
+            # pow(x, 2.0) a product and pow(x, -1.0) a division, where Python calls pow)
+            exp = sp.Integer(int(exp)) if float(exp).is_integer() else sp.Rational(int(2 * float(exp)), 2)
         b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
         if exp.is_Integer and abs(int(exp)) <= 8:
             n = int(exp)
@@ -322,9 +323,16 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
             return f"math.sqrt({self._print(base)})"
         if exp == -sp.S.Half:
             return f"(1.0/math.sqrt({self._print(base)}))"
-        e = self.parenthesize(exp, sp.printing.precedence.PRECEDENCE["Pow"] + 1)
-        self.pow_printed = True
-        return f"({b}**{e})"
+        # Powers are libm's pow of two floats, as Python's are, so that the loops run as Python
+        # (calcml.loop's Python tier) give the machine code's bits: never ** of an int exponent
+        # (Numba squares repeatedly where Python calls pow), and a positive number to a power as
+        # exp(power * log(number)) (LLVM rewrites pow(2^k, y) as exp2(k y) where Python does not).
+        e = self._print(exp)  # a number prints as a float
+        if exp.is_Number:
+            return f"math.pow({self._print(base)}, {e})"
+        if base.is_Number and base.is_positive:
+            return f"math.exp({self._float(float(sp.log(base).evalf(20)))}*float({e}))"
+        return f"math.pow({self._print(base)}, float({e}))"
 
     # -- functions -----------------------------------------------------------------------
     def _print_function(self, expr):

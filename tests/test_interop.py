@@ -144,7 +144,9 @@ def test_tensor_costs_give_scipy_exact_hessian_vector_products():
         mine = minimize(x0=np.zeros(d + 1), method="trust-krylov", tol=1e-12, **parts)
         theirs = minimize(x0=np.zeros(d + 1), method="trust-krylov", tol=1e-12, **numpy_parts())
     assert mine.success == theirs.success and mine.nit == theirs.nit
-    np.testing.assert_allclose(mine.x, theirs.x, rtol=1e-12)
+    # the same end to the problem's precision: the two gradients differ in their last bits, and
+    # past the attainable tolerance the iterates follow them (4e-10 apart, seen in a full run)
+    np.testing.assert_allclose(mine.x, theirs.x, rtol=1e-8)
     assert set(cm.to_scipy(cost, D)) == {"fun", "jac", "hess"}
     a, c = cm.params("a c")  # a scalar cost's products: its exact Hessian times p
     hessp = cm.to_scipy(cm.Cost(a ** 2 * c + c ** 3, params=[a, c]), hessian="products")["hessp"]

@@ -30,11 +30,15 @@ STEEP = cm.Cost(sp.exp(10 * a) + (b - 1) ** 2 + a**2, params=[a, b])
 # functions run as Python in the tier (no data): exp, log, sin, calcml's softplus, |u|**3's sign
 u, v = sp.symbols("u v")
 MIXED = cm.Cost(sp.exp(u * v / 4) + sp.log(2 + sp.sin(u)) + cm.softplus(u - v) + sp.Abs(u) ** 3, params=[u, v])
+# powers that are not products: a non-integer one, an integer beyond the products' 8, one of a
+# parameter (libm's pow in both tiers: calcml.printing), and |b|**2.5 defined for b < 0
+POWERS = cm.Cost((a**2 + 1) ** 1.5 + (b - 0.5) ** 10 + 2 ** (a * b / 4) + sp.Abs(b) ** 2.5, params=[a, b])
 
 CASES = {
     "rosenbrock": (ROSEN, [-1.2, 1.0], None),
     "mixed functions": (MIXED, [0.7, -0.4], None),
     "overflow": (STEEP, [60.0, 0.0], None),
+    "powers": (POWERS, [0.8, -0.6], None),
     "logistic": (LOGISTIC, np.zeros(4), DATA),
 }
 
@@ -121,8 +125,11 @@ def test_ctrl_c_in_the_python_tier_returns_an_iterate_of_the_run(fresh_cache, mo
     ("nesterov", dict(lr=1e-3)),
     ("rmsprop", dict(lr=1e-3)),
     ("gd", dict(schedule=cm.schedules.cosine(1e-3, 3000))),
+    ("adam", dict(lr=1e-3)),  # its bias corrections: b1 and b2 to the power step + 1
+    ("momentum", dict(schedule=cm.schedules.exponential(1e-3, 0.999))),  # a float to an integer power
+    ("gd", dict(schedule=cm.schedules.warmup(cm.schedules.step(1e-3, 100, 0.7), 50))),
 ])
-@pytest.mark.parametrize("case", ["rosenbrock", "mixed functions"])
+@pytest.mark.parametrize("case", ["rosenbrock", "mixed functions", "powers"])
 def test_first_order_loops_without_data_run_in_the_python_tier_to_the_same_bits(fresh_cache, monkeypatch, case,
                                                                                 method, options):
     """Without data a first-order step is a few lines of arithmetic: such a loop starts in the
@@ -138,7 +145,8 @@ def test_first_order_loops_without_data_run_in_the_python_tier_to_the_same_bits(
 
 
 @pytest.mark.parametrize("method, options", [("gd", dict(lr=0.1, maxiter=100)),
-                                             ("sgd", dict(lr=0.05, batch_size=16, epochs=3, seed=4))])
+                                             ("sgd", dict(lr=0.05, batch_size=16, epochs=3, seed=4)),
+                                             ("adam", dict(lr=0.05, batch_size=16, epochs=3, seed=4))])
 def test_short_first_order_runs_over_data_run_in_the_python_tier_to_the_same_bits(fresh_cache, monkeypatch, method,
                                                                                    options):
     """A short first-order run over data (its rows' work, estimated, within TIER_UP_SECONDS of
@@ -151,16 +159,18 @@ def test_short_first_order_runs_over_data_run_in_the_python_tier_to_the_same_bit
     assert seg.fn is not None
 
 
-def test_loops_the_python_tier_would_not_match_or_would_crawl_are_compiled(fresh_cache):
+def test_long_runs_are_compiled_at_once_and_no_loop_is_barred_from_the_python_tier(fresh_cache):
     """A long first-order run over data (300 rows, 100,000 steps: about 60 s of Python, by the
-    estimate) compiles its loop at once; code with a ** may round otherwise in Python (libm's
-    pow against Numba's products): such modules never run as Python."""
+    estimate) compiles its loop at once. No generated loop holds a ``**``: powers are libm's pow
+    with a float exponent (calcml.printing), which Python calls too, so every loop qualifies."""
     res = cm.minimize(LOGISTIC, np.zeros(4), data=DATA, method="gd", lr=0.1, maxiter=100_000, tol=0.0)
     seg = cm.generate(LOGISTIC, method="gd", lr=0.1).module._segment
     assert res.nit == 100_000 and seg.fn is not None and seg.python_seconds == 0.0
-    assert not cm.generate(ROSEN, method="adam", lr=0.01).module.PYTHON_TIER  # its bias correction's b1**t
-    assert not cm.generate(cm.Cost(a ** 2.5 + b ** 2, params=[a, b]), method="lbfgs").module.PYTHON_TIER
-    assert cm.generate(LOGISTIC, method="lbfgs").module.PYTHON_TIER and cm.generate(ROSEN, method="gd").module.PYTHON_TIER
+    for prog in (cm.generate(ROSEN, method="adam", lr=0.01), cm.generate(POWERS, method="lbfgs"),
+                 cm.generate(ROSEN, method="gd", schedule=cm.schedules.exponential(0.01, 0.99))):
+        code = [line.split("#")[0] for line in prog.source.splitlines()]
+        assert prog.module.PYTHON_TIER and not any("**" in line.replace("**kw", "") for line in code)
+        assert "math.pow(" in prog.source
 
 
 def test_the_python_time_counts_across_processes(fresh_cache):
