@@ -180,3 +180,88 @@ def test_the_python_time_counts_across_processes(fresh_cache):
     seg = _segment(ROSEN, "lbfgs")
     assert seg.python is not None and seg.python_seconds > 0
     assert loop._NativeSegment(seg.module, seg.path).python_seconds == seg.python_seconds  # a later process's
+
+
+# -- tensor costs: the first-order loops of a tensor module (calcml.tensor.optimize.PythonLoop) --
+_tw = cm.params("w", shape=(3,))
+_tb = cm.params("b")
+_tx = cm.data("x", shape=(3,))
+_ty = cm.data("y")
+_tz = cm.dot(_tw, _tx) + _tb
+TENSOR = cm.Cost(cm.softplus(_tz) - _ty * _tz, params=[_tw, _tb], data=[_tx, _ty],
+                 penalty=cm.sum(_tw[cm.index("j", 3)] ** 2, cm.index("j", 3)) / 600)
+TENSOR_DATA = {"x": _X, "y": _Y}
+
+
+def _tensor_fit(method, options):
+    return cm.minimize(TENSOR, np.zeros(4), data=TENSOR_DATA, method=method, **options)
+
+
+def _tensor_module(method, options):
+    return cm.generate(TENSOR, method=method, lr=options.get("lr", 0.1), schedule=options.get("schedule"),
+                       batch_size=options.get("batch_size")).module
+
+
+@pytest.mark.parametrize("method, options", [
+    ("gd", dict(lr=0.5, maxiter=150)),
+    ("gd", dict(lr="auto", maxiter=150)),
+    ("momentum", dict(schedule=cm.schedules.exponential(0.2, 0.99), maxiter=100)),
+    ("adam", dict(lr=0.05, batch_size=16, epochs=3, seed=4)),
+    ("sgd", dict(lr=0.05, batch_size=32, maxiter=25, seed=1)),
+])
+def test_tensor_loops_run_in_the_python_tier_to_the_machine_codes_bits(fresh_cache, monkeypatch, method, options):
+    """A short first-order run of a tensor cost runs its module's loops as Python, their kernels
+    the cost's compiled kernels (loop_c is not compiled: about 3 s of a first fit), and gets the
+    bits loop_c gets."""
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    first = _tensor_fit(method, options)
+    assert getattr(_tensor_module(method, options), "_calcml_python", None) is not None
+    assert not list(fresh_cache.glob("*.loop_c.*.o"))
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    _same(first, _tensor_fit(method, options))
+    assert list(fresh_cache.glob("*.loop_c.*.o"))
+
+
+def test_a_tensor_loop_compiled_midway_resumes_to_the_same_bits(fresh_cache, monkeypatch):
+    from calcml.tensor import optimize as T
+
+    options = dict(lr=0.5, maxiter=400)
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    compiled = _tensor_fit("gd", options)
+    monkeypatch.setenv("CALCML_CACHE_DIR", str(fresh_cache / "second"))
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    calls = []
+    save = T.PythonLoop._save
+
+    def counted(self, dt):
+        save(self, dt)
+        calls.append(dt)
+        if len(calls) == 2:  # two segments in Python, then the rest as machine code
+            monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+
+    monkeypatch.setattr(T.PythonLoop, "_save", counted)
+    midway = _tensor_fit("gd", options)
+    assert len(calls) == 2 and list((fresh_cache / "second").glob("*.loop_c.*.o"))
+    _same(compiled, midway)
+
+
+def test_a_ctrl_c_in_the_tensor_python_tier_returns_a_whole_point(fresh_cache, monkeypatch):
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    options = dict(lr=0.5, maxiter=400, tol=0.0)
+    full = _tensor_fit("gd", options)
+    py = _tensor_module("gd", options)._calcml_python
+    update = py._update
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        return update(*args)
+
+    monkeypatch.setattr(py, "_update", interrupted)
+    res = _tensor_fit("gd", options)
+    assert res.status == R.INTERRUPTED and not res.success and 0 < res.nit < 30
+    assert res.fun in set(full.history.tolist())  # one of the run's iterates, whole
+    k = cm.compile(TENSOR)
+    assert res.fun == pytest.approx(k.value(res.x, TENSOR_DATA), rel=1e-14)

@@ -7,7 +7,8 @@ and compiled loops: ``_full_steps`` (full-batch first-order), ``_epoch`` (one ep
 minibatches). Line-search and trust-region methods (L-BFGS, Newton, Newton-CG) take NumPy
 steps over the threaded kernels (:mod:`calcml.tensor.search`). ``drive`` is the plain
 Python driver that calls them in segments of about a quarter of a second, between which
-Ctrl-C and progress are handled. The module needs only NumPy and Numba
+Ctrl-C and progress are handled. calcml runs those loops from ``loop_c``'s machine code, or
+first, while runs are short, as Python over the kernels' machine code (:class:`PythonLoop`). The module needs only NumPy and Numba
 (``prog.export(path)``).
 """
 
@@ -668,8 +669,10 @@ class _Source:
                             HYPER_NAMES=tuple(opt.hyper), DATA_LAYOUT=_layout(cost)),
             ir.Assign("DUMMY_DATA", "(np.zeros(1),)"),
             ir.Comment("the optimizer's functions go into their one compiled caller, loop_c (Numba's inline=\"always\"):\n"
-                       "compiled once, there, not also each on its own (the kernels above stay functions of their own)"),
-            ir.Assign("_jit_inline", f"numba.njit(inline='always', {_NJIT_FLAGS})"),
+                       "compiled once, there, not also each on its own (the kernels above stay functions of their own).\n"
+                       "_PYTHON_TIER (calcml sets it; never otherwise): this source run as Python, its kernels machine code"),
+            ir.Assign("_PYTHON_TIER", 'bool(globals().get("_PYTHON_TIER"))'),
+            ir.Assign("_jit_inline", f"numba.njit(inline='always', {_NJIT_FLAGS}) if not _PYTHON_TIER else (lambda f: f)"),
             ir.Blank(2),
             self.full_batch(),
             self.state_factory(),
@@ -891,6 +894,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     lr_used = opt.lr
     sched_values = prog.schedule.values() if prog.schedule is not None else []
     extra = {}
+    runner = None
     if opt.kind == "first_order":
         extra["full"] = _threaded_full(prog.module, n_rows)
         if over is not None:  # each full pass one Dask computation; minibatches chunk by chunk
@@ -898,10 +902,11 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
             if prog.minibatch:
                 extra["epoch"] = _chunk_epochs(prog, over, int(seed))
                 extra["per_epoch"] = extra["epoch"].per_epoch
-        elif (extra["full"] is None or prog.minibatch) and (native := native_loop(prog)) is not None:
-            extra["loop"] = native.run  # the loop's machine code; threaded passes stay on the threads
+        elif (extra["full"] is None or prog.minibatch) and \
+                (runner := loop_for(prog, n_rows, epochs, maxiter)) is not None:
+            extra["loop"] = runner.run  # the loop's machine code (or, first, its Python); threaded passes stay on the threads
             if extra["full"] is None:
-                extra["full"] = native.full
+                extra["full"] = runner.full
     if lr_used == "auto":
         differences = None
         if over is None and extra.get("full") is not None:
@@ -944,7 +949,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     noise = None
     if n_rows and cost.has_data:
         noise = partial(_dask_noise, cost, over, rep["x"]) if over is not None else \
-            partial(_tensor_noise, prog, arrays, n_rows, rep["x"])
+            partial(_tensor_noise, prog, arrays, n_rows, rep["x"], runner)
     status, level = _result.within_noise(status, rep["grad_norm"], noise, rep["nit"])
     success, message = _result.message(
         status, grad_norm=rep["grad_norm"], tol=tol, nit=rep["nit"], epochs=rep["epochs"],
@@ -958,7 +963,7 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         notes=notes, path=rep.get("path"), minibatch=prog.batch_size is not None)
 
 
-def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
+def _tensor_noise(prog: TensorProgram, arrays, n_rows, x, runner=None) -> float:
     """The sampling noise of the full gradient at x (result.gradient_noise), each row's
     gradient (plus the penalty's) over that one row. First-order methods: by the module's
     row_gradient, whose kernel the run compiled or loaded already. Line-search and
@@ -969,7 +974,7 @@ def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
         mod = prog.module
         cols = mod.columns(arrays, n_rows, cost.reduce == "mean")
         g = np.empty(x.shape[0])
-        native = native_loop(prog)
+        native = runner or native_loop(prog)  # the run's own loop (machine code, or its Python tier)
 
         def row(i):
             if native is None:
@@ -1062,6 +1067,178 @@ def native_loop(prog: TensorProgram) -> NativeLoop | None:
         found = False
     mod._calcml_loop = found
     return found or None
+
+
+# What a step costs as Python in the Python tier, beyond its passes' machine code (measured on
+# breast cancer, 31 parameters: 108 us a full-batch step over 16 stripes, 385 us an Adam step
+# over 32 rows; the estimate that decides whether a run is short enough for the tier): a
+# parameter's update, a parameter and stripe of a full pass (adding the stripes' sums), a datum
+# gathered into a minibatch, a row shuffled at an epoch's start.
+_PYTHON_PARAM_SECONDS = 1.0e-6
+_PYTHON_STRIPE_SECONDS = 0.2e-6
+_PYTHON_DATUM_SECONDS = 0.3e-6
+_PYTHON_ROW_SECONDS = 1.0e-6
+
+
+class PythonLoop:
+    """A tensor optimizer module's loops run as the Python they are (calcml.loop's Python
+    tier): the module's source run again with ``_PYTHON_TIER`` set, its kernels the machine
+    code of the cost's compiled kernels (the same source, the same flags: the same bits), so
+    that a first fit does not wait for ``loop_c``'s compile (about 3 s). Once the module's loops
+    have spent ``calcml.loop.TIER_UP_SECONDS`` in Python, in all processes together (kept in
+    ``<module>.python-seconds``), or after a Python float error, ``loop_c`` is compiled and the
+    run goes on there from the state the Python left. Each call runs from a copy of the state
+    it changes: a Ctrl-C or a float error leaves that state as the call found it. ``full`` and
+    ``run`` are :class:`NativeLoop`'s."""
+
+    def __init__(self, prog, py):
+        from pathlib import Path
+
+        self.prog, self.py, self.native = prog, py, None
+        self.minibatch = prog.module.MINIBATCH
+        self.seconds_file = Path(f"{prog.path}.python-seconds")
+        self.python_seconds = _python_seconds(prog)
+
+    def _compiled(self):
+        if self.native is None:
+            from .. import loop as _loop
+
+            self.python_seconds = max(self.python_seconds, _loop.TIER_UP_SECONDS)
+            self.native = native_loop(self.prog) or False
+        return self.native or None
+
+    def _python(self) -> bool:
+        from .. import loop as _loop
+
+        return self.native is None and self.python_seconds < _loop.TIER_UP_SECONDS
+
+    def full(self, theta, cols, g):
+        if self._python():
+            return self.py.full_value_and_grad(theta, cols, g)
+        native = self._compiled()
+        return native.full(theta, cols, g) if native is not None else self.prog.module.full_value_and_grad(theta, cols, g)
+
+    def run(self, theta, g, *rest):
+        if not self._python():
+            native = self._compiled()
+            if native is not None:
+                return native.run(theta, g, *rest)
+            mod = self.prog.module
+            return (mod._epoch if self.minibatch else mod._full_steps)(theta, g, *rest)
+        import time
+
+        if self.minibatch:  # one epoch: theta, g, perm, rng and the optimizer's state change
+            kept = [theta, g, rest[0], rest[1], *rest[14:]]
+            call = self.py._epoch
+        else:  # theta, g, best, fb and the state (the history's entries are rewritten on a rerun)
+            kept = [theta, g, rest[9], rest[10], *rest[12:]]
+            call = self.py._full_steps
+        copies = [a.copy() for a in kept]
+        t0 = time.perf_counter()
+        try:
+            with np.errstate(all="ignore"):
+                out = call(theta, g, *rest)
+        except (ArithmeticError, ValueError, TypeError):  # Python's float rules: the call again, compiled
+            for a, c in zip(kept, copies):
+                a[...] = c
+            self._save(time.perf_counter() - t0)
+            return self.run(theta, g, *rest) if self._compiled() is not None else \
+                (self.prog.module._epoch if self.minibatch else self.prog.module._full_steps)(theta, g, *rest)
+        except KeyboardInterrupt:  # the run stops where this call began, its state whole
+            for a, c in zip(kept, copies):
+                a[...] = c
+            raise
+        self._save(time.perf_counter() - t0)
+        return out
+
+    def _save(self, dt):
+        self.python_seconds += dt
+        try:  # best effort: a read-only cache only leaves each process its own count
+            self.seconds_file.write_text(repr(self.python_seconds))
+        except OSError:
+            pass
+
+
+def _python_seconds(prog) -> float:
+    """The Python time the program's loops have spent so far, in every process."""
+    try:
+        return float(open(f"{prog.path}.python-seconds", encoding="utf-8").read())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def loop_for(prog: TensorProgram, n_rows: int, epochs, maxiter):
+    """What runs the program's loops for this run: the Python tier (:class:`PythonLoop`) where
+    ``loop_c``'s machine code is not cached yet, the loops have spent less than
+    ``TIER_UP_SECONDS`` in Python and this run's Python time, estimated from its steps, rows and
+    parameters, fits in what is left of it; else :func:`native_loop`."""
+    from ..compile import _jit_disabled
+    from .. import loop as _loop
+    from .. import native
+
+    mod = prog.module
+    found = getattr(mod, "_calcml_loop", None)
+    if found is not None or not hasattr(mod, "loop_c") or _jit_disabled():
+        return native_loop(prog)
+    left = _loop.TIER_UP_SECONDS - _python_seconds(prog)
+    n = prog.cost.n_params
+    if prog.minibatch:
+        per_epoch = -(-n_rows // prog.batch_size)
+        steps = (epochs or mod.DEFAULT_EPOCHS) * per_epoch
+        steps = steps if maxiter is None else min(steps, maxiter) if epochs is not None else maxiter
+        datum = sum(math.prod(shape) for _, shape, _ in mod.DATA_LAYOUT)
+        estimate = steps * (prog.batch_size * datum * _PYTHON_DATUM_SECONDS + n * _PYTHON_PARAM_SECONDS) + \
+            -(-steps // per_epoch) * n_rows * _PYTHON_ROW_SECONDS
+    else:
+        steps = maxiter if maxiter is not None else (epochs if epochs is not None else mod.DEFAULT_MAXITER)
+        stripes = len(mod.stripes(n_rows)) if mod.DATA_NAMES else 0
+        estimate = steps * (n * _PYTHON_PARAM_SECONDS + (n + 1) * stripes * _PYTHON_STRIPE_SECONDS)
+    if not (estimate <= left) or native.load(native.object_path(prog.path, "loop_c")) is not None:
+        return native_loop(prog)
+    py = getattr(mod, "_calcml_python", None)
+    if py is None:
+        py = _python_module(prog)
+        if py is None:
+            return native_loop(prog)
+        mod._calcml_python = py
+    return PythonLoop(prog, py)
+
+
+def _python_module(prog):
+    """The program's module run again as Python (``_PYTHON_TIER``), its ``vg_rows`` and
+    ``vg_finish`` the machine code of the cost's compiled kernels; None where that cannot be."""
+    import importlib.util
+
+    mod = prog.module
+    try:
+        k = compile_tensor(prog.cost)
+        fns = k._native("vg", k._module("base"))
+        if fns is None:
+            return None
+        spec = importlib.util.spec_from_file_location(f"{mod.__name__}_python", prog.path)
+        py = importlib.util.module_from_spec(spec)
+        py._PYTHON_TIER = True
+        spec.loader.exec_module(py)
+    except Exception:  # noqa: BLE001 - the machine code runs the loops instead
+        return None
+    rows_for, finish = fns
+    finish_raw = finish.raw
+
+    def vg_finish(theta, v, acc, out):
+        finish_raw(theta.ctypes.data, v.ctypes.data, acc.ctypes.data, out.ctypes.data)
+
+    py.vg_finish = vg_finish
+    if rows_for is not None:
+        rows_raw = rows_for.raw
+
+        def vg_rows(theta, v, *rest):
+            arrays, (lo, hi, scale, acc) = rest[:-4], rest[-4:]
+            rows_raw(theta.ctypes.data, v.ctypes.data, *[a.ctypes.data for a in arrays], arrays[0].shape[0],
+                     int(lo), int(hi), float(scale), acc.ctypes.data)
+
+        py.vg_rows = vg_rows
+    py._calcml_keep = fns
+    return py
 
 
 def _threaded_full(mod, n_rows):
