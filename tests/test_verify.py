@@ -651,10 +651,28 @@ def test_wrong_derivatives_in_a_sign_case_are_refuted_and_empty_cases_skipped():
     assert sp.Rational(1, 1000) < sp.Rational(v.detail.split("at x = ")[1].split(":")[0]) < sp.Rational(1, 500)
 
 
-def test_what_the_check_cannot_handle_is_said_plainly():
+def test_a_derivative_wrong_at_single_points_is_refuted_there():
+    """KroneckerDelta and Eq conditions change a function at single points, which the open sign
+    cases never contain: the roots of their keys are checked as ``at=`` would, exactly."""
     x = sp.Symbol("x", real=True)
     (v,) = cm.verify_derivative(x**2, x, derivative=2 * x + sp.KroneckerDelta(x, 5))
-    assert v.status == "inconclusive" and "KroneckerDelta is not handled" in v.detail and "Error" not in v.detail
+    assert v.status == "refuted" and v.point == {"x": 5} and (v.expected, v.actual) == (10, 11)
+    (v,) = cm.verify_derivative(x**3, x, derivative=3 * x**2 + sp.Piecewise((1, sp.Eq(x, 2)), (0, True)))
+    assert v.status == "refuted" and (v.expected, v.actual) == (12, 13)
+    (v,) = cm.verify_derivative(x**2, x, derivative=2 * x + sp.KroneckerDelta(x**2, 4))  # at x = -2 and 2
+    assert v.status == "refuted" and abs(v.point["x"]) == 2
+    # right everywhere, the delta's point included
+    (v,) = cm.verify_derivative(x**2, x, derivative=2 * x * (1 - sp.KroneckerDelta(x, 0)))
+    assert v.status == "verified"
+    # a delta in f: no derivative at x = 5, which the verdict names as not proven
+    (v,) = cm.verify_derivative(x**2 + sp.KroneckerDelta(x, 5), x, derivative=2 * x)
+    assert v.status == "verified" and "except where x - 5 = 0" in v.method
+
+
+def test_what_the_check_cannot_handle_is_said_plainly():
+    x = sp.Symbol("x", real=True)
+    (v,) = cm.verify_derivative(x**2, x, derivative=2 * x + sp.floor(x / 5))
+    assert v.status != "verified" and "Error" not in v.detail
     (v,) = cm.verify_derivative(sp.floor(x), x, at=sp.Rational(1, 2))  # SymPy has no formula: no refutation
     assert v.status == "inconclusive"
     (v,) = cm.verify_derivative(sp.floor(x), x)

@@ -17,8 +17,8 @@ class _Undecided(Exception):
 
 _KINKED = tuple(cls for cls in ACTIVATIONS if not cls.smooth)  # relu
 _SIGNED = (sp.Abs, sp.sign, sp.Heaviside, *_KINKED)
-_NONSMOOTH = (sp.Abs, sp.sign, sp.Heaviside, *_KINKED, sp.Max, sp.Min, sp.Piecewise, sp.DiracDelta)
-_UNSUPPORTED = (sp.floor, sp.ceiling, sp.frac, sp.Mod, sp.KroneckerDelta)
+_NONSMOOTH = (sp.Abs, sp.sign, sp.Heaviside, *_KINKED, sp.Max, sp.Min, sp.Piecewise, sp.DiracDelta, sp.KroneckerDelta)
+_UNSUPPORTED = (sp.floor, sp.ceiling, sp.frac, sp.Mod)
 
 
 def _up_to_sign(g):
@@ -55,9 +55,11 @@ def _sign_keys(*exprs) -> list:
                 raise _Undecided(f"{type(node).__name__} is not handled by the symbolic check")
             if isinstance(node, _SIGNED):
                 gs = [node.args[0]]
+            elif isinstance(node, sp.KroneckerDelta):
+                gs = [node.args[0] - node.args[1]]
             elif isinstance(node, (sp.Max, sp.Min)):
                 gs = [a - b for a, b in itertools.combinations(node.args, 2)]
-            elif isinstance(node, sp.core.relational.Relational) and node.rel_op in ("<", "<=", ">", ">="):
+            elif isinstance(node, sp.core.relational.Relational) and node.rel_op in ("<", "<=", ">", ">=", "==", "!="):
                 gs = [node.lhs - node.rhs]
             else:
                 continue
@@ -65,6 +67,24 @@ def _sign_keys(*exprs) -> list:
                 c, _ = _canon(g)
                 if c.is_number or c.has(*_NONSMOOTH) or c in keys:
                     continue  # a nested argument becomes a key once its inner atoms are resolved
+                keys.append(c)
+    return keys
+
+
+def point_keys(*exprs) -> list:
+    """The sign keys at whose zeros alone something changes (``KroneckerDelta(a, b)``: a - b;
+    a condition ``Eq(a, b)`` or ``Ne(a, b)``): the sign cases, all open, never see those points."""
+    keys = []
+    for e in exprs:
+        for node in sp.preorder_traversal(e):
+            if isinstance(node, sp.KroneckerDelta):
+                g = node.args[0] - node.args[1]
+            elif isinstance(node, sp.core.relational.Relational) and node.rel_op in ("==", "!="):
+                g = node.lhs - node.rhs
+            else:
+                continue
+            c, _ = _canon(g)
+            if not c.is_number and c not in keys:
                 keys.append(c)
     return keys
 
@@ -134,6 +154,9 @@ def _resolve(e, sign_of):
                 return sp.Piecewise(*rest)
         raise _Undecided(f"no branch of {e} applies")
     args = [_resolve(a, sign_of) for a in e.args]
+    if isinstance(e, sp.KroneckerDelta):  # 1 where its arguments are equal, else 0
+        s = sign_of(args[0] - args[1])
+        return e.func(*args) if s is None else sp.S.One if s == 0 else sp.S.Zero
     if isinstance(e, _SIGNED) or isinstance(e, sp.DiracDelta):
         s = sign_of(e.args[0])
         if s is None:

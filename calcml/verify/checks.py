@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .cases import _NONSMOOTH, _Inconsistent, _Undecided, _resolve, _smooth_cases
+from .cases import _NONSMOOTH, _Inconsistent, _Undecided, _resolve, _smooth_cases, point_keys
 from .limits import _T, _NoLimit, _limit_general, _one_sided_limit, _proven_zero, _side_taylor, _sign_near
 from .mpeval import _value_status
 from .numeric import (
@@ -91,6 +91,9 @@ def _check_general(spec, f, x, d, exact, emit) -> Verdict:
             return undecided(f"the limit{where} is {_short(L)}, which could not be proven equal to {_short(dc)}")
     if num.conflict:
         return Verdict(name, "inconclusive", "symbolic limit", f"exact proof found but {num.conflict}")
+    refuted = _at_isolated_points(spec, f, x, d, exact, emit)
+    if refuted is not None:
+        return refuted
     how = "symbolic limit (" + ", ".join(sorted(methods)) + ")"
     cases_text = f" in each of {len(cases)} sign cases" if keys else ""
     method = f"{how} at general {x.name}"
@@ -102,6 +105,24 @@ def _check_general(spec, f, x, d, exact, emit) -> Verdict:
         detail += (f". Not proven where {borders}: there the cases meet, and the function may have no "
                    f"derivative (a kink)")
     return Verdict(name, "verified", method, detail)
+
+
+def _at_isolated_points(spec, f, x, d, exact, emit):
+    """A KroneckerDelta (or a condition Eq(a, b)) changes f or d at single points only, where the
+    sign cases, all open, never look: the real roots in x of such a key (one symbol, a
+    polynomial) are checked one by one, as ``at=`` would. The first refutation there, else None."""
+    for key in point_keys(f, d):
+        if key.free_symbols != {x} or not key.is_polynomial(x):
+            continue
+        try:
+            roots = sp.Poly(key, x).real_roots()
+        except Exception:  # noqa: BLE001 - no exact roots: those points stay unproven, as said
+            continue
+        for r in roots[:8]:
+            verdict = _check_point(_Spec(spec.name, f, x, {x: r}, spec.claimed), f, x, d, exact, emit)
+            if verdict.status == "refuted":
+                return verdict
+    return None
 
 
 def _exact_refutation(name, x, L, d):
