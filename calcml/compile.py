@@ -171,8 +171,9 @@ def import_cached(path: Path):
 
 
 def _clear_objects(path: Path):
-    """Drop the machine code kept for an older text of the module at ``path``."""
-    for f in path.parent.glob(f"{path.stem}.*.o"):
+    """Drop the machine code kept for an older text of the module at ``path``, and the Python
+    tier's time counted for it (``<module>.python-seconds``)."""
+    for f in [*path.parent.glob(f"{path.stem}.*.o"), path.parent / f"{path.name}.python-seconds"]:
         try:
             f.unlink()
         except OSError:
