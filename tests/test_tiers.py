@@ -245,11 +245,15 @@ def test_a_tensor_loop_compiled_midway_resumes_to_the_same_bits(fresh_cache, mon
     _same(compiled, midway)
 
 
-def test_a_ctrl_c_in_the_tensor_python_tier_returns_a_whole_point(fresh_cache, monkeypatch):
+@pytest.mark.parametrize("method, options", [("momentum", dict(lr=0.2, maxiter=400, tol=0.0)),
+                                             ("adam", dict(lr=0.05, batch_size=16, epochs=40, seed=2, tol=0.0))])
+def test_a_ctrl_c_in_the_tensor_python_tier_returns_a_whole_point(fresh_cache, monkeypatch, method, options):
+    """A Ctrl-C inside a call of the Python tier: the call's state (parameters, gradient, best
+    point, the optimizer's state, a minibatch run's row order) is put back as the call found
+    it, and the run returns its best point, whole: one of its iterates."""
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
-    options = dict(lr=0.5, maxiter=400, tol=0.0)
-    full = _tensor_fit("gd", options)
-    py = _tensor_module("gd", options)._calcml_python
+    full = _tensor_fit(method, options)
+    py = _tensor_module(method, options)._calcml_python
     update = py._update
     calls = []
 
@@ -260,8 +264,37 @@ def test_a_ctrl_c_in_the_tensor_python_tier_returns_a_whole_point(fresh_cache, m
         return update(*args)
 
     monkeypatch.setattr(py, "_update", interrupted)
-    res = _tensor_fit("gd", options)
+    res = _tensor_fit(method, options)
     assert res.status == R.INTERRUPTED and not res.success and 0 < res.nit < 30
-    assert res.fun in set(full.history.tolist())  # one of the run's iterates, whole
+    if not res.minibatch:
+        assert res.fun in set(full.history.tolist())  # one of the run's iterates, whole
+    else:  # the best epoch's point: the same as the uninterrupted run's at that epoch
+        assert res.history.tolist() == full.history[:len(res.history)].tolist()
     k = cm.compile(TENSOR)
     assert res.fun == pytest.approx(k.value(res.x, TENSOR_DATA), rel=1e-14)
+
+
+def test_a_python_float_error_in_the_tensor_tier_reruns_the_call_compiled(fresh_cache, monkeypatch):
+    """Where Python raises on a float (a division by zero, an overflow) machine code gives inf or
+    NaN: the call is put back as it found it and run again as machine code, to loop_c's bits."""
+    options = dict(lr=0.2, maxiter=300)
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    compiled = _tensor_fit("momentum", options)
+    monkeypatch.setenv("CALCML_CACHE_DIR", str(fresh_cache / "second"))
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    _tensor_fit("momentum", dict(options, maxiter=1))  # the Python module, made
+    assert not list((fresh_cache / "second").glob("*.loop_c.*.o"))
+    py = _tensor_module("momentum", options)._calcml_python
+    update = py._update
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 20:
+            raise ZeroDivisionError("float division by zero")
+        return update(*args)
+
+    monkeypatch.setattr(py, "_update", failing)
+    rerun = _tensor_fit("momentum", options)
+    assert len(calls) == 20 and list((fresh_cache / "second").glob("*.loop_c.*.o"))
+    _same(compiled, rerun)

@@ -1128,10 +1128,10 @@ class PythonLoop:
         import time
 
         if self.minibatch:  # one epoch: theta, g, perm, rng and the optimizer's state change
-            kept = [theta, g, rest[0], rest[1], *rest[14:]]
+            kept = [theta, g, rest[0], rest[1], *rest[13:]]  # (rest: _epoch's arguments after g)
             call = self.py._epoch
-        else:  # theta, g, best, fb and the state (the history's entries are rewritten on a rerun)
-            kept = [theta, g, rest[9], rest[10], *rest[12:]]
+        else:  # theta, g, best, fb and the state (a rerun writes the history's entries again)
+            kept = [theta, g, rest[8], rest[9], *rest[11:]]  # (rest: _full_steps' arguments after g)
             call = self.py._full_steps
         copies = [a.copy() for a in kept]
         t0 = time.perf_counter()
@@ -1193,7 +1193,7 @@ def loop_for(prog: TensorProgram, n_rows: int, epochs, maxiter):
         steps = maxiter if maxiter is not None else (epochs if epochs is not None else mod.DEFAULT_MAXITER)
         stripes = len(mod.stripes(n_rows)) if mod.DATA_NAMES else 0
         estimate = steps * (n * _PYTHON_PARAM_SECONDS + (n + 1) * stripes * _PYTHON_STRIPE_SECONDS)
-    if not (estimate <= left) or native.load(native.object_path(prog.path, "loop_c")) is not None:
+    if not (estimate <= left) or native.object_path(prog.path, "loop_c").exists():
         return native_loop(prog)
     py = getattr(mod, "_calcml_python", None)
     if py is None:
