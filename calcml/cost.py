@@ -236,7 +236,7 @@ class Cost:
 
     @staticmethod
     def _check_real(e):
-        if e.has(sp.I) or e.has(sp.zoo) or e.is_extended_real is False:
+        if e.has(sp.I) or e.has(sp.zoo) or Cost._provably_complex(e):
             raise CostError(f"the cost expression is not real-valued: {e}")
         bad = {sp.re, sp.im, sp.arg, sp.conjugate}
         found = [f for f in e.atoms(sp.Function) if type(f) in bad]
@@ -246,6 +246,21 @@ class Cost:
             raise CostError("the cost expression contains nan")
         if e.atoms(sp.Derivative, sp.Integral):
             raise CostError("the cost expression holds an unevaluated Derivative or Integral; call .doit() first")
+
+    @staticmethod
+    def _provably_complex(e) -> bool:
+        """Whether SymPy proves a part of ``e`` not real: asked of the parts that can leave the
+        reals (a power with a non-integer exponent, a function), each once, not of the whole
+        expression (SymPy's assumptions on a sum of 1,000 terms took 4.5 s: chained Rosenbrock)."""
+        seen = set()
+        for node in sp.preorder_traversal(e):
+            if node in seen or node.is_Atom:
+                continue
+            seen.add(node)
+            if (node.is_Pow and not node.exp.is_integer) or isinstance(node, sp.Function):
+                if node.is_extended_real is False:
+                    return True
+        return False
 
     # -- the statement ------------------------------------------------------------------
     @property

@@ -1287,7 +1287,14 @@ def _data_offset() -> int | None:
 # the state the Python left (the same bits: see PYTHON_TIER). Machine code already cached is
 # loaded at once. So a first fit costs the passes' compile (about 0.5 s), not the loop's, and
 # a loop that runs long is compiled after all: at most TIER_UP_SECONDS more than compiling first.
+# A large loop (a cost of hundreds of parameters, its gradient straight-line code) costs more to
+# compile: its loop is compiled once its Python time has reached its compile time, estimated
+# from its lines (_COMPILE_SECONDS_PER_LINE), as a ski rental is paid (never more than twice what
+# the better choice, known in hindsight, would have cost). 0 compiles every loop at once.
 TIER_UP_SECONDS = 2.0
+# Numba's compile time of a loop module, a line of its source before the C entry (measured:
+# chained Rosenbrock's lbfgs loop 6.9 s at 450 lines, 14 s at 3,200; gd's 10 s at 2,900).
+_COMPILE_SECONDS_PER_LINE = 3e-3
 # The Python tier runs in slices of about this long: each begins from a copy of the state, so that
 # a Ctrl-C or a Python float error (an overflow, a division by zero, where machine code gives inf
 # or NaN) leaves the state whole; after an error the slice runs again as machine code.
@@ -1321,6 +1328,21 @@ class _NativeSegment:
         except (OSError, ValueError):
             self.python_seconds = 0.0
         self.slice_steps = 8
+        self.compile_estimate = None
+
+    def _threshold(self) -> float:
+        """The Python time after which the loop is compiled: TIER_UP_SECONDS, or the loop's
+        estimated compile time where that is longer (0: at once)."""
+        if not TIER_UP_SECONDS > 0:
+            return TIER_UP_SECONDS
+        if self.compile_estimate is None:
+            try:
+                text = self.path.read_text(encoding="utf-8")
+                lines = text.count("\n", 0, max(0, text.find("\ndef run_segment_c")))
+            except OSError:
+                lines = 0
+            self.compile_estimate = lines * _COMPILE_SECONDS_PER_LINE
+        return max(TIER_UP_SECONDS, self.compile_estimate)
 
     def _load(self, args=None):
         import ctypes
@@ -1334,7 +1356,7 @@ class _NativeSegment:
             mod._segment = mod.run_segment
             return mod.run_segment
         address = None
-        if getattr(mod, "PYTHON_TIER", False) and self.python_seconds < TIER_UP_SECONDS and self._short(args):
+        if getattr(mod, "PYTHON_TIER", False) and self.python_seconds < self._threshold() and self._short(args):
             address = native.load(native.object_path(self.path, "run_segment_c"))
             if address is None and self._python_tier() is not None:
                 return self
@@ -1356,7 +1378,7 @@ class _NativeSegment:
     def _short(self, args) -> bool:
         """Whether this run is short enough for the Python tier: a first-order step over data
         runs its rows in Python (the passes of calcml's threads aside), about _PYTHON_ROW_SECONDS
-        a row; at most TIER_UP_SECONDS of that, or the loop is compiled at once."""
+        a row; at most the tier's threshold of that (_threshold), or the loop is compiled at once."""
         mod = self.module
         if args is None or not mod.FIRST_ORDER or not mod.COLUMN_NAMES:
             return True  # a line search's passes, a cost without data: machine code or a few lines a step
@@ -1367,7 +1389,7 @@ class _NativeSegment:
             rows = int(ints[mod.I_MAX_STEPS])  # each step's pass on calcml's threads
         else:
             rows = int(ints[mod.I_MAX_STEPS]) * n_rows
-        return rows * _PYTHON_ROW_SECONDS * max(1, len(mod.PARAM_NAMES)) <= TIER_UP_SECONDS
+        return rows * _PYTHON_ROW_SECONDS * max(1, len(mod.PARAM_NAMES)) <= self._threshold()
 
     def _python_tier(self):
         """The module's source run again as Python (``_PYTHON_TIER``), its serial data passes
@@ -1392,7 +1414,7 @@ class _NativeSegment:
 
     def _run_python(self, args):
         """run_segment's call in the Python tier: slices of about _SLICE_SECONDS up to the
-        call's stop, each from a copy of the state; past TIER_UP_SECONDS (or after a Python
+        call's stop, each from a copy of the state; past the threshold (_threshold; or after a Python
         float error) the rest as machine code."""
         import time
 
@@ -1403,10 +1425,10 @@ class _NativeSegment:
         kept += list(args[self.names.index("state")]) if "state" in self.names else []
         try:
             while True:
-                if self.python_seconds >= TIER_UP_SECONDS or not self._short(args):  # compile; it resumes the run
+                if self.python_seconds >= self._threshold() or not self._short(args):  # compile; it resumes the run
                     ints[mod.I_STOP] = stop
                     self.python = None
-                    self.python_seconds = max(self.python_seconds, TIER_UP_SECONDS)
+                    self.python_seconds = max(self.python_seconds, self._threshold())
                     if self._load() is not self:
                         return mod.run_segment(*args)
                     return self(*args)
@@ -1420,7 +1442,7 @@ class _NativeSegment:
                 except (ArithmeticError, ValueError, TypeError):  # Python's float rules: the slice again, compiled
                     for a, c in zip(kept, copies):
                         a[...] = c
-                    self.python_seconds = TIER_UP_SECONDS
+                    self.python_seconds = max(self.python_seconds, self._threshold())
                     continue
                 except KeyboardInterrupt:  # the run stops at the slice's start, its state whole
                     for a, c in zip(kept, copies):

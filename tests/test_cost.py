@@ -95,6 +95,27 @@ def test_not_real_scalar(make):
         cm.Cost(make(w), params=[w])
 
 
+@pytest.mark.parametrize("make", [
+    lambda a, b: sp.sqrt(-1 - a**2) + b,
+    lambda a, b: sp.log(-1 - a**2) * b,
+    lambda a, b: sp.asin(2 + a**2) + b,
+    lambda a, b: (a + b) ** 2 + (-1 - a**2) ** sp.Rational(1, 3),
+    lambda a, b: sp.exp(b) * sp.sqrt(-2 - sp.exp(a)),
+])
+def test_a_part_provably_not_real_is_refused(make):
+    """The parts that can leave the reals (a power with a non-integer exponent, a function) are
+    asked, each once, whether they are real: inside sums and products too."""
+    a, b = cm.params("a b")
+    with pytest.raises(cm.CostError, match="not real-valued"):
+        cm.Cost(make(a, b), params=[a, b])
+
+
+def test_real_parts_that_sympy_cannot_decide_are_accepted():
+    a, b = cm.params("a b")
+    cost = cm.Cost(sp.sqrt(a**2 + 1) + sp.Abs(b) ** 1.5 + sp.log(1 + sp.exp(a)), params=[a, b])
+    assert cost.n_params == 2
+
+
 def test_declared_non_real_symbol_refused():
     c = sp.Symbol("c", imaginary=True)
     with pytest.raises(cm.CostError, match="'c' is declared non-real"):

@@ -704,6 +704,22 @@ def test_a_program_whose_rate_each_run_chooses_is_not_exported(tmp_path):
         assert not (tmp_path / "auto.py").exists()
 
 
+def test_a_family_read_in_no_covering_sum_is_rejected_before_the_rewrite():
+    """Chained Rosenbrock in numbered symbols: each term reads two members of the family, so no
+    sum reads all of them one at a time; lift says so from one pass (calcml.tensor.lift._coverable)."""
+    from calcml.tensor import lift as L
+
+    n = 40
+    xs = cm.params("x", n)
+    cost = cm.Cost(sp.Add(*(100 * (xs[i + 1] - xs[i] ** 2) ** 2 + (1 - xs[i]) ** 2 for i in range(n - 1))),
+                   params=list(xs))
+    lf = L._Lifter(cost)
+    assert lf.member and not L._coverable(cost.expr, lf) and L.lift(cost) is None
+    w = cm.params("w", 20); x = cm.data("x", 20)
+    dot = cm.Cost((cm.dot(w, x) - 1) ** 2, params=[*w], data=[*x])
+    assert L._coverable(dot.expr, L._Lifter(dot)) and L.lift(dot) is not None
+
+
 def test_per_class_weight_families_are_restated_as_a_matrix():
     """The softmax stated with one family per class (cm.params(f"W{a}_", d)) becomes W[a, j]:
     same parameter order, same values as the index form."""

@@ -298,3 +298,19 @@ def test_a_python_float_error_in_the_tensor_tier_reruns_the_call_compiled(fresh_
     rerun = _tensor_fit("momentum", options)
     assert len(calls) == 20 and list((fresh_cache / "second").glob("*.loop_c.*.o"))
     _same(compiled, rerun)
+
+
+def test_a_loop_that_costs_more_to_compile_stays_in_python_longer(fresh_cache, monkeypatch):
+    """The tier's threshold is TIER_UP_SECONDS or the loop's estimated compile time, if longer
+    (its lines times _COMPILE_SECONDS_PER_LINE): a ski rental. 0 still compiles at once."""
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 1e-4)
+    monkeypatch.setattr(loop, "_COMPILE_SECONDS_PER_LINE", 1.0)  # every loop: minutes to compile
+    res = cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs", tol=0.0, maxiter=300)
+    seg = _segment(ROSEN, "lbfgs")
+    lines = seg.path.read_text().split("\ndef run_segment_c")[0].count("\n")
+    assert seg._threshold() == lines * 1.0 and seg.python_seconds > 1e-4
+    assert seg.python is not None and seg.fn is None and not list(fresh_cache.glob("*.run_segment_c.*.o"))
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    assert seg._threshold() == 0.0
+    _same(res, cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs", tol=0.0, maxiter=300))
+    assert seg.fn is not None
