@@ -89,6 +89,7 @@ def test_a_long_python_run_is_compiled_midway_and_resumes_to_the_same_bits(fresh
     the Python left: the first slice in Python, the rest machine code, the bits of a run
     wholly in machine code."""
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", 1e-12)
+    monkeypatch.setattr(loop, "_COMPILE_SECONDS_PER_LINE", 0.0)  # the threshold: TIER_UP_SECONDS alone
     mixed = cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs")
     seg = _segment(ROSEN, "lbfgs")
     assert seg.fn is not None and seg.python is None and 0 < seg.python_seconds
