@@ -48,6 +48,20 @@ def _segment(cost, method):
     return cm.generate(cost, method=method).module._segment
 
 
+def _raising(monkeypatch, module, name, at, exc):
+    """Make module.name raise exc at its at-th call; returns the list of its calls so far."""
+    fn, calls = getattr(module, name), []
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) == at:
+            raise exc
+        return fn(*args)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
 def _same(r1, r2):
     assert r1.x.tobytes() == r2.x.tobytes() and r1.jac.tobytes() == r2.jac.tobytes()
     assert (r1.fun, r1.nit, r1.nfev, r1.status) == (r2.fun, r2.nit, r2.nfev, r2.status)
@@ -105,16 +119,7 @@ def test_ctrl_c_in_the_python_tier_returns_an_iterate_of_the_run(fresh_cache, mo
     seg = _segment(ROSEN, "lbfgs")
     seg.slice_steps = 4
     monkeypatch.setattr(loop, "_SLICE_SECONDS", 0.0)  # slices of one step after the first
-    step = seg.python._lbfgs_step
-    calls = []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        return step(*args)
-
-    monkeypatch.setattr(seg.python, "_lbfgs_step", interrupted)
+    _raising(monkeypatch, seg.python, "_lbfgs_step", 10, KeyboardInterrupt)
     res = cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs", tol=0.0, maxiter=30)
     assert res.status == R.INTERRUPTED and not res.success
     assert 0 < res.nit < 10 and res.fun in set(full.history.tolist())
@@ -254,17 +259,7 @@ def test_a_ctrl_c_in_the_tensor_python_tier_returns_a_whole_point(fresh_cache, m
     it, and the run returns its best point, whole: one of its iterates."""
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     full = _tensor_fit(method, options)
-    py = _tensor_module(method, options)._calcml_python
-    update = py._update
-    calls = []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 30:
-            raise KeyboardInterrupt
-        return update(*args)
-
-    monkeypatch.setattr(py, "_update", interrupted)
+    _raising(monkeypatch, _tensor_module(method, options)._calcml_python, "_update", 30, KeyboardInterrupt)
     res = _tensor_fit(method, options)
     assert res.status == R.INTERRUPTED and not res.success and 0 < res.nit < 30
     if not res.minibatch:
@@ -285,17 +280,8 @@ def test_a_python_float_error_in_the_tensor_tier_reruns_the_call_compiled(fresh_
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     _tensor_fit("momentum", dict(options, maxiter=1))  # the Python module, made
     assert not list((fresh_cache / "second").glob("*.loop_c.*.o"))
-    py = _tensor_module("momentum", options)._calcml_python
-    update = py._update
-    calls = []
-
-    def failing(*args):
-        calls.append(1)
-        if len(calls) == 20:
-            raise ZeroDivisionError("float division by zero")
-        return update(*args)
-
-    monkeypatch.setattr(py, "_update", failing)
+    calls = _raising(monkeypatch, _tensor_module("momentum", options)._calcml_python, "_update", 20,
+                     ZeroDivisionError("float division by zero"))
     rerun = _tensor_fit("momentum", options)
     assert len(calls) == 20 and list((fresh_cache / "second").glob("*.loop_c.*.o"))
     _same(compiled, rerun)
