@@ -26,7 +26,7 @@ from .backprop import backprop
 from .cost import Cost
 from .errors import CodegenError
 from . import ir
-from .printing import NumbaPrinter, dirac_products, helper_source
+from .printing import ORDERED_TERMS_MAX, NumbaPrinter, dirac_products, helper_source
 from .rewrite import stabilize
 
 # Rows per chunk: the unit of parallel work and of the two-level (chunk, total) summation.
@@ -66,7 +66,10 @@ KERNEL_FLAGS = {"fastmath": False, "error_model": "numpy"}
 
 
 def _comment(text: str, limit: int = 160) -> str:
-    """User text made safe for a comment: ASCII escapes, no line breaks, bounded length."""
+    """User text made safe for a comment: ASCII escapes, no line breaks, bounded length. A large
+    sum prints in its own argument order (SymPy's print order costs seconds there: printing.ORDERED_TERMS_MAX)."""
+    if isinstance(text, sp.Basic) and len(text.args) > ORDERED_TERMS_MAX:
+        text = sp.sstr(text, order="none")
     s = ascii(str(text))[1:-1]
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
