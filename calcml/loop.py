@@ -1304,6 +1304,79 @@ _SLICE_SECONDS = 0.02
 _PYTHON_ROW_SECONDS = 0.5e-6
 
 
+def python_seconds(path) -> float:
+    """The Python time the loops of the module at ``path`` have spent in the Python tier so far,
+    in every process (``<module>.python-seconds``)."""
+    try:
+        return float(Path(f"{path}.python-seconds").read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def save_python_seconds(path, seconds: float):
+    """Keep the loops' Python time beside the module (best effort: a read-only cache only leaves
+    each process its own count)."""
+    try:
+        Path(f"{path}.python-seconds").write_text(repr(seconds))
+    except OSError:
+        pass
+
+
+def tier_up_threshold(path, entry: str, memo: dict) -> float:
+    """The Python time after which the loops of the module at ``path`` are compiled:
+    TIER_UP_SECONDS, or their estimated compile time (their lines before the C entry ``entry``)
+    where that is longer; 0 compiles at once. ``memo`` keeps the estimate."""
+    if not TIER_UP_SECONDS > 0:
+        return TIER_UP_SECONDS
+    if "estimate" not in memo:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            lines = text.count("\n", 0, max(0, text.find(f"\ndef {entry}(")))
+        except OSError:
+            lines = 0
+        memo["estimate"] = lines * _COMPILE_SECONDS_PER_LINE
+    return max(TIER_UP_SECONDS, memo["estimate"])
+
+
+def python_module(module, path):
+    """The module's source run again as Python, ``_PYTHON_TIER`` set (its ``_jit_inline``, and for
+    a scalar loop its ``_jit``, then leave functions as Python)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{module.__name__}_python", path)
+    py = importlib.util.module_from_spec(spec)
+    py._PYTHON_TIER = True
+    spec.loader.exec_module(py)
+    return py
+
+
+# What python_call returns for a Python float error (the state put back: run it compiled).
+FLOAT_ERROR = object()
+
+
+def python_call(call, kept):
+    """``(call(), seconds)`` run in the Python tier from a copy of the arrays ``kept`` (the state
+    it changes): a Python float error (an overflow, a division by zero, where machine code gives
+    inf or NaN) puts them back and returns FLOAT_ERROR; a Ctrl-C puts them back and is raised."""
+    import time
+
+    copies = [a.copy() for a in kept]
+    t0 = time.perf_counter()
+    try:
+        with np.errstate(all="ignore"):
+            out = call()
+    except (ArithmeticError, ValueError, TypeError):
+        out = FLOAT_ERROR
+    except KeyboardInterrupt:
+        for a, c in zip(kept, copies):
+            a[...] = c
+        raise
+    if out is FLOAT_ERROR:
+        for a, c in zip(kept, copies):
+            a[...] = c
+    return out, time.perf_counter() - t0
+
+
 class _NativeSegment:
     """What a module's driver calls for run_segment: its C entry point's machine code
     (``run_segment_c``), loaded from beside the module on the first call, else compiled with
@@ -1321,28 +1394,13 @@ class _NativeSegment:
         self.keep = None
         self.python = None  # the module run as Python (the Python tier), while it is
         # the loop's Python time so far, in every process (kept beside the module: a script run
-        # again and again compiles the loop once its runs have spent TIER_UP_SECONDS in all)
-        self.seconds_file = Path(f"{path}.python-seconds")
-        try:
-            self.python_seconds = float(self.seconds_file.read_text())
-        except (OSError, ValueError):
-            self.python_seconds = 0.0
+        # again and again compiles the loop once its runs have spent its threshold in all)
+        self.python_seconds = python_seconds(path)
         self.slice_steps = 8
-        self.compile_estimate = None
+        self.memo = {}
 
     def _threshold(self) -> float:
-        """The Python time after which the loop is compiled: TIER_UP_SECONDS, or the loop's
-        estimated compile time where that is longer (0: at once)."""
-        if not TIER_UP_SECONDS > 0:
-            return TIER_UP_SECONDS
-        if self.compile_estimate is None:
-            try:
-                text = self.path.read_text(encoding="utf-8")
-                lines = text.count("\n", 0, max(0, text.find("\ndef run_segment_c")))
-            except OSError:
-                lines = 0
-            self.compile_estimate = lines * _COMPILE_SECONDS_PER_LINE
-        return max(TIER_UP_SECONDS, self.compile_estimate)
+        return tier_up_threshold(self.path, "run_segment_c", self.memo)
 
     def _load(self, args=None):
         import ctypes
@@ -1394,14 +1452,9 @@ class _NativeSegment:
     def _python_tier(self):
         """The module's source run again as Python (``_PYTHON_TIER``), its serial data passes
         the machine code of their C entries: ``self.python``, or None where that cannot be."""
-        import importlib.util
-
         mod = self.module
         try:
-            spec = importlib.util.spec_from_file_location(f"{mod.__name__}_python", self.path)
-            py = importlib.util.module_from_spec(spec)
-            py._PYTHON_TIER = True
-            spec.loader.exec_module(py)
+            py = python_module(mod, self.path)
             if mod.COLUMN_NAMES:  # the passes over rows: machine code (without data: Python's, exact)
                 if hasattr(mod, "passes_c"):
                     py._fg_serial, py._f_serial, py._hess_serial = _native_passes(mod, self.path)
@@ -1416,8 +1469,6 @@ class _NativeSegment:
         """run_segment's call in the Python tier: slices of about _SLICE_SECONDS up to the
         call's stop, each from a copy of the state; past the threshold (_threshold; or after a Python
         float error) the rest as machine code."""
-        import time
-
         mod, py = self.module, self.python
         ints = args[1]
         stop = int(ints[mod.I_STOP])
@@ -1434,21 +1485,10 @@ class _NativeSegment:
                     return self(*args)
                 step = int(ints[mod.I_STEP])
                 ints[mod.I_STOP] = min(stop, step + self.slice_steps)
-                copies = [a.copy() for a in kept]
-                t0 = time.perf_counter()
-                try:
-                    with np.errstate(all="ignore"):
-                        status = py.run_segment(*args)
-                except (ArithmeticError, ValueError, TypeError):  # Python's float rules: the slice again, compiled
-                    for a, c in zip(kept, copies):
-                        a[...] = c
+                status, dt = python_call(lambda: py.run_segment(*args), kept)  # a Ctrl-C: stopped at the slice's start
+                if status is FLOAT_ERROR:  # Python's float rules: the slice again, compiled
                     self.python_seconds = max(self.python_seconds, self._threshold())
                     continue
-                except KeyboardInterrupt:  # the run stops at the slice's start, its state whole
-                    for a, c in zip(kept, copies):
-                        a[...] = c
-                    raise
-                dt = time.perf_counter() - t0
                 self.python_seconds += dt
                 done = int(ints[mod.I_STEP]) - step
                 if done > 0:
@@ -1457,10 +1497,7 @@ class _NativeSegment:
                     return status
         finally:
             ints[mod.I_STOP] = stop
-            try:  # best effort: a read-only cache only leaves each process its own count
-                self.seconds_file.write_text(repr(self.python_seconds))
-            except OSError:
-                pass
+            save_python_seconds(self.path, self.python_seconds)
 
     def __call__(self, *args):
         if self.fn is None:

@@ -229,23 +229,21 @@ def test_tensor_loops_run_in_the_python_tier_to_the_machine_codes_bits(fresh_cac
 
 
 def test_a_tensor_loop_compiled_midway_resumes_to_the_same_bits(fresh_cache, monkeypatch):
-    from calcml.tensor import optimize as T
-
     options = dict(lr=0.5, maxiter=400)
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
     compiled = _tensor_fit("gd", options)
     monkeypatch.setenv("CALCML_CACHE_DIR", str(fresh_cache / "second"))
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     calls = []
-    save = T.PythonLoop._save
+    save = loop.save_python_seconds
 
-    def counted(self, dt):
-        save(self, dt)
-        calls.append(dt)
+    def counted(path, seconds):  # after each call the tier made
+        save(path, seconds)
+        calls.append(seconds)
         if len(calls) == 2:  # two segments in Python, then the rest as machine code
             monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
 
-    monkeypatch.setattr(T.PythonLoop, "_save", counted)
+    monkeypatch.setattr(loop, "save_python_seconds", counted)
     midway = _tensor_fit("gd", options)
     assert len(calls) == 2 and list((fresh_cache / "second").glob("*.loop_c.*.o"))
     _same(compiled, midway)

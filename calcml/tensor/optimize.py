@@ -28,6 +28,7 @@ from ..optim import GRAD, PARAM, RATE, STEP, Optimizer, slot
 from .. import ir
 from ..printing import NumbaPrinter
 from ..codegen import KERNEL_FLAGS, NUMBA_FLAGS, njit_flags
+from .. import loop as _loop
 from ..loop import _RNG_SOURCE, fisher_yates
 from ..schedules import Schedule
 from .kernels import HESSIAN_MAX, STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
@@ -1085,32 +1086,25 @@ class PythonLoop:
     tier): the module's source run again with ``_PYTHON_TIER`` set, its kernels the machine
     code of the cost's compiled kernels (the same source, the same flags: the same bits), so
     that a first fit does not wait for ``loop_c``'s compile (about 3 s). Once the module's loops
-    have spent ``calcml.loop.TIER_UP_SECONDS`` in Python, in all processes together (kept in
-    ``<module>.python-seconds``), or after a Python float error, ``loop_c`` is compiled and the
-    run goes on there from the state the Python left. Each call runs from a copy of the state
-    it changes: a Ctrl-C or a float error leaves that state as the call found it. ``full`` and
-    ``run`` are :class:`NativeLoop`'s."""
+    have spent their threshold in Python (calcml.loop.tier_up_threshold), in all processes
+    together, or after a Python float error, ``loop_c`` is compiled and the run goes on there
+    from the state the Python left. Each call runs from a copy of the state it changes
+    (calcml.loop.python_call). ``full`` and ``run`` are :class:`NativeLoop`'s."""
 
     def __init__(self, prog, py):
-        from pathlib import Path
-
         self.prog, self.py, self.native = prog, py, None
         self.minibatch = prog.module.MINIBATCH
-        self.seconds_file = Path(f"{prog.path}.python-seconds")
-        self.python_seconds = _python_seconds(prog)
+        self.python_seconds = _loop.python_seconds(prog.path)
 
     def _compiled(self):
+        """The loops' machine code (compiled now if need be), or None: the module's dispatchers."""
         if self.native is None:
-            from .. import loop as _loop
-
-            self.python_seconds = max(self.python_seconds, _loop.TIER_UP_SECONDS)
+            self.python_seconds = max(self.python_seconds, _threshold(self.prog))
             self.native = native_loop(self.prog) or False
         return self.native or None
 
     def _python(self) -> bool:
-        from .. import loop as _loop
-
-        return self.native is None and self.python_seconds < _loop.TIER_UP_SECONDS
+        return self.native is None and self.python_seconds < _threshold(self.prog)
 
     def full(self, theta, cols, g):
         if self._python():
@@ -1119,68 +1113,42 @@ class PythonLoop:
         return native.full(theta, cols, g) if native is not None else self.prog.module.full_value_and_grad(theta, cols, g)
 
     def run(self, theta, g, *rest):
-        if not self._python():
-            native = self._compiled()
-            if native is not None:
-                return native.run(theta, g, *rest)
-            mod = self.prog.module
-            return (mod._epoch if self.minibatch else mod._full_steps)(theta, g, *rest)
-        import time
-
-        if self.minibatch:  # one epoch: theta, g, perm, rng and the optimizer's state change
-            kept = [theta, g, rest[0], rest[1], *rest[13:]]  # (rest: _epoch's arguments after g)
-            call = self.py._epoch
-        else:  # theta, g, best, fb and the state (a rerun writes the history's entries again)
-            kept = [theta, g, rest[8], rest[9], *rest[11:]]  # (rest: _full_steps' arguments after g)
-            call = self.py._full_steps
-        copies = [a.copy() for a in kept]
-        t0 = time.perf_counter()
-        try:
-            with np.errstate(all="ignore"):
-                out = call(theta, g, *rest)
-        except (ArithmeticError, ValueError, TypeError):  # Python's float rules: the call again, compiled
-            for a, c in zip(kept, copies):
-                a[...] = c
-            self._save(time.perf_counter() - t0)
-            return self.run(theta, g, *rest) if self._compiled() is not None else \
-                (self.prog.module._epoch if self.minibatch else self.prog.module._full_steps)(theta, g, *rest)
-        except KeyboardInterrupt:  # the run stops where this call began, its state whole
-            for a, c in zip(kept, copies):
-                a[...] = c
-            raise
-        self._save(time.perf_counter() - t0)
-        return out
-
-    def _save(self, dt):
-        self.python_seconds += dt
-        try:  # best effort: a read-only cache only leaves each process its own count
-            self.seconds_file.write_text(repr(self.python_seconds))
-        except OSError:
-            pass
+        if self._python():
+            if self.minibatch:  # one epoch: theta, g, perm, rng and the optimizer's state change
+                kept, call = [theta, g, rest[0], rest[1], *rest[13:]], self.py._epoch  # (rest: _epoch's after g)
+            else:  # theta, g, best, fb and the state (a rerun writes the history's entries again)
+                kept, call = [theta, g, rest[8], rest[9], *rest[11:]], self.py._full_steps  # (_full_steps')
+            out, dt = _loop.python_call(lambda: call(theta, g, *rest), kept)  # a Ctrl-C: stopped where it began
+            self.python_seconds += dt
+            _loop.save_python_seconds(self.prog.path, self.python_seconds)
+            if out is not _loop.FLOAT_ERROR:
+                return out
+        native = self._compiled()  # past the threshold, or Python's float rules: machine code
+        if native is not None:
+            return native.run(theta, g, *rest)
+        mod = self.prog.module
+        return (mod._epoch if self.minibatch else mod._full_steps)(theta, g, *rest)
 
 
-def _python_seconds(prog) -> float:
-    """The Python time the program's loops have spent so far, in every process."""
-    try:
-        return float(open(f"{prog.path}.python-seconds", encoding="utf-8").read())
-    except (OSError, ValueError):
-        return 0.0
+def _threshold(prog) -> float:
+    """The Python time after which the program's loops are compiled (calcml.loop.tier_up_threshold)."""
+    memo = prog.__dict__.setdefault("_tier_memo", {})
+    return _loop.tier_up_threshold(prog.path, "loop_c", memo)
 
 
 def loop_for(prog: TensorProgram, n_rows: int, epochs, maxiter):
     """What runs the program's loops for this run: the Python tier (:class:`PythonLoop`) where
-    ``loop_c``'s machine code is not cached yet, the loops have spent less than
-    ``TIER_UP_SECONDS`` in Python and this run's Python time, estimated from its steps, rows and
-    parameters, fits in what is left of it; else :func:`native_loop`."""
+    ``loop_c``'s machine code is not cached yet, the loops have spent less than their threshold
+    in Python and this run's Python time, estimated from its steps, rows and parameters, fits in
+    what is left of it; else :func:`native_loop`."""
     from ..compile import _jit_disabled
-    from .. import loop as _loop
     from .. import native
 
     mod = prog.module
     found = getattr(mod, "_calcml_loop", None)
     if found is not None or not hasattr(mod, "loop_c") or _jit_disabled():
         return native_loop(prog)
-    left = _loop.TIER_UP_SECONDS - _python_seconds(prog)
+    left = _threshold(prog) - _loop.python_seconds(prog.path)
     n = prog.cost.n_params
     if prog.minibatch:
         per_epoch = -(-n_rows // prog.batch_size)
@@ -1207,18 +1175,12 @@ def loop_for(prog: TensorProgram, n_rows: int, epochs, maxiter):
 def _python_module(prog):
     """The program's module run again as Python (``_PYTHON_TIER``), its ``vg_rows`` and
     ``vg_finish`` the machine code of the cost's compiled kernels; None where that cannot be."""
-    import importlib.util
-
-    mod = prog.module
     try:
         k = compile_tensor(prog.cost)
         fns = k._native("vg", k._module("base"))
         if fns is None:
             return None
-        spec = importlib.util.spec_from_file_location(f"{mod.__name__}_python", prog.path)
-        py = importlib.util.module_from_spec(spec)
-        py._PYTHON_TIER = True
-        spec.loader.exec_module(py)
+        py = _loop.python_module(prog.module, prog.path)
     except Exception:  # noqa: BLE001 - the machine code runs the loops instead
         return None
     rows_for, finish = fns
