@@ -26,7 +26,7 @@ import sympy as sp
 from .. import ir
 from ..errors import CodegenError
 from ..printing import NumbaPrinter
-from .graph import ROW, SCALE, Graph, Tensor
+from .graph import ROW, SCALE, Graph, Tensor, index_parts
 from .statement import axis_range
 
 __all__ = ["KernelSpec", "write_kernel", "BLOCK", "LANES", "block_rows"]
@@ -212,7 +212,7 @@ class _Printer(NumbaPrinter):
         t = self.w.g.tensor_of(e)
         if t is None:
             raise CodegenError(f"cannot compile {e}: {e.base} is not a tensor of this cost")
-        idx = (["r"] if t.row else []) + [self.w.loopvar(i) for i in e.indices]
+        idx = (["r"] if t.row else []) + [self.w.index_code(i) for i in e.indices]
         return f"{self.w.code(t)}[{', '.join(idx)}]"
 
     def _print_Symbol(self, e):
@@ -240,6 +240,12 @@ class _Printer(NumbaPrinter):
 
     def _print_Idx(self, e):
         return self.w.loopvar(e)
+
+    def _print_Relational(self, e):
+        # a window's bound (m >= 1, from a shifted read's adjoint): integers, as the loop variable
+        if index_parts(e.lhs) is not None and isinstance(e.rhs, sp.Integer) and e.rel_op in ("<=", ">=", "<", ">"):
+            return f"({self.w.index_code(e.lhs)} {e.rel_op} {int(e.rhs)})"
+        return super()._print_Relational(e)
 
     def _print_KroneckerDelta(self, e):
         a, b = (self._print(x) for x in e.args)
@@ -288,6 +294,15 @@ class _Writer:
                 name = f"{base}_{n}"
             self._loopvars[i] = name
         return name
+
+    def index_code(self, e) -> str:
+        """A subscript: the loop variable of index ``i``, or ``i_i + s`` for a shifted read (an
+        integer expression, not the printer's floats)."""
+        parts = index_parts(e)
+        if parts is None:
+            raise CodegenError(f"cannot compile the subscript {e}: an index or an index plus a whole number")
+        i, s = parts
+        return self.loopvar(i) + (f" + {s}" if s > 0 else f" - {-s}" if s < 0 else "")
 
     def code(self, t: Tensor) -> str:
         if t.kind == "input":

@@ -89,6 +89,20 @@ class Tensor:
         return f"<{self.kind} {self.name}{list(self.free)}{' row' if self.row else ''}>"
 
 
+def index_parts(e):
+    """``(i, s)`` of an index expression ``i + s`` (``i`` an index, ``s`` a whole number, 0 for a
+    plain ``i``); None for anything else."""
+    if isinstance(e, sp.Idx):
+        return e, 0
+    if isinstance(e, sp.Add) and len(e.args) == 2:
+        a, b = e.args
+        if isinstance(b, sp.Integer):
+            a, b = b, a
+        if isinstance(a, sp.Integer) and isinstance(b, sp.Idx):
+            return b, int(a)
+    return None
+
+
 def _is_ref(e) -> bool:
     return isinstance(e, (sp.Indexed, sp.Symbol)) and not isinstance(e, sp.Idx)
 
@@ -180,10 +194,12 @@ class Graph:
         for e in sp.preorder_traversal(body):
             if isinstance(e, sp.Indexed):
                 for i in e.indices:
-                    add(i)
+                    parts = index_parts(i)
+                    add(parts[0] if parts is not None else i)
             elif isinstance(e, sp.KroneckerDelta):
                 for i in e.args:
-                    add(i)
+                    parts = index_parts(i)
+                    add(parts[0] if parts is not None else i)
         return found
 
     def depends(self, t: Tensor, roles: set) -> bool:
@@ -233,13 +249,41 @@ class Graph:
                 if t.kind == "lse":  # d log sum exp(b) = softmax * d b
                     local = self.softmax(t).ref() * d
                 body = adj * local
-                summed = [i for i in t.free + t.over if i not in idx and i != ROW]
+                body, idx, gone = self._window(u, idx, body)
+                summed = [i for i in t.free + t.over if i not in idx and i not in gone and i != ROW]
                 rows = t.iterates_rows and not u.row and not per_row
                 over = summed + ([ROW] if rows else [])
                 c = self.derived("sum", body, idx, over, row=t.iterates_rows and (u.row or per_row),
                                  note=f"contribution to the adjoint of {u.name}", prefix="c")
                 contribs[u].append(c.ref(u.free))
         return {u: self._combine(u, contribs.get(u, [])) for u in wrt}
+
+    @staticmethod
+    def _window(u: Tensor, idx: tuple, body):
+        """A contribution ``body`` to the adjoint of ``u`` from a read ``u[idx]``, at u's own
+        axes: ``(body, axes, indices no longer in it)``. A plain read (``W[k, j]``, each index
+        over its axis's whole range) is its own axes. A read of a window, ``x[i + s]`` with
+        ``i`` over ``0 … n_i-1``, reaches entries ``s … s+n_i-1`` of its axis: the contribution
+        at entry ``m`` is the body at ``i = m - s`` there and 0 elsewhere, a ``Piecewise`` that
+        the kernels print as a conditional expression (the read at ``m - s`` only where it is in
+        range). So the adjoint of a shifted read is a shifted read, never a sum over the axis."""
+        subs, conds, axes = {}, [], []
+        for a, e in enumerate(idx):
+            i, s = index_parts(e)
+            n_axis, n_i = axis_range(u.free[a]), axis_range(i)
+            if s == 0 and n_i == n_axis:
+                axes.append(i)
+                continue
+            m = sp.Idx(f"{u.name}_w{a}", n_axis)
+            subs[i] = m - s
+            conds += [c for c in (m >= s, m <= s + n_i - 1) if c is not sp.true]
+            axes.append(m)
+        if not subs:
+            return body, idx, ()
+        body = body.xreplace(subs)
+        if conds:
+            body = sp.Piecewise((body, sp.And(*conds)), (0, True))
+        return body, tuple(axes), tuple(subs)
 
     def softmax_of(self, t: Tensor):
         """The softmax tensor of log-sum-exp ``t`` if one was made, else None."""
@@ -357,19 +401,27 @@ class Lowering:
         self.g = graph
         self.known = known  # placeholder (IndexedBase / Symbol) -> input tensor
         self.stabilize = stabilize  # False: the statement's checks alone (no rewrite)
+        self.shifted: set = set()  # indices read shifted somewhere (see lower)
 
     def lower(self, e):
+        """``e`` lowered: its sums and log-sum-exps tensors of the graph, its reads checked."""
+        # an index the statement shifts (x[i + 1]) may read a window of an axis (x[i] over 0 … n-2)
+        self.shifted |= {index_parts(i)[0] for x in sp.preorder_traversal(e) if isinstance(x, sp.Indexed)
+                         for i in x.indices if index_parts(i) is not None and index_parts(i)[1] != 0}
+        return self._lower(e)
+
+    def _lower(self, e):
         if isinstance(e, sp.Sum):
             return self._sum(e)
         if isinstance(e, LogSumExp):
-            body = self.lower(e.args[0])
+            body = self._lower(e.args[0])
             return self._reduce("lse", body, (check_index(e.args[1], "cm.logsumexp"),), e)
         if isinstance(e, sp.log) and isinstance(e.args[0], sp.Sum) and isinstance(e.args[0].function, sp.exp) \
                 and len(e.args[0].limits) == 1:
             # log(sum exp(z)): the same as cm.logsumexp, and compiled overflow-free as it is
             inner = e.args[0]
             i = self._limit(inner.limits[0], inner)
-            return self._reduce("lse", self.lower(inner.function.args[0]), (i,), e)
+            return self._reduce("lse", self._lower(inner.function.args[0]), (i,), e)
         if isinstance(e, sp.Indexed):
             return self._indexed(e)
         if isinstance(e, sp.IndexedBase):
@@ -401,7 +453,7 @@ class Lowering:
             raise CostError(f"the cost holds an unevaluated {type(e).__name__}: {e}")
         if not e.args:
             return e
-        return e.func(*[self.lower(a) for a in e.args])
+        return e.func(*[self._lower(a) for a in e.args])
 
     def _limit(self, limit, where):
         i = limit[0]
@@ -413,7 +465,7 @@ class Lowering:
         return i
 
     def _sum(self, e: sp.Sum):
-        body = self.lower(e.function)
+        body = self._lower(e.function)
         over = tuple(self._limit(lim, e) for lim in e.limits)
         return self._reduce("sum", body, over, e)
 
@@ -470,7 +522,21 @@ class Lowering:
             if isinstance(i, sp.Integer):  # entries_as_sums wrote fixed entries as sums before
                 raise CostError(f"{e}: a fixed entry ({i}) of {base.label}; calcml reads entries through indices "
                                 f"only: write cm.sum(KroneckerDelta(k, {i}) * {base.label}[k], k)")
-            check_index(i, f"{e}", n, f"axis {a} of {base.label}")
-        if len(set(e.indices)) != len(e.indices):
+            parts = index_parts(i)
+            if parts is None:
+                raise CostError(f"{e}: {i} on axis {a} of {base.label}; calcml reads an entry at an index or an "
+                                f"index plus a whole number (x[i], x[i + 1])")
+            j, s = parts
+            if s == 0 and j not in self.shifted:
+                check_index(j, f"{e}", n, f"axis {a} of {base.label}")
+                continue
+            check_index(j, f"{e}")
+            last = axis_range(j) - 1 + s
+            if s < 0 or last > n - 1:
+                raise CostError(f"{e}: index {j} runs over 0 … {axis_range(j) - 1}, so {i} reaches entry "
+                                f"{s if s < 0 else last} of axis {a} of {base.label}, which runs over 0 … {n - 1}; "
+                                f"shift an index up only, over a range that stays inside the axis "
+                                f"(x[i] and x[i + 1] with i over 0 … n-2)")
+        if len({index_parts(i)[0] for i in e.indices}) != len(e.indices):
             raise CostError(f"{e}: the same index twice (a diagonal); write it with KroneckerDelta instead")
         return e

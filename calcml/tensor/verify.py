@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
+from .graph import index_parts
 from .model import TensorCost, _name
 from .statement import Label, LogSumExp, axis_range
 
@@ -26,25 +27,48 @@ INSTANCE_RANGE = 2
 def instance_range(cost: TensorCost) -> int:
     """The instance's largest range: INSTANCE_RANGE, or more where the statement names a fixed
     entry (``KroneckerDelta(k, 3)``, a cost's ``a[3]``): an instance must still hold it."""
-    entries = [int(a) for part in (cost.expr, cost.penalty) if part is not None
-               for d in part.atoms(sp.KroneckerDelta) for a in d.args if isinstance(a, sp.Integer)]
-    return max([INSTANCE_RANGE] + [i + 1 for i in entries])
+    parts = [part for part in (cost.expr, cost.penalty) if part is not None]
+    entries = [int(a) for part in parts for d in part.atoms(sp.KroneckerDelta) for a in d.args if isinstance(a, sp.Integer)]
+    # a shifted read (x[i + 1]) needs its axis longer than its index by the shift
+    shift = max([0] + [s for _, _, _, s in _windows(parts)])
+    return max([INSTANCE_RANGE] + [i + 1 for i in entries]) + shift
+
+
+def _windows(parts) -> list:
+    """(axis length, index, its range, shift) of each read of a window: ``x[i + s]``, or ``x[i]``
+    with ``i`` over fewer entries than the axis."""
+    out = []
+    for part in parts:
+        for e in part.atoms(sp.Indexed):
+            shape = e.base.shape or ()
+            for i, n in zip(e.indices, shape):
+                ip = index_parts(i)
+                if ip is not None and (ip[1] != 0 or axis_range(ip[0]) != int(n)):
+                    out.append((int(n), ip[0], axis_range(ip[0]), ip[1]))
+    return out
 
 
 class _Shrink:
     """Maps every index, tensor and label of a statement to its small twin (ranges at most
     ``reach``)."""
 
-    def __init__(self, reach: int = INSTANCE_RANGE):
+    def __init__(self, reach: int = INSTANCE_RANGE, windows=()):
         self.map: dict = {}
         self.reach = reach
+        # an index that reads a window (x[i + s]) stays short enough for its axis's small twin
+        self.limit: dict = {}
+        for n, i, _, s in windows:
+            self.limit[i] = min(self.limit.get(i, reach), self.small(n) - s)
 
     def small(self, n) -> int:
         return min(int(n), self.reach)
 
-    def idx(self, i: sp.Idx) -> sp.Idx:
+    def idx(self, i) -> sp.Expr:
+        parts = index_parts(i)
+        if parts is not None and parts[1] != 0:
+            return self.idx(parts[0]) + parts[1]
         if i not in self.map:
-            self.map[i] = sp.Idx(str(i.label), self.small(axis_range(i)))
+            self.map[i] = sp.Idx(str(i.label), min(self.small(axis_range(i)), self.limit.get(i, self.reach)))
         return self.map[i]
 
     def item(self, x):
@@ -123,7 +147,7 @@ def instance(cost: TensorCost):
     mean over rows is linear and needs no proof."""
     from ..cost import Cost
 
-    sh = _Shrink(instance_range(cost))
+    sh = _Shrink(instance_range(cost), _windows([part for part in (cost.expr, cost.penalty) if part is not None]))
     params = [sh.item(p) for p in cost.params]
     data = [sh.item(d) for d in cost.data]
     penalty = None if cost.penalty is None else sh.expr(cost.penalty)

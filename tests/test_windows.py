@@ -1,0 +1,200 @@
+"""Shifted reads in index notation (``x[i + 1]``): windows of an axis, and their adjoints.
+
+Chained Rosenbrock, an AR(2) residual over a series, a smoothness penalty: each is stated in
+index form with an index shifted by a whole number, and checked against an independent
+reference: the same cost in scalar symbols (SymPy's own derivatives, evaluated exactly),
+NumPy closed forms, the normal equations of a penalised least squares, scipy's minimizer.
+"""
+
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import given, settings, strategies as st
+
+import calcml as cm
+from calcml.errors import CostError
+
+
+def chained(n):
+    x = cm.params("x", shape=(n,))
+    i = cm.index("i", n - 1)
+    return cm.Cost(cm.sum((1 - x[i]) ** 2 + 100 * (x[i + 1] - x[i] ** 2) ** 2, i), params=[x]), x, i
+
+
+def chained_scalar(n):
+    xs = sp.symbols(f"x0:{n}", real=True)
+    return sum((1 - xs[j]) ** 2 + 100 * (xs[j + 1] - xs[j] ** 2) ** 2 for j in range(n - 1)), xs
+
+
+N_SMALL = 7
+
+
+@pytest.fixture(scope="module")
+def rosen():
+    cost, x, i = chained(N_SMALL)
+    f, xs = chained_scalar(N_SMALL)
+    grad = [sp.diff(f, s) for s in xs]
+    hess = [[sp.diff(g, s) for s in xs] for g in grad]
+    return cost, cm.compile(cost), f, xs, grad, hess
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.floats(-2, 2), min_size=N_SMALL, max_size=N_SMALL), st.lists(st.floats(-1, 1), min_size=N_SMALL,
+                                                                              max_size=N_SMALL))
+def test_chained_rosenbrock_matches_sympy_scalar_derivatives(rosen, point, direction):
+    cost, k, f, xs, grad, hess = rosen
+    th, v = np.array(point), np.array(direction)
+    sub = {s: sp.Float(t, 30) for s, t in zip(xs, th)}
+    fr = float(f.subs(sub))
+    gr = np.array([float(g.subs(sub)) for g in grad])
+    H = np.array([[float(h.subs(sub)) for h in row] for row in hess])
+    value, g = k.value_and_grad(th)
+    scale = max(1.0, np.abs(gr).max())
+    assert value == pytest.approx(fr, rel=1e-13, abs=1e-12)
+    assert np.abs(g - gr).max() <= 1e-13 * scale
+    assert np.abs(k.hvp(th, v) - H @ v).max() <= 1e-12 * max(1.0, np.abs(H @ v).max(), np.abs(H).max())
+    assert np.allclose(k.hessian(th), H, rtol=1e-13, atol=1e-11)
+
+
+def test_adjoint_of_a_shifted_read_is_a_shifted_read(rosen):
+    cost, *_ = rosen
+    x = cost.params[0]
+    m = cm.index("m", N_SMALL)
+    d = cost.diff(x[m])
+    assert d.has(sp.Piecewise)  # a window: the entries the shifted read reaches
+    # no sum over the axis (an expanded adjoint would be one)
+    assert not d.has(sp.Sum) and not d.has(sp.KroneckerDelta)
+    f, xs = chained_scalar(N_SMALL)
+    for e in range(N_SMALL):
+        entry = cost.diff(x[e])
+        claimed = d.xreplace({m: sp.Integer(e)})
+        exact = sp.diff(f, xs[e])
+        as_scalars = {x[j]: xs[j] for j in range(N_SMALL)}
+        assert sp.expand(entry.xreplace(as_scalars) - exact) == 0
+        assert sp.expand(sp.piecewise_fold(claimed).xreplace(as_scalars) - exact) == 0
+
+
+def test_generated_code_reads_neighbours_and_guards_the_ends(rosen):
+    _, k, *_ = rosen
+    src = k.source
+    assert "p_x[i_i + 1]" in src  # the shifted read, an integer subscript
+    assert ">= 1) else 0.0" in src and f"<= {N_SMALL - 2}) else 0.0" in src  # the adjoint's windows
+
+
+def test_verify_proves_an_instance_that_keeps_the_shift():
+    cost, x, i = chained(40)
+    rep = cm.verify(cost)
+    assert rep.ok and len(rep) == 3  # the instance: x of 3 entries, i over 0 … 1
+    assert all(v.status == "verified" for v in rep)
+    assert "x(3,)" in rep[0].detail
+
+
+def test_build_stays_small_at_a_thousand_parameters():
+    n = 1000
+    cost, x, i = chained(n)
+    k = cm.compile(cost)
+    th = np.linspace(-1.5, 1.5, n)
+    f, g = k.value_and_grad(th)
+    fr = np.sum((1 - th[:-1]) ** 2 + 100 * (th[1:] - th[:-1] ** 2) ** 2)
+    gr = np.zeros(n)
+    gr[:-1] += -2 * (1 - th[:-1]) - 400 * th[:-1] * (th[1:] - th[:-1] ** 2)
+    gr[1:] += 200 * (th[1:] - th[:-1] ** 2)
+    assert f == pytest.approx(fr, rel=1e-13)
+    assert np.abs(g - gr).max() <= 1e-12 * np.abs(gr).max()
+    assert k.source.count("\n") < 200  # loops, not one line per parameter
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "newton-cg"])
+def test_fit_reaches_scipy_minimum(method):
+    from scipy.optimize import minimize as sp_minimize
+
+    n = 30
+    cost, x, i = chained(n)
+    x0 = np.where(np.arange(n) % 2 == 0, -1.2, 1.0)
+
+    def fg(t):
+        f = np.sum((1 - t[:-1]) ** 2 + 100 * (t[1:] - t[:-1] ** 2) ** 2)
+        g = np.zeros(n)
+        g[:-1] += -2 * (1 - t[:-1]) - 400 * t[:-1] * (t[1:] - t[:-1] ** 2)
+        g[1:] += 200 * (t[1:] - t[:-1] ** 2)
+        return f, g
+
+    ref = sp_minimize(fg, x0, jac=True, method="L-BFGS-B", options=dict(maxiter=20000, gtol=1e-10, ftol=0))
+    res = cm.minimize(cost, x0, method=method, maxiter=5000, tol=1e-8)
+    assert res.success, res.message
+    assert np.allclose(res.x, ref.x, atol=1e-6)
+    assert res.params["x"].shape == (n,)
+
+
+def test_shifted_reads_of_data_ar2_residuals():
+    """An AR(2) model over series of T values per row: residual s[t+2] - a1 s[t+1] - a2 s[t]."""
+    T, N = 9, 50
+    s = cm.data("s", shape=(T,))
+    t = cm.index("t", T - 2)
+    a1, a2 = cm.params("a1 a2")
+    cost = cm.Cost(cm.sum((s[t + 2] - a1 * s[t + 1] - a2 * s[t]) ** 2, t), params=[a1, a2], data=[s])
+    rng = np.random.default_rng(3)
+    S = rng.standard_normal((N, T))
+    th = np.array([0.4, -0.3])
+    r = S[:, 2:] - th[0] * S[:, 1:-1] - th[1] * S[:, :-2]
+    fr = np.mean(np.sum(r ** 2, axis=1))
+    gr = np.array([np.mean(np.sum(-2 * r * S[:, 1:-1], axis=1)), np.mean(np.sum(-2 * r * S[:, :-2], axis=1))])
+    k = cm.compile(cost)
+    f, g = k.value_and_grad(th, {"s": S})
+    assert f == pytest.approx(fr, rel=1e-13)
+    assert np.allclose(g, gr, rtol=1e-12, atol=1e-13)
+    # least squares: the fit is the solution of the normal equations
+    A = np.stack([S[:, 1:-1].ravel(), S[:, :-2].ravel()], axis=1)
+    exact = np.linalg.lstsq(A, S[:, 2:].ravel(), rcond=None)[0]
+    res = cm.minimize(cost, np.zeros(2), data={"s": S}, method="newton", tol=1e-10)
+    assert np.allclose(res.x, exact, rtol=1e-9, atol=1e-12)
+
+
+def test_smoothness_penalty_on_a_matrix_axis():
+    """Linear regression with a first-difference penalty along the feature axis of each output:
+    the minimizer solves (X'X/N + lam D'D) w = X'y/N, per output."""
+    d, K, N, lam = 6, 2, 200, 0.7
+    W = cm.params("W", shape=(K, d))
+    x = cm.data("x", shape=(d,))
+    y = cm.data("y", shape=(K,))
+    k = cm.index("k", K)
+    j = cm.index("j", d)
+    jj = cm.index("jj", d - 1)
+    cost = cm.Cost(cm.sum((cm.sum(W[k, j] * x[j], j) - y[k]) ** 2, k), params=[W], data=[x, y],
+                   penalty=lam * cm.sum((W[k, jj + 1] - W[k, jj]) ** 2, k, jj))
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((N, d))
+    Y = rng.standard_normal((N, K))
+    D = np.diff(np.eye(d), axis=0)  # (d-1, d): rows e_{j+1} - e_j
+    theta = rng.standard_normal(K * d)
+    Wv = theta.reshape(K, d)
+    R = X @ Wv.T - Y
+    fr = np.mean(np.sum(R ** 2, axis=1)) + lam * np.sum((Wv @ D.T) ** 2)
+    gr = 2 * R.T @ X / N + 2 * lam * Wv @ D.T @ D
+    kern = cm.compile(cost)
+    f, g = kern.value_and_grad(theta, {"x": X, "y": Y})
+    assert f == pytest.approx(fr, rel=1e-13)
+    assert np.allclose(g, gr.ravel(), rtol=1e-12, atol=1e-12)
+    exact = np.linalg.solve(X.T @ X / N + lam * D.T @ D, X.T @ Y / N).T
+    res = cm.minimize(cost, np.zeros(K * d), data={"x": X, "y": Y}, method="lbfgs", tol=1e-10)
+    assert np.allclose(res.params["W"], exact, atol=1e-8)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, i: x[i + 2], "i \\+ 2 reaches entry 6 of axis 0 of x, which runs over 0 … 5"),
+    (lambda x, i: x[i - 1] + x[i + 1], "i - 1 reaches entry -1 of axis 0 of x"),
+    (lambda x, i: x[2 * i], "2\\*i on axis 0 of x; calcml reads an entry at an index or an index plus a whole number"),
+    (lambda x, i: x[i], "index i runs over 0 … 4 but axis 0 of x has length 6"),
+])
+def test_bad_windows_are_named(bad, message):
+    x = cm.params("x", shape=(6,))
+    i = cm.index("i", 5)
+    with pytest.raises(CostError, match=message):
+        cm.Cost(cm.sum(bad(x, i), i), params=[x])
+
+
+def test_a_diagonal_through_a_shift_is_refused():
+    W = cm.params("W", shape=(4, 4))
+    i = cm.index("i", 3)
+    with pytest.raises(CostError, match="the same index twice"):
+        cm.Cost(cm.sum(W[i, i + 1], i), params=[W])
