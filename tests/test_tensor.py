@@ -705,14 +705,15 @@ def test_a_program_whose_rate_each_run_chooses_is_not_exported(tmp_path):
 
 
 def test_a_family_read_in_no_covering_sum_is_rejected_before_the_rewrite():
-    """Chained Rosenbrock in numbered symbols: each term reads two members of the family, so no
-    sum reads all of them one at a time; lift says so from one pass (calcml.tensor.lift._coverable)."""
+    """Mirrored products x_i * x_{n-1-i}: each term reads two members of the family, most of them
+    far apart (neighbours, as in chained Rosenbrock, are a shifted read: tests/test_windows.py), so
+    no sum reads all of them at one index and its neighbours; lift says so from one pass
+    (calcml.tensor.lift._coverable)."""
     from calcml.tensor import lift as L
 
     n = 40
     xs = cm.params("x", n)
-    cost = cm.Cost(sp.Add(*(100 * (xs[i + 1] - xs[i] ** 2) ** 2 + (1 - xs[i]) ** 2 for i in range(n - 1))),
-                   params=list(xs))
+    cost = cm.Cost(sp.Add(*(xs[i] * xs[n - 1 - i] for i in range(n))) ** 2, params=list(xs))
     lf = L._Lifter(cost)
     assert lf.member and not L._coverable(cost.expr, lf) and L.lift(cost) is None
     w = cm.params("w", 20); x = cm.data("x", 20)

@@ -198,3 +198,89 @@ def test_a_diagonal_through_a_shift_is_refused():
     i = cm.index("i", 3)
     with pytest.raises(CostError, match="the same index twice"):
         cm.Cost(cm.sum(W[i, i + 1], i), params=[W])
+
+
+# -- scalar statements restated with shifted reads (calcml.tensor.lift) ---------------------
+def test_lift_restates_neighbouring_members_as_a_shifted_read():
+    from calcml.tensor.lift import lift
+
+    n = 60
+    xs = cm.params("x", n)
+    cost = cm.Cost(sp.Add(*[(1 - xs[j]) ** 2 + 100 * (xs[j + 1] - xs[j] ** 2) ** 2 for j in range(n - 1)]),
+                   params=list(xs))
+    lifted, _ = lift(cost)
+    reads = {e for e in lifted.expr.atoms(sp.Indexed)}
+    assert any(not isinstance(e.indices[0], sp.Idx) for e in reads)  # x[i + 1]
+    k = cm.compile(cost)
+    th = np.linspace(-1.5, 1.5, n)
+    f, g = k.value_and_grad(th)
+    fr = np.sum((1 - th[:-1]) ** 2 + 100 * (th[1:] - th[:-1] ** 2) ** 2)
+    gr = np.zeros(n)
+    gr[:-1] += -2 * (1 - th[:-1]) - 400 * th[:-1] * (th[1:] - th[:-1] ** 2)
+    gr[1:] += 200 * (th[1:] - th[:-1] ** 2)
+    assert f == pytest.approx(fr, rel=1e-13)
+    assert np.abs(g - gr).max() <= 1e-12 * np.abs(gr).max()
+    res = cm.minimize(cost, np.full(n, -1.0), method="lbfgs", maxiter=20000, tol=1e-8)
+    assert res.success and np.allclose(res.x, 1.0, atol=1e-6)
+
+
+def test_lift_leaves_a_prefix_that_no_shift_explains_to_the_scalar_path():
+    from calcml.tensor.lift import lift
+
+    n = 40
+    xs = cm.params("x", n)
+    expr = sp.Add(*[xs[j] ** 2 for j in range(n - 1)]) + sp.Add(*[xs[j] ** 4 / 4 for j in range(n)])
+    cost = cm.Cost(expr, params=list(xs))
+    assert lift(cost) is None  # x[i] over 0 … n-2 alone is not a statement calcml accepts
+    th = np.linspace(-1, 1, n)
+    f, g = cm.compile(cost).value_and_grad(th)
+    assert f == pytest.approx(np.sum(th[:-1] ** 2) + np.sum(th ** 4) / 4, rel=1e-13)
+    gr = th ** 3 + np.where(np.arange(n) < n - 1, 2 * th, 0.0)
+    assert np.allclose(g, gr, rtol=1e-13, atol=1e-15)
+
+
+def _unguarded_window_reads(source: str) -> list:
+    """Subscripts at a window's loop variable plus or minus a number (``v[i_x_w0 + 1]``) that
+    are not inside the taken branch of a conditional expression: reads that may fall off
+    the array (garbage memory, and 0 times a NaN found there is NaN)."""
+    import ast
+    import re
+
+    window = re.compile(r"^i_\w+_w\d+$")
+    bad = []
+
+    def visit(node, guarded):
+        if isinstance(node, ast.IfExp):
+            visit(node.test, guarded)
+            visit(node.body, True)
+            visit(node.orelse, guarded)
+            return
+        if isinstance(node, ast.Subscript) and not guarded:
+            for sub in ast.walk(node.slice):
+                if isinstance(sub, ast.BinOp) and isinstance(sub.left, ast.Name) and window.match(sub.left.id):
+                    bad.append(ast.unparse(node))
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded)
+
+    visit(ast.parse(source), False)
+    return bad
+
+
+@pytest.mark.parametrize("case", ["chained", "penalty"])
+def test_every_read_off_a_windows_end_is_guarded(case):
+    """The gradient's and the Hessian-vector product's kernels (forward over reverse: the tangent
+    of a guarded adjoint) read a shifted neighbour only where it exists."""
+    from calcml.tensor.kernels import compile_tensor
+
+    if case == "chained":
+        cost = chained(12)[0]
+    else:
+        W = cm.params("W", shape=(3, 8)); x = cm.data("x", shape=(8,))
+        k, j, jj = cm.index("k", 3), cm.index("j", 8), cm.index("jj", 7)
+        cost = cm.Cost(cm.sum(sp.tanh(cm.sum(W[k, j] * x[j], j)) ** 2, k), params=[W], data=[x],
+                       penalty=cm.sum((W[k, jj + 1] - W[k, jj]) ** 2 * W[k, jj] ** 2, k, jj))
+    kern = compile_tensor(cost)
+    for kind in ("base", "hvp"):
+        source = open(kern._module(kind)._calcml_path).read()
+        assert "_w0" in source or "_w1" in source
+        assert _unguarded_window_reads(source) == []

@@ -327,7 +327,7 @@ class Graph:
             if t.kind == "input":
                 r = directions.get(t) if t.role == "param" else None
             else:
-                dbody = self._reuse(t, tan_expr(t.body))
+                dbody = _guarded(self._reuse(t, tan_expr(t.body)))
                 if dbody == 0:
                     r = None
                 else:
@@ -351,6 +351,18 @@ class Graph:
     def partials_expr(self, e) -> list:
         probe = Tensor("probe", (), False, "map", body=e)
         return self.partials(probe)
+
+
+def _guarded(e):
+    """``e`` with every read of a window's guarded body inside its guard: the tangent of a
+    ``Piecewise((b, m >= 1), (0, True))`` is that Piecewise's derivative times a tangent read at
+    ``m - 1``, which must not be evaluated where the guard is false (at m = 0 it is off the
+    array: memory, and 0 times a NaN found there is NaN). ``piecewise_fold`` moves the product
+    into the Piecewise; bodies are a few operations, so it stays cheap."""
+    if not isinstance(e, sp.Basic) or not e.has(sp.Piecewise):
+        return e
+    shifted = any(any(not isinstance(i, sp.Idx) for i in r.indices) for r in e.atoms(sp.Indexed))
+    return sp.piecewise_fold(e) if shifted else e
 
 
 def check_index(i, where: str, n_expected=None, axis_of=None) -> sp.Idx:

@@ -22,6 +22,7 @@ import sympy as sp
 
 from ..cost import Cost
 from ..dataset import is_dask
+from ..errors import CostError
 from .model import TensorCost
 
 __all__ = ["lift", "LIFT_MIN_PARAMS"]
@@ -29,6 +30,8 @@ __all__ = ["lift", "LIFT_MIN_PARAMS"]
 from .statement import LIFT_MIN_PARAMS  # noqa: E402,F401
 # A sum is restated over a family of at least this many members.
 LIFT_MIN_FAMILY = 4
+# A term may read a family at neighbouring members up to this far apart (x_k and x_{k+2}).
+LIFT_MAX_SHIFT = 8
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
 
@@ -49,6 +52,21 @@ def _families(symbols) -> dict:
         else:
             i += 1
     return out
+
+
+_LIFT_J = sp.Dummy("j")
+_PLACEHOLDERS: dict = {}  # placeholder symbol -> (family base, shift)
+_PLACEHOLDER_OF: dict = {}  # (family base, shift) -> placeholder symbol
+
+
+def _placeholder(base: str, shift: int) -> sp.Dummy:
+    """The symbol that stands for family ``base``'s member at the template's index plus
+    ``shift`` (a Dummy, one per pair: no user's symbol is ever taken for it)."""
+    p = _PLACEHOLDER_OF.get((base, shift))
+    if p is None:
+        p = _PLACEHOLDER_OF[(base, shift)] = sp.Dummy(f"{base}_{shift}", real=True)
+        _PLACEHOLDERS[p] = (base, shift)
+    return p
 
 
 class _Lifter:
@@ -86,13 +104,26 @@ class _Lifter:
             return None
         idx = {self.member[s][1] for s in found} | {int(e.indices[0]) for e in rows}
         bases = {self.member[s][0] for s in found} | {e.base for e in rows}
-        if len(idx) != 1 or len({self.size(b) for b in bases}) != 1:
+        if len({self.size(b) for b in bases}) != 1:
             return None
-        (k,) = idx
-        j = sp.Dummy("j")
-        subs = {s: self.tensor_of[self.member[s][0]][j] for s in found}
-        subs.update({e: e.base[(j,) + tuple(e.indices[1:])] for e in rows})
-        return term.xreplace(subs), j, frozenset(bases), k
+        # neighbours (x_k and x_{k+1}: chained Rosenbrock, differences) read shifted, x[j + 1]
+        k = min(idx)
+        if len(idx) > 1 and (rows or max(idx) - k > LIFT_MAX_SHIFT):
+            return None
+        # the template's key: members as placeholder symbols (cheap to build and compare; the
+        # same term with Indexed reads costs SymPy's assumptions on every power of a sum)
+        key = {s: _placeholder(self.member[s][0], self.member[s][1] - k) for s in found}
+        key.update({e: e.base[(_LIFT_J,) + tuple(e.indices[1:])] for e in rows})
+        return term.xreplace(key), frozenset(bases), k, max(idx) - k
+
+    def _indexed(self, template, j):
+        """A template's placeholders (see _template) as reads of the families' tensors at ``j``."""
+        subs = {}
+        for p in template.free_symbols:
+            found = _PLACEHOLDERS.get(p)
+            if found is not None:
+                subs[p] = self.tensor_of[found[0]][j + found[1]]
+        return template.xreplace({_LIFT_J: j, **subs})
 
     def size(self, base) -> int:
         return self.rows[base] if base in self.rows else self.sizes[base]
@@ -151,30 +182,35 @@ class _Lifter:
         if not isinstance(e, sp.Add):
             return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
         groups: dict = {}
-        rest = []
+        rest, made = [], False
         for term in args:
             t = self._template(term)
             if t is None:
                 rest.append(term)
                 continue
-            tmpl, j, bases, k = t
-            key = (tmpl.xreplace({j: sp.Symbol("_lift_j")}), bases)
-            groups.setdefault(key, []).append((k, term))
-        for (tmpl, bases), items in groups.items():
+            tmpl, bases, k, shift = t
+            groups.setdefault((tmpl, bases, shift), []).append((k, term))
+        for (tmpl, bases, shift), items in groups.items():
             n = self.size(next(iter(bases)))
-            if sorted(k for k, _ in items) == list(range(n)):
-                idx = sp.Idx(f"i_{'_'.join(sorted(self.label(b) for b in bases))}", n)
-                rest.append(sp.Sum(tmpl.xreplace({sp.Symbol("_lift_j"): idx}), (idx, 0, n - 1)))
+            ks = sorted(k for k, _ in items)
+            # every index, or (a window: x_k, x_{k+1} for k < n-1) a whole range inside the axis
+            m = len(ks)
+            if ks == list(range(m)) and (m == n or (m >= LIFT_MIN_FAMILY and m + shift <= n and not bases & set(self.rows))):
+                idx = sp.Idx(f"i_{'_'.join(sorted(self.label(b) for b in bases))}{'' if m == n else f'_{m}'}", m)
+                rest.append(sp.Sum(self._indexed(tmpl, idx), (idx, 0, m - 1)))
                 self.used |= set(bases)
+                made = True
             else:
                 rest.extend(term for _, term in items)
+        if not made and all(a is b for a, b in zip(args, e.args)):
+            return e  # nothing restated: the same object (rebuilding a power of a sum asks SymPy's assumptions)
         return sp.Add(*rest)
 
 
 def _coverable(expr, lf) -> bool:
     """A necessary condition for lift, checked in one pass before its rewrite (which builds a
     template per term: 3 s for chained Rosenbrock in 1,000 symbols, to fail): every family read
-    in ``expr`` has a sum whose terms, each reading one index of the family, read all of its
+    in ``expr`` has a sum whose terms, each reading one index of the family or a few neighbouring ones, read all of its
     indices. A member can leave the expression only inside such a sum, restated."""
     read, covered = set(), set()
     for node in sp.preorder_traversal(expr):
@@ -189,7 +225,7 @@ def _coverable(expr, lf) -> bool:
                     idx.setdefault(m[0], set()).add(m[1])
             read.update(idx)
             for base, ks in idx.items():
-                if len(ks) == 1:
+                if max(ks) - min(ks) <= LIFT_MAX_SHIFT:
                     per.setdefault(base, set()).update(ks)
         covered.update(base for base, ks in per.items() if len(ks) == lf.sizes[base])
     read.update(lf.member[sym][0] for sym in expr.free_symbols if sym in lf.member)
@@ -231,7 +267,10 @@ def lift(cost: Cost):
                 out.append(base)
                 if role == "data":
                     columns.append((str(base.label), [f"{base_k[0]}{k}" for k in range(base.shape[0])]))
-    lifted = TensorCost(expr, params, data or None, cost.reduce)
+    try:
+        lifted = TensorCost(expr, params, data or None, cost.reduce)
+    except CostError:  # a window the index form does not state (a prefix read, never shifted): the scalar path
+        return None
     return lifted, columns
 
 
