@@ -13,7 +13,11 @@ CALCML_CACHE_DIR (the imports are timed apart and not counted):
 - with ``--small``: the same logistic regression on the first 4 features (5 parameters), whose
   scalar statement (under 16 parameters) runs calcml's compiled scalar loops.
 
-Run:  .venv/bin/python benchmarks/first_fit.py [--methods gd,adam,...] [--forms scalar,index]
+- with ``--chained 300,1000``: chained Rosenbrock in that many parameters (no data), 1,000
+  iterations from (-1.2, 1, -1.2, ...): the index statement with a shifted read ``x[i + 1]``,
+  and scalar symbols (which calcml restates as that read: tensor/lift.py).
+
+Run:  .venv/bin/python benchmarks/first_fit.py [--methods gd,adam,...] [--forms scalar,index] [--chained N]
 """
 
 from __future__ import annotations
@@ -43,15 +47,28 @@ from sklearn.datasets import load_breast_cancer, load_digits
 t1 = time.perf_counter()
 import calcml as cm
 task, form, method = {task!r}, {form!r}, {method!r}
-if task == "digits":
+if task.startswith("chained"):
+    X = labels = None
+elif task == "digits":
     X, labels = load_digits(return_X_y=True); X = X / 16.0
 else:
     X, labels = load_breast_cancer(return_X_y=True); X = (X - X.mean(0)) / X.std(0)
     if task == "small":
         X = X[:, :4]
-N, d = X.shape
+N, d = X.shape if X is not None else (0, int(task[len("chained"):]))
 t2 = time.perf_counter()
-if task == "digits":
+if task.startswith("chained"):
+    # chained Rosenbrock in d parameters: no data; scalar symbols summed with sp.Add (Python's sum()
+    # of SymPy terms re-flattens the sum at every term: 11 s at d = 1,000, before calcml sees it)
+    if form == "index":
+        xv = cm.params("x", shape=(d,)); i = cm.index("i", d - 1)
+        cost = cm.Cost(cm.sum((1 - xv[i])**2 + 100 * (xv[i + 1] - xv[i]**2)**2, i), params=[xv])
+    else:
+        xs = cm.params("x", d)
+        cost = cm.Cost(sp.Add(*[(1 - xs[q])**2 + 100 * (xs[q + 1] - xs[q]**2)**2 for q in range(d - 1)]),
+                       params=list(xs))
+    data = None
+elif task == "digits":
     K = 10
     if form == "index":
         W = cm.params("W", shape=(K, d)); b = cm.params("b", shape=(K,))
@@ -85,7 +102,11 @@ else:
         data = {{**{{f"x{{q}}": X[:, q] for q in range(d)}}, "y": labels.astype(float)}}
 t3 = time.perf_counter()
 theta0 = np.zeros(cost.n_params)
-if method == "hessian":
+if task.startswith("chained"):
+    theta0 = np.where(np.arange(d) % 2 == 0, -1.2, 1.0)
+    res = cm.minimize(cost, theta0, method=method, maxiter=1000)
+    result = float(res.fun)
+elif method == "hessian":
     H = cm.compile(cost).hessian(theta0, data)
     result = float(np.trace(H))
 else:
@@ -134,6 +155,9 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true",
                     help="breast cancer's first 4 features only (5 parameters: a scalar statement stays on the "
                          "scalar path, its compiled loops)")
+    ap.add_argument("--chained", metavar="N", default="",
+                    help="only chained Rosenbrock in N parameters (comma-separated sizes; no data), 1,000 iterations "
+                         "of each method, the index statement x[i + 1] and scalar symbols (restated by lift)")
     ap.add_argument("--warm", action="store_true",
                     help="also a second fresh process on the cache the first filled (a warm cache)")
     ap.add_argument("--timeout", type=float, default=600.0)
@@ -147,12 +171,17 @@ def main(argv=None):
     task = "small" if a.small else "cancer"
     label = "breast cancer, 4 features" if a.small else "breast cancer"
     rows = [(label, f, m) for f in a.forms.split(",") for m in a.methods.split(",")]
+    if a.chained:
+        rows = [(f"chained Rosenbrock, {n} parameters", f, m) for n in a.chained.split(",")
+                for f in a.forms.split(",") for m in a.methods.split(",")]
     if a.digits:
         rows.append(("digits", "index", "lbfgs"))
     if a.scalar_digits:
         rows.append(("digits", "scalar", "lbfgs"))
     for name, form, method in rows:
-        r = run("digits" if name == "digits" else task, form, method, a.timeout, a.warm)
+        child = "digits" if name == "digits" else f"chained{name.split(', ')[1].split()[0]}" \
+            if name.startswith("chained") else task
+        r = run(child, form, method, a.timeout, a.warm)
         if "error" in r:
             print(f"| {name} | {form} | {method} | {r['error']} |{' |' if a.warm else ''} | |")
         else:
