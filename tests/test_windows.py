@@ -284,3 +284,25 @@ def test_every_read_off_a_windows_end_is_guarded(case):
         source = open(kern._module(kind)._calcml_path).read()
         assert "_w0" in source or "_w1" in source
         assert _unguarded_window_reads(source) == []
+
+
+def test_minibatch_fit_over_shifted_data_reads_reaches_least_squares():
+    """Adam over minibatches gathers rows of a series and runs the same kernels: the AR(2) fit
+    lands on the normal equations' solution (to Adam's noise), and a seed repeats its bits."""
+    T, N = 8, 400
+    s = cm.data("s", shape=(T,))
+    t = cm.index("t", T - 2)
+    a1, a2 = cm.params("a1 a2")
+    cost = cm.Cost(cm.sum((s[t + 2] - a1 * s[t + 1] - a2 * s[t]) ** 2, t), params=[a1, a2], data=[s])
+    rng = np.random.default_rng(11)
+    S = np.zeros((N, T))
+    S[:, :2] = rng.standard_normal((N, 2))
+    for q in range(2, T):
+        S[:, q] = 0.6 * S[:, q - 1] - 0.2 * S[:, q - 2] + 0.1 * rng.standard_normal(N)
+    A = np.stack([S[:, 1:-1].ravel(), S[:, :-2].ravel()], axis=1)
+    exact = np.linalg.lstsq(A, S[:, 2:].ravel(), rcond=None)[0]
+    kw = dict(data={"s": S}, method="adam", lr=0.02, batch_size=32, epochs=40, seed=3)
+    res = cm.minimize(cost, np.zeros(2), **kw)
+    again = cm.minimize(cost, np.zeros(2), **kw)
+    assert np.array_equal(res.x, again.x)
+    assert np.allclose(res.x, exact, atol=2e-2)
