@@ -26,6 +26,24 @@ def chained_scalar(n):
     return sum((1 - xs[j]) ** 2 + 100 * (xs[j + 1] - xs[j] ** 2) ** 2 for j in range(n - 1)), xs
 
 
+def chained_numpy(t):
+    """Chained Rosenbrock's value and gradient, NumPy closed form."""
+    f = np.sum((1 - t[:-1]) ** 2 + 100 * (t[1:] - t[:-1] ** 2) ** 2)
+    g = np.zeros(t.shape[0])
+    g[:-1] += -2 * (1 - t[:-1]) - 400 * t[:-1] * (t[1:] - t[:-1] ** 2)
+    g[1:] += 200 * (t[1:] - t[:-1] ** 2)
+    return f, g
+
+
+def assert_chained_kernel(k, n):
+    """k's value and gradient against the NumPy closed form, at a spread point."""
+    th = np.linspace(-1.5, 1.5, n)
+    f, g = k.value_and_grad(th)
+    fr, gr = chained_numpy(th)
+    assert f == pytest.approx(fr, rel=1e-13)
+    assert np.abs(g - gr).max() <= 1e-12 * np.abs(gr).max()
+
+
 N_SMALL = 7
 
 
@@ -93,14 +111,7 @@ def test_build_stays_small_at_a_thousand_parameters():
     n = 1000
     cost, x, i = chained(n)
     k = cm.compile(cost)
-    th = np.linspace(-1.5, 1.5, n)
-    f, g = k.value_and_grad(th)
-    fr = np.sum((1 - th[:-1]) ** 2 + 100 * (th[1:] - th[:-1] ** 2) ** 2)
-    gr = np.zeros(n)
-    gr[:-1] += -2 * (1 - th[:-1]) - 400 * th[:-1] * (th[1:] - th[:-1] ** 2)
-    gr[1:] += 200 * (th[1:] - th[:-1] ** 2)
-    assert f == pytest.approx(fr, rel=1e-13)
-    assert np.abs(g - gr).max() <= 1e-12 * np.abs(gr).max()
+    assert_chained_kernel(k, n)
     assert k.source.count("\n") < 200  # loops, not one line per parameter
 
 
@@ -112,27 +123,25 @@ def test_fit_reaches_scipy_minimum(method):
     cost, x, i = chained(n)
     x0 = np.where(np.arange(n) % 2 == 0, -1.2, 1.0)
 
-    def fg(t):
-        f = np.sum((1 - t[:-1]) ** 2 + 100 * (t[1:] - t[:-1] ** 2) ** 2)
-        g = np.zeros(n)
-        g[:-1] += -2 * (1 - t[:-1]) - 400 * t[:-1] * (t[1:] - t[:-1] ** 2)
-        g[1:] += 200 * (t[1:] - t[:-1] ** 2)
-        return f, g
-
-    ref = sp_minimize(fg, x0, jac=True, method="L-BFGS-B", options=dict(maxiter=20000, gtol=1e-10, ftol=0))
+    ref = sp_minimize(chained_numpy, x0, jac=True, method="L-BFGS-B", options=dict(maxiter=20000, gtol=1e-10, ftol=0))
     res = cm.minimize(cost, x0, method=method, maxiter=5000, tol=1e-8)
     assert res.success, res.message
     assert np.allclose(res.x, ref.x, atol=1e-6)
     assert res.params["x"].shape == (n,)
 
 
-def test_shifted_reads_of_data_ar2_residuals():
-    """An AR(2) model over series of T values per row: residual s[t+2] - a1 s[t+1] - a2 s[t]."""
-    T, N = 9, 50
+def ar2_cost(T):
+    """Squared AR(2) residuals s[t+2] - a1 s[t+1] - a2 s[t] over a series of T values per row."""
     s = cm.data("s", shape=(T,))
     t = cm.index("t", T - 2)
     a1, a2 = cm.params("a1 a2")
-    cost = cm.Cost(cm.sum((s[t + 2] - a1 * s[t + 1] - a2 * s[t]) ** 2, t), params=[a1, a2], data=[s])
+    return cm.Cost(cm.sum((s[t + 2] - a1 * s[t + 1] - a2 * s[t]) ** 2, t), params=[a1, a2], data=[s])
+
+
+def test_shifted_reads_of_data_ar2_residuals():
+    """An AR(2) model over series of T values per row: residual s[t+2] - a1 s[t+1] - a2 s[t]."""
+    T, N = 9, 50
+    cost = ar2_cost(T)
     rng = np.random.default_rng(3)
     S = rng.standard_normal((N, T))
     th = np.array([0.4, -0.3])
@@ -212,14 +221,7 @@ def test_lift_restates_neighbouring_members_as_a_shifted_read():
     reads = {e for e in lifted.expr.atoms(sp.Indexed)}
     assert any(not isinstance(e.indices[0], sp.Idx) for e in reads)  # x[i + 1]
     k = cm.compile(cost)
-    th = np.linspace(-1.5, 1.5, n)
-    f, g = k.value_and_grad(th)
-    fr = np.sum((1 - th[:-1]) ** 2 + 100 * (th[1:] - th[:-1] ** 2) ** 2)
-    gr = np.zeros(n)
-    gr[:-1] += -2 * (1 - th[:-1]) - 400 * th[:-1] * (th[1:] - th[:-1] ** 2)
-    gr[1:] += 200 * (th[1:] - th[:-1] ** 2)
-    assert f == pytest.approx(fr, rel=1e-13)
-    assert np.abs(g - gr).max() <= 1e-12 * np.abs(gr).max()
+    assert_chained_kernel(k, n)
     res = cm.minimize(cost, np.full(n, -1.0), method="lbfgs", maxiter=20000, tol=1e-8)
     assert res.success and np.allclose(res.x, 1.0, atol=1e-6)
 
@@ -290,10 +292,7 @@ def test_minibatch_fit_over_shifted_data_reads_reaches_least_squares():
     """Adam over minibatches gathers rows of a series and runs the same kernels: the AR(2) fit
     lands on the normal equations' solution (to Adam's noise), and a seed repeats its bits."""
     T, N = 8, 400
-    s = cm.data("s", shape=(T,))
-    t = cm.index("t", T - 2)
-    a1, a2 = cm.params("a1 a2")
-    cost = cm.Cost(cm.sum((s[t + 2] - a1 * s[t + 1] - a2 * s[t]) ** 2, t), params=[a1, a2], data=[s])
+    cost = ar2_cost(T)
     rng = np.random.default_rng(11)
     S = np.zeros((N, T))
     S[:, :2] = rng.standard_normal((N, 2))
