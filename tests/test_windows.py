@@ -192,7 +192,7 @@ def test_smoothness_penalty_on_a_matrix_axis():
 @pytest.mark.parametrize("bad, message", [
     (lambda x, i: x[i + 2], "i \\+ 2 reaches entry 6 of axis 0 of x, which runs over 0 … 5"),
     (lambda x, i: x[i - 1] + x[i + 1], "i - 1 reaches entry -1 of axis 0 of x"),
-    (lambda x, i: x[2 * i], "2\\*i on axis 0 of x; calcml reads an entry at an index or an index plus a whole number"),
+    (lambda x, i: x[2 * i], "2\\*i on axis 0 of x; calcml reads an entry at an index, or at indices plus a whole number"),
     (lambda x, i: x[i], "index i runs over 0 … 4 but axis 0 of x has length 6"),
 ])
 def test_bad_windows_are_named(bad, message):
@@ -305,3 +305,88 @@ def test_minibatch_fit_over_shifted_data_reads_reaches_least_squares():
     again = cm.minimize(cost, np.zeros(2), **kw)
     assert np.array_equal(res.x, again.x)
     assert np.allclose(res.x, exact, atol=2e-2)
+
+
+# -- reads at a sum of indices, x[t + l]: convolutions ------------------------------------------
+def conv_cost(n, P):
+    """A bilinear convolution of two parameter vectors: sum over t of (sum over l of w[l] x[t + l] - 1)^2."""
+    x = cm.params("x", shape=(n,))
+    w = cm.params("w", shape=(P,))
+    t = cm.index("t", n - P + 1)
+    l = cm.index("l", P)
+    return cm.Cost(cm.sum((cm.sum(w[l] * x[t + l], l) - 1) ** 2, t), params=[x, w]), x, w
+
+
+def test_convolution_matches_sympy_scalar_derivatives():
+    n, P = 7, 3
+    cost, x, w = conv_cost(n, P)
+    xs, ws = sp.symbols(f"x0:{n}", real=True), sp.symbols(f"w0:{P}", real=True)
+    f = sp.Add(*[(sp.Add(*[ws[q] * xs[t + q] for q in range(P)]) - 1) ** 2 for t in range(n - P + 1)])
+    syms = list(xs) + list(ws)
+    grad = [sp.diff(f, s) for s in syms]
+    hess = [[sp.diff(g, s) for s in syms] for g in grad]
+    k = cm.compile(cost)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        th, v = rng.standard_normal(n + P), rng.standard_normal(n + P)
+        sub = dict(zip(syms, th))
+        gr = np.array([float(g.subs(sub)) for g in grad])
+        H = np.array([[float(h.subs(sub)) for h in row] for row in hess])
+        value, g = k.value_and_grad(th)
+        assert value == pytest.approx(float(f.subs(sub)), rel=1e-13)
+        assert np.allclose(g, gr, rtol=1e-13, atol=1e-13)
+        assert np.allclose(k.hvp(th, v), H @ v, rtol=1e-12, atol=1e-12)
+        assert np.allclose(k.hessian(th), H, rtol=1e-13, atol=1e-13)
+    # the adjoint of x[t + l] at entry m: the terms of every l whose t = m - l is in range
+    m = cm.index("m", n)
+    d = cost.diff(x[m])
+    assert d.has(sp.Piecewise)
+    as_scalars = {**{x[j]: xs[j] for j in range(n)}, **{w[j]: ws[j] for j in range(P)}}
+    for e in range(n):
+        claimed = sp.piecewise_fold(d.xreplace({m: sp.Integer(e)}).doit()).xreplace(as_scalars)
+        assert sp.expand(claimed - sp.diff(f, xs[e])) == 0
+    assert cm.verify(cost).ok
+
+
+def test_autoregression_of_order_p_over_a_data_window():
+    """AR(P) with a coefficient vector: s[t + P] predicted by sum over l of a[l] s[t + l]; Newton
+    solves the quadratic in one step, onto the normal equations' solution."""
+    T, P, N = 10, 3, 120
+    s = cm.data("s", shape=(T,))
+    a = cm.params("a", shape=(P,))
+    t = cm.index("t", T - P)
+    l = cm.index("l", P)
+    cost = cm.Cost(cm.sum((s[t + P] - cm.sum(a[l] * s[t + l], l)) ** 2, t), params=[a], data=[s])
+    rng = np.random.default_rng(8)
+    S = rng.standard_normal((N, T))
+    A = np.stack([S[:, q:q + T - P].ravel() for q in range(P)], axis=1)  # column q: s[t + q]
+    y = S[:, P:].ravel()
+    th = rng.standard_normal(P)
+    r = y - A @ th
+    f, g = cm.compile(cost).value_and_grad(th, {"s": S})
+    assert f == pytest.approx(np.sum(r ** 2) / N, rel=1e-13)
+    assert np.allclose(g, -2 * A.T @ r / N, rtol=1e-12, atol=1e-13)
+    res = cm.minimize(cost, np.zeros(P), data={"s": S}, method="newton", tol=1e-10)
+    assert np.allclose(res.x, np.linalg.lstsq(A, y, rcond=None)[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, t, l: x[t + l + 1], "indices l runs over 0 … 2 and t runs over 0 … 4, so l \\+ t \\+ 1 reaches entry 7 of axis 0 of x"),
+    (lambda x, t, l: x[t - l], "calcml reads an entry at an index, or at indices plus a whole number"),
+    (lambda x, t, l: x[t + t], "calcml reads an entry at an index, or at indices plus a whole number"),
+])
+def test_bad_sums_of_indices_are_named(bad, message):
+    x = cm.params("x", shape=(7,))
+    t, l = cm.index("t", 5), cm.index("l", 3)
+    with pytest.raises(CostError, match=message):
+        cm.Cost(cm.sum(bad(x, t, l), t, l), params=[x])
+
+
+def test_convolution_kernels_guard_their_windows():
+    from calcml.tensor.kernels import compile_tensor
+
+    kern = compile_tensor(conv_cost(9, 3)[0])
+    for kind in ("base", "hvp"):
+        source = open(kern._module(kind)._calcml_path).read()
+        assert "i_x_w0 - i_l" in source
+        assert _unguarded_window_reads(source) == []

@@ -26,7 +26,7 @@ import sympy as sp
 from .. import ir
 from ..errors import CodegenError
 from ..printing import NumbaPrinter
-from .graph import ROW, SCALE, Graph, Tensor, index_parts
+from .graph import ROW, SCALE, Graph, Tensor, index_terms
 from .statement import axis_range
 
 __all__ = ["KernelSpec", "write_kernel", "BLOCK", "LANES", "block_rows"]
@@ -242,9 +242,12 @@ class _Printer(NumbaPrinter):
         return self.w.loopvar(e)
 
     def _print_Relational(self, e):
-        # a window's bound (m >= 1, from a shifted read's adjoint): integers, as the loop variable
-        if index_parts(e.lhs) is not None and isinstance(e.rhs, sp.Integer) and e.rel_op in ("<=", ">=", "<", ">"):
-            return f"({self.w.index_code(e.lhs)} {e.rel_op} {int(e.rhs)})"
+        # a window's bound (m >= 1, m - l <= 28: from a shifted read's adjoint): integers, as the loop
+        # variables are
+        sides = (e.lhs, e.rhs)
+        if e.rel_op in ("<=", ">=", "<", ">") and all(isinstance(x, sp.Integer) or index_terms(x) is not None
+                                                       for x in sides) and not all(isinstance(x, sp.Integer) for x in sides):
+            return f"({self.w.index_code(e.lhs)} {e.rel_op} {self.w.index_code(e.rhs)})"
         return super()._print_Relational(e)
 
     def _print_KroneckerDelta(self, e):
@@ -296,13 +299,20 @@ class _Writer:
         return name
 
     def index_code(self, e) -> str:
-        """A subscript: the loop variable of index ``i``, or ``i_i + s`` for a shifted read (an
-        integer expression, not the printer's floats)."""
-        parts = index_parts(e)
-        if parts is None:
-            raise CodegenError(f"cannot compile the subscript {e}: an index or an index plus a whole number")
-        i, s = parts
-        return self.loopvar(i) + (f" + {s}" if s > 0 else f" - {-s}" if s < 0 else "")
+        """A subscript: the loop variable of index ``i``, or ``i_t + i_l + 1``, ``i_m - i_l`` for a
+        shifted read (integer arithmetic, not the printer's floats); a whole number as itself."""
+        if isinstance(e, sp.Integer):
+            return str(int(e))
+        found = index_terms(e)
+        if found is None:
+            raise CodegenError(f"cannot compile the subscript {e}: indices plus a whole number")
+        terms, s = found
+        terms = sorted(terms, key=lambda ic: -ic[1])  # the added indices first: i_m - i_l, not -i_l + i_m
+        text = ""
+        for k, (i, c) in enumerate(terms):
+            text += (self.loopvar(i) if k == 0 and c == 1 else f"-{self.loopvar(i)}" if k == 0 else
+                     f" + {self.loopvar(i)}" if c == 1 else f" - {self.loopvar(i)}")
+        return text + (f" + {s}" if s > 0 else f" - {-s}" if s < 0 else "")
 
     def code(self, t: Tensor) -> str:
         if t.kind == "input":

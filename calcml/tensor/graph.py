@@ -89,18 +89,42 @@ class Tensor:
         return f"<{self.kind} {self.name}{list(self.free)}{' row' if self.row else ''}>"
 
 
+def index_terms(e):
+    """``(((i, c), ...), s)`` of an index expression ``c1*i1 + c2*i2 + ... + s``: indices with
+    coefficients 1 or -1 (each index once) and a whole number ``s``; None for anything else. A
+    statement reads ``x[i]``, ``x[i + 1]``, ``x[t + l]``; the derivatives read ``a[m - l]``."""
+    if isinstance(e, sp.Idx):
+        return ((e, 1),), 0
+    if not isinstance(e, sp.Add):
+        return None
+    terms, s = [], 0
+    for a in e.args:
+        if isinstance(a, sp.Integer):
+            s += int(a)
+        elif isinstance(a, sp.Idx):
+            terms.append((a, 1))
+        elif isinstance(a, sp.Mul) and len(a.args) == 2 and a.args[0] == -1 and isinstance(a.args[1], sp.Idx):
+            terms.append((a.args[1], -1))
+        else:
+            return None
+    if not terms or len({i for i, _ in terms}) != len(terms):
+        return None
+    return tuple(terms), s
+
+
 def index_parts(e):
     """``(i, s)`` of an index expression ``i + s`` (``i`` an index, ``s`` a whole number, 0 for a
-    plain ``i``); None for anything else."""
-    if isinstance(e, sp.Idx):
-        return e, 0
-    if isinstance(e, sp.Add) and len(e.args) == 2:
-        a, b = e.args
-        if isinstance(b, sp.Integer):
-            a, b = b, a
-        if isinstance(a, sp.Integer) and isinstance(b, sp.Idx):
-            return b, int(a)
-    return None
+    plain ``i``); None for anything else (see :func:`index_terms`)."""
+    found = index_terms(e)
+    if found is None or len(found[0]) != 1 or found[0][0][1] != 1:
+        return None
+    return found[0][0][0], found[1]
+
+
+def _index_atoms(e) -> list:
+    """The indices an index expression varies over (none for a number or a label)."""
+    found = index_terms(e)
+    return [i for i, _ in found[0]] if found is not None else []
 
 
 def _is_ref(e) -> bool:
@@ -194,12 +218,12 @@ class Graph:
         for e in sp.preorder_traversal(body):
             if isinstance(e, sp.Indexed):
                 for i in e.indices:
-                    parts = index_parts(i)
-                    add(parts[0] if parts is not None else i)
+                    for j in _index_atoms(i):
+                        add(j)
             elif isinstance(e, sp.KroneckerDelta):
                 for i in e.args:
-                    parts = index_parts(i)
-                    add(parts[0] if parts is not None else i)
+                    for j in _index_atoms(i):
+                        add(j)
         return found
 
     def depends(self, t: Tensor, roles: set) -> bool:
@@ -266,17 +290,22 @@ class Graph:
         ``i`` over ``0 … n_i-1``, reaches entries ``s … s+n_i-1`` of its axis: the contribution
         at entry ``m`` is the body at ``i = m - s`` there and 0 elsewhere, a ``Piecewise`` that
         the kernels print as a conditional expression (the read at ``m - s`` only where it is in
-        range). So the adjoint of a shifted read is a shifted read, never a sum over the axis."""
+        range). So the adjoint of a shifted read is a shifted read, never a sum over the axis.
+        A read at a sum of indices (``x[t + l]``, a convolution) is solved for its index of the
+        longest range (``t = m - l``); the others stay summed: entry ``m`` receives the terms
+        of every ``l`` whose ``t`` is in range."""
         subs, conds, axes = {}, [], []
         for a, e in enumerate(idx):
-            i, s = index_parts(e)
-            n_axis, n_i = axis_range(u.free[a]), axis_range(i)
-            if s == 0 and n_i == n_axis:
-                axes.append(i)
+            terms, s = index_terms(e)
+            n_axis = axis_range(u.free[a])
+            if len(terms) == 1 and terms[0][1] == 1 and s == 0 and axis_range(terms[0][0]) == n_axis:
+                axes.append(terms[0][0])
                 continue
+            i, c = max(terms, key=lambda ic: (axis_range(ic[0]), -terms.index(ic)))  # the first longest
             m = sp.Idx(f"{u.name}_w{a}", n_axis)
-            subs[i] = m - s
-            conds += [c for c in (m >= s, m <= s + n_i - 1) if c is not sp.true]
+            at = c * (m - s - sum(cj * j for j, cj in terms if j is not i))  # i where e = m
+            subs[i] = at
+            conds += [cond for cond in (at >= 0, at <= axis_range(i) - 1) if cond is not sp.true]
             axes.append(m)
         if not subs:
             return body, idx, ()
@@ -418,8 +447,8 @@ class Lowering:
     def lower(self, e):
         """``e`` lowered: its sums and log-sum-exps tensors of the graph, its reads checked."""
         # an index the statement shifts (x[i + 1]) may read a window of an axis (x[i] over 0 … n-2)
-        self.shifted |= {index_parts(i)[0] for x in sp.preorder_traversal(e) if isinstance(x, sp.Indexed)
-                         for i in x.indices if index_parts(i) is not None and index_parts(i)[1] != 0}
+        self.shifted |= {j for x in sp.preorder_traversal(e) if isinstance(x, sp.Indexed)
+                         for i in x.indices if not isinstance(i, sp.Idx) for j in _index_atoms(i)}
         return self._lower(e)
 
     def _lower(self, e):
@@ -534,21 +563,24 @@ class Lowering:
             if isinstance(i, sp.Integer):  # entries_as_sums wrote fixed entries as sums before
                 raise CostError(f"{e}: a fixed entry ({i}) of {base.label}; calcml reads entries through indices "
                                 f"only: write cm.sum(KroneckerDelta(k, {i}) * {base.label}[k], k)")
-            parts = index_parts(i)
-            if parts is None:
-                raise CostError(f"{e}: {i} on axis {a} of {base.label}; calcml reads an entry at an index or an "
-                                f"index plus a whole number (x[i], x[i + 1])")
-            j, s = parts
-            if s == 0 and j not in self.shifted:
-                check_index(j, f"{e}", n, f"axis {a} of {base.label}")
+            found = index_terms(i)
+            if found is None or any(c != 1 for _, c in found[0]):
+                raise CostError(f"{e}: {i} on axis {a} of {base.label}; calcml reads an entry at an index, or at "
+                                f"indices plus a whole number (x[i], x[i + 1], x[t + l])")
+            terms, s = found
+            if len(terms) == 1 and s == 0 and terms[0][0] not in self.shifted:
+                check_index(terms[0][0], f"{e}", n, f"axis {a} of {base.label}")
                 continue
-            check_index(j, f"{e}")
-            last = axis_range(j) - 1 + s
+            for j, _ in terms:
+                check_index(j, f"{e}")
+            last = sum(axis_range(j) - 1 for j, _ in terms) + s
             if s < 0 or last > n - 1:
-                raise CostError(f"{e}: index {j} runs over 0 … {axis_range(j) - 1}, so {i} reaches entry "
-                                f"{s if s < 0 else last} of axis {a} of {base.label}, which runs over 0 … {n - 1}; "
-                                f"shift an index up only, over a range that stays inside the axis "
-                                f"(x[i] and x[i + 1] with i over 0 … n-2)")
-        if len({index_parts(i)[0] for i in e.indices}) != len(e.indices):
+                ranges = ("index " if len(terms) == 1 else "indices ") + \
+                    " and ".join(f"{j} runs over 0 … {axis_range(j) - 1}" for j, _ in terms)
+                raise CostError(f"{e}: {ranges}, so {i} reaches entry {s if s < 0 else last} of axis {a} of "
+                                f"{base.label}, which runs over 0 … {n - 1}; shift an index up only, over a range "
+                                f"that stays inside the axis (x[i] and x[i + 1] with i over 0 … n-2)")
+        used = [j for i in e.indices for j in _index_atoms(i)]
+        if len(set(used)) != len(used):
             raise CostError(f"{e}: the same index twice (a diagonal); write it with KroneckerDelta instead")
         return e

@@ -307,8 +307,10 @@ class TensorCost(Cost):
                     sp.Sum(sp.exp(src), *[(i, i.lower, i.upper) for i in t.over]))
         if not mapping:
             return src
-        # a summed index named like one being substituted is primed first (j -> j')
-        return self._rename_bound(src, set(mapping) | set(mapping.values())).xreplace(mapping)
+        # a summed index named like one being substituted, or read in what is substituted (t -> m - l),
+        # is primed first (j -> j')
+        put = {j for v in mapping.values() if isinstance(v, sp.Basic) for j in v.atoms(sp.Idx)}
+        return self._rename_bound(src, set(mapping) | put).xreplace(mapping)
 
     @staticmethod
     def _rename_bound(e, free):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .graph import index_parts
+from .graph import index_terms
 from .model import TensorCost, _name
 from .statement import Label, LogSumExp, axis_range
 
@@ -29,22 +29,26 @@ def instance_range(cost: TensorCost) -> int:
     entry (``KroneckerDelta(k, 3)``, a cost's ``a[3]``): an instance must still hold it."""
     parts = [part for part in (cost.expr, cost.penalty) if part is not None]
     entries = [int(a) for part in parts for d in part.atoms(sp.KroneckerDelta) for a in d.args if isinstance(a, sp.Integer)]
-    # a shifted read (x[i + 1]) needs its axis longer than its index by the shift
-    shift = max([0] + [s for _, _, _, s in _windows(parts)])
-    return max([INSTANCE_RANGE] + [i + 1 for i in entries]) + shift
+    # a shifted read (x[i + 1], x[t + l]) needs its axis longer than its indices' instance
+    # ranges (INSTANCE_RANGE each) reach: one more entry per index beyond the first, and the shift
+    reach = max([0] + [len(idxs) - 1 + s for _, idxs, s in _windows(parts)])
+    return max([INSTANCE_RANGE] + [i + 1 for i in entries]) + reach
 
 
 def _windows(parts) -> list:
-    """(axis length, index, its range, shift) of each read of a window: ``x[i + s]``, or ``x[i]``
-    with ``i`` over fewer entries than the axis."""
+    """(axis length, its indices, shift) of each read of a window: ``x[i + s]``, ``x[t + l]``,
+    or ``x[i]`` with ``i`` over fewer entries than the axis."""
     out = []
     for part in parts:
         for e in part.atoms(sp.Indexed):
             shape = e.base.shape or ()
             for i, n in zip(e.indices, shape):
-                ip = index_parts(i)
-                if ip is not None and (ip[1] != 0 or axis_range(ip[0]) != int(n)):
-                    out.append((int(n), ip[0], axis_range(ip[0]), ip[1]))
+                found = index_terms(i)
+                if found is None:
+                    continue
+                idxs, s = [j for j, _ in found[0]], found[1]
+                if len(idxs) > 1 or s != 0 or axis_range(idxs[0]) != int(n):
+                    out.append((int(n), idxs, s))
     return out
 
 
@@ -55,18 +59,20 @@ class _Shrink:
     def __init__(self, reach: int = INSTANCE_RANGE, windows=()):
         self.map: dict = {}
         self.reach = reach
-        # an index that reads a window (x[i + s]) stays short enough for its axis's small twin
+        # the indices of a window's read (x[i + s], x[t + l]) stay short enough for their axis's
+        # small twin: their reaches, added, and the shift within it
         self.limit: dict = {}
-        for n, i, _, s in windows:
-            self.limit[i] = min(self.limit.get(i, reach), self.small(n) - s)
+        for n, idxs, s in windows:
+            share = 1 + (self.small(n) - 1 - s) // len(idxs)
+            for i in idxs:
+                self.limit[i] = min(self.limit.get(i, reach), share)
 
     def small(self, n) -> int:
         return min(int(n), self.reach)
 
     def idx(self, i) -> sp.Expr:
-        parts = index_parts(i)
-        if parts is not None and parts[1] != 0:
-            return self.idx(parts[0]) + parts[1]
+        if not isinstance(i, sp.Idx):  # x[t + l + 1]: each index its twin
+            return i.xreplace({j: self.idx(j) for j in i.atoms(sp.Idx)})
         if i not in self.map:
             self.map[i] = sp.Idx(str(i.label), min(self.small(axis_range(i)), self.limit.get(i, self.reach)))
         return self.map[i]
