@@ -71,7 +71,11 @@ def label(name: str, classes) -> Label:
 
 
 def index(name: str, n) -> sp.Idx:
-    """``cm.index("k", 10)``: a SymPy ``Idx`` running over ``0 … 9``."""
+    """``cm.index("k", 10)``: a SymPy ``Idx`` running over ``0 … 9``.
+
+    An index reads a tensor's axis whose length is its range (``W[k, j]``), or, shifted, a
+    window of a longer one: ``x[i + 1]`` and ``x[i]`` with ``i`` over ``0 … n-2`` (neighbours),
+    ``x[t + l]`` (a convolution). Every entry a read reaches must be inside the axis."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"cm.index: the name must be a Python identifier, got {name!r}")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
