@@ -496,8 +496,14 @@ class _Writer:
         if t.accumulates and not t.free:
             return out + [ir.Assign("s", "0.0"), _loops(loops + inner, [ir.AugAssign("s", "+", body)]),
                           ir.AugAssign(name, "+", "s")]
+        if t.accumulates and inner:
+            # a local sum over the summed indices, added once per row and free entry: the target
+            # is an array element that LLVM cannot keep in a register across the inner loop (it
+            # may alias the arrays read), the local it can, and vectorises the loop
+            return out + _loops(loops, [ir.Assign("s", "0.0"), _loops(inner, [ir.AugAssign("s", "+", body)]),
+                                        ir.AugAssign(target, "+", "s")])
         if t.accumulates:
-            return out + _loops(loops + inner, [ir.AugAssign(target, "+", body)])
+            return out + _loops(loops, [ir.AugAssign(target, "+", body)])
         return out + _loops(loops, self._emit_value(t, body, inner, target))
 
     def _emit_value(self, t, body, inner, target) -> list:
