@@ -390,3 +390,35 @@ def test_convolution_kernels_guard_their_windows():
         source = open(kern._module(kind)._calcml_path).read()
         assert "i_x_w0 - i_l" in source
         assert _unguarded_window_reads(source) == []
+
+
+def test_rowwise_residuals_of_a_window():
+    """cm.rowwise with a free index read shifted: the AR(2) residual of every row and time."""
+    T = 7
+    s = cm.data("s", shape=(T,))
+    t = cm.index("t", T - 2)
+    a1, a2 = cm.params("a1 a2")
+    f = cm.rowwise(s[t + 2] - a1 * s[t + 1] - a2 * s[t], params=[a1, a2], data=[s])
+    S = np.random.default_rng(2).standard_normal((5, T))
+    out = f(np.array([0.5, -0.25]), {"s": S})
+    assert out.shape == (5, T - 2)
+    assert np.allclose(out, S[:, 2:] - 0.5 * S[:, 1:-1] + 0.25 * S[:, :-2], rtol=1e-15, atol=1e-15)
+
+
+def test_check_gradient_of_a_window_names_the_missing_neighbour_term():
+    """A hand-written chained-Rosenbrock gradient that forgets the x[i + 1] term's share is
+    refuted, naming an entry; the right one is verified."""
+    n = 12
+    cost = chained(n)[0]
+
+    def right(theta):
+        return chained_numpy(theta)[1]
+
+    def forgot(theta):
+        g = np.zeros(n)
+        g[:-1] = -2 * (1 - theta[:-1]) - 400 * theta[:-1] * (theta[1:] - theta[:-1] ** 2)
+        return g  # without the 200 (x[i+1] - x[i]^2) each entry after the first receives
+
+    assert cm.check_gradient(cost, right).ok
+    rep = cm.check_gradient(cost, forgot)
+    assert not rep.ok and rep[0].status == "refuted" and "x[" in rep[0].detail
