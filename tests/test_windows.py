@@ -422,3 +422,33 @@ def test_check_gradient_of_a_window_names_the_missing_neighbour_term():
     assert cm.check_gradient(cost, right).ok
     rep = cm.check_gradient(cost, forgot)
     assert not rep.ok and rep[0].status == "refuted" and "x[" in rep[0].detail
+
+
+def test_a_window_of_a_tensor_never_read_shifted_is_refused():
+    """z[i] over 0 … n-2 of a z of n entries, where only x is read shifted: z's last entry would
+    be left out without a word; the error says what a plain read covers."""
+    n = 6
+    x, z = cm.params("x", shape=(n,)), cm.params("z", shape=(n,))
+    i = cm.index("i", n - 1)
+    with pytest.raises(CostError, match="axis 0 of z has length 6; a plain read covers its axis, unless the "
+                                        "statement also reads z shifted by i"):
+        cm.Cost(cm.sum(z[i] * (x[i + 1] - x[i]) ** 2, i), params=[x, z])
+
+
+def test_verify_shrinks_an_axis_read_plainly_by_a_window_index_alike():
+    """Weights w[i] (n-1 entries) on the differences x[i + 1] - x[i]: the instance keeps w's axis
+    as long as i's shortened range, so the instance is a statement calcml accepts."""
+    n = 9
+    x, w = cm.params("x", shape=(n,)), cm.params("w", shape=(n - 1,))
+    i = cm.index("i", n - 1)
+    cost = cm.Cost(cm.sum(w[i] ** 2 * (x[i + 1] - x[i]) ** 2, i), params=[x, w])
+    rep = cm.verify(cost)
+    assert rep.ok and len(rep) == 3 + 2  # x of 3 entries, w of 2
+    f, g = cm.compile(cost).value_and_grad(np.arange(2 * n - 1, dtype=float) / 7)
+    xv, wv = np.arange(n) / 7, np.arange(n, 2 * n - 1) / 7
+    d = np.diff(xv)
+    assert f == pytest.approx(np.sum(wv ** 2 * d ** 2), rel=1e-14)
+    gx = np.zeros(n)
+    gx[1:] += 2 * wv ** 2 * d
+    gx[:-1] -= 2 * wv ** 2 * d
+    assert np.allclose(g, np.concatenate([gx, 2 * wv * d ** 2]), rtol=1e-13, atol=1e-15)

@@ -442,12 +442,13 @@ class Lowering:
         self.g = graph
         self.known = known  # placeholder (IndexedBase / Symbol) -> input tensor
         self.stabilize = stabilize  # False: the statement's checks alone (no rewrite)
-        self.shifted: set = set()  # indices read shifted somewhere (see lower)
+        self.shifted: set = set()  # (tensor, index) pairs: the tensor read shifted by the index (see lower)
 
     def lower(self, e):
         """``e`` lowered: its sums and log-sum-exps tensors of the graph, its reads checked."""
-        # an index the statement shifts (x[i + 1]) may read a window of an axis (x[i] over 0 … n-2)
-        self.shifted |= {j for x in sp.preorder_traversal(e) if isinstance(x, sp.Indexed)
+        # a tensor the statement reads shifted by an index (x[i + 1]) may be read by that index
+        # plainly over a window of its axis too (x[i] over 0 … n-2)
+        self.shifted |= {(x.base, j) for x in sp.preorder_traversal(e) if isinstance(x, sp.Indexed)
                          for i in x.indices if not isinstance(i, sp.Idx) for j in _index_atoms(i)}
         return self._lower(e)
 
@@ -568,8 +569,13 @@ class Lowering:
                 raise CostError(f"{e}: {i} on axis {a} of {base.label}; calcml reads an entry at an index, or at "
                                 f"indices plus a whole number (x[i], x[i + 1], x[t + l])")
             terms, s = found
-            if len(terms) == 1 and s == 0 and terms[0][0] not in self.shifted:
-                check_index(terms[0][0], f"{e}", n, f"axis {a} of {base.label}")
+            if len(terms) == 1 and s == 0 and (base, terms[0][0]) not in self.shifted:
+                j = terms[0][0]
+                if axis_range(j) is not None and axis_range(j) != n and any(j == k for _, k in self.shifted):
+                    raise CostError(f"{e}: index {j} runs over 0 … {axis_range(j) - 1} but axis {a} of {base.label} "
+                                    f"has length {n}; a plain read covers its axis, unless the statement also "
+                                    f"reads {base.label} shifted by {j} (then it reads a window)")
+                check_index(j, f"{e}", n, f"axis {a} of {base.label}")
                 continue
             for j, _ in terms:
                 check_index(j, f"{e}")

@@ -38,17 +38,20 @@ def instance_range(cost: TensorCost) -> int:
 def _windows(parts) -> list:
     """(axis length, its indices, shift) of each read of a window: ``x[i + s]``, ``x[t + l]``,
     or ``x[i]`` with ``i`` over fewer entries than the axis."""
+    return [(n, idxs, s) for _, _, n, idxs, s in _reads(parts)
+            if len(idxs) > 1 or s != 0 or axis_range(idxs[0]) != n]
+
+
+def _reads(parts) -> list:
+    """(tensor, axis, axis length, indices, shift) of each read of a tensor's axis by indices."""
     out = []
     for part in parts:
         for e in part.atoms(sp.Indexed):
             shape = e.base.shape or ()
-            for i, n in zip(e.indices, shape):
+            for a, (i, n) in enumerate(zip(e.indices, shape)):
                 found = index_terms(i)
-                if found is None:
-                    continue
-                idxs, s = [j for j, _ in found[0]], found[1]
-                if len(idxs) > 1 or s != 0 or axis_range(idxs[0]) != int(n):
-                    out.append((int(n), idxs, s))
+                if found is not None:
+                    out.append((e.base, a, int(n), [j for j, _ in found[0]], found[1]))
     return out
 
 
@@ -56,16 +59,29 @@ class _Shrink:
     """Maps every index, tensor and label of a statement to its small twin (ranges at most
     ``reach``)."""
 
-    def __init__(self, reach: int = INSTANCE_RANGE, windows=()):
+    def __init__(self, reach: int = INSTANCE_RANGE, reads=()):
         self.map: dict = {}
         self.reach = reach
-        # the indices of a window's read (x[i + s], x[t + l]) stay short enough for their axis's
-        # small twin: their reaches, added, and the shift within it
-        self.limit: dict = {}
-        for n, idxs, s in windows:
-            share = 1 + (self.small(n) - 1 - s) // len(idxs)
-            for i in idxs:
-                self.limit[i] = min(self.limit.get(i, reach), share)
+        # The indices of a window's read (x[i + s], x[t + l]) stay short enough for their axis's
+        # small twin (their reaches, added, and the shift within it), and an axis read plainly
+        # by an index stays as long as that index's twin: sizes only shrink, to a fixed point.
+        self.limit: dict = {}  # index -> its twin's range
+        self.axis: dict = {}  # (tensor, axis) -> its twin's length
+        changed = True
+        while changed:
+            changed = False
+            for base, a, n, idxs, s in reads:
+                size = min(self.small(n), self.axis.get((base, a), reach))
+                if len(idxs) == 1 and s == 0 and axis_range(idxs[0]) == n:  # plain: index and axis alike
+                    size = min(size, self.limit.get(idxs[0], reach))
+                    pairs = [((base, a), self.axis, size), (idxs[0], self.limit, size)]
+                else:
+                    share = max(1, 1 + (size - 1 - s) // len(idxs))
+                    pairs = [(i, self.limit, share) for i in idxs]
+                for key, table, value in pairs:
+                    if table.get(key, reach + 1) > value:
+                        table[key] = value
+                        changed = True
 
     def small(self, n) -> int:
         return min(int(n), self.reach)
@@ -81,7 +97,8 @@ class _Shrink:
         if x in self.map:
             return self.map[x]
         if isinstance(x, sp.IndexedBase):
-            new = sp.IndexedBase(str(x.label), shape=tuple(self.small(n) for n in x.shape), real=True)
+            new = sp.IndexedBase(str(x.label), shape=tuple(self.axis.get((x, a), self.small(n))
+                                                           for a, n in enumerate(x.shape)), real=True)
         elif isinstance(x, Label):
             new = Label(x.name, self.small(x.classes))
         else:
@@ -153,7 +170,7 @@ def instance(cost: TensorCost):
     mean over rows is linear and needs no proof."""
     from ..cost import Cost
 
-    sh = _Shrink(instance_range(cost), _windows([part for part in (cost.expr, cost.penalty) if part is not None]))
+    sh = _Shrink(instance_range(cost), _reads([part for part in (cost.expr, cost.penalty) if part is not None]))
     params = [sh.item(p) for p in cost.params]
     data = [sh.item(d) for d in cost.data]
     penalty = None if cost.penalty is None else sh.expr(cost.penalty)
