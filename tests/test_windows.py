@@ -452,3 +452,29 @@ def test_verify_shrinks_an_axis_read_plainly_by_a_window_index_alike():
     gx[1:] += 2 * wv ** 2 * d
     gx[:-1] -= 2 * wv ** 2 * d
     assert np.allclose(g, np.concatenate([gx, 2 * wv * d ** 2]), rtol=1e-13, atol=1e-15)
+
+
+def test_two_dimensional_convolution_matches_sympy():
+    """A 2x2 filter over a 4x4 image (img[u + a, v + e]), tanh, then a linear read-out: the
+    gradient against SymPy's derivatives of the same cost in scalar symbols, on two rows."""
+    img = cm.data("img", shape=(4, 4))
+    C = cm.params("C", shape=(2, 2))
+    W = cm.params("W", shape=(3, 3))
+    u, v, a, e = cm.index("u", 3), cm.index("v", 3), cm.index("a", 2), cm.index("e", 2)
+    feat = sp.tanh(cm.sum(C[a, e] * img[u + a, v + e], a, e))
+    cost = cm.Cost((cm.sum(W[u, v] * feat, u, v) - 1) ** 2, params=[C, W], data=[img], reduce="sum")
+    Cs = [[sp.Symbol(f"C{p}{q}") for q in range(2)] for p in range(2)]
+    Ws = [[sp.Symbol(f"W{p}{q}") for q in range(3)] for p in range(3)]
+    rng = np.random.default_rng(6)
+    imgs = rng.standard_normal((2, 4, 4))
+    f = 0
+    for im in imgs:
+        out = sum(Ws[p][q] * sp.tanh(sum(Cs[x][y] * sp.Float(im[p + x, q + y], 30) for x in range(2) for y in range(2)))
+                  for p in range(3) for q in range(3))
+        f += (out - 1) ** 2
+    syms = [s for row in Cs for s in row] + [s for row in Ws for s in row]
+    th = 0.5 * rng.standard_normal(len(syms))
+    sub = dict(zip(syms, th))
+    value, g = cm.compile(cost).value_and_grad(th, {"img": imgs})
+    assert value == pytest.approx(float(f.subs(sub)), rel=1e-13)
+    assert np.allclose(g, [float(sp.diff(f, s).subs(sub)) for s in syms], rtol=1e-12, atol=1e-13)
