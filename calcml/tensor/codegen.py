@@ -359,7 +359,7 @@ class _Writer:
                 continue
             # inlined: a read or product of reads (nothing to keep), or a body with one reader
             # that loops over no index it lacks (computed once either way)
-            if _cheap(t.body) or (len(rs) == 1 and _context(rs[0]) <= _axes(t)):
+            if _cheap(t.body) or (len(rs) == 1 and _context(rs[0]) <= self._read_axes(rs[0], t)):
                 self.inlined.add(t)
         self._bodies: dict = {}
         self.order = [t for t in self.needed if t.kind == "input" or t not in self.inlined]
@@ -374,6 +374,16 @@ class _Writer:
                         tuple(soft.free) == tuple(t.free) + tuple(i for i in t.over if i != ROW):
                     self.fused_softmax[t] = soft
         self.fused = set(self.fused_softmax.values())
+
+    def _read_axes(self, reader: Tensor, t: Tensor) -> set:
+        """The indices at which ``reader`` reads ``t`` (its one read: ``c5[x_0]`` reads c5's axis at
+        x_0, whatever c5 calls it), and the row where t has one; empty for two or more reads
+        (inlined, t would be computed once per read)."""
+        reads = [idx for u, idx, _ in self.g.occurrences(reader.body) if u is t]
+        if len(reads) != 1:
+            return set()
+        return {j for e in reads[0] for j in (e.atoms(sp.Idx) if isinstance(e, sp.Basic) else ())} | \
+            ({ROW} if t.row else set())
 
     def body(self, t: Tensor):
         """t's body with the inlined tensors it reads substituted, recursively."""
