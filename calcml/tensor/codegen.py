@@ -308,11 +308,9 @@ class _Writer:
             raise CodegenError(f"cannot compile the subscript {e}: indices plus a whole number")
         terms, s = found
         terms = sorted(terms, key=lambda ic: -ic[1])  # the added indices first: i_m - i_l, not -i_l + i_m
-        text = ""
-        for k, (i, c) in enumerate(terms):
-            text += (self.loopvar(i) if k == 0 and c == 1 else f"-{self.loopvar(i)}" if k == 0 else
-                     f" + {self.loopvar(i)}" if c == 1 else f" - {self.loopvar(i)}")
-        return text + (f" + {s}" if s > 0 else f" - {-s}" if s < 0 else "")
+        text = "".join(f" {'+' if c == 1 else '-'} {self.loopvar(i)}" for i, c in terms) + \
+            (f" + {s}" if s > 0 else f" - {-s}" if s < 0 else "")
+        return text[3:] if text.startswith(" + ") else "-" + text[3:]
 
     def code(self, t: Tensor) -> str:
         if t.kind == "input":

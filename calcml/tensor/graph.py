@@ -112,15 +112,6 @@ def index_terms(e):
     return tuple(terms), s
 
 
-def index_parts(e):
-    """``(i, s)`` of an index expression ``i + s`` (``i`` an index, ``s`` a whole number, 0 for a
-    plain ``i``); None for anything else (see :func:`index_terms`)."""
-    found = index_terms(e)
-    if found is None or len(found[0]) != 1 or found[0][0][1] != 1:
-        return None
-    return found[0][0][0], found[1]
-
-
 def _index_atoms(e) -> list:
     """The indices an index expression varies over (none for a number or a label)."""
     found = index_terms(e)
@@ -301,7 +292,7 @@ class Graph:
             if len(terms) == 1 and terms[0][1] == 1 and s == 0 and axis_range(terms[0][0]) == n_axis:
                 axes.append(terms[0][0])
                 continue
-            i, c = max(terms, key=lambda ic: (axis_range(ic[0]), -terms.index(ic)))  # the first longest
+            i, c = max(terms, key=lambda ic: axis_range(ic[0]))  # the first of the longest
             m = sp.Idx(f"{u.name}_w{a}", n_axis)
             at = c * (m - s - sum(cj * j for j, cj in terms if j is not i))  # i where e = m
             subs[i] = at
@@ -571,7 +562,7 @@ class Lowering:
             terms, s = found
             if len(terms) == 1 and s == 0 and (base, terms[0][0]) not in self.shifted:
                 j = terms[0][0]
-                if axis_range(j) is not None and axis_range(j) != n and any(j == k for _, k in self.shifted):
+                if axis_range(j) is not None and axis_range(j) != n and j in {k for _, k in self.shifted}:
                     raise CostError(f"{e}: index {j} runs over 0 … {axis_range(j) - 1} but axis {a} of {base.label} "
                                     f"has length {n}; a plain read covers its axis, unless the statement also "
                                     f"reads {base.label} shifted by {j} (then it reads a window)")
