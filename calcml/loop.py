@@ -322,7 +322,7 @@ def fisher_yates(perm: str, rng: str, n: str, prefix: str = "") -> ir.For:
     ])
 
 
-_DRIVER_HEAD = '''
+_DRIVER_SHARED = '''
 
 class NonFiniteData(ValueError):
     """The data hold NaN or inf (found in the first pass over them, at x0)."""
@@ -333,7 +333,9 @@ class NonFiniteData(ValueError):
 _NO_COLUMNS = (np.zeros(1),)
 _NO_PATH = np.zeros((1, 1))
 _F64 = np.dtype(np.float64)
+'''
 
+_COLUMNS_OF = '''
 
 def columns_of(data):
     """The data as a tuple of contiguous float64 columns in COLUMN_NAMES order: a dict of
@@ -348,7 +350,9 @@ def columns_of(data):
         arr = np.asarray(data, dtype=np.float64)
         cols = [arr[:, k] for k in range(arr.shape[1])]
     return tuple(np.ascontiguousarray(c, dtype=np.float64).reshape(-1) for c in cols)
+'''
 
+_PLAN = '''
 
 def plan(n_rows, batch_size=None, epochs=None, maxiter=None):
     """(max_steps, max_epochs, steps per epoch) from the budget keywords."""
@@ -364,6 +368,7 @@ def plan(n_rows, batch_size=None, epochs=None, maxiter=None):
         maxiter = epochs if epochs is not None else DEFAULT_MAXITER
     return maxiter, 0, 1
 '''
+_DRIVER_HEAD = _DRIVER_SHARED + _COLUMNS_OF + _PLAN
 
 _DRIVER_TAIL = '''
 
@@ -470,6 +475,10 @@ class _Generator:
         self.first_order = opt.kind == "first_order"
         self.mb = ModuleBuilder(cost, with_hessian=opt.kind == "newton")
         self.mb.printer = _latency_printer(self.mb)
+        self.printer = self.mb.printer
+        # the gradient's source: the cost's RowProgram inlined row by row (a subclass may call
+        # kernels instead: calcml.tensor.loops)
+        self.inline_rows = True
         self.n = len(cost.params)
         self.has_data = bool(cost.data)
         self.unrolled = self.first_order and self.n <= UNROLL_MAX
@@ -479,6 +488,9 @@ class _Generator:
         self.threaded = not minibatch and self.has_data
         self.hyper = list(opt.hyper)
         self.state = [s[0] for s in opt.state]
+        self.param_names = [p.name for p in cost.params]
+        self.column_names = [d.name for d in cost.data]
+        self.parallel_min_rows = PARALLEL_MIN_ROWS
 
     # -- shared pieces -----------------------------------------------------------------------
     def _constant_rate(self) -> bool:
@@ -489,7 +501,7 @@ class _Generator:
 
     def _rate(self) -> str:
         """The schedule's rate at ``step``, its numbers read from ``sa``."""
-        return self.schedule.code(self.mb.printer)
+        return self.schedule.code(self.printer)
 
     def _scale(self) -> str:
         return "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
@@ -641,6 +653,16 @@ class _Generator:
             names.append("state")
         return names + ["xout", "gout"]
 
+    @staticmethod
+    def _segment_data_loads(vg: RowProgram) -> list:
+        """run_segment's names for its data: the columns c0, c1, ... and n_rows."""
+        return [vg.column_loads, ir.Assign("n_rows", "c0.shape[0]")]
+
+    @staticmethod
+    def _rows_of(cols: str) -> str:
+        """The code of the row count of the data ``cols`` (the driver's tuple)."""
+        return f"{cols}[0].shape[0]"
+
     def _run_segment(self, vg: RowProgram) -> ir.Def:
         n, unrolled = self.n, self.unrolled
 
@@ -660,16 +682,16 @@ class _Generator:
                   [end("np.int64(DIVERGED)", "not finite at x0 (an int64: one compile of _end)")]),
             ir.Assign(f"{', '.join('st_' + s for s in self.state)},", "state") if self.state else None,
             [ir.Assign(f"hp_{name}", f"hp[{k}]", name) for k, name in enumerate(self.hyper)],
-            [vg.column_loads, ir.Assign("n_rows", "c0.shape[0]")] if self.has_data else None,
+            self._segment_data_loads(vg) if self.has_data else None,
             ir.Assign("threaded", "n_rows >= PARALLEL_MIN_ROWS",
                       "large data: each step's pass by _fg, on calcml's threads")
-            if self.threaded and self.first_order else None,
+            if self.threaded and self.first_order and self.inline_rows else None,
             [ir.Assign(local, slot_) for local, slot_ in (
                 ("step", "ints[I_STEP]"), ("stop_step", "ints[I_STOP]"), ("hist_i", "ints[I_HIST_I]"),
                 ("hist_next", "ints[I_HIST_NEXT]"), ("hist_every", "ints[I_HIST_EVERY]"),
                 ("best_step", "ints[I_BEST_STEP]"), ("fresh", "ints[I_FRESH]"), ("nfev", "ints[I_NFEV]"))],
             ir.Assign("passes", "ints[I_PASSES]", "the passes calcml made for these columns (0: serial)")
-            if self.threaded or self.opt.call else None,
+            if self.threaded or self.opt.call or not self.inline_rows else None,
             ir.Assign("best_value", "floats[F_BEST]"),
             ir.Assign("blowup", "floats[F_BLOWUP]"),
             ir.Assign("tol", "floats[F_TOL]"),
@@ -801,7 +823,7 @@ class _Generator:
             grad = [ir.Assign(gname(j), e, label) for j, (label, e) in enumerate(vg.outputs[1:])]
             if late is not None:
                 saved = {p: f"q{j}" for j, p in enumerate(self.cost.params)}  # the point before the update
-                with self.mb.printer.naming(saved) as printer:
+                with self.printer.naming(saved) as printer:
                     late.append(ir.Assign("value", printer.doprint_expr(vg.outputs[0][1])))
                 late.append(ir.Assign("gn2", " + ".join(f"g{j} * g{j}" for j in range(n))))
                 return out + grad
@@ -831,12 +853,12 @@ class _Generator:
         opt = self.opt
         out = [
             None if self._constant_rate() else ir.Assign("lr", self._rate(), f"schedule {self.schedule.structure()}"),
-            self.mb.printer.assignments(opt.per_step, self._names("step")),
+            self.printer.assignments(opt.per_step, self._names("step")),
             ir.Comment(f"{opt.name} update ({_comment(opt.reference)})"),
         ]
         if self.unrolled:
-            return out + [self.mb.printer.assignments(opt.update, self._names(j)) for j in range(self.n)]
-        return out + [ir.For("j", ir.range_("N_PARAMS"), self.mb.printer.assignments(opt.update, self._names()))]
+            return out + [self.printer.assignments(opt.update, self._names(j)) for j in range(self.n)]
+        return out + [ir.For("j", ir.range_("N_PARAMS"), self.printer.assignments(opt.update, self._names()))]
 
     def _delayed_body(self, vg: RowProgram) -> list:
         """The loop of cheap steps: each step's gradient and update run first, in one block
@@ -917,7 +939,7 @@ class _Generator:
                       "what the driver calls (calcml: run_segment_c's machine code, if any)"),
             ir.Blank(2),
         ]
-        text = ir.render(body, self.mb.printer)  # printed first: the header lists the helpers it used
+        text = ir.render(body, self.printer)  # printed first: the header lists the helpers it used
         head = self.mb.header(header_lines, title=f"the {self.opt.name} descent loop of one cost")
         return ir.render([head, self._constants()]) + "\n" + text + "\n" + self._python_driver()
 
@@ -940,7 +962,7 @@ class _Generator:
                 out.append(([("path_o", obj), ("path_rows", "types.int64"), ("path_cols", "types.int64")],
                             "carray(_data(off, path_o), (path_rows, path_cols), np.float64)"))
             elif name == "cols":  # a table of the columns' data addresses (made once a run)
-                out.append(([("cols_p", "_F64PP"), ("n_rows", "types.int64")], self._column_arrays()))
+                out.append((self._cols_params(), self._column_arrays()))
             elif name == "state":
                 params, arrays = [], []
                 for k, (_, shape, _) in enumerate(self.opt.state):
@@ -950,6 +972,10 @@ class _Generator:
             else:  # pragma: no cover - a new argument of run_segment must be added here
                 raise AssertionError(f"run_segment's argument {name!r} has no C form")
         return out
+
+    def _cols_params(self) -> list:
+        """The C parameters (name, Numba type) that carry run_segment's ``cols``."""
+        return [("cols_p", "_F64PP"), ("n_rows", "types.int64")]
 
     def _column_arrays(self) -> str:
         """The tuple of the columns as arrays over the table ``cols_p`` of their addresses."""
@@ -964,6 +990,8 @@ class _Generator:
         calcml sets it to the machine code's caller."""
         args = self._entry_point_args()
         params = [("off", "types.int64")] + [p for ps, _ in args for p in ps]
+        cols_names = [name for name, _ in self._cols_params()]
+        cols_types = ", ".join(t for _, t in self._cols_params())
         out = [
             ir.Raw(_ENTRY_SOURCE.strip("\n")),
             ir.Assign("SIG_SEGMENT", f"types.int64({', '.join(t for _, t in params)})"),
@@ -976,9 +1004,9 @@ class _Generator:
         ]
         if self.has_data:  # the rows' own gradients (their spread: a spent budget's test), by _fg
             out += [
-                ir.Assign("SIG_FG", "types.float64(types.int64, types.int64, _F64PP, types.int64, types.int64)"),
+                ir.Assign("SIG_FG", f"types.float64(types.int64, types.int64, {cols_types}, types.int64)"),
                 ir.Blank(2),
-                ir.Def("fg_c", ("off", "theta_o", "cols_p", "n_rows", "g_o"), [ir.Return(
+                ir.Def("fg_c", ("off", "theta_o", *cols_names, "g_o"), [ir.Return(
                     "_fg(carray(_data(off, theta_o), (N_PARAMS,), np.float64),\n"
                     f"           {self._column_arrays()},\n"
                     "           carray(_data(off, g_o), (N_PARAMS,), np.float64),\n"
@@ -989,9 +1017,9 @@ class _Generator:
         if self.has_data and self.opt.kind == "newton":  # the Python tier's passes (see _PYTHON_TIER)
             theta = "carray(_data(off, theta_o), (N_PARAMS,), np.float64)"
             out += [
-                ir.Assign("SIG_PASSES", "types.float64(types.int64, types.int64, types.int64, _F64PP, types.int64, "
+                ir.Assign("SIG_PASSES", f"types.float64(types.int64, types.int64, types.int64, {cols_types}, "
                                         "types.int64)"),
-                ir.Def("passes_c", ("kind", "off", "theta_o", "cols_p", "n_rows", "out_o"), [
+                ir.Def("passes_c", ("kind", "off", "theta_o", *cols_names, "out_o"), [
                     ir.Assign("theta", theta),
                     ir.Assign("cols", self._column_arrays()),
                     ir.If("kind == 0", [ir.Return(
@@ -1034,8 +1062,8 @@ class _Generator:
                       "calcml.printing): calcml runs it so, where its run is short,\nuntil compiling it pays "
                       "(calcml.loop._NativeSegment)"),
             ir.Assign("MINIBATCH", self.minibatch),
-            ir.Assign("PARAM_NAMES", f"({''.join(ascii(p.name) + ', ' for p in self.cost.params)})"),
-            ir.Assign("COLUMN_NAMES", f"({''.join(ascii(d.name) + ', ' for d in self.cost.data)})"),
+            ir.Assign("PARAM_NAMES", f"({''.join(ascii(name) + ', ' for name in self.param_names)})"),
+            ir.Assign("COLUMN_NAMES", f"({''.join(ascii(name) + ', ' for name in self.column_names)})"),
             ir.Assign("HYPER_NAMES", f"({''.join(repr(h) + ', ' for h in self.hyper)})"),
             # The numbers are run-time arguments (one compiled loop serves them all); an exported
             # module gets its program's numbers written here as the defaults of run().
@@ -1048,7 +1076,7 @@ class _Generator:
             ir.Assign("BLOWUP", BLOWUP),
             ir.Assign("HISTORY_MAX", HISTORY_MAX),
             ir.Assign("SEGMENT_SECONDS", SEGMENT_SECONDS),
-            ir.Assign("PARALLEL_MIN_ROWS", PARALLEL_MIN_ROWS, "calcml's threads from this many rows on")
+            ir.Assign("PARALLEL_MIN_ROWS", self.parallel_min_rows, "calcml's threads from this many rows on")
             if self.threaded else None,
             ir.Assign("THREADED", self.threaded, "full-batch passes over large data may run on calcml's threads"),
             ir.Blank(2),
@@ -1074,7 +1102,7 @@ class _Generator:
             segment = "first_segment or 1_000_000"
         path = "path if full else path[:n_hist].copy()" if self.n <= PATH_MAX_PARAMS else "None"
         drive = [
-            [ir.Assign("cols", "columns_of(data)"), ir.Assign("n_rows", "cols[0].shape[0]")]
+            [ir.Assign("cols", "columns_of(data)"), ir.Assign("n_rows", self._rows_of("cols"))]
             if self.has_data else ir.Assign("cols", "_NO_COLUMNS"),
             ir.Assign("max_steps, max_epochs, per_epoch", "plan(n_rows, batch_size, epochs, maxiter)")
             if self.minibatch else
@@ -1113,7 +1141,7 @@ class _Generator:
             ], ir.If("status == DIVERGED and not i[I_STEP] and not math.isfinite(work[F_F0])", [
                 ir.If("not all(np.isfinite(c).all() for c in cols)",
                       [ir.Raise('NonFiniteData("the data hold a non-finite value (NaN or inf)")')]),
-            ]) if self.has_data else (), comment="the report is written here, at the best point"),
+            ]) if self.has_data and self.inline_rows else (), comment="the report is written here, at the best point"),
             ir.Assign("f", f"{'work' if self._work_size() <= 64 else 'work[:N_FLOATS]'}.tolist()"),
             ir.Assign("n_hist", f"i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]"),
             ir.Assign("full", "n_hist == i[I_HIST_LEN]", "the arrays are the report's as they are"),
@@ -1141,10 +1169,14 @@ class _Generator:
                    (_DRIVE_PARAMS, _DRIVE_KEYWORDS + (("passes=None",) if self.threaded else ())),
                    drive, doc=_DRIVE_DOC + " given."),
         ]
-        return _DRIVER_HEAD + "\n\n" + ir.render(nodes) + "\n" + _DRIVER_TAIL
+        return self._driver_head() + "\n\n" + ir.render(nodes) + "\n" + _DRIVER_TAIL
 
     @staticmethod
-    def _threaded_drive() -> list:
+    def _driver_head() -> str:
+        """The driver's helpers: columns_of, plan."""
+        return _DRIVER_HEAD
+
+    def _threaded_drive(self) -> list:
         """drive for a module whose passes may run on calcml's threads: _drive with the passes
         calcml made for the run's columns in the table the loop reads (_Passes)."""
         return [
@@ -1153,12 +1185,17 @@ class _Generator:
                                   "segment_seconds,\n        first_segment)"),
                 ir.If("passes is None", [ir.Return("_drive(*args)")]),
                 ir.Assign("cols", "columns_of(data)"),
-                ir.If("cols[0].shape[0] < PARALLEL_MIN_ROWS", [ir.Return("_drive(*args)")]),
+                ir.If(f"{self._rows_of('cols')} < PARALLEL_MIN_ROWS", [ir.Return("_drive(*args)")]),
                 ir.Return("_drive(x0, cols, *args[2:], passes=_Passes(passes(cols)))"),
             ], doc=_DRIVE_DOC + " given;\npasses(cols), if given, makes the full-batch passes on calcml's threads "
                                 "(see _Passes): the\npasses over PARALLEL_MIN_ROWS rows or more use them."),
             ir.Blank(2),
         ]
+
+    @staticmethod
+    def _x0_code() -> str:
+        """The code of the flat float64 x0 from whatever the driver was given."""
+        return "np.array(x0, dtype=np.float64).reshape(N_PARAMS)"
 
     def _work_size(self) -> int:
         return len(_FLOATS) + 3 * self.n + len(self.hyper) + self._n_sched()
@@ -1169,7 +1206,7 @@ class _Generator:
         return [
             ir.If("type(x0) is np.ndarray and x0.dtype is _F64 and x0.shape == (N_PARAMS,)",
                   [ir.Assign("xout", "x0.copy()", "the report's x, in the end")],
-                  [ir.Assign("xout", "np.array(x0, dtype=np.float64).reshape(N_PARAMS)")]),
+                  [ir.Assign("xout", self._x0_code())]),
             ir.Assign("work", "np.zeros(O_END)"),
             ir.Assign("work[F_TOL]", "tol"),
             [ir.Assign(f"work[O_HP + {k}]", f"hyper[{name!r}]") for k, name in enumerate(self.hyper)],
@@ -1183,7 +1220,7 @@ class _Generator:
             ir.Assign("ints[I_MAX_STEPS]", "max_steps"),
             [ir.Assign("ints[I_BATCH]", "batch_size"),
              ir.Assign("ints[I_MAX_EPOCHS]", "max_epochs"),
-             ir.Assign("perm", "np.arange(cols[0].shape[0], dtype=np.int64)"),
+             ir.Assign("perm", f"np.arange({self._rows_of('cols')}, dtype=np.int64)"),
              ir.Assign("rng", "np.array([seed], dtype=np.uint64)")] if mb else None,
             ir.Assign("history", "np.empty(n_hist)", "not filled: the report reads only the entries the loop wrote"),
             ir.Assign("path", "np.empty((n_hist, N_PARAMS))", "the iterates beside the history entries")
@@ -1398,6 +1435,7 @@ class _NativeSegment:
         self.python_seconds = python_seconds(path)
         self.slice_steps = 8
         self.memo = {}
+        self.cols_c = getattr(module, "cols_c", None)  # a module's own C form of its cols (calcml.tensor.loops)
 
     def _threshold(self) -> float:
         return tier_up_threshold(self.path, "run_segment_c", self.memo)
@@ -1440,14 +1478,17 @@ class _NativeSegment:
         mod = self.module
         if args is None or not mod.FIRST_ORDER or not mod.COLUMN_NAMES:
             return True  # a line search's passes, a cost without data: machine code or a few lines a step
-        ints, n_rows = args[1], args[self.names.index("cols")][0].shape[0]
+        ints, n_rows = args[1], _rows(mod, args[self.names.index("cols")])
+        own = getattr(mod, "python_tier_seconds", None)  # a module's own estimate (calcml.tensor.loops)
+        if own is not None:
+            return own(ints, n_rows) <= self._threshold()
         if mod.MINIBATCH:
             rows = int(ints[mod.I_MAX_STEPS]) * int(ints[mod.I_BATCH]) + int(ints[mod.I_MAX_EPOCHS]) * n_rows
         elif n_rows >= getattr(mod, "PARALLEL_MIN_ROWS", n_rows + 1):
             rows = int(ints[mod.I_MAX_STEPS])  # each step's pass on calcml's threads
         else:
             rows = int(ints[mod.I_MAX_STEPS]) * n_rows
-        return rows * _PYTHON_ROW_SECONDS * max(1, len(mod.PARAM_NAMES)) <= self._threshold()
+        return rows * _PYTHON_ROW_SECONDS * max(1, mod.N_PARAMS) <= self._threshold()
 
     def _python_tier(self):
         """The module's source run again as Python (``_PYTHON_TIER``), its serial data passes
@@ -1455,7 +1496,9 @@ class _NativeSegment:
         mod = self.module
         try:
             py = python_module(mod, self.path)
-            if mod.COLUMN_NAMES:  # the passes over rows: machine code (without data: Python's, exact)
+            if hasattr(mod, "python_tier_passes"):  # the module's own (calcml.tensor.loops)
+                mod.python_tier_passes(py)
+            elif mod.COLUMN_NAMES:  # the passes over rows: machine code (without data: Python's, exact)
                 if hasattr(mod, "passes_c"):
                     py._fg_serial, py._f_serial, py._hess_serial = _native_passes(mod, self.path)
                 else:
@@ -1513,8 +1556,11 @@ class _NativeSegment:
             elif name == "path":
                 c_args += [id(a), a.shape[0], a.shape[1]]
             elif name == "cols":  # the columns' addresses, in a table that lives through the call
-                table = np.array([c.ctypes.data for c in a], dtype=np.uint64)
-                c_args += [table.ctypes.data, a[0].shape[0]]
+                if self.cols_c is not None:
+                    c_args += self.cols_c(a)
+                else:
+                    table = np.array([c.ctypes.data for c in a], dtype=np.uint64)
+                    c_args += [table.ctypes.data, a[0].shape[0]]
             elif name == "state":
                 c_args += [id(st) for st in a]
             else:  # the arrays the driver made (contiguous, of the loop's types)
@@ -1540,8 +1586,8 @@ def native_fg(module, path):
     fn, keep = _native_entry(module, path, "fg_c", "SIG_FG")
     if fn is not None:
         def found(theta, cols, g, keep=keep):
-            table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
-            return fn(_OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(g))
+            args, table = _cols_args(module, cols)
+            return fn(_OFFSET, id(theta), *args, id(g))
 
     module._fg_native = found
     return found
@@ -1557,23 +1603,37 @@ def _native_passes(module, path):
     found = module._fg_serial, module._f_serial, module._hess_serial
     fn, keep = _native_entry(module, path, "passes_c", "SIG_PASSES")
     if fn is not None:
-        def columns(cols):
-            return np.array([c.ctypes.data for c in cols], dtype=np.uint64)
-
         def fg(theta, cols, g, keep=keep):
-            table = columns(cols)
-            return fn(0, _OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(g))
+            args, table = _cols_args(module, cols)
+            return fn(0, _OFFSET, id(theta), *args, id(g))
 
         def f(theta, cols, keep=keep):
-            table = columns(cols)
-            return fn(1, _OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(theta))
+            args, table = _cols_args(module, cols)
+            return fn(1, _OFFSET, id(theta), *args, id(theta))
 
         def hess(theta, cols, H, keep=keep):
-            table = columns(cols)
-            fn(2, _OFFSET, id(theta), table.ctypes.data, cols[0].shape[0], id(H))
+            args, table = _cols_args(module, cols)
+            fn(2, _OFFSET, id(theta), *args, id(H))
         found = fg, f, hess
     module._passes_native = found
     return found
+
+
+def _cols_args(module, cols):
+    """(the C arguments that carry a module's ``cols`` to its C entries, what must outlive the
+    call): the table of the columns' addresses and their row count, or the module's own form
+    (its ``cols_c``, calcml.tensor.loops)."""
+    own = getattr(module, "cols_c", None)
+    if own is not None:
+        return own(cols), None
+    table = np.array([c.ctypes.data for c in cols], dtype=np.uint64)
+    return [table.ctypes.data, cols[0].shape[0]], table
+
+
+def _rows(module, cols) -> int:
+    """The row count of a module's ``cols``."""
+    own = getattr(module, "rows_of", None)
+    return own(cols) if own is not None else cols[0].shape[0]
 
 
 def _native_entry(module, path, name, signature):
@@ -1600,12 +1660,13 @@ def _native_entry(module, path, name, signature):
 
 def _c_function(address, signature, restype):
     """The machine code at ``address`` as a ctypes function of a C entry's Numba signature:
-    pointers as void*, the rest (addresses, sizes) as int64."""
+    pointers as void*, float64 as double, the rest (addresses, sizes) as int64."""
     import ctypes
 
     from numba import types
 
-    args = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_int64 for t in signature.args]
+    args = [ctypes.c_void_p if isinstance(t, types.CPointer) else ctypes.c_double if t == types.float64 else
+            ctypes.c_int64 for t in signature.args]
     return ctypes.CFUNCTYPE(restype, *args)(address)
 
 

@@ -601,7 +601,7 @@ def test_a_family_member_used_alone_keeps_the_scalar_path():
 
 @pytest.mark.parametrize("method", ["lbfgs", "adam", "newton-cg", "gd"])
 def test_exported_tensor_program_runs_alone_and_agrees(digits_like, tmp_path, method):
-    """prog.export writes a module that imports only math, time, numpy and numba, whose
+    """prog.export writes a module that imports only the standard library, numpy and numba, whose
     run(x0, data, ...) (data a dict of arrays, as cm.minimize takes them; the program's
     numbers its defaults) gives calcml's own result, bit for bit, and names bad data."""
     import importlib.util
@@ -615,7 +615,7 @@ def test_exported_tensor_program_runs_alone_and_agrees(digits_like, tmp_path, me
     prog.export(path)
     text = path.read_text()
     imports = set(re.findall(r"^(?:import|from) (\w+)", text, re.M))
-    assert imports <= {"math", "sys", "time", "numpy", "numba", "llvmlite"}, imports  # llvmlite: Numba's own
+    assert imports <= {"math", "sys", "time", "ctypes", "numpy", "numba", "llvmlite"}, imports  # llvmlite: Numba's own
     spec = importlib.util.spec_from_file_location(f"exported_{method}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -795,10 +795,13 @@ def test_threaded_full_passes_give_the_single_thread_bits(method, kw, monkeypatc
     """On enough rows a first-order run makes its full-data passes on calcml's threads (every
     step of a full-batch run); the result is bit for bit the module's own one-thread run."""
     from calcml import native
+    from calcml.tensor import optimize
     from calcml.tensor.kernels import PARALLEL_MIN_ROWS
-    from calcml.tensor.optimize import _threaded_full
 
     monkeypatch.setattr(native, "thread_count", lambda: 3)  # threads even on a one-core runner
+    made = []  # the threaded passes calcml makes for a full-batch run (calcml.loop's _Passes)
+    ev_full = optimize._ev_full
+    monkeypatch.setattr(optimize, "_ev_full", lambda ev: made.append(ev) or ev_full(ev))
 
     N = PARALLEL_MIN_ROWS + 3001
     cost, _ = softmax_cost(3, 4)
@@ -807,10 +810,15 @@ def test_threaded_full_passes_give_the_single_thread_bits(method, kw, monkeypatc
     x0 = rng.standard_normal(cost.n_params) * 0.1
     res = cm.minimize(cost, x0, data={"x": X, "c": labels}, method=method, maxiter=40, tol=1e-12, **kw)
     prog = cm.generate(cost, method=method, **kw)
-    assert _threaded_full(prog.module, N) is not None
-    hyper = [float(v) for v in prog.optimizer.hyper.values()]
-    rep = prog.module.drive(x0, (X, labels.astype(np.int64)), N, hyper, prog.schedule.values(),
-                            kw.get("batch_size"), None, 40, 1e-12, 0)
+    if "batch_size" in kw:  # minibatches: the passes at the epochs' ends
+        assert optimize._threaded_full(prog.module, N) is not None
+        hyper = [float(v) for v in prog.optimizer.hyper.values()]
+        rep = prog.module.drive(x0, (X, labels.astype(np.int64)), N, hyper, prog.schedule.values(),
+                                kw.get("batch_size"), None, 40, 1e-12, 0)
+    else:  # the module's run(), as an exported module's user calls it: its serial passes
+        assert made
+        rep = prog.module.run(x0, {"x": X, "c": labels}, hyper=prog.optimizer.hyper,
+                              schedule_args=prog.schedule.values(), maxiter=40, tol=1e-12)
     np.testing.assert_array_equal(rep["x"], res.x)
     assert rep["fun"] == res.fun and rep["nit"] == res.nit == 40
     np.testing.assert_array_equal(rep["history"], res.history)
@@ -1030,27 +1038,38 @@ def test_a_warm_process_runs_tensor_fits_from_machine_code(fresh_cache):
 
 @pytest.mark.parametrize("method, kw", [("nesterov", dict(lr=0.05, maxiter=40)),
                                         ("adam", dict(lr=0.01, batch_size=32, epochs=2))])
-def test_tensor_loops_machine_code_gives_the_dispatchers_bits(small, method, kw):
-    """A first-order tensor fit run by the module's C entry point (loop_c's machine code:
-    its evaluations and its steps) gives the bits of the module's own Numba dispatchers
-    (full_value_and_grad, _full_steps or _epoch) that the exported module runs."""
+def test_tensor_loops_machine_code_gives_the_dispatchers_bits(small, method, kw, monkeypatch):
+    """A first-order tensor fit run by the module's machine code (a full-batch loop:
+    run_segment_c's, calcml.loop's generator; minibatches: loop_c's, its evaluations and its
+    steps) gives the bits of the module's own Numba dispatchers that the exported module runs."""
+    from calcml import loop
     from calcml.tensor.optimize import native_loop
 
     cost, _, _, X, labels, K, d, N = small
     batch = kw.pop("batch_size", None)
     prog = cm.generate(cost, method, batch_size=batch, lr=kw.pop("lr"))
-    native = native_loop(prog)
-    assert native is not None
     mod = prog.module
     x0 = np.random.default_rng(5).standard_normal(cost.n_params) * 0.1
-    runs = [mod.drive(x0, (X, labels.astype(np.int64)), N, [float(v) for v in prog.optimizer.hyper.values()],
-                      prog.schedule.values(), batch, kw.get("epochs"), kw.get("maxiter"), **extra)
-            for extra in ({}, {"full": native.full, "loop": native.run})]
+    if batch is None:
+        monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0)  # machine code at once, not the Python tier
+        segment = mod._segment
+        assert isinstance(segment, loop._NativeSegment)
+        runs = []
+        for run_by in (mod.run_segment, segment):
+            monkeypatch.setattr(mod, "_segment", run_by)
+            runs.append(mod.run(x0, {"x": X, "c": labels}, hyper=prog.optimizer.hyper,
+                                schedule_args=prog.schedule.values(), **kw))
+        assert segment.fn is not None  # the machine code ran
+    else:
+        native = native_loop(prog)
+        assert native is not None
+        runs = [mod.drive(x0, (X, labels.astype(np.int64)), N, [float(v) for v in prog.optimizer.hyper.values()],
+                          prog.schedule.values(), batch, kw.get("epochs"), kw.get("maxiter"), **extra)
+                for extra in ({}, {"full": native.full, "loop": native.run})]
     assert runs[0]["nit"] == runs[1]["nit"] > 0
     for key in ("x", "grad", "history"):
         assert runs[0][key].tobytes() == runs[1][key].tobytes(), key
     assert runs[0]["fun"] == runs[1]["fun"]
-
 
 
 def test_rowwise_with_several_free_indices_takes_their_order():

@@ -204,48 +204,66 @@ def _tensor_fit(method, options):
 
 
 def _tensor_module(method, options):
+    if method == "lbfgs":
+        return cm.generate(TENSOR, method=method).module
     return cm.generate(TENSOR, method=method, lr=options.get("lr", 0.1), schedule=options.get("schedule"),
                        batch_size=options.get("batch_size")).module
+
+
+def _tensor_tier(method, options):
+    """(the module run as Python in the tier, or None; the C entry whose machine code runs the
+    loop otherwise): a full-batch loop's, calcml.loop's generator (run_segment_c), or the
+    minibatch loops' (loop_c)."""
+    mod = _tensor_module(method, options)
+    if options.get("batch_size") is None:
+        return mod._segment.python, "run_segment_c"
+    return getattr(mod, "_calcml_python", None), "loop_c"
+
+
+def _per_step(options) -> str:
+    """A function the tier's Python calls once a step: the full pass (a full-batch loop, whose
+    update is inline) or the update (minibatch loops)."""
+    return "_fg_serial" if options.get("batch_size") is None else "_update"
 
 
 @pytest.mark.parametrize("method, options", [
     ("gd", dict(lr=0.5, maxiter=150)),
     ("gd", dict(lr="auto", maxiter=150)),
     ("momentum", dict(schedule=cm.schedules.exponential(0.2, 0.99), maxiter=100)),
+    ("lbfgs", dict(maxiter=100)),
     ("adam", dict(lr=0.05, batch_size=16, epochs=3, seed=4)),
     ("sgd", dict(lr=0.05, batch_size=32, maxiter=25, seed=1)),
 ])
 def test_tensor_loops_run_in_the_python_tier_to_the_machine_codes_bits(fresh_cache, monkeypatch, method, options):
-    """A short first-order run of a tensor cost runs its module's loops as Python, their kernels
-    the cost's compiled kernels (loop_c is not compiled: about 3 s of a first fit), and gets the
-    bits loop_c gets."""
+    """A short run of a tensor cost runs its module's loops as Python, their kernels the cost's
+    compiled kernels (the loop is not compiled: about 3 s of a first fit), and gets the bits
+    of the loop's machine code."""
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     first = _tensor_fit(method, options)
-    assert getattr(_tensor_module(method, options), "_calcml_python", None) is not None
-    assert not list(fresh_cache.glob("*.loop_c.*.o"))
+    py, entry = _tensor_tier(method, options)
+    assert py is not None
+    assert not list(fresh_cache.glob(f"*.{entry}.*.o"))
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
     _same(first, _tensor_fit(method, options))
-    assert list(fresh_cache.glob("*.loop_c.*.o"))
+    assert list(fresh_cache.glob(f"*.{entry}.*.o"))
 
 
 def test_a_tensor_loop_compiled_midway_resumes_to_the_same_bits(fresh_cache, monkeypatch):
+    """Past the threshold the loop is compiled and the run goes on from the state the Python
+    left: the first slice in Python, the rest machine code, the bits of a run wholly in machine
+    code."""
     options = dict(lr=0.5, maxiter=400)
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
     compiled = _tensor_fit("gd", options)
     monkeypatch.setenv("CALCML_CACHE_DIR", str(fresh_cache / "second"))
-    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
-    calls = []
-    save = loop.save_python_seconds
-
-    def counted(path, seconds):  # after each call the tier made
-        save(path, seconds)
-        calls.append(seconds)
-        if len(calls) == 2:  # two segments in Python, then the rest as machine code
-            monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
-
-    monkeypatch.setattr(loop, "save_python_seconds", counted)
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 1e-12)
+    monkeypatch.setattr(loop, "_COMPILE_SECONDS_PER_LINE", 0.0)  # the threshold: TIER_UP_SECONDS alone
+    mod = _tensor_module("gd", options)
+    monkeypatch.setattr(mod, "python_tier_seconds", lambda ints, n_rows: 0.0)  # short enough for the tier
     midway = _tensor_fit("gd", options)
-    assert len(calls) == 2 and list((fresh_cache / "second").glob("*.loop_c.*.o"))
+    seg = mod._segment
+    assert seg.fn is not None and seg.python is None and 0 < seg.python_seconds
+    assert midway.nit > seg.slice_steps and list((fresh_cache / "second").glob("*.run_segment_c.*.o"))
     _same(compiled, midway)
 
 
@@ -257,7 +275,10 @@ def test_a_ctrl_c_in_the_tensor_python_tier_returns_a_whole_point(fresh_cache, m
     it, and the run returns its best point, whole: one of its iterates."""
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     full = _tensor_fit(method, options)
-    _raising(monkeypatch, _tensor_module(method, options)._calcml_python, "_update", 30, KeyboardInterrupt)
+    if not options.get("batch_size"):  # slices of one step after the first (a Ctrl-C goes back to its slice's start)
+        _tensor_module(method, options)._segment.slice_steps = 4
+        monkeypatch.setattr(loop, "_SLICE_SECONDS", 0.0)
+    _raising(monkeypatch, _tensor_tier(method, options)[0], _per_step(options), 30, KeyboardInterrupt)
     res = _tensor_fit(method, options)
     assert res.status == R.INTERRUPTED and not res.success and 0 < res.nit < 30
     if not res.minibatch:
@@ -270,18 +291,18 @@ def test_a_ctrl_c_in_the_tensor_python_tier_returns_a_whole_point(fresh_cache, m
 
 def test_a_python_float_error_in_the_tensor_tier_reruns_the_call_compiled(fresh_cache, monkeypatch):
     """Where Python raises on a float (a division by zero, an overflow) machine code gives inf or
-    NaN: the call is put back as it found it and run again as machine code, to loop_c's bits."""
+    NaN: the call is put back as it found it and run again as machine code, to its bits."""
     options = dict(lr=0.2, maxiter=300)
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
     compiled = _tensor_fit("momentum", options)
     monkeypatch.setenv("CALCML_CACHE_DIR", str(fresh_cache / "second"))
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     _tensor_fit("momentum", dict(options, maxiter=1))  # the Python module, made
-    assert not list((fresh_cache / "second").glob("*.loop_c.*.o"))
-    calls = _raising(monkeypatch, _tensor_module("momentum", options)._calcml_python, "_update", 20,
+    assert not list((fresh_cache / "second").glob("*.run_segment_c.*.o"))
+    calls = _raising(monkeypatch, _tensor_tier("momentum", options)[0], "_fg_serial", 20,
                      ZeroDivisionError("float division by zero"))
     rerun = _tensor_fit("momentum", options)
-    assert len(calls) == 20 and list((fresh_cache / "second").glob("*.loop_c.*.o"))
+    assert len(calls) == 20 and list((fresh_cache / "second").glob("*.run_segment_c.*.o"))
     _same(compiled, rerun)
 
 

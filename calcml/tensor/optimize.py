@@ -32,6 +32,7 @@ from .. import loop as _loop
 from ..loop import _RNG_SOURCE, fisher_yates
 from ..schedules import Schedule
 from .kernels import HESSIAN_MAX, STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor, run_striped, sum_in_order, thread_count
+from . import loops
 from .model import TensorCost
 
 __all__ = ["TensorProgram", "program_for_tensor"]
@@ -727,6 +728,8 @@ class TensorProgram:
         return tuple(kinds)
 
     def _build(self) -> str:
+        if loops.takes(self.optimizer, self.minibatch):  # calcml.loop's generator, the kernels its gradient
+            return loops.generate_source(self.cost, self.optimizer, self.schedule, self.minibatch)
         rule = _rule(self.optimizer, self.schedule) if self.optimizer.kind == "first_order" else None
         base, sizes = self.cost.module_source(self._kinds(), helpers=rule[3] if rule else ())
         src = _Source(self.cost, self.optimizer, self.schedule, self.minibatch, sizes, rule)
@@ -745,6 +748,11 @@ class TensorProgram:
                 f"{self.minibatch}".encode()).hexdigest()
             self._module, self._text, self.path = load_or_build(key, self._build)
             self.module_key = key
+            mod = self._module
+            if hasattr(mod, "run_segment_c") and not isinstance(mod._segment, _loop._NativeSegment):
+                mod.python_tier_passes = _tier_passes(self.cost)
+                mod.python_tier_seconds = partial(_tier_seconds, mod)
+                mod._segment = _loop._NativeSegment(mod, self.path)
         return self._module
 
     @property
@@ -759,7 +767,8 @@ class TensorProgram:
         program's hyperparameters, schedule numbers and batch size."""
         from ..program import export_text
 
-        text = export_text(self.source, self, numbers=self.optimizer.kind == "first_order")
+        text = export_text(self.source, self, numbers=self.optimizer.kind == "first_order" or
+                           loops.takes(self.optimizer, self.minibatch))
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path
@@ -896,7 +905,10 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     sched_values = prog.schedule.values() if prog.schedule is not None else []
     extra = {}
     runner = None
-    if opt.kind == "first_order":
+    by_loop = loops.takes(opt, prog.minibatch)  # calcml.loop's run_segment, the kernels its gradient
+    if by_loop:
+        pass
+    elif opt.kind == "first_order":
         extra["full"] = _threaded_full(prog.module, n_rows)
         if over is not None:  # each full pass one Dask computation; minibatches chunk by chunk
             extra["full"] = over.full
@@ -910,7 +922,9 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
                 extra["full"] = runner.full
     if lr_used == "auto":
         differences = None
-        if over is None and extra.get("full") is not None:
+        if by_loop and over is None:
+            differences = _differences(_ev_full(ev), None, cost.n_params)
+        elif over is None and extra.get("full") is not None:
             differences = _differences(extra["full"], prog.module.columns(arrays, n_rows, cost.reduce == "mean"),
                                        cost.n_params)
         with _SingleThreadedBlas():
@@ -923,7 +937,9 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         bar = _ProgressBar(opt.name)
     try:
         hyper = [float(v) for v in opt.hyper.values()]
-        if opt.kind == "first_order":
+        if by_loop:
+            rep = _run_loop(prog, x, ev, over, arrays, n_rows, sched_values, epochs, maxiter, float(tol), int(seed), bar)
+        elif opt.kind == "first_order":
             with _SingleThreadedBlas():
                 rep = prog.module.drive(x, arrays, n_rows, hyper, sched_values or [0.0],
                                         prog.batch_size, epochs, maxiter, float(tol), int(seed), bar, **extra)
@@ -964,6 +980,91 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
         notes=notes, path=rep.get("path"), minibatch=prog.batch_size is not None)
 
 
+def _ev_full(ev):
+    """``full(theta, cols, g)``: the full cost at theta, its gradient into g, by the fit's
+    evaluations ``ev`` (cols is not read)."""
+    def full(theta, _cols, g):
+        value, grad = ev.value_and_grad(theta)
+        g[:] = grad
+        return value
+    return full
+
+
+# drive's report, in its order (calcml.loop's modules)
+_REPORT = ("x", "fun", "grad", "grad_norm", "nit", "nfev", "status", "history", "history_every", "path", "epochs",
+           "best_step", "best_value", "diverged_at", "blowup")
+
+
+def _run_loop(prog: TensorProgram, x, ev, over, arrays, n_rows, sched_values, epochs, maxiter, tol, seed, bar) -> dict:
+    """A run of a module of calcml.loop's generator (:mod:`calcml.tensor.loops`): its ``drive``,
+    each full pass over large data on calcml's threads (the same bits as the loop's own), over
+    Dask data each one Dask computation (the loop then reads stand-in arrays of one row, NaN,
+    which no pass reads)."""
+    cost, opt, mod = prog.cost, prog.optimizer, prog.module
+    hyper = {k: float(v) for k, v in opt.hyper.items()}
+    sched = sched_values or [0.0]
+    if over is not None:
+        def passes(_cols):
+            return lambda theta, g: over.full(theta, None, g)
+
+        stand_in = tuple(np.full((1, *shape), np.nan) if classes is None else np.zeros(1, dtype=np.int64)
+                         for _, shape, classes in mod.DATA_LAYOUT)
+        out = mod._drive(x, stand_in, hyper, sched, None, epochs, maxiter, tol, seed, bar, first_segment=1,
+                         passes=mod._Passes(passes(None)))
+    else:
+        extra = {}
+        if cost.has_data and thread_count("auto", n_rows) > 1:
+            full = _ev_full(ev)
+            extra["passes"] = lambda _cols: (lambda theta, g: full(theta, None, g))
+        out = mod.drive(x, arrays if cost.has_data else None, hyper, sched, None, epochs, maxiter, tol, seed, bar,
+                        **extra)
+    return dict(zip(_REPORT, out))
+
+
+def _tier_seconds(mod, ints, n_rows) -> float:
+    """The Python time of a first-order run of a loop module (calcml.tensor.loops) in the Python
+    tier, estimated: each step's update and norm over the parameters, and its pass's stripes
+    (their kernels machine code, their sums added by NumPy)."""
+    stripes = len(mod.stripes(n_rows)) if mod.DATA_NAMES else 0
+    return int(ints[mod.I_MAX_STEPS]) * (mod.N_PARAMS * _PYTHON_PARAM_SECONDS + stripes * _PYTHON_STRIPE_CALL_SECONDS)
+
+
+# a stripe's kernel called from the Python tier (ctypes), its sums added
+_PYTHON_STRIPE_CALL_SECONDS = 3e-6
+
+
+def _tier_passes(cost: TensorCost):
+    """``install(py)``: a tensor loop module run as Python (calcml.loop's Python tier) gets its
+    passes over rows as the machine code of the cost's compiled kernels (the same source and
+    flags: the same bits), their stripes' sums added by NumPy in stripe order."""
+    def install(py):
+        k = compile_tensor(cost)
+        base = k._module("base")
+        fns = k._native("vg", base)
+        if fns is None:
+            raise RuntimeError("no machine code for the kernels")  # the loop is compiled instead
+        rows_for, finish = fns
+        if rows_for is None:  # no data: the finish alone, on zero sums
+            py.vg_finish = finish
+            return
+        size, n = max(base.ACC_SIZES["vg"], 1), cost.n_params
+        empty = np.empty(0)
+
+        def fg_serial(theta, cols, g):
+            bounds, arrays = cols[0].tolist(), cols[2:]
+            rows = rows_for(arrays[0].shape[0], arrays)
+            acc = np.zeros((len(bounds), size))
+            for j, (lo, hi) in enumerate(bounds):
+                rows(theta, empty, *arrays, lo, hi, cols[1], acc[j])
+            res = np.empty(n + 1)
+            finish(theta, empty, sum_in_order(acc), res)
+            g[:] = res[1:]
+            return float(res[0])
+
+        py._fg_serial = fg_serial
+    return install
+
+
 def _tensor_noise(prog: TensorProgram, arrays, n_rows, x, runner=None) -> float:
     """The sampling noise of the full gradient at x (result.gradient_noise), each row's
     gradient (plus the penalty's) over that one row. First-order methods: by the module's
@@ -971,7 +1072,7 @@ def _tensor_noise(prog: TensorProgram, arrays, n_rows, x, runner=None) -> float:
     trust-region methods: by the cost's compiled kernels, whose machine code their steps ran
     (the module's kernels would cost a cold fit about 0.8 s, a warm one 0.3 s)."""
     cost = prog.cost
-    if prog.optimizer.kind == "first_order":
+    if prog.optimizer.kind == "first_order" and not loops.takes(prog.optimizer, prog.minibatch):
         mod = prog.module
         cols = mod.columns(arrays, n_rows, cost.reduce == "mean")
         g = np.empty(x.shape[0])

@@ -1,0 +1,239 @@
+"""A tensor cost's descent loops, written by calcml's one loop generator (:mod:`calcml.loop`).
+
+:class:`LoopGenerator` is :class:`calcml.loop._Generator` with another source of the
+gradient: where a scalar cost's loop inlines its straight-line gradient row by row, a tensor
+cost's calls the cost's compiled kernels (:mod:`calcml.tensor.codegen`: ``vg_rows`` over the
+kernels' stripes of rows, their sums added in stripe order, then ``vg_finish``), the same
+bits as ``k.value_and_grad``. Everything else is the scalar loop's: ``run_segment`` with its
+bookkeeping in machine code (history, best point, divergence, tolerance), its C entry
+(``run_segment_c``) whose machine code calcml keeps beside the module, the Python tier while
+runs are short, the passes over large data on calcml's threads (``_Passes``), the driver that
+calls the loop in segments (Ctrl-C, progress), and the optimizers' own compiled line searches.
+
+The module is the cost's kernels (``cost.module_source``) followed by that loop. Its driver
+takes the data as the tuple of validated arrays in DATA_NAMES order (what calcml passes) or
+as a dict of arrays (an exported module's user), and x0 flat or as a dict of arrays.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from .. import ir
+from .. import loop as _loop
+from ..optim import Optimizer
+from ..printing import NumbaPrinter
+from ..schedules import Schedule
+from .kernels import PARALLEL_MIN_ROWS, STRIPES
+from .model import TensorCost
+
+__all__ = ["LoopGenerator", "generate_source", "takes"]
+
+
+def takes(opt: Optimizer, minibatch: bool) -> bool:
+    """Whether this generator writes the loop of ``opt`` (the rest: calcml.tensor.optimize)."""
+    return not minibatch and opt.kind in ("first_order", "lbfgs")
+
+
+# A tensor module's data, as the loop reads it (cols): the kernels' stripes, the rows' scale, the arrays.
+_COLUMNS = '''
+
+# -- the data as the loop reads them ---------------------------------------------------------------
+def stripes(n):
+    """[(first row, end row)] of at most STRIPES stripes of whole blocks (the kernels' partition)"""
+    nblocks = -(-n // BLOCK)
+    s = max(1, min(STRIPES, nblocks))
+    return np.array([((k * nblocks // s) * BLOCK, min(n, ((k + 1) * nblocks // s) * BLOCK)) for k in range(s)],
+                    dtype=np.int64).reshape(-1, 2)
+
+
+def columns(arrays, n_rows, reduce_mean):
+    """The tuple the loop reads: stripe bounds, the rows' scale, the data arrays"""
+    if not arrays:
+        return (np.zeros((1, 2), dtype=np.int64), 1.0) + DUMMY_DATA
+    return (stripes(n_rows), 1.0 / n_rows if reduce_mean else 1.0) + tuple(arrays)
+
+
+def columns_of(data):
+    """The data as the loop reads them (columns): from a dict {name: array} (checked, see
+    data_arrays), or the tuple of the arrays in DATA_NAMES order, already checked (calcml's)."""
+    if isinstance(data, dict) or data is None:
+        arrays, n_rows = data_arrays(data)
+    else:
+        arrays = tuple(data)
+        n_rows = arrays[0].shape[0] if arrays else 0
+    return columns(arrays, n_rows, REDUCE_MEAN)
+
+
+def rows_of(cols):
+    """The data's row count."""
+    return cols[2].shape[0]
+'''
+
+
+class LoopGenerator(_loop._Generator):
+    """calcml.loop's generator for a tensor cost: the gradient from its kernels."""
+
+    def __init__(self, cost: TensorCost, opt: Optimizer, schedule: Schedule | None, minibatch: bool):
+        if not takes(opt, minibatch):  # pragma: no cover - the caller asks takes() first
+            raise AssertionError(f"{opt.name} over minibatches={minibatch} is not written here")
+        self.cost, self.opt, self.schedule, self.minibatch = cost, opt, schedule, minibatch
+        self.first_order = opt.kind == "first_order"
+        self.mb = None
+        self.printer = NumbaPrinter({})
+        self.inline_rows = False
+        self.n = cost.n_params
+        self.has_data = cost.has_data
+        self.unrolled = self.delayed = False
+        self.threaded = not minibatch and self.has_data
+        self.hyper = list(opt.hyper)
+        self.state = [s[0] for s in opt.state]
+        self.param_names = list(cost.param_names)
+        self.column_names = list(cost.data_names)
+        self.parallel_min_rows = PARALLEL_MIN_ROWS
+        self.sizes = None
+
+    # -- the gradient's source: the kernels ------------------------------------------------------
+    def _data_args(self) -> str:
+        n = len(self.cost.data_names)
+        return ", ".join(f"cols[{2 + k}]" for k in range(n))
+
+    def _full_batch_functions(self, vg, val, hess) -> list:
+        """_fg: the full cost at theta, its gradient into g, by the kernels over every stripe
+        of rows (the stripes' sums added in stripe order: the same bits as the kernels);
+        over data, the pass calcml made on its threads when there is one (_Passes)."""
+        threaded = self.threaded
+        acc = "max(ACC_VG, 1)"
+        over_rows = [
+            ir.Assign("bounds", "cols[0]"),
+            ir.Assign("acc", f"np.zeros({acc})"),
+            ir.Assign("total", f"np.zeros({acc})"),
+            ir.For("k", ir.range_("bounds.shape[0]"), [
+                ir.For("q", ir.range_("acc.shape[0]"), [ir.Assign("acc[q]", "0.0")]),
+                ir.Stmt(f"vg_rows(theta, v, {self._data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc)"),
+                ir.For("q", ir.range_("acc.shape[0]"), [ir.Assign("total[q]", "acc[q] if k == 0 else total[q] + acc[q]")]),
+            ]),
+        ] if self.has_data else [ir.Assign("total", f"np.zeros({acc})")]
+        body = [
+            ir.Assign("v", "np.empty(0)"),
+            over_rows,
+            ir.Assign("res", "np.empty(N_PARAMS + 1)"),
+            ir.Stmt("vg_finish(theta, v, total, res)"),
+            ir.For("i", ir.range_("N_PARAMS"), [ir.Assign("g[i]", "res[i + 1]")]),
+            ir.Return("res[0]"),
+        ]
+        doc = "the full cost at theta; its gradient is written into g (the kernels, stripe by stripe)"
+        return [
+            [ir.Raw(_loop._THREADED_PASS_SOURCE.strip("\n")), ir.Blank(2)] if threaded else None,
+            ir.Def("_fg_serial" if threaded else "_fg", ("theta", "cols", "g") if threaded else
+                   ("theta", "cols", "g", "passes=0"), body, doc=doc, decorators=("_jit",)),
+            ir.Blank(2),
+        ]
+
+    @staticmethod
+    def _segment_data_loads(vg) -> list:
+        return [ir.Assign("n_rows", "cols[2].shape[0]")]
+
+    @staticmethod
+    def _rows_of(cols: str) -> str:
+        return f"{cols}[2].shape[0]"
+
+    def _gradient(self, vg, late=None) -> list:
+        return [ir.Comment("the exact gradient: the cost's kernels over every row (_fg; its threads over large data)"),
+                ir.Assign("value", "_fg(theta, cols, g, passes)"),
+                self._norm2("gn2")]
+
+    # -- the C entry: cols as the arrays' objects --------------------------------------------------
+    def _cols_params(self) -> list:
+        data = [(f"d{k}_o", "types.int64") for k in range(max(1, len(self.cost.data_names)))]
+        return [("bounds_o", "types.int64"), ("n_stripes", "types.int64"), ("scale", "types.float64"), *data,
+                ("n_rows", "types.int64")]
+
+    def _column_arrays(self) -> str:
+        arrays = ["carray(_data(off, bounds_o), (n_stripes, 2), np.int64)", "scale"]
+        if not self.has_data:
+            arrays.append("carray(_data(off, d0_o), (1,), np.float64)")  # DUMMY_DATA
+        for k, t in enumerate(self.cost._din):
+            shape = ", ".join(["n_rows", *(str(m) for m in t.shape)])
+            arrays.append(f"carray(_data(off, d{k}_o), ({shape},), {'np.int64' if t.role == 'label' else 'np.float64'})")
+        return f"({', '.join(arrays)})"
+
+    def _cols_c(self) -> list:
+        """cols_c: run_segment_c's arguments for cols (the arrays' objects: see _data)."""
+        n = max(1, len(self.cost.data_names))
+        items = ["id(cols[0])", "cols[0].shape[0]", "cols[1]", *(f"id(cols[{2 + k}])" for k in range(n)),
+                 "cols[2].shape[0]"]
+        return [ir.Def("cols_c", ("cols",), [ir.Return(f"[{', '.join(items)}]")],
+                       doc="The C entries' arguments that carry cols (the arrays' objects, their sizes; see _data)"),
+                ir.Blank(2)]
+
+    # -- the module --------------------------------------------------------------------------------
+    @staticmethod
+    def _x0_code() -> str:
+        return "_flat_x0(x0)"
+
+    def _driver_head(self) -> str:
+        from .optimize import _DATA_ARRAYS
+
+        return _loop._DRIVER_SHARED + _COLUMNS + _DATA_ARRAYS + _loop._PLAN
+
+    def _kinds(self) -> tuple:
+        return ("value", "vg")
+
+    def source(self, header_lines=()) -> str:
+        vg = SimpleNamespace(param_loads=None)  # the gradient comes from the kernels: no rows to load
+        body = [
+            ir.Comment("-- machine-level pieces: the C entry point and (threaded modules) calcml's passes --------"),
+            ir.Raw("import ctypes  # noqa: E402") if self.threaded else None,
+            ir.Raw(_loop._MACHINE_IMPORTS),
+            ir.Blank(),
+            ir.Comment("run_segment's code goes into its one compiled caller, run_segment_c (Numba's inline=\"always\"):\n"
+                       "one compile of the loop, not a dispatcher's and then the C entry's over it again"),
+            ir.Assign("_jit_inline", f"numba.njit(inline='always', {_loop._NJIT_FLAGS}) if not _PYTHON_TIER else _jit"),
+            ir.Blank(2),
+            self._full_batch_functions(None, None, None),
+            ir.Raw(_loop._BEGIN_END_SOURCE.strip("\n")),
+            ir.Blank(2),
+            [ir.Raw(self.opt.helpers.strip("\n")), ir.Blank(2)] if self.opt.helpers else None,
+            self._run_segment(vg),
+            ir.Blank(2),
+            self._entry_point(),
+            self._cols_c(),
+            ir.Assign("_segment", "run_segment",
+                      "what the driver calls (calcml: run_segment_c's machine code, if any)"),
+            ir.Blank(2),
+        ]
+        text = ir.render(body, self.printer)  # printed first: the kernels' module adds the helpers it used
+        base, self.sizes = self.cost.module_source(self._kinds(), helpers=self.printer.helpers_used)
+        head = [
+            ir.Comment(f"-- the {self.opt.name} descent loop (calcml.loop's generator; its gradient by the kernels "
+                       f"above) --"),
+            ir.Assign("_PYTHON_TIER", 'bool(globals().get("_PYTHON_TIER"))',
+                      "calcml's Python tier: the loop run as Python, its kernels machine code (calcml.loop)"),
+            ir.Assign("_jit", f"numba.njit({_loop._NJIT_FLAGS}) if not _PYTHON_TIER else (lambda f: f)",
+                      "the loop's functions (the kernels above keep their own)"),
+        ]
+        return (base + "\n\n" + ir.render([head, self._constants()]) + "\n" + text + "\n"
+                + self._python_driver())
+
+    def _constants(self) -> list:
+        from .optimize import _layout
+
+        cost = self.cost
+        return super()._constants() + [
+            ir.Assign("ACC_VG", self.sizes["vg"], "the value-and-gradient kernel's sums"),
+            ir.Assign("REDUCE_MEAN", cost.reduce == "mean"),
+            ir.Assign("STRIPES", STRIPES),
+            ir.Assign("DATA_NAMES", repr(cost.data_names)),
+            ir.Assign("PARAM_SHAPES", repr(tuple(cost.param_shapes.values()))),
+            ir.Assign("DATA_LAYOUT", repr(_layout(cost))),
+            ir.Assign("DUMMY_DATA", "(np.zeros(1),)"),
+            ir.Blank(2),
+        ]
+
+
+def generate_source(cost: TensorCost, opt: Optimizer, schedule: Schedule | None, minibatch: bool) -> str:
+    """The full text of a tensor cost's optimizer module written by the loop generator."""
+    return LoopGenerator(cost, opt, schedule, minibatch).source()
