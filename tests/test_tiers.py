@@ -204,8 +204,6 @@ def _tensor_fit(method, options):
 
 
 def _tensor_module(method, options):
-    if method == "lbfgs":
-        return cm.generate(TENSOR, method=method).module
     return cm.generate(TENSOR, method=method, lr=options.get("lr", 0.1), schedule=options.get("schedule"),
                        batch_size=options.get("batch_size")).module
 
@@ -230,7 +228,6 @@ def _per_step(options) -> str:
     ("gd", dict(lr=0.5, maxiter=150)),
     ("gd", dict(lr="auto", maxiter=150)),
     ("momentum", dict(schedule=cm.schedules.exponential(0.2, 0.99), maxiter=100)),
-    ("lbfgs", dict(maxiter=100)),
     ("adam", dict(lr=0.05, batch_size=16, epochs=3, seed=4)),
     ("sgd", dict(lr=0.05, batch_size=32, maxiter=25, seed=1)),
 ])

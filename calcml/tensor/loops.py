@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
-
 from .. import ir
 from .. import loop as _loop
 from ..optim import Optimizer
@@ -33,8 +31,15 @@ __all__ = ["LoopGenerator", "generate_source", "takes"]
 
 
 def takes(opt: Optimizer, minibatch: bool) -> bool:
-    """Whether this generator writes the loop of ``opt`` (the rest: calcml.tensor.optimize)."""
-    return not minibatch and opt.kind in ("first_order", "lbfgs")
+    """Whether this generator writes the loop of ``opt`` (the rest: calcml.tensor.optimize).
+
+    Full-batch first-order methods. Not L-BFGS (measured, benchmarks/RESULTS.md): its compiled
+    line search ran the digits softmax warm at tol 1e-6 in 0.62x the time of NumPy steps around
+    the kernels, but its first fit took 27 s against 3.5 s (chained Rosenbrock, 1,000
+    parameters: 16 s against 1.3 s). The loop's Python tier runs its elementwise helpers over
+    hundreds of parameters as Python, tens of ms an iteration, and then its compile adds about
+    10 s (the loop with the kernels inlined), where the NumPy steps need only the kernels."""
+    return not minibatch and opt.kind == "first_order"
 
 
 # A tensor module's data, as the loop reads it (cols): the kernels' stripes, the rows' scale, the arrays.

@@ -3,8 +3,8 @@
 The module holds the cost's kernels (:mod:`calcml.tensor.codegen`), full-batch evaluations
 over all rows in the kernels' stripes (``_fg``: the same bits as ``k.value_and_grad``), the optimizer's update rule over the parameter array (its own
 description from :mod:`calcml.optim`, with its own names: nothing is renamed or unrolled),
-and compiled loops: ``_full_steps`` (full-batch first-order), ``_epoch`` (one epoch of
-minibatches). Line-search and trust-region methods (L-BFGS, Newton, Newton-CG) take NumPy
+and the compiled loop of a minibatch method: ``_epoch`` (one epoch of minibatches; a full-batch
+first-order method's loop is calcml.loop's, written by :mod:`calcml.tensor.loops`). Line-search and trust-region methods (L-BFGS, Newton, Newton-CG) take NumPy
 steps over the threaded kernels (:mod:`calcml.tensor.search`). ``drive`` is the plain
 Python driver that calls them in segments of about a quarter of a second, between which
 Ctrl-C and progress are handled. calcml runs those loops from ``loop_c``'s machine code, or
@@ -105,7 +105,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     minibatches run elsewhere, (theta, step, budget, hyper, sa, blowup, state) -> (status,
     updates, the minibatch costs' sum weighted by their rows, the rows), making per_epoch updates (calcml: over the chunks
     of Dask data); default: _epoch over a seeded shuffle of all rows. loop: what runs in place
-    of _full_steps or _epoch, with its arguments (calcml: loop_c's machine code).
+    of _epoch, with its arguments (calcml: loop_c's machine code).
     Returns a dict: x, fun, grad, grad_norm, nit, nfev, status, history, history_every, epochs, best_step,
     best_value, diverged_at, blowup."""
     evaluate = full_value_and_grad if full is None else full
@@ -121,9 +121,8 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     best = theta.copy()
     best_value, best_step = value, 0
     history_every = 1
-    # full batch: the cost at each iterate, x0 first; minibatches: each epoch's mean minibatch cost
-    history = [] if MINIBATCH else [value]
-    path = ([] if MINIBATCH else [theta.copy()]) if PATH_COLS else None  # the iterates beside the history
+    history = []  # each epoch's mean minibatch cost
+    path = [] if PATH_COLS else None  # the iterates beside the history
     status, nit, nfev, epochs_done, diverged_at = RUNNING, 0, 0, 0, -1
     gnorm = math.sqrt(float(g @ g))
     if not math.isfinite(value) or not math.isfinite(gnorm):
@@ -133,7 +132,7 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
     try:
         if status != RUNNING:
             pass
-        elif MINIBATCH:
+        else:
             if per_epoch is None:
                 per_epoch = -(-n_rows // batch_size)
             if epochs is None and maxiter is None:
@@ -174,41 +173,6 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
                         status = CONVERGED
             if status == RUNNING:  # maxiter ended it within an epoch, or its epochs are done
                 status = EPOCHS_DONE if nit % per_epoch == 0 else MAXITER
-        else:
-            budget = maxiter if maxiter is not None else (epochs if epochs is not None else DEFAULT_MAXITER)
-            segment = 1
-            hist = np.empty(max(1, budget) * HIST_STRIDE)  # each step's cost, then its iterate (PATH_COLS)
-            fb = np.array([best_value, 0.0])
-            while nit < budget and status == RUNNING:
-                k = min(segment, budget - nit)
-                start = time.perf_counter()
-                steps = loop or (_full_steps if full is None else _threaded_steps(full))
-                code, done, value = steps(theta, g, value, nit, k, hyper, sa, cols, tol, blowup, best, fb,
-                                          hist[nit * HIST_STRIDE:], *state)
-                nit += done
-                best_value, best_step = fb[0], int(fb[1])
-                if code != RUNNING:
-                    status = code
-                    if code == DIVERGED:
-                        diverged_at = nit
-                if callback is not None:
-                    callback(nit, budget, value)
-                elapsed = time.perf_counter() - start
-                segment = max(1, min(1_000_000, int(segment * min(4.0, segment_seconds / max(elapsed, 1e-6)))))
-            steps_made = hist[:nit * HIST_STRIDE].reshape(nit, HIST_STRIDE)
-            history.extend(steps_made[:, 0].tolist())
-            if path is not None:
-                path.extend(steps_made[:, 1:])
-            history_every = -(-(budget + 1) // HISTORY_MAX)
-            if history_every > 1:  # every history_every-th iterate's cost (x0's first), and the last one's
-                kept = list(range(0, len(history), history_every))
-                if kept[-1] != len(history) - 1:
-                    kept.append(len(history) - 1)
-                history = [history[k] for k in kept]
-                if path is not None:
-                    path = [path[k] for k in kept]
-            if status == RUNNING:
-                status = MAXITER
     except KeyboardInterrupt:
         status = INTERRUPTED
     x = best.copy() if status in (DIVERGED, INTERRUPTED) else theta.copy()
@@ -223,31 +187,6 @@ def drive(x0, arrays, n_rows, hyper, sched, batch_size=None, epochs=None, maxite
             "status": status, "history": np.array(history), "history_every": history_every, "epochs": epochs_done, "best_step": best_step,
             "best_value": best_value, "diverged_at": diverged_at, "blowup": blowup,
             "path": None if path is None else np.array(path)}
-'''
-
-
-_THREADED_STEPS = '''
-
-def _threaded_steps(full):
-    """_full_steps with each full-data pass made by full (calcml's threads; the same bits)"""
-    def steps(theta, g, value, step0, nsteps, hyper, sa, cols, tol, blowup, best, fb, hist, *state):
-        for it in range(nsteps):
-            step = step0 + it
-            _update(theta, g, _rate(step, sa), step, hyper, *state)
-            value = full(theta, cols, g)
-            hist[it * HIST_STRIDE] = value
-            hist[it * HIST_STRIDE + 1:(it + 1) * HIST_STRIDE] = theta[:PATH_COLS]
-            gn = math.sqrt(float(g @ g))
-            if not (abs(value) <= blowup and gn < math.inf):
-                return DIVERGED, it + 1, value
-            if value < fb[0]:
-                fb[0] = value
-                fb[1] = step + 1
-                best[:] = theta
-            if gn <= tol:
-                return CONVERGED, it + 1, value
-        return RUNNING, nsteps, value
-    return steps
 '''
 
 
@@ -479,34 +418,7 @@ class _Source:
                   ir.For("j", ir.range_("theta.shape[0]"), update)],
                  "_jit_inline"),
         ]
-        return out + (self._epoch(tail) if self.minibatch else self._full_steps(tail))
-
-    def _full_steps(self, tail: str) -> list:
-        size = max(self.sizes["vg"], 1)
-        return _jit(
-            "_full_steps", f"theta, g, value, o_step0, o_nsteps, o_hyper, o_sa, cols, o_tol, o_blowup, o_best, o_fb, o_hist{tail}",
-            "nsteps full-batch updates from theta (value, g current). Returns (status, updates, value)",
-            [ir.Assign("o_acc", f"np.zeros({size})"),
-             ir.Assign("o_total", f"np.zeros({size})"),
-             ir.Assign("o_res", "np.empty(N_PARAMS + 1)"),
-             ir.Assign("o_v", "np.empty(0)"),
-             ir.For("o_it", ir.range_("o_nsteps"), [
-                 ir.Assign("o_step", "o_step0 + o_it"),
-                 ir.Stmt(f"_update(theta, g, _rate(o_step, o_sa), o_step, o_hyper{tail})"),
-                 ir.Assign("value", "_fg(theta, cols, g, o_acc, o_total, o_res, o_v)"),
-                 self._record("o_hist", "o_it", "value"),
-                 # a loop, not np.dot: a BLAS call a step costs more than a small cost's gradient
-                 ir.Assign("o_gg", "0.0"),
-                 _each("o_i", "N_PARAMS", ir.AugAssign("o_gg", "+", "g[o_i] * g[o_i]")),
-                 ir.Assign("o_gn", "math.sqrt(o_gg)"),
-                 ir.If("not (abs(value) <= o_blowup and o_gn < math.inf)", [ir.Return("DIVERGED, o_it + 1, value")]),
-                 ir.If("value < o_fb[0]", [ir.Assign("o_fb[0]", "value"),
-                                           ir.Assign("o_fb[1]", "o_step + 1"),
-                                           _each("o_i", "N_PARAMS", ir.Assign("o_best[o_i]", "theta[o_i]"))]),
-                 ir.If("o_gn <= o_tol", [ir.Return("CONVERGED, o_it + 1, value")]),
-             ]),
-             ir.Return("RUNNING, o_nsteps, value")],
-            "_jit_inline")
+        return out + self._epoch(tail)
 
     @property
     def path_cols(self) -> int:
@@ -514,14 +426,6 @@ class _Source:
         of a cost that has that few, else none."""
         n = self.cost.n_params
         return n if n <= _result.PATH_MAX_PARAMS else 0
-
-    def _record(self, hist: str, it: str, value: str) -> list:
-        """A step's record in the history buffer: its cost, then (HIST_STRIDE > 1) its iterate."""
-        stride = 1 + self.path_cols
-        if stride == 1:
-            return [ir.Assign(f"{hist}[{it}]", value)]
-        return [ir.Assign(f"{hist}[{it} * HIST_STRIDE]", value)] + [
-            ir.Assign(f"{hist}[{it} * HIST_STRIDE + {1 + j}]", f"theta[{j}]") for j in range(self.path_cols)]
 
     def _gather(self) -> list:
         """The minibatch's rows copied into the buffers, element by element (a row assigned as
@@ -576,8 +480,8 @@ class _Source:
 
     def _entry_point(self) -> list:
         """loop_c: the module's one C entry point, over raw pointers (``numba.cfunc``). Mode
-        EVALUATE: the full cost and gradient (``_fg``); mode STEPS: ``_full_steps`` or
-        ``_epoch``, whose code is compiled into it (Numba's inline="always"). calcml compiles
+        EVALUATE: the full cost and gradient (``_fg``); mode STEPS: ``_epoch``, whose code is
+        compiled into it (Numba's inline="always"). calcml compiles
         it and keeps its machine code beside this file (calcml.native), so a later process
         runs a fit without loading Numba's cache of this module (about 0.3 s)."""
         cost, opt = self.cost, self.opt
@@ -592,33 +496,22 @@ class _Source:
             params.append(("d0_p", "_F64P"))
         params.append(("n", "types.int64"))
         cols = "".join(f"carray({p}, (n{shape})), " for p, shape in data) or "carray(d0_p, (1,)), "
-        if self.minibatch:
-            params += [("perm_p", "_I64P"), ("n_perm", "types.int64"), ("rng_p", "types.CPointer(types.uint64)"),
-                       ("shuffle", "types.int64"), ("batch", "types.int64"),
-                       ("step0", "types.int64"), ("max_steps", "types.int64"), ("mean", "types.int64"),
-                       ("rows", "types.int64"), ("blowup", "types.float64")]
-            params += [(f"b{k}_p", t) for k, (p, t) in enumerate(params[10:10 + len(data)])]
-        else:
-            params += [("best_p", "_F64P"), ("fb_p", "_F64P"), ("hist_p", "_F64P"), ("n_hist", "types.int64"),
-                       ("step0", "types.int64"), ("nsteps", "types.int64"), ("tol", "types.float64"),
-                       ("blowup", "types.float64")]
+        params += [("perm_p", "_I64P"), ("n_perm", "types.int64"), ("rng_p", "types.CPointer(types.uint64)"),
+                   ("shuffle", "types.int64"), ("batch", "types.int64"),
+                   ("step0", "types.int64"), ("max_steps", "types.int64"), ("mean", "types.int64"),
+                   ("rows", "types.int64"), ("blowup", "types.float64")]
+        params += [(f"b{k}_p", t) for k, (p, t) in enumerate(params[10:10 + len(data)])]
         state = []
         for k, (_, shape, _) in enumerate(opt.state):
             params.append((f"st{k}_p", "_F64P"))
             state.append(f"carray(st{k}_p, ({', '.join(opt.dims(shape, 'N_PARAMS'))},))")
         params.append(("io_p", "_F64P"))
         tail = "".join(f", {a}" for a in state)
-        if self.minibatch:
-            bufs = "".join(f"carray(b{k}_p, (batch{shape})), " for k, (_, shape) in enumerate(data))
-            run = [ir.Assign("status, done, value",
-                             f"_epoch(theta, g, carray(perm_p, (n_perm,)), carray(rng_p, (1,)), shuffle, batch, step0,\n"
-                             f"       max_steps, hyper, sa, cols,\n"
-                             f"       ({bufs.rstrip(' ')}), mean != 0, rows, blowup{tail})")]
-        else:
-            run = [ir.Assign("status, done, value",
-                             "_full_steps(theta, g, io[0], step0, nsteps, hyper, sa, cols, tol, blowup,\n"
-                             "            carray(best_p, (N_PARAMS,)), carray(fb_p, (2,)), carray(hist_p, (n_hist,))"
-                             f"{tail})")]
+        bufs = "".join(f"carray(b{k}_p, (batch{shape})), " for k, (_, shape) in enumerate(data))
+        run = [ir.Assign("status, done, value",
+                         f"_epoch(theta, g, carray(perm_p, (n_perm,)), carray(rng_p, (1,)), shuffle, batch, step0,\n"
+                         f"       max_steps, hyper, sa, cols,\n"
+                         f"       ({bufs.rstrip(' ')}), mean != 0, rows, blowup{tail})")]
         size = max(self.sizes["vg"], 1)
         return [
             ir.Comment("-- the C entry point (numba.cfunc): pointers in, the loop above on arrays of them -----------"),
@@ -648,10 +541,8 @@ class _Source:
                 ir.Assign("io[1]", "status"),
                 ir.Assign("io[2]", "done"),
             ], doc="EVALUATE: io[0] = the full cost at theta, its gradient into g.\nSTEPS: "
-                   + ("one epoch of minibatches (_epoch)" if self.minibatch else
-                      "nsteps full-batch updates (_full_steps) from io[0] = the cost at theta")
-                   + "; io = [value" + (" (the sum of the minibatch costs)" if self.minibatch else "")
-                   + ", status, updates].\nArrays as pointers, their sizes beside them."),
+                   "one epoch of minibatches (_epoch); io = [value (the sum of the minibatch costs), status, "
+                   "updates].\nArrays as pointers, their sizes beside them."),
             ir.Blank(),
         ]
 
@@ -683,7 +574,7 @@ class _Source:
             self.first_order(),
             self._entry_point(),
         ]
-        return ir.render(body) + _EVAL + _DRIVER + ("" if self.minibatch else _THREADED_STEPS) + _RUN
+        return ir.render(body) + _EVAL + _DRIVER + _RUN
 
     def search_text(self) -> str:
         """A line-search or trust-region program's standalone part: calcml.tensor.search's
@@ -767,8 +658,7 @@ class TensorProgram:
         program's hyperparameters, schedule numbers and batch size."""
         from ..program import export_text
 
-        text = export_text(self.source, self, numbers=self.optimizer.kind == "first_order" or
-                           loops.takes(self.optimizer, self.minibatch))
+        text = export_text(self.source, self, numbers=self.optimizer.kind == "first_order")
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path
@@ -906,17 +796,13 @@ def run_tensor(prog: TensorProgram, x0, data=None, *, epochs=None, maxiter=None,
     extra = {}
     runner = None
     by_loop = loops.takes(opt, prog.minibatch)  # calcml.loop's run_segment, the kernels its gradient
-    if by_loop:
-        pass
-    elif opt.kind == "first_order":
+    if opt.kind == "first_order" and not by_loop:  # minibatches: the module's _epoch, its driver
         extra["full"] = _threaded_full(prog.module, n_rows)
-        if over is not None:  # each full pass one Dask computation; minibatches chunk by chunk
+        if over is not None:  # each full pass one Dask computation; the epochs chunk by chunk
             extra["full"] = over.full
-            if prog.minibatch:
-                extra["epoch"] = _chunk_epochs(prog, over, int(seed))
-                extra["per_epoch"] = extra["epoch"].per_epoch
-        elif (extra["full"] is None or prog.minibatch) and \
-                (runner := loop_for(prog, n_rows, epochs, maxiter)) is not None:
+            extra["epoch"] = _chunk_epochs(prog, over, int(seed))
+            extra["per_epoch"] = extra["epoch"].per_epoch
+        elif (runner := loop_for(prog, n_rows, epochs, maxiter)) is not None:
             extra["loop"] = runner.run  # the loop's machine code (or, first, its Python); threaded passes stay on the threads
             if extra["full"] is None:
                 extra["full"] = runner.full
@@ -1105,7 +991,7 @@ class NativeLoop:
 
         from numba import types
 
-        self.mod, self.keep, self.minibatch = mod, keep, mod.MINIBATCH
+        self.mod, self.keep = mod, keep
         argtypes = [ctypes.c_void_p if isinstance(t, types.CPointer) else
                     ctypes.c_double if t == types.float64 else ctypes.c_int64 for t in mod.SIG_LOOP.args]
         self.fn = ctypes.CFUNCTYPE(None, *argtypes)(address)
@@ -1127,21 +1013,13 @@ class NativeLoop:
         return float(self.io[0])
 
     def run(self, theta, g, *rest):
-        """_full_steps(theta, g, value, step0, nsteps, hyper, sa, cols, tol, blowup, best, fb,
-        hist, *state) or _epoch(theta, g, perm, rng, shuffle, batch, step0, max_steps, hyper, sa,
-        cols, bufs, mean, rows, blowup, *state), as the module's loop_c"""
+        """_epoch(theta, g, perm, rng, shuffle, batch, step0, max_steps, hyper, sa, cols, bufs,
+        mean, rows, blowup, *state), as the module's loop_c"""
         io = self.io
-        if self.minibatch:
-            perm, rng, shuffle, batch, step0, max_steps, hyper, sa, cols, bufs, mean, rows, blowup, *state = rest
-            args = self._head(self.mod.STEPS, theta, g, hyper, sa, cols)
-            args += [perm.ctypes.data, perm.shape[0], rng.ctypes.data, int(shuffle), batch, step0, max_steps,
-                     int(bool(mean)), rows, blowup,
-                     *(b.ctypes.data for b in bufs)]
-        else:
-            value, step0, nsteps, hyper, sa, cols, tol, blowup, best, fb, hist, *state = rest
-            io[0] = value
-            args = self._head(self.mod.STEPS, theta, g, hyper, sa, cols)
-            args += [best.ctypes.data, fb.ctypes.data, hist.ctypes.data, hist.shape[0], step0, nsteps, tol, blowup]
+        perm, rng, shuffle, batch, step0, max_steps, hyper, sa, cols, bufs, mean, rows, blowup, *state = rest
+        args = self._head(self.mod.STEPS, theta, g, hyper, sa, cols)
+        args += [perm.ctypes.data, perm.shape[0], rng.ctypes.data, int(shuffle), batch, step0, max_steps,
+                 int(bool(mean)), rows, blowup, *(b.ctypes.data for b in bufs)]
         self.fn(*args, *(s.ctypes.data for s in state), io.ctypes.data)
         return int(io[1]), int(io[2]), float(io[0])
 
@@ -1174,10 +1052,8 @@ def native_loop(prog: TensorProgram) -> NativeLoop | None:
 # What a step costs as Python in the Python tier, beyond its passes' machine code (measured on
 # breast cancer, 31 parameters: 108 us a full-batch step over 16 stripes, 385 us an Adam step
 # over 32 rows; the estimate that decides whether a run is short enough for the tier): a
-# parameter's update, a parameter and stripe of a full pass (adding the stripes' sums), a datum
-# gathered into a minibatch, a row shuffled at an epoch's start.
+# parameter's update, a datum gathered into a minibatch, a row shuffled at an epoch's start.
 _PYTHON_PARAM_SECONDS = 1.0e-6
-_PYTHON_STRIPE_SECONDS = 0.2e-6
 _PYTHON_DATUM_SECONDS = 0.3e-6
 _PYTHON_ROW_SECONDS = 1.0e-6
 
@@ -1194,7 +1070,6 @@ class PythonLoop:
 
     def __init__(self, prog, py):
         self.prog, self.py, self.native = prog, py, None
-        self.minibatch = prog.module.MINIBATCH
         self.python_seconds = _loop.python_seconds(prog.path)
 
     def _compiled(self):
@@ -1215,10 +1090,8 @@ class PythonLoop:
 
     def run(self, theta, g, *rest):
         if self._python():
-            if self.minibatch:  # one epoch: theta, g, perm, rng and the optimizer's state change
-                kept, call = [theta, g, rest[0], rest[1], *rest[13:]], self.py._epoch  # (rest: _epoch's after g)
-            else:  # theta, g, best, fb and the state (a rerun writes the history's entries again)
-                kept, call = [theta, g, rest[8], rest[9], *rest[11:]], self.py._full_steps  # (_full_steps')
+            # one epoch: theta, g, perm, rng and the optimizer's state change (rest: _epoch's after g)
+            kept, call = [theta, g, rest[0], rest[1], *rest[13:]], self.py._epoch
             out, dt = _loop.python_call(lambda: call(theta, g, *rest), kept)  # a Ctrl-C: stopped where it began
             self.python_seconds += dt
             _loop.save_python_seconds(self.prog.path, self.python_seconds)
@@ -1228,7 +1101,7 @@ class PythonLoop:
         if native is not None:
             return native.run(theta, g, *rest)
         mod = self.prog.module
-        return (mod._epoch if self.minibatch else mod._full_steps)(theta, g, *rest)
+        return mod._epoch(theta, g, *rest)
 
 
 def _threshold(prog) -> float:
@@ -1251,17 +1124,12 @@ def loop_for(prog: TensorProgram, n_rows: int, epochs, maxiter):
         return native_loop(prog)
     left = _threshold(prog) - _loop.python_seconds(prog.path)
     n = prog.cost.n_params
-    if prog.minibatch:
-        per_epoch = -(-n_rows // prog.batch_size)
-        steps = (epochs or mod.DEFAULT_EPOCHS) * per_epoch
-        steps = steps if maxiter is None else min(steps, maxiter) if epochs is not None else maxiter
-        datum = sum(math.prod(shape) for _, shape, _ in mod.DATA_LAYOUT)
-        estimate = steps * (prog.batch_size * datum * _PYTHON_DATUM_SECONDS + n * _PYTHON_PARAM_SECONDS) + \
-            -(-steps // per_epoch) * n_rows * _PYTHON_ROW_SECONDS
-    else:
-        steps = maxiter if maxiter is not None else (epochs if epochs is not None else mod.DEFAULT_MAXITER)
-        stripes = len(mod.stripes(n_rows)) if mod.DATA_NAMES else 0
-        estimate = steps * (n * _PYTHON_PARAM_SECONDS + (n + 1) * stripes * _PYTHON_STRIPE_SECONDS)
+    per_epoch = -(-n_rows // prog.batch_size)  # (a minibatch program: full-batch loops are calcml.loop's)
+    steps = (epochs or mod.DEFAULT_EPOCHS) * per_epoch
+    steps = steps if maxiter is None else min(steps, maxiter) if epochs is not None else maxiter
+    datum = sum(math.prod(shape) for _, shape, _ in mod.DATA_LAYOUT)
+    estimate = steps * (prog.batch_size * datum * _PYTHON_DATUM_SECONDS + n * _PYTHON_PARAM_SECONDS) + \
+        -(-steps // per_epoch) * n_rows * _PYTHON_ROW_SECONDS
     if not (estimate <= left) or native.object_path(prog.path, "loop_c").exists():
         return native_loop(prog)
     py = getattr(mod, "_calcml_python", None)
