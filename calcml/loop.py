@@ -919,7 +919,14 @@ class _Generator:
         vg = self.mb.program("value_and_grad")
         val = self.mb.program("value") if self.opt.kind == "newton" else None
         hess = self.mb.program("hessian") if self.opt.kind == "newton" else None
-        body = [
+        text = ir.render(self._module_body(vg, val, hess), self.printer)  # printed first: the header lists the helpers it used
+        head = self.mb.header(header_lines, title=f"the {self.opt.name} descent loop of one cost")
+        return ir.render([head, self._constants()]) + "\n" + text + "\n" + self._python_driver()
+
+    def _module_body(self, vg, val, hess) -> list:
+        """The module's functions after its constants: the passes, _begin and _end, the method's
+        helpers, run_segment, its C entry."""
+        return [
             ir.Comment("-- machine-level pieces: the C entry point and (threaded modules) calcml's passes --------"),
             ir.Raw("import ctypes  # noqa: E402") if self.threaded else None,
             ir.Raw(_MACHINE_IMPORTS),
@@ -939,9 +946,6 @@ class _Generator:
                       "what the driver calls (calcml: run_segment_c's machine code, if any)"),
             ir.Blank(2),
         ]
-        text = ir.render(body, self.printer)  # printed first: the header lists the helpers it used
-        head = self.mb.header(header_lines, title=f"the {self.opt.name} descent loop of one cost")
-        return ir.render([head, self._constants()]) + "\n" + text + "\n" + self._python_driver()
 
     def _entry_point_args(self) -> list:
         """run_segment's C entry point: per argument of run_segment (SEGMENT_ARGS), the C

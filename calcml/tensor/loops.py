@@ -42,10 +42,9 @@ def takes(opt: Optimizer, minibatch: bool) -> bool:
     return not minibatch and opt.kind == "first_order"
 
 
-# A tensor module's data, as the loop reads it (cols): the kernels' stripes, the rows' scale, the arrays.
-_COLUMNS = '''
-
-# -- the data as the loop reads them ---------------------------------------------------------------
+# A tensor module's data as its loops read them (cols): the kernels' stripes, the rows' scale,
+# the arrays (also the minibatch modules', calcml.tensor.optimize).
+STRIPES_SOURCE = '''
 def stripes(n):
     """[(first row, end row)] of at most STRIPES stripes of whole blocks (the kernels' partition)"""
     nblocks = -(-n // BLOCK)
@@ -59,7 +58,11 @@ def columns(arrays, n_rows, reduce_mean):
     if not arrays:
         return (np.zeros((1, 2), dtype=np.int64), 1.0) + DUMMY_DATA
     return (stripes(n_rows), 1.0 / n_rows if reduce_mean else 1.0) + tuple(arrays)
+'''
 
+_COLUMNS = '''
+
+# -- the data as the loop reads them ---------------------------------------------------------------''' + STRIPES_SOURCE + '''
 
 def columns_of(data):
     """The data as the loop reads them (columns): from a dict {name: array} (checked, see
@@ -187,29 +190,12 @@ class LoopGenerator(_loop._Generator):
     def _kinds(self) -> tuple:
         return ("value", "vg")
 
+    def _entry_point(self) -> list:
+        return super()._entry_point() + self._cols_c()
+
     def source(self, header_lines=()) -> str:
         vg = SimpleNamespace(param_loads=None)  # the gradient comes from the kernels: no rows to load
-        body = [
-            ir.Comment("-- machine-level pieces: the C entry point and (threaded modules) calcml's passes --------"),
-            ir.Raw("import ctypes  # noqa: E402") if self.threaded else None,
-            ir.Raw(_loop._MACHINE_IMPORTS),
-            ir.Blank(),
-            ir.Comment("run_segment's code goes into its one compiled caller, run_segment_c (Numba's inline=\"always\"):\n"
-                       "one compile of the loop, not a dispatcher's and then the C entry's over it again"),
-            ir.Assign("_jit_inline", f"numba.njit(inline='always', {_loop._NJIT_FLAGS}) if not _PYTHON_TIER else _jit"),
-            ir.Blank(2),
-            self._full_batch_functions(None, None, None),
-            ir.Raw(_loop._BEGIN_END_SOURCE.strip("\n")),
-            ir.Blank(2),
-            [ir.Raw(self.opt.helpers.strip("\n")), ir.Blank(2)] if self.opt.helpers else None,
-            self._run_segment(vg),
-            ir.Blank(2),
-            self._entry_point(),
-            self._cols_c(),
-            ir.Assign("_segment", "run_segment",
-                      "what the driver calls (calcml: run_segment_c's machine code, if any)"),
-            ir.Blank(2),
-        ]
+        body = self._module_body(vg, None, None)
         text = ir.render(body, self.printer)  # printed first: the kernels' module adds the helpers it used
         base, self.sizes = self.cost.module_source(self._kinds(), helpers=self.printer.helpers_used)
         head = [

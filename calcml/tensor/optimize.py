@@ -41,21 +41,7 @@ _NJIT_FLAGS = njit_flags(NUMBA_FLAGS)
 
 _EVAL = '''
 
-# -- full-data evaluations: the compiled kernels stripe by stripe ------------------------------------
-def stripes(n):
-    """[(first row, end row)] of at most STRIPES stripes of whole blocks (the kernels' partition)"""
-    nblocks = -(-n // BLOCK)
-    s = max(1, min(STRIPES, nblocks))
-    return np.array([((k * nblocks // s) * BLOCK, min(n, ((k + 1) * nblocks // s) * BLOCK)) for k in range(s)],
-                    dtype=np.int64).reshape(-1, 2)
-
-
-def columns(arrays, n_rows, reduce_mean):
-    """The tuple the compiled loops read: stripe bounds, the rows' scale, the data arrays"""
-    if not arrays:
-        return (np.zeros((1, 2), dtype=np.int64), 1.0) + DUMMY_DATA
-    return (stripes(n_rows), 1.0 / n_rows if reduce_mean else 1.0) + tuple(arrays)
-
+# -- full-data evaluations: the compiled kernels stripe by stripe ------------------------------------''' + loops.STRIPES_SOURCE + '''
 
 def full_value_and_grad(theta, cols, g):
     """the full cost at theta, its gradient into g: the compiled kernels called stripe by stripe
