@@ -654,6 +654,11 @@ class _Generator:
         return names + ["xout", "gout"]
 
     @staticmethod
+    def _segment_scratch() -> list:
+        """Arrays that run_segment's steps reuse, made once a segment (none here)."""
+        return []
+
+    @staticmethod
     def _segment_data_loads(vg: RowProgram) -> list:
         """run_segment's names for its data: the columns c0, c1, ... and n_rows."""
         return [vg.column_loads, ir.Assign("n_rows", "c0.shape[0]")]
@@ -708,6 +713,7 @@ class _Generator:
             ir.Assign("lr", self._rate(), f"schedule {self.schedule.structure()}: the same every step")
             if self.first_order and self._constant_rate() else None,
             ir.Assign("status", "RUNNING"),
+            self._segment_scratch(),
         ]
         if self.delayed:
             loop = self._delayed_body(vg)

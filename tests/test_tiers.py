@@ -221,7 +221,7 @@ def _tensor_tier(method, options):
 def _per_step(options) -> str:
     """A function the tier's Python calls once a step: the full pass (a full-batch loop, whose
     update is inline) or the update (minibatch loops)."""
-    return "_fg_serial" if options.get("batch_size") is None else "_update"
+    return "_fg_rows" if options.get("batch_size") is None else "_update"
 
 
 @pytest.mark.parametrize("method, options", [
@@ -296,7 +296,7 @@ def test_a_python_float_error_in_the_tensor_tier_reruns_the_call_compiled(fresh_
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     _tensor_fit("momentum", dict(options, maxiter=1))  # the Python module, made
     assert not list((fresh_cache / "second").glob("*.run_segment_c.*.o"))
-    calls = _raising(monkeypatch, _tensor_tier("momentum", options)[0], "_fg_serial", 20,
+    calls = _raising(monkeypatch, _tensor_tier("momentum", options)[0], "_fg_rows", 20,
                      ZeroDivisionError("float division by zero"))
     rerun = _tensor_fit("momentum", options)
     assert len(calls) == 20 and list((fresh_cache / "second").glob("*.run_segment_c.*.o"))

@@ -109,36 +109,48 @@ class LoopGenerator(_loop._Generator):
         return ", ".join(f"cols[{2 + k}]" for k in range(n))
 
     def _full_batch_functions(self, vg, val, hess) -> list:
-        """_fg: the full cost at theta, its gradient into g, by the kernels over every stripe
-        of rows (the stripes' sums added in stripe order: the same bits as the kernels);
-        over data, the pass calcml made on its threads when there is one (_Passes)."""
+        """_fg_rows: the full cost at theta, its gradient into g, by the kernels over every
+        stripe of rows (the stripes' sums added in stripe order: the same bits as the kernels),
+        in the caller's scratch arrays (run_segment's, made once a segment: an allocation a step
+        cost breast cancer's gd about 7%); _fg: the same in arrays of its own, or over data the
+        pass calcml made on its threads when there is one (_Passes)."""
         threaded = self.threaded
-        acc = "max(ACC_VG, 1)"
         over_rows = [
             ir.Assign("bounds", "cols[0]"),
-            ir.Assign("acc", f"np.zeros({acc})"),
-            ir.Assign("total", f"np.zeros({acc})"),
             ir.For("k", ir.range_("bounds.shape[0]"), [
                 ir.For("q", ir.range_("acc.shape[0]"), [ir.Assign("acc[q]", "0.0")]),
                 ir.Stmt(f"vg_rows(theta, v, {self._data_args()}, bounds[k, 0], bounds[k, 1], cols[1], acc)"),
                 ir.For("q", ir.range_("acc.shape[0]"), [ir.Assign("total[q]", "acc[q] if k == 0 else total[q] + acc[q]")]),
             ]),
-        ] if self.has_data else [ir.Assign("total", f"np.zeros({acc})")]
-        body = [
-            ir.Assign("v", "np.empty(0)"),
+        ] if self.has_data else [ir.For("q", ir.range_("total.shape[0]"), [ir.Assign("total[q]", "0.0")])]
+        rows = [
+            ir.Assign("v", "total[:0]", "no direction (a view: no allocation)"),
             over_rows,
-            ir.Assign("res", "np.empty(N_PARAMS + 1)"),
             ir.Stmt("vg_finish(theta, v, total, res)"),
             ir.For("i", ir.range_("N_PARAMS"), [ir.Assign("g[i]", "res[i + 1]")]),
             ir.Return("res[0]"),
         ]
-        doc = "the full cost at theta; its gradient is written into g (the kernels, stripe by stripe)"
+        own = [ir.Return("_fg_rows(theta, cols, g, " + self._scratch_made() + ")")]
         return [
+            ir.Def("_fg_rows", ("theta", "cols", "g", "acc", "total", "res"), rows, decorators=("_jit",),
+                   doc="the full cost at theta; its gradient is written into g (the kernels, stripe by stripe).\n"
+                       "acc, total (ACC_VG entries), res (N_PARAMS + 1): scratch"),
+            ir.Blank(2),
             [ir.Raw(_loop._THREADED_PASS_SOURCE.strip("\n")), ir.Blank(2)] if threaded else None,
             ir.Def("_fg_serial" if threaded else "_fg", ("theta", "cols", "g") if threaded else
-                   ("theta", "cols", "g", "passes=0"), body, doc=doc, decorators=("_jit",)),
+                   ("theta", "cols", "g", "passes=0"), own, decorators=("_jit",),
+                   doc="the full cost at theta; its gradient is written into g (_fg_rows in arrays of its own)"),
             ir.Blank(2),
         ]
+
+    @staticmethod
+    def _scratch_made(prefix: str = "") -> str:
+        return "np.zeros(max(ACC_VG, 1)), np.zeros(max(ACC_VG, 1)), np.empty(N_PARAMS + 1)" if not prefix else \
+            f"{prefix}acc, {prefix}total, {prefix}res"
+
+    def _segment_scratch(self) -> list:
+        return [ir.Assign("s_acc, s_total, s_res", self._scratch_made(),
+                          "_fg_rows's scratch, for every step of the segment")]
 
     @staticmethod
     def _segment_data_loads(vg) -> list:
@@ -149,8 +161,9 @@ class LoopGenerator(_loop._Generator):
         return f"{cols}[2].shape[0]"
 
     def _gradient(self, vg, late=None) -> list:
-        return [ir.Comment("the exact gradient: the cost's kernels over every row (_fg; its threads over large data)"),
-                ir.Assign("value", "_fg(theta, cols, g, passes)"),
+        rows = f"_fg_rows(theta, cols, g, {self._scratch_made('s_')})"
+        return [ir.Comment("the exact gradient: the cost's kernels over every row (over large data, on calcml's threads: _fg)"),
+                ir.Assign("value", f"_fg(theta, cols, g, passes) if passes != 0 else {rows}" if self.threaded else rows),
                 self._norm2("gn2")]
 
     # -- the C entry: cols as the arrays' objects --------------------------------------------------
