@@ -1068,8 +1068,8 @@ class _Generator:
             ir.Assign("FIRST_ORDER", self.first_order),
             ir.Assign("PYTHON_TIER", True,
                       "the loop's source run as Python (a line search's passes over rows machine code) gives its "
-                      "machine code's bits\n(the same IEEE operations; powers by libm's pow in both, see "
-                      "calcml.printing): calcml runs it so, where its run is short,\nuntil compiling it pays "
+                      "machine code's bits (the same IEEE operations; powers by libm's pow in both, see "
+                      "calcml.printing): calcml runs it so, where its run is short, until compiling it pays "
                       "(calcml.loop._NativeSegment)"),
             ir.Assign("MINIBATCH", self.minibatch),
             ir.Assign("PARAM_NAMES", f"({''.join(ascii(name) + ', ' for name in self.param_names)})"),
