@@ -1486,12 +1486,13 @@ class _NativeSegment:
         runs its rows in Python (the passes of calcml's threads aside), about _PYTHON_ROW_SECONDS
         a row; at most the tier's threshold of that (_threshold), or the loop is compiled at once."""
         mod = self.module
+        own = getattr(mod, "python_tier_seconds", None)  # a module's own estimate (calcml.tensor.loops)
+        if own is not None and args is not None:
+            n_rows = _rows(mod, args[self.names.index("cols")]) if "cols" in self.names else 0
+            return own(args[1], n_rows) <= self._threshold()
         if args is None or not mod.FIRST_ORDER or not mod.COLUMN_NAMES:
             return True  # a line search's passes, a cost without data: machine code or a few lines a step
         ints, n_rows = args[1], _rows(mod, args[self.names.index("cols")])
-        own = getattr(mod, "python_tier_seconds", None)  # a module's own estimate (calcml.tensor.loops)
-        if own is not None:
-            return own(ints, n_rows) <= self._threshold()
         if mod.MINIBATCH:
             rows = int(ints[mod.I_MAX_STEPS]) * int(ints[mod.I_BATCH]) + int(ints[mod.I_MAX_EPOCHS]) * n_rows
         elif n_rows >= getattr(mod, "PARALLEL_MIN_ROWS", n_rows + 1):

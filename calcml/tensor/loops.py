@@ -228,6 +228,7 @@ class LoopGenerator(_loop._Generator):
         cost = self.cost
         return super()._constants() + [
             ir.Assign("ACC_VG", self.sizes["vg"], "the value-and-gradient kernel's sums"),
+            ir.Assign("N_UPDATE", len(self.opt.update), "the update rule's statements (each parameter's)"),
             ir.Assign("REDUCE_MEAN", cost.reduce == "mean"),
             ir.Assign("STRIPES", STRIPES),
             ir.Assign("DATA_NAMES", repr(cost.data_names)),
