@@ -1265,3 +1265,30 @@ def test_newton_on_a_hessian_singular_to_rounding_takes_no_step_along_its_null_d
     lbfgs = cm.minimize(cost, x0, data={"x": X, "c": C}, method="lbfgs")
     assert newton.success and newton.fun == pytest.approx(lbfgs.fun, rel=1e-12)
     assert np.max(np.abs(newton.params["b"])) < 0.1 and abs(np.sum(newton.params["b"]) - np.sum(lbfgs.params["b"])) < 1e-3
+
+
+def test_the_noise_tests_row_gradients_are_each_rows_own_gradient():
+    """The gradient-noise test of a spent budget reads each row's gradient by two C calls of
+    the kernels' machine code (optimize._row_gradients): each is that row's own gradient plus
+    the penalty's, the NumPy closed form's, and the kernels' value_and_grad on that row alone."""
+    from calcml.tensor.kernels import TensorData
+    from calcml.tensor.optimize import _row_gradients
+
+    K, d, N, C = 3, 4, 50, 2.0
+    cost, _ = softmax_cost(K, d, C=C, N=N)
+    rng = np.random.default_rng(17)
+    X, labels = rng.standard_normal((N, d)), rng.integers(0, K, N)
+    theta = rng.standard_normal(cost.n_params)
+    arrays = (np.ascontiguousarray(X), labels.astype(np.int64))
+    row = _row_gradients(cost, arrays, theta)
+    if row is None:  # NUMBA_DISABLE_JIT: no machine code to call
+        pytest.skip("no machine code")
+    k = cm.compile(cost)
+    for i in (0, 7, N - 1):
+        got = row(i)
+        np.testing.assert_array_equal(got, k.value_and_grad(theta, TensorData((X[i:i + 1], arrays[1][i:i + 1]), 1,
+                                                                              True))[1])
+        # the closed form: one row's mean is that row; the penalty sum W^2 / (2 C N) as stated
+        _, ref = softmax_reference(theta, X[i:i + 1], labels[i:i + 1], K)
+        ref[:K * d] += theta[:K * d] / (C * N)
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
