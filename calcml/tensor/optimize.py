@@ -914,17 +914,14 @@ def _tier_passes(cost: TensorCost):
     passes over rows as the machine code of the cost's compiled kernels (the same source and
     flags: the same bits), their stripes' sums added by NumPy in stripe order."""
     def install(py):
-        k = compile_tensor(cost)
-        base = k._module("base")
-        fns = k._native("vg", base)
+        fns = _native_vg(cost)
         if fns is None:
             raise RuntimeError("no machine code for the kernels")  # the loop is compiled instead
-        rows_for, finish = fns
+        size, rows_for, finish = fns
         if rows_for is None:  # no data: the finish alone, on zero sums
             py.vg_finish = finish
             return
-        size, n = max(base.ACC_SIZES["vg"], 1), cost.n_params
-        empty = np.empty(0)
+        n, empty = cost.n_params, np.empty(0)
 
         def fg_serial(theta, cols, g):
             bounds, arrays = cols[0].tolist(), cols[2:]
@@ -972,19 +969,28 @@ def _tensor_noise(prog: TensorProgram, arrays, n_rows, x, runner=None) -> float:
     return _result.gradient_noise(row, n_rows, cost.reduce == "mean")
 
 
+def _native_vg(cost: TensorCost):
+    """(accumulator size, rows maker, finish) of the machine code of the cost's compiled
+    value-and-gradient kernels (kernels._native_entry_points; no rows maker without data), or
+    None where there is none (NUMBA_DISABLE_JIT)."""
+    k = compile_tensor(cost)
+    base = k._module("base")
+    fns = k._native("vg", base)
+    return None if fns is None else (max(base.ACC_SIZES["vg"], 1), *fns)
+
+
 def _row_gradients(cost: TensorCost, arrays, x):
     """``row(i)``: the gradient of row i's term plus the penalty's at x, by the machine code
     of the cost's compiled kernels over the stripe [i, i + 1), unscaled (two C calls a row,
     every address taken once: 256 rows in about a millisecond, where k.value_and_grad on each
     row took 39 ms); None where there is no machine code."""
-    k = compile_tensor(cost)
-    base = k._module("base")
-    fns = k._native("vg", base)
-    if fns is None or fns[0] is None:
+    fns = _native_vg(cost)
+    if fns is None or fns[1] is None:
         return None
-    rows_raw, finish_raw = fns[0].raw, fns[1].raw
+    size, rows_for, finish = fns
+    rows_raw, finish_raw = rows_for.raw, finish.raw
     theta = np.array(x, dtype=np.float64)
-    v, acc = np.empty(0), np.zeros(max(base.ACC_SIZES["vg"], 1))
+    v, acc = np.empty(0), np.zeros(size)
     out = np.empty(cost.n_params + 1)
     head = (theta.ctypes.data, v.ctypes.data, *(a.ctypes.data for a in arrays), arrays[0].shape[0])
     ends = (theta.ctypes.data, v.ctypes.data, acc.ctypes.data, out.ctypes.data)
@@ -1165,20 +1171,14 @@ def _python_module(prog):
     """The program's module run again as Python (``_PYTHON_TIER``), its ``vg_rows`` and
     ``vg_finish`` the machine code of the cost's compiled kernels; None where that cannot be."""
     try:
-        k = compile_tensor(prog.cost)
-        fns = k._native("vg", k._module("base"))
+        fns = _native_vg(prog.cost)
         if fns is None:
             return None
         py = _loop.python_module(prog.module, prog.path)
     except Exception:  # noqa: BLE001 - the machine code runs the loops instead
         return None
-    rows_for, finish = fns
-    finish_raw = finish.raw
-
-    def vg_finish(theta, v, acc, out):
-        finish_raw(theta.ctypes.data, v.ctypes.data, acc.ctypes.data, out.ctypes.data)
-
-    py.vg_finish = vg_finish
+    _, rows_for, finish = fns
+    py.vg_finish = finish
     if rows_for is not None:
         rows_raw = rows_for.raw
 
@@ -1246,15 +1246,16 @@ def _dask_noise(cost: TensorCost, over, x) -> float:
         return float("nan")
     rows = np.arange(n) if n <= _result.NOISE_SAMPLE else \
         np.sort(np.random.default_rng(0).choice(n, size=_result.NOISE_SAMPLE, replace=False))
-    arrays = over.take(rows)
+    arrays = tuple(np.ascontiguousarray(a) for a in over.take(rows))
     where = {int(r): j for j, r in enumerate(rows)}
-    k = compile_tensor(cost)
+    taken = _row_gradients(cost, arrays, x)
+    if taken is None:  # no machine code (NUMBA_DISABLE_JIT): the kernels' own calls
+        k = compile_tensor(cost)
 
-    def row(i):
-        j = where[i]
-        return k.value_and_grad(x, TensorData(tuple(a[j:j + 1] for a in arrays), 1, True))[1]
+        def taken(j):
+            return k.value_and_grad(x, TensorData(tuple(a[j:j + 1] for a in arrays), 1, True))[1]
 
-    return _result.gradient_noise(row, n, cost.reduce == "mean")
+    return _result.gradient_noise(lambda i: taken(where[i]), n, cost.reduce == "mean")
 
 
 # Where a minibatch fit over Dask data runs its epochs: "chunks" (a chain of tasks, each where
