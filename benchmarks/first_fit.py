@@ -9,7 +9,7 @@ CALCML_CACHE_DIR (the imports are timed apart and not counted):
   the scalar path) and ``index`` (``cm.params("w", shape=(30,))``: the tensor path);
 - the Hessian kernel of that cost (``k.hessian`` first value): under 5 s;
 - softmax regression on the digits (650 parameters), ``lbfgs``: under 10 s, index form
-  (and scalar symbols with ``--scalar-digits``: expect minutes);
+  (``--digits adam,gd`` for other methods; scalar symbols with ``--scalar-digits``: expect minutes);
 - with ``--small``: the same logistic regression on the first 4 features (5 parameters), whose
   scalar statement (under 16 parameters) runs calcml's compiled scalar loops.
 
@@ -150,7 +150,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default=",".join(METHODS + ["hessian"]))
     ap.add_argument("--forms", default="index,scalar")
-    ap.add_argument("--digits", action="store_true", help="also the digits softmax (lbfgs)")
+    ap.add_argument("--digits", nargs="?", const="lbfgs", default="", metavar="METHODS",
+                    help="also the digits softmax, with these methods (comma-separated; default lbfgs)")
     ap.add_argument("--scalar-digits", action="store_true", help="the digits softmax in scalar symbols too")
     ap.add_argument("--small", action="store_true",
                     help="breast cancer's first 4 features only (5 parameters: a scalar statement stays on the "
@@ -175,7 +176,7 @@ def main(argv=None):
         rows = [(f"chained Rosenbrock, {n} parameters", f, m) for n in a.chained.split(",")
                 for f in a.forms.split(",") for m in a.methods.split(",")]
     if a.digits:
-        rows.append(("digits", "index", "lbfgs"))
+        rows += [("digits", "index", m) for m in a.digits.split(",")]
     if a.scalar_digits:
         rows.append(("digits", "scalar", "lbfgs"))
     for name, form, method in rows:

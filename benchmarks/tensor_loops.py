@@ -1,15 +1,19 @@
-"""Warm full-batch first-order fits of tensor costs: the loop's speed, not its build.
+"""Warm first-order fits of tensor costs: the loop's speed, not its build.
 
 Since 2026-12-04 a tensor cost's full-batch first-order loop is calcml.loop's ``run_segment``
 around the cost's kernels (calcml/tensor/loops.py); before, it was ``_full_steps`` behind
-``loop_c`` (calcml/tensor/optimize.py). This times whole fits with a warm cache (an untimed
+``loop_c`` (calcml/tensor/optimize.py). Since 2026-12-05 its minibatch loops are too (before:
+``_epoch`` behind ``loop_c``, with a Python driver between epochs). This times whole fits with a warm cache (an untimed
 fit first; ``calcml.loop.TIER_UP_SECONDS = 0``: the loop's machine code, not its Python tier),
 interleaved, median of ``--rounds``:
 
 - digits softmax (650 parameters, 1,797 rows), ``gd`` lr 0.5, 200 steps;
 - breast cancer logistic regression in index form (31 parameters, 569 rows), ``momentum``
   lr 0.01, 2,000 steps;
-- chained Rosenbrock in index form (1,000 parameters, no data), ``gd`` lr 1e-4, 2,000 steps.
+- chained Rosenbrock in index form (1,000 parameters, no data), ``gd`` lr 1e-4, 2,000 steps;
+- minibatches (the default tol, 1e-8: a full pass at each epoch's end): the digits softmax,
+  ``adam`` lr 0.01, batches of 32, 10 epochs; breast cancer, ``sgd`` lr 0.05, batches of 16,
+  20 epochs.
 
 Run it from a worktree of an older commit too (``PYTHONPATH=<tree>``) to compare.
 
@@ -61,6 +65,12 @@ def fits():
             maxiter=2000, tol=0.0),
         "chained Rosenbrock 1,000 (index), gd, 2,000 steps": lambda: cm.minimize(
             chained, x0, method="gd", lr=1e-4, maxiter=2000, tol=0.0),
+        "digits softmax, adam, batches of 32, 10 epochs": lambda: cm.minimize(
+            digits, np.zeros(digits.n_params), data={"x": X, "c": labels}, method="adam", lr=0.01, batch_size=32,
+            epochs=10),
+        "breast cancer (index), sgd, batches of 16, 20 epochs": lambda: cm.minimize(
+            logistic, np.zeros(logistic.n_params), data={"x": Xb, "y": yb.astype(float)}, method="sgd", lr=0.05,
+            batch_size=16, epochs=20),
     }
 
 
@@ -83,7 +93,7 @@ def main(argv=None):
     import calcml
 
     print(machine_line())
-    print(f"\n### Warm full-batch tensor fits ({os.path.dirname(calcml.__file__)}; load avg {load_avg()})\n")
+    print(f"\n### Warm tensor fits ({os.path.dirname(calcml.__file__)}; load avg {load_avg()})\n")
     print("| fit | median | min–max | cost reached |")
     print("|---|---:|---:|---:|")
     for name in runs:

@@ -30,7 +30,8 @@ Implementations, each a row:
   is one compiled single-threaded loop, ``prog.run`` sets SciPy's BLAS (Numba's ``np.dot``)
   to one thread, and its full-data evaluations run stripe after stripe on one thread. The
   per-epoch row calls the module's compiled ``_epoch`` directly (one epoch of minibatches:
-  gather, value and gradient, Adam; checked to give ``prog.run(epochs=1, tol=0)``'s bits).
+  gather, value and gradient, Adam, the steps of the module's ``run_segment`` without its
+  bookkeeping; checked to give ``prog.run(epochs=1, tol=0)``'s bits in its row order).
   ``prog.run`` with its default ``tol=1e-8`` also makes one full-data value-and-gradient
   pass after every epoch (its convergence test) and one before the first and after the last:
   the fit table shows it with ``tol=0`` as well (the per-epoch passes skipped).
@@ -324,8 +325,9 @@ def calcml_program(cm):
 
 
 class CalcmlEpoch:
-    """One epoch of calcml's compiled minibatch loop, called directly (the generated module's
-    ``_epoch``, with the arguments its driver passes), the state carried between calls."""
+    """One epoch of calcml's compiled minibatch steps, called directly (the generated module's
+    ``_epoch``: the steps of its ``run_segment`` without the bookkeeping, what calcml runs on
+    each chunk of Dask data), the state carried between calls."""
 
     def __init__(self, prog, x0: dict, X, c, module=None):
         self.mod = mod = module if module is not None else prog.module
@@ -337,16 +339,25 @@ class CalcmlEpoch:
         assert tuple(mod.HYPER_NAMES) == ("b1", "b2", "eps"), mod.HYPER_NAMES
         self.sa = np.array([LR])
         self.cols = mod.columns((self.X, self.c), n, True)
-        self.bufs = (np.empty((BATCH, D)), np.empty(BATCH, dtype=np.int64))
-        self.state = mod.new_state()
+        self.state = mod.new_optimizer_state(N_PARAMS)
         self.step = 0
 
     def epoch(self, perm) -> float:
-        no_rng = np.zeros(1, dtype=np.uint64)  # the order given: no shuffle of calcml's
-        code, done, total = self.mod._epoch(self.theta, self.g, perm, no_rng, 0, BATCH, self.step, 1 << 60, self.hyper,
-                                            self.sa, self.cols, self.bufs, True, self.X.shape[0], 1e300, *self.state)
+        code, done, total = self.mod._epoch(self.theta, self.g, perm, BATCH, self.step, 1 << 60, self.hyper, self.sa,
+                                            self.cols, self.X.shape[0], 1e300, self.state)
         self.step += done
         return total / min(done * BATCH, self.X.shape[0])  # (minibatch costs weighted by their rows)
+
+
+def calcml_order(mod, n: int, seed: int) -> np.ndarray:
+    """The row order of the first epoch of ``prog.run(seed=seed)``: the module's Fisher-Yates
+    shuffle of 0 ... n-1 by its SplitMix64 generator (``_randbelow``)."""
+    perm = np.arange(n, dtype=np.int64)
+    rng = np.array([seed], dtype=np.uint64)
+    for i in range(n - 1, 0, -1):
+        k = mod._randbelow(rng, i + 1)
+        perm[i], perm[k] = perm[k], perm[i]
+    return perm
 
 
 # ======================================================================================
@@ -790,8 +801,8 @@ def main(argv=None):
     # the per-epoch and what-if rows drive the generated module's internals (_epoch, columns,
     # new_state): if its layout changes, they are left out and the fits (public API) remain
     ce = cw = None
-    perm0 = np.random.default_rng(SEED_ORDER).permutation(n).astype(np.int64)
     try:
+        perm0 = calcml_order(prog.module, n, SEED_ORDER)
         ce = CalcmlEpoch(prog, x0, X, labels)
         ce_h = ce.epoch(perm0)
         same_direct = np.array_equal(ce.theta, res1.x)

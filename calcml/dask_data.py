@@ -1296,12 +1296,12 @@ def _epoch_on_chunk(spec: LoopSpec, carry, chunk, seed, batch_size, budget, hype
 
 
 def run_chunk(mod, theta, state, arrays, n, seed, batch_size, nit, budget, hyper, sa, n_rows, blowup):
-    """The module's ``_epoch`` over one chunk of ``n`` rows in memory (theta and the state
-    updated in place): (updates, the minibatch costs' sum weighted by their rows, status)."""
+    """The loop module's ``_epoch`` (calcml.tensor.loops) over one chunk of ``n`` rows in memory,
+    in the order of a generator seeded with ``seed`` (theta and the state updated in place):
+    (updates, the minibatch costs' sum weighted by their rows, status)."""
     perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
-    bufs = tuple(np.empty((batch_size,) + a.shape[1:], dtype=a.dtype) for a in arrays)
     cols = mod.columns(arrays, n, mod.REDUCE_MEAN)
     g = np.empty(mod.N_PARAMS)
-    code, k, part = mod._epoch(theta, g, perm, np.zeros(1, dtype=np.uint64), 0, batch_size, nit, budget - nit, hyper,
-                               sa, cols, bufs, mod.REDUCE_MEAN, n_rows, blowup, *state)  # (the order given: shuffle 0)
+    code, k, part = mod._epoch(theta, g, perm, batch_size, nit, budget - nit, np.asarray(hyper, dtype=np.float64),
+                               np.asarray(sa, dtype=np.float64), cols, n_rows, blowup, tuple(state))
     return k, part, code

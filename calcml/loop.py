@@ -768,7 +768,7 @@ class _Generator:
             body += [
                 ir.Assign("pos", "stop"),
                 ir.If("pos >= n_rows", [
-                    ir.Assign("epoch_value", f"epoch_sum * {self._scale()}"),
+                    ir.Assign("epoch_value", self._epoch_value()),
                     ir.Assign("history[epoch]", "epoch_value"),
                     self._record_path("epoch", param),
                     ir.If("epoch_value < best_value", [
@@ -783,6 +783,15 @@ class _Generator:
                 ], comment="end of an epoch"),
             ]
         return body
+
+    def _epoch_value(self) -> str:
+        """The code of an epoch's mean minibatch cost, from ``epoch_sum`` (each minibatch's a0)."""
+        return f"epoch_sum * {self._scale()}"
+
+    def _partial_epoch_value(self) -> str:
+        """The driver's code of the mean minibatch cost of a run's last, unfinished epoch (its
+        first i[I_POS] rows), from the report's floats ``f``."""
+        return f"f[F_EPOCH_SUM] {'/ i[I_POS]' if self.cost.reduce == 'mean' else '* n_rows / i[I_POS]'}"
 
     def _epoch_tolerance(self) -> ir.If:
         """Minibatch runs: ``tol`` on the full gradient at each epoch's end, by ``_fg`` (one
@@ -1156,8 +1165,7 @@ class _Generator:
             ir.Assign("n_hist", f"i[{'I_EPOCH' if self.minibatch else 'I_HIST_I'}]"),
             ir.Assign("full", "n_hist == i[I_HIST_LEN]", "the arrays are the report's as they are"),
             ir.If("i[I_POS] > 0 and math.isfinite(f[F_EPOCH_SUM])", [
-                ir.Assign("history", "np.append(history[:n_hist], f[F_EPOCH_SUM] "
-                                     f"{'/ i[I_POS]' if self.cost.reduce == 'mean' else '* n_rows / i[I_POS]'})"),
+                ir.Assign("history", f"np.append(history[:n_hist], {self._partial_epoch_value()})"),
                 ir.Assign("path", "np.vstack([path[:n_hist], work[O_THETA:O_G]])") if self.n <= PATH_MAX_PARAMS else None,
                 ir.Assign("full", "True"),
             ], comment="the run ended within an epoch: that part's mean minibatch cost (and point) ends the history")

@@ -793,13 +793,14 @@ def test_compiled_exp_and_tanh_within_3_ulp_of_mpmath():
                                        ("adam", {"lr": 0.01, "batch_size": 500})])
 def test_threaded_full_passes_give_the_single_thread_bits(method, kw, monkeypatch):
     """On enough rows a first-order run makes its full-data passes on calcml's threads (every
-    step of a full-batch run); the result is bit for bit the module's own one-thread run."""
+    step of a full-batch run; a minibatch run's tolerance at each epoch's end); the result is bit
+    for bit the module's own one-thread run."""
     from calcml import native
     from calcml.tensor import optimize
     from calcml.tensor.kernels import PARALLEL_MIN_ROWS
 
     monkeypatch.setattr(native, "thread_count", lambda: 3)  # threads even on a one-core runner
-    made = []  # the threaded passes calcml makes for a full-batch run (calcml.loop's _Passes)
+    made = []  # the threaded passes calcml makes for the run (calcml.loop's _Passes)
     ev_full = optimize._ev_full
     monkeypatch.setattr(optimize, "_ev_full", lambda ev: made.append(ev) or ev_full(ev))
 
@@ -810,15 +811,10 @@ def test_threaded_full_passes_give_the_single_thread_bits(method, kw, monkeypatc
     x0 = rng.standard_normal(cost.n_params) * 0.1
     res = cm.minimize(cost, x0, data={"x": X, "c": labels}, method=method, maxiter=40, tol=1e-12, **kw)
     prog = cm.generate(cost, method=method, **kw)
-    if "batch_size" in kw:  # minibatches: the passes at the epochs' ends
-        assert optimize._threaded_full(prog.module, N) is not None
-        hyper = [float(v) for v in prog.optimizer.hyper.values()]
-        rep = prog.module.drive(x0, (X, labels.astype(np.int64)), N, hyper, prog.schedule.values(),
-                                kw.get("batch_size"), None, 40, 1e-12, 0)
-    else:  # the module's run(), as an exported module's user calls it: its serial passes
-        assert made
-        rep = prog.module.run(x0, {"x": X, "c": labels}, hyper=prog.optimizer.hyper,
-                              schedule_args=prog.schedule.values(), maxiter=40, tol=1e-12)
+    assert made
+    # the module's run(), as an exported module's user calls it: its serial passes
+    rep = prog.module.run(x0, {"x": X, "c": labels}, hyper=prog.optimizer.hyper, schedule_args=prog.schedule.values(),
+                          batch_size=kw.get("batch_size"), maxiter=40, tol=1e-12)
     np.testing.assert_array_equal(rep["x"], res.x)
     assert rep["fun"] == res.fun and rep["nit"] == res.nit == 40
     np.testing.assert_array_equal(rep["history"], res.history)
@@ -1039,33 +1035,25 @@ def test_a_warm_process_runs_tensor_fits_from_machine_code(fresh_cache):
 @pytest.mark.parametrize("method, kw", [("nesterov", dict(lr=0.05, maxiter=40)),
                                         ("adam", dict(lr=0.01, batch_size=32, epochs=2))])
 def test_tensor_loops_machine_code_gives_the_dispatchers_bits(small, method, kw, monkeypatch):
-    """A first-order tensor fit run by the module's machine code (a full-batch loop:
-    run_segment_c's, calcml.loop's generator; minibatches: loop_c's, its evaluations and its
-    steps) gives the bits of the module's own Numba dispatchers that the exported module runs."""
+    """A first-order tensor fit run by the module's machine code (calcml.loop's run_segment_c,
+    full batch or minibatch) gives the bits of the module's own Numba dispatcher that the
+    exported module runs."""
     from calcml import loop
-    from calcml.tensor.optimize import native_loop
 
     cost, _, _, X, labels, K, d, N = small
     batch = kw.pop("batch_size", None)
     prog = cm.generate(cost, method, batch_size=batch, lr=kw.pop("lr"))
     mod = prog.module
     x0 = np.random.default_rng(5).standard_normal(cost.n_params) * 0.1
-    if batch is None:
-        monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0)  # machine code at once, not the Python tier
-        segment = mod._segment
-        assert isinstance(segment, loop._NativeSegment)
-        runs = []
-        for run_by in (mod.run_segment, segment):
-            monkeypatch.setattr(mod, "_segment", run_by)
-            runs.append(mod.run(x0, {"x": X, "c": labels}, hyper=prog.optimizer.hyper,
-                                schedule_args=prog.schedule.values(), **kw))
-        assert segment.fn is not None  # the machine code ran
-    else:
-        native = native_loop(prog)
-        assert native is not None
-        runs = [mod.drive(x0, (X, labels.astype(np.int64)), N, [float(v) for v in prog.optimizer.hyper.values()],
-                          prog.schedule.values(), batch, kw.get("epochs"), kw.get("maxiter"), **extra)
-                for extra in ({}, {"full": native.full, "loop": native.run})]
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0)  # machine code at once, not the Python tier
+    segment = mod._segment
+    assert isinstance(segment, loop._NativeSegment)
+    runs = []
+    for run_by in (mod.run_segment, segment):
+        monkeypatch.setattr(mod, "_segment", run_by)
+        runs.append(mod.run(x0, {"x": X, "c": labels}, hyper=prog.optimizer.hyper,
+                            schedule_args=prog.schedule.values(), batch_size=batch, **kw))
+    assert segment.fn is not None  # the machine code ran
     assert runs[0]["nit"] == runs[1]["nit"] > 0
     for key in ("x", "grad", "history"):
         assert runs[0][key].tobytes() == runs[1][key].tobytes(), key

@@ -188,7 +188,7 @@ def test_the_python_time_counts_across_processes(fresh_cache):
     assert loop._NativeSegment(seg.module, seg.path).python_seconds == seg.python_seconds  # a later process's
 
 
-# -- tensor costs: the first-order loops of a tensor module (calcml.tensor.optimize.PythonLoop) --
+# -- tensor costs: the first-order loops of a tensor module (calcml.loop's, calcml.tensor.loops) --
 _tw = cm.params("w", shape=(3,))
 _tb = cm.params("b")
 _tx = cm.data("x", shape=(3,))
@@ -210,18 +210,15 @@ def _tensor_module(method, options):
 
 def _tensor_tier(method, options):
     """(the module run as Python in the tier, or None; the C entry whose machine code runs the
-    loop otherwise): a full-batch loop's, calcml.loop's generator (run_segment_c), or the
-    minibatch loops' (loop_c)."""
-    mod = _tensor_module(method, options)
-    if options.get("batch_size") is None:
-        return mod._segment.python, "run_segment_c"
-    return getattr(mod, "_calcml_python", None), "loop_c"
+    loop otherwise: calcml.loop's run_segment_c, full batch or minibatch)."""
+    return _tensor_module(method, options)._segment.python, "run_segment_c"
 
 
 def _per_step(options) -> str:
-    """A function the tier's Python calls once a step: the full pass (a full-batch loop, whose
-    update is inline) or the update (minibatch loops)."""
-    return "_fg_rows" if options.get("batch_size") is None else "_update"
+    """A function the tier's Python calls once a step: the full pass (a full-batch step) or the
+    kernels' finish of the minibatch's sums (a minibatch step; the tolerance's pass at an epoch's
+    end has its own)."""
+    return "_fg_rows" if options.get("batch_size") is None else "vg_finish"
 
 
 @pytest.mark.parametrize("method, options", [
@@ -272,16 +269,17 @@ def test_a_ctrl_c_in_the_tensor_python_tier_returns_a_whole_point(fresh_cache, m
     it, and the run returns its best point, whole: one of its iterates."""
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     full = _tensor_fit(method, options)
-    if not options.get("batch_size"):  # slices of one step after the first (a Ctrl-C goes back to its slice's start)
-        _tensor_module(method, options)._segment.slice_steps = 4
-        monkeypatch.setattr(loop, "_SLICE_SECONDS", 0.0)
+    _tensor_module(method, options)._segment.slice_steps = 4  # slices of one step after the first
+    monkeypatch.setattr(loop, "_SLICE_SECONDS", 0.0)  # (a Ctrl-C goes back to its slice's start)
     _raising(monkeypatch, _tensor_tier(method, options)[0], _per_step(options), 30, KeyboardInterrupt)
     res = _tensor_fit(method, options)
     assert res.status == R.INTERRUPTED and not res.success and 0 < res.nit < 30
     if not res.minibatch:
         assert res.fun in set(full.history.tolist())  # one of the run's iterates, whole
-    else:  # the best epoch's point: the same as the uninterrupted run's at that epoch
-        assert res.history.tolist() == full.history[:len(res.history)].tolist()
+    else:  # the best epoch's point: the same as the uninterrupted run's at that epoch; the history's
+        # whole epochs are the uninterrupted run's, then the mean over the unfinished one's minibatches
+        done, part = divmod(res.nit, -(-len(_Y) // options["batch_size"]))
+        assert res.history[:done].tolist() == full.history[:done].tolist() and len(res.history) == done + (part > 0)
     k = cm.compile(TENSOR)
     assert res.fun == pytest.approx(k.value(res.x, TENSOR_DATA), rel=1e-14)
 

@@ -33,13 +33,13 @@ __all__ = ["LoopGenerator", "generate_source", "takes"]
 def takes(opt: Optimizer, minibatch: bool) -> bool:
     """Whether this generator writes the loop of ``opt`` (the rest: calcml.tensor.optimize).
 
-    Full-batch first-order methods. Not L-BFGS (measured, benchmarks/RESULTS.md): its compiled
-    line search ran the digits softmax warm at tol 1e-6 in 0.62x the time of NumPy steps around
-    the kernels, but its first fit took 27 s against 3.5 s (chained Rosenbrock, 1,000
-    parameters: 16 s against 1.3 s). The loop's Python tier runs its elementwise helpers over
-    hundreds of parameters as Python, tens of ms an iteration, and then its compile adds about
-    10 s (the loop with the kernels inlined), where the NumPy steps need only the kernels."""
-    return not minibatch and opt.kind == "first_order"
+    First-order methods, full batch or minibatch. Not L-BFGS (measured, benchmarks/RESULTS.md):
+    its compiled line search ran the digits softmax warm at tol 1e-6 in 0.62x the time of NumPy
+    steps around the kernels, but its first fit took 27 s against 3.5 s (chained Rosenbrock,
+    1,000 parameters: 16 s against 1.3 s). The loop's Python tier runs its elementwise helpers
+    over hundreds of parameters as Python, tens of ms an iteration, and then its compile adds
+    about 10 s (the loop with the kernels inlined), where the NumPy steps need only the kernels."""
+    return opt.kind == "first_order"
 
 
 # A tensor module's data as its loops read them (cols): the kernels' stripes, the rows' scale,
@@ -66,7 +66,10 @@ _COLUMNS = '''
 
 def columns_of(data):
     """The data as the loop reads them (columns): from a dict {name: array} (checked, see
-    data_arrays), or the tuple of the arrays in DATA_NAMES order, already checked (calcml's)."""
+    data_arrays), or the tuple of the arrays in DATA_NAMES order, already checked (calcml's), or
+    what this function made already (its second item the rows' scale, a float: drive's own)."""
+    if isinstance(data, tuple) and len(data) > 1 and isinstance(data[1], float):
+        return data
     if isinstance(data, dict) or data is None:
         arrays, n_rows = data_arrays(data)
     else:
@@ -95,7 +98,9 @@ class LoopGenerator(_loop._Generator):
         self.n = cost.n_params
         self.has_data = cost.has_data
         self.unrolled = self.delayed = False
-        self.threaded = not minibatch and self.has_data
+        # passes over all rows (each full-batch step; a minibatch run's tol at each epoch's end)
+        # on calcml's threads over large data
+        self.threaded = self.has_data
         self.hyper = list(opt.hyper)
         self.state = [s[0] for s in opt.state]
         self.param_names = list(cost.param_names)
@@ -150,7 +155,60 @@ class LoopGenerator(_loop._Generator):
 
     def _segment_scratch(self) -> list:
         return [ir.Assign("s_acc, s_total, s_res", self._scratch_made(),
-                          "_fg_rows's scratch, for every step of the segment")]
+                          "the kernels' sums and results (scratch), for every step"),
+                self._batch_buffers("batch") if self.minibatch else None]
+
+    def _batch_buffers(self, batch: str) -> list:
+        """The minibatch's rows, gathered (b0, b1, ...: one array per datum, ``batch`` rows)."""
+        out = []
+        for k, t in enumerate(self.cost._din):
+            shape = ", ".join([batch, *(str(m) for m in t.shape)])
+            dtype = "np.int64" if t.role == "label" else "np.float64"
+            out.append(ir.Assign(f"b{k}", f"np.empty(({shape},), dtype={dtype})",
+                                 f"minibatch rows of {self.cost.data_names[k]}" if k == 0 else None))
+        return out
+
+    def _gather(self) -> list:
+        """The minibatch's rows perm[pos:stop] copied into the buffers b0, b1, ..., element by
+        element (a row assigned as an array compiles Numba's broadcasting and its error message,
+        str of shapes: 2.6 s of a 5 s first fit, measured)."""
+        out = []
+        for k, name in enumerate(self.cost.data_names):
+            shape = self.cost.data_shapes[name]
+            idx = "".join(f", e{a}" for a in range(len(shape)))
+            copy = ir.Assign(f"b{k}[i{idx}]", f"cols[{2 + k}][r{idx}]")
+            for a in reversed(range(len(shape))):
+                copy = ir.For(f"e{a}", ir.range_(str(shape[a])), [copy])
+            out.append(copy)
+        return [ir.For("i", ir.range_("nb"), [ir.Assign("r", "perm[pos + i]"), out])]
+
+    def _minibatch_gradient(self) -> list:
+        """value, g and a0 (the minibatch's cost weighted by its rows: an epoch's sum of them over
+        its rows is its mean minibatch cost) for the rows perm[pos:stop], by the kernels over the
+        gathered rows, scaled to a mean over the minibatch (reduce="sum": to the whole data's
+        sum)."""
+        bufs = ", ".join(f"b{k}" for k in range(len(self.cost.data_names)))
+        mean = self.cost.reduce == "mean"
+        return [
+            ir.Assign("nb", "stop - pos"),
+            self._gather(),
+            ir.For("q", ir.range_("s_acc.shape[0]"), [ir.Assign("s_acc[q]", "0.0")]),
+            ir.Assign("v", "s_total[:0]", "no direction (a view: no allocation)"),
+            # nb - nb, not a literal 0: the signature of the full pass's calls (one compile)
+            ir.Stmt(f"vg_rows(theta, v, {bufs}, nb - nb, nb, {'1.0 / nb' if mean else 'n_rows / nb'}, s_acc)"),
+            ir.Stmt("vg_finish(theta, v, s_acc, s_res)"),
+            ir.Assign("value", "s_res[0]"),
+            ir.For("i", ir.range_("N_PARAMS"), [ir.Assign("g[i]", "s_res[i + 1]")]),
+            ir.Assign("a0", "value * nb"),
+        ]
+
+    @staticmethod
+    def _epoch_value() -> str:
+        return "epoch_sum / n_rows"
+
+    @staticmethod
+    def _partial_epoch_value() -> str:
+        return "f[F_EPOCH_SUM] / i[I_POS]"
 
     @staticmethod
     def _segment_data_loads(vg) -> list:
@@ -161,6 +219,9 @@ class LoopGenerator(_loop._Generator):
         return f"{cols}[2].shape[0]"
 
     def _gradient(self, vg, late=None) -> list:
+        if self.minibatch:
+            return [ir.Comment("the exact gradient over the minibatch: the cost's kernels over its gathered rows"),
+                    self._minibatch_gradient(), self._norm2("gn2")]
         rows = f"_fg_rows(theta, cols, g, {self._scratch_made('s_')})"
         return [ir.Comment("the exact gradient: the cost's kernels over every row (over large data, on calcml's threads: _fg)"),
                 ir.Assign("value", f"_fg(theta, cols, g, passes) if passes != 0 else {rows}" if self.threaded else rows),
@@ -205,6 +266,48 @@ class LoopGenerator(_loop._Generator):
 
     def _entry_point(self) -> list:
         return super()._entry_point() + self._cols_c()
+
+    def _module_body(self, vg, val, hess) -> list:
+        return super()._module_body(vg, val, hess) + (self._chunk_epoch() if self.minibatch else [])
+
+    def _chunk_epoch(self) -> list:
+        """_epoch: one epoch of minibatches over one chunk of rows in the order ``perm`` (given,
+        not shuffled here), the steps of run_segment's (its gather, kernels and update rule, the
+        same statements), without its bookkeeping: what calcml runs where each chunk of Dask data
+        is (calcml.dask_data.run_chunk), the history, best point and tolerance kept by its driver
+        on the client."""
+        state = [f"st_{s}" for s in self.state]
+        body = [
+            ir.Assign("n_rows", "rows", "the whole data's rows (reduce=\"sum\" scales a minibatch to them)"),
+            ir.Assign(", ".join(state) + ",", "state") if state else None,
+            [ir.Assign(f"hp_{name}", f"hyper[{k}]", name) for k, name in enumerate(self.hyper)],
+            ir.Assign("lr", self._rate(), f"schedule {self.schedule.structure()}: the same every step")
+            if self._constant_rate() else None,
+            self._segment_scratch(),
+            ir.Assign("n", "perm.shape[0]"),
+            ir.Assign("count", 0),
+            ir.Assign("epoch_sum", "0.0"),
+            ir.For("pos", ir.range_(0, "n", "batch"), [
+                ir.If("count >= max_steps", [ir.Break()]),
+                ir.Assign("stop", "min(pos + batch, n)"),
+                ir.Assign("step", "step0 + count"),
+                self._gradient(None),
+                ir.If("not (abs(value) <= blowup and gn2 < math.inf)", [ir.Return("DIVERGED, count, epoch_sum")],
+                      comment="non-finite or blown up: stop at once"),
+                self._update(),
+                ir.AugAssign("epoch_sum", "+", "a0"),
+                ir.AugAssign("count", "+", 1),
+            ]),
+            ir.Return("RUNNING, count, epoch_sum"),
+        ]
+        return [
+            ir.Def("_epoch", ("theta", "g", "perm", "batch", "step0", "max_steps", "hyper", "sa", "cols", "rows",
+                              "blowup", "state"), body, decorators=("_jit",),
+                   doc="One epoch of minibatches over the rows of cols in the order perm (at most max_steps updates,\n"
+                       "from update step0; rows: the whole data's row count). theta, g and the optimizer's state\n"
+                       "are updated in place. Returns (status, updates, epoch_sum: the minibatch costs' sum, each\n"
+                       "weighted by its rows)"),
+        ]
 
     def source(self, header_lines=()) -> str:
         vg = SimpleNamespace(param_loads=None)  # the gradient comes from the kernels: no rows to load
