@@ -99,8 +99,10 @@ _FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", 
 
 # The first and the last act of a run, in compiled code: run_segment calls them (one call of
 # compiled code does a whole short run), the driver only after a Ctrl-C.
-_BEGIN_END_SOURCE = '''
-@_jit
+# (decorator: _jit, or _jit_inline where the callers' compile should take them in, see
+# calcml.tensor.loops)
+_BEGIN_END_TEMPLATE = '''
+@{decorator}
 def _begin(x0, f0, theta, best, g, ints, floats):
     """The parameters and the best point so far := x0, whose cost f0 and gradient g the caller
     evaluated (_fg: only callers of _fg compile it into their code); the divergence threshold.
@@ -128,7 +130,7 @@ def _begin(x0, f0, theta, best, g, ints, floats):
     return False
 
 
-@_jit
+@{decorator}
 def _end(theta, best, cols, ints, floats, xout, gout, status):
     """The report: the final point (the best one after a divergence or a Ctrl-C) in xout, its
     gradient in gout, its cost and gradient norm in floats; a last update that went off is
@@ -612,7 +614,7 @@ class _Generator:
         """History, then one rarely taken exit for divergence and (full batch) the tolerance
         test, then the best point. (Two separate exits cost W4's loop about 40% per step.)
         ``restore``: statements that undo an update already made, run before the exit."""
-        finite = "abs(value) <= blowup and gn2 < math.inf"
+        finite = self._finite_test()
         if self.minibatch:
             return [ir.If(f"not ({finite})", [ir.Assign("status", "DIVERGED"), ir.Break()],
                           comment="non-finite or blown up: stop at once")]
@@ -784,6 +786,13 @@ class _Generator:
             ]
         return body
 
+    # what _begin and _end are compiled with: functions of their own
+    _begin_end_decorator = "_jit"
+
+    def _finite_test(self) -> str:
+        """The code of the step's test that the run has not diverged."""
+        return "abs(value) <= blowup and gn2 < math.inf"
+
     def _epoch_value(self) -> str:
         """The code of an epoch's mean minibatch cost, from ``epoch_sum`` (each minibatch's a0)."""
         return f"epoch_sum * {self._scale()}"
@@ -951,7 +960,7 @@ class _Generator:
             ir.Assign("_jit_inline", f"numba.njit(inline='always', {_NJIT_FLAGS}) if not _PYTHON_TIER else _jit"),
             ir.Blank(2),
             self._full_batch_functions(vg, val, hess),
-            ir.Raw(_BEGIN_END_SOURCE.strip("\n")),
+            ir.Raw(_BEGIN_END_TEMPLATE.format(decorator=self._begin_end_decorator).strip("\n")),
             ir.Blank(2),
             [ir.Raw(self.opt.helpers.strip("\n")), ir.Blank(2)] if self.opt.helpers else None,
             self._run_segment(vg),

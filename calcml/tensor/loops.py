@@ -118,7 +118,8 @@ class LoopGenerator(_loop._Generator):
         stripe of rows (the stripes' sums added in stripe order: the same bits as the kernels),
         in the caller's scratch arrays (run_segment's, made once a segment: an allocation a step
         cost breast cancer's gd about 7%); _fg: the same in arrays of its own, or over data the
-        pass calcml made on its threads when there is one (_Passes)."""
+        pass calcml made on its threads when there is one (_Passes). _fg_rows and _fg_serial go
+        into their callers' compile (see _begin_end_decorator)."""
         threaded = self.threaded
         over_rows = [
             ir.Assign("bounds", "cols[0]"),
@@ -137,13 +138,13 @@ class LoopGenerator(_loop._Generator):
         ]
         own = [ir.Return("_fg_rows(theta, cols, g, " + self._scratch_made() + ")")]
         return [
-            ir.Def("_fg_rows", ("theta", "cols", "g", "acc", "total", "res"), rows, decorators=("_jit",),
+            ir.Def("_fg_rows", ("theta", "cols", "g", "acc", "total", "res"), rows, decorators=("_jit_inline",),
                    doc="the full cost at theta; its gradient is written into g (the kernels, stripe by stripe).\n"
                        "acc, total (ACC_VG entries), res (N_PARAMS + 1): scratch"),
             ir.Blank(2),
             [ir.Raw(_loop._THREADED_PASS_SOURCE.strip("\n")), ir.Blank(2)] if threaded else None,
             ir.Def("_fg_serial" if threaded else "_fg", ("theta", "cols", "g") if threaded else
-                   ("theta", "cols", "g", "passes=0"), own, decorators=("_jit",),
+                   ("theta", "cols", "g", "passes=0"), own, decorators=("_jit_inline" if threaded else "_jit",),
                    doc="the full cost at theta; its gradient is written into g (_fg_rows in arrays of its own)"),
             ir.Blank(2),
         ]
@@ -202,6 +203,17 @@ class LoopGenerator(_loop._Generator):
             ir.Assign("a0", "value * nb"),
         ]
 
+    # _begin and _end go into run_segment_c's compile: each function compiled on its own links
+    # the kernels it calls and optimizes them again (Numba's final module), and the kernels are
+    # most of the loop's code (W10's first fit: 4.0 s of compile against 4.8 s)
+    _begin_end_decorator = "_jit_inline"
+
+    def _finite_test(self) -> str:
+        """A minibatch step tests its cost alone: the gradient's norm over thousands of parameters
+        is a chain of dependent additions (W10: 5% of an epoch), and a non-finite gradient makes
+        the next step's cost non-finite (the best point is an epoch's end: nothing is lost)."""
+        return "abs(value) <= blowup" if self.minibatch else super()._finite_test()
+
     @staticmethod
     def _epoch_value() -> str:
         return "epoch_sum / n_rows"
@@ -219,9 +231,9 @@ class LoopGenerator(_loop._Generator):
         return f"{cols}[2].shape[0]"
 
     def _gradient(self, vg, late=None) -> list:
-        if self.minibatch:
+        if self.minibatch:  # (no norm: a minibatch's is not tested, see _finite_test)
             return [ir.Comment("the exact gradient over the minibatch: the cost's kernels over its gathered rows"),
-                    self._minibatch_gradient(), self._norm2("gn2")]
+                    self._minibatch_gradient()]
         rows = f"_fg_rows(theta, cols, g, {self._scratch_made('s_')})"
         return [ir.Comment("the exact gradient: the cost's kernels over every row (over large data, on calcml's threads: _fg)"),
                 ir.Assign("value", f"_fg(theta, cols, g, passes) if passes != 0 else {rows}" if self.threaded else rows),
@@ -292,7 +304,7 @@ class LoopGenerator(_loop._Generator):
                 ir.Assign("stop", "min(pos + batch, n)"),
                 ir.Assign("step", "step0 + count"),
                 self._gradient(None),
-                ir.If("not (abs(value) <= blowup and gn2 < math.inf)", [ir.Return("DIVERGED, count, epoch_sum")],
+                ir.If(f"not ({self._finite_test()})", [ir.Return("DIVERGED, count, epoch_sum")],
                       comment="non-finite or blown up: stop at once"),
                 self._update(),
                 ir.AugAssign("epoch_sum", "+", "a0"),

@@ -26,7 +26,7 @@ from .. import ir
 from .. import loop as _loop
 from ..schedules import Schedule
 from .kernels import (HESSIAN_MAX, STRIPES, TensorData, _SingleThreadedBlas, as_tensor_data, compile_tensor,
-                      sum_in_order, thread_count)
+                      run_striped, sum_in_order, thread_count)
 from . import loops
 from .model import TensorCost
 
@@ -495,11 +495,60 @@ def _run_loop(prog: TensorProgram, x, ev, over, arrays, n_rows, sched_values, ep
     else:
         extra = {}
         if cost.has_data and thread_count("auto", n_rows) > 1:
-            full = _ev_full(ev)
-            extra["passes"] = lambda _cols: (lambda theta, g: full(theta, None, g))
+            full = _threaded_passes(prog, ev, arrays, n_rows)
+            extra["passes"] = lambda _cols: full
         out = mod.drive(x, arrays if cost.has_data else None, hyper, sched, prog.batch_size, epochs, maxiter, tol,
                         seed, bar, **extra)
     return dict(zip(_REPORT, out))
+
+
+def _threaded_passes(prog: TensorProgram, ev, arrays, n_rows: int):
+    """``full(theta, g)``: the run's passes over all rows on calcml's threads (the kernels'
+    stripes, their sums added in stripe order: the bits of the loop's serial pass), chosen at
+    the first pass by what costs no compile: the cost's compiled kernels (``ev``) where this
+    process has them or their machine code is kept on disk; else the loop module's own kernels,
+    which the loop's compile made in this process, or Numba's cache of the module holds (the
+    cost's kernels would be a second compile of the same code: 1.5 s of W10's first fit)."""
+    cost, mod = prog.cost, prog.module
+    chosen = []
+
+    def full(theta, g):
+        if not chosen:
+            chosen.append(_ev_full(ev) if _kernels_on_hand(cost) else _module_passes(mod, arrays, n_rows))
+        return chosen[0](theta, None, g)
+
+    return full
+
+
+def _kernels_on_hand(cost: TensorCost) -> bool:
+    """Whether the machine code of the cost's value-and-gradient kernels is loaded in this
+    process or kept on disk (calcml.native)."""
+    from .. import native
+
+    k = compile_tensor(cost)
+    if k._native_fns.get("vg"):
+        return True
+    base = k._module("base")
+    return native.object_path(base._calcml_path, "vg_rows_c").exists()
+
+
+def _module_passes(mod, arrays, n_rows: int):
+    """``full(theta, cols, g)`` over ``arrays`` by the loop module's own compiled kernels
+    (``vg_rows`` on calcml's threads, one stripe each, then ``vg_finish``): the loop's pass."""
+    threads = thread_count("auto", n_rows)
+    bounds = [tuple(b) for b in mod.stripes(n_rows).tolist()]
+    scale = 1.0 / n_rows if mod.REDUCE_MEAN else 1.0
+    empty = np.zeros(0)
+
+    def full(theta, _cols, g):
+        acc = np.zeros((len(bounds), max(mod.ACC_VG, 1)))
+        run_striped(mod.vg_rows, theta, empty, arrays, bounds, scale, acc, threads)
+        res = np.empty(mod.N_PARAMS + 1)
+        mod.vg_finish(theta, empty, sum_in_order(acc), res)
+        g[:] = res[1:]
+        return float(res[0])
+
+    return full
 
 
 def _tier_seconds(mod, ints, n_rows) -> float:
@@ -573,11 +622,22 @@ def _tier_passes(cost: TensorCost):
 
 def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
     """The sampling noise of the full gradient at x (result.gradient_noise), each row's
-    gradient (plus the penalty's) over that one row, by the cost's compiled kernels, whose
-    machine code the run's passes or its Python tier called (the loop module's own pass would
-    cost a cold fit a compile)."""
+    gradient (plus the penalty's) over that one row: by the machine code of the cost's compiled
+    kernels where this process has it or it is kept on disk (the run's passes or its Python
+    tier called it), else by the loop module's ``_fg`` (its kernels, which the loop's compile
+    made in this process, or Numba's cache of the module holds: the cost's kernels would be
+    another compile of the same code, 1.5 s of W10's first fit). The same source and flags:
+    the same bits."""
     cost = prog.cost
-    row = _row_gradients(cost, arrays, x)
+    fg = getattr(prog.module, "_fg", None) if prog.optimizer.kind == "first_order" else None
+    if fg is not None and not _kernels_on_hand(cost):
+        theta, g = np.array(x, dtype=np.float64), np.empty(cost.n_params)
+
+        def row(i):  # _fg over the one stripe [i, i + 1), unscaled, serial (passes 0)
+            fg(theta, (np.array([[i, i + 1]], dtype=np.int64), 1.0) + tuple(arrays), g, 0)
+            return g.copy()
+    else:
+        row = _row_gradients(cost, arrays, x)
     if row is None:  # no machine code (NUMBA_DISABLE_JIT): the kernels' own calls
         k = compile_tensor(cost)
 
