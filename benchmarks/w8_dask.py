@@ -16,6 +16,12 @@ every implementation once, in a shuffled order), and every ratio is taken in the
   a row-major (N, 9) NumPy array (each call lays it out by column), and the same data
   ``k.prepare``-d once (calcml's layout, the fastest in-memory figure).
 
+A last table times the two rows of the in-memory ratio alone, alternated, each call right
+after an untimed one of the same row (``warm=True``: the steady state of a fit's repeated
+calls). In the first two tables each round also runs Dask's expression (150 ms of work that
+leaves the workers releasing its intermediates) and the row-major and through-the-scheduler
+rows, and a call over Dask follows another row's call that held both cores.
+
 The "first call" table times calcml's first evaluation over Dask after the workers have its
 machine code: it includes the transposition of each row-major chunk into columns, which a
 worker keeps while the chunk lives (later calls skip it).
@@ -168,6 +174,18 @@ def main():
               f"{calc.median / mem.median:.2f}x calcml in memory, prepared (target <= 1.5x); "
               f"{calc.median / timings['calcml in memory, row-major array'].median:.2f}x calcml in memory on the "
               "row-major array")
+        # The ratio itself, alone: the two rows alternated, nothing else between them (in the
+        # tables above each round also runs Dask's expression, 150 ms of work that leaves the
+        # workers releasing its intermediates, and the row-major and through-the-scheduler rows)
+        alone = {name: impls[name] for name in ("calcml over Dask (2 workers)", "calcml in memory, prepared")}
+        timings2 = measure_interleaved(alone, rounds=2 * args.rounds, budget=60.0, warm=True)
+        for t in timings2.values():
+            t.nbytes = nbytes
+        mem2, calc2 = timings2["calcml in memory, prepared"], timings2["calcml over Dask (2 workers)"]
+        print(table("W8: calcml over Dask and in memory (prepared) alone, alternated, each call right after "
+                    "an untimed one of its own (a fit's repeated calls)", list(timings2.values()), mem2))
+        print(f"calcml over Dask, the two rows alone, steady state: {calc2.median / mem2.median:.2f}x calcml in "
+              "memory, prepared (target <= 1.5x)")
         print()
         print("| first calls over Dask | time |")
         print("|---|---:|")
