@@ -745,7 +745,8 @@ class _Generator:
             ], comment="the run is over: the report"),
             ir.Return("status"),
         ]
-        return ir.Def("run_segment", tuple(self._segment_params()), [begin, loop, finish], decorators=("_jit_inline",), doc=(
+        self._segment_body = [begin, loop, finish]  # printed again as run_segment_c's (see _entry_point)
+        return ir.Def("run_segment", tuple(self._segment_params()), self._segment_body, decorators=("_jit",), doc=(
             "Run the descent from the state in the arrays until step ints[I_STOP] or a stopping\n"
             "test; every counter is written back, so the next call resumes exactly. Returns the status:\n"
             "RUNNING, or the final one once the run has ended (then the report is written: _end).\n"
@@ -955,8 +956,9 @@ class _Generator:
             ir.Raw("import ctypes  # noqa: E402") if self.threaded else None,
             ir.Raw(_MACHINE_IMPORTS),
             ir.Blank(),
-            ir.Comment("run_segment's code goes into its one compiled caller, run_segment_c (Numba's inline=\"always\"):\n"
-                       "one compile of the loop, not a dispatcher's and then the C entry's over it again"),
+            ir.Comment("run_segment's statements are printed twice: as run_segment (a dispatcher, compiled where the\n"
+                       "module runs on its own) and as the body of its C entry run_segment_c, which calcml compiles:\n"
+                       "one compile of the loop (Numba's inline=\"always\" of run_segment into it copied its IR, 0.5 s)"),
             ir.Assign("_jit_inline", f"numba.njit(inline='always', {_NJIT_FLAGS}) if not _PYTHON_TIER else _jit"),
             ir.Blank(2),
             self._full_batch_functions(vg, val, hess),
@@ -1026,8 +1028,10 @@ class _Generator:
             ir.Assign("CFUNC_FLAGS", repr(KERNEL_FLAGS)),
             ir.Blank(2),
             ir.Def("run_segment_c", tuple(name for name, _ in params),
-                   [ir.Return("run_segment(\n" + "".join(f"    {made},\n" for _, made in args) + ")")],
-                   doc="run_segment on the arrays at these addresses (SEGMENT_ARGS order; sizes beside them)"),
+                   [[ir.Assign(name, made) for name, (_, made) in zip(self._segment_params(), args)],
+                    self._segment_body],
+                   doc="run_segment on the arrays at these addresses (SEGMENT_ARGS order; sizes beside them):\n"
+                       "its statements again, so that its code is compiled once, here"),
             ir.Blank(2),
         ]
         if self.has_data:  # the rows' own gradients (their spread: a spent budget's test), by _fg
