@@ -883,7 +883,11 @@ class _Generator:
         ]
         if self.unrolled:
             return out + [self.printer.assignments(opt.update, self._names(j)) for j in range(self.n)]
-        return out + [ir.For("j", ir.range_("N_PARAMS"), self.printer.assignments(opt.update, self._names()))]
+        return out + self._update_elements()
+
+    def _update_elements(self) -> list:
+        """The rule's per-parameter statements, in a loop over the parameters."""
+        return [ir.For("j", ir.range_("N_PARAMS"), self.printer.assignments(self.opt.update, self._names()))]
 
     def _delayed_body(self, vg: RowProgram) -> list:
         """The loop of cheap steps: each step's gradient and update run first, in one block

@@ -199,6 +199,12 @@ TENSOR = cm.Cost(cm.softplus(_tz) - _ty * _tz, params=[_tw, _tb], data=[_tx, _ty
 TENSOR_DATA = {"x": _X, "y": _Y}
 
 
+_m, _beta = sp.symbols("m beta")
+SIGNUM = cm.optim.Optimizer("signum", 0.01, {"beta": 0.9}, state=(("m", ("n",), 0.0),),
+                            update=[(_m, _beta * _m + (1 - _beta) * cm.optim.g),
+                                    (cm.optim.theta, cm.optim.theta - cm.optim.lr * sp.sign(_m))])
+
+
 def _tensor_fit(method, options):
     return cm.minimize(TENSOR, np.zeros(4), data=TENSOR_DATA, method=method, **options)
 
@@ -227,15 +233,23 @@ def _per_step(options) -> str:
     ("momentum", dict(schedule=cm.schedules.exponential(0.2, 0.99), maxiter=100)),
     ("adam", dict(lr=0.05, batch_size=16, epochs=3, seed=4)),
     ("sgd", dict(lr=0.05, batch_size=32, maxiter=25, seed=1)),
+    ("nesterov", dict(lr=0.1, maxiter=120)),
+    ("rmsprop", dict(lr=0.01, maxiter=100)),
+    ("adagrad", dict(lr=0.1, batch_size=32, epochs=2, seed=5)),
+    (SIGNUM, dict(lr=0.01, maxiter=60)),  # sign(): no NumPy form, its loop in the tier too
 ])
 def test_tensor_loops_run_in_the_python_tier_to_the_machine_codes_bits(fresh_cache, monkeypatch, method, options):
     """A short run of a tensor cost runs its module's loops as Python, their kernels the cost's
-    compiled kernels (the loop is not compiled: about 3 s of a first fit), and gets the bits
-    of the loop's machine code."""
+    compiled kernels (the loop is not compiled: about 3 s of a first fit), its loops over the
+    parameters as NumPy over the arrays where the rule's operations allow it (a rule with
+    sign() keeps its loop), and gets the bits of the loop's machine code."""
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     first = _tensor_fit(method, options)
     py, entry = _tensor_tier(method, options)
     assert py is not None
+    text = cm.generate(TENSOR, method=method, lr=options.get("lr", 0.1), schedule=options.get("schedule"),
+                       batch_size=options.get("batch_size")).source
+    assert ("the rule over the arrays (NumPy" in text) == (method is not SIGNUM)
     assert not list(fresh_cache.glob(f"*.{entry}.*.o"))
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
     _same(first, _tensor_fit(method, options))

@@ -553,32 +553,35 @@ def _module_passes(mod, arrays, n_rows: int):
 
 def _tier_seconds(mod, ints, n_rows) -> float:
     """The Python time of a first-order run of a loop module (calcml.tensor.loops) in the Python
-    tier, estimated: each step's update and norm over the parameters and its pass's stripes
-    (their kernels machine code, their sums added by NumPy); a minibatch step's rows gathered
-    instead, and each epoch's shuffle and its pass over all rows for the tolerance."""
+    tier, estimated (the kernels' machine code aside): each step's statements, and its NumPy
+    operations over the parameters (the rule, the norm, the copies: calcml.tensor.loops's
+    NumPy forms); a full batch's stripes called; a minibatch's rows gathered, and each epoch's
+    shuffle (a Python loop over the rows) and its pass over all rows for the tolerance."""
     stripes = len(mod.stripes(n_rows)) if mod.DATA_NAMES else 0
     steps = int(ints[mod.I_MAX_STEPS])
-    per_param = _PYTHON_PARAM_SECONDS + mod.N_UPDATE * _PYTHON_STATEMENT_SECONDS
+    per_step = _TIER_STEP_SECONDS + mod.N_UPDATE * _TIER_STATEMENT_SECONDS + \
+        mod.N_PARAMS * (mod.N_UPDATE + 2) * _TIER_ELEMENT_SECONDS
     if not mod.MINIBATCH:
-        return steps * (mod.N_PARAMS * per_param + stripes * _PYTHON_STRIPE_CALL_SECONDS)
+        return steps * (per_step + stripes * _PYTHON_STRIPE_CALL_SECONDS)
     datum = sum(math.prod(shape) for _, shape, _ in mod.DATA_LAYOUT)
     epochs = int(ints[mod.I_MAX_EPOCHS])
-    per_step = int(ints[mod.I_BATCH]) * datum * _PYTHON_DATUM_SECONDS + _PYTHON_STRIPE_CALL_SECONDS
+    per_step += _TIER_GATHER_SECONDS + int(ints[mod.I_BATCH]) * datum * _TIER_ELEMENT_SECONDS
     per_epoch = n_rows * _PYTHON_ROW_SECONDS + stripes * _PYTHON_STRIPE_CALL_SECONDS
-    return steps * (mod.N_PARAMS * per_param + per_step) + epochs * per_epoch
+    return steps * per_step + epochs * per_epoch
 
 
-# a stripe's kernel called from the Python tier (ctypes), its sums added; a statement of the
-# update rule, a parameter and step (measured on chained Rosenbrock, 1,000 parameters: 1.6 us a
-# parameter and step for gd's one statement, 3.8 us for Adam's five)
-_PYTHON_STRIPE_CALL_SECONDS = 3e-6
-_PYTHON_STATEMENT_SECONDS = 0.55e-6
-# What a step costs as Python in the Python tier, beyond its passes' machine code (measured on
-# breast cancer, 31 parameters: 108 us a full-batch step over 16 stripes, 385 us an Adam step
-# over 32 rows; the estimate that decides whether a run is short enough for the tier): a
-# parameter's update, a datum gathered into a minibatch, a row shuffled at an epoch's start.
-_PYTHON_PARAM_SECONDS = 1.0e-6
-_PYTHON_DATUM_SECONDS = 0.3e-6
+# What a step costs in the Python tier beyond the kernels' machine code, measured with the loops'
+# NumPy forms (benchmarks/RESULTS.md, 2026-12-04 21:38): chained Rosenbrock, 1,000 parameters,
+# 71 us a step with gd, 83 with Adam; W10's network, 9,610 parameters, Adam on 64 rows, 567 us
+# (of which its kernels' about 100); the digits' gd, 16 stripes, 352 us (kernels about 150).
+# A step's statements; one of the update rule's; an element of a NumPy operation (the rule's
+# statements and two more over the parameters, a minibatch's data gathered); a minibatch's
+# gather; a stripe's kernel called (ctypes) and its sums added; a row shuffled at an epoch's start.
+_TIER_STEP_SECONDS = 50e-6
+_TIER_STATEMENT_SECONDS = 4e-6
+_TIER_ELEMENT_SECONDS = 5e-9
+_TIER_GATHER_SECONDS = 20e-6
+_PYTHON_STRIPE_CALL_SECONDS = 8e-6
 _PYTHON_ROW_SECONDS = 1.0e-6
 
 
