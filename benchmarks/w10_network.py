@@ -62,8 +62,9 @@ Tables:
    source) and one per unit and row, and NumPy's ``np.tanh`` on the same 8,192 values.
 4. calcml's cold build (``--no-build`` skips it): a fresh process, empty CALCML_CACHE_DIR and
    NUMBA_CACHE_DIR: import calcml, state the Cost, ``cm.generate``, the first
-   ``prog.run(epochs=1)`` on ``--build-rows`` rows (compiles), then a second run in the same
-   process (the run alone); and a warm process on the same cache.
+   ``prog.run(epochs=1)`` on ``--build-rows`` rows (its kernels compiled; the loop runs in the
+   Python tier, or is compiled where the run is too long for it), then a second run in the
+   same process (the run alone); and a warm process on the same cache.
 
 Correctness (printed first, and before the fit table): after one epoch from the same x0, calcml's and
 PyTorch's parameters against NumPy's (max |a - b| / max |b| over each array); after 10
