@@ -2,7 +2,7 @@
 
 Since 2026-12-04 a tensor cost's full-batch first-order loop is calcml.loop's ``run_segment``
 around the cost's kernels (calcml/tensor/loops.py); before, it was ``_full_steps`` behind
-``loop_c`` (calcml/tensor/optimize.py). Since 2026-12-05 its minibatch loops are too (before:
+``loop_c`` (calcml/tensor/optimize.py). Since 2026-12-04 21:38 its minibatch loops are too (before:
 ``_epoch`` behind ``loop_c``, with a Python driver between epochs). This times whole fits with a warm cache (an untimed
 fit first; ``calcml.loop.TIER_UP_SECONDS = 0``: the loop's machine code, not its Python tier),
 interleaved, median of ``--rounds``:
