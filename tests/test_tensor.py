@@ -969,25 +969,35 @@ def _splitmix_shuffles(n, seed, epochs):
         yield np.array(perm)
 
 
-def test_minibatches_of_matrix_data_against_numpy():
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_minibatches_of_matrix_data_against_numpy(reduce, monkeypatch):
     """Minibatch SGD over data of shape (N, 2, 3) (the epoch loop copies each row of the
     batch element by element) against a NumPy transcription of the same epochs: the same
     permutations (docs/optimizers.md's Fisher-Yates from SplitMix64, transcribed in Python
-    integers), batches of 7 with a short last one."""
+    integers), batches of 7 with a short last one; reduce="sum" scales a minibatch's gradient
+    to the whole data's sum (N / its rows)."""
     W = cm.params("W", shape=(2, 3)); x = cm.data("x", shape=(2, 3)); y = cm.data("y")
     i, j = cm.index("i", 2), cm.index("j", 3)
-    cost = cm.Cost((cm.sum(W[i, j] * x[i, j], i, j) - y) ** 2, params=[W], data=[x, y])
+    cost = cm.Cost((cm.sum(W[i, j] * x[i, j], i, j) - y) ** 2, params=[W], data=[x, y], reduce=reduce)
     rng = np.random.default_rng(5)
     X = rng.normal(size=(53, 2, 3)); Y = np.einsum("nij,ij->n", X, rng.normal(size=(2, 3)))
-    res = cm.minimize(cost, np.zeros(6), data={"x": X, "y": Y}, method="sgd", lr=0.05, batch_size=7, epochs=3,
+    lr = 0.05 if reduce == "mean" else 0.05 / len(Y)
+    res = cm.minimize(cost, np.zeros(6), data={"x": X, "y": Y}, method="sgd", lr=lr, batch_size=7, epochs=3,
                       seed=11)
     t = np.zeros((2, 3))
     for perm in _splitmix_shuffles(len(Y), 11, 3):
         for lo in range(0, len(Y), 7):
             rows = perm[lo:lo + 7]
             r = np.einsum("nij,ij->n", X[rows], t) - Y[rows]
-            t = t - 0.05 * np.einsum("n,nij->ij", 2 * r, X[rows]) / len(rows)
+            scale = 1 / len(rows) if reduce == "mean" else len(Y) / len(rows)
+            t = t - lr * np.einsum("n,nij->ij", 2 * r, X[rows]) * scale
     np.testing.assert_allclose(res.params["W"], t, rtol=1e-12, atol=1e-14)
+    from calcml import loop
+
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)  # the loop's machine code (the run above: its Python tier)
+    compiled = cm.minimize(cost, np.zeros(6), data={"x": X, "y": Y}, method="sgd", lr=lr, batch_size=7, epochs=3,
+                           seed=11)
+    assert compiled.x.tobytes() == res.x.tobytes() and compiled.history.tobytes() == res.history.tobytes()
 
 
 _WARM_TENSOR_FITS = """
