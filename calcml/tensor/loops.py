@@ -284,6 +284,8 @@ class LoopGenerator(_loop._Generator):
     # parameters costs microseconds a parameter as Python; over whole arrays with NumPy, the
     # same operations in the same order per element, a few nanoseconds, and the same bits.
     def _update_elements(self) -> list:
+        if any(tuple(shape) != ("n",) for _, shape, _ in self.opt.state):  # a state not one value a parameter
+            return super()._update_elements()
         names = self._names()
         names.update({slot(PARAM): "theta[:]", slot(GRAD): "g[:]", **{slot(s): f"st_{s}[:]" for s in self.state}})
         try:
