@@ -64,7 +64,8 @@ from .codegen import KERNEL_FLAGS, NUMBA_FLAGS, ModuleBuilder, RowProgram, _comm
 from .compile import PARALLEL_MIN_ROWS as _PARALLEL_MIN_ROWS
 from .cost import Cost
 from .optim import CALL_ARGS, GRAD, PARAM, RATE, STEP, Optimizer, slot
-from .printing import NumbaPrinter
+from .errors import CodegenError
+from .printing import NotExact, NumbaPrinter, array_printer
 from .schedules import Schedule
 
 __all__ = ["generate_source", "load_module"]
@@ -488,6 +489,9 @@ class _Generator:
         self.delayed = self.unrolled and not minibatch and not self.has_data and self.n <= DELAY_MAX
         # full-batch loops over data make their passes over large data on calcml's threads
         self.threaded = not minibatch and self.has_data
+        # loops over many parameters get the Python tier's NumPy forms (a few short loops run
+        # faster as the Python they are)
+        self.array_forms = not self.unrolled and self.n > UNROLL_MAX
         self.hyper = list(opt.hyper)
         self.state = [s[0] for s in opt.state]
         self.param_names = [p.name for p in cost.params]
@@ -508,10 +512,17 @@ class _Generator:
     def _scale(self) -> str:
         return "1.0 / n_rows" if self.cost.reduce == "mean" else "1.0"
 
-    @staticmethod
-    def _norm2(name: str) -> list:
+    # -- the Python tier's NumPy forms of the loops over the parameters (array_forms) ----------
+    # In the tier (_PYTHON_TIER, a branch Numba's compile prunes) a loop over thousands of
+    # parameters costs microseconds a parameter as Python; over whole arrays with NumPy, the
+    # same operations in the same order per element, a few nanoseconds, and the same bits.
+    def _norm2(self, name: str) -> list:
         """``name`` := the squared norm of the gradient array ``g``."""
-        return [ir.Assign(name, "0.0"), ir.For("j", ir.range_("N_PARAMS"), [ir.AugAssign(name, "+", "g[j] * g[j]")])]
+        loop = [ir.Assign(name, "0.0"), ir.For("j", ir.range_("N_PARAMS"), [ir.AugAssign(name, "+", "g[j] * g[j]")])]
+        if not self.array_forms:
+            return loop
+        return [ir.If("_PYTHON_TIER", [ir.Assign(name, "float(np.cumsum(g * g)[-1]) if N_PARAMS else 0.0")], loop,
+                      comment="the Python tier: cumsum adds left to right, as the loop does")]
 
     @staticmethod
     def _accumulate(prog: RowProgram, rows: str, row_index: str) -> list:
@@ -641,7 +652,8 @@ class _Generator:
     def _copy_best(self, param) -> list:
         if self.unrolled:
             return [ir.Assign(f"best[{j}]", param(j)) for j in range(self.n)]
-        return [ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("best[j]", param("j"))])]
+        loop = [ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("best[j]", param("j"))])]
+        return [ir.If("_PYTHON_TIER", [ir.Assign("best[:]", param(":"))], loop)] if self.array_forms else loop
 
     # -- run_segment ---------------------------------------------------------------------------
     def _segment_params(self) -> list:
@@ -886,8 +898,21 @@ class _Generator:
         return out + self._update_elements()
 
     def _update_elements(self) -> list:
-        """The rule's per-parameter statements, in a loop over the parameters."""
-        return [ir.For("j", ir.range_("N_PARAMS"), self.printer.assignments(self.opt.update, self._names()))]
+        """The rule's per-parameter statements, in a loop over the parameters (and, with
+        array_forms, over the whole arrays in the tier where the rule's operations allow it:
+        printing.array_printer, the same order of operations; a state of more than one value a
+        parameter keeps the loop)."""
+        loop = [ir.For("j", ir.range_("N_PARAMS"), self.printer.assignments(self.opt.update, self._names()))]
+        if not self.array_forms or any(tuple(shape) != ("n",) for _, shape, _ in self.opt.state):
+            return loop
+        names = self._names()
+        names.update({slot(PARAM): "theta[:]", slot(GRAD): "g[:]", **{slot(s): f"st_{s}[:]" for s in self.state}})
+        try:
+            arrays = array_printer(self.printer).assignments(self.opt.update, names)
+        except (NotExact, CodegenError):
+            return loop
+        return [ir.If("_PYTHON_TIER", arrays, loop,
+                      comment="the Python tier: the rule over the arrays (NumPy: the same operations, the same bits)")]
 
     def _delayed_body(self, vg: RowProgram) -> list:
         """The loop of cheap steps: each step's gradient and update run first, in one block

@@ -441,3 +441,49 @@ class NumbaPrinter(_pycode.PythonCodePrinter):
 def helper_source(names) -> str:
     """Source of the helpers in ``names``, in a fixed order (deterministic modules)."""
     return "\n".join(HELPERS[n] for n in sorted(names))
+
+
+class NotExact(Exception):
+    """An operation whose NumPy form may round otherwise than the machine code's."""
+
+
+class ArrayForms:
+    """Mixed into a printer (:func:`array_printer`): prints an elementwise rule (an optimizer's
+    update of each parameter) over whole arrays, the Python tier's NumPy form of a loop over the
+    parameters (calcml.loop), with the printer's own order of terms and factors. Only
+    operations that NumPy rounds as the machine code does (IEEE's correctly rounded +, -, *, /,
+    sqrt; abs; integer powers as products), each element's operations in the statement's
+    order: the same bits. Anything else (a libm function, a helper) raises NotExact: that rule
+    keeps its loop in the tier too."""
+
+    def _print_Pow(self, expr, rational=False):
+        exp = expr.exp
+        half = exp == sp.S.Half or (exp.is_Float and float(exp) == 0.5)
+        if expr.base is not sp.E and half:
+            return f"np.sqrt({self._print(expr.base)})"
+        if expr.base is not sp.E and (exp.is_Integer or (exp.is_Float and float(exp).is_integer())) \
+                and 0 < abs(int(exp)) <= 8:
+            return super()._print_Pow(expr, rational)
+        raise NotExact(str(expr))
+
+    def _print_Abs(self, expr):
+        return f"np.abs({self._print(expr.args[0])})"
+
+    def _not_exact(self, expr, *args):
+        raise NotExact(str(expr))
+
+    _print_Function = _print_function = _print_log = _print_Piecewise = _print_ITE = _print_Relational = _not_exact
+    _print_atan2 = _print_Max = _print_Min = _print_Heaviside = _print_DiracDelta = _print_sign = _not_exact
+
+    def _helper(self, name: str, *args) -> str:
+        raise NotExact(name)
+
+
+def array_printer(printer: NumbaPrinter) -> NumbaPrinter:
+    """A copy of ``printer`` (its names, its order of terms) that prints NumPy forms (ArrayForms)."""
+    import copy
+
+    out = copy.copy(printer)
+    out.__class__ = type(f"Array{type(printer).__name__}", (ArrayForms, type(printer)), {})
+    out.helpers_used = set()
+    return out

@@ -329,3 +329,26 @@ def test_a_loop_that_costs_more_to_compile_stays_in_python_longer(fresh_cache, m
     assert seg._threshold() == 0.0
     _same(res, cm.minimize(ROSEN, [-1.2, 1.0], method="lbfgs", tol=0.0, maxiter=300))
     assert seg.fn is not None
+
+
+# -- a scalar loop over many parameters: the tier's NumPy forms ----------------------------------
+_QS = sp.symbols("q0:70")
+BIG = cm.Cost(sp.Add(*[(q - sp.Rational(k, 70)) ** 2 * (1 + q ** 2) for k, q in enumerate(_QS)]), params=list(_QS))
+
+
+@pytest.mark.parametrize("method, options", [("adam", dict(lr=0.05, maxiter=60)), ("momentum", dict(lr=0.01, maxiter=60)),
+                                             ("lbfgs", dict(maxiter=30))])
+def test_a_scalar_loop_over_many_parameters_runs_numpy_in_the_tier_to_the_machine_codes_bits(fresh_cache, monkeypatch,
+                                                                                             method, options):
+    """A scalar cost of more parameters than calcml unrolls (and no index form) loops over them:
+    the Python tier runs those loops (the rule, the gradient's norm, the best point's copy) as
+    NumPy over the arrays, in the scalar printer's order of operations, to the machine code's bits."""
+    x0 = np.linspace(-1.0, 1.0, len(_QS))
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
+    first = cm.minimize(BIG, x0, method=method, **options)
+    seg = _segment(BIG, method)
+    assert seg.python is not None and seg.fn is None
+    assert "float(np.cumsum(g * g)[-1])" in seg.path.read_text()
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0.0)
+    _same(first, cm.minimize(BIG, x0, method=method, **options))
+    assert seg.fn is not None

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import sympy as sp
-
 from .. import ir
 from .. import loop as _loop
-from ..errors import CodegenError
-from ..optim import GRAD, PARAM, Optimizer, slot
+from ..optim import Optimizer
 from ..printing import NumbaPrinter
 from ..schedules import Schedule
 from .kernels import PARALLEL_MIN_ROWS, STRIPES
@@ -87,40 +84,6 @@ def rows_of(cols):
 '''
 
 
-class _NotExact(Exception):
-    """An operation whose NumPy form may round otherwise than the machine code's."""
-
-
-class _ArrayPrinter(NumbaPrinter):
-    """Prints an elementwise update rule over whole arrays: the Python tier's NumPy form of a
-    loop over the parameters. Only operations that NumPy rounds as the machine code does
-    (IEEE's correctly rounded +, -, *, /, sqrt; abs; integer powers as products), each
-    element's operations in the statement's order: the same bits. Anything else (a libm
-    function, a helper) raises _NotExact: that rule keeps its loop in the tier too."""
-
-    def _print_Pow(self, expr, rational=False):
-        exp = expr.exp
-        half = exp == sp.S.Half or (exp.is_Float and float(exp) == 0.5)
-        if expr.base is not sp.E and half:
-            return f"np.sqrt({self._print(expr.base)})"
-        if expr.base is not sp.E and (exp.is_Integer or (exp.is_Float and float(exp).is_integer())) \
-                and 0 < abs(int(exp)) <= 8:
-            return super()._print_Pow(expr, rational)
-        raise _NotExact(str(expr))
-
-    def _print_Abs(self, expr):
-        return f"np.abs({self._print(expr.args[0])})"
-
-    def _not_exact(self, expr, *args):
-        raise _NotExact(str(expr))
-
-    _print_Function = _print_function = _print_log = _print_Piecewise = _print_ITE = _print_Relational = _not_exact
-    _print_atan2 = _print_Max = _print_Min = _print_Heaviside = _print_DiracDelta = _print_sign = _not_exact
-
-    def _helper(self, name: str, *args) -> str:
-        raise _NotExact(name)
-
-
 class LoopGenerator(_loop._Generator):
     """calcml.loop's generator for a tensor cost: the gradient from its kernels."""
 
@@ -135,6 +98,7 @@ class LoopGenerator(_loop._Generator):
         self.n = cost.n_params
         self.has_data = cost.has_data
         self.unrolled = self.delayed = False
+        self.array_forms = True  # the Python tier's NumPy forms of the loops over the parameters
         # passes over all rows (each full-batch step; a minibatch run's tol at each epoch's end)
         # on calcml's threads over large data
         self.threaded = self.has_data
@@ -278,31 +242,6 @@ class LoopGenerator(_loop._Generator):
         return [ir.Comment("the exact gradient: the cost's kernels over every row (over large data, on calcml's threads: _fg)"),
                 ir.Assign("value", f"_fg(theta, cols, g, passes) if passes != 0 else {rows}" if self.threaded else rows),
                 self._norm2("gn2")]
-
-    # -- the Python tier's NumPy forms of the loops over the parameters -----------------------------
-    # In the tier (_PYTHON_TIER, which Numba's compile prunes) a loop over thousands of
-    # parameters costs microseconds a parameter as Python; over whole arrays with NumPy, the
-    # same operations in the same order per element, a few nanoseconds, and the same bits.
-    def _update_elements(self) -> list:
-        if any(tuple(shape) != ("n",) for _, shape, _ in self.opt.state):  # a state not one value a parameter
-            return super()._update_elements()
-        names = self._names()
-        names.update({slot(PARAM): "theta[:]", slot(GRAD): "g[:]", **{slot(s): f"st_{s}[:]" for s in self.state}})
-        try:
-            arrays = _ArrayPrinter({}).assignments(self.opt.update, names)
-        except (_NotExact, CodegenError):
-            return super()._update_elements()
-        return [ir.If("_PYTHON_TIER", arrays, super()._update_elements(),
-                      comment="the Python tier: the rule over the arrays (NumPy: the same operations, the same bits)")]
-
-    @staticmethod
-    def _norm2(name: str) -> list:
-        return [ir.If("_PYTHON_TIER", [ir.Assign(name, "float(np.cumsum(g * g)[-1]) if N_PARAMS else 0.0")],
-                      _loop._Generator._norm2(name),
-                      comment="the Python tier: cumsum adds left to right, as the loop does")]
-
-    def _copy_best(self, param) -> list:
-        return [ir.If("_PYTHON_TIER", [ir.Assign("best[:]", param(":"))], super()._copy_best(param))]
 
     # -- the C entry: cols as the arrays' objects --------------------------------------------------
     def _cols_params(self) -> list:
