@@ -2,13 +2,17 @@
 
 :class:`LoopGenerator` is :class:`calcml.loop._Generator` with another source of the
 gradient: where a scalar cost's loop inlines its straight-line gradient row by row, a tensor
-cost's calls the cost's compiled kernels (:mod:`calcml.tensor.codegen`: ``vg_rows`` over the
-kernels' stripes of rows, their sums added in stripe order, then ``vg_finish``), the same
-bits as ``k.value_and_grad``. Everything else is the scalar loop's: ``run_segment`` with its
-bookkeeping in machine code (history, best point, divergence, tolerance), its C entry
-(``run_segment_c``) whose machine code calcml keeps beside the module, the Python tier while
-runs are short, the passes over large data on calcml's threads (``_Passes``), the driver that
-calls the loop in segments (Ctrl-C, progress), and the optimizers' own compiled line searches.
+cost's calls the cost's compiled kernels (:mod:`calcml.tensor.codegen`): for a full batch
+``vg_rows`` over the kernels' stripes of rows, their sums added in stripe order, then
+``vg_finish`` (the same bits as ``k.value_and_grad``); for a minibatch the same over its rows,
+gathered into buffers made once a segment. Everything else is the scalar loop's:
+``run_segment`` with its bookkeeping in machine code (history, best point, divergence,
+tolerance, a minibatch run's shuffles and epochs), its C entry (``run_segment_c``) whose
+machine code calcml keeps beside the module, the Python tier while runs are short (with the
+NumPy forms of the loops over the parameters), the passes over large data on calcml's threads
+(``_Passes``), and the driver that calls the loop in segments (Ctrl-C, progress). A minibatch
+module also holds ``_epoch``, the same steps without the bookkeeping, which calcml runs where
+each chunk of Dask data lives (calcml.dask_data.run_chunk).
 
 The module is the cost's kernels (``cost.module_source``) followed by that loop. Its driver
 takes the data as the tuple of validated arrays in DATA_NAMES order (what calcml passes) or
