@@ -43,6 +43,7 @@ import itertools
 import math
 import sys
 import threading
+import time
 import uuid
 import weakref
 
@@ -356,7 +357,22 @@ async def _run_held(fn, args, plan, dask_worker=None):
         pool.run(job, threads)
         return out
 
-    return await asyncio.get_running_loop().run_in_executor(None, work)
+    global _held_seconds
+    if _held_seconds < _INLINE_SECONDS:  # short work: on the event loop itself, no thread hop
+        t0 = time.perf_counter()
+        out = work()
+    else:
+        t0 = time.perf_counter()
+        out = await asyncio.get_running_loop().run_in_executor(None, work)
+    _held_seconds = time.perf_counter() - t0
+    return out
+
+
+# A worker's evaluation of its chunks runs off its event loop (heartbeats, messages) on a thread
+# of its own, unless the last one took less than _INLINE_SECONDS: then on the loop, sparing the
+# thread hop (0.2 ms of W8's 6 ms call).
+_INLINE_SECONDS = 0.02
+_held_seconds = float("inf")
 
 
 def _gather(fn, args: tuple, data, chunks, counts=None) -> tuple:
