@@ -319,8 +319,9 @@ async def _rpc_run(client, fn, args, workers) -> dict:
 
 
 async def _run_held(fn, args, plan, dask_worker=None):
-    """On a worker (``Client.run``): {chunk index: result} for the chunks it holds, run off the
-    event loop on up to the worker's thread count of threads."""
+    """On a worker (``Client.run``): {chunk index: result} for the chunks it holds, on up to the
+    worker's thread count of threads: off the event loop, or on it where the last evaluation was
+    short (_INLINE_SECONDS)."""
     import asyncio
 
     if args[0].source is None and not _loaded_here(args[0]):
