@@ -359,11 +359,10 @@ async def _run_held(fn, args, plan, dask_worker=None):
         return out
 
     global _held_seconds
+    t0 = time.perf_counter()
     if _held_seconds < _INLINE_SECONDS:  # short work: on the event loop itself, no thread hop
-        t0 = time.perf_counter()
         out = work()
     else:
-        t0 = time.perf_counter()
         out = await asyncio.get_running_loop().run_in_executor(None, work)
     _held_seconds = time.perf_counter() - t0
     return out

@@ -311,6 +311,13 @@ def lines(body, printer=None, depth: int = 0) -> list:
     return out
 
 
+def inlined(fn: "Def", args) -> list:
+    """``fn``'s statements on ``args`` (code, one per parameter): each parameter assigned its
+    argument (unless they are the same name), then ``fn``'s body. A function printed again as
+    the body of its caller (a C entry point), where Numba's inline="always" would copy its IR."""
+    return [[Assign(p, a) for p, a in zip(fn.params, args) if p != a], fn.body]
+
+
 def render(body, printer=None, depth: int = 0) -> str:
     """``body`` as source text (lines joined, no final newline)."""
     return "\n".join(lines(body, printer, depth))

@@ -757,12 +757,13 @@ class _Generator:
             ], comment="the run is over: the report"),
             ir.Return("status"),
         ]
-        self._segment_body = [begin, loop, finish]  # printed again as run_segment_c's (see _entry_point)
-        return ir.Def("run_segment", tuple(self._segment_params()), self._segment_body, decorators=("_jit",), doc=(
+        self._segment_def = ir.Def(
+            "run_segment", tuple(self._segment_params()), [begin, loop, finish], decorators=("_jit",), doc=(
             "Run the descent from the state in the arrays until step ints[I_STOP] or a stopping\n"
             "test; every counter is written back, so the next call resumes exactly. Returns the status:\n"
             "RUNNING, or the final one once the run has ended (then the report is written: _end).\n"
             "The first call evaluates the cost at x0 (_begin)."))
+        return self._segment_def  # printed again as run_segment_c's body (see _entry_point)
 
     def _first_order_body(self, vg: RowProgram) -> list:
         param = (lambda j: f"p{j}") if self.unrolled else (lambda j: f"theta[{j}]")
@@ -1057,8 +1058,7 @@ class _Generator:
             ir.Assign("CFUNC_FLAGS", repr(KERNEL_FLAGS)),
             ir.Blank(2),
             ir.Def("run_segment_c", tuple(name for name, _ in params),
-                   [[ir.Assign(name, made) for name, (_, made) in zip(self._segment_params(), args)],
-                    self._segment_body],
+                   ir.inlined(self._segment_def, [made for _, made in args]),
                    doc="run_segment on the arrays at these addresses (SEGMENT_ARGS order; sizes beside them):\n"
                        "its statements again, so that its code is compiled once, here"),
             ir.Blank(2),

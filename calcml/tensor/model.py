@@ -477,11 +477,10 @@ class TensorCost(Cost):
 
 
 def _entry(name: str, params: tuple, kernel, args: list) -> ir.Def:
-    """A C entry point: the kernel ``kernel``'s statements on ``args``, its arguments made from
-    the entry's ``params`` (each parameter of the kernel assigned its argument; printed again,
-    not called: Numba's inline="always" copies a callee's IR, 0.2 s of W10's vg_rows_c)."""
-    made = [ir.Assign(p, a) for p, a in zip(kernel.params, args) if p != a]
-    return ir.Def(name, params, [made, kernel.body])
+    """A C entry point: the kernel ``kernel``'s statements on ``args``, made from the entry's
+    ``params`` (printed again, not called: Numba's inline="always" copies a callee's IR, 0.2 s
+    of W10's vg_rows_c; ir.inlined)."""
+    return ir.Def(name, params, ir.inlined(kernel, args))
 
 
 def _entry_points(cost, sizes, cached=(), defs=None) -> list:

@@ -490,15 +490,17 @@ def _run_loop(prog: TensorProgram, x, ev, over, arrays, n_rows, sched_values, ep
 
         stand_in = tuple(np.full((1, *shape), np.nan) if classes is None else np.zeros(1, dtype=np.int64)
                          for _, shape, classes in mod.DATA_LAYOUT)
-        out = mod._drive(x, stand_in, hyper, sched, None, epochs, maxiter, tol, seed, bar, first_segment=1,
-                         passes=mod._Passes(passes(None)))
+        with _SingleThreadedBlas():  # the kernels' BLAS calls on the calling thread, for the whole run
+            out = mod._drive(x, stand_in, hyper, sched, None, epochs, maxiter, tol, seed, bar, first_segment=1,
+                             passes=mod._Passes(passes(None)))
     else:
         extra = {}
         if cost.has_data and thread_count("auto", n_rows) > 1:
             full = _threaded_passes(prog, ev, arrays, n_rows)
             extra["passes"] = lambda _cols: full
-        out = mod.drive(x, arrays if cost.has_data else None, hyper, sched, prog.batch_size, epochs, maxiter, tol,
-                        seed, bar, **extra)
+        with _SingleThreadedBlas():  # the kernels' BLAS calls on the calling thread, for the whole run
+            out = mod.drive(x, arrays if cost.has_data else None, hyper, sched, prog.batch_size, epochs, maxiter, tol,
+                            seed, bar, **extra)
     return dict(zip(_REPORT, out))
 
 
@@ -538,17 +540,24 @@ def _module_passes(mod, arrays, n_rows: int):
     threads = thread_count("auto", n_rows)
     bounds = [tuple(b) for b in mod.stripes(n_rows).tolist()]
     scale = 1.0 / n_rows if mod.REDUCE_MEAN else 1.0
-    empty = np.zeros(0)
 
     def full(theta, _cols, g):
-        acc = np.zeros((len(bounds), max(mod.ACC_VG, 1)))
-        run_striped(mod.vg_rows, theta, empty, arrays, bounds, scale, acc, threads)
-        res = np.empty(mod.N_PARAMS + 1)
-        mod.vg_finish(theta, empty, sum_in_order(acc), res)
-        g[:] = res[1:]
-        return float(res[0])
+        return _striped_pass(mod.vg_rows, mod.vg_finish, max(mod.ACC_VG, 1), theta, arrays, bounds, scale, g, threads)
 
     return full
+
+
+def _striped_pass(rows, finish, size, theta, arrays, bounds, scale, g, threads: int = 1) -> float:
+    """The full cost at theta, its gradient into g: ``rows`` over each stripe of ``bounds`` (on
+    up to ``threads`` of calcml's threads), the stripes' sums (``size`` each) added in stripe
+    order, then ``finish``: a loop module's ``_fg`` pass, bit for bit."""
+    empty = np.empty(0)
+    acc = np.zeros((len(bounds), size))
+    run_striped(rows, theta, empty, arrays, bounds, scale, acc, threads)
+    res = np.empty(g.shape[0] + 1)
+    finish(theta, empty, sum_in_order(acc), res)
+    g[:] = res[1:]
+    return float(res[0])
 
 
 def _tier_seconds(mod, ints, n_rows) -> float:
@@ -597,7 +606,6 @@ def _tier_passes(cost: TensorCost):
         py.vg_finish = finish
         if rows_for is None:  # no data: the finish alone, on zero sums
             return
-        n, empty = cost.n_params, np.empty(0)
         rows_raw = rows_for.raw
 
         def vg_rows(theta, v, *rest):  # a minibatch's gathered rows (the kernels' C entry)
@@ -606,15 +614,9 @@ def _tier_passes(cost: TensorCost):
                      int(lo), int(hi), float(scale), acc.ctypes.data)
 
         def fg_serial(theta, cols, g):
-            bounds, arrays = cols[0].tolist(), cols[2:]
-            rows = rows_for(arrays[0].shape[0], arrays)
-            acc = np.zeros((len(bounds), size))
-            for j, (lo, hi) in enumerate(bounds):
-                rows(theta, empty, *arrays, lo, hi, cols[1], acc[j])
-            res = np.empty(n + 1)
-            finish(theta, empty, sum_in_order(acc), res)
-            g[:] = res[1:]
-            return float(res[0])
+            arrays = cols[2:]
+            return _striped_pass(rows_for(arrays[0].shape[0], arrays), finish, size, theta, arrays, cols[0].tolist(),
+                                 cols[1], g)
 
         py._fg_serial = fg_serial
         py._fg_rows = lambda theta, cols, g, acc, total, res: fg_serial(theta, cols, g)
