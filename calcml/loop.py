@@ -95,7 +95,7 @@ _NJIT_FLAGS = njit_flags(NUMBA_FLAGS)
 # Slots of the two small arrays that carry the run's counters between segments (`ints`, and
 # the head of `work`).
 _INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_EVERY", "BEST_STEP", "FRESH", "NFEV",
-         "MAX_STEPS", "MAX_EPOCHS", "HIST_LEN", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT", "PASSES"]
+         "MAX_STEPS", "MAX_EPOCHS", "HIST_LEN", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT", "PASSES", "EVALUATE"]
 _FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", "FUN_GNORM"]
 
 # The first and the last act of a run, in compiled code: run_segment calls them (one call of
@@ -685,9 +685,6 @@ class _Generator:
     def _run_segment(self, vg: RowProgram) -> ir.Def:
         n, unrolled = self.n, self.unrolled
 
-        def end(status, comment=""):
-            return ir.Return(f"_end(theta, best, cols, ints, floats, xout, gout, {status})", comment)
-
         begin = [
             ir.Comment("views of `work` (see O_THETA)"),
             ir.Assign("floats", "work"),
@@ -697,8 +694,12 @@ class _Generator:
             ir.Assign("hp", "work[O_HP:O_SA]") if self.hyper else None,
             ir.Assign("sa", "work[O_SA:O_END]") if self.schedule is not None else None,
             ir.Assign("cols", "(work,)", "no data: _fg reads no column") if not self.has_data else None,
+            ir.Assign("status", "RUNNING"),
+            self._evaluation(),
+            # not finite at x0: no step (stop_step below), the report at the one call of _end (each
+            # call site of an inlined _end is compiled again)
             ir.If("ints[I_BEGUN] == 0 and not _begin(xout, _fg(xout, cols, g, ints[I_PASSES]), theta, best, g, ints, floats)",
-                  [end("np.int64(DIVERGED)", "not finite at x0 (an int64: one compile of _end)")]),
+                  [ir.Assign("status", "DIVERGED")]),
             ir.Assign(f"{', '.join('st_' + s for s in self.state)},", "state") if self.state else None,
             [ir.Assign(f"hp_{name}", f"hp[{k}]", name) for k, name in enumerate(self.hyper)],
             self._segment_data_loads(vg) if self.has_data else None,
@@ -706,8 +707,8 @@ class _Generator:
                       "large data: each step's pass by _fg, on calcml's threads")
             if self.threaded and self.first_order and self.inline_rows else None,
             [ir.Assign(local, slot_) for local, slot_ in (
-                ("step", "ints[I_STEP]"), ("stop_step", "ints[I_STOP]"), ("hist_i", "ints[I_HIST_I]"),
-                ("hist_next", "ints[I_HIST_NEXT]"), ("hist_every", "ints[I_HIST_EVERY]"),
+                ("step", "ints[I_STEP]"), ("stop_step", "ints[I_STOP] if status == RUNNING else step"),
+                ("hist_i", "ints[I_HIST_I]"), ("hist_next", "ints[I_HIST_NEXT]"), ("hist_every", "ints[I_HIST_EVERY]"),
                 ("best_step", "ints[I_BEST_STEP]"), ("fresh", "ints[I_FRESH]"), ("nfev", "ints[I_NFEV]"))],
             ir.Assign("passes", "ints[I_PASSES]", "the passes calcml made for these columns (0: serial)")
             if self.threaded or self.opt.call or not self.inline_rows else None,
@@ -726,7 +727,6 @@ class _Generator:
              [ir.Assign(f"st_{s}_{j}", f"st_{s}[{j}]") for s in self.state for j in range(n)]] if unrolled else None,
             ir.Assign("lr", self._rate(), f"schedule {self.schedule.structure()}: the same every step")
             if self.first_order and self._constant_rate() else None,
-            ir.Assign("status", "RUNNING"),
             self._segment_scratch(),
         ]
         if self.delayed:
@@ -802,6 +802,12 @@ class _Generator:
 
     # what _begin and _end are compiled with: functions of their own
     _begin_end_decorator = "_jit"
+
+    @staticmethod
+    def _evaluation() -> list:
+        """run_segment's first statements for a call that evaluates and takes no step (none here:
+        see calcml.tensor.loops)."""
+        return []
 
     def _finite_test(self) -> str:
         """The code of the step's test that the run has not diverged."""
@@ -1602,6 +1608,27 @@ class _NativeSegment:
         finally:
             ints[mod.I_STOP] = stop
             save_python_seconds(self.path, self.python_seconds)
+
+    def evaluate(self, theta, cols, g):
+        """The full cost at ``theta`` over the rows of ``cols`` (a module's columns; scaled by
+        cols[1]), its gradient written into ``g``, by the loop's machine code (run_segment_c
+        called with ints[I_EVALUATE] set: a module of calcml.tensor.loops over data); None where
+        the loop is not machine code in this process."""
+        mod = self.module
+        if self.fn is None or not hasattr(mod, "I_EVALUATE"):
+            return None
+        if self.memo.get("evaluate") is None:  # the arrays no evaluation reads, made once
+            ints = np.zeros(mod.N_INTS, dtype=np.int64)
+            ints[mod.I_EVALUATE] = 1
+            self.memo["evaluate"] = {
+                "work": np.zeros(mod.O_END), "ints": ints, "history": np.zeros(1), "path": np.zeros((1, 1)),
+                "perm": np.zeros(1, dtype=np.int64), "rng": np.zeros(1, dtype=np.uint64),
+                "state": mod.new_optimizer_state(mod.N_PARAMS)}
+        made = self.memo["evaluate"]
+        xout = np.array(theta, dtype=np.float64)  # (a copy: contiguous, and the caller's stays as it is)
+        out = {**made, "cols": cols, "xout": xout, "gout": g}
+        self(*(out[name] for name in self.names))
+        return float(made["work"][mod.F_FUN])
 
     def __call__(self, *args):
         if self.fn is None:
