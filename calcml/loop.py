@@ -673,6 +673,12 @@ class _Generator:
         return []
 
     @staticmethod
+    def _pass_scratch() -> list:
+        """Arrays that run_segment's full passes reuse, made once a segment, before its first
+        (none here: _fg's are its own)."""
+        return []
+
+    @staticmethod
     def _segment_data_loads(vg: RowProgram) -> list:
         """run_segment's names for its data: the columns c0, c1, ... and n_rows."""
         return [vg.column_loads, ir.Assign("n_rows", "c0.shape[0]")]
@@ -694,12 +700,11 @@ class _Generator:
             ir.Assign("hp", "work[O_HP:O_SA]") if self.hyper else None,
             ir.Assign("sa", "work[O_SA:O_END]") if self.schedule is not None else None,
             ir.Assign("cols", "(work,)", "no data: _fg reads no column") if not self.has_data else None,
+            ir.Assign("passes", "ints[I_PASSES]", "the passes calcml made for these columns (0: serial)")
+            if self.threaded or self.opt.call or not self.inline_rows else None,
+            self._pass_scratch(),
             ir.Assign("status", "RUNNING"),
-            self._evaluation(),
-            # not finite at x0: no step (stop_step below), the report at the one call of _end (each
-            # call site of an inlined _end is compiled again)
-            ir.If("ints[I_BEGUN] == 0 and not _begin(xout, _fg(xout, cols, g, ints[I_PASSES]), theta, best, g, ints, floats)",
-                  [ir.Assign("status", "DIVERGED")]),
+            self._first_call(),
             ir.Assign(f"{', '.join('st_' + s for s in self.state)},", "state") if self.state else None,
             [ir.Assign(f"hp_{name}", f"hp[{k}]", name) for k, name in enumerate(self.hyper)],
             self._segment_data_loads(vg) if self.has_data else None,
@@ -710,8 +715,6 @@ class _Generator:
                 ("step", "ints[I_STEP]"), ("stop_step", "ints[I_STOP] if status == RUNNING else step"),
                 ("hist_i", "ints[I_HIST_I]"), ("hist_next", "ints[I_HIST_NEXT]"), ("hist_every", "ints[I_HIST_EVERY]"),
                 ("best_step", "ints[I_BEST_STEP]"), ("fresh", "ints[I_FRESH]"), ("nfev", "ints[I_NFEV]"))],
-            ir.Assign("passes", "ints[I_PASSES]", "the passes calcml made for these columns (0: serial)")
-            if self.threaded or self.opt.call or not self.inline_rows else None,
             ir.Assign("best_value", "floats[F_BEST]"),
             ir.Assign("blowup", "floats[F_BLOWUP]"),
             ir.Assign("tol", "floats[F_TOL]"),
@@ -745,7 +748,7 @@ class _Generator:
             [ir.Assign("ints[I_EPOCH]", "epoch"), ir.Assign("ints[I_POS]", "pos"),
              ir.Assign("floats[F_EPOCH_SUM]", "epoch_sum")] if self.minibatch else None,
             ir.If("status != RUNNING or step >= ints[I_MAX_STEPS]", [
-                ir.Assign("status", "_end(theta, best, cols, ints, floats, xout, gout, status)"),
+                self._report(),
                 None if self.minibatch else ir.If(
                     "status != DIVERGED and (hist_i == 0 or hist_next - hist_every != step)", [
                         ir.Assign("history[hist_i]", "floats[F_FUN]"),
@@ -804,10 +807,23 @@ class _Generator:
     _begin_end_decorator = "_jit"
 
     @staticmethod
-    def _evaluation() -> list:
-        """run_segment's first statements for a call that evaluates and takes no step (none here:
-        see calcml.tensor.loops)."""
-        return []
+    def _first_call() -> list:
+        """The run's first call evaluates the cost at x0 (_begin); not finite there, the run takes
+        no step (stop_step) and ends in the report, at run_segment's one call of _end."""
+        return [ir.If("ints[I_BEGUN] == 0 and not _begin(xout, _fg(xout, cols, g, ints[I_PASSES]), theta, best, g, "
+                      "ints, floats)", [ir.Assign("status", "DIVERGED")])]
+
+    @staticmethod
+    def _report() -> list:
+        """The run's report (the run is over): status := _end's."""
+        return [ir.Assign("status", "_end(theta, best, cols, ints, floats, xout, gout, status)")]
+
+    @staticmethod
+    def _full_pass(x: str, g: str, out: str | None, comment: str | None = None) -> list:
+        """``out`` := the full cost at ``x``, its gradient written into ``g``: _fg's pass (at large
+        data on calcml's threads when calcml made them)."""
+        call = f"_fg({x}, cols, {g}, ints[I_PASSES])"
+        return [ir.Stmt(call, comment) if out is None else ir.Assign(out, call, comment)]
 
     def _finite_test(self) -> str:
         """The code of the step's test that the run has not diverged."""
@@ -831,14 +847,14 @@ class _Generator:
             [ir.Assign(f"theta[{j}]", f"p{j}") for j in range(self.n)] if self.unrolled else None,
             # ints[I_PASSES] (0 here), not an omitted or literal argument: the signature of
             # _begin's and _end's calls, so _fg is compiled once
-            ir.Stmt("_fg(theta, cols, g, ints[I_PASSES])", "g: scratch here (the next step writes it)"),
+            self._full_pass("theta", "g", None, "g: scratch here (the next step writes it)"),
             self._norm2("full2"),
             ir.If("full2 <= tol2", [
                 ir.AugAssign("step", "+", 1, "this update is done"),
                 ir.Assign("status", "CONVERGED"),
                 ir.Break(),
             ]),
-        ], comment="tol: the full gradient's norm at the epoch's end (_fg: one pass)")
+        ], comment="tol: the full gradient's norm at the epoch's end (one full pass)")
 
     def _gradient(self, vg: RowProgram, late=None) -> list:
         """value, the gradient (g{j} or g[j]) and its squared norm gn2 at the parameters.

@@ -221,10 +221,10 @@ def _tensor_tier(method, options):
 
 
 def _per_step(options) -> str:
-    """A function the tier's Python calls once a step: the full pass (a full-batch step) or the
-    kernels' finish of the minibatch's sums (a minibatch step; the tolerance's pass at an epoch's
-    end has its own)."""
-    return "_fg_rows" if options.get("batch_size") is None else "vg_finish"
+    """A function the tier's Python calls once a step: the full pass (a full-batch step: _fg, which
+    the run's first call and its report call too) or the kernels' finish of the minibatch's sums (a
+    minibatch step; the tolerance's pass at an epoch's end has its own)."""
+    return "_fg" if options.get("batch_size") is None else "vg_finish"
 
 
 @pytest.mark.parametrize("method, options", [
@@ -308,7 +308,7 @@ def test_a_python_float_error_in_the_tensor_tier_reruns_the_call_compiled(fresh_
     monkeypatch.setattr(loop, "TIER_UP_SECONDS", float("inf"))
     _tensor_fit("momentum", dict(options, maxiter=1))  # the Python module, made
     assert not list((fresh_cache / "second").glob("*.run_segment_c.*.o"))
-    calls = _raising(monkeypatch, _tensor_tier("momentum", options)[0], "_fg_rows", 20,
+    calls = _raising(monkeypatch, _tensor_tier("momentum", options)[0], "_fg", 20,
                      ZeroDivisionError("float division by zero"))
     rerun = _tensor_fit("momentum", options)
     assert len(calls) == 20 and list((fresh_cache / "second").glob("*.run_segment_c.*.o"))

@@ -159,10 +159,87 @@ class LoopGenerator(_loop._Generator):
         return "np.zeros(max(ACC_VG, 1)), np.zeros(max(ACC_VG, 1)), np.empty(N_PARAMS + 1)" if not prefix else \
             f"{prefix}acc, {prefix}total, {prefix}res"
 
-    def _segment_scratch(self) -> list:
+    def _pass_scratch(self) -> list:
         return [ir.Assign("s_acc, s_total, s_res", self._scratch_made(),
-                          "the kernels' sums and results (scratch), for every step"),
-                self._batch_buffers("batch") if self.minibatch else None]
+                          "the kernels' sums and results (scratch), for every pass and step"),
+                ir.Assign("v", "s_total[:0]", "no direction (a view: no allocation)")]
+
+    def _segment_scratch(self) -> list:
+        return [self._batch_buffers("batch")] if self.minibatch else []
+
+    # -- run_segment's full passes: printed where they run ------------------------------------------
+    # Each full pass over the rows (the run's first, a full-batch step, a minibatch run's tol at an
+    # epoch's end, the report's) is printed into run_segment, not a call of _fg: _fg is a function
+    # of its own whose compile links the kernels and optimizes them again (Numba's final module),
+    # 0.5 s of the digits' loop, and inlined by Numba each of its calls costs as much.
+    def _full_pass(self, x: str, g: str, out: str | None, comment: str | None = None) -> list:
+        out = out or "full_value"
+        if self.has_data:
+            over_rows = [ir.For("k", ir.range_("cols[0].shape[0]"), [
+                ir.For("q", ir.range_("s_acc.shape[0]"), [ir.Assign("s_acc[q]", "0.0")]),
+                ir.Stmt(f"vg_rows({x}, v, {self._data_args()}, cols[0][k, 0], cols[0][k, 1], cols[1], s_acc)"),
+                ir.For("q", ir.range_("s_acc.shape[0]"),
+                       [ir.Assign("s_total[q]", "s_acc[q] if k == 0 else s_total[q] + s_acc[q]")]),
+            ])]
+        else:
+            over_rows = [ir.For("q", ir.range_("s_total.shape[0]"), [ir.Assign("s_total[q]", "0.0")])]
+        serial = [
+            over_rows,
+            ir.Stmt(f"vg_finish({x}, v, s_total, s_res)"),
+            ir.For("i", ir.range_("N_PARAMS"), [ir.Assign(f"{g}[i]", "s_res[i + 1]")]),
+            ir.Assign(out, "s_res[0]"),
+        ]
+        if self.threaded:
+            serial = [ir.If("passes != 0 and _pass_at(passes, P_FG) != 0",
+                            [ir.Assign(out, f"_call_pass(passes, P_FG, {x}, {g})")], serial,
+                            comment="the pass calcml made (its threads)")]
+        return [ir.If("_PYTHON_TIER", [ir.Assign(out, f"_fg({x}, cols, {g}, passes)")], serial,
+                      comment=f"{out}: the full cost at {x}, its gradient into {g} (_fg's pass; the tier calls _fg)"
+                      + (f"; {comment}" if comment else ""))]
+
+    def _first_call(self) -> list:
+        """A call with ints[I_EVALUATE] set takes no step: it writes the full cost at xout (over
+        the rows of ``cols``, scaled by cols[1]) into floats[F_FUN] and its gradient into gout.
+        calcml so evaluates with the loop's machine code after a run (the rows' gradients of the
+        noise test: _NativeSegment.evaluate), where _fg would load Numba's cache of the module
+        in a process that loaded the loop's machine code (0.1 s of a 0.2 s warm fit). The run's
+        first call evaluates the cost at x0 (_begin), by the same printed pass."""
+        return [ir.If("ints[I_EVALUATE] != 0 or ints[I_BEGUN] == 0", [
+            ir.Assign("evaluating", "ints[I_EVALUATE] != 0"),
+            ir.Assign("at", "gout if evaluating else g"),
+            self._full_pass("xout", "at", "f0"),
+            ir.If("evaluating", [ir.Assign("floats[F_FUN]", "f0"), ir.Return("status")]),
+            ir.If("not _begin(xout, f0, theta, best, g, ints, floats)", [ir.Assign("status", "DIVERGED")],
+                  comment="not finite at x0: no step (stop_step), the report"),
+        ], comment="the cost at xout: calcml's evaluation (no step; see _NativeSegment.evaluate), or x0's")]
+
+    def _report(self) -> list:
+        """_end's statements, printed here (its two passes one printed pass, in a loop)."""
+        sum_sq = [ir.Assign("gn2", "0.0"), ir.For("j", ir.range_("N_PARAMS"), [ir.AugAssign("gn2", "+", "gout[j] * gout[j]")])]
+        return [
+            ir.Comment("_end's report: the final point (the best one after a divergence or a Ctrl-C) in xout, its\n"
+                       "gradient in gout, its cost and gradient norm in floats; a last update that went off is\n"
+                       "reported as a divergence, at the best point"),
+            ir.If("status == RUNNING", [
+                ir.Assign("status", "EPOCHS_DONE if (MINIBATCH and ints[I_EPOCH] >= ints[I_MAX_EPOCHS]) else MAXITER")]),
+            ir.Assign("diverged_at", "step if status == DIVERGED else -1"),
+            ir.Assign("at_best", "status == DIVERGED or status == INTERRUPTED"),
+            ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("xout[j]", "best[j] if at_best else theta[j]")]),
+            ir.For("attempt", ir.range_(2), [
+                self._full_pass("xout", "gout", "fun"),
+                sum_sq,
+                ir.If("attempt == 1 or status == DIVERGED or (abs(fun) <= floats[F_BLOWUP] and gn2 < math.inf)",
+                      [ir.Break()]),
+                ir.Assign("status", "DIVERGED"),
+                ir.Assign("diverged_at", "step"),
+                ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("xout[j]", "best[j]")]),
+            ], comment="the final point; where it went off, the best point"),
+            ir.Assign("floats[F_FUN]", "fun"),
+            ir.Assign("floats[F_FUN_GNORM]", "math.sqrt(gn2)"),
+            ir.Assign("ints[I_ENDED]", 1),
+            ir.Assign("ints[I_STATUS]", "status"),
+            ir.Assign("ints[I_DIVERGED_AT]", "diverged_at"),
+        ]
 
     def _batch_buffers(self, batch: str) -> list:
         """The minibatch's rows, gathered (b0, b1, ...: one array per datum, ``batch`` rows)."""
@@ -201,7 +278,6 @@ class LoopGenerator(_loop._Generator):
             ir.If("_PYTHON_TIER", [bufs_tier, ir.Assign("s_acc[:]", "0.0")],
                   [self._gather(), ir.For("q", ir.range_("s_acc.shape[0]"), [ir.Assign("s_acc[q]", "0.0")])],
                   comment="the Python tier: NumPy's copies"),
-            ir.Assign("v", "s_total[:0]", "no direction (a view: no allocation)"),
             # nb - nb, not a literal 0: the signature of the full pass's calls (one compile)
             ir.Stmt(f"vg_rows(theta, v, {bufs}, nb - nb, nb, {'1.0 / nb' if mean else 'n_rows / nb'}, s_acc)"),
             ir.Stmt("vg_finish(theta, v, s_acc, s_res)"),
@@ -215,19 +291,6 @@ class LoopGenerator(_loop._Generator):
     # the kernels it calls and optimizes them again (Numba's final module), and the kernels are
     # most of the loop's code (W10's first fit: 4.0 s of compile against 4.8 s)
     _begin_end_decorator = "_jit_inline"
-
-    def _evaluation(self) -> list:
-        """A call with ints[I_EVALUATE] set takes no step: it writes the full cost at xout (over
-        the rows of ``cols``, scaled by cols[1]) into floats[F_FUN] and its gradient into gout.
-        calcml so evaluates with the loop's machine code after a run (the rows' gradients of the
-        noise test: _NativeSegment.evaluate), where _fg would load Numba's cache of the module
-        in a process that loaded the loop's machine code (0.1 s of a 0.2 s warm fit)."""
-        if not self.has_data:
-            return []
-        return [ir.If("ints[I_EVALUATE] != 0", [
-            ir.Assign("floats[F_FUN]", "_fg(xout, cols, gout, ints[I_PASSES])"),
-            ir.Return("status"),
-        ], comment="calcml's evaluation, no step (see _NativeSegment.evaluate)")]
 
     def _finite_test(self) -> str:
         """A minibatch step tests its cost alone: the gradient's norm over thousands of parameters
@@ -255,9 +318,8 @@ class LoopGenerator(_loop._Generator):
         if self.minibatch:  # (no norm: a minibatch's is not tested, see _finite_test)
             return [ir.Comment("the exact gradient over the minibatch: the cost's kernels over its gathered rows"),
                     self._minibatch_gradient()]
-        rows = f"_fg_rows(theta, cols, g, {self._scratch_made('s_')})"
-        return [ir.Comment("the exact gradient: the cost's kernels over every row (over large data, on calcml's threads: _fg)"),
-                ir.Assign("value", f"_fg(theta, cols, g, passes) if passes != 0 else {rows}" if self.threaded else rows),
+        return [ir.Comment("the exact gradient: the cost's kernels over every row (over large data, on calcml's threads)"),
+                self._full_pass("theta", "g", "value"),
                 self._norm2("gn2")]
 
     # -- the C entry: cols as the arrays' objects --------------------------------------------------
@@ -316,6 +378,7 @@ class LoopGenerator(_loop._Generator):
             [ir.Assign(f"hp_{name}", f"hyper[{k}]", name) for k, name in enumerate(self.hyper)],
             ir.Assign("lr", self._rate(), f"schedule {self.schedule.structure()}: the same every step")
             if self._constant_rate() else None,
+            self._pass_scratch(),
             self._segment_scratch(),
             ir.Assign("n", "perm.shape[0]"),
             ir.Assign("count", 0),
