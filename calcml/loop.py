@@ -99,7 +99,8 @@ _INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_E
 _FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", "FUN_GNORM"]
 
 # The first and the last act of a run, in compiled code: run_segment calls them (one call of
-# compiled code does a whole short run), the driver only after a Ctrl-C.
+# compiled code does a whole short run; a tensor module's prints _end's statements and its own
+# full passes instead, calcml.tensor.loops), the driver only after a Ctrl-C.
 # (decorator: _jit, or _jit_inline where the callers' compile should take them in, see
 # calcml.tensor.loops)
 _BEGIN_END_TEMPLATE = '''

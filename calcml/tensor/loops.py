@@ -121,10 +121,11 @@ class LoopGenerator(_loop._Generator):
     def _full_batch_functions(self, vg, val, hess) -> list:
         """_fg_rows: the full cost at theta, its gradient into g, by the kernels over every
         stripe of rows (the stripes' sums added in stripe order: the same bits as the kernels),
-        in the caller's scratch arrays (run_segment's, made once a segment: an allocation a step
-        cost breast cancer's gd about 7%); _fg: the same in arrays of its own, or over data the
-        pass calcml made on its threads when there is one (_Passes). _fg_rows and _fg_serial go
-        into their callers' compile (see _begin_end_decorator)."""
+        in the caller's scratch arrays; _fg: the same in arrays of its own, or over data the
+        pass calcml made on its threads when there is one (_Passes). What calls them: the
+        driver (a Ctrl-C's report), the Python tier (the passes run_segment prints, see
+        _full_pass, call _fg there), an exported module's user; run_segment's own compile
+        does not (_full_pass)."""
         threaded = self.threaded
         over_rows = [
             ir.Assign("bounds", "cols[0]"),
@@ -215,7 +216,8 @@ class LoopGenerator(_loop._Generator):
 
     def _report(self) -> list:
         """_end's statements, printed here (its two passes one printed pass, in a loop)."""
-        sum_sq = [ir.Assign("gn2", "0.0"), ir.For("j", ir.range_("N_PARAMS"), [ir.AugAssign("gn2", "+", "gout[j] * gout[j]")])]
+        sum_sq = [ir.Assign("gn2", "0.0"),
+                  ir.For("j", ir.range_("N_PARAMS"), [ir.AugAssign("gn2", "+", "gout[j] * gout[j]")])]
         return [
             ir.Comment("_end's report: the final point (the best one after a divergence or a Ctrl-C) in xout, its\n"
                        "gradient in gout, its cost and gradient norm in floats; a last update that went off is\n"
@@ -287,9 +289,10 @@ class LoopGenerator(_loop._Generator):
             ir.Assign("a0", "value * nb"),
         ]
 
-    # _begin and _end go into run_segment_c's compile: each function compiled on its own links
-    # the kernels it calls and optimizes them again (Numba's final module), and the kernels are
-    # most of the loop's code (W10's first fit: 4.0 s of compile against 4.8 s)
+    # _begin goes into run_segment_c's compile, and _end's statements are printed there (_report):
+    # each function compiled on its own links the kernels it calls and optimizes them again
+    # (Numba's final module), and the kernels are most of the loop's code (W10's first fit: 4.0 s
+    # of compile against 4.8 s). _end itself is the driver's (a Ctrl-C's report).
     _begin_end_decorator = "_jit_inline"
 
     def _finite_test(self) -> str:
