@@ -1626,26 +1626,28 @@ class _NativeSegment:
             ints[mod.I_STOP] = stop
             save_python_seconds(self.path, self.python_seconds)
 
-    def evaluate(self, theta, cols, g):
-        """The full cost at ``theta`` over the rows of ``cols`` (a module's columns; scaled by
-        cols[1]), its gradient written into ``g``, by the loop's machine code (run_segment_c
-        called with ints[I_EVALUATE] set: a module of calcml.tensor.loops over data); None where
-        the loop is not machine code in this process."""
+    def row_gradients(self, theta, arrays):
+        """The gradient at ``theta`` of each row of the data ``arrays`` (a module's, DATA_NAMES
+        order) alone, unscaled, as the rows of a matrix, by the loop's machine code in one call
+        (run_segment_c with ints[I_EVALUATE] set: a module of calcml.tensor.loops over data);
+        None where the loop is not machine code in this process."""
         mod = self.module
-        if self.fn is None or not hasattr(mod, "I_EVALUATE"):
+        if self.fn is None or not hasattr(mod, "I_EVALUATE") or not arrays:
             return None
         if self.memo.get("evaluate") is None:  # the arrays no evaluation reads, made once
             ints = np.zeros(mod.N_INTS, dtype=np.int64)
             ints[mod.I_EVALUATE] = 1
             self.memo["evaluate"] = {
-                "work": np.zeros(mod.O_END), "ints": ints, "history": np.zeros(1), "path": np.zeros((1, 1)),
-                "perm": np.zeros(1, dtype=np.int64), "rng": np.zeros(1, dtype=np.uint64),
-                "state": mod.new_optimizer_state(mod.N_PARAMS)}
-        made = self.memo["evaluate"]
-        xout = np.array(theta, dtype=np.float64)  # (a copy: contiguous, and the caller's stays as it is)
-        out = {**made, "cols": cols, "xout": xout, "gout": g}
-        self(*(out[name] for name in self.names))
-        return float(made["work"][mod.F_FUN])
+                "work": np.zeros(mod.O_END), "ints": ints, "history": np.zeros(1),
+                "rng": np.zeros(1, dtype=np.uint64), "state": mod.new_optimizer_state(mod.N_PARAMS),
+                "gout": np.empty(mod.N_PARAMS)}
+        n_rows = arrays[0].shape[0]
+        out = np.empty((n_rows, mod.N_PARAMS))
+        args = {**self.memo["evaluate"], "cols": (np.zeros((1, 2), dtype=np.int64), 1.0) + tuple(arrays),
+                "perm": np.zeros(n_rows, dtype=np.int64), "path": out,
+                "xout": np.array(theta, dtype=np.float64)}  # (a copy: the caller's theta stays as it is)
+        self(*(args[name] for name in self.names))
+        return out
 
     def __call__(self, *args):
         if self.fn is None:

@@ -127,12 +127,13 @@ def start_error(fun: float, grad, names) -> str | None:
 NOISE_SAMPLE = 256
 
 
-def gradient_noise(row_gradient, n_rows: int, reduce_mean: bool, sample: int = NOISE_SAMPLE) -> float:
+def gradient_noise(row_gradient, n_rows: int, reduce_mean: bool, sample: int = NOISE_SAMPLE, rows=None) -> float:
     """The standard error of the full gradient as the mean (or sum) of ``n_rows`` per-row
     gradients: sqrt(tr C / N) for a mean, sqrt(N tr C) for a sum, where tr C is the per-row
     gradients' total variance, estimated from min(N, ``sample``) rows drawn with a fixed seed.
     ``row_gradient(i)``: the gradient of row i's term (plus any constant, such as a penalty's
-    gradient, which the spread ignores). NaN with fewer than 2 rows.
+    gradient, which the spread ignores); or ``rows(indices)``: those rows' gradients at once, a
+    matrix (row_gradient then unused). NaN with fewer than 2 rows.
 
     A full gradient smaller than this is as small as the data can tell from zero: the
     distance to the exact minimum of the empirical cost is then within the statistical
@@ -140,11 +141,11 @@ def gradient_noise(row_gradient, n_rows: int, reduce_mean: bool, sample: int = N
     if n_rows < 2:
         return float("nan")
     if n_rows <= sample:
-        rows = np.arange(n_rows)
+        chosen = np.arange(n_rows)
     else:
-        rows = np.sort(np.random.default_rng(0).choice(n_rows, size=sample, replace=False))
-    G = np.array([row_gradient(int(i)) for i in rows])
-    spread = float(np.sum((G - G.mean(axis=0)) ** 2)) / (len(rows) - 1)
+        chosen = np.sort(np.random.default_rng(0).choice(n_rows, size=sample, replace=False))
+    G = rows(chosen) if rows is not None else np.array([row_gradient(int(i)) for i in chosen])
+    spread = float(np.sum((G - G.mean(axis=0)) ** 2)) / (len(chosen) - 1)
     return float(np.sqrt(spread / n_rows if reduce_mean else spread * n_rows))
 
 

@@ -1321,3 +1321,41 @@ def test_the_noise_tests_row_gradients_are_each_rows_own_gradient():
         _, ref = softmax_reference(theta, X[i:i + 1], labels[i:i + 1], K)
         ref[:K * d] += theta[:K * d] / (C * N)
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method, kw", [("gd", dict(lr=0.1, maxiter=5)),
+                                        ("adam", dict(lr=0.01, batch_size=8, epochs=1))])
+def test_the_loops_machine_code_gives_each_rows_own_gradient(method, kw, monkeypatch):
+    """After a run whose loop is machine code, the noise test reads the sampled rows' gradients
+    in one call of it (run_segment_c's evaluation, _NativeSegment.row_gradients): each is that
+    row's own gradient plus the penalty's, bit for bit the cost's kernels' value_and_grad on
+    that row alone, and the NumPy closed form's; the run's own state is left as it was."""
+    from calcml import loop
+    from calcml.tensor.kernels import TensorData
+
+    K, d, N, C = 3, 4, 50, 2.0
+    cost, _ = softmax_cost(K, d, C=C, N=N)
+    rng = np.random.default_rng(23)
+    X, labels = rng.standard_normal((N, d)), rng.integers(0, K, N)
+    theta = rng.standard_normal(cost.n_params)
+    monkeypatch.setattr(loop, "TIER_UP_SECONDS", 0)  # the loop's machine code, not the Python tier
+    kw = dict(kw)
+    batch = kw.pop("batch_size", None)
+    prog = cm.generate(cost, method, batch_size=batch, lr=kw.pop("lr"))
+    first = prog.run(theta, {"x": X, "c": labels}, **kw)
+    segment = prog.module._segment
+    if getattr(segment, "fn", None) is None:  # NUMBA_DISABLE_JIT: no machine code to call
+        pytest.skip("no machine code")
+    rows = np.array([0, 7, 31, N - 1])
+    arrays = (np.ascontiguousarray(X[rows]), labels[rows].astype(np.int64))
+    got = segment.row_gradients(theta, arrays)
+    assert got.shape == (len(rows), cost.n_params)
+    k = cm.compile(cost)
+    for e, i in enumerate(rows):
+        one = TensorData((X[i:i + 1], labels[i:i + 1].astype(np.int64)), 1, True)
+        np.testing.assert_array_equal(got[e], k.value_and_grad(theta, one)[1])
+        _, ref = softmax_reference(theta, X[i:i + 1], labels[i:i + 1], K)
+        ref[:K * d] += theta[:K * d] / (C * N)
+        np.testing.assert_allclose(got[e], ref, rtol=1e-12, atol=1e-14)
+    again = prog.run(theta, {"x": X, "c": labels}, **kw)
+    assert again.x.tobytes() == first.x.tobytes() and again.nit == first.nit

@@ -173,12 +173,15 @@ class LoopGenerator(_loop._Generator):
     # epoch's end, the report's) is printed into run_segment, not a call of _fg: _fg is a function
     # of its own whose compile links the kernels and optimizes them again (Numba's final module),
     # 0.5 s of the digits' loop, and inlined by Numba each of its calls costs as much.
-    def _full_pass(self, x: str, g: str, out: str | None, comment: str | None = None) -> list:
+    def _full_pass(self, x: str, g: str, out: str | None, comment: str | None = None, bounds: str = "cols[0]",
+                   scale: str = "cols[1]") -> list:
+        """``out`` := the cost at ``x`` over the stripes ``bounds`` of the rows, scaled by ``scale``
+        (all rows, the run's scale: the full cost), its gradient written into ``g``: _fg's pass."""
         out = out or "full_value"
         if self.has_data:
-            over_rows = [ir.For("k", ir.range_("cols[0].shape[0]"), [
+            over_rows = [ir.For("k", ir.range_(f"{bounds}.shape[0]"), [
                 ir.For("q", ir.range_("s_acc.shape[0]"), [ir.Assign("s_acc[q]", "0.0")]),
-                ir.Stmt(f"vg_rows({x}, v, {self._data_args()}, cols[0][k, 0], cols[0][k, 1], cols[1], s_acc)"),
+                ir.Stmt(f"vg_rows({x}, v, {self._data_args()}, {bounds}[k, 0], {bounds}[k, 1], {scale}, s_acc)"),
                 ir.For("q", ir.range_("s_acc.shape[0]"),
                        [ir.Assign("s_total[q]", "s_acc[q] if k == 0 else s_total[q] + s_acc[q]")]),
             ])]
@@ -194,25 +197,43 @@ class LoopGenerator(_loop._Generator):
             serial = [ir.If("passes != 0 and _pass_at(passes, P_FG) != 0",
                             [ir.Assign(out, f"_call_pass(passes, P_FG, {x}, {g})")], serial,
                             comment="the pass calcml made (its threads)")]
-        return [ir.If("_PYTHON_TIER", [ir.Assign(out, f"_fg({x}, cols, {g}, passes)")], serial,
-                      comment=f"{out}: the full cost at {x}, its gradient into {g} (_fg's pass; the tier calls _fg)"
+        tier_cols = "cols" if (bounds, scale) == ("cols[0]", "cols[1]") else f"({bounds}, {scale}) + cols[2:]"
+        return [ir.If("_PYTHON_TIER", [ir.Assign(out, f"_fg({x}, {tier_cols}, {g}, passes)")], serial,
+                      comment=f"{out}: the cost at {x}, its gradient into {g} (_fg's pass; the tier calls _fg)"
                       + (f"; {comment}" if comment else ""))]
 
     def _first_call(self) -> list:
-        """A call with ints[I_EVALUATE] set takes no step: it writes the full cost at xout (over
-        the rows of ``cols``, scaled by cols[1]) into floats[F_FUN] and its gradient into gout.
-        calcml so evaluates with the loop's machine code after a run (the rows' gradients of the
-        noise test: _NativeSegment.evaluate), where _fg would load Numba's cache of the module
-        in a process that loaded the loop's machine code (0.1 s of a 0.2 s warm fit). The run's
-        first call evaluates the cost at x0 (_begin), by the same printed pass."""
-        return [ir.If("ints[I_EVALUATE] != 0 or ints[I_BEGUN] == 0", [
-            ir.Assign("evaluating", "ints[I_EVALUATE] != 0"),
-            ir.Assign("at", "gout if evaluating else g"),
-            self._full_pass("xout", "at", "f0"),
-            ir.If("evaluating", [ir.Assign("floats[F_FUN]", "f0"), ir.Return("status")]),
-            ir.If("not _begin(xout, f0, theta, best, g, ints, floats)", [ir.Assign("status", "DIVERGED")],
-                  comment="not finite at x0: no step (stop_step), the report"),
-        ], comment="the cost at xout: calcml's evaluation (no step; see _NativeSegment.evaluate), or x0's")]
+        """The run's first call evaluates the cost at x0 (_begin). A call with ints[I_EVALUATE] set
+        takes no step: it writes the gradient of each row of ``cols`` alone, unscaled, into the
+        rows of ``path`` (the pass over that row's stripe). calcml so reads the rows' gradients
+        of the noise test after a run, in one call of the loop's machine code
+        (_NativeSegment.row_gradients), where _fg would load Numba's cache of the module in a
+        process that loaded the loop's machine code (0.1 s of a 0.2 s warm fit), or compile it,
+        and a call per row cost 8 us (breast cancer's minibatch fit: 2.5 ms, not 1.1).
+        (Both in one printed pass, its stripes, scale and output chosen by the call, compiled
+        0.2 s longer than the two.)"""
+        if not self.has_data:
+            return [ir.If("ints[I_BEGUN] == 0", [
+                self._full_pass("xout", "g", "f0"),
+                ir.If("not _begin(xout, f0, theta, best, g, ints, floats)", [ir.Assign("status", "DIVERGED")],
+                      comment="not finite at x0: no step (stop_step), the report"),
+            ], comment="the cost at x0 (the run's first call)")]
+        return [
+            ir.If("ints[I_EVALUATE] != 0", [
+                ir.Assign("one_row", "np.zeros((1, 2), dtype=np.int64)"),
+                ir.For("e", ir.range_("cols[2].shape[0]"), [
+                    ir.Assign("one_row[0, 0]", "e"),
+                    ir.Assign("one_row[0, 1]", "e + 1"),
+                    self._full_pass("xout", "path[e]", "f0", bounds="one_row", scale="1.0"),
+                ]),
+                ir.Return("status"),
+            ], comment="calcml's evaluation, no step: each row alone (see _NativeSegment.row_gradients)"),
+            ir.If("ints[I_BEGUN] == 0", [
+                self._full_pass("xout", "g", "f0"),
+                ir.If("not _begin(xout, f0, theta, best, g, ints, floats)", [ir.Assign("status", "DIVERGED")],
+                      comment="not finite at x0: no step (stop_step), the report"),
+            ], comment="the cost at x0 (the run's first call)"),
+        ]
 
     def _report(self) -> list:
         """_end's statements, printed here (its two passes one printed pass, in a loop)."""

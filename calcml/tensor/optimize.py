@@ -627,26 +627,26 @@ def _tier_passes(cost: TensorCost):
 
 def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
     """The sampling noise of the full gradient at x (result.gradient_noise), each row's
-    gradient (plus the penalty's) over that one row: by the machine code of the cost's compiled
-    kernels where this process has it or it is kept on disk (the run's passes or its Python
-    tier called it), else by the loop's machine code (its evaluation: run_segment_c, loaded or
-    compiled by the run), else by the loop module's ``_fg`` (its kernels, which the loop's compile
-    made in this process, or Numba's cache of the module holds: the cost's kernels would be
-    another compile of the same code, 1.5 s of W10's first fit). The same source and flags:
-    the same bits."""
+    gradient (plus the penalty's) over that one row: by the loop's machine code where the run
+    loaded or compiled it (run_segment_c's evaluation, all sampled rows in one call), else by
+    the machine code of the cost's compiled kernels where this process has it or it is kept on
+    disk (the run's passes or its Python tier called it), else by the loop module's ``_fg`` (its
+    kernels, which Numba's cache of the module holds: the cost's kernels would be another
+    compile of the same code, 1.5 s of W10's first fit). The same source and flags: the same
+    bits."""
     cost, mod = prog.cost, prog.module
+    segment = getattr(mod, "_segment", None)
+    if isinstance(segment, _loop._NativeSegment) and segment.fn is not None and arrays:
+        def rows(sample):  # the sampled rows gathered, their gradients in one call of the loop's machine code
+            return segment.row_gradients(x, tuple(np.ascontiguousarray(a[sample]) for a in arrays))
+
+        return _result.gradient_noise(None, n_rows, cost.reduce == "mean", rows=rows)
     fg = getattr(mod, "_fg", None) if prog.optimizer.kind == "first_order" else None
     if fg is not None and not _kernels_on_hand(cost):
         theta, g = np.array(x, dtype=np.float64), np.empty(cost.n_params)
-        segment = getattr(mod, "_segment", None)
-        evaluate = segment.evaluate if isinstance(segment, _loop._NativeSegment) and segment.fn is not None else None
 
-        def row(i):  # the full pass over the one stripe [i, i + 1), unscaled, serial
-            cols = (np.array([[i, i + 1]], dtype=np.int64), 1.0) + tuple(arrays)
-            if evaluate is not None:  # the loop's machine code, which the run loaded or compiled
-                evaluate(theta, cols, g)
-            else:
-                fg(theta, cols, g, 0)
+        def row(i):  # _fg over the one stripe [i, i + 1), unscaled, serial (passes 0)
+            fg(theta, (np.array([[i, i + 1]], dtype=np.int64), 1.0) + tuple(arrays), g, 0)
             return g.copy()
     else:
         row = _row_gradients(cost, arrays, x)
