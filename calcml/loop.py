@@ -1626,35 +1626,36 @@ class _NativeSegment:
             ints[mod.I_STOP] = stop
             save_python_seconds(self.path, self.python_seconds)
 
-    def row_gradients(self, theta, arrays):
-        """The gradient at ``theta`` of each row of the data ``arrays`` (a module's, DATA_NAMES
-        order) alone, unscaled, as the rows of a matrix, by the loop's machine code in one call
-        (run_segment_c with ints[I_EVALUATE] set: a module of calcml.tensor.loops over data);
-        None where the loop is not machine code in this process."""
+    def row_gradients(self, theta, arrays, rows):
+        """The gradient at ``theta`` of each row ``rows`` of the data ``arrays`` (a module's,
+        DATA_NAMES order) alone, unscaled, as the rows of a matrix, by the loop's machine code
+        (run_segment_c with ints[I_EVALUATE] set, over that row's one-row stripe: a module of
+        calcml.tensor.loops over data; one call a row, its arguments made once); None where the
+        loop is not machine code in this process."""
         mod = self.module
         if self.fn is None or not hasattr(mod, "I_EVALUATE") or not arrays:
             return None
-        if self.memo.get("evaluate") is None:  # the arrays no evaluation reads, made once
-            ints = np.zeros(mod.N_INTS, dtype=np.int64)
-            ints[mod.I_EVALUATE] = 1
-            self.memo["evaluate"] = {
-                "work": np.zeros(mod.O_END), "ints": ints, "history": np.zeros(1),
+        ints = np.zeros(mod.N_INTS, dtype=np.int64)
+        ints[mod.I_EVALUATE] = 1
+        stripe = np.zeros((1, 2), dtype=np.int64)  # the row's stripe, rewritten before each call
+        gout = np.empty(mod.N_PARAMS)
+        args = {"work": np.zeros(mod.O_END), "ints": ints, "history": np.zeros(1), "path": np.zeros((1, 1)),
+                "cols": (stripe, 1.0) + tuple(arrays), "perm": np.zeros(1, dtype=np.int64),
                 "rng": np.zeros(1, dtype=np.uint64), "state": mod.new_optimizer_state(mod.N_PARAMS),
-                "gout": np.empty(mod.N_PARAMS)}
-        n_rows = arrays[0].shape[0]
-        out = np.empty((n_rows, mod.N_PARAMS))
-        args = {**self.memo["evaluate"], "cols": (np.zeros((1, 2), dtype=np.int64), 1.0) + tuple(arrays),
-                "perm": np.zeros(n_rows, dtype=np.int64), "path": out,
-                "xout": np.array(theta, dtype=np.float64)}  # (a copy: the caller's theta stays as it is)
-        self(*(args[name] for name in self.names))
+                "xout": np.array(theta, dtype=np.float64), "gout": gout}
+        args = [args[name] for name in self.names]
+        c_args, table = self._c_args(args)
+        out = np.empty((len(rows), mod.N_PARAMS))
+        for e, i in enumerate(rows):
+            stripe[0, 0], stripe[0, 1] = i, i + 1
+            self.fn(*c_args)
+            out[e] = gout
+        del args, table  # (alive through the calls: their addresses are in c_args)
         return out
 
-    def __call__(self, *args):
-        if self.fn is None:
-            if self.python is None and (_OFFSET is None or self._load(args) is not self):
-                return self.module.run_segment(*args)
-            if self.python is not None:
-                return self._run_python(args)
+    def _c_args(self, args):
+        """The C entry's arguments for run_segment's ``args`` (the arrays' objects, their sizes),
+        and a table that must live through the call (or None)."""
         c_args = [_OFFSET]
         table = None
         for name, a in zip(self.names, args):
@@ -1672,6 +1673,15 @@ class _NativeSegment:
                 c_args += [id(st) for st in a]
             else:  # the arrays the driver made (contiguous, of the loop's types)
                 c_args.append(id(a))
+        return c_args, table
+
+    def __call__(self, *args):
+        if self.fn is None:
+            if self.python is None and (_OFFSET is None or self._load(args) is not self):
+                return self.module.run_segment(*args)
+            if self.python is not None:
+                return self._run_python(args)
+        c_args, table = self._c_args(args)
         status = self.fn(*c_args)
         del table
         return status

@@ -1327,7 +1327,7 @@ def test_the_noise_tests_row_gradients_are_each_rows_own_gradient():
                                         ("adam", dict(lr=0.01, batch_size=8, epochs=1))])
 def test_the_loops_machine_code_gives_each_rows_own_gradient(method, kw, monkeypatch):
     """After a run whose loop is machine code, the noise test reads the sampled rows' gradients
-    in one call of it (run_segment_c's evaluation, _NativeSegment.row_gradients): each is that
+    by it (run_segment_c's evaluation, _NativeSegment.row_gradients): each is that
     row's own gradient plus the penalty's, bit for bit the cost's kernels' value_and_grad on
     that row alone, and the NumPy closed form's; the run's own state is left as it was."""
     from calcml import loop
@@ -1347,8 +1347,7 @@ def test_the_loops_machine_code_gives_each_rows_own_gradient(method, kw, monkeyp
     if getattr(segment, "fn", None) is None:  # NUMBA_DISABLE_JIT: no machine code to call
         pytest.skip("no machine code")
     rows = np.array([0, 7, 31, N - 1])
-    arrays = (np.ascontiguousarray(X[rows]), labels[rows].astype(np.int64))
-    got = segment.row_gradients(theta, arrays)
+    got = segment.row_gradients(theta, (np.ascontiguousarray(X), labels.astype(np.int64)), rows)
     assert got.shape == (len(rows), cost.n_params)
     k = cm.compile(cost)
     for e, i in enumerate(rows):

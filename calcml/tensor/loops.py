@@ -204,36 +204,26 @@ class LoopGenerator(_loop._Generator):
 
     def _first_call(self) -> list:
         """The run's first call evaluates the cost at x0 (_begin). A call with ints[I_EVALUATE] set
-        takes no step: it writes the gradient of each row of ``cols`` alone, unscaled, into the
-        rows of ``path`` (the pass over that row's stripe). calcml so reads the rows' gradients
-        of the noise test after a run, in one call of the loop's machine code
-        (_NativeSegment.row_gradients), where _fg would load Numba's cache of the module in a
-        process that loaded the loop's machine code (0.1 s of a 0.2 s warm fit), or compile it,
-        and a call per row cost 8 us (breast cancer's minibatch fit: 2.5 ms, not 1.1).
-        (Both in one printed pass, its stripes, scale and output chosen by the call, compiled
-        0.2 s longer than the two.)"""
-        if not self.has_data:
-            return [ir.If("ints[I_BEGUN] == 0", [
-                self._full_pass("xout", "g", "f0"),
-                ir.If("not _begin(xout, f0, theta, best, g, ints, floats)", [ir.Assign("status", "DIVERGED")],
-                      comment="not finite at x0: no step (stop_step), the report"),
-            ], comment="the cost at x0 (the run's first call)")]
-        return [
-            ir.If("ints[I_EVALUATE] != 0", [
-                ir.Assign("one_row", "np.zeros((1, 2), dtype=np.int64)"),
-                ir.For("e", ir.range_("cols[2].shape[0]"), [
-                    ir.Assign("one_row[0, 0]", "e"),
-                    ir.Assign("one_row[0, 1]", "e + 1"),
-                    self._full_pass("xout", "path[e]", "f0", bounds="one_row", scale="1.0"),
-                ]),
-                ir.Return("status"),
-            ], comment="calcml's evaluation, no step: each row alone (see _NativeSegment.row_gradients)"),
-            ir.If("ints[I_BEGUN] == 0", [
-                self._full_pass("xout", "g", "f0"),
-                ir.If("not _begin(xout, f0, theta, best, g, ints, floats)", [ir.Assign("status", "DIVERGED")],
-                      comment="not finite at x0: no step (stop_step), the report"),
-            ], comment="the cost at x0 (the run's first call)"),
+        takes no step: it writes the cost at xout over the stripes of ``cols`` (scaled by
+        cols[1]) into floats[F_FUN] and its gradient into gout, by the same printed pass. calcml
+        so reads the rows' gradients of the noise test after a run (_NativeSegment.row_gradients:
+        a call a row, over its one-row stripe, about 3 us), where _fg would load Numba's cache
+        of the module in a process that loaded the loop's machine code (0.1 s of a 0.2 s warm
+        fit), or compile it. (A mode that loops over the rows in one call, its own printed pass,
+        compiled 0.15-0.3 s longer.)"""
+        first = [
+            self._full_pass("xout", "at" if self.has_data else "g", "f0"),
+            ir.If("evaluating", [ir.Assign("floats[F_FUN]", "f0"), ir.Return("status")]) if self.has_data else None,
+            ir.If("not _begin(xout, f0, theta, best, g, ints, floats)", [ir.Assign("status", "DIVERGED")],
+                  comment="not finite at x0: no step (stop_step), the report"),
         ]
+        if not self.has_data:
+            return [ir.If("ints[I_BEGUN] == 0", first, comment="the cost at x0 (the run's first call)")]
+        return [ir.If("ints[I_EVALUATE] != 0 or ints[I_BEGUN] == 0", [
+            ir.Assign("evaluating", "ints[I_EVALUATE] != 0"),
+            ir.Assign("at", "gout if evaluating else g"),
+            first,
+        ], comment="the cost at xout: calcml's evaluation (no step; see _NativeSegment.row_gradients), or x0's")]
 
     def _report(self) -> list:
         """_end's statements, printed here (its two passes one printed pass, in a loop)."""

@@ -628,7 +628,7 @@ def _tier_passes(cost: TensorCost):
 def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
     """The sampling noise of the full gradient at x (result.gradient_noise), each row's
     gradient (plus the penalty's) over that one row: by the loop's machine code where the run
-    loaded or compiled it (run_segment_c's evaluation, all sampled rows in one call), else by
+    loaded or compiled it (run_segment_c's evaluation, a call a row), else by
     the machine code of the cost's compiled kernels where this process has it or it is kept on
     disk (the run's passes or its Python tier called it), else by the loop module's ``_fg`` (its
     kernels, which Numba's cache of the module holds: the cost's kernels would be another
@@ -637,8 +637,8 @@ def _tensor_noise(prog: TensorProgram, arrays, n_rows, x) -> float:
     cost, mod = prog.cost, prog.module
     segment = getattr(mod, "_segment", None)
     if isinstance(segment, _loop._NativeSegment) and segment.fn is not None and arrays:
-        def rows(sample):  # the sampled rows gathered, their gradients in one call of the loop's machine code
-            return segment.row_gradients(x, tuple(np.ascontiguousarray(a[sample]) for a in arrays))
+        def rows(sample):  # the sampled rows' gradients, by the loop's machine code
+            return segment.row_gradients(x, tuple(arrays), sample)
 
         return _result.gradient_noise(None, n_rows, cost.reduce == "mean", rows=rows)
     fg = getattr(mod, "_fg", None) if prog.optimizer.kind == "first_order" else None
