@@ -17,6 +17,11 @@ CALCML_CACHE_DIR (the imports are timed apart and not counted):
   iterations from (-1.2, 1, -1.2, ...): the index statement with a shifted read ``x[i + 1]``,
   and scalar symbols (which calcml restates as that read: tensor/lift.py).
 
+- with ``--w10``: W10's network (64-128-10, tanh; 9,610 parameters) on 50,000 random rows,
+  Adam, batches of 64, 10 epochs: a run too long for the Python tier, so its loop compiles;
+- with ``--at-once``: every loop compiled at once (``calcml.loop.TIER_UP_SECONDS = 0``), what a
+  run too long for the tier pays.
+
 Run:  .venv/bin/python benchmarks/first_fit.py [--methods gd,adam,...] [--forms scalar,index] [--chained N]
 """
 
@@ -47,8 +52,14 @@ from sklearn.datasets import load_breast_cancer, load_digits
 t1 = time.perf_counter()
 import calcml as cm
 task, form, method = {task!r}, {form!r}, {method!r}
+if {at_once!r}:  # the loop's machine code at once, not the Python tier (a run too long for the tier)
+    import calcml.loop
+    calcml.loop.TIER_UP_SECONDS = 0
 if task.startswith("chained"):
     X = labels = None
+elif task == "w10":
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50_000, 64)); labels = rng.integers(0, 10, 50_000)
 elif task == "digits":
     X, labels = load_digits(return_X_y=True); X = X / 16.0
 else:
@@ -68,6 +79,17 @@ if task.startswith("chained"):
         cost = cm.Cost(sp.Add(*[(1 - xs[q])**2 + 100 * (xs[q + 1] - xs[q]**2)**2 for q in range(d - 1)]),
                        params=list(xs))
     data = None
+elif task == "w10":  # W10's network: 64-128-10, tanh, 9,610 parameters
+    H, K = 128, 10
+    W1 = cm.params("W1", shape=(H, d)); b1 = cm.params("b1", shape=(H,))
+    W2 = cm.params("W2", shape=(K, H)); b2 = cm.params("b2", shape=(K,))
+    x = cm.data("x", shape=(d,)); c = cm.data("c", classes=K)
+    j, h, k = cm.index("j", d), cm.index("h", H), cm.index("k", K)
+    hidden = sp.tanh(cm.sum(W1[h, j] * x[j], j) + b1[h])
+    logits = cm.sum(W2[k, h] * hidden, h) + b2[k]
+    cost = cm.Cost(cm.logsumexp(logits, k) - cm.sum(cm.onehot(c, k) * logits, k), params=[W1, b1, W2, b2],
+                   data=[x, c])
+    data = {{"x": X, "c": labels}}
 elif task == "digits":
     K = 10
     if form == "index":
@@ -102,7 +124,13 @@ else:
         data = {{**{{f"x{{q}}": X[:, q] for q in range(d)}}, "y": labels.astype(float)}}
 t3 = time.perf_counter()
 theta0 = np.zeros(cost.n_params)
-if task.startswith("chained"):
+if task == "w10":  # W10's start and fit: Adam, lr 1e-3, batches of 64, 10 epochs
+    rng = np.random.default_rng(1)
+    theta0 = cost.pack({{"W1": rng.standard_normal((128, 64)) / 8, "b1": np.zeros(128),
+                        "W2": rng.standard_normal((10, 128)) / 11.3, "b2": np.zeros(10)}})
+    res = cm.minimize(cost, theta0, data=data, method="adam", lr=1e-3, batch_size=64, epochs=10)
+    result = float(res.fun)
+elif task.startswith("chained"):
     theta0 = np.where(np.arange(d) % 2 == 0, -1.2, 1.0)
     res = cm.minimize(cost, theta0, method=method, maxiter=1000)
     result = float(res.fun)
@@ -123,12 +151,12 @@ print(json.dumps({{"imports": t1 - t0, "import_calcml": t2 - t1, "cost": t3 - t2
 """
 
 
-def run(task, form, method, timeout, warm=False):
+def run(task, form, method, timeout, warm=False, at_once=False):
     """The child's timings in a fresh process with an empty cache; with ``warm``, also those of
     a second fresh process on the cache the first one filled (key ``warm``)."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, CALCML_CACHE_DIR=cache)
-        src = CHILD.format(root=ROOT, task=task, form=form, method=method)
+        src = CHILD.format(root=ROOT, task=task, form=form, method=method, at_once=at_once)
         found = None
         for _ in range(2 if warm else 1):
             try:
@@ -161,6 +189,11 @@ def main(argv=None):
                          "of each method, the index statement x[i + 1] and scalar symbols (restated by lift)")
     ap.add_argument("--warm", action="store_true",
                     help="also a second fresh process on the cache the first filled (a warm cache)")
+    ap.add_argument("--w10", action="store_true",
+                    help="also W10's network (9,610 parameters, 50,000 random rows), Adam, batches of 64, 10 epochs")
+    ap.add_argument("--at-once", action="store_true",
+                    help="compile every loop at once (calcml.loop.TIER_UP_SECONDS = 0), not the Python tier first: "
+                         "what a run too long for the tier pays")
     ap.add_argument("--timeout", type=float, default=600.0)
     a = ap.parse_args(argv)
     print(f"Command: .venv/bin/python benchmarks/first_fit.py {' '.join(argv or sys.argv[1:])}\n")
@@ -179,10 +212,12 @@ def main(argv=None):
         rows += [("digits", "index", m) for m in a.digits.split(",")]
     if a.scalar_digits:
         rows.append(("digits", "scalar", "lbfgs"))
+    if a.w10:
+        rows.append(("W10 network", "index", "adam"))
     for name, form, method in rows:
-        child = "digits" if name == "digits" else f"chained{name.split(', ')[1].split()[0]}" \
-            if name.startswith("chained") else task
-        r = run(child, form, method, a.timeout, a.warm)
+        child = "digits" if name == "digits" else "w10" if name == "W10 network" else \
+            f"chained{name.split(', ')[1].split()[0]}" if name.startswith("chained") else task
+        r = run(child, form, method, a.timeout, a.warm, a.at_once)
         if "error" in r:
             print(f"| {name} | {form} | {method} | {r['error']} |{' |' if a.warm else ''} | |")
         else:
