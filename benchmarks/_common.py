@@ -242,3 +242,16 @@ def build_table_rows(src: str, repeat: int, timeout: float, cwd: str, prefix: st
 def fmt_spread(vals) -> str:
     """median (min–max) of a list of seconds, or '' for none."""
     return f"{fmt_time(statistics.median(vals))} ({fmt_time(min(vals))}–{fmt_time(max(vals))})" if vals else ""
+
+
+# W10's network as a user states it (64-128-10, tanh; 9,610 parameters): source text for the fresh
+# processes of w10_network.py and first_fit.py (needs numpy as np, sympy as sp, calcml as cm, d, H, K)
+W10_STATEMENT = """\
+W1 = cm.params("W1", shape=(H, d)); b1 = cm.params("b1", shape=(H,))
+W2 = cm.params("W2", shape=(K, H)); b2 = cm.params("b2", shape=(K,))
+x = cm.data("x", shape=(d,)); c = cm.data("c", classes=K)
+j, h, k = cm.index("j", d), cm.index("h", H), cm.index("k", K)
+hidden = sp.tanh(cm.sum(W1[h, j] * x[j], j) + b1[h])
+logits = cm.sum(W2[k, h] * hidden, h) + b2[k]
+cost = cm.Cost(cm.logsumexp(logits, k) - cm.sum(cm.onehot(c, k) * logits, k), params=[W1, b1, W2, b2], data=[x, c])
+"""

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from _common import load_avg, machine_line  # noqa: E402
+from _common import W10_STATEMENT, load_avg, machine_line  # noqa: E402
 
 METHODS = ["gd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "sgd", "newton", "lbfgs", "newton-cg"]
 
@@ -81,14 +81,7 @@ if task.startswith("chained"):
     data = None
 elif task == "w10":  # W10's network: 64-128-10, tanh, 9,610 parameters
     H, K = 128, 10
-    W1 = cm.params("W1", shape=(H, d)); b1 = cm.params("b1", shape=(H,))
-    W2 = cm.params("W2", shape=(K, H)); b2 = cm.params("b2", shape=(K,))
-    x = cm.data("x", shape=(d,)); c = cm.data("c", classes=K)
-    j, h, k = cm.index("j", d), cm.index("h", H), cm.index("k", K)
-    hidden = sp.tanh(cm.sum(W1[h, j] * x[j], j) + b1[h])
-    logits = cm.sum(W2[k, h] * hidden, h) + b2[k]
-    cost = cm.Cost(cm.logsumexp(logits, k) - cm.sum(cm.onehot(c, k) * logits, k), params=[W1, b1, W2, b2],
-                   data=[x, c])
+{w10_statement}
     data = {{"x": X, "c": labels}}
 elif task == "digits":
     K = 10
@@ -156,7 +149,8 @@ def run(task, form, method, timeout, warm=False, at_once=False):
     a second fresh process on the cache the first one filled (key ``warm``)."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, CALCML_CACHE_DIR=cache)
-        src = CHILD.format(root=ROOT, task=task, form=form, method=method, at_once=at_once)
+        src = CHILD.format(root=ROOT, task=task, form=form, method=method, at_once=at_once,
+                           w10_statement=textwrap.indent(W10_STATEMENT, "    ").rstrip("\n"))
         found = None
         for _ in range(2 if warm else 1):
             try:

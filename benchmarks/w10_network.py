@@ -108,7 +108,7 @@ import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: E402,F401  (SciPy's BLAS, which Numba's np.dot calls)
 from numba import njit  # noqa: E402
 
-from _common import (Timing, build_table_rows, fmt_time, load_avg, machine_line,  # noqa: E402
+from _common import (W10_STATEMENT, Timing, build_table_rows, fmt_time, load_avg, machine_line,  # noqa: E402
                      measure_interleaved, table)
 
 D, H, K = 64, 128, 10
@@ -493,14 +493,7 @@ X = rng.standard_normal((n, d)); labels = rng.integers(0, K, n)
 x0 = {{"W1": rng.standard_normal((H, d)) / 8, "b1": np.zeros(H), "W2": rng.standard_normal((K, H)) / 11.3,
       "b2": np.zeros(K)}}
 t3 = time.perf_counter()
-W1 = cm.params("W1", shape=(H, d)); b1 = cm.params("b1", shape=(H,))
-W2 = cm.params("W2", shape=(K, H)); b2 = cm.params("b2", shape=(K,))
-x = cm.data("x", shape=(d,)); c = cm.data("c", classes=K)
-j, h, k = cm.index("j", d), cm.index("h", H), cm.index("k", K)
-hidden = sp.tanh(cm.sum(W1[h, j] * x[j], j) + b1[h])
-logits = cm.sum(W2[k, h] * hidden, h) + b2[k]
-cost = cm.Cost(cm.logsumexp(logits, k) - cm.sum(cm.onehot(c, k) * logits, k), params=[W1, b1, W2, b2], data=[x, c])
-t4 = time.perf_counter()
+{w10_statement}t4 = time.perf_counter()
 prog = cm.generate(cost, method="adam", lr=1e-3, batch_size=64)
 t5 = time.perf_counter()
 res = prog.run(x0, {{"x": X, "c": labels}}, epochs=1, seed=0)
@@ -520,7 +513,7 @@ def run_build(a) -> str:
              "| cache | Cost → first result | of which generate | first run (compile + run) | second run (same "
              "process) | beyond the imports | imports (numpy, numba, sympy) | import calcml | whole process |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    src = CHILD_BUILD.format(root=ROOT, n=a.build_rows)
+    src = CHILD_BUILD.format(root=ROOT, n=a.build_rows, w10_statement=W10_STATEMENT)
     rows, notes = build_table_rows(src, a.build_repeat, a.build_timeout, ROOT, "calcml-w10-", [],
                                    ["to_first_result", "generate", "first_run", "second_run", "beyond_imports",
                                     "imports", "import_calcml", "process"])
