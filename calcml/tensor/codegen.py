@@ -29,7 +29,7 @@ from ..printing import NumbaPrinter
 from .graph import ROW, SCALE, Graph, Tensor, index_terms
 from .statement import axis_range
 
-__all__ = ["KernelSpec", "write_kernel", "BLOCK", "LANES", "block_rows"]
+__all__ = ["KernelSpec", "write_kernel", "BLOCK", "HVP_BLOCK_VALUES", "LANES", "block_rows"]
 
 # Rows per block: a block's row tensors (BLOCK x axes) stay in cache between the forward
 # and the backward sweep, and a contraction over a block is one BLAS call. 32 rows keep
@@ -40,6 +40,13 @@ BLOCK = 32
 # few BLAS calls and loop starts (about 1 us), which 32 rows of 17 values do not amortise.
 BLOCK_VALUES = 8192
 BLOCK_MAX = 1024
+# A Hessian-vector product's blocks hold more: its pass at a point reads the forward sweep's
+# row tensors from memory and makes two skinny matrix products a block (the direction's tangent,
+# the adjoint's contraction), which longer blocks amortise. The digits softmax (65 values a row):
+# 480-row blocks 182 us a product against 212 us at 96 rows, W9's newton-cg 24.8 ms against
+# 26.6-27.7 (benchmarks/RESULTS.md, 2026-12-04 23:48). Rows of hundreds of values (W7's 785)
+# keep BLOCK.
+HVP_BLOCK_VALUES = 4 * BLOCK_VALUES
 # Partial sums of a fused row loop: row r adds into lane r % LANES, so that LLVM vectorises
 # the loop over LANES rows (with an unsigned row index: no negative-index test). At 8 lanes
 # LLVM left the loop scalar; at 16 it vectorises (benchmarks/RESULTS.md, "fused row loop").
@@ -173,9 +180,10 @@ elif _scipy_missing():
 '''
 
 
-def block_rows(row_width: int) -> int:
-    """Rows per block for rows of ``row_width`` data values: a multiple of 32, at least BLOCK."""
-    return BLOCK * max(1, min(BLOCK_MAX // BLOCK, BLOCK_VALUES // (BLOCK * max(row_width, 1))))
+def block_rows(row_width: int, values: int = BLOCK_VALUES) -> int:
+    """Rows per block for rows of ``row_width`` data values: a multiple of 32, at least BLOCK,
+    about ``values`` data values a block (at most BLOCK_MAX rows)."""
+    return BLOCK * max(1, min(BLOCK_MAX // BLOCK, values // (BLOCK * max(row_width, 1))))
 
 
 class KernelSpec:

@@ -22,7 +22,7 @@ from ..printing import HELPERS
 from ..cost import Cost
 from ..dataset import by_name, real_array
 from ..errors import CostError, ParamError
-from .codegen import BLAS_SOURCE, LANES, KernelSpec, block_rows, write_kernel
+from .codegen import BLAS_SOURCE, HVP_BLOCK_VALUES, LANES, KernelSpec, block_rows, write_kernel
 from .graph import ROW, SCALE, Graph, Lowering, Tensor, entries_as_sums
 from .statement import Label, LogSumExp, _items, axis_range, is_tensor_statement  # noqa: F401
 
@@ -211,6 +211,11 @@ class TensorCost(Cost):
     def block(self) -> int:
         """Rows per block of the kernels (fixed by the statement: the same bits on every call)."""
         return block_rows(sum(_size(d) for d in self._data))
+
+    @property
+    def hvp_block(self) -> int:
+        """Rows per block of the Hessian-vector product's kernels (their own module)."""
+        return block_rows(sum(_size(d) for d in self._data), HVP_BLOCK_VALUES)
 
     @property
     def n_params(self) -> int:
@@ -473,7 +478,8 @@ class TensorCost(Cost):
             body.append(_entry_points(self, sizes, cached, defs))
         if numba_cache is None:
             numba_cache = not entry_points
-        return _module_text(self, body, helpers, sizes, blas, numba_cache=numba_cache), sizes
+        block = self.hvp_block if set(kinds) == {"hvp"} else self.block
+        return _module_text(self, body, helpers, sizes, blas, numba_cache=numba_cache, block=block), sizes
 
 
 def _entry(name: str, params: tuple, kernel, args: list) -> ir.Def:
@@ -541,7 +547,7 @@ def _docstring_safe(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
-def _module_text(cost, body, helpers, sizes, blas: bool, numba_cache: bool = True) -> str:
+def _module_text(cost, body, helpers, sizes, blas: bool, numba_cache: bool = True, block: int | None = None) -> str:
     """The module: header, helpers (BLAS_SOURCE's where ``blas``), the statements ``body``.
     ``numba_cache=False`` where calcml keeps the kernels' machine code itself (their C entry
     points): Numba's own cache of the functions they call would only be written, never read;
@@ -567,7 +573,7 @@ def _module_text(cost, body, helpers, sizes, blas: bool, numba_cache: bool = Tru
         ir.Blank(),
         cache_statements(),
         ir.Assign("_jit", f"numba.njit({flags})"),
-        ir.Assign("BLOCK", cost.block),
+        ir.Assign("BLOCK", cost.block if block is None else block),
         ir.Assign("LANES", LANES),
         ir.Assign("N_PARAMS", cost.n_params),
         ir.Assign("ACC_SIZES", repr(sizes)),
