@@ -98,10 +98,10 @@ _INTS = ["STEP", "STOP", "EPOCH", "POS", "BATCH", "HIST_I", "HIST_NEXT", "HIST_E
          "MAX_STEPS", "MAX_EPOCHS", "HIST_LEN", "BEGUN", "ENDED", "STATUS", "DIVERGED_AT", "PASSES", "EVALUATE"]
 _FLOATS = ["BEST", "BLOWUP", "TOL", "VALUE", "GNORM", "EPOCH_SUM", "F0", "FUN", "FUN_GNORM"]
 
-# The first and the last act of a run, in compiled code: run_segment calls them (one call of
-# compiled code does a whole short run; a tensor module's prints _end's statements and its own
-# full passes instead, calcml.tensor.loops), the driver only after a Ctrl-C.
-# (decorator: _jit, or _jit_inline where the callers' compile should take them in, see
+# The first act of a run, in compiled code (its last, _end, is _Generator._end_def): run_segment
+# calls them (one call of compiled code does a whole short run; a tensor module's prints _end's
+# statements and its own full passes instead, calcml.tensor.loops), the driver only after a
+# Ctrl-C. (decorator: _jit, or _jit_inline where the callers' compile should take them in, see
 # calcml.tensor.loops)
 _BEGIN_END_TEMPLATE = '''
 @{decorator}
@@ -131,38 +131,6 @@ def _begin(x0, f0, theta, best, g, ints, floats):
     floats[F_BLOWUP] = math.inf
     return False
 
-
-@{decorator}
-def _end(theta, best, cols, ints, floats, xout, gout, status):
-    """The report: the final point (the best one after a divergence or a Ctrl-C) in xout, its
-    gradient in gout, its cost and gradient norm in floats; a last update that went off is
-    reported as a divergence, at the best point. Returns the final status."""
-    step = ints[I_STEP]
-    if status == RUNNING:
-        status = EPOCHS_DONE if (MINIBATCH and ints[I_EPOCH] >= ints[I_MAX_EPOCHS]) else MAXITER
-    diverged_at = step if status == DIVERGED else -1
-    at_best = status == DIVERGED or status == INTERRUPTED
-    for j in range(N_PARAMS):
-        xout[j] = best[j] if at_best else theta[j]
-    fun = _fg(xout, cols, gout, ints[I_PASSES])
-    gn2 = 0.0
-    for j in range(N_PARAMS):
-        gn2 += gout[j] * gout[j]
-    if status != DIVERGED and not (abs(fun) <= floats[F_BLOWUP] and gn2 < math.inf):
-        status = DIVERGED
-        diverged_at = step
-        for j in range(N_PARAMS):
-            xout[j] = best[j]
-        fun = _fg(xout, cols, gout, ints[I_PASSES])
-        gn2 = 0.0
-        for j in range(N_PARAMS):
-            gn2 += gout[j] * gout[j]
-    floats[F_FUN] = fun
-    floats[F_FUN_GNORM] = math.sqrt(gn2)
-    ints[I_ENDED] = 1
-    ints[I_STATUS] = status
-    ints[I_DIVERGED_AT] = diverged_at
-    return status
 '''
 
 # Full-batch modules over data: the passes over large data, on calcml's threads when calcml
@@ -819,6 +787,47 @@ class _Generator:
         """The run's report (the run is over): status := _end's."""
         return [ir.Assign("status", "_end(theta, best, cols, ints, floats, xout, gout, status)")]
 
+    def _end_statements(self, full_pass) -> list:
+        """The report's statements (``step`` and ``status`` given; ``full_pass(x, g, out)``: the
+        statements of a full pass): the final point (the best one after a divergence or a Ctrl-C)
+        in xout, its gradient in gout, its cost and gradient norm in floats; a last update that
+        went off is reported as a divergence, at the best point (the pass's second turn)."""
+        sum_sq = [ir.Assign("gn2", "0.0"),
+                  ir.For("j", ir.range_("N_PARAMS"), [ir.AugAssign("gn2", "+", "gout[j] * gout[j]")])]
+        return [
+            ir.If("status == RUNNING", [
+                ir.Assign("status", "EPOCHS_DONE if (MINIBATCH and ints[I_EPOCH] >= ints[I_MAX_EPOCHS]) else MAXITER")]),
+            ir.Assign("diverged_at", "step if status == DIVERGED else -1"),
+            ir.Assign("at_best", "status == DIVERGED or status == INTERRUPTED"),
+            ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("xout[j]", "best[j] if at_best else theta[j]")]),
+            ir.For("attempt", ir.range_(2), [
+                full_pass("xout", "gout", "fun"),
+                sum_sq,
+                ir.If("attempt == 1 or status == DIVERGED or (abs(fun) <= floats[F_BLOWUP] and gn2 < math.inf)",
+                      [ir.Break()]),
+                ir.Assign("status", "DIVERGED"),
+                ir.Assign("diverged_at", "step"),
+                ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("xout[j]", "best[j]")]),
+            ], comment="the final point; where it went off, the best point"),
+            ir.Assign("floats[F_FUN]", "fun"),
+            ir.Assign("floats[F_FUN_GNORM]", "math.sqrt(gn2)"),
+            ir.Assign("ints[I_ENDED]", 1),
+            ir.Assign("ints[I_STATUS]", "status"),
+            ir.Assign("ints[I_DIVERGED_AT]", "diverged_at"),
+        ]
+
+    def _end_def(self) -> ir.Def:
+        """_end: the report (_end_statements), its passes _fg's; run_segment calls it (a tensor
+        module's prints its statements instead), the driver after a Ctrl-C."""
+        return ir.Def("_end", ("theta", "best", "cols", "ints", "floats", "xout", "gout", "status"), [
+            ir.Assign("step", "ints[I_STEP]"),
+            self._end_statements(_Generator._full_pass),
+            ir.Return("status"),
+        ], decorators=(self._begin_end_decorator,), doc=(
+            "The report: the final point (the best one after a divergence or a Ctrl-C) in xout, its\n"
+            "gradient in gout, its cost and gradient norm in floats; a last update that went off is\n"
+            "reported as a divergence, at the best point. Returns the final status."))
+
     @staticmethod
     def _full_pass(x: str, g: str, out: str | None, comment: str | None = None) -> list:
         """``out`` := the full cost at ``x``, its gradient written into ``g``: _fg's pass (at large
@@ -1016,6 +1025,8 @@ class _Generator:
             ir.Blank(2),
             self._full_batch_functions(vg, val, hess),
             ir.Raw(_BEGIN_END_TEMPLATE.format(decorator=self._begin_end_decorator).strip("\n")),
+            ir.Blank(2),
+            self._end_def(),
             ir.Blank(2),
             [ir.Raw(self.opt.helpers.strip("\n")), ir.Blank(2)] if self.opt.helpers else None,
             self._run_segment(vg),
@@ -1633,7 +1644,7 @@ class _NativeSegment:
         calcml.tensor.loops over data; one call a row, its arguments made once); None where the
         loop is not machine code in this process."""
         mod = self.module
-        if self.fn is None or not hasattr(mod, "I_EVALUATE") or not arrays:
+        if self.fn is None or not getattr(mod, "EVALUATES", False) or not arrays:
             return None
         ints = np.zeros(mod.N_INTS, dtype=np.int64)
         ints[mod.I_EVALUATE] = 1

@@ -173,15 +173,14 @@ class LoopGenerator(_loop._Generator):
     # epoch's end, the report's) is printed into run_segment, not a call of _fg: _fg is a function
     # of its own whose compile links the kernels and optimizes them again (Numba's final module),
     # 0.5 s of the digits' loop, and inlined by Numba each of its calls costs as much.
-    def _full_pass(self, x: str, g: str, out: str | None, comment: str | None = None, bounds: str = "cols[0]",
-                   scale: str = "cols[1]") -> list:
-        """``out`` := the cost at ``x`` over the stripes ``bounds`` of the rows, scaled by ``scale``
+    def _full_pass(self, x: str, g: str, out: str | None, comment: str | None = None) -> list:
+        """``out`` := the cost at ``x`` over the stripes cols[0] of the rows, scaled by cols[1]
         (all rows, the run's scale: the full cost), its gradient written into ``g``: _fg's pass."""
         out = out or "full_value"
         if self.has_data:
-            over_rows = [ir.For("k", ir.range_(f"{bounds}.shape[0]"), [
+            over_rows = [ir.For("k", ir.range_("cols[0].shape[0]"), [
                 ir.For("q", ir.range_("s_acc.shape[0]"), [ir.Assign("s_acc[q]", "0.0")]),
-                ir.Stmt(f"vg_rows({x}, v, {self._data_args()}, {bounds}[k, 0], {bounds}[k, 1], {scale}, s_acc)"),
+                ir.Stmt(f"vg_rows({x}, v, {self._data_args()}, cols[0][k, 0], cols[0][k, 1], cols[1], s_acc)"),
                 ir.For("q", ir.range_("s_acc.shape[0]"),
                        [ir.Assign("s_total[q]", "s_acc[q] if k == 0 else s_total[q] + s_acc[q]")]),
             ])]
@@ -197,8 +196,7 @@ class LoopGenerator(_loop._Generator):
             serial = [ir.If("passes != 0 and _pass_at(passes, P_FG) != 0",
                             [ir.Assign(out, f"_call_pass(passes, P_FG, {x}, {g})")], serial,
                             comment="the pass calcml made (its threads)")]
-        tier_cols = "cols" if (bounds, scale) == ("cols[0]", "cols[1]") else f"({bounds}, {scale}) + cols[2:]"
-        return [ir.If("_PYTHON_TIER", [ir.Assign(out, f"_fg({x}, {tier_cols}, {g}, passes)")], serial,
+        return [ir.If("_PYTHON_TIER", [ir.Assign(out, f"_fg({x}, cols, {g}, passes)")], serial,
                       comment=f"{out}: the cost at {x}, its gradient into {g} (_fg's pass; the tier calls _fg)"
                       + (f"; {comment}" if comment else ""))]
 
@@ -226,33 +224,8 @@ class LoopGenerator(_loop._Generator):
         ], comment="the cost at xout: calcml's evaluation (no step; see _NativeSegment.row_gradients), or x0's")]
 
     def _report(self) -> list:
-        """_end's statements, printed here (its two passes one printed pass, in a loop)."""
-        sum_sq = [ir.Assign("gn2", "0.0"),
-                  ir.For("j", ir.range_("N_PARAMS"), [ir.AugAssign("gn2", "+", "gout[j] * gout[j]")])]
-        return [
-            ir.Comment("_end's report: the final point (the best one after a divergence or a Ctrl-C) in xout, its\n"
-                       "gradient in gout, its cost and gradient norm in floats; a last update that went off is\n"
-                       "reported as a divergence, at the best point"),
-            ir.If("status == RUNNING", [
-                ir.Assign("status", "EPOCHS_DONE if (MINIBATCH and ints[I_EPOCH] >= ints[I_MAX_EPOCHS]) else MAXITER")]),
-            ir.Assign("diverged_at", "step if status == DIVERGED else -1"),
-            ir.Assign("at_best", "status == DIVERGED or status == INTERRUPTED"),
-            ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("xout[j]", "best[j] if at_best else theta[j]")]),
-            ir.For("attempt", ir.range_(2), [
-                self._full_pass("xout", "gout", "fun"),
-                sum_sq,
-                ir.If("attempt == 1 or status == DIVERGED or (abs(fun) <= floats[F_BLOWUP] and gn2 < math.inf)",
-                      [ir.Break()]),
-                ir.Assign("status", "DIVERGED"),
-                ir.Assign("diverged_at", "step"),
-                ir.For("j", ir.range_("N_PARAMS"), [ir.Assign("xout[j]", "best[j]")]),
-            ], comment="the final point; where it went off, the best point"),
-            ir.Assign("floats[F_FUN]", "fun"),
-            ir.Assign("floats[F_FUN_GNORM]", "math.sqrt(gn2)"),
-            ir.Assign("ints[I_ENDED]", 1),
-            ir.Assign("ints[I_STATUS]", "status"),
-            ir.Assign("ints[I_DIVERGED_AT]", "diverged_at"),
-        ]
+        """_end's statements, printed here, its passes too."""
+        return [ir.Comment("_end's report, printed here (its passes too)"), self._end_statements(self._full_pass)]
 
     def _batch_buffers(self, batch: str) -> list:
         """The minibatch's rows, gathered (b0, b1, ...: one array per datum, ``batch`` rows)."""
@@ -443,6 +416,7 @@ class LoopGenerator(_loop._Generator):
             ir.Assign("ACC_VG", self.sizes["vg"], "the value-and-gradient kernel's sums"),
             ir.Assign("N_UPDATE", len(self.opt.update), "the update rule's statements (each parameter's)"),
             ir.Assign("REDUCE_MEAN", cost.reduce == "mean"),
+            ir.Assign("EVALUATES", self.has_data, "run_segment takes ints[I_EVALUATE]: calcml's evaluation, no step"),
             ir.Assign("STRIPES", STRIPES),
             ir.Assign("DATA_NAMES", repr(cost.data_names)),
             ir.Assign("PARAM_SHAPES", repr(tuple(cost.param_shapes.values()))),
